@@ -1,0 +1,44 @@
+"""safe-cache: SAFE few-shot CLIP adaptation from cached dense feature maps.
+
+Stage 1 (`extract`) runs the frozen trunk once per image into a Zarr store; stage 2 (`fit`) trains
+the pooling head from the store. The library calls behind every CLI command are importable here.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .errors import (
+    ModelConfigError,
+    SafeCacheError,
+    SafeCacheWarning,
+    UnsupportedModelError,
+    WeightsUnavailableError,
+)
+
+try:
+    __version__ = version("safe-cache")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+local"
+
+
+def __getattr__(name: str):
+    """Import torch-heavy modules lazily, so reading a store never pays for importing torch."""
+    if name in {"load_backbone", "Backbone", "card_fingerprint"}:
+        from . import backbone
+
+        return getattr(backbone, name)
+    raise AttributeError(f"module 'safe_cache' has no attribute {name!r}")
+
+
+__all__ = [
+    "Backbone",
+    "ModelConfigError",
+    "SafeCacheError",
+    "SafeCacheWarning",
+    "UnsupportedModelError",
+    "WeightsUnavailableError",
+    "__version__",
+    "card_fingerprint",
+    "load_backbone",
+]

@@ -1,0 +1,28 @@
+"""One error hierarchy for everything safe-cache refuses to do.
+
+Every error a user can trigger with bad input derives from `SafeCacheError`, so the CLI can print
+its message (which names the thing and the fix) instead of a traceback, and a notebook user can
+catch one class.
+"""
+
+from __future__ import annotations
+
+
+class SafeCacheError(Exception):
+    """Base class: a clear, user-facing refusal; the message says what is wrong and the fix."""
+
+
+class UnsupportedModelError(SafeCacheError):
+    """The open_clip model's visual tower is not one whose pooling layer SAFE can fine-tune."""
+
+
+class WeightsUnavailableError(SafeCacheError):
+    """Pretrained weights could be neither found locally nor fetched (offline, tag, bad file)."""
+
+
+class ModelConfigError(SafeCacheError):
+    """A model name or model config JSON could not be resolved to an open_clip architecture."""
+
+
+class SafeCacheWarning(UserWarning):
+    """A situation that works but may silently give wrong numbers (e.g. QuickGELU unknown)."""

@@ -1,0 +1,1 @@
+"""Model config JSON files shipped with safe-cache (tiny CLIP architectures: tests, demo)."""
