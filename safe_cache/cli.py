@@ -1,0 +1,108 @@
+"""The `safe-cache` command line: a thin click layer over library functions.
+
+Each command parses options, calls one library function, and renders its result (a rich table, or
+JSON with `--json`). A `SafeCacheError` is printed as a one-paragraph message, not a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import rich_click as click
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import SafeCacheError
+
+console = Console()
+err_console = Console(stderr=True)
+
+click.rich_click.TEXT_MARKUP = "rich"
+click.rich_click.SHOW_ARGUMENTS = True
+
+
+class SafeCacheGroup(click.RichGroup):
+    """Turns SafeCacheError into a clear message and exit status 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SafeCacheError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+
+
+@click.group(cls=SafeCacheGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.command_panel("Backbones", commands=["backbone", "models"])
+@click.version_option(__version__, prog_name="safe-cache")
+def main() -> None:
+    """[bold]safe-cache[/]: few-shot CLIP adaptation with SAFE from cached dense features.
+
+    Stage 1 runs the frozen trunk of a CLIP visual encoder once per image and stores the dense
+    pre-pooling maps; stage 2 trains the attention-pooling head (SAFE) and the adapters (SAFE-A)
+    straight from the store.
+    """
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+@main.command()
+@click.argument("model")
+@click.option("--pretrained", default=None,
+              help="open_clip tag (e.g. openai) or a checkpoint file; omit for random weights.")
+@click.option("--cut", default="pool", show_default=True,
+              help="Where the trunk ends: pool, layer4 (ResNet), lastN (ViT).")
+@click.option("--quick-gelu/--no-quick-gelu", default=None,
+              help="Force QuickGELU on or off (default: inferred from the tag or file).")
+@click.option("--cache-dir", default=None, help="Where open_clip caches downloaded weights.")
+@click.option("--init-seed", default=0, show_default=True, help="Seed of a random initialisation.")
+@click.option("--json", "as_json", is_flag=True, help="Print the card as JSON.")
+def backbone(
+    model: str, pretrained: str | None, cut: str, quick_gelu: bool | None,
+    cache_dir: str | None, init_seed: int, as_json: bool,
+) -> None:
+    """Load MODEL (open_clip name or config JSON) and show its backbone card and fingerprint."""
+    from .backbone import load_backbone
+
+    loaded = load_backbone(
+        model, pretrained, cut=cut, quick_gelu=quick_gelu, cache_dir=cache_dir,
+        init_seed=init_seed,
+    )
+    card = {**loaded.card, "fingerprint": loaded.fingerprint}
+    if as_json:
+        _print_json(card)
+        return
+    table = Table(title=f"backbone {card['model']}", show_header=False)
+    table.add_column("field", style="bold cyan")
+    table.add_column("value")
+    for key, value in card.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, (list, dict)) else str(value))
+    console.print(table)
+
+
+@main.command()
+@click.option("--all", "show_all", is_flag=True, help="Also list architectures SAFE cannot split.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def models(show_all: bool, as_json: bool) -> None:
+    """List open_clip architectures, their family and pretrained tags."""
+    from .backbone import list_architectures
+
+    rows = [row for row in list_architectures() if show_all or row["family"] != "unsupported"]
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table(title="open_clip architectures")
+    for column in ("model", "family", "image size", "pretrained tags"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["model"], row["family"], str(row["image_size"]), ", ".join(row["tags"]))
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
