@@ -16,63 +16,235 @@ keys are relative to `model.visual` (`attnpool.q_proj.weight`, `ln_post.weight`,
 `model.visual.load_state_dict(head.state_dict(), strict=False)` puts a fine-tuned head back into
 an open_clip model, and a state dict moves between the fast head and the naive reference head
 (`OpenClipHead`) unchanged.
+
+Every fast head also evaluates a whole grid of configurations at once: `forward_grid(configs, x)`
+takes one parameter dict per configuration (see `grid.StackedHeads`) and the shared dense map and
+returns (G, B, D); the single head is the G = 1 case of the same code. Everything that touches
+tokens is batched over all configurations: the ResNet positional embedding and the ViT ln_1
+affine are folded into each configuration's query (`q.(w*x+b) = (q*w).x + q.b`), so the per-token
+work is one product of the shared map with all G x heads queries. Weight products stay per
+configuration, in the orientation whose gradients torch writes without copies (on a 2-core CPU
+a transposed bmm or a copied C x C gradient costs more than the product itself, measured).
 """
 
 from __future__ import annotations
 
 import copy
-import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
+
+Params = dict[str, torch.Tensor]  # one configuration: open_clip names and shapes
 
 
-def _single_query_attention(
-    query: torch.Tensor,
-    tokens: torch.Tensor,
-    w_q: torch.Tensor,
-    b_q: torch.Tensor | None,
-    w_k: torch.Tensor,
-    b_k: torch.Tensor | None,
-    num_heads: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention weights of one query token over `tokens`, without projecting the tokens.
+def _per_config_tokens(keys: torch.Tensor) -> bool:
+    """True for (G, B, T, C) keys (one map per configuration), False for a shared (B, T, C)."""
+    return keys.dim() == 4
 
-    query (B, C), tokens (B, T, C) -> (weights (B, H, T), pooled tokens (B, H, C)) where
-    pooled[b, h] = sum_j weights[b, h, j] * tokens[b, j].
+
+def _token_scores(query_keys: Sequence[torch.Tensor], keys: torch.Tensor) -> torch.Tensor:
+    """Each configuration's q_k (H, B, C) . keys_j for every token j -> (G, H, B, T).
+
+    All G x H queries meet the shared map in one product; they are stacked straight into the
+    layout that product needs (one copy).
     """
-    batch, channels = query.shape
+    grid = len(query_keys)
+    heads, batch, channels = query_keys[0].shape
+    if _per_config_tokens(keys):
+        lhs = torch.stack([q.transpose(0, 1) for q in query_keys])  # (G, B, H, C)
+        scores = torch.bmm(lhs.view(grid * batch, heads, channels),
+                           keys.flatten(0, 1).transpose(1, 2))
+        return scores.view(grid, batch, heads, -1).transpose(1, 2)
+    lhs = torch.stack([q.transpose(0, 1) for q in query_keys], dim=1)  # (B, G, H, C)
+    scores = torch.bmm(lhs.view(batch, grid * heads, channels), keys.transpose(1, 2))
+    return scores.view(batch, grid, heads, -1).permute(1, 2, 0, 3)
+
+
+def _token_pool(weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """sum_j weights_j keys_j: weights (G, H, B, T) -> (G, H, B, C)."""
+    grid, heads, batch, tokens = weights.shape
+    if _per_config_tokens(keys):
+        lhs = weights.transpose(1, 2).reshape(grid * batch, heads, tokens)
+        pooled = torch.bmm(lhs, keys.flatten(0, 1))
+        return pooled.view(grid, batch, heads, -1).transpose(1, 2)
+    lhs = weights.permute(2, 0, 1, 3).reshape(batch, grid * heads, tokens)
+    pooled = torch.bmm(lhs, keys)
+    return pooled.view(batch, grid, heads, -1).permute(1, 2, 0, 3)
+
+
+def _query_keys(q: torch.Tensor, w_k: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Move the key projection onto the query: per head Wk_h^T q_h / sqrt(d). (B, C) -> (H, B, C).
+
+    The weight is the untransposed second operand: its gradient q^T @ grad has its own layout.
+    """
+    batch, channels = q.shape
     head_dim = channels // num_heads
-    scale = head_dim**-0.5
-    q = F.linear(query, w_q, b_q).view(batch, num_heads, head_dim)
-    # (B, H, d) x (H, d, C) -> (B, H, C): the key projection moved onto the single query.
-    q_k = torch.einsum("bhd,hdc->bhc", q, w_k.view(num_heads, head_dim, channels)) * scale
-    scores = torch.bmm(q_k, tokens.transpose(1, 2))
-    if b_k is not None:
-        # Constant over tokens, so softmax ignores it; kept so the bias gets its (zero) gradient
-        # exactly as in open_clip's module.
-        scores = scores + (q * b_k.view(num_heads, head_dim)).sum(-1, keepdim=True) * scale
-    weights = scores.softmax(dim=-1)
-    return weights, torch.bmm(weights, tokens)
+    q_heads = q.view(batch, num_heads, head_dim).transpose(0, 1)
+    return torch.bmm(q_heads, w_k.view(num_heads, head_dim, channels)) * head_dim**-0.5
+
+
+class _HeadwiseProjection(torch.autograd.Function):
+    """out[h] = pooled[h] @ W[h]^T for each attention head, (H, B, C) x (H, d, C) -> (H, B, d).
+
+    torch's generic bmm backward returns this weight gradient transposed and then copies it into
+    the weight's layout (a full C x C copy per step); here both gradients are computed directly
+    in the layouts of their inputs.
+    """
+
+    @staticmethod
+    def forward(ctx, pooled: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(pooled, weight)
+        return torch.bmm(pooled, weight.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        pooled, weight = ctx.saved_tensors
+        grad_pooled = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.bmm(grad.transpose(1, 2), pooled) if ctx.needs_input_grad[1] else None
+        return grad_pooled, grad_weight
 
 
 def _project_values(
-    pooled: torch.Tensor, w_v: torch.Tensor, b_v: torch.Tensor | None, num_heads: int
+    pooled: torch.Tensor, w_v: torch.Tensor, b_v: torch.Tensor | None
 ) -> torch.Tensor:
-    """Per-head value projection of the attention-pooled tokens: (B, H, C) -> (B, C)."""
-    batch, _, channels = pooled.shape
+    """Per-head value projection of the pooled tokens: (H, B, C) -> (B, C)."""
+    heads, batch, channels = pooled.shape
+    head_dim = channels // heads
+    out = _HeadwiseProjection.apply(pooled, w_v.view(heads, head_dim, channels))
+    out = out.transpose(0, 1).reshape(batch, channels)
+    return out if b_v is None else out + b_v
+
+
+def _key_bias_score(q: torch.Tensor, b_k: torch.Tensor | None, num_heads: int) -> torch.Tensor:
+    """q_h . bk_h / sqrt(d) (H, B, 1): constant over tokens, so softmax ignores it; kept so the key
+    bias gets its exact (zero) gradient as in open_clip."""
+    batch, channels = q.shape
+    if b_k is None:
+        return q.new_zeros(num_heads, batch, 1)
     head_dim = channels // num_heads
-    out = torch.einsum("bhc,hdc->bhd", pooled, w_v.view(num_heads, head_dim, channels))
-    if b_v is not None:
-        out = out + b_v.view(num_heads, head_dim)
-    return out.reshape(batch, channels)
+    dot = (q.view(batch, num_heads, head_dim) * b_k.view(num_heads, head_dim)).sum(-1)
+    return dot.transpose(0, 1).unsqueeze(-1) * head_dim**-0.5
+
+
+def _layer_norm(x: torch.Tensor, params: Params, prefix: str, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], params.get(prefix + "weight"),
+                        params.get(prefix + "bias"), eps)
+
+
+def _layer_scale(x: torch.Tensor, params: Params, name: str) -> torch.Tensor:
+    gamma = params.get(name + ".gamma")
+    return x if gamma is None else x * gamma
+
+
+def _strip(configs: Sequence[Params], prefix: str) -> list[Params]:
+    return [{k[len(prefix):]: v for k, v in c.items() if k.startswith(prefix)} for c in configs]
+
+
+def attnpool_grid(configs: Sequence[Params], x: torch.Tensor, num_heads: int, prefix: str = ""):
+    """AttentionPool2d for its mean-token query, for every configuration in `configs`.
+
+    x: the channel-last map, shared (B, T, C) or per configuration (G, B, T, C).
+    Returns (pooled (G, B, D), attention weights (G, H, B, 1 + T); key 0 is the mean token).
+    """
+    configs = _strip(configs, prefix)
+    x = x.to(configs[0]["positional_embedding"].dtype)
+    # Keys before the positional embedding: the mean token, then the spatial tokens; shared
+    # across configurations unless the map itself is per configuration.
+    keys = torch.cat([x.mean(dim=-2, keepdim=True), x], dim=-2)
+    queries, query_keys, pos_scores = [], [], []
+    for g, p in enumerate(configs):
+        pos = p["positional_embedding"]
+        base = keys[g, :, 0] if _per_config_tokens(keys) else keys[:, 0]
+        q = F.linear(base + pos[0], p["q_proj.weight"], p.get("q_proj.bias"))
+        q_k = _query_keys(q, p["k_proj.weight"], num_heads)  # (H, B, C)
+        bias = _key_bias_score(q, p.get("k_proj.bias"), num_heads)
+        pos_scores.append(torch.matmul(q_k, pos.T) + bias)  # the positional part of each key
+        queries.append(q)
+        query_keys.append(q_k)
+    scores = _token_scores(query_keys, keys) + torch.stack(pos_scores)
+    weights = scores.softmax(dim=-1)
+    pooled = _token_pool(weights, keys)
+    outputs = []
+    for g, p in enumerate(configs):
+        pooled_g = pooled[g] + torch.matmul(weights[g], p["positional_embedding"])
+        values = _project_values(pooled_g, p["v_proj.weight"], p.get("v_proj.bias"))
+        outputs.append(F.linear(values, p["c_proj.weight"], p.get("c_proj.bias")))
+    return torch.stack(outputs), weights
+
+
+def class_token_block_grid(
+    configs: Sequence[Params], x: torch.Tensor, block: nn.Module, prefix: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ResidualAttentionBlock evaluated for the class token only, for every configuration.
+
+    `block` supplies the structure (heads, eps, activation); its own parameters are not used.
+    x: tokens entering the block, shared (B, T, C) or per configuration (G, B, T, C).
+    Returns (class token leaving the block (G, B, C), attention weights (G, H, B, T)).
+    """
+    configs = _strip(configs, prefix)
+    x = x.to(configs[0]["attn.in_proj_weight"].dtype)
+    heads, channels = block.attn.num_heads, x.shape[-1]
+    normed = F.layer_norm(x, (channels,), eps=block.ln_1.eps)  # ln_1 without its affine: shared
+    per_config = _per_config_tokens(x)
+    scaled_keys, extra, queries = [], [], []
+    for g, p in enumerate(configs):
+        w_q, w_k, _ = p["attn.in_proj_weight"].split(channels)
+        b_q, b_k, _ = _split_bias(p.get("attn.in_proj_bias"), channels)
+        ln_w, ln_b = p["ln_1.weight"], p["ln_1.bias"]
+        first = normed[g, :, 0] if per_config else normed[:, 0]
+        q = F.linear(first * ln_w + ln_b, w_q, b_q)  # query from ln_1(x)[class token]
+        q_k = _query_keys(q, w_k, heads)
+        # q_k . (w * x_j + b) = (q_k * w) . x_j + q_k . b: the ln_1 affine moves onto the query.
+        scaled_keys.append(q_k * ln_w)
+        extra.append(torch.matmul(q_k, ln_b).unsqueeze(-1) + _key_bias_score(q, b_k, heads))
+        queries.append(q)
+    weights = (_token_scores(scaled_keys, normed) + torch.stack(extra)).softmax(-1)
+    pooled = _token_pool(weights, normed)
+    outputs = []
+    for g, p in enumerate(configs):
+        _, _, w_v = p["attn.in_proj_weight"].split(channels)
+        _, _, b_v = _split_bias(p.get("attn.in_proj_bias"), channels)
+        # sum_j a_j (w * x_j + b) = w * (sum_j a_j x_j) + b, because the weights sum to one.
+        pooled_g = pooled[g] * p["ln_1.weight"] + p["ln_1.bias"]
+        attended = F.linear(_project_values(pooled_g, w_v, b_v), p["attn.out_proj.weight"],
+                            p.get("attn.out_proj.bias"))
+        cls = (x[g, :, 0] if per_config else x[:, 0]) + _layer_scale(attended, p, "ls_1")
+        hidden = F.linear(_layer_norm(cls, p, "ln_2.", block.ln_2.eps), p["mlp.c_fc.weight"],
+                          p.get("mlp.c_fc.bias"))
+        hidden = F.linear(block.mlp.gelu(hidden), p["mlp.c_proj.weight"],
+                          p.get("mlp.c_proj.bias"))
+        outputs.append(cls + _layer_scale(hidden, p, "ls_2"))
+    return torch.stack(outputs), weights
+
+
+def _split_bias(bias: torch.Tensor | None, channels: int):
+    return bias.split(channels) if bias is not None else (None, None, None)
+
+
+def _run_per_config(
+    module: nn.Module, configs: Sequence[Params], prefix: str, x: torch.Tensor, shared: bool
+) -> torch.Tensor:
+    """Run a whole open_clip module (an ablation stage) once per configuration -> (G, B, ...).
+
+    x is shared by every configuration, or (shared=False) has a leading grid axis.
+    """
+    return torch.stack([
+        functional_call(module, p, (x if shared else x[g],))
+        for g, p in enumerate(_strip(configs, prefix))
+    ])
+
+
+class _Namespace(nn.Module):
+    """An empty module used only to reproduce open_clip's key prefixes (`transformer.resblocks`)."""
 
 
 class FastAttentionPool(nn.Module):
     """open_clip's `AttentionPool2d` (ModifiedResNet) evaluated for its mean-token query only.
 
-    Input is the channel-last dense map (B, H*W, C) that the trunk produces; output (B, D).
+    Same parameter names as AttentionPool2d. Input: the channel-last map (B, H*W, C).
     """
 
     def __init__(self, source: nn.Module) -> None:
@@ -84,36 +256,14 @@ class FastAttentionPool(nn.Module):
         self.c_proj = copy.deepcopy(source.c_proj)
         self.num_heads = source.num_heads
 
-    def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Mean token + spatial tokens with positional embedding: (B, T, C) -> (B, T+1, C)."""
-        pos = self.positional_embedding.to(x.dtype)
-        return torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + pos
-
-    def attention(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooling attention weights (B, heads, 1 + H*W); index 0 is the mean token itself."""
-        tokens = self.tokens(x)
-        weights, _ = self._attend(tokens)
-        return weights
-
-    def _attend(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _single_query_attention(
-            tokens[:, 0], tokens, self.q_proj.weight, self.q_proj.bias,
-            self.k_proj.weight, self.k_proj.bias, self.num_heads,
-        )
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.positional_embedding.dtype)
-        _, pooled = self._attend(self.tokens(x))
-        values = _project_values(pooled, self.v_proj.weight, self.v_proj.bias, self.num_heads)
-        return self.c_proj(values)
+        return attnpool_grid([dict(self.named_parameters())], x, self.num_heads)[0][0]
 
 
 class FastClassTokenBlock(nn.Module):
     """open_clip's `ResidualAttentionBlock` evaluated for the class token (index 0) only.
 
-    Every token still goes through `ln_1` (keys and values need it), but only the class token goes
-    through the attention output, both residuals, `ln_2` and the MLP. Children keep the block's
-    names (`ln_1`, `attn`, `ls_1`, `ln_2`, `mlp`, `ls_2`).
+    Children keep the block's names (`ln_1`, `attn`, `ls_1`, `ln_2`, `mlp`, `ls_2`).
     """
 
     def __init__(self, source: nn.Module) -> None:
@@ -121,38 +271,38 @@ class FastClassTokenBlock(nn.Module):
         for name in ("ln_1", "attn", "ls_1", "ln_2", "mlp", "ls_2"):
             setattr(self, name, copy.deepcopy(getattr(source, name)))
 
-    def _weights(self) -> tuple[torch.Tensor, ...]:
-        w_q, w_k, w_v = self.attn.in_proj_weight.chunk(3)
-        bias = self.attn.in_proj_bias
-        b_q, b_k, b_v = bias.chunk(3) if bias is not None else (None, None, None)
-        return w_q, b_q, w_k, b_k, w_v, b_v
-
-    def attention(self, x: torch.Tensor) -> torch.Tensor:
-        """Class-token attention weights (B, heads, T) over all tokens (index 0 = class token)."""
-        y = self.ln_1(x)
-        w_q, b_q, w_k, b_k, _, _ = self._weights()
-        weights, _ = _single_query_attention(y[:, 0], y, w_q, b_q, w_k, b_k, self.attn.num_heads)
-        return weights
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, C) tokens entering the block -> (B, C) class token leaving it."""
-        y = self.ln_1(x)
-        w_q, b_q, w_k, b_k, w_v, b_v = self._weights()
-        heads = self.attn.num_heads
-        _, pooled = _single_query_attention(y[:, 0], y, w_q, b_q, w_k, b_k, heads)
-        attended = self.attn.out_proj(_project_values(pooled, w_v, b_v, heads))
-        cls = x[:, 0] + self.ls_1(attended)
-        return cls + self.ls_2(self.mlp(self.ln_2(cls)))
+        return class_token_block_grid([dict(self.named_parameters())], x, self, "")[0][0]
 
 
-class _Namespace(nn.Module):
-    """An empty module used only to reproduce open_clip's key prefixes (`transformer.resblocks`)."""
+class GridHead(nn.Module):
+    """A head that can also evaluate several configurations of itself on one shared map."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_grid([dict(self.named_parameters())], x)[0]
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooling attention weights (B, heads, keys) of the single query (sum to 1 over keys)."""
+        return self.attention_grid([dict(self.named_parameters())], x)[0].transpose(0, 1)
+
+    def forward_grid(self, configs: Sequence[Params], x: torch.Tensor) -> torch.Tensor:
+        """(G, B, D) for G parameter dicts (this head's names and shapes) on one map."""
+        return self._grid(configs, x)[0]
+
+    def attention_grid(self, configs: Sequence[Params], x: torch.Tensor) -> torch.Tensor:
+        """(G, heads, B, keys) attention weights of each configuration's query."""
+        return self._grid(configs, x)[1]
+
+    def _grid(self, configs: Sequence[Params], x: torch.Tensor):
+        raise NotImplementedError
 
 
-class ResNetPoolHead(nn.Module):
+class ResNetPoolHead(GridHead):
     """Head of a ModifiedResNet: attnpool (head_stages=1) or layer4 + attnpool (head_stages=2).
 
     Input is the channel-last dense map (B, H*W, C) of the trunk; `grid` is its (H, W).
+    Attention keys: index 0 is the mean token, then the H*W spatial positions.
     """
 
     def __init__(self, visual: nn.Module, grid: tuple[int, int], head_stages: int = 1) -> None:
@@ -162,26 +312,21 @@ class ResNetPoolHead(nn.Module):
             self.layer4 = copy.deepcopy(visual.layer4)
         self.attnpool = FastAttentionPool(visual.attnpool)
 
-    def spatial(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense tokens entering the pooling layer (after layer4 when the head owns it)."""
-        if not hasattr(self, "layer4"):
-            return x
-        batch, _, channels = x.shape
-        fmap = x.transpose(1, 2).reshape(batch, channels, *self.grid)
-        return self.layer4(fmap).flatten(2).transpose(1, 2)
-
-    def attention(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooling attention weights (B, heads, 1 + H*W) of the mean-token query."""
-        return self.attnpool.attention(self.spatial(x.to(self.attnpool.positional_embedding.dtype)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.attnpool(self.spatial(x.to(self.attnpool.positional_embedding.dtype)))
+    def _grid(self, configs: Sequence[Params], x: torch.Tensor):
+        x = x.to(self.attnpool.positional_embedding.dtype)
+        if hasattr(self, "layer4"):
+            batch, _, channels = x.shape
+            fmap = x.transpose(1, 2).reshape(batch, channels, *self.grid)
+            x = _run_per_config(self.layer4, configs, "layer4.", fmap, shared=True)
+            x = x.flatten(3).transpose(2, 3)
+        return attnpool_grid(configs, x, self.attnpool.num_heads, "attnpool.")
 
 
-class ViTPoolHead(nn.Module):
+class ViTPoolHead(GridHead):
     """Head of a class-token ViT: the last `head_stages` blocks + ln_post + proj, on (B, T, C).
 
-    The final block runs in the single-query form; earlier head blocks (an ablation cut) run whole.
+    The final block runs in the single-query form; earlier head blocks (an ablation cut) run
+    whole, once per configuration. Attention keys: index 0 is the class token.
     """
 
     def __init__(self, visual: nn.Module, head_stages: int = 1) -> None:
@@ -196,21 +341,17 @@ class ViTPoolHead(nn.Module):
         self.ln_post = copy.deepcopy(visual.ln_post)
         self.proj = nn.Parameter(visual.proj.detach().clone())
 
-    def _last_input(self, x: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
-        *earlier, last = self.transformer.resblocks.values()
+    def _grid(self, configs: Sequence[Params], x: torch.Tensor):
         x = x.to(self.proj.dtype)
-        for block in earlier:
-            x = block(x)
-        return last, x
-
-    def attention(self, x: torch.Tensor) -> torch.Tensor:
-        """Class-token attention weights (B, heads, T) in the last block (index 0 = class token)."""
-        last, x = self._last_input(x)
-        return last.attention(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        last, x = self._last_input(x)
-        return self.ln_post(last(x)) @ self.proj
+        *earlier, (last_name, last) = self.transformer.resblocks.items()
+        for position, (name, block) in enumerate(earlier):
+            prefix = f"transformer.resblocks.{name}."
+            x = _run_per_config(block, configs, prefix, x, shared=position == 0)
+        prefix = f"transformer.resblocks.{last_name}."
+        cls, weights = class_token_block_grid(configs, x, last, prefix)
+        pooled = [_layer_norm(cls[g], p, "ln_post.", self.ln_post.eps) @ p["proj"]
+                  for g, p in enumerate(configs)]
+        return torch.stack(pooled), weights
 
 
 class OpenClipHead(nn.Module):
@@ -253,13 +394,3 @@ class OpenClipHead(nn.Module):
         # open_clip applies ln_post to all tokens, or (final_ln_after_pool) to the pooled one.
         pooled = self.ln_post(x[:, 0]) if self.final_ln_after_pool else self.ln_post(x)[:, 0]
         return pooled @ self.proj
-
-
-def head_flops(family: str, tokens: int, channels: int, heads: int, out_dim: int) -> dict:
-    """Multiply-adds per image of the naive and the fast pooling head (attention part), for docs."""
-    naive = 3 * tokens * channels**2 + 2 * tokens * channels + channels * out_dim
-    fast = 4 * channels**2 + 2 * heads * tokens * channels + channels * out_dim
-    if family == "vit":
-        naive += 8 * tokens * channels**2  # MLP on every token
-        fast += 8 * channels**2  # MLP on the class token only
-    return {"naive": naive, "fast": fast, "ratio": naive / fast if fast else math.inf}
