@@ -9,6 +9,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from .errors import (
+    DatasetError,
     ModelConfigError,
     SafeCacheError,
     SafeCacheWarning,
@@ -33,6 +34,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "Backbone",
+    "DatasetError",
     "ModelConfigError",
     "SafeCacheError",
     "SafeCacheWarning",

@@ -24,5 +24,9 @@ class ModelConfigError(SafeCacheError):
     """A model name or model config JSON could not be resolved to an open_clip architecture."""
 
 
+class DatasetError(SafeCacheError):
+    """A dataset spec, layout, split file or prompt source is missing or malformed."""
+
+
 class SafeCacheWarning(UserWarning):
     """A situation that works but may silently give wrong numbers (e.g. QuickGELU unknown)."""

@@ -1,0 +1,106 @@
+"""Write miniature copies of every dataset layout of PROTOCOL.md: a few tiny JPEGs per class,
+split files in the real formats, entries deliberately not grouped by label."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from PIL import Image
+
+from safe_cache.datasets import load_spec
+
+SPLIT_COUNTS = {"train": 5, "val": 3, "test": 2}  # images per class and split
+WNIDS = [f"n0{i:07d}" for i in range(6)]
+IMAGENET_NAMES = ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead", "ray"]
+
+
+def _jpeg(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    Image.new("RGB", (12, 10), tuple(rng.randrange(256) for _ in range(3))).save(path, "JPEG")
+
+
+def classnames_for(name: str, count: int) -> list[str]:
+    return [f"{name}_class_{chr(97 + i)}" for i in range(count)]
+
+
+def write_split_zhou(root: Path, name: str, classes: int = 4, seed: int = 0) -> dict:
+    """Images under <folder>/<image_dir>/<class>/ and split_zhou_<Name>.json, shuffled."""
+    spec = load_spec(name)
+    image_root = root / spec.folder / spec.image_dir
+    names = classnames_for(name, classes)
+    split: dict[str, list] = {}
+    counter = 0
+    for part, per_class in SPLIT_COUNTS.items():
+        items = []
+        for label, classname in enumerate(names):
+            for i in range(per_class):
+                relative = f"{classname}/{part}_{i}.jpg"
+                _jpeg(image_root / relative, counter)
+                counter += 1
+                items.append([relative, label, classname])
+        random.Random(seed).shuffle(items)  # not grouped by label, as in Flowers and Cars
+        split[part] = items
+    (root / spec.folder / spec.split_file).write_text(json.dumps(split))
+    return split
+
+
+def write_fgvc(root: Path, classes: int = 3) -> list[str]:
+    spec = load_spec("fgvc_aircraft")
+    folder = root / spec.folder
+    variants = [f"Boeing 7{i}7-200" for i in range(classes)]  # variant names contain spaces
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "variants.txt").write_text("\n".join(variants) + "\n")
+    counter = 1000000
+    for part, per_class in SPLIT_COUNTS.items():
+        lines = []
+        for variant in variants:
+            for _ in range(per_class):
+                _jpeg(folder / spec.image_dir / f"{counter}.jpg", counter)
+                lines.append(f"{counter} {variant}")
+                counter += 1
+        random.Random(1).shuffle(lines)
+        (folder / f"images_variant_{part}.txt").write_text("\n".join(lines) + "\n")
+    return variants
+
+
+def write_imagenet_classnames(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [f"{w} {n}" for w, n in zip(WNIDS, IMAGENET_NAMES, strict=True)]
+    (folder / "classnames.txt").write_text("\n".join(lines) + "\n")
+
+
+def write_imagenet(root: Path) -> None:
+    write_imagenet_classnames(root / "imagenet")
+    for sub, count in (("train", 4), ("val", 2)):
+        for label, wnid in enumerate(WNIDS):
+            for i in range(count):
+                _jpeg(root / "imagenet" / "images" / sub / wnid / f"{wnid}_{i}.JPEG",
+                      label * 10 + i)
+
+
+def write_imagenet_variants(root: Path) -> None:
+    """V2 (numbered folders), Sketch (all wnids), A and R (a sorted 3-class subset)."""
+    write_imagenet_classnames(root / "imagenet")
+    v2 = root / "imagenetv2" / "imagenetv2-matched-frequency-format-val"
+    for label in range(len(WNIDS)):
+        _jpeg(v2 / str(label) / "a.jpeg", label)
+    for wnid in WNIDS:
+        _jpeg(root / "imagenet-sketch" / "images" / wnid / "s.JPEG", 1)
+    subset = [WNIDS[4], WNIDS[1], WNIDS[2]]
+    for folder, image_dir in (("imagenet-adversarial", "imagenet-a"),
+                              ("imagenet-rendition", "imagenet-r")):
+        for wnid in subset:
+            for i in range(2):
+                _jpeg(root / folder / image_dir / wnid / f"{i}.jpg", i)
+
+
+def write_every_layout(root: Path) -> None:
+    for name in ("caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+                 "sun397", "dtd", "eurosat", "ucf101"):
+        write_split_zhou(root, name)
+    write_fgvc(root)
+    write_imagenet(root)
+    write_imagenet_variants(root)
