@@ -247,6 +247,10 @@ class Backbone:
         head.requires_grad_(True)
         return head
 
+    def tokenizer(self):
+        """open_clip's tokenizer for this model (for text classifiers)."""
+        return open_clip.get_tokenizer(self.card["model"])
+
     def naive_head(self) -> OpenClipHead:
         """open_clip's own modules composed as a head: the slow reference, same state-dict keys."""
         return OpenClipHead(
