@@ -37,6 +37,7 @@ class SafeCacheGroup(click.RichGroup):
 
 @click.group(cls=SafeCacheGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.command_panel("Backbones", commands=["backbone", "models"])
+@click.command_panel("Datasets", commands=["datasets"])
 @click.version_option(__version__, prog_name="safe-cache")
 def main() -> None:
     """[bold]safe-cache[/]: few-shot CLIP adaptation with SAFE from cached dense features.
@@ -101,6 +102,49 @@ def models(show_all: bool, as_json: bool) -> None:
         table.add_column(column)
     for row in rows:
         table.add_row(row["model"], row["family"], str(row["image_size"]), ", ".join(row["tags"]))
+    console.print(table)
+
+
+@main.command()
+@click.option("--root", default=None, type=click.Path(file_okay=False),
+              help="Data root holding one folder per dataset: mark which are present.")
+@click.option("--make-split", "make_split", metavar="DATASET", default=None,
+              help="Write a seeded split (CoOp proportions) for DATASET under --root when its "
+              "published split file is missing. Its numbers are not comparable with papers'.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def datasets(root: str | None, make_split: str | None, as_json: bool) -> None:
+    """List the known datasets: folder, classes, split sizes, and presence under --root."""
+    from .datasets import dataset_status, list_specs, open_dataset
+
+    if make_split:
+        if root is None:
+            raise click.UsageError("--make-split needs --root")
+        dataset = open_dataset(make_split, root, make_split=True)
+        where = dataset.split_source
+        err_console.print(f"{dataset.spec.name}: split {where} "
+                          f"({', '.join(f'{k} {len(v)}' for k, v in dataset.splits.items())})")
+
+    rows = [{
+        "name": spec.name, "kind": spec.kind, "folder": spec.folder,
+        "classes": spec.num_classes, "split_sizes": spec.split_sizes,
+        "status": dataset_status(spec, root),
+    } for spec in list_specs()]
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table(title="datasets" + (f" under {root}" if root else ""))
+    table.add_column("dataset", no_wrap=True)
+    table.add_column("folder", overflow="fold")
+    for column in ("classes", "train", "val", "test"):
+        table.add_column(column, justify="right")
+    table.add_column("status")
+    for row in rows:
+        sizes = row["split_sizes"]
+        status = row["status"]
+        style = {"present": "green", "missing": "red"}.get(status, "yellow")
+        table.add_row(row["name"], row["folder"] + "/", str(row["classes"]),
+                      *(f"{sizes[s]:,}" if s in sizes else "-" for s in ("train", "val", "test")),
+                      f"[{style}]{status}[/]" if root else status)
     console.print(table)
 
 

@@ -57,3 +57,32 @@ def test_models_lists_supported_families_only_by_default():
     assert {row["family"] for row in rows} == {"resnet", "vit"}
     everything = json.loads(CliRunner().invoke(main, ["models", "--all", "--json"]).output)
     assert len(everything) > len(rows)
+
+
+def test_datasets_table_marks_presence(tmp_path):
+    from miniatures import write_split_zhou
+
+    write_split_zhou(tmp_path, "dtd")
+    result = CliRunner().invoke(main, ["datasets", "--root", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {row["name"]: row for row in json.loads(result.output)}
+    assert rows["dtd"]["status"] == "present" and rows["food101"]["status"] == "missing"
+    assert rows["sun397"]["classes"] == 397
+    table = CliRunner().invoke(main, ["datasets"])
+    assert "50,500" in table.output and "imagenet_r" in table.output
+
+
+def test_datasets_make_split(tmp_path):
+    from miniatures import write_split_zhou
+
+    from safe_cache.datasets import load_spec
+
+    write_split_zhou(tmp_path, "eurosat")
+    spec = load_spec("eurosat")
+    (tmp_path / spec.folder / spec.split_file).unlink()
+    missing = CliRunner().invoke(main, ["datasets", "--root", str(tmp_path), "--json"])
+    assert {r["name"]: r for r in json.loads(missing.output)}["eurosat"]["status"].startswith("no ")
+    result = CliRunner().invoke(main, ["datasets", "--root", str(tmp_path), "--make-split",
+                                       "eurosat", "--json"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / spec.folder / "split_generated_eurosat.json").is_file()
