@@ -166,10 +166,12 @@ def attnpool_grid(configs: Sequence[Params], x: torch.Tensor, num_heads: int, pr
         query_keys.append(q_k)
     scores = _token_scores(query_keys, keys) + torch.stack(pos_scores)
     weights = scores.softmax(dim=-1)
-    pooled = _token_pool(weights, keys)
+    # unbind, not [g]: indexing one configuration at a time would make autograd zero-fill a
+    # whole (G, H, B, C) gradient per configuration.
+    pooled = _token_pool(weights, keys).unbind(0)
     outputs = []
-    for g, p in enumerate(configs):
-        pooled_g = pooled[g] + torch.matmul(weights[g], p["positional_embedding"])
+    for p, weights_g, pooled_g in zip(configs, weights.unbind(0), pooled, strict=True):
+        pooled_g = pooled_g + torch.matmul(weights_g, p["positional_embedding"])
         values = _project_values(pooled_g, p["v_proj.weight"], p.get("v_proj.bias"))
         outputs.append(F.linear(values, p["c_proj.weight"], p.get("c_proj.bias")))
     return torch.stack(outputs), weights
@@ -202,7 +204,7 @@ def class_token_block_grid(
         extra.append(torch.matmul(q_k, ln_b).unsqueeze(-1) + _key_bias_score(q, b_k, heads))
         queries.append(q)
     weights = (_token_scores(scaled_keys, normed) + torch.stack(extra)).softmax(-1)
-    pooled = _token_pool(weights, normed)
+    pooled = _token_pool(weights, normed).unbind(0)  # unbind: see attnpool_grid
     outputs = []
     for g, p in enumerate(configs):
         _, _, w_v = p["attn.in_proj_weight"].split(channels)
@@ -349,8 +351,8 @@ class ViTPoolHead(GridHead):
             x = _run_per_config(block, configs, prefix, x, shared=position == 0)
         prefix = f"transformer.resblocks.{last_name}."
         cls, weights = class_token_block_grid(configs, x, last, prefix)
-        pooled = [_layer_norm(cls[g], p, "ln_post.", self.ln_post.eps) @ p["proj"]
-                  for g, p in enumerate(configs)]
+        pooled = [_layer_norm(cls_g, p, "ln_post.", self.ln_post.eps) @ p["proj"]
+                  for cls_g, p in zip(cls.unbind(0), configs, strict=True)]
         return torch.stack(pooled), weights
 
 
