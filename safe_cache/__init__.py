@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .cards import card_fingerprint
 from .errors import (
     DatasetError,
     ModelConfigError,
     SafeCacheError,
     SafeCacheWarning,
+    StoreError,
+    StoreLockedError,
     UnsupportedModelError,
     WeightsUnavailableError,
 )
@@ -25,10 +28,14 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 def __getattr__(name: str):
     """Import torch-heavy modules lazily, so reading a store never pays for importing torch."""
-    if name in {"load_backbone", "Backbone", "card_fingerprint"}:
+    if name in {"load_backbone", "Backbone"}:
         from . import backbone
 
         return getattr(backbone, name)
+    if name in {"open_store", "create_store", "FeatureStore"}:
+        from . import store
+
+        return getattr(store, name)
     raise AttributeError(f"module 'safe_cache' has no attribute {name!r}")
 
 
@@ -38,9 +45,13 @@ __all__ = [
     "ModelConfigError",
     "SafeCacheError",
     "SafeCacheWarning",
+    "StoreError",
+    "StoreLockedError",
     "UnsupportedModelError",
     "WeightsUnavailableError",
     "__version__",
     "card_fingerprint",
+    "create_store",
     "load_backbone",
+    "open_store",
 ]

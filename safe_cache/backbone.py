@@ -24,6 +24,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
+from .cards import card_fingerprint
 from .errors import ModelConfigError, UnsupportedModelError
 from .heads import OpenClipHead, ResNetPoolHead, ViTPoolHead
 from .weights import ResolvedWeights, file_sha256, load_weights_into, resolve_weights
@@ -37,13 +38,6 @@ SUPPORTED_FAMILIES = {
     "vit": "VisionTransformer with class-token pooling "
     "(ViT-B-32, ViT-B-16, ViT-L-14, ViT-L-14-336, ViT-H-14, ...)",
 }
-# Card fields that identify the features; versions and labels are informative only.
-FINGERPRINT_FIELDS = (
-    "family", "model_config_sha256", "weights_sha256", "init_seed", "quick_gelu", "image_size",
-    "mean", "std", "interpolation", "resize_mode", "cut", "T", "C", "D", "grid",
-)
-
-
 def _supported_text() -> str:
     return "; ".join(f"{k}: {v}" for k, v in SUPPORTED_FAMILIES.items())
 
@@ -256,12 +250,6 @@ class Backbone:
         return OpenClipHead(
             self.model.visual, self.family, grid=self.grid, head_stages=self.stages_in_head
         )
-
-
-def card_fingerprint(card: dict[str, Any]) -> str:
-    """sha256 of the fields that decide whether two feature sets are interchangeable."""
-    identity = {key: card.get(key) for key in FINGERPRINT_FIELDS}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 def load_backbone(

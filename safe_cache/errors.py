@@ -28,5 +28,13 @@ class DatasetError(SafeCacheError):
     """A dataset spec, layout, split file or prompt source is missing or malformed."""
 
 
+class StoreError(SafeCacheError):
+    """A feature store is missing, malformed, incompatible, or was asked for a refused write."""
+
+
+class StoreLockedError(StoreError):
+    """Another writer holds the store's lease."""
+
+
 class SafeCacheWarning(UserWarning):
     """A situation that works but may silently give wrong numbers (e.g. QuickGELU unknown)."""
