@@ -1,0 +1,250 @@
+"""The store contract, run against a local folder, memory://, and s3:// on a local moto server."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from safe_cache import StoreError, StoreLockedError, card_fingerprint
+from safe_cache.store import SCHEMA_VERSION, StoreLayout, create_store, open_store
+from safe_cache.verify import verify_store
+
+T, C, D, V = 5, 8, 3, 2
+CARD = {"model": "tiny", "pretrained": None, "family": "resnet", "T": T, "C": C, "D": D}
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A moto S3 server on 127.0.0.1 (never any other address), with a bucket."""
+    pytest.importorskip("moto")
+    s3fs = pytest.importorskip("s3fs")
+    from moto.server import ThreadedMotoServer
+
+    os.environ.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}).mkdir("stores")
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
+def backend(request, tmp_path):
+    """(url, storage_options) of an empty location on each backend."""
+    name = uuid.uuid4().hex[:8]
+    if request.param == "local":
+        return str(tmp_path / f"{name}.zarr"), None
+    if request.param == "memory":
+        return f"memory://{name}.zarr", None
+    endpoint = request.getfixturevalue("s3_endpoint")
+    return f"s3://stores/{name}.zarr", {"client_kwargs": {"endpoint_url": endpoint},
+                                         "skip_instance_cache": True}
+
+
+def new_store(url, options, layout=None):
+    return create_store(url, CARD, card_fingerprint(CARD), {"name": "toy", "num_classes": 4},
+                        views={"count": V, "seed": 0}, layout=layout or StoreLayout(chunk_images=4),
+                        storage_options=options)
+
+
+def features(rows: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"dense": rng.random((rows, T, C)), "pooled": rng.random((rows, D)),
+            "aug_dense": rng.random((rows, V, T, C)), "aug_pooled": rng.random((rows, V, D))}
+
+
+def fill(store, split: str, count: int, seed: int = 0) -> np.ndarray:
+    """Append `count` images and write every write unit they touch (padding rows stay zero)."""
+    rows = store.append_rows(split, [f"{split}/{i}.jpg" for i in range(count)],
+                             [i % 4 for i in range(count)])
+    values = features(count, seed)
+    if split != "train":
+        values = {k: v for k, v in values.items() if not k.startswith("aug")}
+    unit, total = store.layout.unit, store.arrays(split)["label"].shape[0]
+    for u in range(rows[0] // unit, -(-(rows[-1] + 1) // unit)):
+        lo, hi = u * unit, min((u + 1) * unit, total)
+        inside = rows[(rows >= lo) & (rows < hi)]
+        chunk = {k: np.zeros((hi - lo, *v.shape[1:])) for k, v in values.items()}
+        for k, v in values.items():
+            chunk[k][inside - lo] = v[inside - rows[0]]
+        store.write_unit(split, u, chunk)
+    return rows
+
+
+def test_round_trip(backend):
+    url, options = backend
+    with new_store(url, options) as store:
+        rows = fill(store, "test", 10)
+        fill(store, "train", 4)
+        fill(store, "val", 3)
+        store.write_fewshot(1, 2, [0, 1], [2])
+        store.write_classifier("hand", np.eye(4, D), [["a"], ["b"], ["c"], ["d"]])
+    reader = open_store(url, storage_options=options)
+    assert reader.card["schema_version"] == SCHEMA_VERSION
+    assert reader.fingerprint == card_fingerprint(CARD)
+    assert reader.readable_rows("test").tolist() == rows.tolist()
+    view = reader.split("test")
+    assert dict(view.sizes) == {"image": 10, "token": T, "channel": C, "embed": D}
+    np.testing.assert_allclose(view["dense"].values, features(10)["dense"].astype(np.float16))
+    assert view["dense"].dtype == np.float16 and view["pooled"].dtype == np.float32
+    assert view["path"].values[3] == "test/3.jpg" and view["label"].values[3] == 3
+    train, val = reader.fewshot(1, 2)
+    assert train.tolist() == [0, 1] and val.tolist() == [2]
+    assert reader.classifier("hand").shape == (4, D)
+    assert verify_store(url, storage_options=options) == []
+
+
+def test_append_does_not_rewrite_existing_chunks(backend):
+    url, options = backend
+    with new_store(url, options) as store:
+        first = fill(store, "train", 6)  # units 0 (full) and 1 (rows 4-5 + 2 padding rows)
+    with open_store(url, "a", storage_options=options) as store:
+        before = store.arrays("train")["dense"][:8].copy()
+        second = fill(store, "train", 3, seed=1)
+        assert second[0] == 8  # the append starts at the next unit boundary
+        np.testing.assert_array_equal(store.arrays("train")["dense"][:8], before)
+    reader = open_store(url, storage_options=options)
+    assert reader.readable_rows("train").tolist() == [*first.tolist(), *second.tolist()]
+    assert reader.split("train")["aug_dense"].shape == (9, V, T, C)
+
+
+def test_readers_see_only_complete_rows(backend):
+    url, options = backend
+    with new_store(url, options) as store:
+        store.append_rows("val", [f"{i}.jpg" for i in range(8)], [0] * 8)
+        store.write_unit("val", 1, {"dense": np.ones((4, T, C)), "pooled": np.ones((4, D))})
+    reader = open_store(url, storage_options=options)
+    assert reader.readable_rows("val").tolist() == [4, 5, 6, 7]
+    assert any("incomplete" in p for p in verify_store(url, storage_options=options))
+
+
+def test_read_only_refuses_writes(backend):
+    url, options = backend
+    new_store(url, options).close()
+    reader = open_store(url, storage_options=options)
+    with pytest.raises(StoreError, match="read-only"):
+        reader.append_rows("test", ["x.jpg"], [0])
+    with pytest.raises(StoreError, match="already holds a store"):
+        new_store(url, options)
+
+
+def test_lease_conflict_and_takeover(backend):
+    url, options = backend
+    writer = new_store(url, options)
+    with pytest.raises(StoreLockedError, match=f"pid {os.getpid()}"):
+        open_store(url, "a", storage_options=options)
+    open_store(url, storage_options=options)  # readers are never blocked
+    # the writer dies: its heartbeat stops and ages
+    writer.lease._stop.set()
+    holder = dict(writer.lease.holder, heartbeat=time.time() - 10_000)
+    writer.group["lease"].attrs["holder"] = holder
+    with pytest.raises(StoreLockedError, match=r"stale.*--takeover"):
+        open_store(url, "a", storage_options=options)
+    with open_store(url, "a", storage_options=options, takeover=True) as store:
+        fill(store, "test", 2)
+    assert open_store(url, storage_options=options).readable_rows("test").size == 2
+
+
+def test_schema_version_mismatch_is_clear(backend):
+    url, options = backend
+    with new_store(url, options) as store:
+        card = store.card
+        card["schema_version"] = SCHEMA_VERSION + 1
+        store.group.attrs["safe_cache"] = card
+    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}"):
+        open_store(url, storage_options=options)
+
+
+def test_nan_is_refused_at_write(tmp_path):
+    with new_store(str(tmp_path / "n.zarr"), None) as store:
+        store.append_rows("test", ["a.jpg"], [0])
+        bad = {"dense": np.full((4, T, C), np.nan), "pooled": np.zeros((4, D))}
+        with pytest.raises(StoreError, match="NaN or Inf"):
+            store.write_unit("test", 0, bad)
+        assert store.complete_units("test").size == 0
+
+
+def test_verify_finds_a_deleted_and_a_truncated_chunk(tmp_path):
+    url = str(tmp_path / "v.zarr")
+    with new_store(url, None) as store:
+        fill(store, "test", 12)
+    (tmp_path / "v.zarr" / "test" / "dense" / "c" / "1" / "0" / "0").unlink()
+    chunk = tmp_path / "v.zarr" / "test" / "pooled" / "c" / "2" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:7])
+    problems = verify_store(url)
+    assert any("test/dense: chunk of unit 1 is missing" in p for p in problems), problems
+    assert any("test/pooled: chunk of unit 2 is unreadable" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("field, value", [("T", T + 1), ("C", C * 2)])
+def test_verify_finds_a_hand_edited_card(tmp_path, field, value):
+    url = str(tmp_path / "e.zarr")
+    with new_store(url, None) as store:
+        fill(store, "test", 4)
+    meta = tmp_path / "e.zarr" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"]["safe_cache"]["backbone"][field] = value
+    meta.write_text(json.dumps(doc))
+    problems = verify_store(url)
+    assert any("fingerprint" in p for p in problems)
+    assert any("test/dense: shape" in p for p in problems), problems
+
+
+def test_plain_xarray_opens_a_store(tmp_path):
+    url = str(tmp_path / "x.zarr")
+    with new_store(url, None) as store:
+        fill(store, "test", 4)
+    dataset = xr.open_zarr(url, group="test")  # no safe-cache involved
+    assert dataset["dense"].dims == ("image", "token", "channel")
+
+
+def test_sharded_layout_for_object_stores(tmp_path):
+    url = str(tmp_path / "sh.zarr")
+    with new_store(url, None, StoreLayout(chunk_images=2, shard_images=4)) as store:
+        fill(store, "test", 8)
+    files = sorted(p.name for p in (tmp_path / "sh.zarr" / "test" / "dense" / "c").iterdir())
+    assert files == ["0", "1"]  # one object per shard of 4 images, not per chunk of 2
+    assert verify_store(url) == []
+    assert open_store(url).split("test")["dense"].shape == (8, T, C)
+
+
+def test_no_pickles_in_a_store(tmp_path):
+    url = tmp_path / "p.zarr"
+    with new_store(str(url), None) as store:
+        fill(store, "train", 4)
+    for path in url.rglob("*"):
+        if path.is_file():
+            assert not path.read_bytes().startswith(b"\x80"), path  # pickle protocol marker
+
+
+def test_cli_info_ls_verify(tmp_path):
+    from click.testing import CliRunner
+
+    from safe_cache.cli import main
+
+    url = tmp_path / "toy" / "tiny-none.zarr"
+    url.parent.mkdir()
+    with new_store(str(url), None) as store:
+        fill(store, "test", 6)
+    runner = CliRunner()
+    info = runner.invoke(main, ["info", str(url), "--json"])
+    assert info.exit_code == 0, info.output
+    assert json.loads(info.output)["splits"]["test"]["readable_rows"] == 6
+    assert "complete units" in runner.invoke(main, ["info", str(url)]).output
+    listing = json.loads(runner.invoke(main, ["ls", str(tmp_path), "--json"]).output)
+    assert [row["dataset"] for row in listing] == ["toy"] and listing[0]["complete"]
+    assert runner.invoke(main, ["verify", str(url)]).exit_code == 0
+    (url / "test" / "dense" / "c" / "0" / "0" / "0").unlink()
+    failed = runner.invoke(main, ["verify", str(url)])
+    assert failed.exit_code == 1 and "missing" in failed.output
+    missing = runner.invoke(main, ["info", str(tmp_path / "nothing.zarr")])
+    assert missing.exit_code == 2 and "No store" in missing.output
