@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from typing import Any
 
 import rich_click as click
@@ -15,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .errors import SafeCacheError
+from .errors import SafeCacheError, SafeCacheWarning
 
 console = Console()
 err_console = Console(stderr=True)
@@ -24,20 +25,35 @@ click.rich_click.TEXT_MARKUP = "rich"
 click.rich_click.SHOW_ARGUMENTS = True
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """SafeCacheWarnings as one readable line on stderr; others as Python prints them."""
+    if issubclass(category, SafeCacheWarning):
+        err_console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+
 class SafeCacheGroup(click.RichGroup):
-    """Turns SafeCacheError into a clear message and exit status 2."""
+    """Turns SafeCacheError into a clear message and exit status 2, warnings into one line."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        previous, warnings.showwarning = warnings.showwarning, _show_warning
         try:
             return super().invoke(ctx)
         except SafeCacheError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             sys.exit(2)
+        finally:
+            warnings.showwarning = previous
 
 
 @click.group(cls=SafeCacheGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.command_panel("Backbones", commands=["backbone", "models"])
 @click.command_panel("Datasets", commands=["datasets"])
+@click.command_panel("Stores", commands=["info", "ls", "verify"])
 @click.version_option(__version__, prog_name="safe-cache")
 def main() -> None:
     """[bold]safe-cache[/]: few-shot CLIP adaptation with SAFE from cached dense features.
@@ -146,6 +162,93 @@ def datasets(root: str | None, make_split: str | None, as_json: bool) -> None:
                       *(f"{sizes[s]:,}" if s in sizes else "-" for s in ("train", "val", "test")),
                       f"[{style}]{status}[/]" if root else status)
     console.print(table)
+
+
+def _storage_options(raw: str | None) -> dict | None:
+    return json.loads(raw) if raw else None
+
+
+STORAGE_OPTIONS = click.option(
+    "--storage-options", default=None, metavar="JSON",
+    help='fsspec options for remote stores, e.g. \'{"client_kwargs": {"endpoint_url": ...}}\'.')
+
+
+@main.command()
+@click.argument("store")
+@STORAGE_OPTIONS
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info(store: str, storage_options: str | None, as_json: bool) -> None:
+    """Show a store's card, sizes and completeness."""
+    from .store import open_store
+
+    opened = open_store(store, storage_options=_storage_options(storage_options))
+    card, summary = opened.card, opened.summary()
+    if as_json:
+        _print_json({"card": card, "splits": summary})
+        return
+    backbone, dataset = card["backbone"], card["dataset"]
+    head = Table(title=f"store {store}", show_header=False)
+    head.add_column("field", style="bold cyan")
+    head.add_column("value")
+    for key, value in (
+        ("dataset", f"{dataset.get('name')} ({dataset.get('num_classes')} classes)"),
+        ("backbone", f"{backbone.get('model')} / {backbone.get('pretrained')}"),
+        ("fingerprint", card["backbone_fingerprint"][:16]),
+        ("dense map", f"T={backbone['T']} C={backbone['C']} D={backbone['D']}"),
+        ("views", str(card["views"].get("count"))),
+        ("layout", json.dumps(card["layout"])),
+        ("schema / tool", f"{card['schema_version']} / {card['tool_version']}"),
+        ("created / updated", f"{card['created']} / {card['updated']}"),
+    ):
+        head.add_row(key, value)
+    console.print(head)
+    table = Table(title="splits")
+    for column in ("split", "rows", "readable", "complete units"):
+        table.add_column(column, justify="right")
+    for split, row in summary.items():
+        done = f"{row['complete_units']}/{row['units']}"
+        style = "green" if row["complete_units"] == row["units"] else "yellow"
+        table.add_row(split, str(row["rows"]), str(row["readable_rows"]), f"[{style}]{done}[/]")
+    console.print(table)
+
+
+@main.command(name="ls")
+@click.argument("root", default="stores")
+@STORAGE_OPTIONS
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def ls_command(root: str, storage_options: str | None, as_json: bool) -> None:
+    """List every store under ROOT (a folder or a bucket prefix), one row each."""
+    from .store import find_stores
+
+    rows = find_stores(root, storage_options=_storage_options(storage_options))
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table(title=f"stores under {root}")
+    for column in ("store", "dataset", "backbone", "train", "val", "test", "complete"):
+        table.add_column(column)
+    for row in rows:
+        sizes = row["readable_rows"]
+        table.add_row(row["url"], row["dataset"], row["backbone"],
+                      *(str(sizes.get(s, "-")) for s in ("train", "val", "test")),
+                      "yes" if row["complete"] else "[yellow]no[/]")
+    console.print(table)
+
+
+@main.command()
+@click.argument("store")
+@STORAGE_OPTIONS
+def verify(store: str, storage_options: str | None) -> None:
+    """Check schema, card, shapes, dtypes, completeness, chunks and values; non-zero on problems."""
+    from .verify import verify_store
+
+    problems = verify_store(store, storage_options=_storage_options(storage_options))
+    if not problems:
+        console.print(f"[green]ok[/]: {store}")
+        return
+    for problem in problems:
+        err_console.print(f"[red]problem[/]: {problem}", highlight=False)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

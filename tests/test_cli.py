@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 from click.testing import CliRunner
 
+from safe_cache import SafeCacheWarning
 from safe_cache.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +84,10 @@ def test_datasets_make_split(tmp_path):
     (tmp_path / spec.folder / spec.split_file).unlink()
     missing = CliRunner().invoke(main, ["datasets", "--root", str(tmp_path), "--json"])
     assert {r["name"]: r for r in json.loads(missing.output)}["eurosat"]["status"].startswith("no ")
-    result = CliRunner().invoke(main, ["datasets", "--root", str(tmp_path), "--make-split",
-                                       "eurosat", "--json"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", SafeCacheWarning)
+        result = CliRunner().invoke(main, ["datasets", "--root", str(tmp_path), "--make-split",
+                                           "eurosat", "--json"])
     assert result.exit_code == 0, result.output
+    assert "warning: eurosat: using the generated split" in result.output
     assert (tmp_path / spec.folder / "split_generated_eurosat.json").is_file()
