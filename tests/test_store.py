@@ -248,3 +248,17 @@ def test_cli_info_ls_verify(tmp_path):
     assert failed.exit_code == 1 and "missing" in failed.output
     missing = runner.invoke(main, ["info", str(tmp_path / "nothing.zarr")])
     assert missing.exit_code == 2 and "No store" in missing.output
+
+
+def test_reading_a_store_never_imports_torch(tmp_path):
+    import subprocess
+    import sys
+
+    url = str(tmp_path / "t.zarr")
+    with new_store(url, None) as store:
+        fill(store, "test", 4)
+    code = ("import sys; from safe_cache import open_store; from safe_cache.verify import "
+            f"verify_store; s = open_store({url!r}); s.split('test').load(); "
+            f"assert verify_store({url!r}) == []; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
