@@ -2,7 +2,8 @@
 
 The holder (host, pid, start time, token) refreshes a heartbeat from a background thread. A second
 writer is refused with a message naming the holder; a lease whose heartbeat is older than
-`stale_after` seconds (its writer died) can be taken over explicitly. Object stores offer no
+`stale_after` seconds (its writer died) can be taken over explicitly, and one whose holder ran on
+this host in a process that no longer exists (killed) is taken over at once. Object stores offer no
 atomic create here, so acquisition writes its token and reads it back: of two writers racing
 within the same moment, the one whose token is not read back gives up.
 """
@@ -29,6 +30,19 @@ def _describe(holder: dict[str, Any], now: float) -> str:
             f" (last heartbeat {now - holder['heartbeat']:.0f} s ago)")
 
 
+def _dead_here(holder: dict[str, Any]) -> bool:
+    """True when the holder ran on this host and its process no longer exists."""
+    if holder.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OSError):
+        return False
+    return False
+
+
 class Lease:
     """A held writer lease; `release()` gives it back (also on normal store close)."""
 
@@ -47,6 +61,9 @@ class Lease:
         current = node.attrs.get("holder")
         if current:
             age = now - current["heartbeat"]
+            if _dead_here(current):
+                age = float("inf")  # its writer was on this host and is gone: provably stale
+                takeover = True
             if age < stale_after:
                 raise StoreLockedError(
                     f"{root.store} is being written by {_describe(current, now)}. Wait for it to"
