@@ -7,7 +7,7 @@ import json
 import random
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from safe_cache.datasets import load_spec
 
@@ -16,24 +16,32 @@ WNIDS = [f"n0{i:07d}" for i in range(6)]
 IMAGENET_NAMES = ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead", "ray"]
 
 
-def _jpeg(path: Path, seed: int) -> None:
+def _jpeg(path: Path, seed: int, size: tuple[int, int] = (48, 40)) -> None:
+    """A small textured image (random rectangles), so crops of it differ."""
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    Image.new("RGB", (12, 10), tuple(rng.randrange(256) for _ in range(3))).save(path, "JPEG")
+    image = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        x, y = rng.randrange(size[0]), rng.randrange(size[1])
+        draw.rectangle([x, y, x + rng.randrange(4, 20), y + rng.randrange(4, 20)],
+                       fill=tuple(rng.randrange(256) for _ in range(3)))
+    image.save(path, "PNG" if path.suffix == ".png" else "JPEG")
 
 
 def classnames_for(name: str, count: int) -> list[str]:
     return [f"{name}_class_{chr(97 + i)}" for i in range(count)]
 
 
-def write_split_zhou(root: Path, name: str, classes: int = 4, seed: int = 0) -> dict:
+def write_split_zhou(root: Path, name: str, classes: int = 4, seed: int = 0,
+                     counts: dict[str, int] | None = None) -> dict:
     """Images under <folder>/<image_dir>/<class>/ and split_zhou_<Name>.json, shuffled."""
     spec = load_spec(name)
     image_root = root / spec.folder / spec.image_dir
     names = classnames_for(name, classes)
     split: dict[str, list] = {}
     counter = 0
-    for part, per_class in SPLIT_COUNTS.items():
+    for part, per_class in (counts or SPLIT_COUNTS).items():
         items = []
         for label, classname in enumerate(names):
             for i in range(per_class):
