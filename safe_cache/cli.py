@@ -52,6 +52,7 @@ class SafeCacheGroup(click.RichGroup):
 
 @click.group(cls=SafeCacheGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.command_panel("Backbones", commands=["backbone", "models"])
+@click.command_panel("Stage 1", commands=["extract"])
 @click.command_panel("Datasets", commands=["datasets"])
 @click.command_panel("Stores", commands=["info", "ls", "verify"])
 @click.version_option(__version__, prog_name="safe-cache")
@@ -164,13 +165,67 @@ def datasets(root: str | None, make_split: str | None, as_json: bool) -> None:
     console.print(table)
 
 
-def _storage_options(raw: str | None) -> dict | None:
-    return json.loads(raw) if raw else None
-
-
 STORAGE_OPTIONS = click.option(
     "--storage-options", default=None, metavar="JSON",
     help='fsspec options for remote stores, e.g. \'{"client_kwargs": {"endpoint_url": ...}}\'.')
+
+
+def _int_list(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in str(value).split(",") if v.strip())
+    except ValueError as exc:
+        raise click.BadParameter(f"expected comma-separated integers, got '{value}'") from exc
+
+
+@main.command()
+@click.option("--dataset", required=True, help="Dataset spec name (see `datasets`) or spec file.")
+@click.option("--root", required=True, type=click.Path(file_okay=False), help="Data root.")
+@click.option("--model", default="RN50", show_default=True, help="open_clip model or config JSON.")
+@click.option("--pretrained", default="openai", show_default=True,
+              help="open_clip tag, checkpoint file, or 'none' for random weights.")
+@click.option("--store", default=None, help="Store URL [default: stores/<dataset>/<model>-"
+              "<pretrained>.zarr].")
+@click.option("--shots", default="1,2,4,8,16", show_default=True, callback=_int_list)
+@click.option("--seeds", default="1,2,3", show_default=True, callback=_int_list)
+@click.option("--views", default=10, show_default=True, help="Augmented views per train image.")
+@click.option("--prompts", default="hand", show_default=True,
+              help="hand, classname, vanilla, or a CuPL JSON file.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--workers", default=2, show_default=True, help="Image decoding processes.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
+              show_default=True, help="Trunk autocast on CUDA; stored maps are float16 anyway.")
+@click.option("--cut", default="pool", show_default=True, help="pool, layer4 (ResNet), lastN.")
+@click.option("--skip-bad", is_flag=True, help="Record unreadable images in the card and go on.")
+@click.option("--make-split", is_flag=True, help="Generate a seeded split if none is published.")
+@click.option("--takeover", is_flag=True, help="Take over a stale writer lease.")
+@STORAGE_OPTIONS
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def extract(as_json: bool, storage_options: str | None, pretrained: str, **options) -> None:
+    """Run the frozen trunk once per image and write dense maps to a store (resumable)."""
+    from .extract import ExtractConfig
+    from .extract import extract as run_extract
+    from .progress import RichProgress
+
+    config = ExtractConfig(pretrained=None if pretrained.lower() == "none" else pretrained,
+                           storage_options=_storage_options(storage_options), **options)
+    with RichProgress() as progress:
+        report = run_extract(config, progress)
+    if as_json:
+        _print_json(report.__dict__)
+        return
+    table = Table(title=f"extracted into {report.store} in {report.seconds:.1f} s")
+    for column in ("split", "extracted now", "readable rows"):
+        table.add_column(column, justify="right")
+    for split, rows in report.rows.items():
+        table.add_row(split, str(report.extracted.get(split, 0)), str(rows))
+    console.print(table)
+    for skipped in report.skipped:
+        err_console.print(f"[yellow]skipped[/] {skipped['split']}: {skipped['error']}")
+
+
+def _storage_options(raw: str | None) -> dict | None:
+    return json.loads(raw) if raw else None
 
 
 @main.command()
