@@ -52,6 +52,7 @@ class SafeCacheGroup(click.RichGroup):
 
 @click.group(cls=SafeCacheGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.command_panel("Backbones", commands=["backbone", "models"])
+@click.command_panel("Start here", commands=["demo"])
 @click.command_panel("Stage 1", commands=["extract"])
 @click.command_panel("Datasets", commands=["datasets"])
 @click.command_panel("Stores", commands=["info", "ls", "verify"])
@@ -222,6 +223,40 @@ def extract(as_json: bool, storage_options: str | None, pretrained: str, **optio
     console.print(table)
     for skipped in report.skipped:
         err_console.print(f"[yellow]skipped[/] {skipped['split']}: {skipped['error']}")
+
+
+@main.command()
+@click.option("--stores", "store_root", default="stores", show_default=True,
+              help="Store root (the demo data goes to <stores>/demo-data).")
+@click.option("--model", default="safe-cache-tiny-rn", show_default=True)
+@click.option("--pretrained", default="none", show_default=True,
+              help="'none' (random weights, offline) or a tag such as openai (needs network).")
+@click.option("--workers", default=1, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def demo(store_root: str, model: str, pretrained: str, workers: int, as_json: bool) -> None:
+    """Generate a small shapes dataset, extract it into a store, and check the store."""
+    from .demo import run_demo
+    from .progress import RichProgress
+
+    with RichProgress() as progress:
+        result = run_demo(store_root, model, None if pretrained.lower() == "none" else pretrained,
+                          progress, workers)
+    if as_json:
+        _print_json(result)
+    else:
+        table = Table(title=f"demo: extracted in {result['seconds']:.1f} s")
+        for column in ("split", "rows"):
+            table.add_column(column, justify="right")
+        for split, rows in result["rows"].items():
+            table.add_row(split, str(rows))
+        console.print(table)
+        console.print(f"store: {result['store']}")
+        console.print(f"data: {result['data']} (spec {result['spec']})")
+        console.print(f"next: [bold]safe-cache info {result['store']}[/]")
+    if result["problems"]:
+        for problem in result["problems"]:
+            err_console.print(f"[red]problem[/]: {problem}")
+        sys.exit(1)
 
 
 def _storage_options(raw: str | None) -> dict | None:

@@ -43,6 +43,7 @@ class ExtractConfig:
     model: str = "RN50"
     pretrained: str | None = "openai"
     store: str | None = None
+    store_root: str = "stores"  # where the default store path lives
     shots: tuple[int, ...] = (1, 2, 4, 8, 16)
     seeds: tuple[int, ...] = (1, 2, 3)
     views: int = 10
@@ -66,7 +67,8 @@ class ExtractReport:
     rows: dict[str, int] = field(default_factory=dict)
     extracted: dict[str, int] = field(default_factory=dict)
     skipped: list[dict[str, str]] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole call: loading the backbone, the classifier, the store
+    pipeline_seconds: dict[str, float] = field(default_factory=dict)  # per split: read->write
 
 
 def resolve_device(name: str) -> torch.device:
@@ -115,14 +117,16 @@ def extract(config: ExtractConfig, progress: ProgressSink = null_progress) -> Ex
     dataset = open_dataset(config.dataset, config.root, make_split=config.make_split)
     subsets = few_shot_subsets(dataset, config.shots, config.seeds)
     recipe = ViewRecipe(count=config.views, seed=config.view_seed)
-    url = config.store or default_store_url(dataset.spec.name, backbone.card)
+    url = config.store or default_store_url(dataset.spec.name, backbone.card, config.store_root)
     store = _open_or_create(url, backbone, dataset, recipe, config)
     report = ExtractReport(store=url)
     try:
         for split, entries in wanted_entries(dataset, subsets).items():
+            started = time.perf_counter()
             done = _extract_split(store, backbone, dataset, split, entries, recipe, config,
                                   progress, report)
             report.extracted[split] = done
+            report.pipeline_seconds[split] = time.perf_counter() - started
         _write_fewshot(store, dataset, subsets)
         _write_classifier(store, backbone, dataset, config.prompts)
         report.rows = {s: int(store.readable_rows(s).size) for s in store.splits()}
