@@ -244,11 +244,14 @@ class FeatureStore:
         group = self.arrays(split)
         rows = self.layout.unit
         start = unit * rows
-        for name, values in features.items():
+        cast = {name: np.asarray(values).astype(group[name].dtype)
+                for name, values in features.items()}
+        for name, values in cast.items():  # after the cast: float16 overflows to inf
             if not np.isfinite(values).all():
-                raise StoreError(f"{split}/{name}: unit {unit} holds NaN or Inf values (after the"
-                                 f" cast to {group[name].dtype}); nothing was recorded.")
-            group[name][start:start + len(values)] = values.astype(group[name].dtype)
+                raise StoreError(f"{split}/{name}: unit {unit} holds NaN or Inf values after the"
+                                 f" cast to {values.dtype}; nothing was recorded.")
+        for name, values in cast.items():
+            group[name][start:start + len(values)] = values
         group["complete"][unit] = 1  # only after the data is written
 
     def write_fewshot(self, seed: int, shots: int, train_rows, val_rows) -> None:

@@ -170,7 +170,11 @@ def test_nan_is_refused_at_write(tmp_path):
         bad = {"dense": np.full((4, T, C), np.nan), "pooled": np.zeros((4, D))}
         with pytest.raises(StoreError, match="NaN or Inf"):
             store.write_unit("test", 0, bad)
+        overflow = {"dense": np.full((4, T, C), 1e6), "pooled": np.zeros((4, D))}
+        with pytest.raises(StoreError, match="after the cast to float16"):
+            store.write_unit("test", 0, overflow)  # finite in float32, inf in float16
         assert store.complete_units("test").size == 0
+        assert not store.arrays("test")["dense"][:].any()  # nothing of the unit was written
 
 
 def test_verify_finds_a_deleted_and_a_truncated_chunk(tmp_path):
