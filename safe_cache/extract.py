@@ -193,10 +193,12 @@ def _extract_split(store, backbone, dataset, split, wanted, recipe, config, prog
     if not items:
         return 0
     views = recipe if split == "train" and recipe.count else None
+    # Starting worker processes costs ~0.3 s: not worth it for a split of a batch or two.
+    workers = config.workers if len(items) > 2 * config.batch_size else 0
     loader = torch.utils.data.DataLoader(
         ViewDataset(items, backbone.preprocess, backbone.card, views),
         batch_sampler=_unit_batches(items, unit, config.batch_size),
-        num_workers=config.workers, persistent_workers=False,
+        num_workers=workers, persistent_workers=False,
         pin_memory=backbone.device.type == "cuda",
     )
     task = progress.start(f"{dataset.spec.name} {split}", len(items))
