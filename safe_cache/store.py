@@ -244,8 +244,9 @@ class FeatureStore:
         group = self.arrays(split)
         rows = self.layout.unit
         start = unit * rows
-        cast = {name: np.asarray(values).astype(group[name].dtype)
-                for name, values in features.items()}
+        with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+            cast = {name: np.asarray(values).astype(group[name].dtype)
+                    for name, values in features.items()}
         for name, values in cast.items():  # after the cast: float16 overflows to inf
             if not np.isfinite(values).all():
                 raise StoreError(f"{split}/{name}: unit {unit} holds NaN or Inf values after the"
