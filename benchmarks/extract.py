@@ -1,7 +1,7 @@
 """Benchmark stage 1: images/s of `extract` end to end (decode, views, trunk, head, compressed
 writes) vs the trunk alone on pre-decoded tensors; same model, device and batch size.
 
-    python benchmarks/extract.py [--model RN50] [--images 128] [--batch-size 32] [--workers 1]
+    python benchmarks/extract.py [--model RN50] [--images 320] [--batch-size 32] [--workers 1]
 
 Images are generated JPEGs of a typical benchmark size (512 x 384). The two sides alternate
 round by round in one process; medians are printed as one JSON object.
@@ -77,7 +77,7 @@ def end_to_end(root: Path, model: str, batch: int, workers: int, device: str) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="RN50")
-    parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--images", type=int, default=320)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
