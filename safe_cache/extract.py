@@ -119,6 +119,7 @@ def extract(config: ExtractConfig, progress: ProgressSink = null_progress) -> Ex
     recipe = ViewRecipe(count=config.views, seed=config.view_seed)
     url = config.store or default_store_url(dataset.spec.name, backbone.card, config.store_root)
     store = _open_or_create(url, backbone, dataset, recipe, config)
+    recipe = ViewRecipe(count=store.card["views"]["count"], seed=recipe.seed)  # never fewer
     report = ExtractReport(store=url)
     try:
         for split, entries in wanted_entries(dataset, subsets).items():
@@ -156,10 +157,11 @@ def _open_or_create(url: str, backbone: Backbone, dataset: Dataset, recipe: View
                 stored["dataset"]["classnames"] != dataset.classnames:
             raise ExtractError(f"{url} holds dataset {stored['dataset']['name']}, not"
                                f" {dataset.spec.name} (or its classes differ).")
-        if stored["views"]["count"] != recipe.count or stored["views"]["seed"] != recipe.seed:
-            raise ExtractError(f"{url} was extracted with {stored['views']['count']} views"
-                               f" (seed {stored['views']['seed']}); pass --views"
-                               f" {stored['views']['count']}, or use another --store.")
+        if stored["views"]["seed"] != recipe.seed or \
+                stored["views"]["scale"] != list(recipe.scale):
+            raise ExtractError(f"{url} holds views of another recipe ({stored['views']});"
+                               f" use another --store for --views with seed {recipe.seed}.")
+        store.add_views(recipe.count)  # more views than stored: the new ones are extracted
     except SafeCacheError:
         store.close()
         raise
@@ -184,19 +186,18 @@ def _extract_split(store, backbone, dataset, split, wanted, recipe, config, prog
                           [entries[i].label for i in new])
     group = store.arrays(split)
     labels, paths = group["label"][:], group["path"][:]
-    unit = store.layout.unit
-    todo = [u for u in np.flatnonzero(group["complete"][:] == 0)
-            if (labels[u * unit:(u + 1) * unit] >= 0).any()]
-    items = [(row, dataset.image_root / str(paths[row]), str(paths[row]))
-             for u in todo for row in range(u * unit, min((u + 1) * unit, len(labels)))
-             if labels[row] >= 0]
+    unit, views = store.layout.unit, recipe.count if split == "train" else 0
+    first_view = _first_missing_view(group, views)  # per unit: 0 = everything to do
+    items = [(row, dataset.image_root / str(paths[row]), str(paths[row]), int(first_view[u]))
+             for u in np.flatnonzero(first_view < max(views, 1))
+             for row in range(u * unit, min((u + 1) * unit, len(labels))) if labels[row] >= 0]
     if not items:
         return 0
-    views = recipe if split == "train" and recipe.count else None
     # Starting worker processes costs ~0.3 s: not worth it for a split of a batch or two.
     workers = config.workers if len(items) > 2 * config.batch_size else 0
     loader = torch.utils.data.DataLoader(
-        ViewDataset(items, backbone.preprocess, backbone.card, views),
+        ViewDataset(items, backbone.preprocess, backbone.card,
+                    recipe if views else None),
         batch_sampler=_unit_batches(items, unit, config.batch_size),
         num_workers=workers, persistent_workers=False,
         pin_memory=backbone.device.type == "cuda",
@@ -204,15 +205,15 @@ def _extract_split(store, backbone, dataset, split, wanted, recipe, config, prog
     task = progress.start(f"{dataset.spec.name} {split}", len(items))
     with _Writer(store, split) as writer:
         current: dict[str, Any] | None = None
-        for rows, centers, augmented, errors in loader:
-            rows = rows.tolist()
+        for rows, centers, augmented, errors, first in loader:
+            rows, first = rows.tolist(), int(first[0])
             _check_errors(store, split, rows, errors, config, report, group)
-            features = _encode(backbone, centers, augmented, config.precision)
+            features = _encode(backbone, None if first else centers, augmented, config.precision)
             unit_index = rows[0] // unit
             if current is None or current["unit"] != unit_index:
                 if current is not None:
                     writer.put(current)
-                current = _new_unit(unit_index, unit, len(labels), features)
+                current = _new_unit(unit_index, unit, len(labels), features, first)
             for name, values in features.items():
                 current["features"][name][np.asarray(rows) - unit_index * unit] = values
             progress.advance(task, len(rows))
@@ -222,10 +223,21 @@ def _extract_split(store, backbone, dataset, split, wanted, recipe, config, prog
     return len(items)
 
 
+def _first_missing_view(group, views: int) -> np.ndarray:
+    """Per unit: 0 when the unit needs everything (center and all views), v when only views
+    v.. are missing (added to the store later), `views` (or 1 without views) when done."""
+    complete = group["complete"][:] == 1
+    if not views:
+        return np.where(complete, 1, 0)
+    written = group["aug_complete"][:] == 1
+    first = np.where(written.all(axis=1), views, written.argmin(axis=1))
+    return np.where(complete, first, 0)
+
+
 def _unit_batches(items, unit: int, batch_size: int) -> Iterator[list[int]]:
     """Batches of item positions that never cross a write unit: identical in every run."""
     batches, current, current_unit = [], [], None
-    for position, (row, _, _) in enumerate(items):
+    for position, (row, *_) in enumerate(items):
         if current and (row // unit != current_unit or len(current) == batch_size):
             batches.append(current)
             current = []
@@ -236,9 +248,10 @@ def _unit_batches(items, unit: int, batch_size: int) -> Iterator[list[int]]:
     return batches
 
 
-def _new_unit(index: int, unit: int, total: int, features: dict[str, np.ndarray]) -> dict:
+def _new_unit(index: int, unit: int, total: int, features: dict[str, np.ndarray],
+              first_view: int) -> dict:
     rows = min(unit, total - index * unit)
-    return {"unit": index, "features": {
+    return {"unit": index, "first_view": first_view, "features": {
         name: np.zeros((rows, *values.shape[1:]), dtype=np.float32)
         for name, values in features.items()}}
 
@@ -259,12 +272,15 @@ def _check_errors(store, split, rows, errors, config, report, group) -> None:
 
 
 @torch.no_grad()
-def _encode(backbone: Backbone, centers: torch.Tensor, augmented: torch.Tensor,
+def _encode(backbone: Backbone, centers: torch.Tensor | None, augmented: torch.Tensor,
             precision: str) -> dict[str, np.ndarray]:
+    """Trunk + original head on the center views (unless None) and the augmented views."""
     device = backbone.device
     out = {}
-    dense, pooled = _trunk_and_head(backbone, centers.to(device, non_blocking=True), precision)
-    out["dense"], out["pooled"] = dense, pooled
+    if centers is not None:
+        dense, pooled = _trunk_and_head(backbone, centers.to(device, non_blocking=True),
+                                        precision)
+        out["dense"], out["pooled"] = dense, pooled
     if augmented.shape[1]:
         batch, views = augmented.shape[:2]
         flat = augmented.flatten(0, 1).to(device, non_blocking=True)
@@ -300,7 +316,12 @@ class _Writer:
         while (item := self.queue.get()) is not None:
             if self.error is None:
                 try:
-                    self.store.write_unit(self.split, item["unit"], item["features"])
+                    if item["first_view"]:
+                        features = item["features"]
+                        self.store.write_views(self.split, item["unit"], item["first_view"],
+                                               features["aug_dense"], features["aug_pooled"])
+                    else:
+                        self.store.write_unit(self.split, item["unit"], item["features"])
                 except BaseException as exc:  # re-raised in the main thread
                     self.error = exc
 

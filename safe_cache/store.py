@@ -13,8 +13,10 @@ Layout (a contract: other tools and team members read these names):
                   /complete (unit,)                 1 once write unit u (rows u*R..u*R+R-1)
                                                     is fully written (chunks of one element,
                                                     so concurrent writers never share one)
-    train/aug_dense  (image, view, token, channel)  V augmented views, row-aligned with dense
-    train/aug_pooled (image, view, embed)
+    train/aug_dense  (image, view, token, channel)  V augmented views, row-aligned with dense,
+    train/aug_pooled (image, view, embed)           one chunk per (unit, view)
+    train/aug_complete (unit, view)                 1 once view v of unit u is written, so
+                                                    views can be added to an existing store
     fewshot/seed<S>/shots<K>/{train_rows,val_rows}  row indices into train / val
     text/<prompt set>/classifier (class, embed)     the zero-shot classifier, templates in attrs
 
@@ -119,7 +121,12 @@ class FeatureStore:
         return self.group[split]
 
     def complete_units(self, split: str) -> np.ndarray:
-        return np.flatnonzero(self.arrays(split)["complete"][:] == 1)
+        """Units whose every array (and, for train, every augmented view) is written."""
+        arrays = self.arrays(split)
+        done = arrays["complete"][:] == 1
+        if "aug_complete" in arrays and arrays["aug_complete"].shape[1]:
+            done &= (arrays["aug_complete"][:] == 1).all(axis=1)
+        return np.flatnonzero(done)
 
     def readable_rows(self, split: str) -> np.ndarray:
         """Rows of complete write units that are not padding: what readers may use."""
@@ -138,7 +145,8 @@ class FeatureStore:
         import xarray as xr
 
         dataset = xr.open_zarr(self.group.store, group=name, consolidated=False)
-        dataset = dataset.drop_vars("complete").isel(image=self.readable_rows(name))
+        bookkeeping = [v for v in ("complete", "aug_complete") if v in dataset]
+        dataset = dataset.drop_vars(bookkeeping).isel(image=self.readable_rows(name))
         return dataset.set_coords(["path", "label"])
 
     def fewshot(self, seed: int, shots: int) -> tuple[np.ndarray, np.ndarray]:
@@ -192,21 +200,24 @@ class FeatureStore:
         if split == "train" and card["views"]["count"] > 0:
             views = card["views"]["count"]
             self._array(group, "aug_dense", (0, views, shape["T"], shape["C"]), "float16",
-                        ("image", "view", "token", "channel"), 0)
+                        ("image", "view", "token", "channel"), 0, per_view=True)
             self._array(group, "aug_pooled", (0, views, shape["D"]), "float32",
-                        ("image", "view", "embed"), 0)
+                        ("image", "view", "embed"), 0, per_view=True)
+            group.create_array("aug_complete", shape=(0, views), chunks=(1, 1), dtype="uint8",
+                               fill_value=0, dimension_names=("unit", "view"))
         group.create_array("complete", shape=(0,), chunks=(1,), dtype="uint8", fill_value=0,
                            dimension_names=("unit",))
         return group
 
-    def _array(self, group, name, shape, dtype, dims, fill) -> None:
+    def _array(self, group, name, shape, dtype, dims, fill, per_view: bool = False) -> None:
+        """A row array chunked along images only (whole maps per chunk); per_view arrays are
+        also cut per view, so views added later are new objects."""
         layout = self.layout
-        rows = layout.chunk_images
-        chunks = (rows, *shape[1:])
-        kwargs: dict[str, Any] = {"chunks": chunks, "dimension_names": dims,
+        tail = (1, *shape[2:]) if per_view else shape[1:]
+        kwargs: dict[str, Any] = {"chunks": (layout.chunk_images, *tail), "dimension_names": dims,
                                   "config": {"write_empty_chunks": True}}
         if layout.shard_images:
-            kwargs["shards"] = (layout.shard_images, *shape[1:])
+            kwargs["shards"] = (layout.shard_images, *tail)
         if dtype is not str:
             kwargs["compressors"] = layout.compressors() if len(shape) > 1 else None
         group.create_array(name, shape=shape, dtype=dtype, fill_value=fill, **kwargs)
@@ -224,8 +235,8 @@ class FeatureStore:
         units = -(-stop // unit)
         for name in group.array_keys():
             array = group[name]
-            if name == "complete":
-                array.resize((units,))
+            if name in ("complete", "aug_complete"):
+                array.resize((units, *array.shape[1:]))
             else:
                 array.resize((units * unit, *array.shape[1:]))
         group["path"][start:stop] = np.asarray(list(paths), dtype=object).astype(str)
@@ -253,7 +264,37 @@ class FeatureStore:
                                  f" cast to {values.dtype}; nothing was recorded.")
         for name, values in cast.items():
             group[name][start:start + len(values)] = values
+        if "aug_dense" in cast:
+            group["aug_complete"][unit, :] = 1
         group["complete"][unit] = 1  # only after the data is written
+
+    def write_views(self, split: str, unit: int, first_view: int,
+                    aug_dense: np.ndarray, aug_pooled: np.ndarray) -> None:
+        """Write views first_view.. of one unit's rows (views added to an existing store)."""
+        self._writable()
+        group = self.arrays(split)
+        start, views = unit * self.layout.unit, aug_dense.shape[1]
+        dense, pooled = aug_dense.astype("float16"), aug_pooled.astype("float32")
+        if not (np.isfinite(dense).all() and np.isfinite(pooled).all()):
+            raise StoreError(f"{split}: views of unit {unit} hold NaN or Inf after the cast.")
+        stop = start + len(dense)
+        group["aug_dense"][start:stop, first_view:first_view + views] = dense
+        group["aug_pooled"][start:stop, first_view:first_view + views] = pooled
+        group["aug_complete"][unit, first_view:first_view + views] = 1
+
+    def add_views(self, count: int) -> None:
+        """Grow the view axis of train's augmented arrays to `count` (new views unwritten)."""
+        self._writable()
+        card = self.card
+        if count <= card["views"]["count"]:
+            return
+        if "train" in self.group:
+            group = self.group["train"]
+            for name in ("aug_dense", "aug_pooled", "aug_complete"):
+                array = group[name]
+                array.resize((array.shape[0], count, *array.shape[2:]))
+        card["views"]["count"] = count
+        self.group.attrs["safe_cache"] = card
 
     def write_fewshot(self, seed: int, shots: int, train_rows, val_rows) -> None:
         self._writable()

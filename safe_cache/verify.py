@@ -71,13 +71,14 @@ def _verify_split(store: FeatureStore, split: str, fs, root: str) -> list[str]:
     if problems:
         return problems
     unit = store.layout.unit
-    complete = group["complete"][:]
-    missing = np.flatnonzero(complete != 1)
+    complete = np.zeros(group["complete"].shape[0], dtype=bool)
+    complete[store.complete_units(split)] = True
+    missing = np.flatnonzero(~complete)
     if missing.size:
         problems.append(f"{split}: {missing.size} of {complete.size} write units incomplete"
                         f" (units {missing[:10].tolist()}{'...' if missing.size > 10 else ''})")
     keys = set(fs.find(f"{root}/{split}"))
-    for u in np.flatnonzero(complete == 1):
+    for u in np.flatnonzero(complete):
         problems += _verify_unit(group, split, int(u), unit, keys, f"{root}/{split}")
     return problems
 
@@ -91,9 +92,12 @@ def _verify_unit(group, split: str, unit: int, rows_per_unit: int, keys: set[str
         if name not in group:
             continue
         array = group[name]
-        key = f"{prefix}/{name}/c/" + "/".join([str(unit)] + ["0"] * (array.ndim - 1))
-        if key not in keys:
-            problems.append(f"{split}/{name}: chunk of unit {unit} is missing ({key})")
+        views = range(array.shape[1]) if name.startswith("aug") else [0]
+        expected = [f"{prefix}/{name}/c/" + "/".join([str(unit), str(v)] + ["0"] * (array.ndim - 2))
+                    for v in views]
+        absent = [key for key in expected if key not in keys]
+        if absent:
+            problems.append(f"{split}/{name}: chunk of unit {unit} is missing ({absent[0]})")
             continue
         try:
             values = array[start:stop]

@@ -70,14 +70,16 @@ def augmented_view(image: Image.Image, size: tuple[int, int], mean, std, seed: i
 
 
 class ViewDataset(torch.utils.data.Dataset):
-    """Rows to extract -> (row, center view, augmented views (V, 3, H, W), error message).
+    """Rows to extract -> (row, center view, augmented views, error message, first view).
 
-    Errors are returned, not raised, so the main process can name the file and decide
-    (stop, or --skip-bad) without a worker traceback.
+    Items are (row, file, path key, first view): views first..V-1 are built (all of them for a
+    new row; only the missing ones when views were added to a store later). Errors are
+    returned, not raised, so the main process can name the file and decide (stop, or
+    --skip-bad) without a worker traceback.
     """
 
-    def __init__(self, items: list[tuple[int, Path, str]], preprocess, card: dict[str, Any],
-                 recipe: ViewRecipe | None) -> None:
+    def __init__(self, items: list[tuple[int, Path, str, int]], preprocess,
+                 card: dict[str, Any], recipe: ViewRecipe | None) -> None:
         self.items, self.preprocess, self.recipe = items, preprocess, recipe
         self.size = tuple(card["image_size"])
         self.mean, self.std = card["mean"], card["std"]
@@ -86,18 +88,18 @@ class ViewDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int):
-        row, path, key = self.items[index]
+        row, path, key, first = self.items[index]
         height, width = self.size
-        views = self.recipe.count if self.recipe else 0
+        views = range(first, self.recipe.count) if self.recipe else range(0)
         try:
             image = load_image(path)
-            center = self.preprocess(image)
+            center = self.preprocess(image) if first == 0 else torch.zeros(3, height, width)
             augmented = torch.stack([
                 augmented_view(image, self.size, self.mean, self.std,
                                view_seed(self.recipe.seed, key, v), self.recipe.scale)
-                for v in range(views)
-            ]) if views else torch.zeros(0, 3, height, width)
-            return row, center, augmented, ""
+                for v in views
+            ]) if len(views) else torch.zeros(0, 3, height, width)
+            return row, center, augmented, "", first
         except ImageReadError as exc:
             blank = torch.zeros(3, height, width)
-            return row, blank, torch.zeros(views, 3, height, width), str(exc)
+            return row, blank, torch.zeros(len(views), 3, height, width), str(exc), first

@@ -187,3 +187,24 @@ def test_sigkill_midway_then_resume_gives_identical_arrays(tmp_path):
         for x, y in zip(a.fewshot(*seed_shots), b.fewshot(*seed_shots), strict=True):
             assert np.array_equal(x, y)
     assert np.array_equal(a.classifier(), b.classifier())
+
+
+def test_more_views_later_extract_only_the_new_views(tmp_path):
+    write_split_zhou(tmp_path, "food101", classes=3)
+    grown, fresh = tmp_path / "grown.zarr", tmp_path / "fresh.zarr"
+    extract(config(tmp_path, grown, "safe-cache-tiny-rn", shots=(2,), seeds=(1,), views=2))
+    before = open_store(str(grown)).arrays("train")["aug_dense"][:].copy()
+    report = extract(config(tmp_path, grown, "safe-cache-tiny-rn", shots=(2,), seeds=(1,),
+                            views=3))
+    assert report.extracted["test"] == 0 and report.extracted["train"] == report.rows["train"]
+    extract(config(tmp_path, fresh, "safe-cache-tiny-rn", shots=(2,), seeds=(1,), views=3))
+    a, b = open_store(str(grown)), open_store(str(fresh))
+    assert a.card["views"]["count"] == 3
+    after = a.arrays("train")["aug_dense"][:]
+    assert np.array_equal(after[:, :2], before)  # existing views untouched
+    np.testing.assert_allclose(after.astype(np.float32), b.arrays("train")["aug_dense"][:]
+                               .astype(np.float32), rtol=2e-3, atol=2e-3)
+    assert a.readable_rows("train").tolist() == b.readable_rows("train").tolist()
+    from safe_cache.verify import verify_store
+
+    assert verify_store(str(grown)) == []
