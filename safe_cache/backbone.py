@@ -26,7 +26,7 @@ from torch import nn
 
 from .cards import card_fingerprint
 from .errors import ModelConfigError, UnsupportedModelError
-from .heads import OpenClipHead, ResNetPoolHead, ViTPoolHead
+from .heads import GridHead, OpenClipHead, ResNetPoolHead, ViTPoolHead
 from .weights import ResolvedWeights, file_sha256, load_weights_into, resolve_weights
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -220,6 +220,7 @@ class Backbone:
     family: str
     grid: tuple[int, int]
     stages_in_head: int
+    model_config: dict[str, Any] | None = None  # the open_clip architecture (for stores)
 
     @property
     def fingerprint(self) -> str:
@@ -298,7 +299,7 @@ def load_backbone(
     card = _make_card(spec, weights, clip, family, cut, grid, head, init_seed)
     pp_cfg = open_clip.get_model_preprocess_cfg(clip)
     preprocess = image_transform_v2(PreprocessCfg(**pp_cfg), is_train=False)
-    return Backbone(clip, preprocess, card, trunk, head, family, grid, stages)
+    return Backbone(clip, preprocess, card, trunk, head, family, grid, stages, spec.config)
 
 
 @contextlib.contextmanager
@@ -336,6 +337,24 @@ def config_family(config: dict[str, Any]) -> tuple[str, str]:
     if vision.get("block_type") == "custom" or any(vision.get(f) for f in _CUSTOM_BLOCK_FLAGS):
         return "unsupported", "custom attention blocks"
     return "vit", ""
+
+
+def head_from_config(model_config: dict[str, Any], card: dict[str, Any]) -> GridHead:
+    """The head module of a backbone card's architecture, built without its weights or text
+    tower (fit rebuilds the head from a store, whose `head/` holds the weights)."""
+    vision_only = {**model_config, "text_cfg": {"width": 8, "heads": 1, "layers": 1,
+                                                 "context_length": 2, "vocab_size": 2}}
+    vision_only["quick_gelu"] = bool(card.get("quick_gelu"))
+    for key in ("custom_text", "multimodal_cfg"):
+        vision_only.pop(key, None)
+    with torch.random.fork_rng(devices=[]):
+        visual = open_clip.model.CLIP(**vision_only).visual.eval()
+    family = family_of(visual)
+    stages = head_stages(family, card["cut"])
+    grid = tuple(card["grid"])
+    head = ResNetPoolHead(visual, grid, stages) if family == "resnet" else ViTPoolHead(visual,
+                                                                                      stages)
+    return head
 
 
 def _check_config_family(spec: ModelSpec) -> None:

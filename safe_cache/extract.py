@@ -130,6 +130,10 @@ def extract(config: ExtractConfig, progress: ProgressSink = null_progress) -> Ex
             report.pipeline_seconds[split] = time.perf_counter() - started
         _write_fewshot(store, dataset, subsets)
         _write_classifier(store, backbone, dataset, config.prompts)
+        if "head" not in store.group:
+            state = {k: v.detach().cpu().float().numpy() for k, v in
+                     backbone.head.state_dict().items()}
+            store.write_head(state, backbone.model_config or {})
         report.rows = {s: int(store.readable_rows(s).size) for s in store.splits()}
     finally:
         store.close()

@@ -296,6 +296,27 @@ class FeatureStore:
         card["views"]["count"] = count
         self.group.attrs["safe_cache"] = card
 
+    def write_head(self, state: dict[str, np.ndarray], model_config: dict[str, Any]) -> None:
+        """The original pooling head (AttnPool_O): what fit starts from, so fitting needs the
+        store alone, not the backbone's weights file. Arrays named by open_clip's keys."""
+        self._writable()
+        node = self.group.require_group("head")
+        for name, values in state.items():
+            array = node.create_array(name, shape=values.shape, dtype=str(values.dtype),
+                                      overwrite=True)
+            array[...] = values
+        node.attrs["model_config"] = model_config
+        self.touch()
+
+    def head_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """(state dict as numpy arrays, open_clip model config) of the original head."""
+        if "head" not in self.group:
+            raise StoreError(f"{self.url} holds no head weights; extract it again with this"
+                             f" safe-cache to add them.")
+        node = self.group["head"]
+        return {name: node[name][...] for name in node.array_keys()}, dict(
+            node.attrs["model_config"])
+
     def write_fewshot(self, seed: int, shots: int, train_rows, val_rows) -> None:
         self._writable()
         node = self.group.require_group(f"fewshot/seed{seed}/shots{shots}")
