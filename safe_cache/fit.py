@@ -1,0 +1,226 @@
+"""Stage 2: train SAFE from a store, the paper's protocol, every grid configuration at once.
+
+For each (shots, seed): training samples are the stored augmented views of the K-shot train
+rows (held in memory, float16), validation is the min(K, 4)-shot val rows (center view), test
+is the whole test split, streamed. All lr x wd configurations train together (grid.py) with
+AdamW + cosine; every `eval_every` iterations each configuration keeps its state if its val
+accuracy is strictly better; the best states are restored and the configuration is chosen by
+val accuracy. The loss is the fine-tuned branch's cross-entropy against the text classifier;
+validation, selection and test use the blend `beta * original + finetuned` (blend, then
+normalise, as the paper writes it; `blend="each"` normalises each branch first).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from . import __version__
+from .backbone import head_from_config
+from .errors import SafeCacheError
+from .extract import resolve_device, weights_label
+from .grid import BestState, StackedHeads, grid_optimizer
+from .progress import ProgressSink, null_progress
+from .runtime import tune_cpu_allocator
+from .store import FeatureStore, open_store
+
+DEFAULT_BETAS = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    store: str
+    shots: tuple[int, ...] = (1, 2, 4, 8, 16)
+    seeds: tuple[int, ...] = (1, 2, 3)
+    lrs: tuple[float, ...] = (1e-4, 1e-5, 1e-6, 1e-7)
+    wds: tuple[float, ...] = (0.0, 1e-3, 1e-5)
+    iters: int = 12_800
+    batch_size: int = 8
+    eval_every: int = 100
+    beta: float = 0.5
+    betas: tuple[float, ...] = DEFAULT_BETAS
+    blend: str = "blend"  # or "each": normalise each branch, then blend
+    prompts: str = "hand"
+    device: str = "auto"
+    out: str = "results"
+    force: bool = False
+    test_chunk: int = 256
+    storage_options: dict | None = None
+
+
+def blend_features(original: torch.Tensor, finetuned: torch.Tensor, beta: float,
+                   mode: str = "blend") -> torch.Tensor:
+    """SAFE's inference feature, L2-normalised: normalise(beta * original + finetuned)."""
+    if mode == "each":
+        original, finetuned = F.normalize(original, dim=-1), F.normalize(finetuned, dim=-1)
+    return F.normalize(beta * original + finetuned, dim=-1)
+
+
+def accuracy(features: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor) -> float:
+    return (features @ classifier.T).argmax(-1).eq(labels).float().mean().item()
+
+
+def result_path(out: str, card: dict[str, Any], shots: int, seed: int) -> Path:
+    backbone = f"{card['backbone']['model']}-{weights_label(card['backbone'])}"
+    return Path(out) / card["dataset"]["name"] / backbone / f"shots{shots}_seed{seed}.json"
+
+
+def fit(config: FitConfig, progress: ProgressSink = null_progress) -> list[dict[str, Any]]:
+    """Every requested (shots, seed); an existing result is kept unless `force`."""
+    tune_cpu_allocator()
+    store = open_store(config.store, storage_options=config.storage_options)
+    results = []
+    for shots in config.shots:
+        for seed in config.seeds:
+            path = result_path(config.out, store.card, shots, seed)
+            if path.is_file() and not config.force:
+                results.append({**json.loads(path.read_text()), "skipped": True})
+                continue
+            result, head = fit_one(store, shots, seed, config, progress)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+                      str(path.with_suffix(".safetensors")),
+                      metadata={"store_fingerprint": store.fingerprint, "beta": str(config.beta)})
+            path.write_text(json.dumps(result, indent=2))
+            results.append(result)
+    return results
+
+
+class _Data:
+    """The (shots, seed) run's tensors: train samples (all views), val, and test streaming."""
+
+    def __init__(self, store: FeatureStore, shots: int, seed: int) -> None:
+        train_rows, val_rows = (np.sort(r) for r in store.fewshot(seed, shots))
+        if not train_rows.size or not val_rows.size:
+            raise SafeCacheError(f"{store.url}: no readable few-shot rows for {shots} shots,"
+                                 f" seed {seed}.")
+        train, val = store.arrays("train"), store.arrays("val")
+        if "aug_dense" in train and train["aug_dense"].shape[1]:
+            dense = train["aug_dense"].get_orthogonal_selection((train_rows,))
+            views = dense.shape[1]
+            self.train_dense = torch.from_numpy(dense.reshape(-1, *dense.shape[2:]))
+        else:
+            views = 1
+            self.train_dense = torch.from_numpy(train["dense"].get_orthogonal_selection(
+                (train_rows,)))
+        labels = train["label"].get_orthogonal_selection((train_rows,)).astype(np.int64)
+        self.train_labels = torch.from_numpy(np.repeat(labels, views))
+        self.val_dense = torch.from_numpy(val["dense"].get_orthogonal_selection((val_rows,)))
+        self.val_pooled = torch.from_numpy(val["pooled"].get_orthogonal_selection((val_rows,)))
+        self.val_labels = torch.from_numpy(
+            val["label"].get_orthogonal_selection((val_rows,)).astype(np.int64))
+        self.store = store
+
+
+def fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
+            progress: ProgressSink = null_progress) -> tuple[dict[str, Any], torch.nn.Module]:
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    card = store.card
+    scale = float(card["backbone"]["logit_scale"])
+    classifier = torch.from_numpy(store.classifier(config.prompts)).float().to(device)
+    data = _Data(store, shots, seed)
+    state, model_config = store.head_state()
+    template = head_from_config(model_config, card["backbone"])
+    template.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    template = template.to(device)
+    grid = [(lr, wd) for lr in config.lrs for wd in config.wds]
+    stacked = StackedHeads(template, len(grid))
+    optimizer, scheduler = grid_optimizer(stacked, [g[0] for g in grid], [g[1] for g in grid],
+                                          config.iters)
+    best = BestState(stacked.stacked)
+    generator = torch.Generator().manual_seed(seed)
+    loaded = time.perf_counter()
+    val_dense, val_pooled = data.val_dense.to(device), data.val_pooled.to(device)
+    val_labels = data.val_labels.to(device)
+    task = progress.start(f"shots {shots} seed {seed}", config.iters)
+    for step in range(1, config.iters + 1):
+        pick = torch.randint(0, len(data.train_labels), (config.batch_size,), generator=generator)
+        x = data.train_dense[pick].to(device).float()
+        y = data.train_labels[pick].to(device)
+        logits = scale * F.normalize(stacked(x), dim=-1) @ classifier.T  # (G, B, classes)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.repeat(len(grid))) * len(grid)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if step % config.eval_every == 0 or step == config.iters:
+            with torch.no_grad():
+                finetuned = stacked(val_dense.float())
+                blended = blend_features(val_pooled, finetuned, config.beta, config.blend)
+                acc = (blended @ classifier.T).argmax(-1).eq(val_labels).float().mean(-1)
+            best.update(acc, step)
+        progress.advance(task, 1)
+    progress.finish(task)
+    best.restore()
+    chosen = int(torch.argmax(best.accuracy).item())  # first of the best: ties go to larger lr
+    head = stacked.config_head(chosen).eval()
+    trained = time.perf_counter()
+    result = _evaluate(store, head, data, classifier, config, device)
+    lr, wd = grid[chosen]
+    result["methods"]["safe"].update({"lr": lr, "wd": wd, "beta": config.beta,
+                                      "best_iter": int(best.step[chosen].item())})
+    result["grid"] = [{"lr": g[0], "wd": g[1], "val_acc": float(best.accuracy[i].item()),
+                       "best_iter": int(best.step[i].item())} for i, g in enumerate(grid)]
+    result.update({
+        "dataset": card["dataset"]["name"], "shots": shots, "seed": seed,
+        "backbone": {k: card["backbone"][k] for k in ("model", "pretrained", "cut")},
+        "store": {"url": store.url, "fingerprint": store.fingerprint},
+        "config": {**asdict(config), "storage_options": None},
+        "versions": {"safe_cache": __version__, "torch": torch.__version__},
+        "timings": {"load_s": loaded - started, "train_s": trained - loaded,
+                    "evaluate_s": time.perf_counter() - trained,
+                    "train_iters_per_s": config.iters / max(trained - loaded, 1e-9)},
+        "train_samples": len(data.train_labels),
+    })
+    return result, head
+
+
+@torch.no_grad()
+def _evaluate(store, head, data: _Data, classifier, config: FitConfig, device) -> dict:
+    """Zero-shot, SAFE at beta, and the beta curve on val and the streamed test split."""
+    val_original = data.val_pooled.to(device)
+    val_finetuned = head(data.val_dense.to(device).float())
+    val_labels = data.val_labels.to(device)
+    test = store.arrays("test")
+    rows = store.readable_rows("test")
+    originals, finetuned, labels = [], [], []
+    for start in range(0, len(rows), config.test_chunk):
+        chunk = rows[start:start + config.test_chunk]
+        dense = torch.from_numpy(test["dense"].get_orthogonal_selection((chunk,)))
+        finetuned.append(head(dense.to(device).float()))
+        originals.append(torch.from_numpy(test["pooled"].get_orthogonal_selection((chunk,))))
+        labels.append(torch.from_numpy(test["label"].get_orthogonal_selection((chunk,))))
+    test_original = torch.cat(originals).to(device)
+    test_finetuned = torch.cat(finetuned)
+    test_labels = torch.cat(labels).long().to(device)
+
+    def acc(original, tuned, labels, beta):
+        return accuracy(blend_features(original, tuned, beta, config.blend), classifier, labels)
+
+    curve = [{"beta": beta,
+              "val_acc": acc(val_original, val_finetuned, val_labels, beta),
+              "test_acc": acc(test_original, test_finetuned, test_labels, beta)}
+             for beta in config.betas]
+    ratio = (test_finetuned.norm(dim=-1) / test_original.norm(dim=-1)).mean().item()
+    return {
+        "methods": {
+            "zero_shot": {
+                "val_acc": accuracy(F.normalize(val_original, dim=-1), classifier, val_labels),
+                "test_acc": accuracy(F.normalize(test_original, dim=-1), classifier, test_labels),
+            },
+            "safe": {"val_acc": acc(val_original, val_finetuned, val_labels, config.beta),
+                     "test_acc": acc(test_original, test_finetuned, test_labels, config.beta)},
+        },
+        "beta_curve": curve,
+        "norm_ratio_finetuned_over_original": ratio,
+        "test_images": len(rows),
+    }

@@ -1,0 +1,146 @@
+"""Stage 2 on a generated store whose labels live in spatial structure the original pooling
+underweights: SAFE must beat zero-shot; selection, early stopping, beta curve, results files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from safe_cache import card_fingerprint, load_backbone
+from safe_cache.fit import FitConfig, blend_features, fit
+from safe_cache.store import StoreLayout, create_store, open_store
+
+CLASSES, VIEWS = 4, 2
+COUNTS = {"train": 8, "val": 4, "test": 24}  # per class
+
+
+def synthetic_store(path: str) -> str:
+    """Post-ReLU noise maps; the class is a pattern at ONE spatial token (index 4 of 3 x 3).
+
+    The original head pools all tokens through a random query, and the text classifier is
+    random: zero-shot is at chance, but a fine-tuned pooling head can read the token.
+    """
+    backbone = load_backbone("safe-cache-tiny-rn", init_seed=3)
+    card = backbone.card
+    rng = np.random.default_rng(0)
+    patterns = rng.standard_normal((CLASSES, card["C"])).astype(np.float32) * 3
+    classifier = F.normalize(torch.randn(CLASSES, card["D"], generator=torch.Generator()
+                                         .manual_seed(1)), dim=-1).numpy()
+
+    def maps(labels: np.ndarray) -> np.ndarray:
+        dense = np.abs(rng.standard_normal((len(labels), card["T"], card["C"]))).astype(
+            np.float32)
+        dense[:, 4] += np.maximum(patterns[labels], 0)
+        return dense
+
+    def pooled(dense: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return backbone.head(torch.from_numpy(dense)).numpy()
+
+    store = create_store(path, card, card_fingerprint(card), {"name": "spots",
+                         "num_classes": CLASSES, "classnames": list("abcd")},
+                         views={"count": VIEWS, "seed": 0}, layout=StoreLayout(chunk_images=16))
+    rows = {}
+    for split, per_class in COUNTS.items():
+        labels = np.repeat(np.arange(CLASSES), per_class)
+        rows[split] = store.append_rows(split, [f"{split}/{i}.png" for i in range(len(labels))],
+                                        labels)
+        for unit in range(-(-len(labels) // 16)):
+            part = labels[unit * 16:(unit + 1) * 16]
+            dense = maps(part)
+            features = {"dense": dense, "pooled": pooled(dense)}
+            if split == "train":
+                aug = np.stack([maps(part) for _ in range(VIEWS)], axis=1)
+                features["aug_dense"] = aug
+                features["aug_pooled"] = np.stack([pooled(aug[:, v]) for v in range(VIEWS)], 1)
+            store.write_unit(split, unit, features)
+    store.write_fewshot(1, 8, rows["train"], rows["val"])
+    store.write_fewshot(2, 8, rows["train"][::-1], rows["val"])
+    store.write_classifier("hand", classifier, [[c] for c in "abcd"])
+    store.write_head({k: v.numpy() for k, v in backbone.head.state_dict().items()},
+                     backbone.model_config)
+    store.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fit")
+    store = synthetic_store(str(folder / "spots.zarr"))
+    config = FitConfig(store=store, shots=(8,), seeds=(1,), lrs=(1e-2, 1e-3, 1e-6),
+                       wds=(0.0, 1e-3), iters=300, eval_every=25, betas=(0.0, 0.5, 1.0, 1e6),
+                       out=str(folder / "results"))
+    return config, fit(config)[0]
+
+
+def test_safe_beats_zero_shot(fitted):
+    _, result = fitted
+    zero_shot, safe = result["methods"]["zero_shot"], result["methods"]["safe"]
+    assert zero_shot["test_acc"] < 0.5
+    assert safe["test_acc"] > zero_shot["test_acc"] + 0.3
+    assert safe["lr"] in (1e-2, 1e-3) and safe["beta"] == 0.5
+
+
+def test_selection_is_by_validation_and_best_states_are_kept(fitted):
+    _, result = fitted
+    best = max(result["grid"], key=lambda g: g["val_acc"])
+    assert result["methods"]["safe"]["val_acc"] == pytest.approx(best["val_acc"])
+    assert (result["methods"]["safe"]["lr"], result["methods"]["safe"]["wd"]) == \
+        (best["lr"], best["wd"])
+    assert all(0 < g["best_iter"] <= 300 for g in result["grid"])
+    tiny_lr = [g for g in result["grid"] if g["lr"] == 1e-6]
+    assert all(g["val_acc"] < best["val_acc"] for g in tiny_lr)
+
+
+def test_beta_curve_endpoints(fitted):
+    config, result = fitted
+    curve = {point["beta"]: point for point in result["beta_curve"]}
+    # beta huge: the original head alone, i.e. zero-shot
+    assert curve[1e6]["test_acc"] == pytest.approx(result["methods"]["zero_shot"]["test_acc"])
+    # beta 0: the fine-tuned head alone, recomputed from the saved safetensors head
+    store = open_store(config.store)
+    from safe_cache.backbone import head_from_config
+
+    _, model_config = store.head_state()
+    head = head_from_config(model_config, store.card["backbone"])
+    path = result_file(config, result)
+    head.load_state_dict(load_file(str(path.with_suffix(".safetensors"))))
+    test = store.split("test")
+    with torch.no_grad():
+        tuned = head(torch.from_numpy(test["dense"].values.astype(np.float32)))
+    classifier = torch.from_numpy(store.classifier())
+    labels = torch.from_numpy(test["label"].values.astype(np.int64))
+    features = blend_features(torch.from_numpy(test["pooled"].values), tuned, 0.0)
+    direct = (features @ classifier.T).argmax(-1).eq(labels).float().mean().item()
+    assert curve[0.0]["test_acc"] == pytest.approx(direct)
+    assert curve[0.5]["test_acc"] == pytest.approx(result["methods"]["safe"]["test_acc"])
+
+
+def result_file(config, result):
+    from safe_cache.fit import result_path
+
+    return result_path(config.out, open_store(config.store).card, result["shots"],
+                       result["seed"])
+
+
+def test_result_files_and_skip_or_force(fitted):
+    config, result = fitted
+    path = result_file(config, result)
+    assert path.name == "shots8_seed1.json" and path.parent.name == "safe-cache-tiny-rn-random3"
+    saved = json.loads(path.read_text())
+    for key in ("methods", "grid", "beta_curve", "config", "store", "versions", "timings"):
+        assert key in saved
+    assert set(saved["methods"]) == {"zero_shot", "safe"}
+    assert saved["store"]["fingerprint"] == open_store(config.store).fingerprint
+    before = path.stat().st_mtime_ns
+    again = fit(config)[0]
+    assert again["skipped"] and path.stat().st_mtime_ns == before
+    from dataclasses import replace
+
+    forced = fit(replace(config, force=True, iters=20, eval_every=10))[0]
+    assert "skipped" not in forced and path.stat().st_mtime_ns != before
