@@ -54,6 +54,7 @@ class SafeCacheGroup(click.RichGroup):
 @click.command_panel("Backbones", commands=["backbone", "models"])
 @click.command_panel("Start here", commands=["demo"])
 @click.command_panel("Stage 1", commands=["extract"])
+@click.command_panel("Stage 2", commands=["fit"])
 @click.command_panel("Datasets", commands=["datasets"])
 @click.command_panel("Stores", commands=["info", "ls", "verify"])
 @click.version_option(__version__, prog_name="safe-cache")
@@ -228,19 +229,21 @@ def extract(as_json: bool, storage_options: str | None, pretrained: str, **optio
 @main.command()
 @click.option("--stores", "store_root", default="stores", show_default=True,
               help="Store root (the demo data goes to <stores>/demo-data).")
-@click.option("--model", default="safe-cache-tiny-rn", show_default=True)
+@click.option("--model", default="safe-cache-tiny-vit", show_default=True)
 @click.option("--pretrained", default="none", show_default=True,
               help="'none' (random weights, offline) or a tag such as openai (needs network).")
 @click.option("--workers", default=1, show_default=True)
+@click.option("--iters", default=300, show_default=True, help="Training iterations per run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def demo(store_root: str, model: str, pretrained: str, workers: int, as_json: bool) -> None:
-    """Generate a small shapes dataset, extract it into a store, and check the store."""
+def demo(store_root: str, model: str, pretrained: str, workers: int, iters: int,
+         as_json: bool) -> None:
+    """Generate a small shapes dataset, extract it into a store, check it, and fit SAFE."""
     from .demo import run_demo
     from .progress import RichProgress
 
     with RichProgress() as progress:
         result = run_demo(store_root, model, None if pretrained.lower() == "none" else pretrained,
-                          progress, workers)
+                          progress, workers, iters)
     if as_json:
         _print_json(result)
     else:
@@ -252,11 +255,77 @@ def demo(store_root: str, model: str, pretrained: str, workers: int, as_json: bo
         console.print(table)
         console.print(f"store: {result['store']}")
         console.print(f"data: {result['data']} (spec {result['spec']})")
+        if result["results"]:
+            _results_table(result["results"])
+            console.print(f"results: {result['data']}/results/")
         console.print(f"next: [bold]safe-cache info {result['store']}[/]")
     if result["problems"]:
         for problem in result["problems"]:
             err_console.print(f"[red]problem[/]: {problem}")
         sys.exit(1)
+
+
+def _float_list(ctx, param, value: str) -> tuple[float, ...]:
+    """'1e-4,1e-5' or a range 'start:stop:step' (stop included)."""
+    try:
+        if ":" in value:
+            start, stop, step = (float(v) for v in value.split(":"))
+            count = round((stop - start) / step) + 1
+            return tuple(round(start + i * step, 10) for i in range(count))
+        return tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError as exc:
+        raise click.BadParameter(f"expected numbers like 1e-4,1e-5 or 0:1:0.1, got '{value}'") \
+            from exc
+
+
+@main.command()
+@click.option("--store", required=True, help="Store URL.")
+@click.option("--shots", default="1,2,4,8,16", show_default=True, callback=_int_list)
+@click.option("--seeds", default="1,2,3", show_default=True, callback=_int_list)
+@click.option("--lr", "lrs", default="1e-4,1e-5,1e-6,1e-7", show_default=True,
+              callback=_float_list)
+@click.option("--wd", "wds", default="0,1e-3,1e-5", show_default=True, callback=_float_list)
+@click.option("--iters", default=12_800, show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--eval-every", default=100, show_default=True)
+@click.option("--beta", default=0.5, show_default=True, help="The blend reported as SAFE.")
+@click.option("--betas", default="0:1:0.1", show_default=True, callback=_float_list,
+              help="The beta curve (val and test).")
+@click.option("--blend", type=click.Choice(["blend", "each"]), default="blend", show_default=True,
+              help="blend then normalise (the paper), or normalise each branch first.")
+@click.option("--prompts", default="hand", show_default=True, help="Stored prompt set.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", default="results", show_default=True)
+@click.option("--force", is_flag=True, help="Recompute results that exist.")
+@STORAGE_OPTIONS
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def fit(as_json: bool, storage_options: str | None, **options) -> None:
+    """Train SAFE from a store for every shots x seed: the lr x wd grid at once, early stopping
+    on val, the blend with beta; one result JSON (+ head) per run."""
+    from .fit import FitConfig
+    from .fit import fit as run_fit
+    from .progress import RichProgress
+
+    config = FitConfig(storage_options=_storage_options(storage_options), **options)
+    with RichProgress(unit="it") as progress:
+        results = run_fit(config, progress)
+    if as_json:
+        _print_json(results)
+        return
+    _results_table(results)
+
+
+def _results_table(results: list[dict]) -> None:
+    table = Table(title="SAFE results (accuracy %)")
+    for column in ("shots", "seed", "zero-shot", "SAFE", "lr", "wd", "best iter", "note"):
+        table.add_column(column, justify="right")
+    for r in results:
+        zero, safe = r["methods"]["zero_shot"], r["methods"]["safe"]
+        table.add_row(str(r["shots"]), str(r["seed"]), f"{100 * zero['test_acc']:.2f}",
+                      f"[bold]{100 * safe['test_acc']:.2f}[/]", f"{safe['lr']:g}",
+                      f"{safe['wd']:g}", str(safe["best_iter"]),
+                      "existing" if r.get("skipped") else "")
+    console.print(table)
 
 
 def _storage_options(raw: str | None) -> dict | None:

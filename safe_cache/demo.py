@@ -2,8 +2,11 @@
 
 Generates a small image dataset whose classes are visually distinct (coloured shapes and
 textures), described by a user spec file (the way a user adds their own data), extracts it with
-a tiny CLIP architecture (random weights unless --pretrained is given) into stores/, and checks
-the store. Later stages (fit, report) join here as they land.
+a tiny CLIP architecture (random weights unless --pretrained is given) into stores/, checks the
+store, and trains SAFE from it on a short grid. With random weights zero-shot CLIP is at chance
+(the text tower knows nothing), and SAFE's fine-tuned pooling learns the classes from a few
+shots. (The random tiny ViT is the default: a random ModifiedResNet, with open_clip's zero-
+initialised last BatchNorm of every block, maps all images to nearly the same features.)
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from .extract import ExtractConfig, ExtractReport, extract
+from .fit import FitConfig, fit
 from .progress import ProgressSink, null_progress
 from .verify import verify_store
 
@@ -80,9 +84,9 @@ def make_shapes_dataset(data_root: Path, per_class: int = 40, size: int = 112,
     return spec_path
 
 
-def run_demo(store_root: str = "stores", model: str = "safe-cache-tiny-rn",
+def run_demo(store_root: str = "stores", model: str = "safe-cache-tiny-vit",
              pretrained: str | None = None, progress: ProgressSink = null_progress,
-             workers: int = 1) -> dict[str, Any]:
+             workers: int = 1, iters: int = 300) -> dict[str, Any]:
     data_root = Path(store_root) / "demo-data"
     spec = make_shapes_dataset(data_root)
     config = ExtractConfig(dataset=str(spec), root=str(data_root), model=model,
@@ -90,6 +94,10 @@ def run_demo(store_root: str = "stores", model: str = "safe-cache-tiny-rn",
                            workers=workers, store_root=store_root)
     report: ExtractReport = extract(config, progress)
     problems = verify_store(report.store)
+    results = [] if problems else fit(FitConfig(
+        store=report.store, shots=(1, 2, 4), seeds=(1, 2), lrs=(1e-2, 1e-3, 1e-4),
+        wds=(0.0, 1e-3), iters=iters, eval_every=50, out=str(data_root / "results"),
+    ), progress)
     return {"data": str(data_root), "spec": str(spec), "store": report.store,
             "rows": report.rows, "extracted": report.extracted, "seconds": report.seconds,
-            "problems": problems}
+            "problems": problems, "results": results}

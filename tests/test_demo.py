@@ -8,7 +8,7 @@ from safe_cache.store import open_store
 
 
 def test_demo_builds_a_sound_store(tmp_path):
-    result = run_demo(str(tmp_path), workers=0)
+    result = run_demo(str(tmp_path), workers=0, iters=150)
     assert result["problems"] == []
     assert result["store"].startswith(str(tmp_path))
     dataset = open_dataset(result["spec"], result["data"])
@@ -17,5 +17,11 @@ def test_demo_builds_a_sound_store(tmp_path):
     assert result["rows"]["test"] == len(dataset.splits["test"]) > 0
     assert store.classifier("hand").shape == (len(CLASSES), store.card["backbone"]["D"])
     assert store.fewshot(2, 4)[0].size == 4 * len(CLASSES)
-    again = run_demo(str(tmp_path), workers=0)  # a rerun finds everything extracted
+    fitted = {(r["shots"], r["seed"]): r["methods"] for r in result["results"]}
+    assert set(fitted) == {(k, s) for k in (1, 2, 4) for s in (1, 2)}
+    safe = [m["safe"]["test_acc"] for m in fitted.values()]
+    zero = [m["zero_shot"]["test_acc"] for m in fitted.values()]
+    assert sum(safe) / len(safe) > sum(zero) / len(zero) + 0.2  # SAFE learns the shapes
+    again = run_demo(str(tmp_path), workers=0, iters=150)  # a rerun finds everything done
     assert again["extracted"] == {"test": 0, "train": 0, "val": 0}
+    assert all(r.get("skipped") for r in again["results"])
