@@ -114,8 +114,7 @@ def bench_optimizers(stacked, sequential, grid, rounds, device) -> dict[str, flo
             p.grad = torch.randn_like(p)
     lrs, wds = [1e-4] * grid, [1e-3] * grid
     together, _ = grid_optimizer(stacked, lrs, wds, total_steps=12_800)
-    fused = device.type == "cuda" or None
-    independent = [torch.optim.AdamW(h.parameters(), lr=1e-4, weight_decay=1e-3, fused=fused)
+    independent = [torch.optim.AdamW(h.parameters(), lr=1e-4, weight_decay=1e-3, fused=True)
                    for h in sequential]
     times = interleaved(
         {"grid_optimizer": together.step,

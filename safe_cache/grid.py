@@ -79,9 +79,11 @@ def grid_optimizer(
     """torch's AdamW with one param group per configuration (its lr and weight decay) and one
     cosine schedule over `total_steps`: exactly G independent optimizers, in one object.
 
-    Fused kernels where the device has them (CUDA): then every group is one launch. A functional
-    AdamW over the stacked tensors with per-configuration lr/wd vectors was measured against this
-    on the 2-core CPU: it needs the gradients stacked (a copy per step) and was not faster.
+    torch's fused kernel, on the CPU as on CUDA: for 12 RN50 heads on 2 cores a step takes
+    56 ms fused vs 205 ms unfused (the step is memory-bound: 176 M parameters), and on CUDA every
+    group is one launch. A functional AdamW over the stacked tensors with per-configuration lr/wd
+    vectors was measured against this on the CPU: it needs the gradients stacked (a copy per
+    step) and was not faster.
     """
     if len(lrs) != stacked.size or len(weight_decays) != stacked.size:
         raise ValueError(f"need {stacked.size} learning rates and weight decays")
@@ -89,8 +91,7 @@ def grid_optimizer(
         {"params": list(config.values()), "lr": float(lr), "weight_decay": float(wd)}
         for config, lr, wd in zip(stacked.configs, lrs, weight_decays, strict=True)
     ]
-    fused = stacked.stacked[0].device.type == "cuda"
-    optimizer = torch.optim.AdamW(groups, eps=eps, fused=fused or None)
+    optimizer = torch.optim.AdamW(groups, eps=eps, fused=True)
     return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
 
 
