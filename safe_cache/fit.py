@@ -141,7 +141,7 @@ def fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
     loaded = time.perf_counter()
     val_dense, val_pooled = data.val_dense.to(device), data.val_pooled.to(device)
     val_labels = data.val_labels.to(device)
-    task = progress.start(f"shots {shots} seed {seed}", config.iters)
+    task = progress.start(f"{card['dataset']['name']} shots {shots} seed {seed}", config.iters)
     for step in range(1, config.iters + 1):
         pick = torch.randint(0, len(data.train_labels), (config.batch_size,), generator=generator)
         x = data.train_dense[pick].to(device).float()
@@ -158,6 +158,7 @@ def fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
                 blended = blend_features(val_pooled, finetuned, config.beta, config.blend)
                 acc = (blended @ classifier.T).argmax(-1).eq(val_labels).float().mean(-1)
             best.update(acc, step)
+            progress.note(task, f"best val {100 * best.accuracy.max().item():.1f}%")
         progress.advance(task, 1)
     progress.finish(task)
     best.restore()

@@ -21,6 +21,7 @@ from rich.text import Text
 class ProgressSink(Protocol):
     def start(self, description: str, total: int) -> int: ...
     def advance(self, task: int, amount: int) -> None: ...
+    def note(self, task: int, text: str) -> None: ...
     def finish(self, task: int) -> None: ...
 
 
@@ -29,6 +30,9 @@ class _NullProgress:
         return 0
 
     def advance(self, task: int, amount: int) -> None:
+        pass
+
+    def note(self, task: int, text: str) -> None:
         pass
 
     def finish(self, task: int) -> None:
@@ -55,6 +59,7 @@ class RichProgress:
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             _RateColumn(unit), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            TextColumn("{task.fields[note]}", style="green"),
             console=console or Console(stderr=True), transient=False,
         )
 
@@ -66,10 +71,13 @@ class RichProgress:
         self.progress.stop()
 
     def start(self, description: str, total: int) -> int:
-        return self.progress.add_task(description, total=total)
+        return self.progress.add_task(description, total=total, note="")
 
     def advance(self, task: int, amount: int) -> None:
         self.progress.advance(task, amount)
+
+    def note(self, task: int, text: str) -> None:
+        self.progress.update(task, note=text)
 
     def finish(self, task: int) -> None:
         self.progress.update(task, completed=self.progress.tasks[task].total)

@@ -25,3 +25,22 @@ def test_demo_builds_a_sound_store(tmp_path):
     again = run_demo(str(tmp_path), workers=0, iters=150)  # a rerun finds everything done
     assert again["extracted"] == {"test": 0, "train": 0, "val": 0}
     assert all(r.get("skipped") for r in again["results"])
+
+
+def test_fit_cli_on_the_demo_store_with_the_default_grid(tmp_path):
+    """The paper's default 12-configuration grid runs end to end (few iterations for CI)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from safe_cache.cli import main
+
+    result = run_demo(str(tmp_path), workers=0, iters=20)
+    out = tmp_path / "results"
+    cli = CliRunner().invoke(main, ["fit", "--store", result["store"], "--shots", "1,2",
+                                    "--seeds", "1,2", "--iters", "60", "--eval-every", "20",
+                                    "--out", str(out), "--json"])
+    assert cli.exit_code == 0, cli.output
+    runs = json.loads(cli.stdout)  # progress goes to stderr
+    assert len(runs) == 4 and all(len(r["grid"]) == 12 for r in runs)
+    assert len(list(out.rglob("*.json"))) == 4 and len(list(out.rglob("*.safetensors"))) == 4

@@ -144,3 +144,26 @@ def test_result_files_and_skip_or_force(fitted):
 
     forced = fit(replace(config, force=True, iters=20, eval_every=10))[0]
     assert "skipped" not in forced and path.stat().st_mtime_ns != before
+
+
+def test_the_saved_head_is_the_restored_best_state(fitted):
+    """Early stopping: the head written to disk reproduces the chosen configuration's best val
+    accuracy (not the accuracy of its last iteration's state)."""
+    config, result = fitted
+    from safe_cache.backbone import head_from_config
+
+    store = open_store(config.store)
+    _, model_config = store.head_state()
+    head = head_from_config(model_config, store.card["backbone"])
+    head.load_state_dict(load_file(str(result_file(config, result).with_suffix(".safetensors"))))
+    _, val_rows = store.fewshot(1, 8)
+    val = store.arrays("val")
+    rows = np.sort(val_rows)
+    with torch.no_grad():
+        tuned = head(torch.from_numpy(val["dense"].get_orthogonal_selection((rows,))
+                                      .astype(np.float32)))
+    features = blend_features(torch.from_numpy(val["pooled"].get_orthogonal_selection((rows,))),
+                              tuned, config.beta)
+    labels = torch.from_numpy(val["label"].get_orthogonal_selection((rows,)).astype(np.int64))
+    accuracy = (features @ torch.from_numpy(store.classifier()).T).argmax(-1).eq(labels)
+    assert accuracy.float().mean().item() == pytest.approx(result["methods"]["safe"]["val_acc"])
