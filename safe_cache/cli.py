@@ -294,6 +294,10 @@ def _float_list(ctx, param, value: str) -> tuple[float, ...]:
 @click.option("--blend", type=click.Choice(["blend", "each"]), default="blend", show_default=True,
               help="blend then normalise (the paper), or normalise each branch first.")
 @click.option("--prompts", default="hand", show_default=True, help="Stored prompt set.")
+@click.option("--methods", default="tip_adapter,tip_adapter_f,safe_a,linear_probe",
+              show_default=True, callback=lambda c, p, v: tuple(
+                  m for m in v.split(",") if m and m != "none"),
+              help="Methods besides zero-shot and SAFE ('none' for none).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", default="results", show_default=True)
 @click.option("--force", is_flag=True, help="Recompute results that exist.")
@@ -315,16 +319,24 @@ def fit(as_json: bool, storage_options: str | None, **options) -> None:
     _results_table(results)
 
 
+METHOD_COLUMNS = {"zero_shot": "zero-shot", "linear_probe": "lin. probe", "tip_adapter": "Tip",
+                  "tip_adapter_f": "Tip-F", "safe": "SAFE", "safe_a": "SAFE-A"}
+
+
 def _results_table(results: list[dict]) -> None:
-    table = Table(title="SAFE results (accuracy %)")
-    for column in ("shots", "seed", "zero-shot", "SAFE", "lr", "wd", "best iter", "note"):
+    """Test accuracy of every method per run (chosen hyperparameters are in the JSON)."""
+    present = [m for m in METHOD_COLUMNS if any(m in r["methods"] for r in results)]
+    skipped = any(r.get("skipped") for r in results)
+    table = Table(title="test accuracy (%)",
+                  caption="* an existing result, not recomputed (--force)" if skipped else None)
+    for column in ("shots", "seed", *(METHOD_COLUMNS[m] for m in present)):
         table.add_column(column, justify="right")
     for r in results:
-        zero, safe = r["methods"]["zero_shot"], r["methods"]["safe"]
-        table.add_row(str(r["shots"]), str(r["seed"]), f"{100 * zero['test_acc']:.2f}",
-                      f"[bold]{100 * safe['test_acc']:.2f}[/]", f"{safe['lr']:g}",
-                      f"{safe['wd']:g}", str(safe["best_iter"]),
-                      "existing" if r.get("skipped") else "")
+        cells = [f"{100 * r['methods'][m]['test_acc']:.2f}" if m in r["methods"] else "-"
+                 for m in present]
+        cells = [f"[bold]{c}[/]" if m.startswith("safe") else c for m, c in zip(present, cells,
+                                                                                strict=True)]
+        table.add_row(str(r["shots"]), f"{r['seed']}{'*' if r.get('skipped') else ''}", *cells)
     console.print(table)
 
 

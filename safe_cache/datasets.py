@@ -138,6 +138,7 @@ class Dataset:
             "num_classes": len(self.classnames),
             "classnames": list(self.classnames),
             "class_subset": self.class_subset,
+            "tip_adapter": dict(self.spec.tip_adapter),
             "split_sizes": {name: len(entries) for name, entries in self.splits.items()},
         }
 

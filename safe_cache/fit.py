@@ -33,6 +33,7 @@ from .runtime import tune_cpu_allocator
 from .store import FeatureStore, open_store
 
 DEFAULT_BETAS = tuple(round(0.1 * i, 1) for i in range(11))
+ALL_METHODS = ("tip_adapter", "tip_adapter_f", "safe_a", "linear_probe")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class FitConfig:
     out: str = "results"
     force: bool = False
     test_chunk: int = 256
+    methods: tuple[str, ...] = ALL_METHODS  # besides zero-shot and SAFE, which always run
+    tip_epochs: int | None = None  # Tip-Adapter-F / SAFE-A epochs (None: 20, EuroSAT 100)
     storage_options: dict | None = None
 
 
@@ -165,7 +168,9 @@ def fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
     chosen = int(torch.argmax(best.accuracy).item())  # first of the best: ties go to larger lr
     head = stacked.config_head(chosen).eval()
     trained = time.perf_counter()
-    result = _evaluate(store, head, data, classifier, config, device)
+    result, features = _evaluate(store, head, data, classifier, config, device)
+    result["methods"].update(_adapters(store, head, data, features, classifier, scale, config,
+                                       shots, seed, device))
     lr, wd = grid[chosen]
     result["methods"]["safe"].update({"lr": lr, "wd": wd, "beta": config.beta,
                                       "best_iter": int(best.step[chosen].item())})
@@ -212,6 +217,8 @@ def _evaluate(store, head, data: _Data, classifier, config: FitConfig, device) -
               "test_acc": acc(test_original, test_finetuned, test_labels, beta)}
              for beta in config.betas]
     ratio = (test_finetuned.norm(dim=-1) / test_original.norm(dim=-1)).mean().item()
+    features = {"val": (val_original, val_finetuned, val_labels),
+                "test": (test_original, test_finetuned, test_labels)}
     return {
         "methods": {
             "zero_shot": {
@@ -224,4 +231,59 @@ def _evaluate(store, head, data: _Data, classifier, config: FitConfig, device) -
         "beta_curve": curve,
         "norm_ratio_finetuned_over_original": ratio,
         "test_images": len(rows),
-    }
+    }, features
+
+
+@torch.no_grad()
+def _train_views(store: FeatureStore, head, data: _Data, shots: int, seed: int, config,
+                 device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per train image and view: original pooled and SAFE blended features; center pooled."""
+    train_rows = np.sort(store.fewshot(seed, shots)[0])
+    train = store.arrays("train")
+    labels = torch.from_numpy(train["label"].get_orthogonal_selection((train_rows,))
+                              .astype(np.int64)).to(device)
+    center = torch.from_numpy(train["pooled"].get_orthogonal_selection((train_rows,))).to(device)
+    if "aug_pooled" in train and train["aug_pooled"].shape[1]:
+        original = torch.from_numpy(train["aug_pooled"].get_orthogonal_selection((train_rows,)))
+    else:
+        original = center.cpu()[:, None]
+    original = original.to(device)
+    tuned = torch.cat([head(data.train_dense[i:i + 256].to(device).float())
+                       for i in range(0, len(data.train_dense), 256)])
+    tuned = tuned.reshape(original.shape)
+    blended = blend_features(original, tuned, config.beta, config.blend)
+    return original, blended, center, labels
+
+
+def _adapters(store, head, data, features, classifier, scale, config, shots, seed,
+              device) -> dict[str, Any]:
+    """Tip-Adapter, Tip-Adapter-F, SAFE-A and the linear probe on this run's features."""
+    from . import adapters
+
+    if not config.methods:
+        return {}
+    card = store.card
+    tip = {**adapters.DEFAULT_TIP, **(card["dataset"].get("tip_adapter") or {})}
+    epochs = config.tip_epochs or (100 if card["dataset"]["name"] == "eurosat" else 20)
+    original, blended, center, labels = _train_views(store, head, data, shots, seed, config,
+                                                     device)
+    split = {name: (adapters.Split(F.normalize(o, dim=-1), y),
+                    adapters.Split(blend_features(o, t, config.beta, config.blend), y))
+             for name, (o, t, y) in features.items()}
+    out: dict[str, Any] = {}
+    if "tip_adapter" in config.methods:
+        out["tip_adapter"] = adapters.tip_adapter(original, labels, split["val"][0],
+                                                  split["test"][0], classifier, scale, tip)
+    if "tip_adapter_f" in config.methods:
+        out["tip_adapter_f"] = adapters.tip_adapter_f(original, labels, split["val"][0],
+                                                      split["test"][0], classifier, scale, tip,
+                                                      epochs=epochs, seed=seed)
+    if "safe_a" in config.methods:
+        out["safe_a"] = adapters.tip_adapter_f(blended, labels, split["val"][1],
+                                               split["test"][1], classifier, scale, tip,
+                                               epochs=epochs, seed=seed)
+    if "linear_probe" in config.methods:
+        train = adapters.Split(F.normalize(center, dim=-1), labels)
+        out["linear_probe"] = adapters.linear_probe(train, split["val"][0], split["test"][0],
+                                                    classifier.shape[0])
+    return out

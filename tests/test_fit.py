@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from safe_cache import card_fingerprint, load_backbone
-from safe_cache.fit import FitConfig, blend_features, fit
+from safe_cache.fit import ALL_METHODS, FitConfig, blend_features, fit
 from safe_cache.store import StoreLayout, create_store, open_store
 
 CLASSES, VIEWS = 4, 2
@@ -135,7 +135,9 @@ def test_result_files_and_skip_or_force(fitted):
     saved = json.loads(path.read_text())
     for key in ("methods", "grid", "beta_curve", "config", "store", "versions", "timings"):
         assert key in saved
-    assert set(saved["methods"]) == {"zero_shot", "safe"}
+    assert set(saved["methods"]) == {"zero_shot", "safe", *ALL_METHODS}
+    for name, method in saved["methods"].items():
+        assert 0 <= method["val_acc"] <= 1 and 0 <= method["test_acc"] <= 1, name
     assert saved["store"]["fingerprint"] == open_store(config.store).fingerprint
     before = path.stat().st_mtime_ns
     again = fit(config)[0]
@@ -167,3 +169,13 @@ def test_the_saved_head_is_the_restored_best_state(fitted):
     labels = torch.from_numpy(val["label"].get_orthogonal_selection((rows,)).astype(np.int64))
     accuracy = (features @ torch.from_numpy(store.classifier()).T).argmax(-1).eq(labels)
     assert accuracy.float().mean().item() == pytest.approx(result["methods"]["safe"]["val_acc"])
+
+
+def test_adapters_run_from_the_store(fitted):
+    _, result = fitted
+    methods = result["methods"]
+    assert {"alpha", "gamma"} <= set(methods["tip_adapter"])
+    assert 1 <= methods["tip_adapter_f"]["best_epoch"] <= methods["tip_adapter_f"]["epochs"]
+    # SAFE-A adds a cache on SAFE's features: never much worse than SAFE here
+    assert methods["safe_a"]["test_acc"] >= methods["safe"]["test_acc"] - 0.05
+    assert methods["linear_probe"]["C"] > 0
