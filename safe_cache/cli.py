@@ -54,7 +54,7 @@ class SafeCacheGroup(click.RichGroup):
 @click.command_panel("Backbones", commands=["backbone", "models"])
 @click.command_panel("Start here", commands=["demo"])
 @click.command_panel("Stage 1", commands=["extract"])
-@click.command_panel("Stage 2", commands=["fit"])
+@click.command_panel("Stage 2", commands=["fit", "report"])
 @click.command_panel("Datasets", commands=["datasets"])
 @click.command_panel("Stores", commands=["info", "ls", "verify"])
 @click.version_option(__version__, prog_name="safe-cache")
@@ -257,7 +257,8 @@ def demo(store_root: str, model: str, pretrained: str, workers: int, iters: int,
         console.print(f"data: {result['data']} (spec {result['spec']})")
         if result["results"]:
             _results_table(result["results"])
-            console.print(f"results: {result['data']}/results/")
+            console.print(f"results: {result['data']}/results/ (safe-cache report"
+                          f" {result['data']}/results); plots: {result['data']}/plots/")
         console.print(f"next: [bold]safe-cache info {result['store']}[/]")
     if result["problems"]:
         for problem in result["problems"]:
@@ -338,6 +339,48 @@ def _results_table(results: list[dict]) -> None:
                                                                                 strict=True)]
         table.add_row(str(r["shots"]), f"{r['seed']}{'*' if r.get('skipped') else ''}", *cells)
     console.print(table)
+
+
+@main.command()
+@click.argument("results_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["table", "md", "csv", "json"]),
+              default="table", show_default=True)
+@click.option("--plots", "plots_dir", default=None, type=click.Path(file_okay=False),
+              help="Write PNG plots (accuracy vs shots, beta curve, lr x wd grid) here.")
+def report(results_dir: str, fmt: str, plots_dir: str | None) -> None:
+    """Mean and std over seeds per dataset, shots and method, beside the paper's numbers."""
+    from .report import aggregate, load_results, render, write_plots
+
+    runs = load_results(results_dir)
+    if not runs:
+        raise click.UsageError(f"no result files (shots<K>_seed<S>.json) under {results_dir}")
+    rows = aggregate(runs)
+    if fmt != "table":
+        click.echo(render(rows, fmt), nl=False)
+    else:
+        _report_table(rows)
+    if plots_dir:
+        written = write_plots(rows, runs, plots_dir)
+        err_console.print(f"{len(written)} plots written to {plots_dir}")
+
+
+def _report_table(rows: list[dict]) -> None:
+    """One table per dataset and backbone: shots x method, ours beside the paper's."""
+    from .report import METHOD_ORDER, cell
+
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    for dataset, backbone in sorted({(r["dataset"], r["backbone"]) for r in rows}):
+        table = Table(title=f"{dataset} / {backbone}: test accuracy (%), mean ± std over seeds")
+        for column in ("shots", "method", "accuracy", "seeds", "paper", "delta"):
+            table.add_column(column, justify="left" if column == "method" else "right")
+        mine = [r for r in rows if (r["dataset"], r["backbone"]) == (dataset, backbone)]
+        for row in sorted(mine, key=lambda r: (r["shots"], order.get(r["method"], 99))):
+            delta = cell(row, "delta")
+            style = "green" if delta.startswith("+") else "red" if delta != "-" else ""
+            table.add_row(str(row["shots"]), METHOD_COLUMNS.get(row["method"], row["method"]),
+                          f"{row['mean']:.2f} ± {row['std']:.2f}", str(row["seeds"]),
+                          cell(row, "paper"), f"[{style}]{delta}[/]" if style else delta)
+        console.print(table)
 
 
 def _storage_options(raw: str | None) -> dict | None:

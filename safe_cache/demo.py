@@ -3,10 +3,11 @@
 Generates a small image dataset whose classes are visually distinct (coloured shapes and
 textures), described by a user spec file (the way a user adds their own data), extracts it with
 a tiny CLIP architecture (random weights unless --pretrained is given) into stores/, checks the
-store, and trains SAFE from it on a short grid. With random weights zero-shot CLIP is at chance
-(the text tower knows nothing), and SAFE's fine-tuned pooling learns the classes from a few
-shots. (The random tiny ViT is the default: a random ModifiedResNet, with open_clip's zero-
-initialised last BatchNorm of every block, maps all images to nearly the same features.)
+store, trains SAFE and the baselines from it on a short grid, and plots the results. With random
+weights zero-shot CLIP is at chance (the text tower knows nothing), and SAFE's fine-tuned pooling
+learns the classes from a few shots. (The random tiny ViT is the default: a random
+ModifiedResNet, with open_clip's zero-initialised last BatchNorm of every block, maps all
+images to nearly the same features.)
 """
 
 from __future__ import annotations
@@ -98,6 +99,12 @@ def run_demo(store_root: str = "stores", model: str = "safe-cache-tiny-vit",
         store=report.store, shots=(1, 2, 4), seeds=(1, 2), lrs=(1e-2, 1e-3, 1e-4),
         wds=(0.0, 1e-3), iters=iters, eval_every=50, out=str(data_root / "results"),
     ), progress)
+    plots = []
+    if results:
+        from .report import aggregate, load_results, write_plots
+
+        runs = load_results(data_root / "results")
+        plots = [str(p) for p in write_plots(aggregate(runs), runs, data_root / "plots")]
     return {"data": str(data_root), "spec": str(spec), "store": report.store,
             "rows": report.rows, "extracted": report.extracted, "seconds": report.seconds,
-            "problems": problems, "results": results}
+            "problems": problems, "results": results, "plots": plots}

@@ -1,0 +1,81 @@
+"""report aggregates hand-made result files: means, stds, the 11-dataset average, the paper."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+from click.testing import CliRunner
+
+from safe_cache.cli import main
+from safe_cache.report import ELEVEN, aggregate, load_results, published, render, write_plots
+
+
+def run(dataset: str, shots: int, seed: int, safe: float, zero: float, model: str = "RN50"):
+    grid = [{"lr": lr, "wd": wd, "val_acc": safe - 0.01 * i, "best_iter": 100}
+            for i, (lr, wd) in enumerate([(1e-4, 0.0), (1e-4, 1e-3), (1e-5, 0.0), (1e-5, 1e-3)])]
+    return {"dataset": dataset, "shots": shots, "seed": seed,
+            "backbone": {"model": model, "pretrained": "openai", "cut": "pool"},
+            "methods": {"zero_shot": {"val_acc": zero, "test_acc": zero},
+                        "safe": {"val_acc": safe, "test_acc": safe, "lr": 1e-4, "wd": 0.0,
+                                 "beta": 0.5, "best_iter": 100}},
+            "grid": grid,
+            "beta_curve": [{"beta": b, "val_acc": safe - 0.1 * b, "test_acc": safe - 0.1 * b}
+                           for b in (0.0, 0.5, 1.0)]}
+
+
+def write(folder, result, backbone="RN50-openai"):
+    name = f"shots{result['shots']}_seed{result['seed']}.json"
+    path = folder / result["dataset"] / backbone / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result))
+
+
+def test_means_stds_and_paper_deltas(tmp_path):
+    for seed, acc in ((1, 0.78), (2, 0.80), (3, 0.82)):
+        write(tmp_path, run("food101", 16, seed, acc, 0.77))
+    rows = {(r["dataset"], r["shots"], r["method"]): r for r in aggregate(load_results(tmp_path))}
+    safe = rows[("food101", 16, "safe")]
+    assert safe["mean"] == pytest.approx(80.0) and safe["seeds"] == 3
+    assert safe["std"] == pytest.approx(statistics.stdev([78.0, 80.0, 82.0]))
+    paper = published()["table_1"]["methods"]["safe"]["food101"]["16"]
+    assert safe["paper"] == paper == 79.66 and safe["delta"] == pytest.approx(80.0 - 79.66)
+    zero = rows[("food101", 16, "zero_shot")]
+    assert zero["paper"] == 77.31  # zero-shot compares with the paper's 0-shot row
+
+
+def test_eleven_dataset_average_and_other_backbones(tmp_path):
+    for index, dataset in enumerate(ELEVEN):
+        write(tmp_path, run(dataset, 1, 1, 0.5 + 0.01 * index, 0.4))
+    write(tmp_path, run("food101", 1, 1, 0.9, 0.4, model="ViT-B-16"), "ViT-B-16-openai")
+    rows = aggregate(load_results(tmp_path))
+    average = [r for r in rows if r["dataset"] == "average" and r["method"] == "safe"]
+    assert len(average) == 1  # only RN50 has all 11 datasets
+    assert average[0]["mean"] == pytest.approx(100 * statistics.fmean(
+        0.5 + 0.01 * i for i in range(11)))
+    assert average[0]["paper"] == 66.17
+    vit = [r for r in rows if r["backbone"] == "ViT-B-16-openai"]
+    assert vit and all(r["paper"] is None for r in vit)  # Table I is RN50 only
+
+
+def test_formats_and_plots(tmp_path):
+    for seed in (1, 2):
+        for shots in (1, 2):
+            write(tmp_path / "results", run("dtd", shots, seed, 0.5 + 0.1 * seed, 0.4))
+    rows = aggregate(load_results(tmp_path / "results"))
+    assert render(rows, "md").startswith("| dataset |")
+    assert render(rows, "csv").splitlines()[0].startswith("dataset,backbone,shots")
+    assert json.loads(render(rows, "json"))[0]["dataset"] == "dtd"
+    written = write_plots(rows, load_results(tmp_path / "results"), tmp_path / "plots")
+    names = sorted(p.name for p in written)
+    assert names == ["accuracy_vs_shots_dtd.png", "beta_curve_dtd.png", "grid_dtd_shots1.png",
+                     "grid_dtd_shots2.png"]
+    for path in written:
+        data = path.read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000
+    cli = CliRunner().invoke(main, ["report", str(tmp_path / "results"), "--plots",
+                                    str(tmp_path / "cli-plots")])
+    assert cli.exit_code == 0, cli.output
+    assert "dtd / RN50-openai" in cli.output and "± " in cli.output
+    assert len(list((tmp_path / "cli-plots").glob("*.png"))) == 4
