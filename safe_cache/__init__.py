@@ -32,6 +32,10 @@ def __getattr__(name: str):
         from . import backbone
 
         return getattr(backbone, name)
+    if name in {"load_model", "export_model"}:
+        from . import export
+
+        return getattr(export, name)
     if name in {"open_store", "create_store", "FeatureStore"}:
         from . import store
 
@@ -52,6 +56,8 @@ __all__ = [
     "__version__",
     "card_fingerprint",
     "create_store",
+    "export_model",
     "load_backbone",
+    "load_model",
     "open_store",
 ]

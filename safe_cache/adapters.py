@@ -87,7 +87,7 @@ def tip_adapter(train_features, train_labels, val: Split, test: Split, classifie
 
 def tip_adapter_f(train_features, train_labels, val: Split, test: Split, classifier,
                   scale: float, tip: dict, *, epochs: int = 20, lr: float = 1e-3,
-                  batch_size: int = 256, seed: int = 1) -> dict:
+                  batch_size: int = 256, seed: int = 1, return_cache: bool = False):
     """Tip-Adapter-F: train the keys (AdamW lr 1e-3, eps 1e-4, wd 0.01, cosine), one epoch per
     augmented view in turn; the epoch is chosen on VAL; then alpha/gamma are searched on val."""
     images, views, _ = train_features.shape
@@ -119,8 +119,9 @@ def tip_adapter_f(train_features, train_labels, val: Split, test: Split, classif
         alpha, gamma, val_acc = search_alpha_gamma(val, classifier, best_keys, values, scale, tip)
         test_acc = accuracy(tip_logits(test.features, classifier, best_keys, values, alpha,
                                        gamma, scale), test.labels)
-    return {"val_acc": val_acc, "test_acc": test_acc, "alpha": alpha, "gamma": gamma,
-            "best_epoch": best_epoch, "epochs": epochs}
+    summary = {"val_acc": val_acc, "test_acc": test_acc, "alpha": alpha, "gamma": gamma,
+               "best_epoch": best_epoch, "epochs": epochs}
+    return (summary, (best_keys, values)) if return_cache else summary
 
 
 def linear_probe(train: Split, val: Split, test: Split, classes: int,

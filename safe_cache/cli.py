@@ -55,6 +55,7 @@ class SafeCacheGroup(click.RichGroup):
 @click.command_panel("Start here", commands=["demo"])
 @click.command_panel("Stage 1", commands=["extract"])
 @click.command_panel("Stage 2", commands=["fit", "report"])
+@click.command_panel("Use a model", commands=["export", "predict"])
 @click.command_panel("Datasets", commands=["datasets"])
 @click.command_panel("Stores", commands=["info", "ls", "verify"])
 @click.version_option(__version__, prog_name="safe-cache")
@@ -381,6 +382,59 @@ def _report_table(rows: list[dict]) -> None:
                           f"{row['mean']:.2f} ± {row['std']:.2f}", str(row["seeds"]),
                           cell(row, "paper"), f"[{style}]{delta}[/]" if style else delta)
         console.print(table)
+
+
+@main.command()
+@click.argument("result", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Model folder.")
+@click.option("--method", type=click.Choice(["safe", "safe_a"]), default="safe",
+              show_default=True)
+@click.option("--merge", is_flag=True, help="Also write a plain open_clip checkpoint with the "
+              "fine-tuned pooling (beta = 0: the blend is lost).")
+@STORAGE_OPTIONS
+def export(result: str, out: str, method: str, merge: bool, storage_options: str | None) -> None:
+    """Write a self-contained model folder from a fit RESULT (its .json)."""
+    from .export import export_model
+
+    folder = export_model(result, out, method=method, merge=merge,
+                          storage_options=_storage_options(storage_options))
+    console.print(f"model folder: {folder}")
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("images", nargs=-1, required=True)
+@click.option("--top-k", default=5, show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--weights", default=None, help="The backbone's weights file, for models whose "
+              "backbone was loaded from a local file.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--skip-bad", is_flag=True, help="Go on past unreadable images (listed at the end).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def predict(model_dir: str, images: tuple[str, ...], top_k: int, batch_size: int,
+            weights: str | None, device: str, skip_bad: bool, as_json: bool) -> None:
+    """Classify IMAGES (files or folders) with an exported model."""
+    from .export import load_model
+    from .progress import RichProgress
+
+    model = load_model(model_dir, weights=weights, device=device)
+    with RichProgress() as progress:
+        predictions = model.predict(list(images), top_k=top_k, batch_size=batch_size,
+                                    skip_bad=skip_bad, progress=progress)
+    if as_json:
+        _print_json([{"path": p.path, "top": [{"class": c, "probability": v} for c, v in p.top]}
+                     for p in predictions])
+    else:
+        table = Table(title=f"{model.card['method']} on {model.card['dataset']}: top {top_k}")
+        table.add_column("image", overflow="fold")
+        table.add_column("class")
+        table.add_column("probability", justify="right")
+        for p in predictions:
+            for rank, (name, value) in enumerate(p.top):
+                table.add_row(p.path if rank == 0 else "", name, f"{value:.3f}")
+        console.print(table)
+    for skipped in model.skipped:
+        err_console.print(f"[yellow]skipped[/] {skipped}")
 
 
 def _storage_options(raw: str | None) -> dict | None:

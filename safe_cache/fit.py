@@ -92,6 +92,10 @@ def fit(config: FitConfig, progress: ProgressSink = null_progress) -> list[dict[
             save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
                       str(path.with_suffix(".safetensors")),
                       metadata={"store_fingerprint": store.fingerprint, "beta": str(config.beta)})
+            cache = result["methods"].get("safe_a", {}).pop("_cache", None)
+            if cache is not None:  # SAFE-A's trained cache, for export
+                save_file({k: v.contiguous() for k, v in cache.items()},
+                          str(path.with_suffix(".safe_a.safetensors")))
             path.write_text(json.dumps(result, indent=2))
             results.append(result)
     return results
@@ -279,9 +283,10 @@ def _adapters(store, head, data, features, classifier, scale, config, shots, see
                                                       split["test"][0], classifier, scale, tip,
                                                       epochs=epochs, seed=seed)
     if "safe_a" in config.methods:
-        out["safe_a"] = adapters.tip_adapter_f(blended, labels, split["val"][1],
-                                               split["test"][1], classifier, scale, tip,
-                                               epochs=epochs, seed=seed)
+        out["safe_a"], (keys, values) = adapters.tip_adapter_f(
+            blended, labels, split["val"][1], split["test"][1], classifier, scale, tip,
+            epochs=epochs, seed=seed, return_cache=True)
+        out["safe_a"]["_cache"] = {"keys": keys.detach().cpu(), "values": values.cpu()}
     if "linear_probe" in config.methods:
         train = adapters.Split(F.normalize(center, dim=-1), labels)
         out["linear_probe"] = adapters.linear_probe(train, split["val"][0], split["test"][0],

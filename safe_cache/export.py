@@ -1,0 +1,225 @@
+"""Use a trained model: `export` a fit result to a self-contained folder, `load_model` it and
+`predict` new images; nothing is ever unpickled (safetensors and JSON only).
+
+A model folder holds card.json (the backbone reference with its weights sha256, the architecture,
+beta and blend, the method, Tip-Adapter's alpha and gamma, class names, the store fingerprint,
+the result it came from and its accuracies, and the sha256 of every tensor file), head.safetensors
+(the fine-tuned pooling head, open_clip's parameter names), classifier.safetensors (the text
+classifier) and, for SAFE-A, cache.safetensors (the trained keys and their one-hot values).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .backbone import Backbone, head_from_config, load_backbone
+from .datasets import IMAGE_SUFFIXES
+from .errors import SafeCacheError
+from .fit import blend_features
+from .store import open_store
+from .views import ImageReadError, load_image
+
+CARD = "card.json"
+FORMAT_VERSION = 1
+
+
+class ModelFolderError(SafeCacheError):
+    """A model folder is incomplete, tampered with, or does not fit its backbone."""
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def export_model(result_path: str | Path, out: str | Path, *, method: str = "safe",
+                 merge: bool = False, storage_options: dict | None = None) -> Path:
+    """Write the model folder of a fit result (`method` safe or safe_a)."""
+    result_path = Path(result_path)
+    result = json.loads(result_path.read_text())
+    if method not in ("safe", "safe_a") or method not in result["methods"]:
+        raise ModelFolderError(f"{result_path} has no '{method}' result to export (it has"
+                               f" {sorted(result['methods'])}).")
+    store = open_store(result["store"]["url"], storage_options=storage_options)
+    if store.fingerprint != result["store"]["fingerprint"]:
+        raise ModelFolderError(f"{store.url} is not the store {result_path} was fitted on.")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(result_path.with_suffix(".safetensors"), out / "head.safetensors")
+    config = result["config"]
+    save_file({"classifier": torch.from_numpy(store.classifier(config["prompts"])).contiguous()},
+              str(out / "classifier.safetensors"))
+    files = ["head.safetensors", "classifier.safetensors"]
+    if method == "safe_a":
+        shutil.copyfile(result_path.with_suffix(".safe_a.safetensors"), out / "cache.safetensors")
+        files.append("cache.safetensors")
+    card = store.card
+    _, model_config = store.head_state()
+    document = {
+        "format_version": FORMAT_VERSION, "method": method,
+        "backbone": card["backbone"], "model_config": model_config,
+        "beta": config["beta"], "blend": config["blend"],
+        "tip": {k: result["methods"][method].get(k) for k in ("alpha", "gamma")},
+        "classnames": card["dataset"]["classnames"], "dataset": card["dataset"]["name"],
+        "store_fingerprint": store.fingerprint, "result": str(result_path),
+        "accuracy": {k: {"val": v["val_acc"], "test": v["test_acc"]}
+                     for k, v in result["methods"].items()},
+        "sha256": {name: _sha256(out / name) for name in files},
+    }
+    (out / CARD).write_text(json.dumps(document, indent=2))
+    if merge:
+        _write_merged(out, document)
+    return out
+
+
+def _write_merged(out: Path, document: dict[str, Any]) -> None:
+    """A plain open_clip checkpoint whose pooling layer is the fine-tuned one (beta = 0: the
+    blend with the original pooling is lost)."""
+    backbone = load_backbone(document["backbone"]["model"], None,
+                             init_seed=document["backbone"].get("init_seed") or 0)
+    backbone.model.visual.load_state_dict(load_file(str(out / "head.safetensors")), strict=False)
+    save_file({k: v.contiguous() for k, v in backbone.model.state_dict().items()},
+              str(out / "open_clip_merged.safetensors"))
+    (out / "MERGED.txt").write_text(
+        "open_clip_merged.safetensors is the open_clip model with the fine-tuned pooling layer\n"
+        "in place of the original. It behaves like SAFE with beta = 0: the blend with the\n"
+        "original pooling (and SAFE-A's cache) is lost. It was built from the architecture\n"
+        "with random weights unless the backbone was random: load pretrained weights first.\n")
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[str, float]]  # (class name, probability), most probable first
+
+
+class SafeModel:
+    """An exported model, ready to classify images."""
+
+    def __init__(self, folder: Path, card: dict[str, Any], backbone: Backbone,
+                 head: torch.nn.Module, classifier: torch.Tensor,
+                 cache: dict[str, torch.Tensor] | None) -> None:
+        self.folder, self.card, self.backbone = folder, card, backbone
+        self.head, self.classifier, self.cache = head, classifier, cache
+        self.skipped: list[str] = []  # unreadable images passed over with skip_bad
+
+    @property
+    def classnames(self) -> list[str]:
+        return self.card["classnames"]
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images (B, 3, H, W) -> class logits (B, classes)."""
+        device = self.backbone.device
+        dense = self.backbone.trunk(images.to(device))
+        original, tuned = self.backbone.head(dense), self.head(dense)
+        features = blend_features(original, tuned, self.card["beta"], self.card["blend"])
+        scale = self.backbone.card["logit_scale"]
+        logits = scale * features @ self.classifier.T
+        if self.cache is not None:
+            alpha, gamma = self.card["tip"]["alpha"], self.card["tip"]["gamma"]
+            affinity = features @ self.cache["keys"].T
+            logits = logits + alpha * torch.exp(-gamma * (1 - affinity)) @ self.cache["values"]
+        return logits
+
+    def predict(self, images, *, top_k: int = 5, batch_size: int = 32,
+                skip_bad: bool = False, progress=None) -> list[Prediction]:
+        """Image files, folders (recursively) or PIL images -> top-k classes per image."""
+        items = _expand(images)
+        out: list[Prediction] = []
+        task = progress.start("predict", len(items)) if progress else None
+        for start in range(0, len(items), batch_size):
+            batch, names = [], []
+            for offset, item in enumerate(items[start:start + batch_size]):
+                try:
+                    image = item if not isinstance(item, Path) else load_image(item)
+                except ImageReadError as exc:
+                    if not skip_bad:
+                        raise ModelFolderError(f"{exc}. Pass --skip-bad to go on without it.") \
+                            from exc
+                    self.skipped.append(str(exc))
+                    continue
+                batch.append(self.backbone.preprocess(image))
+                names.append(str(item) if isinstance(item, Path) else f"image {start + offset}")
+            if batch:
+                probabilities = F.softmax(self.logits(torch.stack(batch)), dim=-1).cpu()
+                k = min(top_k, probabilities.shape[1])
+                values, indices = probabilities.topk(k, dim=-1)
+                for name, v, i in zip(names, values.tolist(), indices.tolist(), strict=True):
+                    out.append(Prediction(name, [(self.classnames[c], p) for c, p in
+                                                 zip(i, v, strict=True)]))
+            if progress:
+                progress.advance(task, len(items[start:start + batch_size]))
+        return out
+
+
+def _expand(images) -> list:
+    items = images if isinstance(images, (list, tuple)) else [images]
+    expanded = []
+    for item in items:
+        if isinstance(item, (str, Path)) and Path(item).is_dir():
+            expanded += sorted(p for p in Path(item).rglob("*")
+                               if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif isinstance(item, (str, Path)):
+            expanded.append(Path(item))
+        else:
+            expanded.append(item)
+    return expanded
+
+
+def load_model(folder: str | Path, *, weights: str | Path | None = None,
+               device: str = "cpu") -> SafeModel:
+    """Load an exported model, checking every file against the card's sha256."""
+    folder = Path(folder)
+    if not (folder / CARD).is_file():
+        raise ModelFolderError(f"{folder} is not a model folder (no {CARD}).")
+    card = json.loads((folder / CARD).read_text())
+    for name, digest in card["sha256"].items():
+        path = folder / name
+        if not path.is_file():
+            raise ModelFolderError(f"{folder}: {name} is missing; export the model again.")
+        if _sha256(path) != digest:
+            raise ModelFolderError(f"{folder}: {name} does not match its sha256 in {CARD}"
+                                   f" (modified or corrupted); export the model again.")
+    backbone = _backbone_for(card, weights, device)
+    head = head_from_config(card["model_config"], card["backbone"])
+    try:
+        head.load_state_dict(load_file(str(folder / "head.safetensors")))
+    except RuntimeError as exc:
+        raise ModelFolderError(f"{folder}: head.safetensors does not fit"
+                               f" {card['backbone']['model']}: {str(exc)[:300]}") from exc
+    classifier = load_file(str(folder / "classifier.safetensors"))["classifier"]
+    if classifier.shape != (len(card["classnames"]), card["backbone"]["D"]):
+        raise ModelFolderError(f"{folder}: classifier shape {tuple(classifier.shape)} does not"
+                               f" match {len(card['classnames'])} classes x D.")
+    cache = load_file(str(folder / "cache.safetensors")) if card["method"] == "safe_a" else None
+    return SafeModel(folder, card, backbone, head.to(device).eval(), classifier.to(device),
+                     {k: v.to(device) for k, v in cache.items()} if cache else None)
+
+
+def _backbone_for(card: dict[str, Any], weights, device) -> Backbone:
+    spec = card["backbone"]
+    pretrained = spec["pretrained"]
+    if pretrained and str(pretrained).startswith("file:"):
+        if weights is None:
+            raise ModelFolderError(f"This model's backbone weights are the local file"
+                                   f" {pretrained[5:]} (sha256 {spec['weights_sha256'][:12]});"
+                                   f" pass it with --weights.")
+        pretrained = str(weights)
+    backbone = load_backbone(spec["model"], pretrained, device=device,
+                             init_seed=spec.get("init_seed") or 0, cut=spec["cut"],
+                             quick_gelu=spec["quick_gelu"])
+    from .cards import card_fingerprint
+
+    if card_fingerprint(backbone.card) != card_fingerprint(spec):
+        raise ModelFolderError("The loaded backbone is not the one this model was trained on"
+                               " (fingerprints differ): check --weights.")
+    return backbone
