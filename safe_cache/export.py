@@ -13,10 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import open_clip
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -214,7 +216,11 @@ def _backbone_for(card: dict[str, Any], weights, device) -> Backbone:
                                    f" {pretrained[5:]} (sha256 {spec['weights_sha256'][:12]});"
                                    f" pass it with --weights.")
         pretrained = str(weights)
-    backbone = load_backbone(spec["model"], pretrained, device=device,
+    model: str | Path = spec["model"]
+    if open_clip.get_model_config(spec["model"]) is None:  # a user config: the card carries it
+        model = Path(tempfile.mkdtemp()) / f"{spec['model']}.json"
+        model.write_text(json.dumps(card["model_config"]))
+    backbone = load_backbone(model, pretrained, device=device,
                              init_seed=spec.get("init_seed") or 0, cut=spec["cut"],
                              quick_gelu=spec["quick_gelu"])
     from .cards import card_fingerprint
