@@ -391,12 +391,15 @@ def _report_table(rows: list[dict]) -> None:
               show_default=True)
 @click.option("--merge", is_flag=True, help="Also write a plain open_clip checkpoint with the "
               "fine-tuned pooling (beta = 0: the blend is lost).")
+@click.option("--weights", default=None, help="With --merge, for a backbone loaded from a local "
+              "file: that file.")
 @STORAGE_OPTIONS
-def export(result: str, out: str, method: str, merge: bool, storage_options: str | None) -> None:
+def export(result: str, out: str, method: str, merge: bool, weights: str | None,
+           storage_options: str | None) -> None:
     """Write a self-contained model folder from a fit RESULT (its .json)."""
     from .export import export_model
 
-    folder = export_model(result, out, method=method, merge=merge,
+    folder = export_model(result, out, method=method, merge=merge, weights=weights,
                           storage_options=_storage_options(storage_options))
     console.print(f"model folder: {folder}")
 

@@ -43,8 +43,10 @@ def _sha256(path: Path) -> str:
 
 
 def export_model(result_path: str | Path, out: str | Path, *, method: str = "safe",
-                 merge: bool = False, storage_options: dict | None = None) -> Path:
-    """Write the model folder of a fit result (`method` safe or safe_a)."""
+                 merge: bool = False, weights: str | Path | None = None,
+                 storage_options: dict | None = None) -> Path:
+    """Write the model folder of a fit result (`method` safe or safe_a). `merge` also writes
+    an open_clip checkpoint, which needs the backbone's weights (its tag, or `weights`)."""
     result_path = Path(result_path)
     result = json.loads(result_path.read_text())
     if method not in ("safe", "safe_a") or method not in result["methods"]:
@@ -78,23 +80,21 @@ def export_model(result_path: str | Path, out: str | Path, *, method: str = "saf
     }
     (out / CARD).write_text(json.dumps(document, indent=2))
     if merge:
-        _write_merged(out, document)
+        _write_merged(out, document, weights)
     return out
 
 
-def _write_merged(out: Path, document: dict[str, Any]) -> None:
+def _write_merged(out: Path, document: dict[str, Any], weights) -> None:
     """A plain open_clip checkpoint whose pooling layer is the fine-tuned one (beta = 0: the
-    blend with the original pooling is lost)."""
-    backbone = load_backbone(document["backbone"]["model"], None,
-                             init_seed=document["backbone"].get("init_seed") or 0)
+    blend with the original pooling is lost). The rest is the backbone's own weights."""
+    backbone = _backbone_for(document, weights, "cpu")
     backbone.model.visual.load_state_dict(load_file(str(out / "head.safetensors")), strict=False)
     save_file({k: v.contiguous() for k, v in backbone.model.state_dict().items()},
               str(out / "open_clip_merged.safetensors"))
     (out / "MERGED.txt").write_text(
         "open_clip_merged.safetensors is the open_clip model with the fine-tuned pooling layer\n"
         "in place of the original. It behaves like SAFE with beta = 0: the blend with the\n"
-        "original pooling (and SAFE-A's cache) is lost. It was built from the architecture\n"
-        "with random weights unless the backbone was random: load pretrained weights first.\n")
+        "original pooling (and SAFE-A's cache) is lost. Every other weight is the backbone's.\n")
 
 
 @dataclass
