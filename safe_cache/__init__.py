@@ -16,6 +16,7 @@ from .errors import (
     SafeCacheWarning,
     StoreError,
     StoreLockedError,
+    StoreNotFoundError,
     UnsupportedModelError,
     WeightsUnavailableError,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "SafeCacheWarning",
     "StoreError",
     "StoreLockedError",
+    "StoreNotFoundError",
     "UnsupportedModelError",
     "WeightsUnavailableError",
     "__version__",

@@ -32,6 +32,10 @@ class StoreError(SafeCacheError):
     """A feature store is missing, malformed, incompatible, or was asked for a refused write."""
 
 
+class StoreNotFoundError(StoreError):
+    """No store exists at the given location (yet)."""
+
+
 class StoreLockedError(StoreError):
     """Another writer holds the store's lease."""
 

@@ -22,7 +22,7 @@ import torch
 
 from .backbone import Backbone, load_backbone
 from .datasets import Dataset, open_dataset
-from .errors import SafeCacheError
+from .errors import SafeCacheError, StoreNotFoundError
 from .fewshot import FewShot, sample_few_shot
 from .progress import ProgressSink, null_progress
 from .prompts import class_sentences, prompt_set_name, text_classifier
@@ -146,9 +146,7 @@ def _open_or_create(url: str, backbone: Backbone, dataset: Dataset, recipe: View
     options = config.storage_options
     try:
         store = open_store(url, "a", storage_options=options, takeover=config.takeover)
-    except SafeCacheError as exc:
-        if not str(exc).startswith("No store at"):
-            raise
+    except StoreNotFoundError:
         if "://" not in url:
             Path(url).parent.mkdir(parents=True, exist_ok=True)
         return create_store(url, backbone.card, backbone.fingerprint, dataset.card,

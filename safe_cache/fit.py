@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from . import __version__
+from .adapters import accuracy
 from .backbone import head_from_config
 from .errors import SafeCacheError
 from .extract import resolve_device, weights_label
@@ -65,10 +66,6 @@ def blend_features(original: torch.Tensor, finetuned: torch.Tensor, beta: float,
     if mode == "each":
         original, finetuned = F.normalize(original, dim=-1), F.normalize(finetuned, dim=-1)
     return F.normalize(beta * original + finetuned, dim=-1)
-
-
-def accuracy(features: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor) -> float:
-    return (features @ classifier.T).argmax(-1).eq(labels).float().mean().item()
 
 
 def result_path(out: str, card: dict[str, Any], shots: int, seed: int) -> Path:
@@ -214,7 +211,8 @@ def _evaluate(store, head, data: _Data, classifier, config: FitConfig, device) -
     test_labels = torch.cat(labels).long().to(device)
 
     def acc(original, tuned, labels, beta):
-        return accuracy(blend_features(original, tuned, beta, config.blend), classifier, labels)
+        return accuracy(blend_features(original, tuned, beta, config.blend) @ classifier.T,
+                        labels)
 
     curve = [{"beta": beta,
               "val_acc": acc(val_original, val_finetuned, val_labels, beta),
@@ -226,8 +224,8 @@ def _evaluate(store, head, data: _Data, classifier, config: FitConfig, device) -
     return {
         "methods": {
             "zero_shot": {
-                "val_acc": accuracy(F.normalize(val_original, dim=-1), classifier, val_labels),
-                "test_acc": accuracy(F.normalize(test_original, dim=-1), classifier, test_labels),
+                "val_acc": accuracy(val_original @ classifier.T, val_labels),
+                "test_acc": accuracy(test_original @ classifier.T, test_labels),
             },
             "safe": {"val_acc": acc(val_original, val_finetuned, val_labels, config.beta),
                      "test_acc": acc(test_original, test_finetuned, test_labels, config.beta)},

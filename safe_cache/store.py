@@ -40,7 +40,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from . import __version__
-from .errors import StoreError
+from .errors import StoreError, StoreNotFoundError
 from .lease import Lease
 
 SCHEMA_VERSION = 1
@@ -412,7 +412,7 @@ def open_store(url: str, mode: str = "r", *, storage_options: dict | None = None
     try:
         group = _open_group(url, "r" if mode == "r" else "r+", storage_options)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
-        raise StoreError(f"No store at {url}.") from exc
+        raise StoreNotFoundError(f"No store at {url}.") from exc
     if "safe_cache" not in group.attrs:
         raise StoreError(f"{url} is a Zarr group but not a safe-cache store (no 'safe_cache'"
                          f" attribute).")
