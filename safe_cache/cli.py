@@ -56,6 +56,7 @@ class SafeCacheGroup(click.RichGroup):
 @click.command_panel("Stage 1", commands=["extract"])
 @click.command_panel("Stage 2", commands=["fit", "report"])
 @click.command_panel("Use a model", commands=["export", "predict"])
+@click.command_panel("Look inside", commands=["attention"])
 @click.command_panel("Datasets", commands=["datasets"])
 @click.command_panel("Stores", commands=["info", "ls", "verify"])
 @click.version_option(__version__, prog_name="safe-cache")
@@ -438,6 +439,27 @@ def predict(model_dir: str, images: tuple[str, ...], top_k: int, batch_size: int
         console.print(table)
     for skipped in model.skipped:
         err_console.print(f"[yellow]skipped[/] {skipped}")
+
+
+@main.command()
+@click.option("--store", required=True, help="Store URL.")
+@click.option("--head", "result", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="A fit result (.json; its .safetensors head is used).")
+@click.option("--images", "rows", default="0,1,2,3", show_default=True, callback=_int_list,
+              help="Row ids in the split.")
+@click.option("--split", default="test", show_default=True)
+@click.option("--image-root", default=None, type=click.Path(file_okay=False),
+              help="The dataset's image folder, to draw the maps over the images.")
+@click.option("--per-head", is_flag=True, help="One row of maps per attention head.")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+def attention(store: str, result: str, rows: tuple[int, ...], split: str,
+              image_root: str | None, per_head: bool, out: str) -> None:
+    """Pooling attention of the original and the fine-tuned head, side by side (PNG)."""
+    from .attention import attention_maps, plot_attention
+
+    maps = attention_maps(store, result, list(rows), split)
+    written = plot_attention(maps, image_root, out, per_head)
+    console.print(f"{len(written)} attention maps written to {out}")
 
 
 def _storage_options(raw: str | None) -> dict | None:

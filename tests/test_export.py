@@ -129,3 +129,22 @@ def test_merge_writes_an_open_clip_checkpoint(demo, tmp_path):
         actual = model.backbone.model.encode_image(images)
     assert torch.allclose(actual, expected, atol=1e-4 * expected.abs().max().item())
     assert "beta = 0" in (folder / "MERGED.txt").read_text()
+
+
+def test_attention_maps_before_and_after_fine_tuning(demo, tmp_path):
+    """(Lives here to reuse the demo run.) Spatial pooling weights of both heads, and PNGs."""
+    from safe_cache.attention import attention_maps, plot_attention
+
+    _, result, path = demo
+    maps = attention_maps(result["store"], path, [0, 5])
+    grid = open_store(result["store"]).card["backbone"]["grid"]
+    for name in ("original", "finetuned"):
+        values = maps[name]
+        assert values.shape[0] == 2 and values.shape[2:] == tuple(grid)
+        sums = values.sum(axis=(2, 3))
+        assert (values >= 0).all() and (sums <= 1 + 1e-5).all() and (sums > 0.5).all()
+    assert not np.allclose(maps["original"], maps["finetuned"], atol=1e-3)
+    image_root = Path(result["data"]) / "shapes" / "images"
+    written = plot_attention(maps, image_root, tmp_path / "maps", per_head=True)
+    assert len(written) == 2
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in written)
