@@ -56,7 +56,7 @@ class SafeCacheGroup(click.RichGroup):
 @click.command_panel("Stage 1", commands=["extract"])
 @click.command_panel("Stage 2", commands=["fit", "report"])
 @click.command_panel("Use a model", commands=["export", "predict"])
-@click.command_panel("Look inside", commands=["attention"])
+@click.command_panel("Look inside", commands=["attention", "correspond"])
 @click.command_panel("Datasets", commands=["datasets"])
 @click.command_panel("Stores", commands=["info", "ls", "verify"])
 @click.version_option(__version__, prog_name="safe-cache")
@@ -460,6 +460,31 @@ def attention(store: str, result: str, rows: tuple[int, ...], split: str,
     maps = attention_maps(store, result, list(rows), split)
     written = plot_attention(maps, image_root, out, per_head)
     console.print(f"{len(written)} attention maps written to {out}")
+
+
+@main.command()
+@click.option("--store", required=True, help="Store URL.")
+@click.option("--source", required=True, type=int, help="Row id of the source image.")
+@click.option("--point", required=True, callback=_int_list, help="x,y in the model's input "
+              "pixels (after resize and center crop).")
+@click.option("--targets", required=True, callback=_int_list, help="Row ids of target images.")
+@click.option("--split", default="test", show_default=True)
+@click.option("--image-root", default=None, type=click.Path(file_okay=False),
+              help="The dataset's image folder, to draw over the images.")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+def correspond(store: str, source: int, point: tuple[int, ...], targets: tuple[int, ...],
+               split: str, image_root: str | None, out: str) -> None:
+    """Semantic correspondence (the paper's Eq. 1) from the stored dense maps (PNG)."""
+    from .correspond import correspond as run_correspond
+    from .correspond import plot_correspondence
+
+    if len(point) != 2:
+        raise click.BadParameter("--point takes x,y")
+    result = run_correspond(store, source, (point[0], point[1]), list(targets), split)
+    written = plot_correspondence(result, image_root, out)
+    for path, xy in zip(result["paths"][1:], result["points"], strict=True):
+        console.print(f"{path}: best match at x={xy[0]}, y={xy[1]}")
+    console.print(f"{len(written)} images written to {out}")
 
 
 def _storage_options(raw: str | None) -> dict | None:
