@@ -301,6 +301,10 @@ def _float_list(ctx, param, value: str) -> tuple[float, ...]:
               show_default=True, callback=lambda c, p, v: tuple(
                   m for m in v.split(",") if m and m != "none"),
               help="Methods besides zero-shot and SAFE ('none' for none).")
+@click.option("--eval-ood", default="", callback=lambda c, p, v: tuple(
+                  n for n in v.split(",") if n),
+              help="After training on ImageNet, test on these variants' stores (names such as "
+              "imagenet_v2,imagenet_sketch,imagenet_a,imagenet_r, or store URLs).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", default="results", show_default=True)
 @click.option("--force", is_flag=True, help="Recompute results that exist.")
@@ -361,9 +365,31 @@ def report(results_dir: str, fmt: str, plots_dir: str | None) -> None:
         click.echo(render(rows, fmt), nl=False)
     else:
         _report_table(rows)
+        _ood_table(runs)
     if plots_dir:
         written = write_plots(rows, runs, plots_dir)
         err_console.print(f"{len(written)} plots written to {plots_dir}")
+
+
+def _ood_table(runs: list[dict]) -> None:
+    """Table III: ImageNet -> variants, ours (paper) per backbone and method."""
+    from .report import OOD_COLUMNS, ood_rows
+
+    rows = ood_rows(runs)
+    if not rows:
+        return
+    table = Table(title="out of distribution: 16-shot ImageNet -> variants, ours (paper), %")
+    table.add_column("backbone")
+    table.add_column("method")
+    for column in OOD_COLUMNS:
+        table.add_column(column.replace("imagenet_", "-").replace("imagenet", "ImageNet"),
+                         justify="right")
+    for row in rows:
+        cells = [("-" if row[c] is None else f"{row[c]:.1f}")
+                 + (f" ({row['paper'][c]:.1f})" if row["paper"][c] is not None else "")
+                 for c in OOD_COLUMNS]
+        table.add_row(row["backbone"], METHOD_COLUMNS.get(row["method"], row["method"]), *cells)
+    console.print(table)
 
 
 def _report_table(rows: list[dict]) -> None:

@@ -57,6 +57,7 @@ class FitConfig:
     test_chunk: int = 256
     methods: tuple[str, ...] = ALL_METHODS  # besides zero-shot and SAFE, which always run
     tip_epochs: int | None = None  # Tip-Adapter-F / SAFE-A epochs (None: 20, EuroSAT 100)
+    eval_ood: tuple[str, ...] = ()  # ImageNet variants (names or store URLs) to test on
     storage_options: dict | None = None
 
 
@@ -177,6 +178,13 @@ def fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
                                       "best_iter": int(best.step[chosen].item())})
     result["grid"] = [{"lr": g[0], "wd": g[1], "val_acc": float(best.accuracy[i].item()),
                        "best_iter": int(best.step[i].item())} for i, g in enumerate(grid)]
+    if config.eval_ood:
+        from .ood import evaluate_ood, resolve_ood_stores
+
+        stores = resolve_ood_stores(config.eval_ood, store.url, card["backbone"])
+        result["ood"] = evaluate_ood(
+            head, classifier, scale, lambda o, t: blend_features(o, t, config.beta, config.blend),
+            stores, store.fingerprint, card["backbone"], config.test_chunk, device)
     result.update({
         "dataset": card["dataset"]["name"], "shots": shots, "seed": seed,
         "backbone": {k: card["backbone"][k] for k in ("model", "pretrained", "cut")},

@@ -80,6 +80,32 @@ def _with_paper(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+OOD_COLUMNS = ("imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+
+
+def ood_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Table III: per backbone and method, ImageNet (source) and variant accuracy (%), mean over
+    seeds, with the paper's numbers for RN50 and ViT-B-16."""
+    paper = published()["table_3"]["backbones"]
+    groups: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        if "ood" not in run or run["dataset"] != "imagenet":
+            continue
+        for method in ("zero_shot", "safe"):
+            key = (run["backbone_label"], run["backbone"]["model"], method)
+            groups[key]["imagenet"].append(100 * run["methods"][method]["test_acc"])
+            for name, values in run["ood"].items():
+                groups[key][name].append(100 * values[method])
+    rows = []
+    for (label, model, method), columns in sorted(groups.items()):
+        published_row = paper.get(model, {}).get(method, {})
+        rows.append({"backbone": label, "method": method,
+                     **{c: statistics.fmean(columns[c]) if columns.get(c) else None
+                        for c in OOD_COLUMNS},
+                     "paper": {c: published_row.get(c) for c in OOD_COLUMNS}})
+    return rows
+
+
 def render(rows: list[dict[str, Any]], fmt: str) -> str:
     """md, csv or json text of the aggregated rows."""
     if fmt == "json":

@@ -179,3 +179,18 @@ def test_adapters_run_from_the_store(fitted):
     # SAFE-A adds a cache on SAFE's features: never much worse than SAFE here
     assert methods["safe_a"]["test_acc"] >= methods["safe"]["test_acc"] - 0.05
     assert methods["linear_probe"]["C"] > 0
+
+
+def test_eval_ood_adds_an_ood_section(fitted, tmp_path):
+    """fit --eval-ood tests the chosen head on another store of the same backbone."""
+    from dataclasses import replace
+
+    config, _ = fitted
+    variant = synthetic_store(str(tmp_path / "variant.zarr"))
+    result = fit(replace(config, eval_ood=(variant,), iters=50, eval_every=25, methods=(),
+                         force=True, out=str(tmp_path / "results")))[0]
+    ood = result["ood"]["variant"]
+    assert ood["images"] == CLASSES * COUNTS["test"] and ood["classes"] == CLASSES
+    # the generator is seeded, so the variant's test split is the source's own: same accuracy
+    assert ood["safe"] == pytest.approx(result["methods"]["safe"]["test_acc"])
+    assert ood["zero_shot"] == pytest.approx(result["methods"]["zero_shot"]["test_acc"])

@@ -1,0 +1,91 @@
+"""Out-of-distribution evaluation: class-subset mapping onto ImageNet's classifier rows."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from safe_cache import StoreError, load_backbone
+from safe_cache.cli import main
+from safe_cache.fit import blend_features
+from safe_cache.ood import evaluate_ood, resolve_ood_stores
+from safe_cache.report import ood_rows
+from safe_cache.store import StoreLayout, create_store
+
+CLASSES = 4
+
+
+def variant_store(url: str, backbone, subset, labels) -> np.ndarray:
+    card = backbone.card
+    rng = np.random.default_rng(len(labels))
+    dense = np.abs(rng.standard_normal((len(labels), card["T"], card["C"]))).astype(np.float32)
+    with torch.no_grad():
+        pooled = backbone.head(torch.from_numpy(dense)).numpy()
+    dataset = {"name": "variant", "num_classes": len(subset or range(CLASSES)),
+               "class_subset": subset}
+    with create_store(url, card, backbone.fingerprint, dataset, views={"count": 0},
+                      layout=StoreLayout(chunk_images=len(labels))) as store:
+        store.append_rows("test", [f"{i}.png" for i in range(len(labels))], labels)
+        store.write_unit("test", 0, {"dense": dense, "pooled": pooled})
+    return dense
+
+
+def test_subset_variants_use_the_matching_classifier_rows(tmp_path):
+    backbone = load_backbone("safe-cache-tiny-rn", init_seed=2)
+    head = backbone.new_head().eval()
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    classifier = F.normalize(torch.randn(CLASSES, backbone.card["D"]), dim=-1)
+    labels = [0, 1, 1, 0, 1, 0]
+    dense = variant_store(str(tmp_path / "a.zarr"), backbone, [1, 3], labels)
+    variant_store(str(tmp_path / "v2.zarr"), backbone, None, [0, 1, 2, 3])
+
+    def blend(o, t):
+        return blend_features(o, t, 0.5)
+
+    out = evaluate_ood(head, classifier, 14.3, blend,
+                       {"a": str(tmp_path / "a.zarr"), "v2": str(tmp_path / "v2.zarr")},
+                       backbone.fingerprint, backbone.card)
+    assert out["a"]["classes"] == 2 and out["v2"]["classes"] == CLASSES
+    with torch.no_grad():
+        x = torch.from_numpy(dense)
+        features = blend(backbone.head(x), head(x))
+    expected = (features @ classifier[[1, 3]].T).argmax(-1).eq(torch.tensor(labels)).float()
+    assert out["a"]["safe"] == expected.mean().item()
+    other = load_backbone("safe-cache-tiny-rn", init_seed=9)
+    with pytest.raises(StoreError, match="fingerprint"):
+        evaluate_ood(head, classifier, 14.3, blend, {"a": str(tmp_path / "a.zarr")},
+                     other.fingerprint, other.card)
+
+
+def test_variant_names_resolve_beside_the_source_store():
+    card = {"model": "RN50", "pretrained": "openai"}
+    stores = resolve_ood_stores(("imagenet_a", "s3://b/x.zarr"),
+                                "stores/imagenet/RN50-openai.zarr", card)
+    assert stores == {"imagenet_a": "stores/imagenet_a/RN50-openai.zarr", "x": "s3://b/x.zarr"}
+
+
+def test_report_prints_a_table_iii(tmp_path):
+    run = {"dataset": "imagenet", "shots": 16, "seed": 1,
+           "backbone": {"model": "RN50", "pretrained": "openai", "cut": "pool"},
+           "methods": {"zero_shot": {"val_acc": 0.5, "test_acc": 0.58},
+                       "safe": {"val_acc": 0.6, "test_acc": 0.66, "lr": 1e-4, "wd": 0.0,
+                                "beta": 0.5, "best_iter": 100}},
+           "grid": [{"lr": 1e-4, "wd": 0.0, "val_acc": 0.6, "best_iter": 100}],
+           "beta_curve": [{"beta": 0.5, "val_acc": 0.6, "test_acc": 0.66}],
+           "ood": {"imagenet_a": {"zero_shot": 0.2, "safe": 0.24}}}
+    folder = tmp_path / "imagenet" / "RN50-openai"
+    folder.mkdir(parents=True)
+    (folder / "shots16_seed1.json").write_text(json.dumps(run))
+    rows = {r["method"]: r for r in ood_rows([{**run, "backbone_label": "RN50-openai"}])}
+    assert rows["safe"]["imagenet_a"] == pytest.approx(24.0)
+    assert rows["safe"]["paper"]["imagenet_a"] == 23.6
+    assert rows["zero_shot"]["imagenet"] == pytest.approx(58.0)
+    cli = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert cli.exit_code == 0 and "out of distribution" in cli.output and "(23.6)" in cli.output
