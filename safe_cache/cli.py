@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import rich_click as click
@@ -489,24 +490,38 @@ def attention(store: str, result: str, rows: tuple[int, ...], split: str,
 
 
 @main.command()
-@click.option("--store", required=True, help="Store URL.")
-@click.option("--source", required=True, type=int, help="Row id of the source image.")
+@click.option("--store", default=None, help="Store URL (rows as --source/--targets).")
+@click.option("--source", required=True, help="Row id in the store, or an image file.")
 @click.option("--point", required=True, callback=_int_list, help="x,y in the model's input "
               "pixels (after resize and center crop).")
-@click.option("--targets", required=True, callback=_int_list, help="Row ids of target images.")
+@click.option("--targets", required=True, help="Row ids, or image files, comma-separated.")
 @click.option("--split", default="test", show_default=True)
 @click.option("--image-root", default=None, type=click.Path(file_okay=False),
-              help="The dataset's image folder, to draw over the images.")
+              help="The dataset's image folder, to draw over the images (store rows).")
+@click.option("--model", default="RN50", show_default=True, help="For image files.")
+@click.option("--pretrained", default="openai", show_default=True,
+              help="For image files: tag, file, or 'none'.")
+@click.option("--cut", default="pool", show_default=True,
+              help="For image files: pool, layer4 (ResNet), lastN (ViT): earlier maps.")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-def correspond(store: str, source: int, point: tuple[int, ...], targets: tuple[int, ...],
-               split: str, image_root: str | None, out: str) -> None:
-    """Semantic correspondence (the paper's Eq. 1) from the stored dense maps (PNG)."""
+def correspond(store: str | None, source: str, point: tuple[int, ...], targets: str,
+               split: str, image_root: str | None, model: str, pretrained: str, cut: str,
+               out: str) -> None:
+    """Semantic correspondence (the paper's Eq. 1): stored dense maps, or image files through
+    the trunk live at any cut (PNG)."""
     from .correspond import correspond as run_correspond
-    from .correspond import plot_correspondence
+    from .correspond import correspond_images, plot_correspondence
 
     if len(point) != 2:
         raise click.BadParameter("--point takes x,y")
-    result = run_correspond(store, source, (point[0], point[1]), list(targets), split)
+    target_list = [t for t in targets.split(",") if t]
+    if store:
+        result = run_correspond(store, int(source), (point[0], point[1]),
+                                [int(t) for t in target_list], split)
+    else:
+        result = correspond_images(model, None if pretrained.lower() == "none" else pretrained,
+                                   source, (point[0], point[1]), target_list, cut=cut)
+        image_root = "/" if Path(source).is_absolute() else "."
     written = plot_correspondence(result, image_root, out)
     for path, xy in zip(result["paths"][1:], result["points"], strict=True):
         console.print(f"{path}: best match at x={xy[0]}, y={xy[1]}")

@@ -29,24 +29,50 @@ def _feature_image(dense: np.ndarray, card: dict[str, Any]) -> torch.Tensor:
     return F.interpolate(grid, size=size, mode="bilinear", align_corners=False)[0]
 
 
-def correspond(store_url: str, source: int, point: tuple[int, int], targets: list[int],
-               split: str = "test") -> dict[str, Any]:
-    """Similarity maps (targets, H_img, W_img) and argmax points (x, y) for a source point."""
-    store = open_store(store_url)
-    card = store.card["backbone"]
-    dense = store.arrays(split)["dense"]
+def similarity_maps(source: np.ndarray, targets: list[np.ndarray], point: tuple[int, int],
+                    card: dict[str, Any]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Eq. (1) on dense maps (T, C): maps (targets, H_img, W_img) and argmax points (x, y)."""
     x, y = point
-    source_feature = F.normalize(_feature_image(dense[source], card)[:, y, x], dim=0)
+    source_feature = F.normalize(_feature_image(source, card)[:, y, x], dim=0)
     maps, best = [], []
     for target in targets:
-        features = F.normalize(_feature_image(dense[target], card), dim=0)
+        features = F.normalize(_feature_image(target, card), dim=0)
         similarity = torch.einsum("c,chw->hw", source_feature, features)
         index = int(similarity.argmax())
         maps.append(similarity.numpy())
         best.append((index % similarity.shape[1], index // similarity.shape[1]))
+    return np.stack(maps), best
+
+
+def correspond(store_url: str, source: int, point: tuple[int, int], targets: list[int],
+               split: str = "test") -> dict[str, Any]:
+    """Correspondence between store rows (dense maps from the store, no trunk)."""
+    store = open_store(store_url)
+    card = store.card["backbone"]
+    dense = store.arrays(split)["dense"]
+    maps, best = similarity_maps(dense[source], [dense[t] for t in targets], point, card)
     paths = store.arrays(split)["path"]
-    return {"maps": np.stack(maps), "points": best, "source": (source, point),
-            "paths": [str(paths[i]) for i in [source, *targets]], "image_size": card["image_size"]}
+    return {"maps": maps, "points": best, "source": (source, point),
+            "paths": [str(paths[i]) for i in [source, *targets]], "image_size": card["image_size"],
+            "grid": card["grid"]}
+
+
+def correspond_images(model: str, pretrained: str | None, source: str | Path,
+                      point: tuple[int, int], targets: list[str | Path], *,
+                      cut: str = "pool", init_seed: int = 0) -> dict[str, Any]:
+    """Correspondence between image files: the trunk runs live, at any cut (`layer4` gives a
+    ResNet's layer3 map, `lastN` a ViT's map N blocks from the end: the paper's Fig. 6)."""
+    from .backbone import load_backbone
+    from .views import load_image
+
+    backbone = load_backbone(model, pretrained, cut=cut, init_seed=init_seed)
+    images = torch.stack([backbone.preprocess(load_image(Path(p))) for p in [source, *targets]])
+    with torch.no_grad():
+        dense = backbone.trunk(images).numpy()
+    maps, best = similarity_maps(dense[0], list(dense[1:]), point, backbone.card)
+    return {"maps": maps, "points": best, "source": (str(source), point),
+            "paths": [str(p) for p in [source, *targets]],
+            "image_size": backbone.card["image_size"], "grid": backbone.card["grid"]}
 
 
 def model_view(path: Path, size: tuple[int, int]):

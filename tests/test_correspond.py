@@ -30,3 +30,19 @@ def test_a_planted_pattern_is_found(tmp_path):
     written = plot_correspondence(result, None, tmp_path / "png")
     assert [p.name for p in written] == ["correspond_00_b.png", "correspond_grid.png"]
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in written)
+
+
+def test_image_files_through_the_trunk_at_two_cuts(tmp_path):
+    from safe_cache.correspond import correspond_images
+    from safe_cache.demo import make_shapes_dataset
+
+    make_shapes_dataset(tmp_path, per_class=2)
+    images = sorted((tmp_path / "shapes" / "images").rglob("*.jpg"))
+    for cut, cells in (("pool", 3), ("layer4", 6)):  # tiny ResNet at 96 px: 3x3, 6x6 maps
+        result = correspond_images("safe-cache-tiny-rn", None, images[0], (50, 40),
+                                   [images[0], images[3]], cut=cut)
+        assert result["maps"].shape == (2, 96, 96)
+        # an image matched against itself: the similarity peaks (at 1) at the source point
+        assert result["maps"][0][40, 50] == result["maps"][0].max()
+        assert abs(result["maps"][0][40, 50] - 1) < 1e-5
+        assert len(result["paths"]) == 3 and result["grid"] == [cells, cells]
