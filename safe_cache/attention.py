@@ -8,6 +8,7 @@ the dense grid, averaged over heads (or per head), for the original head and the
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from .backbone import head_from_config
+from .backbone import original_head
 from .store import open_store
 
 
@@ -28,11 +29,9 @@ def attention_maps(store_url: str, result_path: str | Path, rows: list[int],
     each image's map summing to at most 1 (the rest is the query token's own weight).
     """
     store = open_store(store_url)
-    state, config = store.head_state()
     card = store.card["backbone"]
-    original = head_from_config(config, card)
-    original.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
-    finetuned = head_from_config(config, card)
+    original = original_head(store)
+    finetuned = copy.deepcopy(original)
     finetuned.load_state_dict(load_file(str(Path(result_path).with_suffix(".safetensors"))))
     arrays = store.arrays(split)
     order = np.asarray(rows)

@@ -357,6 +357,14 @@ def head_from_config(model_config: dict[str, Any], card: dict[str, Any]) -> Grid
     return head
 
 
+def original_head(store) -> GridHead:
+    """The original pooling head (AttnPool_O) a feature store keeps in `head/`."""
+    state, model_config = store.head_state()
+    head = head_from_config(model_config, store.card["backbone"])
+    head.load_state_dict({name: torch.from_numpy(values) for name, values in state.items()})
+    return head
+
+
 def _check_config_family(spec: ModelSpec) -> None:
     """Refuse unsupported towers before building (and downloading) anything."""
     family, reason = config_family(spec.config)

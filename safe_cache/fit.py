@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .adapters import accuracy
-from .backbone import head_from_config
+from .backbone import original_head
 from .errors import SafeCacheError
 from .extract import resolve_device, weights_label
 from .grid import BestState, StackedHeads, grid_optimizer
@@ -117,6 +117,7 @@ class _Data:
             self.train_dense = torch.from_numpy(train["dense"].get_orthogonal_selection(
                 (train_rows,)))
         labels = train["label"].get_orthogonal_selection((train_rows,)).astype(np.int64)
+        self.train_rows, self.image_labels = train_rows, torch.from_numpy(labels)
         self.train_labels = torch.from_numpy(np.repeat(labels, views))
         self.val_dense = torch.from_numpy(val["dense"].get_orthogonal_selection((val_rows,)))
         self.val_pooled = torch.from_numpy(val["pooled"].get_orthogonal_selection((val_rows,)))
@@ -133,10 +134,7 @@ def fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
     scale = float(card["backbone"]["logit_scale"])
     classifier = torch.from_numpy(store.classifier(config.prompts)).float().to(device)
     data = _Data(store, shots, seed)
-    state, model_config = store.head_state()
-    template = head_from_config(model_config, card["backbone"])
-    template.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
-    template = template.to(device)
+    template = original_head(store).to(device)
     grid = [(lr, wd) for lr in config.lrs for wd in config.wds]
     stacked = StackedHeads(template, len(grid))
     optimizer, scheduler = grid_optimizer(stacked, [g[0] for g in grid], [g[1] for g in grid],
@@ -245,13 +243,11 @@ def _evaluate(store, head, data: _Data, classifier, config: FitConfig, device) -
 
 
 @torch.no_grad()
-def _train_views(store: FeatureStore, head, data: _Data, shots: int, seed: int, config,
-                 device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _train_views(store: FeatureStore, head, data: _Data, config, device
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per train image and view: original pooled and SAFE blended features; center pooled."""
-    train_rows = np.sort(store.fewshot(seed, shots)[0])
-    train = store.arrays("train")
-    labels = torch.from_numpy(train["label"].get_orthogonal_selection((train_rows,))
-                              .astype(np.int64)).to(device)
+    train_rows, train = data.train_rows, store.arrays("train")  # rows and labels: read once
+    labels = data.image_labels.to(device)
     center = torch.from_numpy(train["pooled"].get_orthogonal_selection((train_rows,))).to(device)
     if "aug_pooled" in train and train["aug_pooled"].shape[1]:
         original = torch.from_numpy(train["aug_pooled"].get_orthogonal_selection((train_rows,)))
@@ -275,8 +271,7 @@ def _adapters(store, head, data, features, classifier, scale, config, shots, see
     card = store.card
     tip = {**adapters.DEFAULT_TIP, **(card["dataset"].get("tip_adapter") or {})}
     epochs = config.tip_epochs or (100 if card["dataset"]["name"] == "eurosat" else 20)
-    original, blended, center, labels = _train_views(store, head, data, shots, seed, config,
-                                                     device)
+    original, blended, center, labels = _train_views(store, head, data, config, device)
     split = {name: (adapters.Split(F.normalize(o, dim=-1), y),
                     adapters.Split(blend_features(o, t, config.beta, config.blend), y))
              for name, (o, t, y) in features.items()}
