@@ -170,12 +170,14 @@ def _open_or_create(url: str, backbone: Backbone, dataset: Dataset, recipe: View
     return store
 
 
-def _row_index(store: FeatureStore, split: str) -> dict[str, int]:
-    """path -> row of every row already reserved in the store (padding rows have no path)."""
+def _row_index(store: FeatureStore, split: str, readable_only: bool = False) -> dict[str, int]:
+    """path -> row of every row reserved in the store (padding rows have no path), or only of
+    the readable ones (complete and not skipped)."""
     if split not in store.group:
         return {}
     paths = store.arrays(split)["path"][:]
-    return {str(p): i for i, p in enumerate(paths) if p}
+    rows = store.readable_rows(split) if readable_only else range(len(paths))
+    return {str(paths[row]): int(row) for row in rows if paths[row]}
 
 
 def _extract_split(store, backbone, dataset, split, wanted, recipe, config, progress,
@@ -344,7 +346,7 @@ class _Writer:
 
 
 def _write_fewshot(store: FeatureStore, dataset: Dataset, subsets) -> None:
-    rows = {split: _readable_index(store, split) for split in ("train", "val")
+    rows = {split: _row_index(store, split, readable_only=True) for split in ("train", "val")
             if split in store.group}
     for (seed, shots), subset in subsets.items():
         train = [rows["train"][p] for p in (dataset.splits["train"][i].path for i in subset.train)
@@ -352,11 +354,6 @@ def _write_fewshot(store: FeatureStore, dataset: Dataset, subsets) -> None:
         val = [rows["val"][p] for p in (dataset.splits["val"][i].path for i in subset.val)
                if p in rows["val"]]
         store.write_fewshot(seed, shots, train, val)
-
-
-def _readable_index(store: FeatureStore, split: str) -> dict[str, int]:
-    paths = store.arrays(split)["path"][:]
-    return {str(paths[row]): int(row) for row in store.readable_rows(split)}
 
 
 def _write_classifier(store: FeatureStore, backbone: Backbone, dataset: Dataset,
