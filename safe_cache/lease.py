@@ -83,6 +83,16 @@ class Lease:
                                    f" moment; try again.")
         return cls(node, holder, interval)
 
+    @staticmethod
+    def check_held(root: zarr.Group, token: str) -> None:
+        """Refuse a job's worker whose job no longer holds the lease (it ended, or its lease was
+        taken over): its writes would land in a store someone else now owns."""
+        holder = dict(zarr.open_group(root.store, path="lease", mode="r").attrs).get("holder")
+        if not holder or holder.get("token") != token:
+            held_by = _describe(holder, time.time()) if holder else "nobody"
+            raise StoreLockedError(f"{root.store}: this job's writer lease is gone (the lease is"
+                                   f" held by {held_by}); the worker writes nothing.")
+
     def _beat(self, interval: float) -> None:
         while not self._stop.wait(interval):
             self.holder = {**self.holder, "heartbeat": time.time()}

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -76,6 +77,12 @@ def default_layout(url: str) -> StoreLayout:
     if scheme in OBJECT_STORE_SCHEMES:
         return StoreLayout(chunk_images=32, shard_images=1024)
     return StoreLayout()
+
+
+def absolute_url(url: str) -> str:
+    """A local path made absolute (what another process, with another working directory, needs);
+    URLs unchanged."""
+    return url if "://" in url else os.path.abspath(url)
 
 
 def _now() -> str:
@@ -341,12 +348,18 @@ class FeatureStore:
         card["updated"] = _now()
         self.group.attrs["safe_cache"] = card
 
+    @property
+    def lease_token(self) -> str | None:
+        """The token of the lease this store holds: what a job hands its workers."""
+        return None if self.lease is None else self.lease.holder["token"]
+
     def close(self) -> None:
-        """Consolidate metadata (for fast opens and plain xarray) and release the lease."""
-        if self.mode != "r":
+        """Consolidate metadata (for fast opens and plain xarray) and release the lease.
+
+        Only the lease holder consolidates: a job's workers write chunks, never the root."""
+        if self.lease is not None:
             with _quiet():
                 zarr.consolidate_metadata(self.group.store)
-        if self.lease is not None:
             self.lease.release()
             self.lease = None
 
@@ -405,10 +418,18 @@ def create_store(
 
 
 def open_store(url: str, mode: str = "r", *, storage_options: dict | None = None,
-               takeover: bool = False) -> FeatureStore:
-    """Open an existing store: read-only by default; mode='a' takes the writer lease."""
+               takeover: bool = False, job_token: str | None = None,
+               cache: str | None = None) -> FeatureStore:
+    """Open an existing store: read-only by default; mode='a' takes the writer lease.
+
+    A worker of a distributed job passes `job_token` (the job's `lease_token`) instead: it writes
+    under the job's lease, which must still be held. `cache` (read-only opens): a local folder
+    that keeps the feature chunks read from a remote store (chunkcache.py).
+    """
     if mode not in ("r", "a"):
         raise StoreError(f"mode must be 'r' or 'a', not '{mode}'.")
+    if cache is not None and mode != "r":
+        raise StoreError("A chunk cache is for reading; open the store with mode='r'.")
     try:
         group = _open_group(url, "r" if mode == "r" else "r+", storage_options)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
@@ -423,8 +444,14 @@ def open_store(url: str, mode: str = "r", *, storage_options: dict | None = None
             f"{url} has store schema version {version}; this safe-cache ({__version__}) reads"
             f" version {SCHEMA_VERSION}. Use a matching safe-cache, or re-extract the store."
         )
+    if cache is not None:
+        from .chunkcache import cached_group
+
+        group = cached_group(group, cache, url, card)
     store = FeatureStore(url, group, mode, storage_options)
-    if mode == "a":
+    if mode == "a" and job_token is not None:
+        Lease.check_held(group, job_token)
+    elif mode == "a":
         store.lease = Lease.acquire(group, takeover=takeover)
     return store
 

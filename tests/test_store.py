@@ -19,24 +19,6 @@ T, C, D, V = 5, 8, 3, 2
 CARD = {"model": "tiny", "pretrained": None, "family": "resnet", "T": T, "C": C, "D": D}
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A moto S3 server on 127.0.0.1 (never any other address), with a bucket."""
-    pytest.importorskip("moto")
-    s3fs = pytest.importorskip("s3fs")
-    from moto.server import ThreadedMotoServer
-
-    os.environ.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
-                      AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}).mkdir("stores")
-    yield endpoint
-    server.stop()
-
-
 @pytest.fixture(params=["local", "memory", "s3"])
 def backend(request, tmp_path):
     """(url, storage_options) of an empty location on each backend."""
@@ -152,6 +134,45 @@ def test_lease_conflict_and_takeover(backend):
     with open_store(url, "a", storage_options=options, takeover=True) as store:
         fill(store, "test", 2)
     assert open_store(url, storage_options=options).readable_rows("test").size == 2
+
+
+def test_job_workers_write_under_the_jobs_lease_only(backend):
+    url, options = backend
+    job = new_store(url, options)
+    rows = job.append_rows("test", [f"{i}.jpg" for i in range(4)], [0] * 4)
+    worker = open_store(url, "a", storage_options=options, job_token=job.lease_token)
+    worker.write_unit("test", 0, {"dense": np.ones((4, T, C)), "pooled": np.ones((4, D))})
+    worker.close()  # a worker neither consolidates nor releases anything
+    assert job.lease_token and open_store(url, storage_options=options).readable_rows(
+        "test").tolist() == rows.tolist()
+    with pytest.raises(StoreLockedError, match="lease is gone"):
+        open_store(url, "a", storage_options=options, job_token="another job")
+    job.close()
+    with pytest.raises(StoreLockedError, match="held by nobody"):
+        open_store(url, "a", storage_options=options, job_token=job.lease_token or "x")
+
+
+def test_chunk_cache_serves_feature_chunks_and_never_stale_metadata(backend, tmp_path):
+    url, options = backend
+    cache = tmp_path / "cache"
+    writer = new_store(url, options)
+    fill(writer, "test", 6)
+    cached = open_store(url, storage_options=options, cache=str(cache))
+    first = cached.arrays("test")["dense"][:]
+    assert cached.group.store.misses > 0 and cached.group.store.hits == 0
+    again = open_store(url, storage_options=options, cache=str(cache))
+    assert np.array_equal(again.arrays("test")["dense"][:], first)
+    assert again.group.store.hits > 0 and again.group.store.misses == 0
+    fill(writer, "test", 3, seed=1)  # the store grows: new rows, new completion flags
+    writer.close()
+    grown = open_store(url, storage_options=options, cache=str(cache))
+    plain = open_store(url, storage_options=options)
+    assert grown.readable_rows("test").tolist() == plain.readable_rows("test").tolist()
+    assert np.array_equal(grown.arrays("test")["dense"][:], plain.arrays("test")["dense"][:])
+    files = [p.relative_to(cache).as_posix() for p in cache.rglob("*") if p.is_file()]
+    assert files and all("/test/dense/c/" in f or "/test/pooled/c/" in f for f in files)
+    with pytest.raises(StoreError, match="for reading"):
+        open_store(url, "a", storage_options=options, cache=str(cache))
 
 
 def test_schema_version_mismatch_is_clear(backend):
