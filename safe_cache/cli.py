@@ -59,7 +59,7 @@ class SafeCacheGroup(click.RichGroup):
 @click.command_panel("Use a model", commands=["export", "predict"])
 @click.command_panel("Look inside", commands=["attention", "correspond"])
 @click.command_panel("Datasets", commands=["datasets"])
-@click.command_panel("Stores", commands=["info", "ls", "verify"])
+@click.command_panel("Stores", commands=["info", "ls", "verify", "copy"])
 @click.version_option(__version__, prog_name="safe-cache")
 def main() -> None:
     """[bold]safe-cache[/]: few-shot CLIP adaptation with SAFE from cached dense features.
@@ -175,6 +175,15 @@ STORAGE_OPTIONS = click.option(
     help='fsspec options for remote stores, e.g. \'{"client_kwargs": {"endpoint_url": ...}}\'.')
 
 
+def _cluster_options(command):
+    """--scheduler / --local-workers: where extract and fit send their work (dask)."""
+    command = click.option("--local-workers", default=0, show_default=True, metavar="N",
+                           help="Run on a LocalCluster of N worker processes.")(command)
+    return click.option("--scheduler", default=None, metavar="ADDRESS",
+                        help="Run on a running dask scheduler's workers, e.g."
+                        " tcp://10.0.0.5:8786 (see README 'Scaling out').")(command)
+
+
 def _int_list(ctx, param, value: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in str(value).split(",") if v.strip())
@@ -204,6 +213,9 @@ def _int_list(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--skip-bad", is_flag=True, help="Record unreadable images in the card and go on.")
 @click.option("--make-split", is_flag=True, help="Generate a seeded split if none is published.")
 @click.option("--takeover", is_flag=True, help="Take over a stale writer lease.")
+@_cluster_options
+@click.option("--shard-images", default=256, show_default=True,
+              help="Images per distributed task (whole write units).")
 @STORAGE_OPTIONS
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def extract(as_json: bool, storage_options: str | None, pretrained: str, **options) -> None:
@@ -283,7 +295,8 @@ def _float_list(ctx, param, value: str) -> tuple[float, ...]:
 
 
 @main.command()
-@click.option("--store", required=True, help="Store URL.")
+@click.option("--store", "stores", required=True, multiple=True,
+              help="Store URL (repeat for several stores).")
 @click.option("--shots", default="1,2,4,8,16", show_default=True, callback=_int_list)
 @click.option("--seeds", default="1,2,3", show_default=True, callback=_int_list)
 @click.option("--lr", "lrs", default="1e-4,1e-5,1e-6,1e-7", show_default=True,
@@ -309,18 +322,22 @@ def _float_list(ctx, param, value: str) -> tuple[float, ...]:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", default="results", show_default=True)
 @click.option("--force", is_flag=True, help="Recompute results that exist.")
+@click.option("--cache", default=None, metavar="DIR",
+              help="Keep the feature chunks read from a remote store in this local folder.")
+@_cluster_options
 @STORAGE_OPTIONS
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def fit(as_json: bool, storage_options: str | None, **options) -> None:
+def fit(as_json: bool, storage_options: str | None, stores: tuple[str, ...], **options) -> None:
     """Train SAFE from a store for every shots x seed: the lr x wd grid at once, early stopping
-    on val, the blend with beta; one result JSON (+ head) per run."""
-    from .fit import FitConfig
-    from .fit import fit as run_fit
+    on val, the blend with beta; one result JSON (+ head) per run. Repeat --store to fit
+    several datasets in one job."""
+    from .fit import FitConfig, fit_stores
     from .progress import RichProgress
 
-    config = FitConfig(storage_options=_storage_options(storage_options), **options)
+    configs = [FitConfig(store=store, storage_options=_storage_options(storage_options),
+                         **options) for store in stores]
     with RichProgress(unit="it") as progress:
-        results = run_fit(config, progress)
+        results = fit_stores(configs, progress)
     if as_json:
         _print_json(results)
         return
@@ -612,3 +629,34 @@ def verify(store: str, storage_options: str | None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@main.command(name="copy")
+@click.argument("source")
+@click.argument("destination")
+@click.option("--source-options", default=None, metavar="JSON", help="fsspec options for SOURCE.")
+@click.option("--destination-options", default=None, metavar="JSON",
+              help="fsspec options for DESTINATION.")
+@click.option("--no-verify", is_flag=True, help="Skip verifying DESTINATION after the copy.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def copy_command(source: str, destination: str, source_options: str | None,
+                 destination_options: str | None, no_verify: bool, as_json: bool) -> None:
+    """Copy a store to a shared location (or fetch one), then verify the copy. Run it again to
+    resume an interrupted copy."""
+    from .progress import RichProgress
+    from .transfer import copy_store
+
+    with RichProgress(unit="B") as progress:
+        report = copy_store(source, destination, source_options=_storage_options(source_options),
+                            destination_options=_storage_options(destination_options),
+                            verify=not no_verify, progress=progress)
+    if as_json:
+        _print_json(report.__dict__)
+    else:
+        console.print(f"copied {report.objects - report.already_there} of {report.objects}"
+                      f" objects ({report.bytes / 2**20:.1f} MiB) to {destination} in"
+                      f" {report.seconds:.1f} s" + ("" if no_verify else "; verified"))
+    for problem in report.problems:
+        err_console.print(f"[red]problem[/]: {problem}")
+    if report.problems:
+        sys.exit(1)

@@ -9,6 +9,7 @@ last complete unit and ends with exactly the arrays of an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -21,12 +22,13 @@ import numpy as np
 import torch
 
 from .backbone import Backbone, load_backbone
+from .cluster import connect, decode_workers
 from .datasets import Dataset, open_dataset
 from .errors import SafeCacheError, StoreNotFoundError
 from .fewshot import FewShot, sample_few_shot
 from .progress import ProgressSink, null_progress
 from .prompts import class_sentences, prompt_set_name, text_classifier
-from .store import FeatureStore, check_fingerprint, create_store, open_store
+from .store import FeatureStore, StoreLayout, check_fingerprint, create_store, open_store
 from .views import ViewDataset, ViewRecipe
 
 
@@ -59,6 +61,10 @@ class ExtractConfig:
     cut: str = "pool"
     init_seed: int = 0
     storage_options: dict | None = None
+    layout: StoreLayout | None = None  # a new store's chunking (None: default_layout(url))
+    scheduler: str | None = None  # a dask scheduler's address: shards run on its workers
+    local_workers: int = 0  # or a LocalCluster of this many worker processes
+    shard_images: int = 256  # images per distributed task, rounded up to whole write units
 
 
 @dataclass
@@ -108,8 +114,14 @@ def wanted_entries(dataset: Dataset, subsets: dict[tuple[int, int], FewShot]) ->
     return wanted
 
 
-def extract(config: ExtractConfig, progress: ProgressSink = null_progress) -> ExtractReport:
-    """Extract (or complete) a store for one dataset and backbone; see the module docstring."""
+def extract(config: ExtractConfig, progress: ProgressSink = null_progress,
+            client: Any = None) -> ExtractReport:
+    """Extract (or complete) a store for one dataset and backbone; see the module docstring.
+
+    With a dask `client` (or `config.scheduler` / `config.local_workers`) the trunk runs on the
+    cluster's workers, shard by shard (shards.py); this process holds the store's lease, reserves
+    the rows, and writes the classifier, the head and the few-shot rows.
+    """
     start = time.perf_counter()
     device = resolve_device(config.device)
     backbone = load_backbone(config.model, config.pretrained, device=device, cut=config.cut,
@@ -122,12 +134,21 @@ def extract(config: ExtractConfig, progress: ProgressSink = null_progress) -> Ex
     recipe = ViewRecipe(count=store.card["views"]["count"], seed=recipe.seed)  # never fewer
     report = ExtractReport(store=url)
     try:
-        for split, entries in wanted_entries(dataset, subsets).items():
-            started = time.perf_counter()
-            done = _extract_split(store, backbone, dataset, split, entries, recipe, config,
-                                  progress, report)
-            report.extracted[split] = done
-            report.pipeline_seconds[split] = time.perf_counter() - started
+        plans = {split: _plan_split(store, dataset, split, entries, recipe)
+                 for split, entries in wanted_entries(dataset, subsets).items()}
+        with connect(config.scheduler, config.local_workers) if client is None \
+                else contextlib.nullcontext(client) as client:
+            if client is None:
+                for split, items in plans.items():
+                    started = time.perf_counter()
+                    report.extracted[split] = extract_items(
+                        store, backbone, split, items, recipe, config, progress, report.skipped)
+                    report.pipeline_seconds[split] = time.perf_counter() - started
+            else:
+                from .shards import extract_on_cluster
+
+                extract_on_cluster(client, store, backbone, plans, recipe, config, progress,
+                                   report)
         _write_fewshot(store, dataset, subsets)
         _write_classifier(store, backbone, dataset, config.prompts)
         if "head" not in store.group:
@@ -136,6 +157,7 @@ def extract(config: ExtractConfig, progress: ProgressSink = null_progress) -> Ex
             store.write_head(state, backbone.model_config or {})
         report.rows = {s: int(store.readable_rows(s).size) for s in store.splits()}
     finally:
+        _record_skipped(store, report.skipped)
         store.close()
     report.seconds = time.perf_counter() - start
     return report
@@ -150,7 +172,7 @@ def _open_or_create(url: str, backbone: Backbone, dataset: Dataset, recipe: View
         if "://" not in url:
             Path(url).parent.mkdir(parents=True, exist_ok=True)
         return create_store(url, backbone.card, backbone.fingerprint, dataset.card,
-                            views=recipe.card(), storage_options=options,
+                            views=recipe.card(), layout=config.layout, storage_options=options,
                             takeover=config.takeover)
     try:
         check_fingerprint(store, backbone.fingerprint, backbone.card)
@@ -180,8 +202,10 @@ def _row_index(store: FeatureStore, split: str, readable_only: bool = False) -> 
     return {str(paths[row]): int(row) for row in rows if paths[row]}
 
 
-def _extract_split(store, backbone, dataset, split, wanted, recipe, config, progress,
-                   report) -> int:
+def _plan_split(store: FeatureStore, dataset: Dataset, split: str, wanted: list[int],
+                recipe: ViewRecipe) -> list[tuple]:
+    """Reserve rows for the wanted entries not yet in the store; return what is still to
+    extract: (row, image file, path in the store, first missing view) per image, unit by unit."""
     entries = dataset.splits[split]
     known = _row_index(store, split)
     new = [i for i in wanted if entries[i].path not in known]
@@ -192,13 +216,23 @@ def _extract_split(store, backbone, dataset, split, wanted, recipe, config, prog
     labels, paths = group["label"][:], group["path"][:]
     unit, views = store.layout.unit, recipe.count if split == "train" else 0
     first_view = _first_missing_view(group, views)  # per unit: 0 = everything to do
-    items = [(row, dataset.image_root / str(paths[row]), str(paths[row]), int(first_view[u]))
-             for u in np.flatnonzero(first_view < max(views, 1))
-             for row in range(u * unit, min((u + 1) * unit, len(labels))) if labels[row] >= 0]
+    return [(row, dataset.image_root / str(paths[row]), str(paths[row]), int(first_view[u]))
+            for u in np.flatnonzero(first_view < max(views, 1))
+            for row in range(u * unit, min((u + 1) * unit, len(labels))) if labels[row] >= 0]
+
+
+def extract_items(store: FeatureStore, backbone: Backbone, split: str, items: list[tuple],
+                  recipe: ViewRecipe, config: ExtractConfig, progress: ProgressSink,
+                  skipped: list[dict[str, str]]) -> int:
+    """Decode, encode and write `items` (whole write units of one split); returns their count.
+    Unreadable images stop the run, or with `skip_bad` become padding and go to `skipped`."""
     if not items:
         return 0
+    unit, views = store.layout.unit, recipe.count if split == "train" else 0
+    group = store.arrays(split)
+    total_rows = group["label"].shape[0]
     # Starting worker processes costs ~0.3 s: not worth it for a split of a batch or two.
-    workers = config.workers if len(items) > 2 * config.batch_size else 0
+    workers = decode_workers(config.workers if len(items) > 2 * config.batch_size else 0)
     loader = torch.utils.data.DataLoader(
         ViewDataset(items, backbone.preprocess, backbone.card,
                     recipe if views else None),
@@ -206,18 +240,18 @@ def _extract_split(store, backbone, dataset, split, wanted, recipe, config, prog
         num_workers=workers, persistent_workers=False,
         pin_memory=backbone.device.type == "cuda",
     )
-    task = progress.start(f"{dataset.spec.name} {split}", len(items))
+    task = progress.start(f"{store.card['dataset']['name']} {split}", len(items))
     with _Writer(store, split) as writer:
         current: dict[str, Any] | None = None
         for rows, centers, augmented, errors, first in loader:
             rows, first = rows.tolist(), int(first[0])
-            _check_errors(store, split, rows, errors, config, report, group)
+            _check_errors(split, rows, errors, config, skipped, group)
             features = _encode(backbone, None if first else centers, augmented, config.precision)
             unit_index = rows[0] // unit
             if current is None or current["unit"] != unit_index:
                 if current is not None:
                     writer.put(current)
-                current = _new_unit(unit_index, unit, len(labels), features, first)
+                current = _new_unit(unit_index, unit, total_rows, features, first)
             for name, values in features.items():
                 current["features"][name][np.asarray(rows) - unit_index * unit] = values
             progress.advance(task, len(rows))
@@ -260,7 +294,7 @@ def _new_unit(index: int, unit: int, total: int, features: dict[str, np.ndarray]
         for name, values in features.items()}}
 
 
-def _check_errors(store, split, rows, errors, config, report, group) -> None:
+def _check_errors(split, rows, errors, config, skipped, group) -> None:
     for row, error in zip(rows, errors, strict=True):
         if not error:
             continue
@@ -268,11 +302,19 @@ def _check_errors(store, split, rows, errors, config, report, group) -> None:
             raise ExtractError(f"Unreadable image in {split}: {error}. Nothing of its write unit"
                                f" was recorded. Fix or remove the image, or pass --skip-bad to"
                                f" record it in the store's card and go on.")
-        group["label"][row] = -1  # the row becomes padding: never readable
-        report.skipped.append({"split": split, "row": int(row), "error": error})
-        card = store.card
-        card.setdefault("skipped_images", []).append({"split": split, "error": error})
-        store.group.attrs["safe_cache"] = card
+        group["label"][row] = -1  # the row becomes padding: never readable (its unit's chunk)
+        skipped.append({"split": split, "row": int(row), "error": error})
+
+
+def _record_skipped(store: FeatureStore, skipped: list[dict[str, str]]) -> None:
+    """Note skipped images in the card: by the lease holder only, once, so a job's workers
+    never write the root object at the same time."""
+    if not skipped:
+        return
+    card = store.card
+    card.setdefault("skipped_images", []).extend(
+        {"split": s["split"], "error": s["error"]} for s in skipped)
+    store.group.attrs["safe_cache"] = card
 
 
 @torch.no_grad()

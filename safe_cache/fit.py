@@ -12,9 +12,11 @@ normalise, as the paper writes it; `blend="each"` normalises each branch first).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +28,13 @@ from safetensors.torch import save_file
 from . import __version__
 from .adapters import accuracy
 from .backbone import original_head
+from .cluster import JobProgress, WorkerProgress, connect, gather_as_completed
 from .errors import SafeCacheError
 from .extract import resolve_device, weights_label
 from .grid import BestState, StackedHeads, grid_optimizer
 from .progress import ProgressSink, null_progress
 from .runtime import tune_cpu_allocator
-from .store import FeatureStore, open_store
+from .store import FeatureStore, absolute_url, open_store
 
 DEFAULT_BETAS = tuple(round(0.1 * i, 1) for i in range(11))
 ALL_METHODS = ("tip_adapter", "tip_adapter_f", "safe_a", "linear_probe")
@@ -59,6 +62,9 @@ class FitConfig:
     tip_epochs: int | None = None  # Tip-Adapter-F / SAFE-A epochs (None: 20, EuroSAT 100)
     eval_ood: tuple[str, ...] = ()  # ImageNet variants (names or store URLs) to test on
     storage_options: dict | None = None
+    cache: str | None = None  # a local folder keeping the feature chunks read from the store
+    scheduler: str | None = None  # a dask scheduler's address: runs go to its workers
+    local_workers: int = 0  # or a LocalCluster of this many worker processes
 
 
 def blend_features(original: torch.Tensor, finetuned: torch.Tensor, beta: float,
@@ -74,29 +80,98 @@ def result_path(out: str, card: dict[str, Any], shots: int, seed: int) -> Path:
     return Path(out) / card["dataset"]["name"] / backbone / f"shots{shots}_seed{seed}.json"
 
 
-def fit(config: FitConfig, progress: ProgressSink = null_progress) -> list[dict[str, Any]]:
+def fit(config: FitConfig, progress: ProgressSink = null_progress,
+        client: Any = None) -> list[dict[str, Any]]:
     """Every requested (shots, seed); an existing result is kept unless `force`."""
+    return fit_stores([config], progress, client)
+
+
+def fit_stores(configs: list[FitConfig], progress: ProgressSink = null_progress,
+               client: Any = None) -> list[dict[str, Any]]:
+    """Every (store, shots, seed) of `configs` (one per store), in this process or, with a dask
+    `client` (or the first config's `scheduler` / `local_workers`), one task per run on the
+    cluster's workers, which write their results into the shared `out` folder."""
     tune_cpu_allocator()
-    store = open_store(config.store, storage_options=config.storage_options)
-    results = []
-    for shots in config.shots:
-        for seed in config.seeds:
-            path = result_path(config.out, store.card, shots, seed)
-            if path.is_file() and not config.force:
-                results.append({**json.loads(path.read_text()), "skipped": True})
-                continue
-            result, head = fit_one(store, shots, seed, config, progress)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
-                      str(path.with_suffix(".safetensors")),
-                      metadata={"store_fingerprint": store.fingerprint, "beta": str(config.beta)})
-            cache = result["methods"].get("safe_a", {}).pop("_cache", None)
-            if cache is not None:  # SAFE-A's trained cache, for export
-                save_file({k: v.contiguous() for k, v in cache.items()},
-                          str(path.with_suffix(".safe_a.safetensors")))
-            path.write_text(json.dumps(result, indent=2))
-            results.append(result)
-    return results
+    results: dict[tuple[int, int, int], dict[str, Any]] = {}
+    todo: list[tuple[FitConfig, int, int]] = []
+    owners: dict[Path, str] = {}
+    for index, config in enumerate(configs):
+        card = open_store(config.store, storage_options=config.storage_options).card
+        for shots in config.shots:
+            for seed in config.seeds:
+                path = result_path(config.out, card, shots, seed)
+                if owners.setdefault(path, config.store) != config.store:
+                    raise SafeCacheError(f"{config.store} and {owners[path]} hold the same dataset"
+                                         f" and backbone: their results would overwrite each"
+                                         f" other in {path.parent}. Fit them with different"
+                                         f" --out folders.")
+                if path.is_file() and not config.force:
+                    results[index, shots, seed] = {**json.loads(path.read_text()), "skipped": True}
+                else:
+                    todo.append((config, shots, seed))
+    first = configs[0]
+    with connect(first.scheduler, first.local_workers) if client is None \
+            else contextlib.nullcontext(client) as client:
+        if client is None:
+            for config, shots, seed in todo:
+                store = _open_for_fit(config)
+                results[configs.index(config), shots, seed] = fit_and_save(
+                    store, shots, seed, config, progress)
+        else:
+            results.update(_fit_on_cluster(client, configs, todo, progress))
+    return [results[key] for key in sorted(results)]
+
+
+def _open_for_fit(config: FitConfig) -> FeatureStore:
+    return open_store(config.store, storage_options=config.storage_options, cache=config.cache)
+
+
+def fit_and_save(store: FeatureStore, shots: int, seed: int, config: FitConfig,
+                 progress: ProgressSink = null_progress) -> dict[str, Any]:
+    """One run, written as <out>/<dataset>/<backbone>/shots<K>_seed<S>.json (+ the head's and
+    SAFE-A's safetensors); the JSON last, so a result that exists is whole."""
+    result, head = fit_one(store, shots, seed, config, progress)
+    path = result_path(config.out, store.card, shots, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+              str(path.with_suffix(".safetensors")),
+              metadata={"store_fingerprint": store.fingerprint, "beta": str(config.beta)})
+    cache = result["methods"].get("safe_a", {}).pop("_cache", None)
+    if cache is not None:  # SAFE-A's trained cache, for export
+        save_file({k: v.contiguous() for k, v in cache.items()},
+                  str(path.with_suffix(".safe_a.safetensors")))
+    temporary = path.with_suffix(".json.part")
+    temporary.write_text(json.dumps(result, indent=2))
+    temporary.replace(path)
+    return result
+
+
+def fit_task(config: FitConfig, shots: int, seed: int, progress_job: str,
+             part: str) -> dict[str, Any]:
+    """Run on a dask worker: one (shots, seed) run of one store, saved into `config.out`."""
+    tune_cpu_allocator()
+    return fit_and_save(_open_for_fit(config), shots, seed, config,
+                        WorkerProgress(progress_job, part))
+
+
+def _fit_on_cluster(client: Any, configs: list[FitConfig], todo: list[tuple[FitConfig, int, int]],
+                    progress: ProgressSink) -> dict[tuple[int, int, int], dict[str, Any]]:
+    """One task per run; returns the results by (config index, shots, seed)."""
+    # Workers may run in another working directory: send absolute local paths.
+    remote = [replace(c, store=absolute_url(c.store), out=os.path.abspath(c.out),
+                      cache=c.cache and os.path.abspath(c.cache)) for c in configs]
+    runs = [(configs.index(config), shots, seed) for config, shots, seed in todo]
+    out = {}
+    total = sum(configs[index].iters for index, _, _ in runs)
+    with JobProgress(client, progress, f"fit: {len(runs)} runs", total) as bar:
+        futures = {(index, shots, seed): client.submit(
+            fit_task, remote[index], shots, seed, bar.job, f"{index}/{shots}/{seed}",
+            key=f"safe-cache-fit-{bar.job}-{index}-{shots}-{seed}", pure=False)
+            for index, shots, seed in runs}
+        for key, result in gather_as_completed(client, futures, "A fit run"):
+            bar.update("/".join(map(str, key)), configs[key[0]].iters)
+            out[key] = result
+    return out
 
 
 class _Data:
