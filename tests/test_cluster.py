@@ -7,6 +7,8 @@ import json
 import os
 import re
 import signal
+import socket
+import subprocess
 import threading
 import uuid
 from pathlib import Path
@@ -245,6 +247,37 @@ def test_a_cluster_without_workers_stops_the_job_with_a_message(monkeypatch):
         futures = {0: client.submit(sum, [1, 2])}
         with pytest.raises(ClusterError, match=r"no worker for 0 s.*dask worker"):
             list(cluster.gather_as_completed(client, futures, "A task", no_workers_s=0.3))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_readme_scheduler_and_worker_commands(data, reference, tmp_path):
+    """README 'Scaling out' steps 1-3 as written: `dask scheduler`, a `dask worker` process with
+    daemon workers off, and an extraction sent to the scheduler's address."""
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    processes = [subprocess.Popen(["dask", "scheduler", "--port", str(port), "--dashboard-address",
+                                   ":0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        processes.append(subprocess.Popen(
+            ["dask", "worker", address, "--nworkers", "1", "--nthreads", "1", "--name", "w0"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        url = str(tmp_path / "scheduler.zarr")
+        with connect(address) as client:
+            client.wait_for_workers(1, timeout=60)
+            assert client.run(lambda: __import__("multiprocessing").current_process().daemon) \
+                == {next(iter(client.scheduler_info()["workers"])): False}
+            extract(config(data, url), client=client)
+        assert_same_store(url, reference)
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+            process.wait(timeout=30)
 
 
 # Last in the module: it kills processes, so nothing else shares its cluster or its timing.
