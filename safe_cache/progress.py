@@ -7,6 +7,7 @@ from typing import Protocol
 from rich.console import Console
 from rich.progress import (
     BarColumn,
+    DownloadColumn,
     MofNCompleteColumn,
     Progress,
     ProgressColumn,
@@ -14,6 +15,7 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
+    TransferSpeedColumn,
 )
 from rich.text import Text
 
@@ -56,9 +58,11 @@ class RichProgress:
     """A rich progress display: one bar per task, items/s and time left."""
 
     def __init__(self, unit: str = "img", console: Console | None = None) -> None:
+        counts: tuple[ProgressColumn, ...] = (DownloadColumn(), TransferSpeedColumn()) \
+            if unit == "B" else (MofNCompleteColumn(), _RateColumn(unit))  # bytes: MB, MB/s
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            _RateColumn(unit), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            TextColumn("[bold]{task.description}"), BarColumn(), *counts,
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
             TextColumn("{task.fields[note]}", style="green"),
             console=console or Console(stderr=True), transient=False,
         )
