@@ -627,9 +627,6 @@ def verify(store: str, storage_options: str | None) -> None:
     sys.exit(1)
 
 
-if __name__ == "__main__":
-    main()
-
 
 @main.command(name="copy")
 @click.argument("source")
@@ -660,3 +657,7 @@ def copy_command(source: str, destination: str, source_options: str | None,
         err_console.print(f"[red]problem[/]: {problem}")
     if report.problems:
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

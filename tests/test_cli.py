@@ -16,6 +16,15 @@ from safe_cache.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_python_m_reaches_every_command():
+    """`python -m safe_cache.cli` runs main() at the module's end: every command registered."""
+    for name in sorted(main.commands):
+        result = subprocess.run([sys.executable, "-m", "safe_cache.cli", name, "--help"],
+                                capture_output=True, text=True, cwd=ROOT)
+        assert result.returncode == 0, (name, result.stderr)
+        assert f"safe_cache.cli {name} [OPTIONS]" in result.stdout, name
+
+
 def test_help_lists_the_command_groups():
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0
