@@ -92,14 +92,14 @@ def fit_stores(configs: list[FitConfig], progress: ProgressSink = null_progress,
     `client` (or the first config's `scheduler` / `local_workers`), one task per run on the
     cluster's workers, which write their results into the shared `out` folder."""
     tune_cpu_allocator()
+    stores = [_open_for_fit(config) for config in configs]  # each opened once
     results: dict[tuple[int, int, int], dict[str, Any]] = {}
-    todo: list[tuple[FitConfig, int, int]] = []
+    todo: list[tuple[int, int, int]] = []  # (config index, shots, seed) still to run
     owners: dict[Path, str] = {}
-    for index, config in enumerate(configs):
-        card = open_store(config.store, storage_options=config.storage_options).card
+    for index, (config, store) in enumerate(zip(configs, stores, strict=True)):
         for shots in config.shots:
             for seed in config.seeds:
-                path = result_path(config.out, card, shots, seed)
+                path = result_path(config.out, store.card, shots, seed)
                 if owners.setdefault(path, config.store) != config.store:
                     raise SafeCacheError(f"{config.store} and {owners[path]} hold the same dataset"
                                          f" and backbone: their results would overwrite each"
@@ -108,15 +108,14 @@ def fit_stores(configs: list[FitConfig], progress: ProgressSink = null_progress,
                 if path.is_file() and not config.force:
                     results[index, shots, seed] = {**json.loads(path.read_text()), "skipped": True}
                 else:
-                    todo.append((config, shots, seed))
+                    todo.append((index, shots, seed))
     first = configs[0]
     with connect(first.scheduler, first.local_workers) if client is None \
             else contextlib.nullcontext(client) as client:
         if client is None:
-            for config, shots, seed in todo:
-                store = _open_for_fit(config)
-                results[configs.index(config), shots, seed] = fit_and_save(
-                    store, shots, seed, config, progress)
+            for index, shots, seed in todo:
+                results[index, shots, seed] = fit_and_save(stores[index], shots, seed,
+                                                           configs[index], progress)
         else:
             results.update(_fit_on_cluster(client, configs, todo, progress))
     return [results[key] for key in sorted(results)]
@@ -154,20 +153,19 @@ def fit_task(config: FitConfig, shots: int, seed: int, progress_job: str,
                         WorkerProgress(progress_job, part))
 
 
-def _fit_on_cluster(client: Any, configs: list[FitConfig], todo: list[tuple[FitConfig, int, int]],
+def _fit_on_cluster(client: Any, configs: list[FitConfig], todo: list[tuple[int, int, int]],
                     progress: ProgressSink) -> dict[tuple[int, int, int], dict[str, Any]]:
-    """One task per run; returns the results by (config index, shots, seed)."""
+    """One task per (config index, shots, seed) of `todo`; returns the results by that key."""
     # Workers may run in another working directory: send absolute local paths.
     remote = [replace(c, store=absolute_url(c.store), out=os.path.abspath(c.out),
                       cache=c.cache and os.path.abspath(c.cache)) for c in configs]
-    runs = [(configs.index(config), shots, seed) for config, shots, seed in todo]
     out = {}
-    total = sum(configs[index].iters for index, _, _ in runs)
-    with JobProgress(client, progress, f"fit: {len(runs)} runs", total) as bar:
+    total = sum(configs[index].iters for index, _, _ in todo)
+    with JobProgress(client, progress, f"fit: {len(todo)} runs", total) as bar:
         futures = {(index, shots, seed): client.submit(
             fit_task, remote[index], shots, seed, bar.job, f"{index}/{shots}/{seed}",
             key=f"safe-cache-fit-{bar.job}-{index}-{shots}-{seed}", pure=False)
-            for index, shots, seed in runs}
+            for index, shots, seed in todo}
         for key, result in gather_as_completed(client, futures, "A fit run"):
             bar.update("/".join(map(str, key)), configs[key[0]].iters)
             out[key] = result
