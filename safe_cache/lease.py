@@ -43,6 +43,16 @@ def _dead_here(holder: dict[str, Any]) -> bool:
     return False
 
 
+def stored_holder(root: zarr.Group) -> dict[str, Any] | None:
+    """The lease holder as the store has it now, read afresh (not through an open node's
+    attributes); None when nobody holds the lease or the store has no lease group."""
+    try:
+        node = zarr.open_group(root.store, path="lease", mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return None
+    return dict(node.attrs).get("holder") or None
+
+
 class Lease:
     """A held writer lease; `release()` gives it back (also on normal store close)."""
 
@@ -77,8 +87,7 @@ class Lease:
                   "token": uuid.uuid4().hex}
         node.attrs["holder"] = holder
         time.sleep(0.05)
-        if dict(zarr.open_group(root.store, path="lease", mode="r").attrs).get(
-                "holder", {}).get("token") != holder["token"]:
+        if (stored_holder(root) or {}).get("token") != holder["token"]:
             raise StoreLockedError(f"{root.store}: another writer took the lease at the same"
                                    f" moment; try again.")
         return cls(node, holder, interval)
@@ -87,7 +96,7 @@ class Lease:
     def check_held(root: zarr.Group, token: str) -> None:
         """Refuse a job's worker whose job no longer holds the lease (it ended, or its lease was
         taken over): its writes would land in a store someone else now owns."""
-        holder = dict(zarr.open_group(root.store, path="lease", mode="r").attrs).get("holder")
+        holder = stored_holder(root)
         if not holder or holder.get("token") != token:
             held_by = _describe(holder, time.time()) if holder else "nobody"
             raise StoreLockedError(f"{root.store}: this job's writer lease is gone (the lease is"

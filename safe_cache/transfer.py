@@ -17,6 +17,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from .errors import StoreError
+from .lease import stored_holder
 from .progress import ProgressSink, null_progress
 from .store import open_store
 from .verify import verify_store
@@ -51,7 +52,7 @@ def _objects(fs, root: str) -> dict[str, int]:
 
 def _check_source(source: str, options: dict | None) -> None:
     store = open_store(source, "r", storage_options=options)
-    holder = dict(store.group["lease"].attrs).get("holder") if "lease" in store.group else None
+    holder = stored_holder(store.group)
     if holder:
         raise StoreError(f"{source} is being written (its lease is held by pid {holder['pid']}"
                          f" on {holder['host']}); copy it once that writer has finished, or"
