@@ -32,7 +32,7 @@ from safe_cache.extract import ExtractConfig, extract
 def one_side(root: Path, model: str, batch: int, workers: int, store: Path) -> float:
     config = ExtractConfig(dataset="food101", root=str(root), model=model, pretrained=None,
                            store=str(store), shots=(1,), seeds=(1,), views=0, batch_size=batch,
-                           workers=1, local_workers=workers, shard_images=batch)
+                           workers=1, local_workers=workers, task_images=batch)
     started = time.perf_counter()
     extract(config)
     return time.perf_counter() - started

@@ -23,7 +23,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from safe_cache import load_backbone
-from safe_cache.extract import ExtractConfig, extract, resolve_device
+from safe_cache.extract import ExtractConfig, extract
+from safe_cache.runtime.device import resolve_device
 
 
 def write_dataset(root: Path, images: int, classes: int = 4) -> None:

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from safe_cache import load_backbone
-from safe_cache.grid import StackedHeads, grid_optimizer
-from safe_cache.runtime import tune_cpu_allocator
+from safe_cache.fit.grid import StackedHeads, grid_optimizer
+from safe_cache.runtime.allocator import tune_cpu_allocator
 
 GRID = [(lr, wd) for lr in (1e-4, 1e-5, 1e-6, 1e-7) for wd in (0.0, 1e-3, 1e-5)]
 ITERS, EVAL_EVERY, BATCH = 12_800, 100, 8

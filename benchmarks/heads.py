@@ -20,8 +20,8 @@ from collections.abc import Callable
 import torch
 
 from safe_cache import load_backbone
-from safe_cache.grid import StackedHeads, grid_optimizer
-from safe_cache.runtime import tune_cpu_allocator
+from safe_cache.fit.grid import StackedHeads, grid_optimizer
+from safe_cache.runtime.allocator import tune_cpu_allocator
 
 
 def pick_device(name: str) -> torch.device:
@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-allocator-tuning", action="store_true",
-                        help="Leave glibc's malloc as it is (see safe_cache.runtime).")
+                        help="Leave glibc's malloc as it is (see safe_cache.runtime.allocator).")
     args = parser.parse_args()
     device = pick_device(args.device)
     tuned = False if args.no_allocator_tuning else tune_cpu_allocator()

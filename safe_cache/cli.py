@@ -16,7 +16,7 @@ import rich_click as click
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__
+from ._version import __version__
 from .errors import SafeCacheError, SafeCacheWarning
 
 console = Console()
@@ -90,7 +90,7 @@ def backbone(
     cache_dir: str | None, init_seed: int, as_json: bool,
 ) -> None:
     """Load MODEL (open_clip name or config JSON) and show its backbone card and fingerprint."""
-    from .backbone import load_backbone
+    from .model.backbone import load_backbone
 
     loaded = load_backbone(
         model, pretrained, cut=cut, quick_gelu=quick_gelu, cache_dir=cache_dir,
@@ -113,7 +113,7 @@ def backbone(
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def models(show_all: bool, as_json: bool) -> None:
     """List open_clip architectures, their family and pretrained tags."""
-    from .backbone import list_architectures
+    from .model.backbone import list_architectures
 
     rows = [row for row in list_architectures() if show_all or row["family"] != "unsupported"]
     if as_json:
@@ -136,7 +136,7 @@ def models(show_all: bool, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def datasets(root: str | None, make_split: str | None, as_json: bool) -> None:
     """List the known datasets: folder, classes, split sizes, and presence under --root."""
-    from .datasets import dataset_status, list_specs, open_dataset
+    from .data.datasets import dataset_status, list_specs, open_dataset
 
     if make_split:
         if root is None:
@@ -170,8 +170,22 @@ def datasets(root: str | None, make_split: str | None, as_json: bool) -> None:
     console.print(table)
 
 
+def _json_object(ctx, param, raw: str | None) -> dict | None:
+    """A JSON-object option (fsspec storage options) parsed, or one line naming the option."""
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON ({exc.msg} at character {exc.pos}): {raw!r}."
+                                 f" Quote it for the shell, e.g. '{{\"anon\": true}}'.") from exc
+    if not isinstance(value, dict):
+        raise click.BadParameter(f"expected a JSON object ({{...}}), got {raw!r}.")
+    return value
+
+
 STORAGE_OPTIONS = click.option(
-    "--storage-options", default=None, metavar="JSON",
+    "--storage-options", default=None, metavar="JSON", callback=_json_object,
     help='fsspec options for remote stores, e.g. \'{"client_kwargs": {"endpoint_url": ...}}\'.')
 
 
@@ -210,22 +224,24 @@ def _int_list(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
               show_default=True, help="Trunk autocast on CUDA; stored maps are float16 anyway.")
 @click.option("--cut", default="pool", show_default=True, help="pool, layer4 (ResNet), lastN.")
-@click.option("--skip-bad", is_flag=True, help="Record unreadable images in the card and go on.")
+@click.option("--skip-bad", is_flag=True,
+              help="Record unreadable images in the store's manifest and go on.")
 @click.option("--make-split", is_flag=True, help="Generate a seeded split if none is published.")
 @click.option("--takeover", is_flag=True, help="Take over a stale writer lease.")
 @_cluster_options
-@click.option("--shard-images", default=256, show_default=True,
-              help="Images per distributed task (whole write units).")
+@click.option("--task-images", "--shard-images", "task_images", default=256, show_default=True,
+              help="Images per distributed task, rounded up to whole write units"
+              " (--shard-images: its former name).")
 @STORAGE_OPTIONS
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def extract(as_json: bool, storage_options: str | None, pretrained: str, **options) -> None:
+def extract(as_json: bool, storage_options: dict | None, pretrained: str, **options) -> None:
     """Run the frozen trunk once per image and write dense maps to a store (resumable)."""
-    from .extract import ExtractConfig
-    from .extract import extract as run_extract
-    from .progress import RichProgress
+    from .extract.config import ExtractConfig
+    from .extract.job import extract as run_extract
+    from .runtime.progress import RichProgress
 
     config = ExtractConfig(pretrained=None if pretrained.lower() == "none" else pretrained,
-                           storage_options=_storage_options(storage_options), **options)
+                           storage_options=storage_options, **options)
     with RichProgress() as progress:
         report = run_extract(config, progress)
     if as_json:
@@ -254,13 +270,13 @@ def demo(store_root: str, model: str, pretrained: str, workers: int, iters: int,
          as_json: bool) -> None:
     """Generate a small shapes dataset, extract it into a store, check it, and fit SAFE."""
     from .demo import run_demo
-    from .progress import RichProgress
+    from .runtime.progress import RichProgress
 
     with RichProgress() as progress:
         result = run_demo(store_root, model, None if pretrained.lower() == "none" else pretrained,
                           progress, workers, iters)
     if as_json:
-        _print_json(result)
+        _print_json({**result, "results": [r.to_json() for r in result["results"]]})
     else:
         table = Table(title=f"demo: extracted in {result['seconds']:.1f} s")
         for column in ("split", "rows"):
@@ -271,7 +287,9 @@ def demo(store_root: str, model: str, pretrained: str, workers: int, iters: int,
         console.print(f"store: {result['store']}")
         console.print(f"data: {result['data']} (spec {result['spec']})")
         if result["results"]:
-            _results_table(result["results"])
+            from .analysis.tables import runs_table
+
+            console.print(runs_table(result["results"]))
             console.print(f"results: {result['data']}/results/ (safe-cache report"
                           f" {result['data']}/results); plots: {result['data']}/plots/")
         console.print(f"next: [bold]safe-cache info {result['store']}[/]")
@@ -327,42 +345,24 @@ def _float_list(ctx, param, value: str) -> tuple[float, ...]:
 @_cluster_options
 @STORAGE_OPTIONS
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def fit(as_json: bool, storage_options: str | None, stores: tuple[str, ...], **options) -> None:
+def fit(as_json: bool, storage_options: dict | None, stores: tuple[str, ...], **options) -> None:
     """Train SAFE from a store for every shots x seed: the lr x wd grid at once, early stopping
     on val, the blend with beta; one result JSON (+ head) per run. Repeat --store to fit
     several datasets in one job."""
-    from .fit import FitConfig, fit_stores
-    from .progress import RichProgress
+    from .fit.config import FitConfig
+    from .fit.runs import fit_stores
+    from .runtime.progress import RichProgress
 
-    configs = [FitConfig(store=store, storage_options=_storage_options(storage_options),
+    configs = [FitConfig(store=store, storage_options=storage_options,
                          **options) for store in stores]
     with RichProgress(unit="it") as progress:
         results = fit_stores(configs, progress)
     if as_json:
-        _print_json(results)
+        _print_json([result.to_json() for result in results])
         return
-    _results_table(results)
+    from .analysis.tables import runs_table
 
-
-METHOD_COLUMNS = {"zero_shot": "zero-shot", "linear_probe": "lin. probe", "tip_adapter": "Tip",
-                  "tip_adapter_f": "Tip-F", "safe": "SAFE", "safe_a": "SAFE-A"}
-
-
-def _results_table(results: list[dict]) -> None:
-    """Test accuracy of every method per run (chosen hyperparameters are in the JSON)."""
-    present = [m for m in METHOD_COLUMNS if any(m in r["methods"] for r in results)]
-    skipped = any(r.get("skipped") for r in results)
-    table = Table(title="test accuracy (%)",
-                  caption="* an existing result, not recomputed (--force)" if skipped else None)
-    for column in ("shots", "seed", *(METHOD_COLUMNS[m] for m in present)):
-        table.add_column(column, justify="right")
-    for r in results:
-        cells = [f"{100 * r['methods'][m]['test_acc']:.2f}" if m in r["methods"] else "-"
-                 for m in present]
-        cells = [f"[bold]{c}[/]" if m.startswith("safe") else c for m, c in zip(present, cells,
-                                                                                strict=True)]
-        table.add_row(str(r["shots"]), f"{r['seed']}{'*' if r.get('skipped') else ''}", *cells)
-    console.print(table)
+    console.print(runs_table(results))
 
 
 @main.command()
@@ -373,7 +373,8 @@ def _results_table(results: list[dict]) -> None:
               help="Write PNG plots (accuracy vs shots, beta curve, lr x wd grid) here.")
 def report(results_dir: str, fmt: str, plots_dir: str | None) -> None:
     """Mean and std over seeds per dataset, shots and method, beside the paper's numbers."""
-    from .report import aggregate, load_results, render, write_plots
+    from .analysis.report import aggregate, load_results, render, write_plots
+    from .analysis.tables import ood_table, report_tables
 
     runs = load_results(results_dir)
     if not runs:
@@ -382,51 +383,12 @@ def report(results_dir: str, fmt: str, plots_dir: str | None) -> None:
     if fmt != "table":
         click.echo(render(rows, fmt), nl=False)
     else:
-        _report_table(rows)
-        _ood_table(runs)
+        for table in [*report_tables(rows), ood_table(runs)]:
+            if table is not None:
+                console.print(table)
     if plots_dir:
         written = write_plots(rows, runs, plots_dir)
         err_console.print(f"{len(written)} plots written to {plots_dir}")
-
-
-def _ood_table(runs: list[dict]) -> None:
-    """Table III: ImageNet -> variants, ours (paper) per backbone and method."""
-    from .report import OOD_COLUMNS, ood_rows
-
-    rows = ood_rows(runs)
-    if not rows:
-        return
-    table = Table(title="out of distribution: 16-shot ImageNet -> variants, ours (paper), %")
-    table.add_column("backbone")
-    table.add_column("method")
-    for column in OOD_COLUMNS:
-        table.add_column(column.replace("imagenet_", "-").replace("imagenet", "ImageNet"),
-                         justify="right")
-    for row in rows:
-        cells = [("-" if row[c] is None else f"{row[c]:.1f}")
-                 + (f" ({row['paper'][c]:.1f})" if row["paper"][c] is not None else "")
-                 for c in OOD_COLUMNS]
-        table.add_row(row["backbone"], METHOD_COLUMNS.get(row["method"], row["method"]), *cells)
-    console.print(table)
-
-
-def _report_table(rows: list[dict]) -> None:
-    """One table per dataset and backbone: shots x method, ours beside the paper's."""
-    from .report import METHOD_ORDER, cell
-
-    order = {m: i for i, m in enumerate(METHOD_ORDER)}
-    for dataset, backbone in sorted({(r["dataset"], r["backbone"]) for r in rows}):
-        table = Table(title=f"{dataset} / {backbone}: test accuracy (%), mean ± std over seeds")
-        for column in ("shots", "method", "accuracy", "seeds", "paper", "delta"):
-            table.add_column(column, justify="left" if column == "method" else "right")
-        mine = [r for r in rows if (r["dataset"], r["backbone"]) == (dataset, backbone)]
-        for row in sorted(mine, key=lambda r: (r["shots"], order.get(r["method"], 99))):
-            delta = cell(row, "delta")
-            style = "green" if delta.startswith("+") else "red" if delta != "-" else ""
-            table.add_row(str(row["shots"]), METHOD_COLUMNS.get(row["method"], row["method"]),
-                          f"{row['mean']:.2f} ± {row['std']:.2f}", str(row["seeds"]),
-                          cell(row, "paper"), f"[{style}]{delta}[/]" if style else delta)
-        console.print(table)
 
 
 @main.command()
@@ -440,12 +402,12 @@ def _report_table(rows: list[dict]) -> None:
               "file: that file.")
 @STORAGE_OPTIONS
 def export(result: str, out: str, method: str, merge: bool, weights: str | None,
-           storage_options: str | None) -> None:
+           storage_options: dict | None) -> None:
     """Write a self-contained model folder from a fit RESULT (its .json)."""
     from .export import export_model
 
     folder = export_model(result, out, method=method, merge=merge, weights=weights,
-                          storage_options=_storage_options(storage_options))
+                          storage_options=storage_options)
     console.print(f"model folder: {folder}")
 
 
@@ -463,7 +425,7 @@ def predict(model_dir: str, images: tuple[str, ...], top_k: int, batch_size: int
             weights: str | None, device: str, skip_bad: bool, as_json: bool) -> None:
     """Classify IMAGES (files or folders) with an exported model."""
     from .export import load_model
-    from .progress import RichProgress
+    from .runtime.progress import RichProgress
 
     model = load_model(model_dir, weights=weights, device=device)
     with RichProgress() as progress:
@@ -499,7 +461,7 @@ def predict(model_dir: str, images: tuple[str, ...], top_k: int, batch_size: int
 def attention(store: str, result: str, rows: tuple[int, ...], split: str,
               image_root: str | None, per_head: bool, out: str) -> None:
     """Pooling attention of the original and the fine-tuned head, side by side (PNG)."""
-    from .attention import attention_maps, plot_attention
+    from .analysis.attention import attention_maps, plot_attention
 
     maps = attention_maps(store, result, list(rows), split)
     written = plot_attention(maps, image_root, out, per_head)
@@ -526,8 +488,8 @@ def correspond(store: str | None, source: str, point: tuple[int, ...], targets: 
                out: str) -> None:
     """Semantic correspondence (the paper's Eq. 1): stored dense maps, or image files through
     the trunk live at any cut (PNG)."""
-    from .correspond import correspond as run_correspond
-    from .correspond import correspond_images, plot_correspondence
+    from .analysis.correspond import correspond as run_correspond
+    from .analysis.correspond import correspond_images, plot_correspondence
 
     if len(point) != 2:
         raise click.BadParameter("--point takes x,y")
@@ -545,36 +507,32 @@ def correspond(store: str | None, source: str, point: tuple[int, ...], targets: 
     console.print(f"{len(written)} images written to {out}")
 
 
-def _storage_options(raw: str | None) -> dict | None:
-    return json.loads(raw) if raw else None
-
-
 @main.command()
 @click.argument("store")
 @STORAGE_OPTIONS
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def info(store: str, storage_options: str | None, as_json: bool) -> None:
-    """Show a store's card, sizes and completeness."""
+def info(store: str, storage_options: dict | None, as_json: bool) -> None:
+    """Show a store's manifest, sizes and completeness."""
     from .store import open_store
 
-    opened = open_store(store, storage_options=_storage_options(storage_options))
-    card, summary = opened.card, opened.summary()
+    opened = open_store(store, storage_options=storage_options)
+    manifest, summary = opened.manifest, opened.summary()
     if as_json:
-        _print_json({"card": card, "splits": summary})
+        _print_json({"manifest": manifest, "splits": summary})
         return
-    backbone, dataset = card["backbone"], card["dataset"]
+    backbone, dataset = manifest["backbone"], manifest["dataset"]
     head = Table(title=f"store {store}", show_header=False)
     head.add_column("field", style="bold cyan")
     head.add_column("value")
     for key, value in (
         ("dataset", f"{dataset.get('name')} ({dataset.get('num_classes')} classes)"),
         ("backbone", f"{backbone.get('model')} / {backbone.get('pretrained')}"),
-        ("fingerprint", card["backbone_fingerprint"][:16]),
+        ("fingerprint", manifest["backbone_fingerprint"][:16]),
         ("dense map", f"T={backbone['T']} C={backbone['C']} D={backbone['D']}"),
-        ("views", str(card["views"].get("count"))),
-        ("layout", json.dumps(card["layout"])),
-        ("schema / tool", f"{card['schema_version']} / {card['tool_version']}"),
-        ("created / updated", f"{card['created']} / {card['updated']}"),
+        ("views", str(manifest["views"].get("count"))),
+        ("layout", json.dumps(manifest["layout"])),
+        ("schema / tool", f"{manifest['schema_version']} / {manifest['tool_version']}"),
+        ("created / updated", f"{manifest['created']} / {manifest['updated']}"),
     ):
         head.add_row(key, value)
     console.print(head)
@@ -592,11 +550,11 @@ def info(store: str, storage_options: str | None, as_json: bool) -> None:
 @click.argument("root", default="stores")
 @STORAGE_OPTIONS
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def ls_command(root: str, storage_options: str | None, as_json: bool) -> None:
+def ls_command(root: str, storage_options: dict | None, as_json: bool) -> None:
     """List every store under ROOT (a folder or a bucket prefix), one row each."""
-    from .store import find_stores
+    from .store.catalog import find_stores
 
-    rows = find_stores(root, storage_options=_storage_options(storage_options))
+    rows = find_stores(root, storage_options=storage_options)
     if as_json:
         _print_json(rows)
         return
@@ -614,11 +572,11 @@ def ls_command(root: str, storage_options: str | None, as_json: bool) -> None:
 @main.command()
 @click.argument("store")
 @STORAGE_OPTIONS
-def verify(store: str, storage_options: str | None) -> None:
+def verify(store: str, storage_options: dict | None) -> None:
     """Check schema, card, shapes, dtypes, completeness, chunks and values; non-zero on problems."""
-    from .verify import verify_store
+    from .store.verify import verify_store
 
-    problems = verify_store(store, storage_options=_storage_options(storage_options))
+    problems = verify_store(store, storage_options=storage_options)
     if not problems:
         console.print(f"[green]ok[/]: {store}")
         return
@@ -631,21 +589,22 @@ def verify(store: str, storage_options: str | None) -> None:
 @main.command(name="copy")
 @click.argument("source")
 @click.argument("destination")
-@click.option("--source-options", default=None, metavar="JSON", help="fsspec options for SOURCE.")
-@click.option("--destination-options", default=None, metavar="JSON",
+@click.option("--source-options", default=None, metavar="JSON", callback=_json_object,
+              help="fsspec options for SOURCE.")
+@click.option("--destination-options", default=None, metavar="JSON", callback=_json_object,
               help="fsspec options for DESTINATION.")
 @click.option("--no-verify", is_flag=True, help="Skip verifying DESTINATION after the copy.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def copy_command(source: str, destination: str, source_options: str | None,
-                 destination_options: str | None, no_verify: bool, as_json: bool) -> None:
+def copy_command(source: str, destination: str, source_options: dict | None,
+                 destination_options: dict | None, no_verify: bool, as_json: bool) -> None:
     """Copy a store to a shared location (or fetch one), then verify the copy. Run it again to
     resume an interrupted copy."""
-    from .progress import RichProgress
-    from .transfer import copy_store
+    from .runtime.progress import RichProgress
+    from .store.transfer import copy_store
 
     with RichProgress(unit="B") as progress:
-        report = copy_store(source, destination, source_options=_storage_options(source_options),
-                            destination_options=_storage_options(destination_options),
+        report = copy_store(source, destination, source_options=source_options,
+                            destination_options=destination_options,
                             verify=not no_verify, progress=progress)
     if as_json:
         _print_json(report.__dict__)

@@ -19,10 +19,13 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from .extract import ExtractConfig, ExtractReport, extract
-from .fit import FitConfig, fit
-from .progress import ProgressSink, null_progress
-from .verify import verify_store
+from .analysis.report import aggregate, load_results, write_plots
+from .extract.config import ExtractConfig, ExtractReport
+from .extract.job import extract
+from .fit.config import FitConfig
+from .fit.runs import fit
+from .runtime.progress import ProgressSink, null_progress
+from .store.verify import verify_store
 
 CLASSES = ("red circle", "blue square", "green triangle", "yellow cross", "purple stripes",
            "orange checkerboard")
@@ -101,8 +104,6 @@ def run_demo(store_root: str = "stores", model: str = "safe-cache-tiny-vit",
     ), progress)
     plots = []
     if results:
-        from .report import aggregate, load_results, write_plots
-
         runs = load_results(data_root / "results")
         plots = [str(p) for p in write_plots(aggregate(runs), runs, data_root / "plots")]
     return {"data": str(data_root), "spec": str(spec), "store": report.store,

@@ -2,7 +2,8 @@
 
 Every error a user can trigger with bad input derives from `SafeCacheError`, so the CLI can print
 its message (which names the thing and the fix) instead of a traceback, and a notebook user can
-catch one class.
+catch one class. Every class lives here, whatever layer raises it, and the package root exports
+them all: `from safe_cache import StoreError`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ class DatasetError(SafeCacheError):
     """A dataset spec, layout, split file or prompt source is missing or malformed."""
 
 
+class ImageReadError(SafeCacheError):
+    """An image could not be opened or decoded."""
+
+
 class StoreError(SafeCacheError):
     """A feature store is missing, malformed, incompatible, or was asked for a refused write."""
 
@@ -40,5 +45,39 @@ class StoreLockedError(StoreError):
     """Another writer holds the store's lease."""
 
 
+class ExtractError(SafeCacheError):
+    """Extraction stopped (an unreadable image, an incompatible store)."""
+
+
+class ResultError(SafeCacheError):
+    """A fit result file is missing, malformed, or not the shape this safe-cache writes."""
+
+
+class ModelFolderError(SafeCacheError):
+    """A model folder is incomplete, tampered with, or does not fit its backbone."""
+
+
+class ClusterError(SafeCacheError):
+    """The dask scheduler could not be reached, or a task failed on a worker."""
+
+
 class SafeCacheWarning(UserWarning):
     """A situation that works but may silently give wrong numbers (e.g. QuickGELU unknown)."""
+
+
+__all__ = [
+    "ClusterError",
+    "DatasetError",
+    "ExtractError",
+    "ImageReadError",
+    "ModelConfigError",
+    "ModelFolderError",
+    "ResultError",
+    "SafeCacheError",
+    "SafeCacheWarning",
+    "StoreError",
+    "StoreLockedError",
+    "StoreNotFoundError",
+    "UnsupportedModelError",
+    "WeightsUnavailableError",
+]

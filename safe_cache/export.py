@@ -10,7 +10,6 @@ classifier) and, for SAFE-A, cache.safetensors (the trained keys and their one-h
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -23,23 +22,17 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .backbone import Backbone, head_from_config, load_backbone
-from .datasets import IMAGE_SUFFIXES
-from .errors import SafeCacheError
-from .fit import blend_features
+from .data.datasets import IMAGE_SUFFIXES
+from .data.views import load_image
+from .errors import ImageReadError, ModelFolderError
+from .fit.results import load_result
+from .identity import card_fingerprint, file_sha256
+from .model.backbone import Backbone, head_from_config, load_backbone
+from .model.inference import blend_features, tip_logits
 from .store import open_store
-from .views import ImageReadError, load_image
 
 CARD = "card.json"
 FORMAT_VERSION = 1
-
-
-class ModelFolderError(SafeCacheError):
-    """A model folder is incomplete, tampered with, or does not fit its backbone."""
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def export_model(result_path: str | Path, out: str | Path, *, method: str = "safe",
@@ -47,36 +40,36 @@ def export_model(result_path: str | Path, out: str | Path, *, method: str = "saf
                  storage_options: dict | None = None) -> Path:
     """Write the model folder of a fit result (`method` safe or safe_a). `merge` also writes
     an open_clip checkpoint, which needs the backbone's weights (its tag, or `weights`)."""
-    result_path = Path(result_path)
-    result = json.loads(result_path.read_text())
-    if method not in ("safe", "safe_a") or method not in result["methods"]:
+    result = load_result(result_path)
+    result_path = result.path
+    if method not in ("safe", "safe_a") or method not in result.methods:
         raise ModelFolderError(f"{result_path} has no '{method}' result to export (it has"
-                               f" {sorted(result['methods'])}).")
-    store = open_store(result["store"]["url"], storage_options=storage_options)
-    if store.fingerprint != result["store"]["fingerprint"]:
+                               f" {sorted(result.methods)}).")
+    store = open_store(result.store["url"], storage_options=storage_options)
+    if store.fingerprint != result.store["fingerprint"]:
         raise ModelFolderError(f"{store.url} is not the store {result_path} was fitted on.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result_path.with_suffix(".safetensors"), out / "head.safetensors")
-    config = result["config"]
+    config = result.config
     save_file({"classifier": torch.from_numpy(store.classifier(config["prompts"])).contiguous()},
               str(out / "classifier.safetensors"))
     files = ["head.safetensors", "classifier.safetensors"]
     if method == "safe_a":
         shutil.copyfile(result_path.with_suffix(".safe_a.safetensors"), out / "cache.safetensors")
         files.append("cache.safetensors")
-    card = store.card
+    manifest = store.manifest
     _, model_config = store.head_state()
     document = {
         "format_version": FORMAT_VERSION, "method": method,
-        "backbone": card["backbone"], "model_config": model_config,
+        "backbone": manifest["backbone"], "model_config": model_config,
         "beta": config["beta"], "blend": config["blend"],
-        "tip": {k: result["methods"][method].get(k) for k in ("alpha", "gamma")},
-        "classnames": card["dataset"]["classnames"], "dataset": card["dataset"]["name"],
+        "tip": {k: result.methods[method].get(k) for k in ("alpha", "gamma")},
+        "classnames": manifest["dataset"]["classnames"], "dataset": manifest["dataset"]["name"],
         "store_fingerprint": store.fingerprint, "result": str(result_path),
         "accuracy": {k: {"val": v["val_acc"], "test": v["test_acc"]}
-                     for k, v in result["methods"].items()},
-        "sha256": {name: _sha256(out / name) for name in files},
+                     for k, v in result.methods.items()},
+        "sha256": {name: file_sha256(out / name) for name in files},
     }
     (out / CARD).write_text(json.dumps(document, indent=2))
     if merge:
@@ -121,16 +114,14 @@ class SafeModel:
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Preprocessed images (B, 3, H, W) -> class logits (B, classes)."""
         device = self.backbone.device
-        dense = self.backbone.trunk(images.to(device))
-        original, tuned = self.backbone.head(dense), self.head(dense)
+        dense = self.backbone.forward_features(images.to(device))
+        original, tuned = self.backbone.forward_head(dense), self.head(dense)
         features = blend_features(original, tuned, self.card["beta"], self.card["blend"])
         scale = self.backbone.card["logit_scale"]
-        logits = scale * features @ self.classifier.T
-        if self.cache is not None:
-            alpha, gamma = self.card["tip"]["alpha"], self.card["tip"]["gamma"]
-            affinity = features @ self.cache["keys"].T
-            logits = logits + alpha * torch.exp(-gamma * (1 - affinity)) @ self.cache["values"]
-        return logits
+        if self.cache is None:
+            return scale * features @ self.classifier.T
+        return tip_logits(features, self.classifier, self.cache["keys"], self.cache["values"],
+                          self.card["tip"]["alpha"], self.card["tip"]["gamma"], scale)
 
     def predict(self, images, *, top_k: int = 5, batch_size: int = 32,
                 skip_bad: bool = False, progress=None) -> list[Prediction]:
@@ -188,7 +179,7 @@ def load_model(folder: str | Path, *, weights: str | Path | None = None,
         path = folder / name
         if not path.is_file():
             raise ModelFolderError(f"{folder}: {name} is missing; export the model again.")
-        if _sha256(path) != digest:
+        if file_sha256(path) != digest:
             raise ModelFolderError(f"{folder}: {name} does not match its sha256 in {CARD}"
                                    f" (modified or corrupted); export the model again.")
     backbone = _backbone_for(card, weights, device)
@@ -223,8 +214,6 @@ def _backbone_for(card: dict[str, Any], weights, device) -> Backbone:
     backbone = load_backbone(model, pretrained, device=device,
                              init_seed=spec.get("init_seed") or 0, cut=spec["cut"],
                              quick_gelu=spec["quick_gelu"])
-    from .cards import card_fingerprint
-
     if card_fingerprint(backbone.card) != card_fingerprint(spec):
         raise ModelFolderError("The loaded backbone is not the one this model was trained on"
                                " (fingerprints differ): check --weights.")

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny real open_clip architectures with random weights (milliseconds each)."""
+"""Shared fixtures: tiny real open_clip architectures with random weights (milliseconds each), and
+the one store / result factory (tests/factories.py)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,15 @@ def images_for(backbone, batch: int = 2, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     height, width = backbone.card["image_size"]
     return torch.randn(batch, 3, height, width, generator=generator)
+
+
+@pytest.fixture(scope="session")
+def store_factory():
+    """new_store, fill, build_store, result_record, write_record: every test builds stores and
+    result files this way (module-level helpers import the same functions from factories)."""
+    import factories
+
+    return factories
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from safe_cache.datasets import load_spec
+from safe_cache.data.datasets import load_spec
 
 SPLIT_COUNTS = {"train": 5, "val": 3, "test": 2}  # images per class and split
 WNIDS = [f"n0{i:07d}" for i in range(6)]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from safe_cache.adapters import (
+from safe_cache.fit.adapters import (
     DEFAULT_TIP,
     Split,
     cache_model,
@@ -87,7 +87,7 @@ def test_tip_adapter_f_chooses_its_epoch_on_val_not_test(monkeypatch):
     train, labels, val, _, classifier = problem(3)
     test = Split(val.features, (CLASSES - 1) - val.labels)
     seen: list[float] = []
-    import safe_cache.adapters as adapters
+    import safe_cache.fit.adapters as adapters
 
     real_accuracy = adapters.accuracy
 

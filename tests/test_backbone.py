@@ -19,8 +19,8 @@ from safe_cache import (
     WeightsUnavailableError,
     load_backbone,
 )
-from safe_cache.backbone import family_of, list_architectures
-from safe_cache.weights import _cached_copy
+from safe_cache.model.backbone import family_of, list_architectures
+from safe_cache.model.weights import _cached_copy
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -54,6 +54,7 @@ def test_earlier_cut_is_exact(load_cached, name, cut):
     assert_split_exact(backbone)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["RN50", "ViT-B-16"])
 def test_real_architectures_split_is_exact(load_cached, name):
     assert_split_exact(load_cached(name), batch=2)
@@ -65,6 +66,7 @@ def test_more_real_architectures_split_is_exact(name):
     assert_split_exact(load_backbone(name), batch=1)
 
 
+@pytest.mark.slow
 def test_dense_shapes_match_paper(load_cached):
     card = load_cached("RN50").card
     assert (card["T"], card["C"], card["D"], card["grid"]) == (49, 2048, 1024, [7, 7])

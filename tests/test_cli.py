@@ -8,6 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from safe_cache import SafeCacheWarning
@@ -16,6 +17,7 @@ from safe_cache.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_python_m_reaches_every_command():
     """`python -m safe_cache.cli` runs main() at the module's end: every command registered."""
     for name in sorted(main.commands):
@@ -33,6 +35,7 @@ def test_help_lists_the_command_groups():
         assert command in result.output
 
 
+@pytest.mark.slow
 def test_cli_shim_matches_console_script():
     shim = subprocess.run([sys.executable, "cli.py", "--help"], cwd=ROOT, capture_output=True,
                           text=True, check=True)
@@ -86,7 +89,7 @@ def test_datasets_table_marks_presence(tmp_path):
 def test_datasets_make_split(tmp_path):
     from miniatures import write_split_zhou
 
-    from safe_cache.datasets import load_spec
+    from safe_cache.data.datasets import load_spec
 
     write_split_zhou(tmp_path, "eurosat")
     spec = load_spec("eurosat")
@@ -100,3 +103,21 @@ def test_datasets_make_split(tmp_path):
     assert result.exit_code == 0, result.output
     assert "warning: eurosat: using the generated split" in result.output
     assert (tmp_path / spec.folder / "split_generated_eurosat.json").is_file()
+
+
+def test_bad_storage_options_name_the_option(tmp_path):
+    for command in (["info", str(tmp_path)], ["verify", str(tmp_path)], ["ls", str(tmp_path)]):
+        result = CliRunner().invoke(main, [*command, "--storage-options", "{bad"])
+        assert result.exit_code == 2, result.output
+        assert "--storage-options" in result.output and "not valid JSON" in result.output
+        assert "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["info", str(tmp_path), "--storage-options", "[1]"])
+    assert result.exit_code == 2 and "JSON object" in result.output
+    result = CliRunner().invoke(main, ["copy", str(tmp_path), str(tmp_path / "x"),
+                                       "--source-options", "nope"])
+    assert result.exit_code == 2 and "--source-options" in result.output
+
+
+def test_task_images_keeps_its_former_name():
+    help_text = CliRunner().invoke(main, ["extract", "--help"]).output
+    assert "--task-images" in help_text and "--shard-images" in help_text

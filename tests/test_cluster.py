@@ -20,15 +20,18 @@ from click.testing import CliRunner
 from miniatures import write_split_zhou
 from safetensors.numpy import load_file
 
-from safe_cache import SafeCacheError, StoreError, cluster, shards
+from safe_cache import SafeCacheError, StoreError
 from safe_cache.cli import main
-from safe_cache.cluster import ClusterError, connect
-from safe_cache.extract import ExtractConfig, extract
+from safe_cache.extract import ExtractConfig, distributed, extract
+from safe_cache.extract.distributed import plan_tasks
 from safe_cache.fit import FitConfig, fit, fit_stores
-from safe_cache.shards import plan_shards
+from safe_cache.runtime import cluster
+from safe_cache.runtime.cluster import ClusterError, connect
 from safe_cache.store import StoreLayout, open_store
-from safe_cache.transfer import copy_store
-from safe_cache.verify import verify_store
+from safe_cache.store.transfer import copy_store
+from safe_cache.store.verify import verify_store
+
+pytestmark = pytest.mark.slow  # LocalClusters of worker processes: seconds each
 
 COUNTS = {"train": 6, "val": 4, "test": 10}
 
@@ -43,7 +46,7 @@ def data(tmp_path_factory) -> Path:
 def config(data: Path, store: str, **overrides) -> ExtractConfig:
     values = dict(dataset="food101", root=str(data), model="safe-cache-tiny-vit",
                   pretrained=None, store=store, shots=(1, 2), seeds=(1, 2), views=2, workers=0,
-                  batch_size=2, layout=StoreLayout(chunk_images=4), shard_images=4)
+                  batch_size=2, layout=StoreLayout(chunk_images=4), task_images=4)
     values.update(overrides)
     return ExtractConfig(**values)
 
@@ -84,13 +87,13 @@ def assert_same_store(url: str, reference: str, options: dict | None = None) -> 
     assert verify_store(url, storage_options=options) == []
 
 
-def test_shards_are_whole_write_units():
+def test_tasks_are_whole_write_units():
     items = [(row, None, str(row), 0) for row in [0, 1, 2, 5, 6, 8, 9, 10, 11, 13]]
-    shards = plan_shards(items, unit=4, shard_images=8)  # two units per shard
-    assert [[i[0] for i in shard] for shard in shards] == [[0, 1, 2, 5, 6], [8, 9, 10, 11, 13]]
-    units = [{i[0] // 4 for i in shard} for shard in shards]
+    tasks = plan_tasks(items, unit=4, task_images=8)  # two units per task
+    assert [[i[0] for i in task] for task in tasks] == [[0, 1, 2, 5, 6], [8, 9, 10, 11, 13]]
+    units = [{i[0] // 4 for i in task} for task in tasks]
     assert all(not (a & b) for n, a in enumerate(units) for b in units[n + 1:])
-    assert len(plan_shards(items, unit=4, shard_images=1)) == 4  # never less than a unit
+    assert len(plan_tasks(items, unit=4, task_images=1)) == 4  # never less than a unit
 
 
 def test_distributed_extraction_equals_in_process(data, reference, client):
@@ -98,11 +101,11 @@ def test_distributed_extraction_equals_in_process(data, reference, client):
     report = extract(config(data, url), client=client)
     assert report.extracted == report.rows  # every row extracted now, by the workers
     assert report.rows["test"] == 4 * COUNTS["test"]
-    loads = client.run(lambda: shards.worker_backbone.cache_info())  # per worker process
-    shard_count = sum(len(plan_shards([(r, None, "", 0) for r in range(n)], 4, 4))
-                      for n in report.rows.values())  # rows are contiguous here
+    loads = client.run(lambda: distributed.worker_backbone.cache_info())  # per worker process
+    task_count = sum(len(plan_tasks([(r, None, "", 0) for r in range(n)], 4, 4))
+                     for n in report.rows.values())  # rows are contiguous here
     assert all(info.misses == 1 for info in loads.values())  # the backbone loaded once each
-    assert sum(info.hits + info.misses for info in loads.values()) == shard_count
+    assert sum(info.hits + info.misses for info in loads.values()) == task_count
     assert_same_store(url, reference)
     again = extract(config(data, url), client=client)  # complete: nothing submitted
     assert sum(again.extracted.values()) == 0
@@ -112,7 +115,7 @@ def test_distributed_extraction_into_s3(data, reference, client, s3_endpoint):
     options = s3_options(s3_endpoint)
     url = f"s3://stores/{uuid.uuid4().hex[:8]}.zarr"
     extract(config(data, url, storage_options=options,
-                   layout=StoreLayout(chunk_images=4, shard_images=8), shard_images=16),
+                   layout=StoreLayout(chunk_images=4, shard_images=8), task_images=16),
             client=client)
     store = open_store(url, storage_options=options)
     assert store.layout.shard_images == 8
@@ -144,9 +147,9 @@ def test_distributed_fit_over_two_seeds_equals_in_process(tmp_path, reference, c
     finally:
         torch.set_num_threads(threads)
     remote = fit(fit_config(reference, tmp_path / "cluster"), client=client)
-    assert [(r["shots"], r["seed"]) for r in remote] == [(1, 1), (1, 2)]
+    assert [(r.shots, r.seed) for r in remote] == [(1, 1), (1, 2)]
     for a, b in zip(local, remote, strict=True):
-        assert a["methods"] == b["methods"] and a["grid"] == b["grid"]
+        assert a.methods == b.methods and a.grid == b.grid
     heads_a, heads_b = _heads(tmp_path / "local"), _heads(tmp_path / "cluster")
     assert heads_a.keys() == heads_b.keys() and len(heads_a) == 2
     for name, state in heads_a.items():
@@ -155,7 +158,7 @@ def test_distributed_fit_over_two_seeds_equals_in_process(tmp_path, reference, c
     written = sorted(p.name for p in (tmp_path / "cluster").rglob("*.json"))
     assert written == ["shots1_seed1.json", "shots1_seed2.json"]
     skipped = fit(fit_config(reference, tmp_path / "cluster"), client=client)
-    assert all(r.get("skipped") for r in skipped)  # existing results are not run again
+    assert all(r.skipped for r in skipped)  # existing results are not run again
 
 
 def test_several_stores_fit_in_one_job(tmp_path, data, reference, client):
@@ -166,7 +169,7 @@ def test_several_stores_fit_in_one_job(tmp_path, data, reference, client):
                           workers=0))
     results = fit_stores([fit_config(reference, tmp_path / "out", seeds=(1,)),
                           fit_config(other, tmp_path / "out", seeds=(1,))], client=client)
-    assert [r["dataset"] for r in results] == ["food101", "dtd"]
+    assert [r.dataset for r in results] == ["food101", "dtd"]
     assert {p.parent.parent.name for p in (tmp_path / "out").rglob("*.json")} == {"food101",
                                                                                  "dtd"}
     copy_store(reference, str(tmp_path / "twin.zarr"))
@@ -184,7 +187,7 @@ def test_copy_to_s3_then_fit_through_a_chunk_cache(tmp_path, reference, s3_endpo
     local = fit(fit_config(reference, tmp_path / "local", seeds=(1,)))
     remote = fit(fit_config(url, tmp_path / "remote", seeds=(1,), storage_options=options,
                             cache=str(cache)))
-    assert local[0]["methods"] == remote[0]["methods"]
+    assert local[0].methods == remote[0].methods
     cached = [p for p in cache.rglob("*") if p.is_file()]
     assert cached and all("/c/" in str(p) for p in cached)  # feature chunks only, no metadata
     again = open_store(url, storage_options=options, cache=str(cache))

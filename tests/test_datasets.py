@@ -15,7 +15,7 @@ from miniatures import (
 )
 
 from safe_cache import DatasetError, SafeCacheWarning
-from safe_cache.datasets import dataset_status, list_specs, load_spec, open_dataset
+from safe_cache.data.datasets import dataset_status, list_specs, load_spec, open_dataset
 
 SPLIT_ZHOU = ["caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
               "sun397", "dtd", "eurosat", "ucf101"]
@@ -53,7 +53,7 @@ def test_every_layout_reads(data_root, name):
         for entry in entries:
             assert dataset.image_path(entry).is_file(), entry
             assert 0 <= entry.label < len(dataset.classnames)
-    card = dataset.card
+    card = dataset.describe()
     assert json.loads(json.dumps(card)) == card
     assert card["num_classes"] == len(dataset.classnames)
 
@@ -65,7 +65,7 @@ def test_split_zhou_keeps_file_order_and_cleans_classnames(data_root, name):
     assert [e.path for e in dataset.splits["train"]] == [item[0] for item in raw["train"]]
     assert dataset.classnames == [c.replace("_", " ") for c in classnames_for(name, 4)]
     assert {len(dataset.splits[s]) for s in SPLIT_COUNTS} == {4 * n for n in SPLIT_COUNTS.values()}
-    assert len(dataset.card["split_sha256"]) == 64
+    assert len(dataset.describe()["split_sha256"]) == 64
 
 
 def test_fgvc_variants_with_spaces(data_root):
@@ -129,7 +129,7 @@ def test_make_split_writes_a_seeded_split_and_warns(tmp_path):
     (tmp_path / spec.folder / spec.split_file).unlink()
     with pytest.warns(SafeCacheWarning, match="not comparable"):
         dataset = open_dataset("eurosat", tmp_path, make_split=True)
-    assert dataset.generated_split and dataset.card["generated_split"]
+    assert dataset.generated_split and dataset.describe()["generated_split"]
     per_class = sum(SPLIT_COUNTS.values())
     assert len(dataset.splits["train"]) == 3 * round(per_class * 0.5)
     assert len(dataset.splits["val"]) == 3 * round(per_class * 0.2)

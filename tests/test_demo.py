@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from safe_cache.datasets import open_dataset
+import pytest
+
+from safe_cache.data.datasets import open_dataset
 from safe_cache.demo import CLASSES, run_demo
 from safe_cache.store import open_store
+
+pytestmark = pytest.mark.slow  # the whole demo, twice: ~30 s each
 
 
 def test_demo_builds_a_sound_store(tmp_path):
@@ -15,16 +19,16 @@ def test_demo_builds_a_sound_store(tmp_path):
     assert dataset.classnames == sorted(CLASSES)  # sorted folders, underscores -> spaces
     store = open_store(result["store"])
     assert result["rows"]["test"] == len(dataset.splits["test"]) > 0
-    assert store.classifier("hand").shape == (len(CLASSES), store.card["backbone"]["D"])
+    assert store.classifier("hand").shape == (len(CLASSES), store.manifest["backbone"]["D"])
     assert store.fewshot(2, 4)[0].size == 4 * len(CLASSES)
-    fitted = {(r["shots"], r["seed"]): r["methods"] for r in result["results"]}
+    fitted = {(r.shots, r.seed): r.methods for r in result["results"]}
     assert set(fitted) == {(k, s) for k in (1, 2, 4) for s in (1, 2)}
     safe = [m["safe"]["test_acc"] for m in fitted.values()]
     zero = [m["zero_shot"]["test_acc"] for m in fitted.values()]
     assert sum(safe) / len(safe) > sum(zero) / len(zero) + 0.2  # SAFE learns the shapes
     again = run_demo(str(tmp_path), workers=0, iters=150)  # a rerun finds everything done
     assert again["extracted"] == {"test": 0, "train": 0, "val": 0}
-    assert all(r.get("skipped") for r in again["results"])
+    assert all(r.skipped for r in again["results"])
     assert len(result["plots"]) == 1 + 1 + 3  # accuracy vs shots, beta curve, 3 grids
 
 

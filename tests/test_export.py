@@ -11,15 +11,16 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from safe_cache.adapters import tip_logits
-from safe_cache.backbone import head_from_config
 from safe_cache.cli import main
-from safe_cache.datasets import open_dataset
+from safe_cache.data.datasets import open_dataset
+from safe_cache.data.views import load_image
 from safe_cache.demo import run_demo
 from safe_cache.export import ModelFolderError, export_model, load_model
-from safe_cache.fit import blend_features
+from safe_cache.model.backbone import head_from_config
+from safe_cache.model.inference import blend_features, tip_logits
 from safe_cache.store import open_store
-from safe_cache.views import load_image
+
+pytestmark = pytest.mark.slow  # every test here starts from the demo's store (~20 s to build)
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +36,14 @@ def store_logits(result_path: Path, method: str) -> tuple[torch.Tensor, list[str
     result = json.loads(result_path.read_text())
     store = open_store(result["store"]["url"])
     _, config = store.head_state()
-    head = head_from_config(config, store.card["backbone"])
+    head = head_from_config(config, store.manifest["backbone"])
     head.load_state_dict(load_file(str(result_path.with_suffix(".safetensors"))))
     test = store.split("test")
     with torch.no_grad():
         tuned = head(torch.from_numpy(test["dense"].values.astype(np.float32)))
     features = blend_features(torch.from_numpy(test["pooled"].values), tuned, 0.5)
     classifier = torch.from_numpy(store.classifier())
-    scale = store.card["backbone"]["logit_scale"]
+    scale = store.manifest["backbone"]["logit_scale"]
     logits = scale * features @ classifier.T
     if method == "safe_a":
         cache = load_file(str(result_path.with_suffix(".safe_a.safetensors")))
@@ -133,11 +134,11 @@ def test_merge_writes_an_open_clip_checkpoint(demo, tmp_path):
 
 def test_attention_maps_before_and_after_fine_tuning(demo, tmp_path):
     """(Lives here to reuse the demo run.) Spatial pooling weights of both heads, and PNGs."""
-    from safe_cache.attention import attention_maps, plot_attention
+    from safe_cache.analysis.attention import attention_maps, plot_attention
 
     _, result, path = demo
     maps = attention_maps(result["store"], path, [0, 5])
-    grid = open_store(result["store"]).card["backbone"]["grid"]
+    grid = open_store(result["store"]).manifest["backbone"]["grid"]
     for name in ("original", "finetuned"):
         values = maps[name]
         assert values.shape[0] == 2 and values.shape[2:] == tuple(grid)

@@ -14,13 +14,13 @@ import pytest
 import torch
 from miniatures import write_split_zhou
 
-from safe_cache import StoreError, load_backbone
-from safe_cache.datasets import open_dataset
-from safe_cache.extract import ExtractConfig, ExtractError, extract
-from safe_cache.fewshot import sample_few_shot
-from safe_cache.prompts import class_sentences, text_classifier
+from safe_cache import ExtractError, StoreError, load_backbone
+from safe_cache.data.datasets import open_dataset
+from safe_cache.data.fewshot import sample_few_shot
+from safe_cache.data.prompts import class_sentences, text_classifier
+from safe_cache.data.views import augmented_view, load_image, view_seed
+from safe_cache.extract import ExtractConfig, extract
 from safe_cache.store import open_store
-from safe_cache.views import augmented_view, load_image, view_seed
 
 VIEWS = 3
 
@@ -145,7 +145,7 @@ def test_a_corrupt_image_stops_with_its_path_or_is_skipped(tmp_path):
     assert [s["split"] for s in report.skipped] == ["test"]
     reopened = open_store(str(store))
     assert bad not in reopened.split("test")["path"].values.tolist()
-    assert any(bad in s["error"] for s in reopened.card["skipped_images"])
+    assert any(bad in s["error"] for s in reopened.manifest["skipped_images"])
 
 
 def _run_cli(root: Path, store: Path) -> subprocess.Popen:
@@ -156,6 +156,7 @@ def _run_cli(root: Path, store: Path) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+@pytest.mark.slow
 def test_sigkill_midway_then_resume_gives_identical_arrays(tmp_path):
     write_split_zhou(tmp_path, "food101", classes=4,
                      counts={"train": 6, "val": 4, "test": 200})
@@ -199,12 +200,12 @@ def test_more_views_later_extract_only_the_new_views(tmp_path):
     assert report.extracted["test"] == 0 and report.extracted["train"] == report.rows["train"]
     extract(config(tmp_path, fresh, "safe-cache-tiny-rn", shots=(2,), seeds=(1,), views=3))
     a, b = open_store(str(grown)), open_store(str(fresh))
-    assert a.card["views"]["count"] == 3
+    assert a.manifest["views"]["count"] == 3
     after = a.arrays("train")["aug_dense"][:]
     assert np.array_equal(after[:, :2], before)  # existing views untouched
     np.testing.assert_allclose(after.astype(np.float32), b.arrays("train")["aug_dense"][:]
                                .astype(np.float32), rtol=2e-3, atol=2e-3)
     assert a.readable_rows("train").tolist() == b.readable_rows("train").tolist()
-    from safe_cache.verify import verify_store
+    from safe_cache.store.verify import verify_store
 
     assert verify_store(str(grown)) == []

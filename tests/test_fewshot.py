@@ -8,7 +8,7 @@ from collections import defaultdict
 import pytest
 
 from safe_cache import SafeCacheWarning
-from safe_cache.fewshot import sample_few_shot
+from safe_cache.data.fewshot import sample_few_shot
 
 
 class Datum:

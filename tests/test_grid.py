@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from safe_cache.grid import BestState, StackedHeads, grid_optimizer
+from safe_cache.fit.grid import BestState, StackedHeads, grid_optimizer
 
 LRS = [1e-2, 1e-3, 1e-4, 1e-5]
 WDS = [0.0, 1e-3, 1e-1]
 GRID = list(itertools.product(LRS, WDS))
-STEPS, BATCH, CLASSES = 50, 4, 5
+STEPS, BATCH, CLASSES = 25, 4, 5
 
 
 def problem(backbone, samples: int = 16):

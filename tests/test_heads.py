@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-ARCHITECTURES = ["safe-cache-tiny-rn", "safe-cache-tiny-vit", "RN50", "ViT-B-16"]
+ARCHITECTURES = ["safe-cache-tiny-rn", "safe-cache-tiny-vit",
+                 *(pytest.param(name, marks=pytest.mark.slow) for name in ("RN50", "ViT-B-16"))]
 
 
 def dense_input(backbone, batch: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -71,6 +72,7 @@ def test_fast_head_with_earlier_cut(load_cached, name, cut):
     assert (dx_fast - dx_naive).abs().max() <= 1e-10
 
 
+@pytest.mark.slow
 def test_fast_head_never_projects_every_token(load_cached):
     """No (B, T, C) x (C, C) product: count the multiply-adds of the matmuls torch runs."""
     from torch.utils.flop_counter import FlopCounterMode

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from factories import build_store, result_record, write_record
 
 from safe_cache import StoreError, load_backbone
+from safe_cache.analysis.report import ood_rows
 from safe_cache.cli import main
-from safe_cache.fit import blend_features
-from safe_cache.ood import evaluate_ood, resolve_ood_stores
-from safe_cache.report import ood_rows
-from safe_cache.store import StoreLayout, create_store
+from safe_cache.fit.ood import evaluate_ood, resolve_ood_stores
+from safe_cache.fit.results import load_result
+from safe_cache.model.inference import blend_features
+from safe_cache.store import StoreLayout
 
 CLASSES = 4
 
@@ -28,10 +28,9 @@ def variant_store(url: str, backbone, subset, labels) -> np.ndarray:
         pooled = backbone.head(torch.from_numpy(dense)).numpy()
     dataset = {"name": "variant", "num_classes": len(subset or range(CLASSES)),
                "class_subset": subset}
-    with create_store(url, card, backbone.fingerprint, dataset, views={"count": 0},
-                      layout=StoreLayout(chunk_images=len(labels))) as store:
-        store.append_rows("test", [f"{i}.png" for i in range(len(labels))], labels)
-        store.write_unit("test", 0, {"dense": dense, "pooled": pooled})
+    build_store(url, card, splits={"test": labels}, features={"test": {
+        "dense": dense, "pooled": pooled}}, dataset=dataset,
+        layout=StoreLayout(chunk_images=len(labels)))
     return dense
 
 
@@ -72,18 +71,10 @@ def test_variant_names_resolve_beside_the_source_store():
 
 
 def test_report_prints_a_table_iii(tmp_path):
-    run = {"dataset": "imagenet", "shots": 16, "seed": 1,
-           "backbone": {"model": "RN50", "pretrained": "openai", "cut": "pool"},
-           "methods": {"zero_shot": {"val_acc": 0.5, "test_acc": 0.58},
-                       "safe": {"val_acc": 0.6, "test_acc": 0.66, "lr": 1e-4, "wd": 0.0,
-                                "beta": 0.5, "best_iter": 100}},
-           "grid": [{"lr": 1e-4, "wd": 0.0, "val_acc": 0.6, "best_iter": 100}],
-           "beta_curve": [{"beta": 0.5, "val_acc": 0.6, "test_acc": 0.66}],
-           "ood": {"imagenet_a": {"zero_shot": 0.2, "safe": 0.24}}}
-    folder = tmp_path / "imagenet" / "RN50-openai"
-    folder.mkdir(parents=True)
-    (folder / "shots16_seed1.json").write_text(json.dumps(run))
-    rows = {r["method"]: r for r in ood_rows([{**run, "backbone_label": "RN50-openai"}])}
+    run = result_record("imagenet", 16, 1, safe=0.66, zero=0.58,
+                        ood={"imagenet_a": {"zero_shot": 0.2, "safe": 0.24}})
+    path = write_record(tmp_path, run)
+    rows = {r["method"]: r for r in ood_rows([load_result(path)])}
     assert rows["safe"]["imagenet_a"] == pytest.approx(24.0)
     assert rows["safe"]["paper"]["imagenet_a"] == 23.6
     assert rows["zero_shot"]["imagenet"] == pytest.approx(58.0)

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from safe_cache import DatasetError
-from safe_cache.datasets import load_spec
-from safe_cache.prompts import class_sentences, prompt_set_name, text_classifier
+from safe_cache.data.datasets import load_spec
+from safe_cache.data.prompts import class_sentences, prompt_set_name, text_classifier
 
 CLASSES = ["apple pie", "baby back ribs", "baklava"]
 

@@ -7,29 +7,25 @@ import statistics
 
 import pytest
 from click.testing import CliRunner
+from factories import result_record, write_record
 
+from safe_cache.analysis.report import (
+    ELEVEN,
+    aggregate,
+    load_results,
+    published,
+    render,
+    write_plots,
+)
 from safe_cache.cli import main
-from safe_cache.report import ELEVEN, aggregate, load_results, published, render, write_plots
 
 
 def run(dataset: str, shots: int, seed: int, safe: float, zero: float, model: str = "RN50"):
-    grid = [{"lr": lr, "wd": wd, "val_acc": safe - 0.01 * i, "best_iter": 100}
-            for i, (lr, wd) in enumerate([(1e-4, 0.0), (1e-4, 1e-3), (1e-5, 0.0), (1e-5, 1e-3)])]
-    return {"dataset": dataset, "shots": shots, "seed": seed,
-            "backbone": {"model": model, "pretrained": "openai", "cut": "pool"},
-            "methods": {"zero_shot": {"val_acc": zero, "test_acc": zero},
-                        "safe": {"val_acc": safe, "test_acc": safe, "lr": 1e-4, "wd": 0.0,
-                                 "beta": 0.5, "best_iter": 100}},
-            "grid": grid,
-            "beta_curve": [{"beta": b, "val_acc": safe - 0.1 * b, "test_acc": safe - 0.1 * b}
-                           for b in (0.0, 0.5, 1.0)]}
+    return result_record(dataset, shots, seed, safe, zero, model)
 
 
 def write(folder, result, backbone="RN50-openai"):
-    name = f"shots{result['shots']}_seed{result['seed']}.json"
-    path = folder / result["dataset"] / backbone / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result))
+    write_record(folder, result, backbone)
 
 
 def test_means_stds_and_paper_deltas(tmp_path):
@@ -79,3 +75,33 @@ def test_formats_and_plots(tmp_path):
     assert cli.exit_code == 0, cli.output
     assert "dtd / RN50-openai" in cli.output and "± " in cli.output
     assert len(list((tmp_path / "cli-plots").glob("*.png"))) == 4
+
+
+def test_a_malformed_result_file_is_named(tmp_path):
+    write(tmp_path, run("dtd", 1, 1, 0.5, 0.4))
+    bad = tmp_path / "dtd" / "RN50-openai" / "shots2_seed1.json"
+    bad.write_text("{not json")
+    cli = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert cli.exit_code == 2 and "shots2_seed1.json" in cli.output and "JSON" in cli.output
+    record = result_record("dtd", 4, 1, 0.5, 0.4)
+    del record["methods"]["safe"]["test_acc"]
+    write(tmp_path, record)
+    bad.unlink()
+    cli = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert cli.exit_code == 2 and "methods.safe.test_acc" in cli.output
+
+
+def test_a_result_of_the_previous_release_is_read(tmp_path):
+    """A result JSON written by safe-cache 0.1 before the record was typed (tests/data/)."""
+    from pathlib import Path
+
+    source = Path(__file__).parent / "data" / "result_v0_1.json"
+    target = tmp_path / "shapes" / "safe-cache-tiny-vit-random0" / "shots1_seed1.json"
+    target.parent.mkdir(parents=True)
+    target.write_text(source.read_text())
+    (record,) = load_results(tmp_path)
+    assert record.dataset == "shapes" and record.backbone_label == "safe-cache-tiny-vit-random0"
+    assert set(record.methods) == {"zero_shot", "safe", "tip_adapter", "tip_adapter_f",
+                                   "safe_a", "linear_probe"}
+    rows = aggregate([record])
+    assert {r["method"] for r in rows} == set(record.methods)

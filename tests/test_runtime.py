@@ -13,7 +13,7 @@ import pytest
 SCRIPT = """
 import json, resource, sys, torch
 from safe_cache import load_backbone
-from safe_cache.runtime import tune_cpu_allocator
+from safe_cache.runtime.allocator import tune_cpu_allocator
 tuned = tune_cpu_allocator() if sys.argv[1] == "tune" else False
 backbone = load_backbone("RN50")
 head = backbone.new_head()
@@ -35,6 +35,7 @@ def page_faults(mode: str) -> dict:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+@pytest.mark.slow
 def test_tuned_allocator_removes_per_step_page_faults():
     plain, tuned = page_faults("plain"), page_faults("tune")
     assert tuned["tuned"] is True

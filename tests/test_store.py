@@ -10,16 +10,18 @@ import uuid
 import numpy as np
 import pytest
 import xarray as xr
+from factories import TOY_CARD as CARD
+from factories import fill, random_features
+from factories import new_store as make_store
 
 from safe_cache import StoreError, StoreLockedError, card_fingerprint
-from safe_cache.store import SCHEMA_VERSION, StoreLayout, create_store, open_store
-from safe_cache.verify import verify_store
+from safe_cache.store import SCHEMA_VERSION, StoreLayout, open_store
+from safe_cache.store.verify import verify_store
 
-T, C, D, V = 5, 8, 3, 2
-CARD = {"model": "tiny", "pretrained": None, "family": "resnet", "T": T, "C": C, "D": D}
+T, C, D, V = CARD["T"], CARD["C"], CARD["D"], 2
 
 
-@pytest.fixture(params=["local", "memory", "s3"])
+@pytest.fixture(params=["local", "memory", pytest.param("s3", marks=pytest.mark.slow)])
 def backend(request, tmp_path):
     """(url, storage_options) of an empty location on each backend."""
     name = uuid.uuid4().hex[:8]
@@ -33,33 +35,11 @@ def backend(request, tmp_path):
 
 
 def new_store(url, options, layout=None):
-    return create_store(url, CARD, card_fingerprint(CARD), {"name": "toy", "num_classes": 4},
-                        views={"count": V, "seed": 0}, layout=layout or StoreLayout(chunk_images=4),
-                        storage_options=options)
+    return make_store(url, CARD, views=V, layout=layout, storage_options=options)
 
 
 def features(rows: int, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {"dense": rng.random((rows, T, C)), "pooled": rng.random((rows, D)),
-            "aug_dense": rng.random((rows, V, T, C)), "aug_pooled": rng.random((rows, V, D))}
-
-
-def fill(store, split: str, count: int, seed: int = 0) -> np.ndarray:
-    """Append `count` images and write every write unit they touch (padding rows stay zero)."""
-    rows = store.append_rows(split, [f"{split}/{i}.jpg" for i in range(count)],
-                             [i % 4 for i in range(count)])
-    values = features(count, seed)
-    if split != "train":
-        values = {k: v for k, v in values.items() if not k.startswith("aug")}
-    unit, total = store.layout.unit, store.arrays(split)["label"].shape[0]
-    for u in range(rows[0] // unit, -(-(rows[-1] + 1) // unit)):
-        lo, hi = u * unit, min((u + 1) * unit, total)
-        inside = rows[(rows >= lo) & (rows < hi)]
-        chunk = {k: np.zeros((hi - lo, *v.shape[1:])) for k, v in values.items()}
-        for k, v in values.items():
-            chunk[k][inside - lo] = v[inside - rows[0]]
-        store.write_unit(split, u, chunk)
-    return rows
+    return random_features(rows, CARD, V, seed)
 
 
 def test_round_trip(backend):
@@ -71,7 +51,7 @@ def test_round_trip(backend):
         store.write_fewshot(1, 2, [0, 1], [2])
         store.write_classifier("hand", np.eye(4, D), [["a"], ["b"], ["c"], ["d"]])
     reader = open_store(url, storage_options=options)
-    assert reader.card["schema_version"] == SCHEMA_VERSION
+    assert reader.manifest["schema_version"] == SCHEMA_VERSION
     assert reader.fingerprint == card_fingerprint(CARD)
     assert reader.readable_rows("test").tolist() == rows.tolist()
     view = reader.split("test")
@@ -178,7 +158,7 @@ def test_chunk_cache_serves_feature_chunks_and_never_stale_metadata(backend, tmp
 def test_schema_version_mismatch_is_clear(backend):
     url, options = backend
     with new_store(url, options) as store:
-        card = store.card
+        card = store.manifest
         card["schema_version"] = SCHEMA_VERSION + 1
         store.group.attrs["safe_cache"] = card
     with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}"):
@@ -275,6 +255,7 @@ def test_cli_info_ls_verify(tmp_path):
     assert missing.exit_code == 2 and "No store" in missing.output
 
 
+@pytest.mark.slow
 def test_reading_a_store_never_imports_torch(tmp_path):
     import subprocess
     import sys
@@ -282,7 +263,7 @@ def test_reading_a_store_never_imports_torch(tmp_path):
     url = str(tmp_path / "t.zarr")
     with new_store(url, None) as store:
         fill(store, "test", 4)
-    code = ("import sys; from safe_cache import open_store; from safe_cache.verify import "
+    code = ("import sys; from safe_cache import open_store; from safe_cache.store.verify import "
             f"verify_store; s = open_store({url!r}); s.split('test').load(); "
             f"assert verify_store({url!r}) == []; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,0 +1,101 @@
+"""`safe-cache attention`: where the pooling looks, before and after fine-tuning (the paper's
+Fig. 3 and 7), from a store and a fit result; no trunk needed.
+
+The pooling query (the mean token for ResNets, the class token for ViTs) attends over the query
+token itself and every spatial position; the maps show the weights of the spatial positions on
+the dense grid, averaged over heads (or per head), for the original head and the fine-tuned one.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from ..data.views import model_view
+from ..fit.results import load_result
+from ..fit.train import original_head
+from ..store import open_store
+
+
+def attention_maps(store_url: str, result_path: str | Path, rows: list[int],
+                   split: str = "test") -> dict[str, Any]:
+    """Spatial pooling attention of the original and the fine-tuned head for store rows.
+
+    Returns {"paths", "labels", "original", "finetuned"}; the maps are (images, heads, H, W),
+    each image's map summing to at most 1 (the rest is the query token's own weight).
+    """
+    result = load_result(result_path)
+    store = open_store(store_url)
+    card = store.manifest["backbone"]
+    original = original_head(store)
+    finetuned = copy.deepcopy(original)
+    finetuned.load_state_dict(load_file(str(result.path.with_suffix(".safetensors"))))
+    arrays = store.arrays(split)
+    order = np.asarray(rows)
+    dense = torch.from_numpy(arrays["dense"].get_orthogonal_selection((order,))
+                             .astype(np.float32))
+    height, width = card["grid"]
+    maps = {}
+    with torch.no_grad():
+        for name, head in (("original", original), ("finetuned", finetuned)):
+            weights = head.eval().attention(dense)  # (B, heads, 1 + H*W)
+            maps[name] = weights[:, :, 1:].reshape(len(order), -1, height, width).numpy()
+    return {"paths": [str(p) for p in arrays["path"].get_orthogonal_selection((order,))],
+            "labels": arrays["label"].get_orthogonal_selection((order,)).tolist(), **maps,
+            "classnames": store.manifest["dataset"]["classnames"], "card": card,
+            "result": result}
+
+
+def plot_attention(maps: dict[str, Any], image_root: str | Path | None, out: str | Path,
+                   per_head: bool = False) -> list[Path]:
+    """One PNG per image: the image, the original and the fine-tuned attention overlaid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index, path in enumerate(maps["paths"]):
+        image = None
+        if image_root is not None and (Path(image_root) / path).is_file():
+            image = np.asarray(model_view(Path(image_root) / path, maps["card"]))
+        panels = [("original pooling", maps["original"][index]),
+                  ("fine-tuned pooling (SAFE)", maps["finetuned"][index])]
+        heads = panels[0][1].shape[0] if per_head else 1
+        figure, axes = plt.subplots(heads, 3, figsize=(10, 3.4 * heads), squeeze=False)
+        for row in range(heads):
+            _image_panel(axes[row][0], image, maps, index)
+            for column, (title, values) in enumerate(panels, start=1):
+                values = values[row] if per_head else values.mean(axis=0)
+                axis = axes[row][column]
+                if image is not None:
+                    axis.imshow(image)
+                    extent = (0, image.shape[1], image.shape[0], 0)
+                    shown = axis.imshow(values, cmap="inferno", alpha=0.6, extent=extent,
+                                        interpolation="bilinear")
+                else:
+                    shown = axis.imshow(values, cmap="inferno", interpolation="nearest")
+                axis.set_title(title + (f", head {row}" if per_head else ""), fontsize=9)
+                axis.axis("off")
+                figure.colorbar(shown, ax=axis, fraction=0.046, label="attention weight")
+        target = out / f"attention_{index:03d}_{Path(path).stem}.png"
+        figure.tight_layout()
+        figure.savefig(target, dpi=100)
+        plt.close(figure)
+        written.append(target)
+    return written
+
+
+def _image_panel(axis, image, maps, index) -> None:
+    label = maps["classnames"][maps["labels"][index]]
+    if image is not None:
+        axis.imshow(image)
+    axis.set_title(f"{Path(maps['paths'][index]).name} ({label})", fontsize=9)
+    axis.axis("off")

@@ -1,0 +1,201 @@
+"""`safe-cache report`: aggregate result records (one per run, as CLIP_benchmark does) into tables
+beside the paper's published numbers, and plots. The rich tables the CLI prints are in tables.py.
+
+Mean and standard deviation over seeds per dataset x backbone x shots x method (accuracy %),
+the 11-dataset average where all 11 are present, the paper's Table I value and the delta for
+RN50 runs. Plots (PNG): accuracy vs shots per method (the paper's Fig. 2), SAFE's beta curve
+(Fig. 5), and the lr x wd grid's validation accuracy as a heat map.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from ..fit.results import METHODS, RunResult, load_results
+
+ELEVEN = ("fgvc_aircraft", "imagenet", "dtd", "eurosat", "caltech101", "food101",
+          "oxford_flowers", "oxford_pets", "stanford_cars", "sun397", "ucf101")
+__all__ = ["aggregate", "load_results", "ood_rows", "published", "render", "write_plots"]
+
+
+def published() -> dict[str, Any]:
+    return json.loads((Path(__file__).parent / "published" / "safe_paper.json").read_text())
+
+
+def aggregate(runs: list[RunResult]) -> list[dict[str, Any]]:
+    """One row per dataset x backbone x shots x method: mean and std (%) over seeds."""
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for run in runs:
+        for method, values in run.methods.items():
+            key = (run.dataset, run.backbone_label, run.backbone["model"], run.shots, method)
+            groups[key].append(100 * values["test_acc"])
+    rows = [{"dataset": d, "backbone": b, "model": m, "shots": k, "method": method,
+             "mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
+             "seeds": len(v)} for (d, b, m, k, method), v in sorted(groups.items())]
+    rows += _averages(rows)
+    return _with_paper(rows)
+
+
+def _averages(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The 11-dataset average, where every one of the 11 benchmarks has a row."""
+    by_key: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for row in rows:
+        by_key[(row["backbone"], row["model"], row["shots"], row["method"])][row["dataset"]] = row
+    averages = []
+    for (backbone, model, shots, method), datasets in sorted(by_key.items()):
+        if all(name in datasets for name in ELEVEN):
+            means = [datasets[name]["mean"] for name in ELEVEN]
+            averages.append({"dataset": "average", "backbone": backbone, "model": model,
+                             "shots": shots, "method": method, "mean": statistics.fmean(means),
+                             "std": 0.0, "seeds": min(datasets[n]["seeds"] for n in ELEVEN)})
+    return averages
+
+
+def _with_paper(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add the paper's Table I number (RN50) and our delta to it."""
+    table = published()["table_1"]["methods"]
+    for row in rows:
+        shots = "0" if row["method"] == "zero_shot" else str(row["shots"])
+        paper = table.get(row["method"], {}).get(row["dataset"], {}).get(shots)
+        if row["model"] == "RN50" and paper is not None:
+            row["paper"], row["delta"] = paper, row["mean"] - paper
+        else:
+            row["paper"] = row["delta"] = None
+    return rows
+
+
+OOD_COLUMNS = ("imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+
+
+def ood_rows(runs: list[RunResult]) -> list[dict[str, Any]]:
+    """Table III: per backbone and method, ImageNet (source) and variant accuracy (%), mean over
+    seeds, with the paper's numbers for RN50 and ViT-B-16."""
+    paper = published()["table_3"]["backbones"]
+    groups: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        if not run.ood or run.dataset != "imagenet":
+            continue
+        for method in ("zero_shot", "safe"):
+            key = (run.backbone_label, run.backbone["model"], method)
+            groups[key]["imagenet"].append(100 * run.methods[method]["test_acc"])
+            for name, values in run.ood.items():
+                groups[key][name].append(100 * values[method])
+    rows = []
+    for (label, model, method), columns in sorted(groups.items()):
+        published_row = paper.get(model, {}).get(method, {})
+        rows.append({"backbone": label, "method": method,
+                     **{c: statistics.fmean(columns[c]) if columns.get(c) else None
+                        for c in OOD_COLUMNS},
+                     "paper": {c: published_row.get(c) for c in OOD_COLUMNS}})
+    return rows
+
+
+def render(rows: list[dict[str, Any]], fmt: str) -> str:
+    """md, csv or json text of the aggregated rows."""
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    columns = ["dataset", "backbone", "shots", "method", "mean", "std", "seeds", "paper",
+               "delta"]
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue()
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(cell(row, c) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def cell(row: dict[str, Any], column: str) -> str:
+    """A row's value as table text: 2 decimals, the delta signed, '-' for none."""
+    value = row[column]
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:+.2f}" if column == "delta" else f"{value:.2f}"
+    return str(value)
+
+
+def write_plots(rows: list[dict[str, Any]], runs: list[RunResult], folder: str | Path
+                ) -> list[Path]:
+    """accuracy_vs_shots_<dataset>.png, beta_curve_<dataset>.png, grid_<dataset>_shots<K>.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for dataset in sorted({r["dataset"] for r in rows}):
+        figure, axis = plt.subplots(figsize=(6, 4))
+        for method in [m for m in METHODS if any(r["method"] == m for r in rows)]:
+            points = sorted((r["shots"], r["mean"], r["std"]) for r in rows
+                            if r["dataset"] == dataset and r["method"] == method)
+            if points:
+                shots, means, stds = zip(*points, strict=True)
+                axis.errorbar(shots, means, yerr=stds, marker="o", capsize=3, label=method)
+        axis.set(xscale="log", xlabel="shots per class", ylabel="test accuracy (%)",
+                 title=f"{dataset}: accuracy vs shots")
+        axis.set_xticks(sorted({r["shots"] for r in rows}), minor=False)
+        axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        axis.legend(fontsize=8)
+        axis.grid(alpha=0.3)
+        written.append(_save(figure, folder / f"accuracy_vs_shots_{dataset}.png"))
+    for dataset in sorted({r.dataset for r in runs}):
+        mine = [r for r in runs if r.dataset == dataset]
+        written.append(_beta_plot(plt, mine, folder / f"beta_curve_{dataset}.png"))
+        for shots in sorted({r.shots for r in mine}):
+            written.append(_grid_plot(plt, [r for r in mine if r.shots == shots],
+                                      folder / f"grid_{dataset}_shots{shots}.png"))
+    plt.close("all")
+    return written
+
+
+def _beta_plot(plt, runs: list[RunResult], path: Path) -> Path:
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for shots in sorted({r.shots for r in runs}):
+        curves = [r.beta_curve for r in runs if r.shots == shots]
+        betas = [p["beta"] for p in curves[0] if p["beta"] <= 10]
+        means = [100 * statistics.fmean(c[i]["test_acc"] for c in curves)
+                 for i in range(len(betas))]
+        axis.plot(betas, means, marker="o", label=f"{shots} shots")
+    axis.set(xlabel="beta (weight of the original pooling)", ylabel="test accuracy (%)",
+             title=f"{runs[0].dataset}: SAFE's blend")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+def _grid_plot(plt, runs: list[RunResult], path: Path) -> Path:
+    lrs = sorted({g["lr"] for g in runs[0].grid}, reverse=True)
+    wds = sorted({g["wd"] for g in runs[0].grid})
+    values = [[100 * statistics.fmean(g["val_acc"] for r in runs for g in r.grid
+                                      if g["lr"] == lr and g["wd"] == wd) for wd in wds]
+              for lr in lrs]
+    figure, axis = plt.subplots(figsize=(5, 4))
+    image = axis.imshow(values, cmap="viridis", aspect="auto")
+    figure.colorbar(image, ax=axis, label="val accuracy (%)")
+    axis.set_xticks(range(len(wds)), [f"{w:g}" for w in wds])
+    axis.set_yticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
+    axis.set(xlabel="weight decay", ylabel="learning rate",
+             title=f"{runs[0].dataset}, {runs[0].shots} shots: lr x wd")
+    for i, row in enumerate(values):
+        for j, value in enumerate(row):
+            axis.text(j, i, f"{value:.1f}", ha="center", va="center", color="white", fontsize=8)
+    return _save(figure, path)
+
+
+def _save(figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    return path

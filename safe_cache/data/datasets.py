@@ -1,0 +1,437 @@
+"""Dataset specs and the readers for the layouts the few-shot CLIP literature uses.
+
+A dataset is a spec file (pipelines/*.json, shipped in the package as `safe_cache.pipelines`):
+its folder under the data root, its image folder, where its split and class names come from,
+its prompt templates and its Tip-Adapter search ranges. `--dataset` takes a spec name or a path
+to a spec file, so a user's own dataset is a spec (kind `imagefolder`), not code. Readers turn a
+layout into `Dataset`: class names plus train/val/test entries whose paths are relative to the
+image folder (a path that would leave it is refused).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import DatasetError, SafeCacheWarning
+from ..identity import file_sha256
+
+SPLITS = ("train", "val", "test")
+COOP_PROPORTIONS = (0.5, 0.2)  # train, val; the rest is test (CoOp's read_and_split_data)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset described as data: layout, split source, class-name source, prompts, ranges."""
+
+    name: str
+    kind: str
+    folder: str
+    image_dir: str = "."
+    split_file: str | None = None
+    classnames_file: str | None = None
+    num_classes: int | None = None
+    split_sizes: dict[str, int] = field(default_factory=dict)
+    templates: tuple[str, ...] = ("a photo of a {}.",)
+    tip_adapter: dict[str, Any] = field(default_factory=dict)
+    split_source: str = ""
+    split_seed: int = 1
+    csv: dict[str, str] | None = None
+    notes: str = ""
+    path: str | None = None  # where the spec was read from
+
+    @classmethod
+    def from_file(cls, path: Path) -> DatasetSpec:
+        try:
+            raw = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DatasetError(f"Dataset spec {path} is not readable JSON: {exc}") from exc
+        known = set(cls.__dataclass_fields__) - {"path"}
+        unknown = set(raw) - known
+        if unknown:
+            raise DatasetError(f"Dataset spec {path} has unknown fields {sorted(unknown)};"
+                               f" known fields: {sorted(known)}.")
+        missing = {"name", "kind", "folder"} - set(raw)
+        if missing:
+            raise DatasetError(f"Dataset spec {path} lacks {sorted(missing)}.")
+        if raw["kind"] not in READERS:
+            raise DatasetError(f"Dataset spec {path}: unknown kind '{raw['kind']}'; known kinds:"
+                               f" {', '.join(sorted(READERS))}.")
+        raw["templates"] = tuple(raw.get("templates", cls.templates))
+        return cls(**raw, path=str(path))
+
+
+def _spec_dir() -> Path:
+    """pipelines/: inside the installed package (wheel), or at the top of a source checkout."""
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "pipelines", package.parent / "pipelines"):
+        if candidate.is_dir():
+            return candidate
+    raise DatasetError(f"The dataset specs (pipelines/) are missing from {package}; reinstall.")
+
+
+def list_specs() -> list[DatasetSpec]:
+    """Every shipped spec except the `imagefolder` template, in file-name order."""
+    files = sorted(_spec_dir().glob("*.json"))
+    return [DatasetSpec.from_file(f) for f in files if f.stem != "imagefolder"]
+
+
+def load_spec(name_or_path: str | Path) -> DatasetSpec:
+    """A shipped spec by name (`food101`), or a spec file by path."""
+    text = str(name_or_path)
+    if text.endswith(".json") or Path(text).is_file():
+        if not Path(text).is_file():
+            raise DatasetError(f"Dataset spec file not found: {text}")
+        return DatasetSpec.from_file(Path(text))
+    candidate = _spec_dir() / f"{text}.json"
+    if not candidate.is_file():
+        names = ", ".join(spec.name for spec in list_specs())
+        raise DatasetError(f"Unknown dataset '{text}'. Known: {names}; or pass the path of a"
+                           f" spec file (see pipelines/imagefolder.json for a user dataset).")
+    return DatasetSpec.from_file(candidate)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One image: path relative to the dataset's image folder, integer label, class name."""
+
+    path: str
+    label: int
+
+
+@dataclass
+class Dataset:
+    """A dataset read from disk: class names and the entries of each split."""
+
+    spec: DatasetSpec
+    root: Path  # the data root holding one folder per dataset
+    classnames: list[str]
+    splits: dict[str, list[Entry]]
+    split_source: Path | None = None  # the file the split was read from (its sha256 is recorded)
+    generated_split: bool = False
+    class_subset: list[int] | None = None  # rows of the parent (ImageNet) classes, for A/R
+
+    @property
+    def image_root(self) -> Path:
+        return (self.root / self.spec.folder / self.spec.image_dir).resolve()
+
+    def image_path(self, entry: Entry) -> Path:
+        return self.image_root / entry.path
+
+    def describe(self) -> dict[str, Any]:
+        """What a store's manifest records about the dataset (JSON)."""
+        source = self.split_source
+        return {
+            "name": self.spec.name,
+            "kind": self.spec.kind,
+            "split_source": str(source.relative_to(self.root)) if source else None,
+            "split_sha256": file_sha256(source) if source and source.is_file() else None,
+            "generated_split": self.generated_split,
+            "num_classes": len(self.classnames),
+            "classnames": list(self.classnames),
+            "class_subset": self.class_subset,
+            "tip_adapter": dict(self.spec.tip_adapter),
+            "split_sizes": {name: len(entries) for name, entries in self.splits.items()},
+        }
+
+
+def open_dataset(spec: DatasetSpec | str | Path, root: str | Path, *,
+                 make_split: bool = False) -> Dataset:
+    """Read a dataset under `root` with the reader its spec's kind names.
+
+    make_split: when the published split file is missing, write a seeded split with CoOp's
+    proportions beside it (numbers on it are not comparable with published ones) and use it.
+    """
+    spec = spec if isinstance(spec, DatasetSpec) else load_spec(spec)
+    root = Path(root).expanduser()
+    folder = root / spec.folder
+    if not folder.is_dir():
+        raise DatasetError(f"{spec.name}: folder {folder} not found. Expected the layout of"
+                           f" {spec.split_source or 'its spec'} under the data root {root}.")
+    image_root = folder / spec.image_dir
+    if not image_root.is_dir():
+        raise DatasetError(f"{spec.name}: image folder {image_root} not found.")
+    dataset = READERS[spec.kind](spec, root, make_split)
+    for entries in dataset.splits.values():
+        for entry in entries:
+            _check_inside(dataset.image_root, entry.path, spec.name)
+    return dataset
+
+
+def _check_inside(image_root: Path, relative: str, name: str) -> None:
+    resolved = (image_root / relative).resolve()
+    if Path(relative).is_absolute() or not resolved.is_relative_to(image_root):
+        raise DatasetError(f"{name}: image path '{relative}' leaves the image folder"
+                           f" {image_root}; split files must hold paths relative to it.")
+
+
+# --- readers ------------------------------------------------------------------------------------
+
+Reader = Callable[[DatasetSpec, Path, bool], Dataset]
+READERS: dict[str, Reader] = {}
+
+
+def register_reader(kind: str) -> Callable[[Reader], Reader]:
+    def add(reader: Reader) -> Reader:
+        READERS[kind] = reader
+        return reader
+
+    return add
+
+
+def _clean_classname(name: str) -> str:
+    return name.replace("_", " ")
+
+
+def _classnames_from_entries(raw: dict[str, list], path: Path) -> list[str]:
+    """Class names by label from the split file's third field (underscores become spaces)."""
+    names: dict[int, str] = {}
+    for split in SPLITS:
+        for item in raw.get(split, []):
+            names.setdefault(int(item[1]), _clean_classname(str(item[2])))
+    if sorted(names) != list(range(len(names))):
+        raise DatasetError(f"{path}: labels are not 0..{len(names) - 1}.")
+    return [names[label] for label in range(len(names))]
+
+
+@register_reader("split_zhou")
+def read_split_zhou(spec: DatasetSpec, root: Path, make_split: bool) -> Dataset:
+    """CoOp's split_zhou_<Name>.json: {split: [[relative_path, label, classname], ...]}."""
+    path = root / spec.folder / (spec.split_file or "")
+    generated = False
+    if not path.is_file():
+        path, generated = _missing_split(spec, root, path, make_split), True
+    raw = _read_json(path)
+    for split in SPLITS:
+        if split not in raw:
+            raise DatasetError(f"{path} has no '{split}' list; a split file holds train, val"
+                               f" and test lists of [path, label, classname].")
+    splits = {split: [Entry(str(p), int(label)) for p, label, *_ in raw[split]]
+              for split in SPLITS}
+    return Dataset(spec, root, _classnames_from_entries(raw, path), splits, path, generated)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"{path} is not a readable JSON split file: {exc}") from exc
+
+
+def _missing_split(spec: DatasetSpec, root: Path, path: Path, make_split: bool) -> Path:
+    generated = path.with_name(f"split_generated_{spec.name}.json")
+    if generated.is_file():
+        _warn_generated(spec, generated)
+        return generated
+    if not make_split:
+        raise DatasetError(
+            f"{spec.name}: split file {path} not found. It comes from {spec.split_source}; put"
+            f" it at that path. Or pass --make-split (make_split=True) to write a seeded split"
+            f" with CoOp's proportions instead; its numbers are NOT comparable with published"
+            f" ones."
+        )
+    write_generated_split(root / spec.folder / spec.image_dir, generated, spec.split_seed)
+    _warn_generated(spec, generated)
+    return generated
+
+
+def _warn_generated(spec: DatasetSpec, path: Path) -> None:
+    warnings.warn(f"{spec.name}: using the generated split {path}; accuracies on it are not"
+                  f" comparable with published numbers.", SafeCacheWarning, stacklevel=4)
+
+
+def write_generated_split(image_root: Path, target: Path, seed: int) -> Path:
+    """A seeded split of a class-per-folder image tree: 50% train, 20% val, 30% test per class.
+
+    Written in the split_zhou format (paths relative to `image_root`), as CoOp does for datasets
+    that come without one.
+    """
+    classes = sorted(d.name for d in image_root.iterdir() if d.is_dir()
+                     and not d.name.startswith("."))
+    if not classes:
+        raise DatasetError(f"{image_root} has no class sub-folders, so no split can be"
+                           f" generated: the labels of a flat image folder are unknown.")
+    rng = random.Random(seed)
+    split: dict[str, list] = {name: [] for name in SPLITS}
+    for label, name in enumerate(classes):
+        images = sorted(f"{name}/{f.name}" for f in (image_root / name).iterdir()
+                        if f.suffix.lower() in IMAGE_SUFFIXES)
+        rng.shuffle(images)
+        n_train = round(len(images) * COOP_PROPORTIONS[0])
+        n_val = round(len(images) * COOP_PROPORTIONS[1])
+        for part, chunk in zip(SPLITS, (images[:n_train], images[n_train:n_train + n_val],
+                                        images[n_train + n_val:]), strict=True):
+            split[part].extend([p, label, name] for p in chunk)
+    target.write_text(json.dumps(split))
+    return target
+
+
+@register_reader("fgvc")
+def read_fgvc(spec: DatasetSpec, root: Path, make_split: bool) -> Dataset:
+    """FGVC-Aircraft: variants.txt (class order), images_variant_<split>.txt of `<id> <variant>`
+    lines (variants may contain spaces), image `<id>.jpg`."""
+    folder = root / spec.folder
+    variants_file = folder / (spec.classnames_file or "variants.txt")
+    classnames = [line.strip() for line in _read_lines(variants_file, spec) if line.strip()]
+    index = {name: label for label, name in enumerate(classnames)}
+    splits = {}
+    for split in SPLITS:
+        entries = []
+        for line in _read_lines(folder / f"images_variant_{split}.txt", spec):
+            if not line.strip():
+                continue
+            image_id, _, variant = line.strip().partition(" ")
+            if variant not in index:
+                raise DatasetError(f"{spec.name}: variant '{variant}' of image {image_id} is not"
+                                   f" in {variants_file}.")
+            entries.append(Entry(f"{image_id}.jpg", index[variant]))
+        splits[split] = entries
+    return Dataset(spec, root, classnames, splits, variants_file)
+
+
+def _read_lines(path: Path, spec: DatasetSpec) -> list[str]:
+    if not path.is_file():
+        raise DatasetError(f"{spec.name}: {path} not found. It comes from {spec.split_source}.")
+    return path.read_text().splitlines()
+
+
+def imagenet_classnames(spec: DatasetSpec, root: Path) -> tuple[list[str], list[str], Path]:
+    """(wnids, class names, file) from classnames.txt (`n01440764 tench` per line), looked up in
+    the dataset's folder first, then in imagenet/."""
+    name = spec.classnames_file or "classnames.txt"
+    candidates = [root / spec.folder / name, root / "imagenet" / name]
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
+        raise DatasetError(f"{spec.name}: classnames.txt not found at {candidates[0]} or"
+                           f" {candidates[1]}. It comes from {spec.split_source}.")
+    wnids, names = [], []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            wnid, _, classname = line.strip().partition(" ")
+            wnids.append(wnid)
+            names.append(classname.strip())
+    return wnids, names, path
+
+
+def _folder_entries(image_root: Path, folder: str, label: int) -> list[Entry]:
+    directory = image_root / folder
+    return [Entry(f"{folder}/{f.name}", label) for f in sorted(directory.iterdir())
+            if f.suffix.lower() in IMAGE_SUFFIXES]
+
+
+@register_reader("imagenet")
+def read_imagenet(spec: DatasetSpec, root: Path, make_split: bool) -> Dataset:
+    """ImageNet: images/{train,val}/n*/ and classnames.txt; test = val = the 50k val set."""
+    wnids, names, source = imagenet_classnames(spec, root)
+    image_root = root / spec.folder / spec.image_dir
+    splits = {}
+    for split, sub in (("train", "train"), ("test", "val")):
+        entries = []
+        for label, wnid in enumerate(wnids):
+            if (image_root / sub / wnid).is_dir():
+                entries.extend(_folder_entries(image_root, f"{sub}/{wnid}", label))
+        splits[split] = entries
+    splits["val"] = list(splits["test"])
+    return Dataset(spec, root, names, splits, source)
+
+
+@register_reader("imagenet_v2")
+def read_imagenet_v2(spec: DatasetSpec, root: Path, make_split: bool) -> Dataset:
+    """ImageNet-V2: numbered folders 0..999, folder i = the i-th class of classnames.txt."""
+    _, names, source = imagenet_classnames(spec, root)
+    image_root = root / spec.folder / spec.image_dir
+    entries = []
+    for label in range(len(names)):
+        if (image_root / str(label)).is_dir():
+            entries.extend(_folder_entries(image_root, str(label), label))
+    return Dataset(spec, root, names, {"test": entries}, source)
+
+
+@register_reader("imagenet_folders")
+def read_imagenet_folders(spec: DatasetSpec, root: Path, make_split: bool) -> Dataset:
+    """ImageNet-Sketch: n* folders of all 1000 classes, labels in classnames.txt order."""
+    wnids, names, source = imagenet_classnames(spec, root)
+    image_root = root / spec.folder / spec.image_dir
+    entries = []
+    for label, wnid in enumerate(wnids):
+        if (image_root / wnid).is_dir():
+            entries.extend(_folder_entries(image_root, wnid, label))
+    return Dataset(spec, root, names, {"test": entries}, source)
+
+
+@register_reader("imagenet_subset")
+def read_imagenet_subset(spec: DatasetSpec, root: Path, make_split: bool) -> Dataset:
+    """ImageNet-A / -R: 200 n* folders; labels follow the sorted folder names, and
+    `class_subset` maps each to its row of the 1000-class ImageNet classifier."""
+    wnids, names, source = imagenet_classnames(spec, root)
+    row = {wnid: i for i, wnid in enumerate(wnids)}
+    image_root = root / spec.folder / spec.image_dir
+    folders = sorted(d.name for d in image_root.iterdir() if d.is_dir())
+    unknown = [f for f in folders if f not in row]
+    if unknown:
+        raise DatasetError(f"{spec.name}: folders {unknown[:5]} are not ImageNet classes of"
+                           f" {source}.")
+    entries = []
+    for label, wnid in enumerate(folders):
+        entries.extend(_folder_entries(image_root, wnid, label))
+    subset = [row[wnid] for wnid in folders]
+    return Dataset(spec, root, [names[i] for i in subset], {"test": entries}, source,
+                   class_subset=subset)
+
+
+@register_reader("imagefolder")
+def read_imagefolder(spec: DatasetSpec, root: Path, make_split: bool) -> Dataset:
+    """A user dataset: CSV files of path,label (label = class name), or class sub-folders
+    (split generated once, seeded by the spec's split_seed, with CoOp's proportions)."""
+    if spec.csv:
+        return _read_csv_dataset(spec, root)
+    image_root = root / spec.folder / spec.image_dir
+    path = root / spec.folder / f"split_generated_{spec.name}.json"
+    if not path.is_file():
+        write_generated_split(image_root, path, spec.split_seed)
+    raw = _read_json(path)
+    splits = {split: [Entry(str(p), int(label)) for p, label, *_ in raw[split]]
+              for split in SPLITS}
+    return Dataset(spec, root, _classnames_from_entries(raw, path), splits, path, True)
+
+
+def _read_csv_dataset(spec: DatasetSpec, root: Path) -> Dataset:
+    rows: dict[str, list[tuple[str, str]]] = {}
+    for split in SPLITS:
+        name = (spec.csv or {}).get(split)
+        if name is None:
+            raise DatasetError(f"{spec.name}: the spec's csv needs a file for '{split}'.")
+        path = root / spec.folder / name
+        if not path.is_file():
+            raise DatasetError(f"{spec.name}: CSV {path} not found.")
+        with path.open(newline="") as handle:
+            reader = csv.reader(handle)
+            rows[split] = [(r[0], r[1]) for r in reader if r and r[0] != "path"]
+    classnames = sorted({label for split_rows in rows.values() for _, label in split_rows})
+    index = {name: i for i, name in enumerate(classnames)}
+    splits = {split: [Entry(p, index[label]) for p, label in split_rows]
+              for split, split_rows in rows.items()}
+    return Dataset(spec, root, [_clean_classname(c) for c in classnames], splits,
+                   root / spec.folder / spec.csv["train"])
+
+
+def dataset_status(spec: DatasetSpec, root: str | Path | None) -> str:
+    """'present', 'missing' or a short reason, for the `datasets` table (reads nothing big)."""
+    if root is None:
+        return "-"
+    folder = Path(root).expanduser() / spec.folder
+    if not folder.is_dir():
+        return "missing"
+    if not (folder / spec.image_dir).is_dir():
+        return f"no {spec.image_dir}/"
+    if spec.split_file and not (folder / spec.split_file).is_file():
+        generated = folder / f"split_generated_{spec.name}.json"
+        return "generated split" if generated.is_file() else f"no {spec.split_file}"
+    return "present"

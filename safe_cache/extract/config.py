@@ -1,0 +1,48 @@
+"""What `safe-cache extract` takes and what it reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..store import StoreLayout
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything `safe-cache extract` takes; defaults are the paper's protocol."""
+
+    dataset: str
+    root: str
+    model: str = "RN50"
+    pretrained: str | None = "openai"
+    store: str | None = None
+    store_root: str = "stores"  # where the default store path lives
+    shots: tuple[int, ...] = (1, 2, 4, 8, 16)
+    seeds: tuple[int, ...] = (1, 2, 3)
+    views: int = 10
+    view_seed: int = 0
+    prompts: str = "hand"
+    device: str = "auto"
+    batch_size: int = 32
+    workers: int = 2
+    precision: str = "fp32"
+    skip_bad: bool = False
+    make_split: bool = False
+    takeover: bool = False
+    cut: str = "pool"
+    init_seed: int = 0
+    storage_options: dict | None = None
+    layout: StoreLayout | None = None  # a new store's chunking (None: default_layout(url))
+    scheduler: str | None = None  # a dask scheduler's address: tasks run on its workers
+    local_workers: int = 0  # or a LocalCluster of this many worker processes
+    task_images: int = 256  # images per distributed task, rounded up to whole write units
+
+
+@dataclass
+class ExtractReport:
+    store: str
+    rows: dict[str, int] = field(default_factory=dict)
+    extracted: dict[str, int] = field(default_factory=dict)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0  # the whole call: loading the backbone, the classifier, the store
+    pipeline_seconds: dict[str, float] = field(default_factory=dict)  # per split: read->write

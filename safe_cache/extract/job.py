@@ -1,0 +1,156 @@
+"""Stage 1: run the frozen trunk once per image and write the dense maps to a store.
+
+`extract` opens (or creates) the store under its writer lease, reserves rows for the images not
+yet in it, runs the pipeline (pipeline.py) in this process or its tasks on dask workers
+(distributed.py), and then writes what the store needs besides the maps: the few-shot rows, the
+text classifier and the original head. Everything is resumable: run it again to finish it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+from ..data.datasets import Dataset, open_dataset
+from ..data.fewshot import FewShot, sample_few_shot
+from ..data.prompts import class_sentences, prompt_set_name, text_classifier
+from ..data.views import ViewRecipe
+from ..errors import ExtractError, SafeCacheError, StoreNotFoundError
+from ..model.backbone import Backbone, load_backbone
+from ..runtime.cluster import connect
+from ..runtime.device import resolve_device
+from ..runtime.progress import ProgressSink, null_progress
+from ..store import FeatureStore, check_fingerprint, create_store, default_store_url, open_store
+from ..store.schema import MANIFEST_ATTRIBUTE
+from .config import ExtractConfig, ExtractReport
+from .distributed import extract_on_cluster
+from .pipeline import extract_items, plan_split, row_index
+
+
+def few_shot_subsets(dataset: Dataset, shots, seeds) -> dict[tuple[int, int], FewShot]:
+    if "train" not in dataset.splits:
+        return {}
+    train = [e.label for e in dataset.splits["train"]]
+    val = [e.label for e in dataset.splits["val"]]
+    return {(seed, k): sample_few_shot(train, val, k, seed, dataset.classnames)
+            for seed in seeds for k in shots}
+
+
+def wanted_entries(dataset: Dataset, subsets: dict[tuple[int, int], FewShot]) -> dict:
+    """Entry indices to extract per split: all of test, the few-shot union of train and val."""
+    wanted = {"test": list(range(len(dataset.splits["test"])))}
+    if subsets:
+        wanted["train"] = sorted({i for s in subsets.values() for i in s.train})
+        wanted["val"] = sorted({i for s in subsets.values() for i in s.val})
+    return wanted
+
+
+
+def extract(config: ExtractConfig, progress: ProgressSink = null_progress,
+            client: Any = None) -> ExtractReport:
+    """Extract (or complete) a store for one dataset and backbone; see the module docstring.
+
+    With a dask `client` (or `config.scheduler` / `config.local_workers`) the trunk runs on the
+    cluster's workers, task by task (distributed.py); this process holds the store's lease, reserves
+    the rows, and writes the classifier, the head and the few-shot rows.
+    """
+    start = time.perf_counter()
+    device = resolve_device(config.device)
+    backbone = load_backbone(config.model, config.pretrained, device=device, cut=config.cut,
+                             init_seed=config.init_seed)
+    dataset = open_dataset(config.dataset, config.root, make_split=config.make_split)
+    subsets = few_shot_subsets(dataset, config.shots, config.seeds)
+    recipe = ViewRecipe(count=config.views, seed=config.view_seed)
+    url = config.store or default_store_url(dataset.spec.name, backbone.card, config.store_root)
+    store = _open_or_create(url, backbone, dataset, recipe, config)
+    recipe = ViewRecipe(count=store.manifest["views"]["count"], seed=recipe.seed)  # never fewer
+    report = ExtractReport(store=url)
+    try:
+        plans = {split: plan_split(store, dataset, split, entries, recipe)
+                 for split, entries in wanted_entries(dataset, subsets).items()}
+        with connect(config.scheduler, config.local_workers) if client is None \
+                else contextlib.nullcontext(client) as client:
+            if client is None:
+                for split, items in plans.items():
+                    started = time.perf_counter()
+                    report.extracted[split] = extract_items(
+                        store, backbone, split, items, recipe, config, progress, report.skipped)
+                    report.pipeline_seconds[split] = time.perf_counter() - started
+            else:
+                extract_on_cluster(client, store, backbone, plans, recipe, config, progress,
+                                   report)
+        _write_fewshot(store, dataset, subsets)
+        _write_classifier(store, backbone, dataset, config.prompts)
+        if "head" not in store.group:
+            state = {k: v.detach().cpu().float().numpy() for k, v in
+                     backbone.head.state_dict().items()}
+            store.write_head(state, backbone.model_config or {})
+        report.rows = {s: int(store.readable_rows(s).size) for s in store.splits()}
+    finally:
+        _record_skipped(store, report.skipped)
+        store.close()
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _open_or_create(url: str, backbone: Backbone, dataset: Dataset, recipe: ViewRecipe,
+                    config: ExtractConfig) -> FeatureStore:
+    options = config.storage_options
+    try:
+        store = open_store(url, "a", storage_options=options, takeover=config.takeover)
+    except StoreNotFoundError:
+        if "://" not in url:
+            Path(url).parent.mkdir(parents=True, exist_ok=True)
+        return create_store(url, backbone.card, backbone.fingerprint, dataset.describe(),
+                            views=recipe.describe(), layout=config.layout,
+                            storage_options=options, takeover=config.takeover)
+    try:
+        check_fingerprint(store, backbone.fingerprint, backbone.card)
+        stored = store.manifest
+        if stored["dataset"]["name"] != dataset.spec.name or \
+                stored["dataset"]["classnames"] != dataset.classnames:
+            raise ExtractError(f"{url} holds dataset {stored['dataset']['name']}, not"
+                               f" {dataset.spec.name} (or its classes differ).")
+        if stored["views"]["seed"] != recipe.seed or \
+                stored["views"]["scale"] != list(recipe.scale):
+            raise ExtractError(f"{url} holds views of another recipe ({stored['views']});"
+                               f" use another --store for --views with seed {recipe.seed}.")
+        store.add_views(recipe.count)  # more views than stored: the new ones are extracted
+    except SafeCacheError:
+        store.close()
+        raise
+    return store
+
+
+def _record_skipped(store: FeatureStore, skipped: list[dict[str, str]]) -> None:
+    """Note skipped images in the manifest: by the lease holder only, once, so a job's workers
+    never write the root object at the same time."""
+    if not skipped:
+        return
+    manifest = store.manifest
+    manifest.setdefault("skipped_images", []).extend(
+        {"split": s["split"], "error": s["error"]} for s in skipped)
+    store.group.attrs[MANIFEST_ATTRIBUTE] = manifest
+
+
+def _write_fewshot(store: FeatureStore, dataset: Dataset, subsets) -> None:
+    rows = {split: row_index(store, split, readable_only=True) for split in ("train", "val")
+            if split in store.group}
+    for (seed, shots), subset in subsets.items():
+        train = [rows["train"][p] for p in (dataset.splits["train"][i].path for i in subset.train)
+                 if p in rows["train"]]
+        val = [rows["val"][p] for p in (dataset.splits["val"][i].path for i in subset.val)
+               if p in rows["val"]]
+        store.write_fewshot(seed, shots, train, val)
+
+
+def _write_classifier(store: FeatureStore, backbone: Backbone, dataset: Dataset,
+                      prompts: str) -> None:
+    name = prompt_set_name(prompts)
+    if f"text/{name}" in store.group:
+        return
+    sentences = class_sentences(prompts, dataset.classnames, dataset.spec.templates)
+    weights = text_classifier(backbone.model, backbone.tokenizer(), sentences)
+    store.write_classifier(name, weights.numpy(), sentences)

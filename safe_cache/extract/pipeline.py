@@ -1,0 +1,213 @@
+"""The in-process extraction pipeline: reader -> trunk -> writer, unit by unit.
+
+reader (DataLoader workers decode images and build the center and augmented views) -> trunk
+(this process, on the device: `Backbone.forward_features`, then the original head's
+`forward_head` for the pooled features) -> writer (a background thread writes whole write
+units). Work is cut into the store's write units: a unit is computed in the same batches in
+every run and recorded complete only after its data is written, so a run killed at any moment
+resumes from the last complete unit and ends with exactly the arrays of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.datasets import Dataset
+from ..data.views import ViewDataset, ViewRecipe
+from ..errors import ExtractError
+from ..model.backbone import Backbone
+from ..runtime.cluster import decode_workers
+from ..runtime.progress import ProgressSink
+from ..store import FeatureStore
+from .config import ExtractConfig
+
+
+def row_index(store: FeatureStore, split: str, readable_only: bool = False) -> dict[str, int]:
+    """path -> row of every row reserved in the store (padding rows have no path), or only of
+    the readable ones (complete and not skipped)."""
+    if split not in store.group:
+        return {}
+    paths = store.arrays(split)["path"][:]
+    rows = store.readable_rows(split) if readable_only else range(len(paths))
+    return {str(paths[row]): int(row) for row in rows if paths[row]}
+
+
+def plan_split(store: FeatureStore, dataset: Dataset, split: str, wanted: list[int],
+                recipe: ViewRecipe) -> list[tuple]:
+    """Reserve rows for the wanted entries not yet in the store; return what is still to
+    extract: (row, image file, path in the store, first missing view) per image, unit by unit."""
+    entries = dataset.splits[split]
+    known = row_index(store, split)
+    new = [i for i in wanted if entries[i].path not in known]
+    if new:
+        store.append_rows(split, [entries[i].path for i in new],
+                          [entries[i].label for i in new])
+    group = store.arrays(split)
+    labels, paths = group["label"][:], group["path"][:]
+    unit, views = store.layout.unit, recipe.count if split == "train" else 0
+    first_view = _first_missing_view(group, views)  # per unit: 0 = everything to do
+    return [(row, dataset.image_root / str(paths[row]), str(paths[row]), int(first_view[u]))
+            for u in np.flatnonzero(first_view < max(views, 1))
+            for row in range(u * unit, min((u + 1) * unit, len(labels))) if labels[row] >= 0]
+
+
+
+def extract_items(store: FeatureStore, backbone: Backbone, split: str, items: list[tuple],
+                  recipe: ViewRecipe, config: ExtractConfig, progress: ProgressSink,
+                  skipped: list[dict[str, str]]) -> int:
+    """Decode, encode and write `items` (whole write units of one split); returns their count.
+    Unreadable images stop the run, or with `skip_bad` become padding and go to `skipped`."""
+    if not items:
+        return 0
+    unit, views = store.layout.unit, recipe.count if split == "train" else 0
+    group = store.arrays(split)
+    total_rows = group["label"].shape[0]
+    # Starting worker processes costs ~0.3 s: not worth it for a split of a batch or two.
+    workers = decode_workers(config.workers if len(items) > 2 * config.batch_size else 0)
+    loader = torch.utils.data.DataLoader(
+        ViewDataset(items, backbone.preprocess, backbone.card,
+                    recipe if views else None),
+        batch_sampler=_unit_batches(items, unit, config.batch_size),
+        num_workers=workers, persistent_workers=False,
+        pin_memory=backbone.device.type == "cuda",
+    )
+    task = progress.start(f"{store.manifest['dataset']['name']} {split}", len(items))
+    with _Writer(store, split) as writer:
+        current: dict[str, Any] | None = None
+        for rows, centers, augmented, errors, first in loader:
+            rows, first = rows.tolist(), int(first[0])
+            _check_errors(split, rows, errors, config, skipped, group)
+            features = _encode(backbone, None if first else centers, augmented, config.precision)
+            unit_index = rows[0] // unit
+            if current is None or current["unit"] != unit_index:
+                if current is not None:
+                    writer.put(current)
+                current = _new_unit(unit_index, unit, total_rows, features, first)
+            for name, values in features.items():
+                current["features"][name][np.asarray(rows) - unit_index * unit] = values
+            progress.advance(task, len(rows))
+        if current is not None:
+            writer.put(current)
+    progress.finish(task)
+    return len(items)
+
+
+def _first_missing_view(group, views: int) -> np.ndarray:
+    """Per unit: 0 when the unit needs everything (center and all views), v when only views
+    v.. are missing (added to the store later), `views` (or 1 without views) when done."""
+    complete = group["complete"][:] == 1
+    if not views:
+        return np.where(complete, 1, 0)
+    written = group["aug_complete"][:] == 1
+    first = np.where(written.all(axis=1), views, written.argmin(axis=1))
+    return np.where(complete, first, 0)
+
+
+def _unit_batches(items, unit: int, batch_size: int) -> Iterator[list[int]]:
+    """Batches of item positions that never cross a write unit: identical in every run."""
+    batches, current, current_unit = [], [], None
+    for position, (row, *_) in enumerate(items):
+        if current and (row // unit != current_unit or len(current) == batch_size):
+            batches.append(current)
+            current = []
+        current.append(position)
+        current_unit = row // unit
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _new_unit(index: int, unit: int, total: int, features: dict[str, np.ndarray],
+              first_view: int) -> dict:
+    rows = min(unit, total - index * unit)
+    return {"unit": index, "first_view": first_view, "features": {
+        name: np.zeros((rows, *values.shape[1:]), dtype=np.float32)
+        for name, values in features.items()}}
+
+
+def _check_errors(split, rows, errors, config, skipped, group) -> None:
+    for row, error in zip(rows, errors, strict=True):
+        if not error:
+            continue
+        if not config.skip_bad:
+            raise ExtractError(f"Unreadable image in {split}: {error}. Nothing of its write unit"
+                               f" was recorded. Fix or remove the image, or pass --skip-bad to"
+                               f" record it in the store's card and go on.")
+        group["label"][row] = -1  # the row becomes padding: never readable (its unit's chunk)
+        skipped.append({"split": split, "row": int(row), "error": error})
+
+
+@torch.no_grad()
+def _encode(backbone: Backbone, centers: torch.Tensor | None, augmented: torch.Tensor,
+            precision: str) -> dict[str, np.ndarray]:
+    """Trunk + original head on the center views (unless None) and the augmented views."""
+    device = backbone.device
+    out = {}
+    if centers is not None:
+        dense, pooled = _trunk_and_head(backbone, centers.to(device, non_blocking=True),
+                                        precision)
+        out["dense"], out["pooled"] = dense, pooled
+    if augmented.shape[1]:
+        batch, views = augmented.shape[:2]
+        flat = augmented.flatten(0, 1).to(device, non_blocking=True)
+        dense, pooled = _trunk_and_head(backbone, flat, precision)
+        out["aug_dense"] = dense.reshape(batch, views, *dense.shape[1:])
+        out["aug_pooled"] = pooled.reshape(batch, views, -1)
+    return out
+
+
+def _trunk_and_head(backbone: Backbone, images: torch.Tensor, precision: str):
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    if dtype is not None and images.device.type == "cuda":
+        with torch.autocast("cuda", dtype=dtype):
+            dense = backbone.forward_features(images)
+    else:
+        dense = backbone.forward_features(images)
+    dense = dense.float()
+    pooled = backbone.forward_head(dense)
+    return dense.cpu().numpy(), pooled.float().cpu().numpy()
+
+
+class _Writer:
+    """A background thread that writes whole units, so decoding and the trunk never wait on
+    compression and I/O; at most two units wait in its queue (bounded memory)."""
+
+    def __init__(self, store: FeatureStore, split: str) -> None:
+        self.store, self.split = store, split
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True, name="safe-cache-writer")
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    if item["first_view"]:
+                        features = item["features"]
+                        self.store.write_views(self.split, item["unit"], item["first_view"],
+                                               features["aug_dense"], features["aug_pooled"])
+                    else:
+                        self.store.write_unit(self.split, item["unit"], item["features"])
+                except BaseException as exc:  # re-raised in the main thread
+                    self.error = exc
+
+    def put(self, item: dict) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(item)
+
+    def __enter__(self) -> _Writer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None and exc_type is None:
+            raise self.error

@@ -1,0 +1,143 @@
+"""The methods that run on pooled features: zero-shot, Tip-Adapter(-F), SAFE-A, linear probe.
+
+Tip-Adapter (Zhang et al.) adds a cache model to zero-shot CLIP (its logits: model/inference.py),
+whose keys K are the few-shot train features averaged over augmented views and normalised, and
+whose values V are their one-hot labels. alpha and gamma are
+searched on the validation set over the per-dataset grid; Tip-Adapter-F also trains the keys,
+choosing its epoch on validation (the reference implementation chose it on test). SAFE-A is
+Tip-Adapter-F whose keys and queries are SAFE's blended features. Everything here takes
+features, not images: no trunk is ever needed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..model.inference import tip_logits
+from .evaluate import accuracy
+
+# Tip-Adapter's defaults; a dataset spec's `tip_adapter` block overrides them (EuroSAT: 100
+# epochs, as Tip-Adapter's configs have it).
+DEFAULT_TIP = {"search_scale": [7, 3], "search_step": [200, 20], "init_alpha": 1.17,
+               "init_gamma": 1.0, "epochs": 20}
+
+
+@dataclass
+class Split:
+    """Normalised query features and labels of one evaluation split."""
+
+    features: torch.Tensor  # (N, D), L2-normalised
+    labels: torch.Tensor  # (N,)
+
+
+def search_grid(search_scale, search_step) -> tuple[list[float], list[float]]:
+    """(gammas, alphas): value_i = 0.1 + i * (scale - 0.1) / steps, i < steps."""
+    gammas = [0.1 + i * (search_scale[0] - 0.1) / search_step[0] for i in range(search_step[0])]
+    alphas = [0.1 + i * (search_scale[1] - 0.1) / search_step[1] for i in range(search_step[1])]
+    return gammas, alphas
+
+
+def search_alpha_gamma(val: Split, classifier, keys, values, scale: float,
+                       tip: dict) -> tuple[float, float, float]:
+    """The (alpha, gamma) with the best val accuracy (first strictly best, gamma outer)."""
+    gammas, alphas = search_grid(tip["search_scale"], tip["search_step"])
+    clip_logits = scale * val.features @ classifier.T
+    affinity = val.features @ keys.T
+    best = (-1.0, tip["init_alpha"], tip["init_gamma"])
+    for gamma in gammas:
+        cache = torch.exp(-gamma * (1 - affinity)) @ values
+        for alpha in alphas:
+            acc = accuracy(clip_logits + alpha * cache, val.labels)
+            if acc > best[0]:
+                best = (acc, alpha, gamma)
+    return best[1], best[2], best[0]
+
+
+def cache_model(train_features: torch.Tensor, train_labels: torch.Tensor,
+                classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys: per image, the normalised mean of its (normalised) view features; values: one-hot."""
+    keys = F.normalize(F.normalize(train_features, dim=-1).mean(dim=1), dim=-1)
+    return keys, F.one_hot(train_labels, classes).float()
+
+
+def tip_adapter(train_features, train_labels, val: Split, test: Split, classifier,
+                scale: float, tip: dict) -> dict:
+    """Training-free Tip-Adapter: cache from the train views, alpha/gamma searched on val."""
+    keys, values = cache_model(train_features, train_labels, classifier.shape[0])
+    alpha, gamma, val_acc = search_alpha_gamma(val, classifier, keys, values, scale, tip)
+    test_acc = accuracy(tip_logits(test.features, classifier, keys, values, alpha, gamma, scale),
+                        test.labels)
+    return {"val_acc": val_acc, "test_acc": test_acc, "alpha": alpha, "gamma": gamma}
+
+
+def tip_adapter_f(train_features, train_labels, val: Split, test: Split, classifier,
+                  scale: float, tip: dict, *, epochs: int = 20, lr: float = 1e-3,
+                  batch_size: int = 256, seed: int = 1, return_cache: bool = False):
+    """Tip-Adapter-F: train the keys (AdamW lr 1e-3, eps 1e-4, wd 0.01, cosine), one epoch per
+    augmented view in turn; the epoch is chosen on VAL; then alpha/gamma are searched on val."""
+    images, views, _ = train_features.shape
+    keys, values = cache_model(train_features, train_labels, classifier.shape[0])
+    keys = torch.nn.Parameter(keys.clone())
+    optimizer = torch.optim.AdamW([keys], lr=lr, eps=1e-4, weight_decay=0.01)
+    steps = epochs * math.ceil(images / batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    generator = torch.Generator().manual_seed(seed)
+    alpha, gamma = tip["init_alpha"], tip["init_gamma"]
+    best_acc, best_keys, best_epoch = -1.0, keys.detach().clone(), 0
+    for epoch in range(epochs):
+        features = F.normalize(train_features[:, epoch % views], dim=-1)  # a fresh view
+        order = torch.randperm(images, generator=generator)
+        for start in range(0, images, batch_size):
+            batch = order[start:start + batch_size]
+            logits = tip_logits(features[batch], classifier, keys, values, alpha, gamma, scale)
+            loss = F.cross_entropy(logits, train_labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        with torch.no_grad():
+            acc = accuracy(tip_logits(val.features, classifier, keys, values, alpha, gamma,
+                                      scale), val.labels)
+        if acc > best_acc:
+            best_acc, best_keys, best_epoch = acc, keys.detach().clone(), epoch + 1
+    with torch.no_grad():
+        alpha, gamma, val_acc = search_alpha_gamma(val, classifier, best_keys, values, scale, tip)
+        test_acc = accuracy(tip_logits(test.features, classifier, best_keys, values, alpha,
+                                       gamma, scale), test.labels)
+    summary = {"val_acc": val_acc, "test_acc": test_acc, "alpha": alpha, "gamma": gamma,
+               "best_epoch": best_epoch, "epochs": epochs}
+    return (summary, (best_keys, values)) if return_cache else summary
+
+
+def linear_probe(train: Split, val: Split, test: Split, classes: int,
+                 cs: tuple[float, ...] = tuple(10.0 ** k for k in range(-3, 7))) -> dict:
+    """Multinomial logistic regression on features (L-BFGS, L2 penalty 1/(C n)); C on val."""
+    best: dict = {"val_acc": -1.0}
+    for c in cs:
+        weight = _logistic_regression(train.features, train.labels, classes, c)
+        acc = accuracy(val.features @ weight[:-1] + weight[-1], val.labels)
+        if acc > best["val_acc"]:
+            best = {"val_acc": acc, "C": c, "weight": weight}
+    weight = best.pop("weight")
+    best["test_acc"] = accuracy(test.features @ weight[:-1] + weight[-1], test.labels)
+    return best
+
+
+def _logistic_regression(x: torch.Tensor, y: torch.Tensor, classes: int, c: float,
+                         iterations: int = 200) -> torch.Tensor:
+    weight = torch.zeros(x.shape[1] + 1, classes, dtype=x.dtype, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight], max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        logits = x @ weight[:-1] + weight[-1]
+        loss = F.cross_entropy(logits, y) + (weight[:-1] ** 2).sum() / (2 * c * len(y))
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return weight.detach()

@@ -1,0 +1,36 @@
+"""What `safe-cache fit` takes: one frozen dataclass, defaults the paper's protocol."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .results import OPTIONAL_METHODS
+
+DEFAULT_BETAS = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    store: str
+    shots: tuple[int, ...] = (1, 2, 4, 8, 16)
+    seeds: tuple[int, ...] = (1, 2, 3)
+    lrs: tuple[float, ...] = (1e-4, 1e-5, 1e-6, 1e-7)
+    wds: tuple[float, ...] = (0.0, 1e-3, 1e-5)
+    iters: int = 12_800
+    batch_size: int = 8
+    eval_every: int = 100
+    beta: float = 0.5
+    betas: tuple[float, ...] = DEFAULT_BETAS
+    blend: str = "blend"  # or "each": normalise each branch, then blend
+    prompts: str = "hand"
+    device: str = "auto"
+    out: str = "results"
+    force: bool = False
+    test_chunk: int = 256
+    methods: tuple[str, ...] = OPTIONAL_METHODS  # besides zero-shot and SAFE, which always run
+    tip_epochs: int | None = None  # Tip-Adapter-F / SAFE-A epochs (None: the dataset spec's)
+    eval_ood: tuple[str, ...] = ()  # ImageNet variants (names or store URLs) to test on
+    storage_options: dict | None = None
+    cache: str | None = None  # a local folder keeping the feature chunks read from the store
+    scheduler: str | None = None  # a dask scheduler's address: runs go to its workers
+    local_workers: int = 0  # or a LocalCluster of this many worker processes

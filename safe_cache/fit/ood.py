@@ -1,0 +1,53 @@
+"""Out-of-distribution evaluation: heads trained on ImageNet, tested on its variants' stores.
+
+ImageNet-V2 and -Sketch share ImageNet's 1000 classes; ImageNet-A and -R hold 200 of them, and
+their store's dataset description lists which rows of the 1000-class classifier they use
+(`class_subset`). Every variant store must hold the same backbone's features (fingerprint).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..store import check_fingerprint, default_store_url, open_store
+from .evaluate import accuracy, stream_split
+
+VARIANTS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+
+
+def resolve_ood_stores(names: tuple[str, ...], source_url: str, card: dict[str, Any]) -> dict:
+    """Variant name or store URL -> URL; names resolve beside the source store
+    (stores/<variant>/<model>-<pretrained>.zarr)."""
+    root = str(Path(source_url).parent.parent)
+    return {Path(n).stem if n.endswith(".zarr") else n:
+            n if ("://" in n or n.endswith(".zarr")) else default_store_url(n, card, root)
+            for n in names}
+
+
+@torch.no_grad()
+def evaluate_ood(head, classifier: torch.Tensor, scale: float, blend, stores: dict[str, str],
+                 fingerprint: str, card: dict[str, Any], chunk: int = 256,
+                 device: torch.device | str = "cpu") -> dict[str, dict[str, Any]]:
+    """Zero-shot and SAFE test accuracy on each variant store; `blend(original, finetuned)`
+    gives SAFE's normalised features."""
+    results = {}
+    for name, url in stores.items():
+        store = open_store(url)
+        check_fingerprint(store, fingerprint, card)
+        subset = store.manifest["dataset"].get("class_subset")
+        weights = classifier[subset] if subset else classifier
+        hits = {"zero_shot": 0.0, "safe": 0.0}
+        images = 0
+        for dense, original, labels in stream_split(store, "test", chunk):
+            original, labels = original.to(device), labels.to(device)
+            tuned = head(dense.to(device))
+            hits["zero_shot"] += accuracy(original @ weights.T, labels) * len(labels)
+            hits["safe"] += accuracy(scale * blend(original, tuned) @ weights.T,
+                                     labels) * len(labels)
+            images += len(labels)
+        results[name] = {"store": url, "images": images, "classes": int(weights.shape[0]),
+                         **{k: v / max(images, 1) for k, v in hits.items()}}
+    return results

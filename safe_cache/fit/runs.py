@@ -1,0 +1,110 @@
+"""Stage 2's jobs: every (store, shots, seed) run, in this process or on dask workers, each
+saved as its result record plus the fine-tuned head (and SAFE-A's cache)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from ..errors import SafeCacheError
+from ..runtime.allocator import tune_cpu_allocator
+from ..runtime.cluster import JobProgress, WorkerProgress, connect, gather_as_completed
+from ..runtime.progress import ProgressSink, null_progress
+from ..store import FeatureStore, absolute_url, open_store
+from .config import FitConfig
+from .results import RunResult, load_result, result_path, write_result
+from .train import fit_one
+
+
+def fit(config: FitConfig, progress: ProgressSink = null_progress,
+        client: Any = None) -> list[RunResult]:
+    """Every requested (shots, seed); an existing result is kept unless `force`."""
+    return fit_stores([config], progress, client)
+
+
+def fit_stores(configs: list[FitConfig], progress: ProgressSink = null_progress,
+               client: Any = None) -> list[RunResult]:
+    """Every (store, shots, seed) of `configs` (one per store), in this process or, with a dask
+    `client` (or the first config's `scheduler` / `local_workers`), one task per run on the
+    cluster's workers, which write their results into the shared `out` folder."""
+    tune_cpu_allocator()
+    stores = [_open_for_fit(config) for config in configs]  # each opened once
+    results: dict[tuple[int, int, int], RunResult] = {}
+    todo: list[tuple[int, int, int]] = []  # (config index, shots, seed) still to run
+    owners: dict[Path, str] = {}
+    for index, (config, store) in enumerate(zip(configs, stores, strict=True)):
+        for shots in config.shots:
+            for seed in config.seeds:
+                path = result_path(config.out, store.manifest, shots, seed)
+                if owners.setdefault(path, config.store) != config.store:
+                    raise SafeCacheError(f"{config.store} and {owners[path]} hold the same dataset"
+                                         f" and backbone: their results would overwrite each"
+                                         f" other in {path.parent}. Fit them with different"
+                                         f" --out folders.")
+                if path.is_file() and not config.force:
+                    results[index, shots, seed] = replace(load_result(path), skipped=True)
+                else:
+                    todo.append((index, shots, seed))
+    first = configs[0]
+    with connect(first.scheduler, first.local_workers) if client is None \
+            else contextlib.nullcontext(client) as client:
+        if client is None:
+            for index, shots, seed in todo:
+                results[index, shots, seed] = fit_and_save(stores[index], shots, seed,
+                                                           configs[index], progress)
+        else:
+            results.update(_fit_on_cluster(client, configs, todo, progress))
+    return [results[key] for key in sorted(results)]
+
+
+def _open_for_fit(config: FitConfig) -> FeatureStore:
+    return open_store(config.store, storage_options=config.storage_options, cache=config.cache)
+
+
+def fit_and_save(store: FeatureStore, shots: int, seed: int, config: FitConfig,
+                 progress: ProgressSink = null_progress) -> RunResult:
+    """One run, written as <out>/<dataset>/<backbone>/shots<K>_seed<S>.json (+ the head's and
+    SAFE-A's safetensors); the JSON last, so a result that exists is whole."""
+    record, head, cache = fit_one(store, shots, seed, config, progress)
+    path = result_path(config.out, store.manifest, shots, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+              str(path.with_suffix(".safetensors")),
+              metadata={"store_fingerprint": store.fingerprint, "beta": str(config.beta)})
+    if cache is not None:  # SAFE-A's trained cache, for export
+        save_file({k: v.contiguous() for k, v in cache.items()},
+                  str(path.with_suffix(".safe_a.safetensors")))
+    write_result(record, path)
+    return record
+
+
+def fit_task(config: FitConfig, shots: int, seed: int, progress_job: str,
+             part: str) -> RunResult:
+    """Run on a dask worker: one (shots, seed) run of one store, saved into `config.out`."""
+    tune_cpu_allocator()
+    return fit_and_save(_open_for_fit(config), shots, seed, config,
+                        WorkerProgress(progress_job, part))
+
+
+def _fit_on_cluster(client: Any, configs: list[FitConfig], todo: list[tuple[int, int, int]],
+                    progress: ProgressSink) -> dict[tuple[int, int, int], RunResult]:
+    """One task per (config index, shots, seed) of `todo`; returns the results by that key."""
+    # Workers may run in another working directory: send absolute local paths.
+    remote = [replace(c, store=absolute_url(c.store), out=os.path.abspath(c.out),
+                      cache=c.cache and os.path.abspath(c.cache)) for c in configs]
+    out = {}
+    total = sum(configs[index].iters for index, _, _ in todo)
+    with JobProgress(client, progress, f"fit: {len(todo)} runs", total) as bar:
+        futures = {(index, shots, seed): client.submit(
+            fit_task, remote[index], shots, seed, bar.job, f"{index}/{shots}/{seed}",
+            key=f"safe-cache-fit-{bar.job}-{index}-{shots}-{seed}", pure=False)
+            for index, shots, seed in todo}
+        for key, result in gather_as_completed(client, futures, "A fit run"):
+            bar.update("/".join(map(str, key)), configs[key[0]].iters)
+            out[key] = result
+    return out

@@ -1,0 +1,49 @@
+"""What identifies features and files, importable without torch (stores are read without it).
+
+- `card_fingerprint`: the sha256 of the backbone-card fields that decide whether two feature sets
+  are interchangeable (a store's features, a fit result, an exported model all carry it);
+- `file_sha256`: the one file hasher (weights files, split files, model-folder files), streamed
+  in 4 MiB blocks so a multi-GB checkpoint never sits in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+# Backbone-card fields that identify the features; versions and labels are informative only.
+FINGERPRINT_FIELDS = (
+    "family", "model_config_sha256", "weights_sha256", "init_seed", "quick_gelu", "image_size",
+    "mean", "std", "interpolation", "resize_mode", "cut", "T", "C", "D", "grid",
+)
+_BLOCK = 1 << 22
+_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def card_fingerprint(card: dict[str, Any]) -> str:
+    """sha256 of the backbone-card fields that decide whether two feature sets are
+    interchangeable."""
+    identity = {key: card.get(key) for key in FINGERPRINT_FIELDS}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike, *, memo: bool = False) -> str:
+    """sha256 of a file's bytes, streamed.
+
+    `memo=True` remembers the digest per (path, size, mtime) for the process: loading the same
+    multi-GB weights file twice (extract's client and a worker in one process) hashes it once.
+    Checks of files that may have been tampered with (model folders) do not memoise.
+    """
+    stat = os.stat(path)
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if memo and key in _MEMO:
+        return _MEMO[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(_BLOCK), b""):
+            digest.update(block)
+    _MEMO[key] = digest.hexdigest()
+    return _MEMO[key]

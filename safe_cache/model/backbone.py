@@ -1,0 +1,457 @@
+"""Load an open_clip visual encoder as a frozen trunk plus a trainable pooling head.
+
+`load_backbone("RN50", "openai")` gives a `Backbone` whose `trunk` maps images to the dense
+pre-pooling map (B, T, C) and whose `head` maps that map to the pooled embedding (B, D), with
+`head(trunk(x)) == model.encode_image(x)`. Stage 1 (extract) runs only the trunk; stage 2 (fit)
+trains only copies of the head. The split follows timm's `forward_features` / `forward_head`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from open_clip.modified_resnet import ModifiedResNet
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from torch import nn
+
+from ..errors import ModelConfigError, UnsupportedModelError
+from ..identity import card_fingerprint
+from .heads import GridHead, OpenClipHead, ResNetPoolHead, ViTPoolHead
+from .weights import ResolvedWeights, load_weights_into, resolve_weights
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(MODEL_CONFIG_DIR)  # the shipped tiny configs become open_clip names
+
+CARD_SCHEMA = 1
+SUPPORTED_FAMILIES = {
+    "resnet": "ModifiedResNet with attention pooling (RN50, RN101, RN50x4, RN50x16, RN50x64)",
+    "vit": "VisionTransformer with class-token pooling "
+    "(ViT-B-32, ViT-B-16, ViT-L-14, ViT-L-14-336, ViT-H-14, ...)",
+}
+def _supported_text() -> str:
+    return "; ".join(f"{k}: {v}" for k, v in SUPPORTED_FAMILIES.items())
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """An open_clip architecture resolved from a name or a config JSON file."""
+
+    name: str  # the name open_clip's registry knows it by
+    config: dict[str, Any]
+    preprocess_override: dict[str, Any] | None  # `preprocess_cfg` carried by a config file
+
+    @property
+    def config_sha256(self) -> str:
+        canonical = json.dumps(self.config, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def resolve_model(model: str | Path) -> ModelSpec:
+    """Resolve an open_clip model name, a shipped tiny name, or a path to a model config JSON.
+
+    A config file may be open_clip's plain format ({embed_dim, vision_cfg, text_cfg}) or the
+    hub format ({model_cfg, preprocess_cfg}); the latter carries its own preprocessing.
+    """
+    text = str(model)
+    if text.endswith(".json") or Path(text).is_file():
+        return _resolve_config_file(Path(text))
+    name = text.replace("/", "-")
+    config = open_clip.get_model_config(name)
+    if config is None:
+        raise ModelConfigError(
+            f"Unknown model '{text}'. Use an open_clip model name (see `open_clip.list_models()`;"
+            f" e.g. RN50, ViT-B-16, safe-cache-tiny-rn) or a path to a model config JSON file."
+        )
+    return ModelSpec(name=name, config=config, preprocess_override=None)
+
+
+def _resolve_config_file(path: Path) -> ModelSpec:
+    if not path.is_file():
+        raise ModelConfigError(f"Model config file not found: {path}")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelConfigError(f"Model config {path} is not valid JSON: {exc}") from exc
+    config = raw.get("model_cfg", raw) if isinstance(raw, dict) else None
+    if not isinstance(config, dict) or not all(
+        key in config for key in ("embed_dim", "vision_cfg", "text_cfg")
+    ):
+        raise ModelConfigError(
+            f"Model config {path} must hold 'embed_dim', 'vision_cfg' and 'text_cfg' (open_clip's"
+            f" format), optionally wrapped as {{'model_cfg': ..., 'preprocess_cfg': ...}}."
+        )
+    name = path.stem
+    known = open_clip.get_model_config(name)
+    if known is not None and known != config:
+        raise ModelConfigError(
+            f"Model config {path} is named '{name}', which open_clip already knows with a different"
+            f" architecture. Rename the file."
+        )
+    if known is None:
+        registered = _registry_copy(name, config)
+        open_clip.add_model_config(registered)
+    return ModelSpec(name=name, config=config, preprocess_override=raw.get("preprocess_cfg"))
+
+
+def _registry_copy(name: str, config: dict[str, Any]) -> Path:
+    """Write the plain config where open_clip's registry can read it (it reads files by stem)."""
+    folder = Path.home() / ".cache" / "safe-cache" / "model_configs"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{name}.json"
+    target.write_text(json.dumps(config, indent=2, sort_keys=True))
+    return target
+
+
+def family_of(visual: nn.Module) -> str:
+    """'resnet' or 'vit' for a supported visual tower; a clear error for anything else."""
+    if isinstance(visual, ModifiedResNet):
+        return "resnet"
+    if isinstance(visual, VisionTransformer):
+        problems = []
+        if getattr(visual, "attn_pool", None) is not None:
+            problems.append("it pools with an attentional pooler (CoCa-style map head)")
+        if getattr(visual, "pool_type", "tok") != "tok":
+            problems.append(f"it pools by '{visual.pool_type}', not by the class token")
+        if visual.proj is None:
+            problems.append("it has no output projection")
+        if not all(isinstance(b, ResidualAttentionBlock) for b in visual.transformer.resblocks):
+            problems.append("its blocks are custom (qk-norm / scaled attention)")
+        if not getattr(visual.transformer, "batch_first", True):
+            problems.append("its transformer is not batch-first")
+        if not problems:
+            return "vit"
+        reason = "; ".join(problems)
+        raise UnsupportedModelError(
+            f"This VisionTransformer cannot be split for SAFE: {reason}. Supported: "
+            f"{_supported_text()}."
+        )
+    raise UnsupportedModelError(
+        f"Visual tower {type(visual).__name__} is not supported (SAFE fine-tunes CLIP's attention"
+        f" pooling). Supported: {_supported_text()}."
+    )
+
+
+def head_stages(family: str, cut: str) -> int:
+    """How many stages the head owns: 'pool' -> 1; ResNet 'layer4' -> 2; ViT 'lastN' -> N."""
+    if cut == "pool":
+        return 1
+    if family == "resnet" and cut == "layer4":
+        return 2
+    if family == "vit" and cut.startswith("last") and cut[4:].isdigit() and int(cut[4:]) >= 1:
+        return int(cut[4:])
+    allowed = "'pool' or 'layer4'" if family == "resnet" else "'pool' or 'lastN' (N blocks)"
+    raise ModelConfigError(f"Unknown cut '{cut}' for a {family} backbone: use {allowed}.")
+
+
+class Trunk(nn.Module):
+    """The frozen part of the visual tower: images (B, 3, H, W) -> dense tokens (B, T, C).
+
+    Holds references to the model's own modules (no copies). Always runs without gradients.
+    """
+
+    def __init__(self, visual: nn.Module, family: str, stages_in_head: int) -> None:
+        super().__init__()
+        self.family = family
+        if family == "resnet":
+            stem = ["conv1", "bn1", "act1", "conv2", "bn2", "act2", "conv3", "bn3", "act3"]
+            layers = ["layer1", "layer2", "layer3", "layer4"][: 5 - stages_in_head]
+            self.stages = nn.ModuleList(
+                [getattr(visual, n) for n in [*stem, "avgpool", *layers]]
+            )
+        else:
+            self.visual = _ViTEmbed(visual)
+            blocks = visual.transformer.resblocks
+            self.stages = nn.ModuleList(list(blocks[: len(blocks) - stages_in_head]))
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.family == "resnet":
+            x = images
+            for stage in self.stages:
+                x = stage(x)
+            return x.flatten(2).transpose(1, 2)  # NCHW -> (N, H*W, C), channel-last
+        x = self.visual(images)
+        for block in self.stages:
+            x = block(x)
+        return x
+
+
+class _ViTEmbed(nn.Module):
+    """Patch embedding + class token + positional embedding + ln_pre, as open_clip computes it."""
+
+    def __init__(self, visual: VisionTransformer) -> None:
+        super().__init__()
+        self.conv1 = visual.conv1
+        self.class_embedding = visual.class_embedding
+        self.positional_embedding = visual.positional_embedding
+        self.patch_dropout = visual.patch_dropout
+        self.ln_pre = visual.ln_pre
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(images.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        return self.ln_pre(self.patch_dropout(x))
+
+
+@dataclass
+class Backbone:
+    """A frozen open_clip visual encoder split at its pooling layer.
+
+    `trunk(images) -> (B, T, C)`, `head(dense) -> (B, D)` (the original head, frozen),
+    `new_head()` a trainable copy of it (SAFE's AttnPool_F), `card` a JSON-able identity.
+    """
+
+    model: nn.Module
+    preprocess: Any
+    card: dict[str, Any]
+    trunk: Trunk
+    head: nn.Module
+    family: str
+    token_grid: tuple[int, int]  # (H, W) of the dense map's spatial tokens (card key 'grid')
+    stages_in_head: int
+    model_config: dict[str, Any] | None = None  # the open_clip architecture (for stores)
+
+    @property
+    def fingerprint(self) -> str:
+        return card_fingerprint(self.card)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.trunk.parameters()).device
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.trunk(images)
+
+    def forward_head(self, dense: torch.Tensor) -> torch.Tensor:
+        return self.head(dense)
+
+    def new_head(self) -> nn.Module:
+        """A trainable copy of the original head (same names, shapes and values)."""
+        head = copy.deepcopy(self.head)
+        head.requires_grad_(True)
+        return head
+
+    def tokenizer(self):
+        """open_clip's tokenizer for this model (for text classifiers)."""
+        return open_clip.get_tokenizer(self.card["model"])
+
+    def naive_head(self) -> OpenClipHead:
+        """open_clip's own modules composed as a head: the slow reference, same state-dict keys."""
+        return OpenClipHead(
+            self.model.visual, self.family, token_grid=self.token_grid,
+            head_stages=self.stages_in_head,
+        )
+
+
+def load_backbone(
+    model: str | Path,
+    pretrained: str | Path | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    init_seed: int = 0,
+    cut: str = "pool",
+    quick_gelu: bool | None = None,
+    cache_dir: str | Path | None = None,
+) -> Backbone:
+    """Load `model` (open_clip name or config JSON) with `pretrained` weights, split for SAFE.
+
+    pretrained: an open_clip tag ('openai', 'laion2b_s34b_b79k', ...), a local checkpoint file
+    (open_clip state dict, safetensors, or an original OpenAI TorchScript .pt), or None for a
+    random initialisation seeded by `init_seed` (tests, demos). quick_gelu: None infers it (tags
+    know it; OpenAI TorchScript archives need it); True/False forces it. The model is returned in
+    eval mode with every parameter frozen: open_clip returns train mode, where BatchNorm statistics
+    and patch dropout would change the features.
+    """
+    spec = resolve_model(model)
+    _check_config_family(spec)
+    weights = resolve_weights(spec.name, spec.config, pretrained, quick_gelu, cache_dir)
+    preprocess_cfg = {**(spec.preprocess_override or {}), **weights.preprocess}
+    with torch.random.fork_rng(devices=[]), _quiet_open_clip():
+        torch.manual_seed(init_seed)
+        clip = open_clip.create_model(
+            spec.name,
+            pretrained=None,
+            force_quick_gelu=weights.quick_gelu,
+            force_preprocess_cfg=preprocess_cfg or None,
+        )
+    if weights.path is not None:
+        load_weights_into(clip, weights)
+    clip.eval().requires_grad_(False)
+    clip.to(device)
+    family = family_of(clip.visual)
+    stages = head_stages(family, cut)
+    trunk = Trunk(clip.visual, family, stages)
+    token_grid = _token_grid(clip.visual, family, stages)
+    head = (
+        ResNetPoolHead(clip.visual, token_grid, stages) if family == "resnet"
+        else ViTPoolHead(clip.visual, stages)
+    ).requires_grad_(False)
+    card = _make_card(spec, weights, clip, family, cut, token_grid, head, init_seed)
+    pp_cfg = open_clip.get_model_preprocess_cfg(clip)
+    preprocess = image_transform_v2(PreprocessCfg(**pp_cfg), is_train=False)
+    return Backbone(clip, preprocess, card, trunk, head, family, token_grid, stages,
+                    spec.config)
+
+
+@contextlib.contextmanager
+def _quiet_open_clip():
+    """Silence open_clip's "initialized randomly" warning: safe-cache loads the weights itself."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+_CUSTOM_BLOCK_FLAGS = (
+    "qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc",
+)
+
+
+def config_family(config: dict[str, Any]) -> tuple[str, str]:
+    """(family, reason) from an open_clip model config, without building the model.
+
+    family is 'resnet', 'vit' or 'unsupported'; reason says why a config is unsupported.
+    """
+    vision = config.get("vision_cfg", {})
+    if "multimodal_cfg" in config:
+        return "unsupported", "CoCa captioning model (its image embedding is not encode_image's)"
+    if "timm_model_name" in vision:
+        return "unsupported", f"timm visual tower {vision['timm_model_name']}"
+    if isinstance(vision.get("layers"), (list, tuple)):
+        return "resnet", ""
+    if vision.get("attentional_pool"):
+        return "unsupported", "attentional pooler (map head)"
+    if vision.get("pool_type", "tok") != "tok":
+        return "unsupported", f"'{vision['pool_type']}' pooling, not the class token"
+    if vision.get("block_type") == "custom" or any(vision.get(f) for f in _CUSTOM_BLOCK_FLAGS):
+        return "unsupported", "custom attention blocks"
+    return "vit", ""
+
+
+def head_from_config(model_config: dict[str, Any], card: dict[str, Any]) -> GridHead:
+    """The head module of a backbone card's architecture, built without its weights or text
+    tower: fit rebuilds the original head from the weights a store keeps, export from a model
+    folder's (the model layer never reads either itself)."""
+    vision_only = {**model_config, "text_cfg": {"width": 8, "heads": 1, "layers": 1,
+                                                 "context_length": 2, "vocab_size": 2}}
+    vision_only["quick_gelu"] = bool(card.get("quick_gelu"))
+    for key in ("custom_text", "multimodal_cfg"):
+        vision_only.pop(key, None)
+    with torch.random.fork_rng(devices=[]):
+        visual = open_clip.model.CLIP(**vision_only).visual.eval()
+    family = family_of(visual)
+    stages = head_stages(family, card["cut"])
+    token_grid = tuple(card["grid"])
+    if family == "resnet":
+        return ResNetPoolHead(visual, token_grid, stages)
+    return ViTPoolHead(visual, stages)
+
+
+def _check_config_family(spec: ModelSpec) -> None:
+    """Refuse unsupported towers before building (and downloading) anything."""
+    family, reason = config_family(spec.config)
+    if family == "unsupported":
+        raise UnsupportedModelError(
+            f"{spec.name} cannot be split for SAFE ({reason}). Supported: {_supported_text()}."
+        )
+
+
+def list_architectures() -> list[dict[str, Any]]:
+    """Every open_clip architecture with its family, image size and pretrained tags."""
+    rows = []
+    for name in open_clip.list_models():
+        config = open_clip.get_model_config(name)
+        family, _ = config_family(config)
+        rows.append({
+            "model": name,
+            "family": family,
+            "image_size": config["vision_cfg"].get("image_size"),
+            "tags": open_clip.list_pretrained_tags_by_model(name),
+        })
+    return rows
+
+
+def _token_grid(visual: nn.Module, family: str, stages: int) -> tuple[int, int]:
+    """Spatial grid (H, W) of the dense map; for ViT the patch grid (the class token is extra)."""
+    if family == "vit":
+        return tuple(visual.grid_size)
+    side = visual.image_size // (32 if stages == 1 else 16)
+    return (side, side)
+
+
+def _make_card(
+    spec: ModelSpec,
+    weights: ResolvedWeights,
+    clip: nn.Module,
+    family: str,
+    cut: str,
+    token_grid: tuple[int, int],
+    head: nn.Module,
+    init_seed: int,
+) -> dict[str, Any]:
+    pp = open_clip.get_model_preprocess_cfg(clip)
+    size = pp["size"]
+    tokens = token_grid[0] * token_grid[1] + (1 if family == "vit" else 0)
+    channels = _dense_channels(clip.visual, family, cut)
+    with torch.no_grad():
+        out_dim = head(torch.zeros(1, tokens, channels, device=_device_of(head))).shape[-1]
+    return {
+        "schema": CARD_SCHEMA,
+        "model": spec.name,
+        "model_config_sha256": spec.config_sha256,
+        "family": family,
+        "pretrained": weights.label,
+        "weights_sha256": weights.sha256,
+        "init_seed": None if weights.path is not None else init_seed,
+        "quick_gelu": bool(weights.quick_gelu or spec.config.get("quick_gelu", False)),
+        "image_size": list(size) if isinstance(size, (tuple, list)) else [size, size],
+        "mean": [float(v) for v in pp["mean"]],
+        "std": [float(v) for v in pp["std"]],
+        "interpolation": pp["interpolation"],
+        "resize_mode": pp["resize_mode"],
+        "cut": cut,
+        "T": tokens,
+        "C": channels,
+        "D": int(out_dim),
+        "grid": list(token_grid),  # the token grid (H, W); the key predates the name
+        "logit_scale": float(clip.logit_scale.detach().exp().item()),
+        "open_clip_version": open_clip.__version__,
+        "torch_version": torch.__version__,
+    }
+
+
+def _dense_channels(visual: nn.Module, family: str, cut: str) -> int:
+    if family == "vit":
+        return visual.transformer.width
+    return visual.attnpool.k_proj.in_features // (2 if cut == "layer4" else 1)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+__all__ = [
+    "SUPPORTED_FAMILIES",
+    "Backbone",
+    "ModelSpec",
+    "Trunk",
+    "card_fingerprint",
+    "config_family",
+    "head_from_config",
+    "list_architectures",
+    "load_backbone",
+    "resolve_model",
+]

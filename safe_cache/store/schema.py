@@ -1,0 +1,99 @@
+"""The ONE table of a store's arrays: what store creation, verify, the chunk cache and readers
+all read, so the layout is written down once.
+
+Per split (`train`, `val`, `test`) a Zarr group holds row arrays (one row per image), feature
+arrays (the trunk's output, immutable once their write unit is complete) and bookkeeping arrays
+(one flag per write unit, or per unit and view). Train also holds the augmented views, cut one
+chunk per (unit, view) so views can be added to an existing store later. Dimension names map to
+the backbone card's sizes: token -> T, channel -> C, embed -> D, view -> the store's view count.
+
+Changing this table changes the store format: bump `SCHEMA_VERSION` and keep reading the old one.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+SCHEMA_VERSION = 1
+SPLITS = ("train", "val", "test")
+MANIFEST_ATTRIBUTE = "safe_cache"  # the root zarr.json attribute holding the store manifest
+MANIFEST_FIELDS = ("schema_version", "backbone", "backbone_fingerprint", "dataset", "views",
+                   "shapes", "layout", "tool_version", "created")
+
+Role = Literal["row", "feature", "bookkeeping"]
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of a split.
+
+    role: "row" arrays are written when rows are reserved (paths, labels); "feature" arrays are
+    the trunk's output, chunked by image rows (whole maps per chunk), compressed with the store
+    layout's codec, sharded on object stores and cacheable (immutable once their unit is
+    complete); "bookkeeping" arrays hold one completion flag per chunk of one element, so
+    concurrent writers never share a chunk. `per_view` arrays are cut one chunk per view.
+    """
+
+    name: str
+    dims: tuple[str, ...]
+    dtype: str  # "str" for variable-length strings
+    fill: Any
+    role: Role
+    splits: tuple[str, ...] = SPLITS
+    per_view: bool = False
+    compressed: bool | None = None  # None: zarr's default codec; False: none; True: the layout's
+
+    def tail(self, shapes: dict[str, int], views: int) -> tuple[int, ...]:
+        """The shape after the first axis (image or unit), from the card's sizes."""
+        sizes = {"token": shapes["T"], "channel": shapes["C"], "embed": shapes["D"],
+                 "view": views}
+        return tuple(sizes[dim] for dim in self.dims[1:])
+
+    @property
+    def cacheable(self) -> bool:
+        return self.role == "feature"
+
+
+ARRAYS: tuple[ArraySpec, ...] = (
+    ArraySpec("path", ("image",), "str", None, "row"),
+    ArraySpec("label", ("image",), "int32", -1, "row", compressed=False),
+    ArraySpec("dense", ("image", "token", "channel"), "float16", 0, "feature", compressed=True),
+    ArraySpec("pooled", ("image", "embed"), "float32", 0, "feature", compressed=True),
+    ArraySpec("aug_dense", ("image", "view", "token", "channel"), "float16", 0, "feature",
+              splits=("train",), per_view=True, compressed=True),
+    ArraySpec("aug_pooled", ("image", "view", "embed"), "float32", 0, "feature",
+              splits=("train",), per_view=True, compressed=True),
+    ArraySpec("aug_complete", ("unit", "view"), "uint8", 0, "bookkeeping", splits=("train",),
+              per_view=True),
+    ArraySpec("complete", ("unit",), "uint8", 0, "bookkeeping"),
+)
+BY_NAME = {spec.name: spec for spec in ARRAYS}
+FEATURES = tuple(spec.name for spec in ARRAYS if spec.role == "feature")
+BOOKKEEPING = tuple(spec.name for spec in ARRAYS if spec.role == "bookkeeping")
+
+
+def split_arrays(split: str, views: int) -> list[ArraySpec]:
+    """The arrays a split holds in a store with `views` augmented views (none without views)."""
+    return [spec for spec in ARRAYS
+            if split in spec.splits and (views > 0 or not spec.per_view)]
+
+
+def chunk_keys(spec: ArraySpec, unit: int, views: int, ndim: int) -> list[str]:
+    """Keys (relative to the array) of one write unit's chunk objects: one per view for
+    per-view arrays. A unit is one chunk along images, or one shard on object stores."""
+    rest = ["0"] * (ndim - (2 if spec.per_view else 1))
+    if spec.per_view:
+        return ["c/" + "/".join([str(unit), str(view), *rest]) for view in range(views)]
+    return ["c/" + "/".join([str(unit), *rest])]
+
+
+# Chunk (or shard) objects of the feature arrays: <split>/<array>/c/<indices>.
+_CACHEABLE = re.compile("^({})/({})/c/[0-9/]+$".format(
+    "|".join(SPLITS), "|".join(spec.name for spec in ARRAYS if spec.cacheable)))
+
+
+def is_cacheable(key: str) -> bool:
+    """True for a store key that is a feature chunk: immutable once its unit is complete."""
+    return bool(_CACHEABLE.match(key))

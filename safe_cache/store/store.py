@@ -1,0 +1,461 @@
+"""The feature store: one Zarr v3 group per (dataset, backbone), readable without torch.
+
+Layout (a contract: other tools and team members read these names):
+
+    zarr.json                         attribute `safe_cache`: the store manifest (schema version,
+                                      backbone card + fingerprint, dataset description, views
+                                      recipe, dtype, layout, tool version, timestamps)
+    lease/                            the writer lease (attributes only), see lease.py
+    train|val|test/path   (image,)                  image path relative to the image folder
+                  /label  (image,)                  class index; -1 marks padding rows
+                  /dense  (image, token, channel)   float16 center-view dense map
+                  /pooled (image, embed)            float32 original head output
+                  /complete (unit,)                 1 once write unit u (rows u*R..u*R+R-1)
+                                                    is fully written (chunks of one element,
+                                                    so concurrent writers never share one)
+    train/aug_dense  (image, view, token, channel)  V augmented views, row-aligned with dense,
+    train/aug_pooled (image, view, embed)           one chunk per (unit, view)
+    train/aug_complete (unit, view)                 1 once view v of unit u is written, so
+                                                    views can be added to an existing store
+    fewshot/seed<S>/shots<K>/{train_rows,val_rows}  row indices into train / val
+    text/<prompt set>/classifier (class, embed)     the zero-shot classifier, templates in attrs
+
+Rows are appended in whole write units (a chunk, or a shard on object stores): an append starts
+at the next unit boundary, padding the gap with label -1, so no existing chunk is rewritten and
+two writers never touch one chunk. Readers see only rows of complete units that are not padding.
+Nothing here is a pickle: arrays and JSON attributes only. The split arrays are declared once, in
+schema.py; this module creates and reads them from that table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from .._version import __version__
+from ..errors import StoreError, StoreNotFoundError
+from .chunkcache import cached_group
+from .lease import Lease
+from .paths import OBJECT_STORE_SCHEMES
+from .schema import (
+    BOOKKEEPING,
+    MANIFEST_ATTRIBUTE,
+    SCHEMA_VERSION,
+    SPLITS,
+    ArraySpec,
+    split_arrays,
+)
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """How feature arrays are cut and compressed (chosen by benchmarks/store.py)."""
+
+    chunk_images: int = 32
+    shard_images: int | None = None  # v3 sharding codec: one object per shard, for object stores
+    compression: str = "blosc-zstd-1"  # or "none"
+
+    @property
+    def unit(self) -> int:
+        """Rows per write unit: what one writer writes at once and completion is recorded for."""
+        return self.shard_images or self.chunk_images
+
+    def compressors(self) -> list:
+        if self.compression == "none":
+            return []
+        if self.compression == "blosc-zstd-1":
+            return [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")]
+        raise StoreError(f"Unknown compression '{self.compression}': use blosc-zstd-1 or none.")
+
+
+def default_layout(url: str) -> StoreLayout:
+    """Local disks: 32-image chunks, no sharding. Object stores: shards of 1,024 images, so a
+    50k-image split is ~50 objects, not ~1,600."""
+    scheme = url.split("://", 1)[0] if "://" in url else "file"
+    if scheme in OBJECT_STORE_SCHEMES:
+        return StoreLayout(chunk_images=32, shard_images=1024)
+    return StoreLayout()
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """zarr warns that consolidated metadata is not in the v3 spec: known and intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        yield
+
+
+class FeatureStore:
+    """An open store. `mode="r"` (the default for shared stores) refuses every write."""
+
+    def __init__(self, url: str, group: zarr.Group, mode: str,
+                 storage_options: dict | None = None) -> None:
+        self.url, self.group, self.mode = url, group, mode
+        self.storage_options = storage_options or {}
+        self.lease: Lease | None = None
+
+    # --- reading ------------------------------------------------------------------------------
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The store's manifest: backbone card and fingerprint, dataset, views, layout, ..."""
+        return dict(self.group.attrs[MANIFEST_ATTRIBUTE])
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["backbone_fingerprint"]
+
+    @property
+    def layout(self) -> StoreLayout:
+        return StoreLayout(**self.manifest["layout"])
+
+    def splits(self) -> list[str]:
+        return [name for name in SPLITS if name in self.group]
+
+    def arrays(self, split: str) -> zarr.Group:
+        if split not in self.group:
+            raise StoreError(f"{self.url} has no split '{split}' (it has {self.splits()}).")
+        return self.group[split]
+
+    def complete_units(self, split: str) -> np.ndarray:
+        """Units whose every array (and, for train, every augmented view) is written."""
+        arrays = self.arrays(split)
+        done = arrays["complete"][:] == 1
+        if "aug_complete" in arrays and arrays["aug_complete"].shape[1]:
+            done &= (arrays["aug_complete"][:] == 1).all(axis=1)
+        return np.flatnonzero(done)
+
+    def readable_rows(self, split: str) -> np.ndarray:
+        """Rows of complete write units that are not padding: what readers may use."""
+        arrays = self.arrays(split)
+        unit = self.layout.unit
+        rows = np.concatenate([np.arange(u * unit, min((u + 1) * unit, arrays["label"].shape[0]))
+                               for u in self.complete_units(split)] or [np.zeros(0, int)])
+        labels = arrays["label"][:]
+        return rows[labels[rows] >= 0] if rows.size else rows
+
+    def split(self, name: str):
+        """The split as a labelled xarray.Dataset backed by dask, complete rows only.
+
+        Dims image, token, channel, embed (and view for train); coords path and label.
+        """
+        import xarray as xr
+
+        dataset = xr.open_zarr(self.group.store, group=name, consolidated=False)
+        bookkeeping = [v for v in ("complete", "aug_complete") if v in dataset]
+        dataset = dataset.drop_vars(bookkeeping).isel(image=self.readable_rows(name))
+        return dataset.set_coords(["path", "label"])
+
+    def fewshot(self, seed: int, shots: int) -> tuple[np.ndarray, np.ndarray]:
+        key = f"fewshot/seed{seed}/shots{shots}"
+        if key not in self.group:
+            raise StoreError(f"{self.url} holds no few-shot rows for seed {seed}, {shots} shots;"
+                             f" extract them with --seeds {seed} --shots {shots}.")
+        node = self.group[key]
+        return node["train_rows"][:], node["val_rows"][:]
+
+    def classifier(self, prompt_set: str = "hand") -> np.ndarray:
+        key = f"text/{prompt_set}/classifier"
+        if key not in self.group:
+            raise StoreError(f"{self.url} has no text classifier for prompt set '{prompt_set}'.")
+        return self.group[key][:]
+
+    def summary(self) -> dict[str, Any]:
+        """Sizes and completeness per split (what `safe-cache info` shows)."""
+        out = {}
+        for split in self.splits():
+            arrays = self.arrays(split)
+            units = arrays["complete"].shape[0]
+            out[split] = {
+                "rows": int(arrays["label"].shape[0]),
+                "readable_rows": int(self.readable_rows(split).size),
+                "units": int(units),
+                "complete_units": int(self.complete_units(split).size),
+                "arrays": {name: list(arrays[name].shape) for name in arrays.array_keys()},
+            }
+        return out
+
+    # --- writing ------------------------------------------------------------------------------
+    def _writable(self) -> None:
+        if self.mode == "r":
+            raise StoreError(f"{self.url} is open read-only; open it with mode='a' (one writer"
+                             f" at a time) to write.")
+
+    def ensure_split(self, split: str) -> zarr.Group:
+        """Create the split's arrays (empty), as schema.py declares them, if they do not exist."""
+        self._writable()
+        if split in self.group:
+            return self.group[split]
+        manifest = self.manifest
+        group = self.group.create_group(split)
+        for spec in split_arrays(split, manifest["views"]["count"]):
+            self._create_array(group, spec, spec.tail(manifest["shapes"],
+                                                      manifest["views"]["count"]))
+        return group
+
+    def _create_array(self, group: zarr.Group, spec: ArraySpec, tail: tuple[int, ...]) -> None:
+        """An empty array of the schema. Row and feature arrays are chunked along images only
+        (whole maps per chunk; per-view arrays also one chunk per view, so views added later are
+        new objects); bookkeeping arrays hold one flag per chunk."""
+        dtype = str if spec.dtype == "str" else spec.dtype
+        kwargs: dict[str, Any] = {"dimension_names": spec.dims}
+        if spec.role == "bookkeeping":
+            kwargs["chunks"] = (1,) * len(spec.dims)
+        else:
+            layout = self.layout
+            chunk_tail = (1, *tail[1:]) if spec.per_view else tail
+            kwargs.update(chunks=(layout.chunk_images, *chunk_tail),
+                          config={"write_empty_chunks": True})
+            if layout.shard_images:
+                kwargs["shards"] = (layout.shard_images, *chunk_tail)
+        if spec.compressed is not None:
+            kwargs["compressors"] = self.layout.compressors() if spec.compressed else None
+        group.create_array(spec.name, shape=(0, *tail), dtype=dtype, fill_value=spec.fill,
+                           **kwargs)
+
+    def append_rows(self, split: str, paths: Sequence[str], labels: Sequence[int]) -> np.ndarray:
+        """Reserve rows for new images at the next write-unit boundary; returns their indices.
+
+        Paths and labels are written at once; features are written per unit (`write_unit`).
+        """
+        self._writable()
+        group = self.ensure_split(split)
+        unit = self.layout.unit
+        start = -(-group["label"].shape[0] // unit) * unit  # round up to a unit boundary
+        stop = start + len(paths)
+        units = -(-stop // unit)
+        for name in group.array_keys():
+            array = group[name]
+            if name in BOOKKEEPING:
+                array.resize((units, *array.shape[1:]))
+            else:
+                array.resize((units * unit, *array.shape[1:]))
+        group["path"][start:stop] = np.asarray(list(paths), dtype=object).astype(str)
+        group["label"][start:stop] = np.asarray(labels, dtype="int32")
+        self.touch()
+        return np.arange(start, stop)
+
+    def write_unit(self, split: str, unit: int, features: dict[str, np.ndarray]) -> None:
+        """Write every feature array of one write unit, then record it as complete.
+
+        `features` maps array names (dense, pooled, aug_dense, aug_pooled) to arrays whose first
+        axis covers the unit's rows (shorter for the split's last unit). Non-finite values are
+        refused: a NaN in a store poisons every fit that reads it.
+        """
+        self._writable()
+        group = self.arrays(split)
+        rows = self.layout.unit
+        start = unit * rows
+        with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+            cast = {name: np.asarray(values).astype(group[name].dtype)
+                    for name, values in features.items()}
+        for name, values in cast.items():  # after the cast: float16 overflows to inf
+            if not np.isfinite(values).all():
+                raise StoreError(f"{split}/{name}: unit {unit} holds NaN or Inf values after the"
+                                 f" cast to {values.dtype}; nothing was recorded.")
+        for name, values in cast.items():
+            group[name][start:start + len(values)] = values
+        if "aug_dense" in cast:
+            group["aug_complete"][unit, :] = 1
+        group["complete"][unit] = 1  # only after the data is written
+
+    def write_views(self, split: str, unit: int, first_view: int,
+                    aug_dense: np.ndarray, aug_pooled: np.ndarray) -> None:
+        """Write views first_view.. of one unit's rows (views added to an existing store)."""
+        self._writable()
+        group = self.arrays(split)
+        start, views = unit * self.layout.unit, aug_dense.shape[1]
+        dense, pooled = aug_dense.astype("float16"), aug_pooled.astype("float32")
+        if not (np.isfinite(dense).all() and np.isfinite(pooled).all()):
+            raise StoreError(f"{split}: views of unit {unit} hold NaN or Inf after the cast.")
+        stop = start + len(dense)
+        group["aug_dense"][start:stop, first_view:first_view + views] = dense
+        group["aug_pooled"][start:stop, first_view:first_view + views] = pooled
+        group["aug_complete"][unit, first_view:first_view + views] = 1
+
+    def add_views(self, count: int) -> None:
+        """Grow the view axis of train's augmented arrays to `count` (new views unwritten)."""
+        self._writable()
+        manifest = self.manifest
+        if count <= manifest["views"]["count"]:
+            return
+        if "train" in self.group:
+            group = self.group["train"]
+            for name in ("aug_dense", "aug_pooled", "aug_complete"):
+                array = group[name]
+                array.resize((array.shape[0], count, *array.shape[2:]))
+        manifest["views"]["count"] = count
+        self.group.attrs[MANIFEST_ATTRIBUTE] = manifest
+
+    def write_head(self, state: dict[str, np.ndarray], model_config: dict[str, Any]) -> None:
+        """The original pooling head (AttnPool_O): what fit starts from, so fitting needs the
+        store alone, not the backbone's weights file. Arrays named by open_clip's keys."""
+        self._writable()
+        node = self.group.require_group("head")
+        for name, values in state.items():
+            array = node.create_array(name, shape=values.shape, dtype=str(values.dtype),
+                                      overwrite=True)
+            array[...] = values
+        node.attrs["model_config"] = model_config
+        self.touch()
+
+    def head_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """(state dict as numpy arrays, open_clip model config) of the original head."""
+        if "head" not in self.group:
+            raise StoreError(f"{self.url} holds no head weights; extract it again with this"
+                             f" safe-cache to add them.")
+        node = self.group["head"]
+        return {name: node[name][...] for name in node.array_keys()}, dict(
+            node.attrs["model_config"])
+
+    def write_fewshot(self, seed: int, shots: int, train_rows, val_rows) -> None:
+        self._writable()
+        node = self.group.require_group(f"fewshot/seed{seed}/shots{shots}")
+        for name, rows in (("train_rows", train_rows), ("val_rows", val_rows)):
+            values = np.asarray(rows, dtype="int64")
+            node.create_array(name, shape=values.shape, dtype="int64",
+                              dimension_names=("sample",), overwrite=True)[:] = values
+        self.touch()
+
+    def write_classifier(self, prompt_set: str, weights: np.ndarray,
+                         sentences: list[list[str]]) -> None:
+        self._writable()
+        node = self.group.require_group(f"text/{prompt_set}")
+        array = node.create_array("classifier", shape=weights.shape, dtype="float32",
+                                  dimension_names=("class", "embed"), overwrite=True)
+        array[:] = weights.astype("float32")
+        node.attrs["sentences"] = sentences
+        self.touch()
+
+    def touch(self) -> None:
+        manifest = self.manifest
+        manifest["updated"] = _now()
+        self.group.attrs[MANIFEST_ATTRIBUTE] = manifest
+
+    @property
+    def lease_token(self) -> str | None:
+        """The token of the lease this store holds: what a job hands its workers."""
+        return None if self.lease is None else self.lease.holder["token"]
+
+    def close(self) -> None:
+        """Consolidate metadata (for fast opens and plain xarray) and release the lease.
+
+        Only the lease holder consolidates: a job's workers write chunks, never the root."""
+        if self.lease is not None:
+            with _quiet():
+                zarr.consolidate_metadata(self.group.store)
+            self.lease.release()
+            self.lease = None
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _open_group(url: str, mode: str, storage_options: dict | None) -> zarr.Group:
+    kwargs: dict[str, Any] = {"zarr_format": 3}
+    if storage_options and "://" in url:
+        kwargs["storage_options"] = storage_options
+    with _quiet():
+        return zarr.open_group(url, mode=mode, use_consolidated=False, **kwargs)
+
+
+def create_store(
+    url: str,
+    backbone_card: dict[str, Any],
+    fingerprint: str,
+    dataset: dict[str, Any],
+    *,
+    views: dict[str, Any],
+    layout: StoreLayout | None = None,
+    storage_options: dict | None = None,
+    takeover: bool = False,
+) -> FeatureStore:
+    """Create a new store (refusing to overwrite one) and take its writer lease."""
+    try:
+        existing = _open_group(url, "r", storage_options)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        existing = None
+    if existing is not None and MANIFEST_ATTRIBUTE in existing.attrs:
+        raise StoreError(f"{url} already holds a store; open it with open_store(url, mode='a')"
+                         f" to add to it.")
+    layout = layout or default_layout(url)
+    group = _open_group(url, "w", storage_options)
+    group.attrs[MANIFEST_ATTRIBUTE] = {
+        "schema_version": SCHEMA_VERSION,
+        "backbone": backbone_card,
+        "backbone_fingerprint": fingerprint,
+        "dataset": dataset,
+        "views": views,
+        "dtype": {"dense": "float16", "pooled": "float32"},
+        "shapes": {k: backbone_card[k] for k in ("T", "C", "D")},
+        "layout": asdict(layout),
+        "tool_version": __version__,
+        "created": _now(),
+        "updated": _now(),
+    }
+    store = FeatureStore(url, group, "a", storage_options)
+    store.lease = Lease.acquire(group, takeover=takeover)
+    return store
+
+
+def open_store(url: str, mode: str = "r", *, storage_options: dict | None = None,
+               takeover: bool = False, job_token: str | None = None,
+               cache: str | None = None) -> FeatureStore:
+    """Open an existing store: read-only by default; mode='a' takes the writer lease.
+
+    A worker of a distributed job passes `job_token` (the job's `lease_token`) instead: it writes
+    under the job's lease, which must still be held. `cache` (read-only opens): a local folder
+    that keeps the feature chunks read from a remote store (chunkcache.py).
+    """
+    if mode not in ("r", "a"):
+        raise StoreError(f"mode must be 'r' or 'a', not '{mode}'.")
+    if cache is not None and mode != "r":
+        raise StoreError("A chunk cache is for reading; open the store with mode='r'.")
+    try:
+        group = _open_group(url, "r" if mode == "r" else "r+", storage_options)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+        raise StoreNotFoundError(f"No store at {url}.") from exc
+    if MANIFEST_ATTRIBUTE not in group.attrs:
+        raise StoreError(f"{url} is a Zarr group but not a safe-cache store (no 'safe_cache'"
+                         f" attribute).")
+    manifest = group.attrs[MANIFEST_ATTRIBUTE]
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise StoreError(
+            f"{url} has store schema version {version}; this safe-cache ({__version__}) reads"
+            f" version {SCHEMA_VERSION}. Use a matching safe-cache, or re-extract the store."
+        )
+    if cache is not None:
+        group = cached_group(group, cache, url, manifest)
+    store = FeatureStore(url, group, mode, storage_options)
+    if mode == "a" and job_token is not None:
+        Lease.check_held(group, job_token)
+    elif mode == "a":
+        store.lease = Lease.acquire(group, takeover=takeover)
+    return store
+
+
+def check_fingerprint(store: FeatureStore, fingerprint: str, card: dict[str, Any]) -> None:
+    """Refuse to mix features of another backbone into (or fit from) this store."""
+    if store.fingerprint != fingerprint:
+        theirs = store.manifest["backbone"]
+        raise StoreError(
+            f"{store.url} was extracted with backbone {theirs.get('model')}"
+            f" ({theirs.get('pretrained')}, fingerprint {store.fingerprint[:12]}), not with"
+            f" {card.get('model')} ({card.get('pretrained')}, fingerprint {fingerprint[:12]})."
+            f" Use another store path for another backbone."
+        )

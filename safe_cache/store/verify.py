@@ -1,0 +1,130 @@
+"""`safe-cache verify`: check a store against its own manifest, chunk by chunk.
+
+Schema version, manifest fields and backbone fingerprint, array names, shapes and dtypes against
+the schema table and the manifest, completeness, and for every complete write unit: its chunk
+objects exist and decode, and its values are finite. Returns the list of problems (empty when the
+store is sound).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import fsspec
+import numpy as np
+
+from ..errors import StoreError
+from ..identity import card_fingerprint
+from .schema import BY_NAME, FEATURES, MANIFEST_FIELDS, chunk_keys, split_arrays
+from .store import FeatureStore, open_store
+
+
+def expected_arrays(manifest: dict[str, Any], split: str) -> dict[str, tuple[tuple, str | None]]:
+    """Row and feature array name -> (shape after the image axis, dtype) that the schema and the
+    manifest imply (None: a string dtype, whose name differs between zarr versions)."""
+    views = manifest["views"].get("count", 0)
+    return {spec.name: (spec.tail(manifest["backbone"], views),
+                        None if spec.dtype == "str" else spec.dtype)
+            for spec in split_arrays(split, views) if spec.role != "bookkeeping"}
+
+
+def verify_store(url: str, *, storage_options: dict | None = None) -> list[str]:
+    try:
+        store = open_store(url, "r", storage_options=storage_options)
+    except StoreError as exc:
+        return [str(exc)]
+    manifest = store.manifest
+    problems = [f"card: missing field '{key}'" for key in MANIFEST_FIELDS
+                if key not in manifest]
+    if problems:
+        return problems
+    if card_fingerprint(manifest["backbone"]) != manifest["backbone_fingerprint"]:
+        problems.append("card: the backbone card does not match its fingerprint (edited?)")
+    for key in ("T", "C", "D"):
+        if manifest["shapes"].get(key) != manifest["backbone"].get(key):
+            problems.append(f"card: shapes.{key}={manifest['shapes'].get(key)} but backbone."
+                            f"{key}={manifest['backbone'].get(key)}")
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    for split in store.splits():
+        problems += _verify_split(store, split, fs, root.rstrip("/"))
+    problems += _verify_extras(store)
+    return problems
+
+
+def _verify_split(store: FeatureStore, split: str, fs, root: str) -> list[str]:
+    manifest, group = store.manifest, store.arrays(split)
+    problems = []
+    rows = group["label"].shape[0]
+    for name, (tail, dtype) in expected_arrays(manifest, split).items():
+        if name not in group:
+            problems.append(f"{split}/{name}: missing")
+            continue
+        array = group[name]
+        if tuple(array.shape) != (rows, *tail):
+            problems.append(f"{split}/{name}: shape {tuple(array.shape)}, card implies"
+                            f" {(rows, *tail)}")
+        if dtype and str(array.dtype) != dtype:
+            problems.append(f"{split}/{name}: dtype {array.dtype}, expected {dtype}")
+    if problems:
+        return problems
+    unit = store.layout.unit
+    complete = np.zeros(group["complete"].shape[0], dtype=bool)
+    complete[store.complete_units(split)] = True
+    missing = np.flatnonzero(~complete)
+    if missing.size:
+        problems.append(f"{split}: {missing.size} of {complete.size} write units incomplete"
+                        f" (units {missing[:10].tolist()}{'...' if missing.size > 10 else ''})")
+    keys = set(fs.find(f"{root}/{split}"))
+    for u in np.flatnonzero(complete):
+        problems += _verify_unit(group, split, int(u), unit, keys, f"{root}/{split}")
+    return problems
+
+
+def _verify_unit(group, split: str, unit: int, rows_per_unit: int, keys: set[str],
+                 prefix: str) -> list[str]:
+    problems = []
+    start, stop = unit * rows_per_unit, min((unit + 1) * rows_per_unit, group["label"].shape[0])
+    valid = group["label"][start:stop] >= 0
+    for name in FEATURES:
+        if name not in group:
+            continue
+        array = group[name]
+        spec = BY_NAME[name]
+        views = array.shape[1] if spec.per_view else 0
+        expected = [f"{prefix}/{name}/{key}" for key in chunk_keys(spec, unit, views, array.ndim)]
+        absent = [key for key in expected if key not in keys]
+        if absent:
+            problems.append(f"{split}/{name}: chunk of unit {unit} is missing ({absent[0]})")
+            continue
+        try:
+            values = array[start:stop]
+        except Exception as exc:  # a truncated or corrupt chunk fails in its codec
+            problems.append(f"{split}/{name}: chunk of unit {unit} is unreadable ({exc!r:.120})")
+            continue
+        if not np.isfinite(values[valid]).all():
+            problems.append(f"{split}/{name}: unit {unit} holds NaN or Inf")
+    return problems
+
+
+def _verify_extras(store: FeatureStore) -> list[str]:
+    problems = []
+    manifest = store.manifest
+    classes = manifest["dataset"].get("num_classes")
+    if "text" in store.group:
+        for name in store.group["text"].group_keys():
+            shape = store.group[f"text/{name}/classifier"].shape
+            if shape != (classes, manifest["backbone"]["D"]):
+                problems.append(f"text/{name}: classifier shape {shape}, expected"
+                                f" {(classes, manifest['backbone']['D'])}")
+    if "fewshot" in store.group:
+        readable = {split: set(store.readable_rows(split).tolist()) for split in store.splits()}
+        for seed in store.group["fewshot"].group_keys():
+            for shots in store.group[f"fewshot/{seed}"].group_keys():
+                node = store.group[f"fewshot/{seed}/{shots}"]
+                for split in ("train", "val"):
+                    rows = node[f"{split}_rows"][:]
+                    lost = [r for r in rows.tolist() if r not in readable.get(split, set())]
+                    if lost:
+                        problems.append(f"fewshot/{seed}/{shots}: {len(lost)} {split} rows are"
+                                        f" not readable (e.g. {lost[:5]})")
+    return problems

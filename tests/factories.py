@@ -1,0 +1,121 @@
+"""The one way tests build stores and result files (conftest.py exposes them as fixtures).
+
+`new_store` creates an empty store from a backbone card; `fill` appends images to a split and
+writes every write unit they touch, as extract does; `build_store` does both for every split and
+adds the few-shot rows, the text classifier and the original head. `result_record` is a fit
+result JSON in the exact shape fit writes (and wrote before the result record was typed).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from safe_cache import card_fingerprint
+from safe_cache.store import FeatureStore, StoreLayout, create_store
+
+TOY_CARD = {"model": "tiny", "pretrained": None, "family": "resnet", "T": 5, "C": 8, "D": 3}
+
+
+def new_store(url: str, card: dict[str, Any] = TOY_CARD, *, dataset: dict | None = None,
+              views: int = 0, layout: StoreLayout | None = None,
+              storage_options: dict | None = None) -> FeatureStore:
+    return create_store(url, card, card_fingerprint(card),
+                        dataset or {"name": "toy", "num_classes": 4},
+                        views={"count": views, "seed": 0},
+                        layout=layout or StoreLayout(chunk_images=4),
+                        storage_options=storage_options)
+
+
+def random_features(rows: int, card: dict[str, Any], views: int, seed: int = 0
+                    ) -> dict[str, np.ndarray]:
+    """Uniform noise for every feature array (views too), drawn in a fixed order."""
+    rng = np.random.default_rng(seed)
+    t, c, d = card["T"], card["C"], card["D"]
+    return {"dense": rng.random((rows, t, c)), "pooled": rng.random((rows, d)),
+            "aug_dense": rng.random((rows, views, t, c)),
+            "aug_pooled": rng.random((rows, views, d))}
+
+
+def fill(store: FeatureStore, split: str, labels: int | Sequence[int],
+         features: dict[str, np.ndarray] | None = None, seed: int = 0) -> np.ndarray:
+    """Append images (an int: that many, labels i % 4) and write every write unit they touch
+    (padding rows stay zero); features default to `random_features`. Returns the rows."""
+    labels = [i % 4 for i in range(labels)] if isinstance(labels, int) else list(labels)
+    manifest = store.manifest
+    views = manifest["views"]["count"]
+    values = features or random_features(len(labels), manifest["backbone"], views, seed)
+    if split != "train" or not views:
+        values = {k: v for k, v in values.items() if not k.startswith("aug")}
+    rows = store.append_rows(split, [f"{split}/{i}.jpg" for i in range(len(labels))], labels)
+    unit, total = store.layout.unit, store.arrays(split)["label"].shape[0]
+    for u in range(rows[0] // unit, -(-(rows[-1] + 1) // unit)):
+        lo, hi = u * unit, min((u + 1) * unit, total)
+        inside = rows[(rows >= lo) & (rows < hi)]
+        chunk = {k: np.zeros((hi - lo, *v.shape[1:])) for k, v in values.items()}
+        for k, v in values.items():
+            chunk[k][inside - lo] = v[inside - rows[0]]
+        store.write_unit(split, u, chunk)
+    return rows
+
+
+def build_store(url: str, card: dict[str, Any] = TOY_CARD, *,
+                splits: dict[str, Sequence[int]],
+                features: dict[str, dict[str, np.ndarray]] | None = None,
+                dataset: dict | None = None, views: int = 0, layout: StoreLayout | None = None,
+                storage_options: dict | None = None,
+                fewshot: dict[tuple[int, int], tuple] | None = None,
+                classifier: np.ndarray | None = None, head: tuple | None = None) -> str:
+    """A whole store, closed: `splits` gives each split's labels, `features` (optional) each
+    split's feature arrays; `fewshot` maps (seed, shots) to (train rows, val rows); `head` is
+    (state dict of numpy arrays, open_clip model config)."""
+    with new_store(url, card, dataset=dataset, views=views, layout=layout,
+                   storage_options=storage_options) as store:
+        for split, labels in splits.items():
+            fill(store, split, labels, (features or {}).get(split))
+        for (seed, shots), (train, val) in (fewshot or {}).items():
+            store.write_fewshot(seed, shots, train, val)
+        if classifier is not None:
+            store.write_classifier("hand", classifier, [[str(i)] for i in range(len(classifier))])
+        if head is not None:
+            store.write_head(*head)
+    return url
+
+
+def result_record(dataset: str, shots: int, seed: int, safe: float, zero: float,
+                  model: str = "RN50", ood: dict | None = None) -> dict[str, Any]:
+    """A fit result JSON with every field fit writes (the shape of safe-cache 0.1 results)."""
+    grid = [{"lr": lr, "wd": wd, "val_acc": safe - 0.01 * i, "best_iter": 100}
+            for i, (lr, wd) in enumerate([(1e-4, 0.0), (1e-4, 1e-3), (1e-5, 0.0), (1e-5, 1e-3)])]
+    record = {
+        "methods": {"zero_shot": {"val_acc": zero, "test_acc": zero},
+                    "safe": {"val_acc": safe, "test_acc": safe, "lr": 1e-4, "wd": 0.0,
+                             "beta": 0.5, "best_iter": 100}},
+        "beta_curve": [{"beta": b, "val_acc": safe - 0.1 * b, "test_acc": safe - 0.1 * b}
+                       for b in (0.0, 0.5, 1.0)],
+        "norm_ratio_finetuned_over_original": 1.0, "test_images": 100, "grid": grid,
+        "dataset": dataset, "shots": shots, "seed": seed,
+        "backbone": {"model": model, "pretrained": "openai", "cut": "pool"},
+        "store": {"url": f"stores/{dataset}/{model}-openai.zarr", "fingerprint": "0" * 64},
+        "config": {"store": f"stores/{dataset}/{model}-openai.zarr", "shots": [shots],
+                   "seeds": [seed], "beta": 0.5, "blend": "blend", "prompts": "hand"},
+        "versions": {"safe_cache": "0.1.0", "torch": "2.14.1"},
+        "timings": {"load_s": 0.1, "train_s": 1.0, "evaluate_s": 0.1,
+                    "train_iters_per_s": 100.0},
+        "train_samples": 10 * shots,
+    }
+    if ood is not None:
+        record["ood"] = ood
+    return record
+
+
+def write_record(folder: Path, record: dict[str, Any], backbone: str = "RN50-openai") -> Path:
+    name = f"shots{record['shots']}_seed{record['seed']}.json"
+    path = folder / record["dataset"] / backbone / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+    return path
