@@ -129,18 +129,22 @@ def models(show_all: bool, as_json: bool) -> None:
 
 @main.command()
 @click.option("--root", default=None, type=click.Path(file_okay=False),
-              help="Data root holding one folder per dataset: mark which are present.")
+              help="Data root holding one folder per dataset: mark which are present [default:"
+              " $SAFE_CACHE_DATA, else ./data where it exists].")
 @click.option("--make-split", "make_split", metavar="DATASET", default=None,
-              help="Write a seeded split (CoOp proportions) for DATASET under --root when its "
-              "published split file is missing. Its numbers are not comparable with papers'.")
+              help="Write a seeded split (CoOp proportions) for DATASET under the data root when"
+              " its published split file is missing. Its numbers are not comparable with"
+              " papers'.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def datasets(root: str | None, make_split: str | None, as_json: bool) -> None:
-    """List the known datasets: folder, classes, split sizes, and presence under --root."""
-    from .data.datasets import dataset_status, list_specs, open_dataset
+    """List the known datasets: folder, classes, split sizes, and presence under the data
+    root."""
+    from .data.datasets import dataset_status, list_specs, open_dataset, resolve_data_root
 
+    data_root = resolve_data_root(root)
+    root = str(data_root.path) if data_root.source != "default" or data_root.path.is_dir() \
+        else None
     if make_split:
-        if root is None:
-            raise click.UsageError("--make-split needs --root")
         dataset = open_dataset(make_split, root, make_split=True)
         where = dataset.split_source
         err_console.print(f"{dataset.spec.name}: split {where} "
@@ -205,14 +209,64 @@ def _int_list(ctx, param, value: str) -> tuple[int, ...]:
         raise click.BadParameter(f"expected comma-separated integers, got '{value}'") from exc
 
 
+STORE_ROOT = click.option(
+    "--store-root", default=None, metavar="DIR",
+    help="Where default stores live [default: $SAFE_CACHE_STORES, else ./stores].")
+
+
+def _store_filters(command):
+    """--dataset / --model / --pretrained / --store-root: which stores a command uses when no
+    store is named (those under the store root that match every filter given)."""
+    for decorator in reversed((
+        click.option("--dataset", default=None,
+                     help="Without --store: the stores of this dataset (name or spec file)."),
+        click.option("--model", default=None, envvar="SAFE_CACHE_MODEL", show_envvar=True,
+                     help="Without --store: the stores of this model."),
+        click.option("--pretrained", default=None, envvar="SAFE_CACHE_PRETRAINED",
+                     show_envvar=True,
+                     help="Without --store: the stores of these weights (tag, file, 'none')."),
+        STORE_ROOT,
+    )):
+        command = decorator(command)
+    return command
+
+
+def _default_stores(dataset: str | None = None, model: str | None = None,
+                    pretrained: str | None = None, store_root: str | None = None,
+                    storage_options: dict | None = None) -> list[str]:
+    """The stores under the store root matching the filters given (an error lists what is
+    there when none does)."""
+    from .data.datasets import load_spec
+    from .store.catalog import select_stores
+
+    if dataset and (dataset.endswith(".json") or Path(dataset).is_file()):
+        dataset = load_spec(dataset).name
+    return select_stores(store_root, dataset=dataset, model=model, pretrained=pretrained,
+                         storage_options=storage_options)
+
+
+def _one_store(**filters: Any) -> str:
+    """The one store the filters select (several is an error that lists them)."""
+    urls = _default_stores(**filters)
+    if len(urls) > 1:
+        raise click.UsageError(f"{len(urls)} stores match: {', '.join(urls)}. Name one (--store"
+                               f" or STORE), or narrow with --dataset / --model / --pretrained.")
+    return urls[0]
+
+
 @main.command()
 @click.option("--dataset", required=True, help="Dataset spec name (see `datasets`) or spec file.")
-@click.option("--root", required=True, type=click.Path(file_okay=False), help="Data root.")
-@click.option("--model", default="RN50", show_default=True, help="open_clip model or config JSON.")
-@click.option("--pretrained", default="openai", show_default=True,
+@click.option("--root", default=None, type=click.Path(file_okay=False),
+              help="Data root, holding one folder per dataset [default: $SAFE_CACHE_DATA, else"
+              " ./data].")
+@click.option("--model", default="RN50", show_default=True, envvar="SAFE_CACHE_MODEL",
+              show_envvar=True, help="open_clip model or config JSON.")
+@click.option("--pretrained", default="openai", show_default=True, envvar="SAFE_CACHE_PRETRAINED",
+              show_envvar=True,
               help="open_clip tag, checkpoint file, or 'none' for random weights.")
-@click.option("--store", default=None, help="Store URL [default: stores/<dataset>/<model>-"
+@click.option("--store", default=None, help="Store URL [default: <store root>/<dataset>/<model>-"
               "<pretrained>.zarr].")
+@STORE_ROOT
 @click.option("--shots", default="1,2,4,8,16", show_default=True, callback=_int_list)
 @click.option("--seeds", default="1,2,3", show_default=True, callback=_int_list)
 @click.option("--views", default=10, show_default=True, help="Augmented views per train image.")
@@ -313,8 +367,10 @@ def _float_list(ctx, param, value: str) -> tuple[float, ...]:
 
 
 @main.command()
-@click.option("--store", "stores", required=True, multiple=True,
-              help="Store URL (repeat for several stores).")
+@click.option("--store", "stores", multiple=True,
+              help="Store URL (repeat for several stores) [default: every store under the store"
+              " root matching --dataset / --model / --pretrained].")
+@_store_filters
 @click.option("--shots", default="1,2,4,8,16", show_default=True, callback=_int_list)
 @click.option("--seeds", default="1,2,3", show_default=True, callback=_int_list)
 @click.option("--lr", "lrs", default="1e-4,1e-5,1e-6,1e-7", show_default=True,
@@ -345,14 +401,19 @@ def _float_list(ctx, param, value: str) -> tuple[float, ...]:
 @_cluster_options
 @STORAGE_OPTIONS
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def fit(as_json: bool, storage_options: dict | None, stores: tuple[str, ...], **options) -> None:
+def fit(as_json: bool, storage_options: dict | None, stores: tuple[str, ...], dataset: str | None,
+        model: str | None, pretrained: str | None, store_root: str | None, **options) -> None:
     """Train SAFE from a store for every shots x seed: the lr x wd grid at once, early stopping
-    on val, the blend with beta; one result JSON (+ head) per run. Repeat --store to fit
-    several datasets in one job."""
+    on val, the blend with beta; one result JSON (+ head) per run. Without --store, every store
+    under the store root that matches --dataset / --model / --pretrained, in one job."""
     from .fit.config import FitConfig
     from .fit.runs import fit_stores
     from .runtime.progress import RichProgress
 
+    if not stores:
+        stores = tuple(_default_stores(dataset, model, pretrained, store_root, storage_options))
+        err_console.print(f"fitting {len(stores)} store{'s' * (len(stores) > 1)}: "
+                          + ", ".join(stores), highlight=False)
     configs = [FitConfig(store=store, storage_options=storage_options,
                          **options) for store in stores]
     with RichProgress(unit="it") as progress:
@@ -366,7 +427,7 @@ def fit(as_json: bool, storage_options: dict | None, stores: tuple[str, ...], **
 
 
 @main.command()
-@click.argument("results_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("results_dir", default="results", type=click.Path(file_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["table", "md", "csv", "json"]),
               default="table", show_default=True)
 @click.option("--plots", "plots_dir", default=None, type=click.Path(file_okay=False),
@@ -376,6 +437,9 @@ def report(results_dir: str, fmt: str, plots_dir: str | None) -> None:
     from .analysis.report import aggregate, load_results, render, write_plots
     from .analysis.tables import ood_table, report_tables
 
+    if not Path(results_dir).is_dir():
+        raise click.UsageError(f"no results folder {results_dir}: fit writes one (fit --out,"
+                               f" default results/), or name the folder: report DIR.")
     runs = load_results(results_dir)
     if not runs:
         raise click.UsageError(f"no result files (shots<K>_seed<S>.json) under {results_dir}")
@@ -448,7 +512,10 @@ def predict(model_dir: str, images: tuple[str, ...], top_k: int, batch_size: int
 
 
 @main.command()
-@click.option("--store", required=True, help="Store URL.")
+@click.option("--store", default=None,
+              help="Store URL [default: the one store under the store root matching --dataset /"
+              " --model / --pretrained].")
+@_store_filters
 @click.option("--head", "result", required=True, type=click.Path(exists=True, dir_okay=False),
               help="A fit result (.json; its .safetensors head is used).")
 @click.option("--images", "rows", default="0,1,2,3", show_default=True, callback=_int_list,
@@ -458,18 +525,25 @@ def predict(model_dir: str, images: tuple[str, ...], top_k: int, batch_size: int
               help="The dataset's image folder, to draw the maps over the images.")
 @click.option("--per-head", is_flag=True, help="One row of maps per attention head.")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-def attention(store: str, result: str, rows: tuple[int, ...], split: str,
+def attention(store: str | None, dataset: str | None, model: str | None, pretrained: str | None,
+              store_root: str | None, result: str, rows: tuple[int, ...], split: str,
               image_root: str | None, per_head: bool, out: str) -> None:
     """Pooling attention of the original and the fine-tuned head, side by side (PNG)."""
     from .analysis.attention import attention_maps, plot_attention
 
+    store = store or _one_store(dataset=dataset, model=model, pretrained=pretrained,
+                                store_root=store_root)
     maps = attention_maps(store, result, list(rows), split)
     written = plot_attention(maps, image_root, out, per_head)
     console.print(f"{len(written)} attention maps written to {out}")
 
 
 @main.command()
-@click.option("--store", default=None, help="Store URL (rows as --source/--targets).")
+@click.option("--store", default=None, help="Store URL, whose rows --source / --targets name"
+              " [default, for row ids: the one store under the store root matching --dataset /"
+              " --model / --pretrained].")
+@click.option("--dataset", default=None, help="Without --store: the stores of this dataset.")
+@STORE_ROOT
 @click.option("--source", required=True, help="Row id in the store, or an image file.")
 @click.option("--point", required=True, callback=_int_list, help="x,y in the model's input "
               "pixels (after resize and center crop).")
@@ -477,15 +551,17 @@ def attention(store: str, result: str, rows: tuple[int, ...], split: str,
 @click.option("--split", default="test", show_default=True)
 @click.option("--image-root", default=None, type=click.Path(file_okay=False),
               help="The dataset's image folder, to draw over the images (store rows).")
-@click.option("--model", default="RN50", show_default=True, help="For image files.")
-@click.option("--pretrained", default="openai", show_default=True,
-              help="For image files: tag, file, or 'none'.")
+@click.option("--model", default=None, envvar="SAFE_CACHE_MODEL", show_envvar=True,
+              help="For image files [default: RN50]; for row ids, the store's model.")
+@click.option("--pretrained", default=None, envvar="SAFE_CACHE_PRETRAINED", show_envvar=True,
+              help="For image files: tag, file, or 'none' [default: openai]; for row ids, the"
+              " store's weights.")
 @click.option("--cut", default="pool", show_default=True,
               help="For image files: pool, layer4 (ResNet), lastN (ViT): earlier maps.")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-def correspond(store: str | None, source: str, point: tuple[int, ...], targets: str,
-               split: str, image_root: str | None, model: str, pretrained: str, cut: str,
-               out: str) -> None:
+def correspond(store: str | None, dataset: str | None, store_root: str | None, source: str,
+               point: tuple[int, ...], targets: str, split: str, image_root: str | None,
+               model: str | None, pretrained: str | None, cut: str, out: str) -> None:
     """Semantic correspondence (the paper's Eq. 1): stored dense maps, or image files through
     the trunk live at any cut (PNG)."""
     from .analysis.correspond import correspond as run_correspond
@@ -494,11 +570,16 @@ def correspond(store: str | None, source: str, point: tuple[int, ...], targets: 
     if len(point) != 2:
         raise click.BadParameter("--point takes x,y")
     target_list = [t for t in targets.split(",") if t]
-    if store:
+    rows = source.isdigit() and all(t.isdigit() for t in target_list)
+    if store or rows:
+        store = store or _one_store(dataset=dataset, model=model, pretrained=pretrained,
+                                    store_root=store_root)
         result = run_correspond(store, int(source), (point[0], point[1]),
                                 [int(t) for t in target_list], split)
     else:
-        result = correspond_images(model, None if pretrained.lower() == "none" else pretrained,
+        pretrained = "openai" if pretrained is None else pretrained
+        result = correspond_images(model or "RN50",
+                                   None if pretrained.lower() == "none" else pretrained,
                                    source, (point[0], point[1]), target_list, cut=cut)
         image_root = "/" if Path(source).is_absolute() else "."
     written = plot_correspondence(result, image_root, out)
@@ -508,13 +589,16 @@ def correspond(store: str | None, source: str, point: tuple[int, ...], targets: 
 
 
 @main.command()
-@click.argument("store")
+@click.argument("store", required=False)
+@_store_filters
 @STORAGE_OPTIONS
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def info(store: str, storage_options: dict | None, as_json: bool) -> None:
-    """Show a store's manifest, sizes and completeness."""
+def info(store: str | None, storage_options: dict | None, as_json: bool, **filters) -> None:
+    """Show a store's manifest, sizes and completeness [STORE default: the one store under the
+    store root matching --dataset / --model / --pretrained]."""
     from .store import open_store
 
+    store = store or _one_store(**filters, storage_options=storage_options)
     opened = open_store(store, storage_options=storage_options)
     manifest, summary = opened.manifest, opened.summary()
     if as_json:
@@ -547,13 +631,16 @@ def info(store: str, storage_options: dict | None, as_json: bool) -> None:
 
 
 @main.command(name="ls")
-@click.argument("root", default="stores")
+@click.argument("root", required=False)
 @STORAGE_OPTIONS
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def ls_command(root: str, storage_options: dict | None, as_json: bool) -> None:
-    """List every store under ROOT (a folder or a bucket prefix), one row each."""
+def ls_command(root: str | None, storage_options: dict | None, as_json: bool) -> None:
+    """List every store under ROOT (a folder or a bucket prefix), one row each [default: the
+    store root, $SAFE_CACHE_STORES or ./stores]."""
     from .store.catalog import find_stores
+    from .store.paths import store_root
 
+    root = store_root(root)
     rows = find_stores(root, storage_options=storage_options)
     if as_json:
         _print_json(rows)
@@ -570,20 +657,26 @@ def ls_command(root: str, storage_options: dict | None, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("store")
+@click.argument("store", required=False)
+@_store_filters
 @STORAGE_OPTIONS
-def verify(store: str, storage_options: dict | None) -> None:
-    """Check schema, card, shapes, dtypes, completeness, chunks and values; non-zero on problems."""
+def verify(store: str | None, storage_options: dict | None, **filters) -> None:
+    """Check schema, manifest, shapes, dtypes, completeness, chunks and values; non-zero on
+    problems [STORE default: every store under the store root matching the filters]."""
     from .store.verify import verify_store
 
-    problems = verify_store(store, storage_options=storage_options)
-    if not problems:
-        console.print(f"[green]ok[/]: {store}")
-        return
-    for problem in problems:
-        err_console.print(f"[red]problem[/]: {problem}", highlight=False)
-    sys.exit(1)
-
+    stores = [store] if store else _default_stores(**filters, storage_options=storage_options)
+    failed = False
+    for url in stores:
+        problems = verify_store(url, storage_options=storage_options)
+        if not problems:
+            console.print(f"[green]ok[/]: {url}")
+        for problem in problems:
+            err_console.print(f"[red]problem[/]: {url}: {problem}" if len(stores) > 1
+                              else f"[red]problem[/]: {problem}", highlight=False)
+        failed = failed or bool(problems)
+    if failed:
+        sys.exit(1)
 
 
 @main.command(name="copy")

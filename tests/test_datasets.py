@@ -119,7 +119,7 @@ def test_missing_split_file_names_path_and_source(tmp_path):
 
 
 def test_missing_folder_is_clear(tmp_path):
-    with pytest.raises(DatasetError, match=r"folder .* not found"):
+    with pytest.raises(DatasetError, match=r"no folder .*food-101.*--root DIR"):
         open_dataset("food101", tmp_path)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 import warnings
 from collections.abc import Callable
@@ -142,19 +143,62 @@ class Dataset:
         }
 
 
-def open_dataset(spec: DatasetSpec | str | Path, root: str | Path, *,
-                 make_split: bool = False) -> Dataset:
-    """Read a dataset under `root` with the reader its spec's kind names.
+DATA_ROOT_ENV = "SAFE_CACHE_DATA"
+DEFAULT_DATA_ROOT = "data"
 
-    make_split: when the published split file is missing, write a seeded split with CoOp's
-    proportions beside it (numbers on it are not comparable with published ones) and use it.
+
+@dataclass(frozen=True)
+class DataRoot:
+    """The folder holding one folder per dataset, and where that choice came from."""
+
+    path: Path
+    source: str  # "--root", "SAFE_CACHE_DATA" or "default"
+
+
+def resolve_data_root(root: str | Path | None = None) -> DataRoot:
+    """`root` (the --root option) if given, else $SAFE_CACHE_DATA, else ./data."""
+    if root is not None:
+        return DataRoot(Path(root).expanduser(), "--root")
+    if os.environ.get(DATA_ROOT_ENV):
+        return DataRoot(Path(os.environ[DATA_ROOT_ENV]).expanduser(), DATA_ROOT_ENV)
+    return DataRoot(Path(DEFAULT_DATA_ROOT), "default")
+
+
+def _not_found(spec: DatasetSpec, root: DataRoot) -> DatasetError:
+    """Where the dataset was looked for (all three root sources), what was expected, the fix."""
+    env = os.environ.get(DATA_ROOT_ENV)
+    looked = [f"--root {root.path if root.source == '--root' else '(not given)'}",
+              f"{DATA_ROOT_ENV} {env or '(not set)'}", f"the default ./{DEFAULT_DATA_ROOT}"]
+    expected = f"{spec.folder}/{spec.image_dir.rstrip('/')}/" if spec.image_dir != "." \
+        else f"{spec.folder}/"
+    if spec.split_file:
+        expected += f" and {spec.folder}/{spec.split_file}"
+    source = f" Where to get it: {spec.split_source}." if spec.split_source else ""
+    return DatasetError(
+        f"{spec.name}: no folder {root.path.absolute() / spec.folder}. The data root is"
+        f" {root.path}"
+        f" ({'the default' if root.source == 'default' else 'from ' + root.source}; in order:"
+        f" {', '.join(looked)}). Expected {expected} under the data"
+        f" root (spec {spec.path or spec.name}). Point at the folder that holds"
+        f" {spec.folder}/ with --root DIR or {DATA_ROOT_ENV}=DIR, or put the dataset under"
+        f" ./{DEFAULT_DATA_ROOT}/.{source}")
+
+
+def open_dataset(spec: DatasetSpec | str | Path, root: str | Path | None = None, *,
+                 make_split: bool = False) -> Dataset:
+    """Read a dataset under the data root with the reader its spec's kind names.
+
+    root: the data root; None resolves it as the CLI does (`resolve_data_root`: $SAFE_CACHE_DATA,
+    else ./data). make_split: when the published split file is missing, write a seeded split
+    with CoOp's proportions beside it (numbers on it are not comparable with published ones) and
+    use it.
     """
     spec = spec if isinstance(spec, DatasetSpec) else load_spec(spec)
-    root = Path(root).expanduser()
+    data_root = resolve_data_root(root)
+    root = data_root.path
     folder = root / spec.folder
     if not folder.is_dir():
-        raise DatasetError(f"{spec.name}: folder {folder} not found. Expected the layout of"
-                           f" {spec.split_source or 'its spec'} under the data root {root}.")
+        raise _not_found(spec, data_root)
     image_root = folder / spec.image_dir
     if not image_root.is_dir():
         raise DatasetError(f"{spec.name}: image folder {image_root} not found.")

@@ -12,11 +12,11 @@ class ExtractConfig:
     """Everything `safe-cache extract` takes; defaults are the paper's protocol."""
 
     dataset: str
-    root: str
+    root: str | None = None  # the data root (None: $SAFE_CACHE_DATA, else ./data)
     model: str = "RN50"
     pretrained: str | None = "openai"
     store: str | None = None
-    store_root: str = "stores"  # where the default store path lives
+    store_root: str | None = None  # where default stores live (None: $SAFE_CACHE_STORES, stores)
     shots: tuple[int, ...] = (1, 2, 4, 8, 16)
     seeds: tuple[int, ...] = (1, 2, 3)
     views: int = 10

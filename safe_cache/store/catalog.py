@@ -1,12 +1,16 @@
-"""Finding the stores under a root folder or bucket prefix (`safe-cache ls`)."""
+"""Finding stores: every store under a root folder or bucket prefix (`safe-cache ls`), and the
+stores a command uses when no store is named (`fit`, `info`, `verify`, `attention`, ...): those
+under the store root that match the dataset, model and weights given."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import fsspec
 
-from ..errors import StoreError
+from ..errors import StoreError, StoreNotFoundError
+from .paths import STORE_ROOT_ENV, backbone_label, store_root_source
 from .store import open_store
 
 
@@ -27,9 +31,45 @@ def find_stores(root: str, *, storage_options: dict | None = None) -> list[dict[
         rows.append({
             "url": url, "dataset": store.manifest["dataset"].get("name"),
             "backbone": f"{backbone.get('model')}/{backbone.get('pretrained')}",
+            "model": backbone.get("model"), "pretrained": backbone.get("pretrained"),
+            "label": backbone_label(backbone),
             "readable_rows": {s: v["readable_rows"] for s, v in summary.items()},
             "complete": all(v["complete_units"] == v["units"] for v in summary.values()),
         })
     return rows
 
 
+def _weights_match(stored: str | None, wanted: str) -> bool:
+    """--pretrained as typed (a tag, 'none', or a checkpoint file) against a card's."""
+    if wanted.lower() == "none":
+        return stored is None
+    if stored is not None and stored.startswith("file:"):
+        return stored == f"file:{Path(wanted).name}"
+    return stored == wanted
+
+
+def select_stores(root: str | None = None, *, dataset: str | None = None,
+                  model: str | None = None, pretrained: str | None = None,
+                  storage_options: dict | None = None) -> list[str]:
+    """The URLs of the stores under the store root (see paths.store_root) holding `dataset`,
+    `model` and `pretrained` where given; none is an error listing what is there and the
+    extract command that would make one."""
+    root, source = store_root_source(root)
+    found = find_stores(root, storage_options=storage_options)
+    chosen = [row["url"] for row in found
+              if (dataset is None or row["dataset"] == dataset)
+              and (model is None or row["model"] == Path(model).stem.replace("/", "-"))
+              and (pretrained is None or _weights_match(row["pretrained"], pretrained))]
+    if chosen:
+        return chosen
+    wanted = ", ".join(f"{k} {v}" for k, v in (("dataset", dataset), ("model", model),
+                                                ("pretrained", pretrained)) if v) or "any"
+    there = "; ".join(f"{row['url']} ({row['dataset']}, {row['label']})" for row in found)
+    origin = "the default" if source == "default" else f"from {source}"
+    command = "safe-cache extract --dataset " + (dataset or "NAME") + \
+        (f" --model {model}" if model else "") + (f" --pretrained {pretrained}" if pretrained
+                                                  else "")
+    raise StoreNotFoundError(
+        f"No store matching {wanted} under the store root {root} ({origin}; in order:"
+        f" --store-root, ${STORE_ROOT_ENV}, ./stores). Stores found there:"
+        f" {there or 'none'}. Make one with `{command}`, or name one with --store URL.")

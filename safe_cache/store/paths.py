@@ -1,9 +1,9 @@
 """Where stores live and what they are called, from a backbone card alone (no store is opened).
 
-The default store of a dataset and backbone is `<store root>/<dataset>/<model>-<weights>.zarr`,
-where <weights> is the pretrained tag, `file-<sha256 prefix>` for a local checkpoint, or
-`random<seed>` for a seeded random initialisation. Fit results use the same `<model>-<weights>`
-folder name.
+The default store of a dataset and backbone is `<store root>/<dataset>/<model>-<weights>.zarr`
+(the store root: --store-root, else $SAFE_CACHE_STORES, else ./stores), where <weights> is the
+pretrained tag, `file-<sha256 prefix>` for a local checkpoint, or `random<seed>` for a seeded
+random initialisation. Fit results use the same `<model>-<weights>` folder name.
 """
 
 from __future__ import annotations
@@ -12,7 +12,22 @@ import os
 from typing import Any
 
 DEFAULT_STORE_ROOT = "stores"
+STORE_ROOT_ENV = "SAFE_CACHE_STORES"
 OBJECT_STORE_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "abfss", "http", "https")
+
+
+def store_root(root: str | None = None) -> str:
+    """The store root: `root` if given, else $SAFE_CACHE_STORES, else ./stores."""
+    return store_root_source(root)[0]
+
+
+def store_root_source(root: str | None = None) -> tuple[str, str]:
+    """(store root, where it came from: "--store-root", "SAFE_CACHE_STORES" or "default")."""
+    if root:
+        return root, "--store-root"
+    if os.environ.get(STORE_ROOT_ENV):
+        return os.environ[STORE_ROOT_ENV], STORE_ROOT_ENV
+    return DEFAULT_STORE_ROOT, "default"
 
 
 def absolute_url(url: str) -> str:
@@ -24,7 +39,7 @@ def absolute_url(url: str) -> str:
 def weights_label(card: dict[str, Any]) -> str:
     """The pretrained part of a default store name: the tag, the file's hash, or random<seed>."""
     if card["pretrained"] is None:
-        return f"random{card['init_seed']}"
+        return f"random{card.get('init_seed') or 0}"
     if str(card["pretrained"]).startswith("file:"):
         return f"file-{card['weights_sha256'][:12]}"
     return str(card["pretrained"])
@@ -35,5 +50,6 @@ def backbone_label(card: dict[str, Any]) -> str:
     return f"{card['model']}-{weights_label(card)}"
 
 
-def default_store_url(dataset: str, card: dict[str, Any], root: str = DEFAULT_STORE_ROOT) -> str:
-    return f"{root}/{dataset}/{backbone_label(card)}.zarr"
+def default_store_url(dataset: str, card: dict[str, Any], root: str | None = None) -> str:
+    """`<store root>/<dataset>/<model>-<weights>.zarr` (root: see `store_root`)."""
+    return f"{store_root(root)}/{dataset}/{backbone_label(card)}.zarr"
