@@ -270,6 +270,9 @@ def _one_store(**filters: Any) -> str:
 @click.option("--shots", default="1,2,4,8,16", show_default=True, callback=_int_list)
 @click.option("--seeds", default="1,2,3", show_default=True, callback=_int_list)
 @click.option("--views", default=10, show_default=True, help="Augmented views per train image.")
+@click.option("--center-flip/--no-center-flip", default=True, show_default=True,
+              help="Also store the mirrored center view of train images (the safe fit recipe's"
+              " second sample); added to an existing store that lacks it.")
 @click.option("--prompts", default="hand", show_default=True,
               help="hand, classname, vanilla, or a CuPL JSON file.")
 @click.option("--device", default="auto", show_default=True)
@@ -393,6 +396,27 @@ def _float_list(ctx, param, value: str) -> tuple[float, ...]:
                   n for n in v.split(",") if n),
               help="After training on ImageNet, test on these variants' stores (names such as "
               "imagenet_v2,imagenet_sketch,imagenet_a,imagenet_r, or store URLs).")
+@click.option("--recipe", "--recipes", "recipes", default="safe", show_default=True,
+              help="Training recipe preset(s), comma-separated, each run on the same store:"
+              " safe (the paper's stated values, Cross-Modal Fine-tuning's for the rest),"
+              " views (safe-cache 0.1). The options below change the presets.")
+@click.option("--logit-scale", default=None, metavar="FLOAT|backbone",
+              help="The loss's logit scale [safe: exp(4) = 54.6; views: backbone (CLIP's 100)].")
+@click.option("--warmup", default=None, type=int,
+              help="Linear warmup iterations from 1e-5 [safe: 50; views: 0].")
+@click.option("--train-views", default=None, type=click.Choice(["center+flip", "stored", "all"]),
+              help="Training samples per image [safe: center+flip; views: stored].")
+@click.option("--sampling", default=None, type=click.Choice(["epoch", "replace"]),
+              help="Batches from shuffled epochs or drawn with replacement [safe: epoch].")
+@click.option("--eval-first/--no-eval-first", default=None,
+              help="Evaluate at iterations 0, 100, ... (safe) or after 100, 200, ... and the"
+              " last (views).")
+@click.option("--text-average", default=None, type=click.Choice(["normalised", "raw"]),
+              help="Average the templates' embeddings normalised (Tip-Adapter) or raw"
+              " (Cross-Modal) [normalised].")
+@click.option("--select-on", default="val", show_default=True, type=click.Choice(["val", "test"]),
+              help="Where Tip-Adapter-F and SAFE-A choose their epoch; 'test' reproduces the"
+              " reference code (results labelled test-selected).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", default="results", show_default=True)
 @click.option("--force", is_flag=True, help="Recompute results that exist.")
@@ -402,20 +426,36 @@ def _float_list(ctx, param, value: str) -> tuple[float, ...]:
 @STORAGE_OPTIONS
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def fit(as_json: bool, storage_options: dict | None, stores: tuple[str, ...], dataset: str | None,
-        model: str | None, pretrained: str | None, store_root: str | None, **options) -> None:
+        model: str | None, pretrained: str | None, store_root: str | None, recipes: str,
+        logit_scale: str | None, warmup: int | None, train_views: str | None,
+        sampling: str | None, eval_first: bool | None, text_average: str | None,
+        **options) -> None:
     """Train SAFE from a store for every shots x seed: the lr x wd grid at once, early stopping
     on val, the blend with beta; one result JSON (+ head) per run. Without --store, every store
     under the store root that matches --dataset / --model / --pretrained, in one job."""
     from .fit.config import FitConfig
+    from .fit.recipe import make_recipe
     from .fit.runs import fit_stores
     from .runtime.progress import RichProgress
 
+    if logit_scale is not None and logit_scale != "backbone":
+        try:
+            logit_scale = float(logit_scale)
+        except ValueError as exc:
+            raise click.BadParameter(f"{logit_scale!r} is neither a number nor 'backbone'.",
+                                     param_hint="--logit-scale") from exc
+    chosen = [make_recipe(name.strip(), logit_scale=logit_scale, warmup=warmup,
+                          train_views=train_views, sampling=sampling, eval_first=eval_first,
+                          text_average=text_average)
+              for name in recipes.split(",") if name.strip()]
+    if not chosen:
+        raise click.BadParameter("give at least one recipe.", param_hint="--recipe")
     if not stores:
         stores = tuple(_default_stores(dataset, model, pretrained, store_root, storage_options))
         err_console.print(f"fitting {len(stores)} store{'s' * (len(stores) > 1)}: "
                           + ", ".join(stores), highlight=False)
-    configs = [FitConfig(store=store, storage_options=storage_options,
-                         **options) for store in stores]
+    configs = [FitConfig(store=store, storage_options=storage_options, recipe=recipe,
+                         **options) for store in stores for recipe in chosen]
     with RichProgress(unit="it") as progress:
         results = fit_stores(configs, progress)
     if as_json:

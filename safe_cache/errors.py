@@ -49,6 +49,11 @@ class ExtractError(SafeCacheError):
     """Extraction stopped (an unreadable image, an incompatible store)."""
 
 
+class RecipeError(SafeCacheError):
+    """An unknown fit recipe preset, an out-of-range recipe value, or a recipe the store cannot
+    serve (a view it lacks)."""
+
+
 class ResultError(SafeCacheError):
     """A fit result file is missing, malformed, or not the shape this safe-cache writes."""
 
@@ -72,6 +77,7 @@ __all__ = [
     "ImageReadError",
     "ModelConfigError",
     "ModelFolderError",
+    "RecipeError",
     "ResultError",
     "SafeCacheError",
     "SafeCacheWarning",

@@ -23,12 +23,12 @@ TOY_CARD = {"model": "tiny", "pretrained": None, "family": "resnet", "T": 5, "C"
 
 def new_store(url: str, card: dict[str, Any] = TOY_CARD, *, dataset: dict | None = None,
               views: int = 0, layout: StoreLayout | None = None,
-              storage_options: dict | None = None) -> FeatureStore:
+              storage_options: dict | None = None, center_flip: bool = False) -> FeatureStore:
     return create_store(url, card, card_fingerprint(card),
                         dataset or {"name": "toy", "num_classes": 4},
                         views={"count": views, "seed": 0},
                         layout=layout or StoreLayout(chunk_images=4),
-                        storage_options=storage_options)
+                        storage_options=storage_options, center_flip=center_flip)
 
 
 def random_features(rows: int, card: dict[str, Any], views: int, seed: int = 0
@@ -51,6 +51,10 @@ def fill(store: FeatureStore, split: str, labels: int | Sequence[int],
     values = features or random_features(len(labels), manifest["backbone"], views, seed)
     if split != "train" or not views:
         values = {k: v for k, v in values.items() if not k.startswith("aug")}
+    if split != "train" or not manifest.get("center_flip"):
+        values = {k: v for k, v in values.items() if not k.startswith("flip")}
+    elif "flip_dense" not in values:  # a stand-in: the center view's map, tokens reversed
+        values["flip_dense"], values["flip_pooled"] = values["dense"][:, ::-1], values["pooled"]
     rows = store.append_rows(split, [f"{split}/{i}.jpg" for i in range(len(labels))], labels)
     unit, total = store.layout.unit, store.arrays(split)["label"].shape[0]
     for u in range(rows[0] // unit, -(-(rows[-1] + 1) // unit)):
@@ -67,20 +71,23 @@ def build_store(url: str, card: dict[str, Any] = TOY_CARD, *,
                 splits: dict[str, Sequence[int]],
                 features: dict[str, dict[str, np.ndarray]] | None = None,
                 dataset: dict | None = None, views: int = 0, layout: StoreLayout | None = None,
-                storage_options: dict | None = None,
+                storage_options: dict | None = None, center_flip: bool = False,
                 fewshot: dict[tuple[int, int], tuple] | None = None,
-                classifier: np.ndarray | None = None, head: tuple | None = None) -> str:
+                classifier: np.ndarray | None = None, head: tuple | None = None,
+                sentence_embeddings: np.ndarray | None = None) -> str:
     """A whole store, closed: `splits` gives each split's labels, `features` (optional) each
     split's feature arrays; `fewshot` maps (seed, shots) to (train rows, val rows); `head` is
-    (state dict of numpy arrays, open_clip model config)."""
+    (state dict of numpy arrays, open_clip model config); `sentence_embeddings` one raw
+    embedding per class (the classifier's sentences)."""
     with new_store(url, card, dataset=dataset, views=views, layout=layout,
-                   storage_options=storage_options) as store:
+                   storage_options=storage_options, center_flip=center_flip) as store:
         for split, labels in splits.items():
             fill(store, split, labels, (features or {}).get(split))
         for (seed, shots), (train, val) in (fewshot or {}).items():
             store.write_fewshot(seed, shots, train, val)
         if classifier is not None:
-            store.write_classifier("hand", classifier, [[str(i)] for i in range(len(classifier))])
+            store.write_classifier("hand", classifier, [[str(i)] for i in range(len(classifier))],
+                                   sentence_embeddings)
         if head is not None:
             store.write_head(*head)
     return url

@@ -80,13 +80,20 @@ def write_imagenet_classnames(folder: Path) -> None:
     (folder / "classnames.txt").write_text("\n".join(lines) + "\n")
 
 
-def write_imagenet(root: Path) -> None:
+def write_imagenet(root: Path, split_file: bool = True) -> None:
+    """images/{train,val}/<wnid>/ and, like Cross-Modal's split_ImageNet.json, a split whose val
+    is one of each class's 5 train images (train 4, test = the val folder's 2)."""
     write_imagenet_classnames(root / "imagenet")
-    for sub, count in (("train", 4), ("val", 2)):
+    split: dict[str, list] = {"train": [], "val": [], "test": []}
+    for sub, count in (("train", 5), ("val", 2)):
         for label, wnid in enumerate(WNIDS):
             for i in range(count):
-                _jpeg(root / "imagenet" / "images" / sub / wnid / f"{wnid}_{i}.JPEG",
-                      label * 10 + i)
+                relative = f"{sub}/{wnid}/{wnid}_{i}.JPEG"
+                _jpeg(root / "imagenet" / "images" / relative, label * 10 + i)
+                part = "test" if sub == "val" else "val" if i == 2 else "train"
+                split[part].append([relative, label, IMAGENET_NAMES[label]])
+    if split_file:
+        (root / "imagenet" / "split_ImageNet.json").write_text(json.dumps(split))
 
 
 def write_imagenet_variants(root: Path) -> None:

@@ -11,6 +11,7 @@ from miniatures import (
     WNIDS,
     classnames_for,
     write_every_layout,
+    write_imagenet,
     write_split_zhou,
 )
 
@@ -75,12 +76,31 @@ def test_fgvc_variants_with_spaces(data_root):
     assert all(e.path.endswith(".jpg") for e in dataset.splits["test"])
 
 
-def test_imagenet_val_is_test(data_root):
+def test_imagenet_val_comes_from_train_images(data_root):
+    """Few-shot val is drawn from ImageNet's TRAIN images (split_ImageNet.json); test is the
+    official val set, so nothing is ever selected on test."""
     dataset = open_dataset("imagenet", data_root)
     assert dataset.classnames == IMAGENET_NAMES
-    assert dataset.splits["val"] == dataset.splits["test"]
+    assert all(e.path.startswith("train/") for e in dataset.splits["val"])
     assert all(e.path.startswith("val/") for e in dataset.splits["test"])
+    assert not {e.path for e in dataset.splits["val"]} & {e.path for e in dataset.splits["train"]}
     assert len(dataset.splits["train"]) == 4 * len(WNIDS)
+    assert len(dataset.splits["val"]) == len(WNIDS)
+    assert dataset.split_source.name == "split_ImageNet.json" and not dataset.generated_split
+
+
+def test_imagenet_without_its_split_file(tmp_path):
+    write_imagenet(tmp_path, split_file=False)
+    with pytest.raises(DatasetError, match=r"split_ImageNet\.json.*--make-split"):
+        open_dataset("imagenet", tmp_path)
+    with pytest.warns(SafeCacheWarning, match="not comparable"):
+        dataset = open_dataset("imagenet", tmp_path, make_split=True)
+    assert dataset.generated_split and dataset.describe()["generated_split"]
+    train = {e.path for e in dataset.splits["train"]}
+    val = {e.path for e in dataset.splits["val"]}
+    assert all(p.startswith("train/") for p in train | val) and not train & val
+    assert len(val) == len(WNIDS)  # round(5 * 0.2) = 1 per class
+    assert all(e.path.startswith("val/") for e in dataset.splits["test"])
 
 
 def test_imagenet_v2_numbered_folders(data_root):

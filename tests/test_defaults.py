@@ -30,6 +30,7 @@ def invoke(*args: str):
     return CliRunner().invoke(main, list(args))
 
 
+@pytest.mark.slow  # decoding worker processes (extract's default --workers 2)
 def test_extract_then_fit_as_typed(fresh):
     write_split_zhou(fresh / "data", "food101", classes=3, counts=SMALL)
     extracted = invoke("extract", "--dataset", "food101")  # exactly as the design types it
@@ -43,7 +44,7 @@ def test_extract_then_fit_as_typed(fresh):
     assert [(r["shots"], r["store"]["url"]) for r in runs] == [(1, str(store)), (2, str(store))]
     assert "fitting 1 store" in fitted.stderr
     assert (fresh / "results" / "food101" / "safe-cache-tiny-vit-random0"
-            / "shots2_seed1.json").is_file()
+            / "shots2_seed1_safe.json").is_file()
     # the commands that need a store or a results folder take the same defaults
     assert invoke("verify").exit_code == 0
     info = invoke("info", "--json")

@@ -29,7 +29,7 @@ def test_demo_builds_a_sound_store(tmp_path):
     again = run_demo(str(tmp_path), workers=0, iters=150)  # a rerun finds everything done
     assert again["extracted"] == {"test": 0, "train": 0, "val": 0}
     assert all(r.skipped for r in again["results"])
-    assert len(result["plots"]) == 1 + 1 + 3  # accuracy vs shots, beta curve, 3 grids
+    assert len(result["plots"]) == 1 + 1 + 3 + 6  # accuracy vs shots, beta curve, 3 grids, curves
 
 
 def test_fit_cli_on_the_demo_store_with_the_default_grid(tmp_path):
@@ -49,5 +49,5 @@ def test_fit_cli_on_the_demo_store_with_the_default_grid(tmp_path):
     runs = json.loads(cli.stdout)  # progress goes to stderr
     assert len(runs) == 4 and all(len(r["grid"]) == 12 for r in runs)
     assert len(list(out.rglob("*.json"))) == 4
-    assert len(list(out.rglob("*_seed?.safetensors"))) == 4  # the fine-tuned heads
+    assert len(list(out.rglob("*_seed?_safe.safetensors"))) == 4  # the fine-tuned heads
     assert len(list(out.rglob("*.safe_a.safetensors"))) == 4  # SAFE-A's trained caches

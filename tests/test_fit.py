@@ -58,11 +58,13 @@ def synthetic_store(path: str) -> str:
                 aug = np.stack([maps(part) for _ in range(VIEWS)], axis=1)
                 values["aug_dense"] = aug
                 values["aug_pooled"] = np.stack([pooled(aug[:, v]) for v in range(VIEWS)], 1)
+                flip = maps(part)  # the pattern token (the 3 x 3 grid's center) mirrors to itself
+                values["flip_dense"], values["flip_pooled"] = flip, pooled(flip)
             parts.append(values)
         features[split] = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     train, val = np.arange(len(labels["train"])), np.arange(len(labels["val"]))
     return build_store(
-        path, card, splits=labels, features=features, views=VIEWS,
+        path, card, splits=labels, features=features, views=VIEWS, center_flip=True,
         dataset={"name": "spots", "num_classes": CLASSES, "classnames": list("abcd")},
         layout=StoreLayout(chunk_images=16), classifier=classifier,
         fewshot={(1, 8): (train, val), (2, 8): (train[::-1], val)},
@@ -124,29 +126,35 @@ def test_beta_curve_endpoints(fitted):
 
 
 def result_file(config, result):
-    from safe_cache.fit import result_path
+    from safe_cache.fit.runs import run_path
 
-    return result_path(config.out, open_store(config.store).manifest, result.shots,
-                       result.seed)
+    return run_path(config, open_store(config.store), result.shots, result.seed)
 
 
-def test_result_files_and_skip_or_force(fitted):
+def test_result_files_and_skip_or_force(fitted, tmp_path):
+    import shutil
+    from dataclasses import replace
+
     config, result = fitted
     path = result_file(config, result)
-    assert path.name == "shots8_seed1.json" and path.parent.name == "safe-cache-tiny-rn-random3"
+    assert path.name == "shots8_seed1_safe.json"
+    assert path.parent.name == "safe-cache-tiny-rn-random3"
     saved = json.loads(path.read_text())
-    for key in ("methods", "grid", "beta_curve", "config", "store", "versions", "timings"):
+    for key in ("methods", "grid", "beta_curve", "config", "store", "versions", "timings",
+                "recipe", "curves"):
         assert key in saved
+    assert saved["recipe"]["name"] == "safe" and saved["config"]["recipe"]["warmup"] == 50
     assert set(saved["methods"]) == {"zero_shot", "safe", *OPTIONAL_METHODS}
     for name, method in saved["methods"].items():
         assert 0 <= method["val_acc"] <= 1 and 0 <= method["test_acc"] <= 1, name
     assert saved["store"]["fingerprint"] == open_store(config.store).fingerprint
+    copy = replace(config, out=str(tmp_path / "results"))  # leave the module's result alone
+    shutil.copytree(config.out, copy.out)
+    path = result_file(copy, result)
     before = path.stat().st_mtime_ns
-    again = fit(config)[0]
+    again = fit(copy)[0]
     assert again.skipped and path.stat().st_mtime_ns == before
-    from dataclasses import replace
-
-    forced = fit(replace(config, force=True, iters=20, eval_every=10))[0]
+    forced = fit(replace(copy, force=True, iters=20, eval_every=10))[0]
     assert not forced.skipped and path.stat().st_mtime_ns != before
 
 
@@ -200,16 +208,19 @@ def test_adapters_run_from_the_store(fitted):
     assert direct == pytest.approx(probe["val_acc"])
 
 
+@pytest.mark.slow  # a second fit on a second store
 def test_eval_ood_adds_an_ood_section(fitted, tmp_path):
-    """fit --eval-ood tests the chosen head on another store of the same backbone."""
+    """fit --eval-ood tests the chosen head and every adapter on another store of the same
+    backbone (Table III has zero-shot, the linear probe, Tip-Adapter-F, SAFE and SAFE-A)."""
     from dataclasses import replace
 
     config, _ = fitted
     variant = synthetic_store(str(tmp_path / "variant.zarr"))
-    result = fit(replace(config, eval_ood=(variant,), iters=50, eval_every=25, methods=(),
-                         force=True, out=str(tmp_path / "results")))[0]
+    result = fit(replace(config, eval_ood=(variant,), iters=50, eval_every=25,
+                         methods=("tip_adapter_f", "safe_a", "linear_probe"), force=True,
+                         out=str(tmp_path / "results")))[0]
     ood = result.ood["variant"]
     assert ood["images"] == CLASSES * COUNTS["test"] and ood["classes"] == CLASSES
     # the generator is seeded, so the variant's test split is the source's own: same accuracy
-    assert ood["safe"] == pytest.approx(result.methods["safe"]["test_acc"])
-    assert ood["zero_shot"] == pytest.approx(result.methods["zero_shot"]["test_acc"])
+    for method in ("zero_shot", "safe", "tip_adapter_f", "safe_a", "linear_probe"):
+        assert ood[method] == pytest.approx(result.methods[method]["test_acc"]), method

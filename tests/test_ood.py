@@ -13,7 +13,7 @@ from safe_cache import StoreError, load_backbone
 from safe_cache.analysis.report import ood_rows
 from safe_cache.cli import main
 from safe_cache.fit.ood import evaluate_ood, resolve_ood_stores
-from safe_cache.fit.results import load_result
+from safe_cache.fit.results import load_result, load_results
 from safe_cache.model.inference import blend_features
 from safe_cache.store import StoreLayout
 
@@ -48,7 +48,9 @@ def test_subset_variants_use_the_matching_classifier_rows(tmp_path):
     def blend(o, t):
         return blend_features(o, t, 0.5)
 
-    out = evaluate_ood(head, classifier, 14.3, blend,
+    predictors = {"zero_shot": lambda o, t: o @ classifier.T,
+                  "safe": lambda o, t: blend(o, t) @ classifier.T}
+    out = evaluate_ood(head, predictors,
                        {"a": str(tmp_path / "a.zarr"), "v2": str(tmp_path / "v2.zarr")},
                        backbone.fingerprint, backbone.card)
     assert out["a"]["classes"] == 2 and out["v2"]["classes"] == CLASSES
@@ -59,7 +61,7 @@ def test_subset_variants_use_the_matching_classifier_rows(tmp_path):
     assert out["a"]["safe"] == expected.mean().item()
     other = load_backbone("safe-cache-tiny-rn", init_seed=9)
     with pytest.raises(StoreError, match="fingerprint"):
-        evaluate_ood(head, classifier, 14.3, blend, {"a": str(tmp_path / "a.zarr")},
+        evaluate_ood(head, predictors, {"a": str(tmp_path / "a.zarr")},
                      other.fingerprint, other.card)
 
 
@@ -80,3 +82,13 @@ def test_report_prints_a_table_iii(tmp_path):
     assert rows["zero_shot"]["imagenet"] == pytest.approx(58.0)
     cli = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert cli.exit_code == 0 and "out of distribution" in cli.output and "(23.6)" in cli.output
+
+
+def test_table_iii_takes_the_16_shot_runs_only(tmp_path):
+    for shots, safe, variant in ((1, 0.50, 0.10), (16, 0.66, 0.24)):
+        write_record(tmp_path, result_record(
+            "imagenet", shots, 1, safe=safe, zero=0.58,
+            ood={"imagenet_a": {"zero_shot": 0.2, "safe": variant}}))
+    rows = {r["method"]: r for r in ood_rows(load_results(tmp_path))}
+    assert rows["safe"]["imagenet"] == pytest.approx(66.0)
+    assert rows["safe"]["imagenet_a"] == pytest.approx(24.0)

@@ -28,16 +28,26 @@ def published() -> dict[str, Any]:
     return json.loads((Path(__file__).parent / "published" / "safe_paper.json").read_text())
 
 
+TEST_SELECTED = " (test-selected)"
+
+
+def method_label(method: str, values: dict[str, Any]) -> str:
+    """The method's row name: an epoch chosen on test (the reference code's way) is labelled,
+    so its numbers are never averaged with val-selected ones."""
+    return method + (TEST_SELECTED if values.get("selected_on") == "test" else "")
+
+
 def aggregate(runs: list[RunResult]) -> list[dict[str, Any]]:
-    """One row per dataset x backbone x shots x method: mean and std (%) over seeds."""
+    """One row per dataset x backbone x recipe x shots x method: mean and std (%) over seeds."""
     groups: dict[tuple, list[float]] = defaultdict(list)
     for run in runs:
         for method, values in run.methods.items():
-            key = (run.dataset, run.backbone_label, run.backbone["model"], run.shots, method)
+            key = (run.dataset, run.backbone_label, run.backbone["model"], run.recipe_name,
+                   run.shots, method_label(method, values))
             groups[key].append(100 * values["test_acc"])
-    rows = [{"dataset": d, "backbone": b, "model": m, "shots": k, "method": method,
+    rows = [{"dataset": d, "backbone": b, "model": m, "recipe": r, "shots": k, "method": method,
              "mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
-             "seeds": len(v)} for (d, b, m, k, method), v in sorted(groups.items())]
+             "seeds": len(v)} for (d, b, m, r, k, method), v in sorted(groups.items())]
     rows += _averages(rows)
     return _with_paper(rows)
 
@@ -46,14 +56,16 @@ def _averages(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The 11-dataset average, where every one of the 11 benchmarks has a row."""
     by_key: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for row in rows:
-        by_key[(row["backbone"], row["model"], row["shots"], row["method"])][row["dataset"]] = row
+        key = (row["backbone"], row["model"], row["recipe"], row["shots"], row["method"])
+        by_key[key][row["dataset"]] = row
     averages = []
-    for (backbone, model, shots, method), datasets in sorted(by_key.items()):
+    for (backbone, model, recipe, shots, method), datasets in sorted(by_key.items()):
         if all(name in datasets for name in ELEVEN):
             means = [datasets[name]["mean"] for name in ELEVEN]
             averages.append({"dataset": "average", "backbone": backbone, "model": model,
-                             "shots": shots, "method": method, "mean": statistics.fmean(means),
-                             "std": 0.0, "seeds": min(datasets[n]["seeds"] for n in ELEVEN)})
+                             "recipe": recipe, "shots": shots, "method": method,
+                             "mean": statistics.fmean(means), "std": 0.0,
+                             "seeds": min(datasets[n]["seeds"] for n in ELEVEN)})
     return averages
 
 
@@ -62,7 +74,8 @@ def _with_paper(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     table = published()["table_1"]["methods"]
     for row in rows:
         shots = "0" if row["method"] == "zero_shot" else str(row["shots"])
-        paper = table.get(row["method"], {}).get(row["dataset"], {}).get(shots)
+        method = row["method"].removesuffix(TEST_SELECTED)
+        paper = table.get(method, {}).get(row["dataset"], {}).get(shots)
         if row["model"] == "RN50" and paper is not None:
             row["paper"], row["delta"] = paper, row["mean"] - paper
         else:
@@ -74,22 +87,27 @@ OOD_COLUMNS = ("imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imag
 
 
 def ood_rows(runs: list[RunResult]) -> list[dict[str, Any]]:
-    """Table III: per backbone and method, ImageNet (source) and variant accuracy (%), mean over
-    seeds, with the paper's numbers for RN50 and ViT-B-16."""
-    paper = published()["table_3"]["backbones"]
+    """Table III: per backbone, recipe and method, ImageNet (source) and variant accuracy (%) of
+    the 16-shot runs (the table's setting; other shot counts are left out), mean over seeds,
+    with the paper's numbers for RN50 and ViT-B-16."""
+    table = published()["table_3"]
+    paper, shots = table["backbones"], table["shots"]
     groups: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
-        if not run.ood or run.dataset != "imagenet":
+        if not run.ood or run.dataset != "imagenet" or run.shots != shots:
             continue
-        for method in ("zero_shot", "safe"):
-            key = (run.backbone_label, run.backbone["model"], method)
-            groups[key]["imagenet"].append(100 * run.methods[method]["test_acc"])
-            for name, values in run.ood.items():
-                groups[key][name].append(100 * values[method])
+        for method, values in run.methods.items():
+            if not all(method in variant for variant in run.ood.values()):
+                continue
+            key = (run.backbone_label, run.backbone["model"], run.recipe_name,
+                   method_label(method, values))
+            groups[key]["imagenet"].append(100 * values["test_acc"])
+            for name, variant in run.ood.items():
+                groups[key][name].append(100 * variant[method])
     rows = []
-    for (label, model, method), columns in sorted(groups.items()):
-        published_row = paper.get(model, {}).get(method, {})
-        rows.append({"backbone": label, "method": method,
+    for (label, model, recipe, method), columns in sorted(groups.items()):
+        published_row = paper.get(model, {}).get(method.removesuffix(TEST_SELECTED), {})
+        rows.append({"backbone": label, "recipe": recipe, "method": method,
                      **{c: statistics.fmean(columns[c]) if columns.get(c) else None
                         for c in OOD_COLUMNS},
                      "paper": {c: published_row.get(c) for c in OOD_COLUMNS}})
@@ -100,8 +118,8 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
     """md, csv or json text of the aggregated rows."""
     if fmt == "json":
         return json.dumps(rows, indent=2)
-    columns = ["dataset", "backbone", "shots", "method", "mean", "std", "seeds", "paper",
-               "delta"]
+    columns = ["dataset", "backbone", "recipe", "shots", "method", "mean", "std", "seeds",
+               "paper", "delta"]
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, columns, extrasaction="ignore")
@@ -126,7 +144,8 @@ def cell(row: dict[str, Any], column: str) -> str:
 
 def write_plots(rows: list[dict[str, Any]], runs: list[RunResult], folder: str | Path
                 ) -> list[Path]:
-    """accuracy_vs_shots_<dataset>.png, beta_curve_<dataset>.png, grid_<dataset>_shots<K>.png."""
+    """accuracy_vs_shots_<dataset>.png, beta_curve_<dataset>.png, grid_<dataset>_shots<K>.png,
+    and per run with training curves curves_<dataset>_<backbone>_<result name>.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,12 +156,16 @@ def write_plots(rows: list[dict[str, Any]], runs: list[RunResult], folder: str |
     written = []
     for dataset in sorted({r["dataset"] for r in rows}):
         figure, axis = plt.subplots(figsize=(6, 4))
-        for method in [m for m in METHODS if any(r["method"] == m for r in rows)]:
-            points = sorted((r["shots"], r["mean"], r["std"]) for r in rows
-                            if r["dataset"] == dataset and r["method"] == method)
+        mine = [r for r in rows if r["dataset"] == dataset]
+        recipes = sorted({r["recipe"] for r in mine})
+        methods = [m for m in METHODS if any(r["method"] == m for r in mine)]
+        for recipe, method in ((r, m) for r in recipes for m in methods):
+            points = sorted((r["shots"], r["mean"], r["std"]) for r in mine
+                            if r["method"] == method and r["recipe"] == recipe)
             if points:
                 shots, means, stds = zip(*points, strict=True)
-                axis.errorbar(shots, means, yerr=stds, marker="o", capsize=3, label=method)
+                label = method if len(recipes) == 1 else f"{method} [{recipe}]"
+                axis.errorbar(shots, means, yerr=stds, marker="o", capsize=3, label=label)
         axis.set(xscale="log", xlabel="shots per class", ylabel="test accuracy (%)",
                  title=f"{dataset}: accuracy vs shots")
         axis.set_xticks(sorted({r["shots"] for r in rows}), minor=False)
@@ -151,6 +174,10 @@ def write_plots(rows: list[dict[str, Any]], runs: list[RunResult], folder: str |
         axis.legend(fontsize=8)
         axis.grid(alpha=0.3)
         written.append(_save(figure, folder / f"accuracy_vs_shots_{dataset}.png"))
+    for run in runs:
+        if run.curves:
+            name = f"curves_{run.dataset}_{run.backbone_label}_{run.path.stem if run.path else ''}"
+            written.append(_curves_plot(plt, run, folder / f"{name}.png"))
     for dataset in sorted({r.dataset for r in runs}):
         mine = [r for r in runs if r.dataset == dataset]
         written.append(_beta_plot(plt, mine, folder / f"beta_curve_{dataset}.png"))
@@ -159,6 +186,33 @@ def write_plots(rows: list[dict[str, Any]], runs: list[RunResult], folder: str |
                                       folder / f"grid_{dataset}_shots{shots}.png"))
     plt.close("all")
     return written
+
+
+def _curves_plot(plt, run: RunResult, path: Path) -> Path:
+    """Every configuration's val accuracy (left) and training loss (right) at every evaluation;
+    the chosen configuration drawn bold and its best point marked."""
+    curves, safe = run.curves, run.methods["safe"]
+    figure, (accuracy_axis, loss_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for index, config in enumerate(run.grid):
+        chosen = (config["lr"], config["wd"]) == (safe.get("lr"), safe.get("wd"))
+        label = f"lr {config['lr']:g}, wd {config['wd']:g}" + (" (chosen)" if chosen else "")
+        style = {"linewidth": 2.5, "color": "black", "zorder": 3} if chosen else \
+            {"linewidth": 1, "alpha": 0.8}
+        accuracy_axis.plot(curves["iters"], [100 * a[index] for a in curves["val_acc"]],
+                           label=label, **style)
+        loss_axis.plot(curves["iters"], [loss[index] for loss in curves["train_loss"]],
+                       label=label, **style)
+        if chosen:
+            accuracy_axis.scatter([config["best_iter"]], [100 * config["val_acc"]], s=80,
+                                  marker="*", color="red", zorder=4, label="restored state")
+    accuracy_axis.set(xlabel="updates", ylabel="val accuracy (%)",
+                      title=f"{run.dataset}, {run.shots} shots, seed {run.seed}:"
+                      f" {run.recipe_name}")
+    loss_axis.set(xlabel="updates", ylabel="training loss", yscale="log")
+    accuracy_axis.legend(fontsize=6, ncol=2)
+    for axis in (accuracy_axis, loss_axis):
+        axis.grid(alpha=0.3)
+    return _save(figure, path)
 
 
 def _beta_plot(plt, runs: list[RunResult], path: Path) -> Path:
@@ -196,6 +250,9 @@ def _grid_plot(plt, runs: list[RunResult], path: Path) -> Path:
 
 
 def _save(figure, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     figure.savefig(path, dpi=110)
+    plt.close(figure)
     return path

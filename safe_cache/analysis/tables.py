@@ -8,7 +8,7 @@ from typing import Any
 from rich.table import Table
 
 from ..fit.results import METHOD_LABELS, METHODS, RunResult
-from .report import OOD_COLUMNS, cell, ood_rows
+from .report import OOD_COLUMNS, TEST_SELECTED, cell, ood_rows
 
 
 def runs_table(results: list[RunResult]) -> Table:
@@ -28,19 +28,32 @@ def runs_table(results: list[RunResult]) -> Table:
     return table
 
 
+def _label(method: str) -> str:
+    base = method.removesuffix(TEST_SELECTED)
+    return METHOD_LABELS.get(base, base) + (" (test-sel.)" if base != method else "")
+
+
 def report_tables(rows: list[dict[str, Any]]) -> list[Table]:
-    """One table per dataset and backbone: shots x method, ours beside the paper's."""
+    """One table per dataset and backbone: shots x method (x recipe, side by side when there
+    are several), ours beside the paper's."""
     order = {m: i for i, m in enumerate(METHODS)}
     tables = []
     for dataset, backbone in sorted({(r["dataset"], r["backbone"]) for r in rows}):
-        table = Table(title=f"{dataset} / {backbone}: test accuracy (%), mean ± std over seeds")
-        for column in ("shots", "method", "accuracy", "seeds", "paper", "delta"):
-            table.add_column(column, justify="left" if column == "method" else "right")
         mine = [r for r in rows if (r["dataset"], r["backbone"]) == (dataset, backbone)]
-        for row in sorted(mine, key=lambda r: (r["shots"], order.get(r["method"], 99))):
+        recipes = sorted({r["recipe"] for r in mine})
+        table = Table(title=f"{dataset} / {backbone}: test accuracy (%), mean ± std over seeds"
+                      + (f", recipe {recipes[0]}" if len(recipes) == 1 else ""))
+        columns = ["shots", "method", *(["recipe"] if len(recipes) > 1 else []), "accuracy",
+                   "seeds", "paper", "delta"]
+        for column in columns:
+            table.add_column(column, justify="left" if column in ("method", "recipe")
+                             else "right")
+        for row in sorted(mine, key=lambda r: (r["shots"], order.get(
+                r["method"].removesuffix(TEST_SELECTED), 99), r["method"], r["recipe"])):
             delta = cell(row, "delta")
             style = "green" if delta.startswith("+") else "red" if delta != "-" else ""
-            table.add_row(str(row["shots"]), METHOD_LABELS.get(row["method"], row["method"]),
+            table.add_row(str(row["shots"]), _label(row["method"]),
+                          *([row["recipe"]] if len(recipes) > 1 else []),
                           f"{row['mean']:.2f} ± {row['std']:.2f}", str(row["seeds"]),
                           cell(row, "paper"), f"[{style}]{delta}[/]" if style else delta)
         tables.append(table)
@@ -55,6 +68,7 @@ def ood_table(runs: list[RunResult]) -> Table | None:
         return None
     table = Table(title="out of distribution: 16-shot ImageNet -> variants, ours (paper), %")
     table.add_column("backbone")
+    table.add_column("recipe")
     table.add_column("method")
     for column in OOD_COLUMNS:
         table.add_column(column.replace("imagenet_", "-").replace("imagenet", "ImageNet"),
@@ -63,5 +77,5 @@ def ood_table(runs: list[RunResult]) -> Table | None:
         cells = [("-" if row[c] is None else f"{row[c]:.1f}")
                  + (f" ({row['paper'][c]:.1f})" if row["paper"][c] is not None else "")
                  for c in OOD_COLUMNS]
-        table.add_row(row["backbone"], METHOD_LABELS.get(row["method"], row["method"]), *cells)
+        table.add_row(row["backbone"], row["recipe"], _label(row["method"]), *cells)
     return table

@@ -372,18 +372,48 @@ def _folder_entries(image_root: Path, folder: str, label: int) -> list[Entry]:
 
 @register_reader("imagenet")
 def read_imagenet(spec: DatasetSpec, root: Path, make_split: bool) -> Dataset:
-    """ImageNet: images/{train,val}/n*/ and classnames.txt; test = val = the 50k val set."""
-    wnids, names, source = imagenet_classnames(spec, root)
-    image_root = root / spec.folder / spec.image_dir
-    splits = {}
-    for split, sub in (("train", "train"), ("test", "val")):
-        entries = []
-        for label, wnid in enumerate(wnids):
-            if (image_root / sub / wnid).is_dir():
-                entries.extend(_folder_entries(image_root, f"{sub}/{wnid}", label))
-        splits[split] = entries
-    splits["val"] = list(splits["test"])
-    return Dataset(spec, root, names, splits, source)
+    """ImageNet: images/{train,val}/n*/ and classnames.txt. Few-shot train and val both come
+    from the TRAIN images, split 80/20 per class by `split_ImageNet.json` (Cross-Modal
+    Fine-tuning's file, the split_zhou format, paths relative to images/); test is the official
+    val set. So early stopping, the grid and the adapters' searches never select on test.
+    Without the file, make_split writes a seeded 80/20 split (CoOp's split_trainval)."""
+    wnids, names, _ = imagenet_classnames(spec, root)
+    path = root / spec.folder / (spec.split_file or "split_ImageNet.json")
+    generated = path.with_name(f"split_generated_{spec.name}.json")
+    if not path.is_file() and not generated.is_file():
+        if not make_split:
+            raise DatasetError(
+                f"{spec.name}: split file {path} not found. It comes from {spec.split_source};"
+                f" put it at that path. Or pass --make-split (make_split=True) to write a seeded"
+                f" 80/20 train/val split of the train images; its numbers are NOT comparable"
+                f" with published ones.")
+        _write_imagenet_split(root / spec.folder / spec.image_dir, wnids, names, generated,
+                              spec.split_seed)
+    if not path.is_file():
+        _warn_generated(spec, generated)
+        path = generated
+    raw = _read_json(path)
+    splits = {split: [Entry(str(p), int(label)) for p, label, *_ in raw[split]]
+              for split in SPLITS}
+    return Dataset(spec, root, names, splits, path, path == generated)
+
+
+def _write_imagenet_split(image_root: Path, wnids: list[str], names: list[str], target: Path,
+                          seed: int, val_fraction: float = 0.2) -> None:
+    """Per class, a seeded round(n * 0.2) of the train images become val; test = val/."""
+    rng = random.Random(seed)
+    split: dict[str, list] = {name: [] for name in SPLITS}
+    for label, (wnid, name) in enumerate(zip(wnids, names, strict=True)):
+        train = [e.path for e in _folder_entries(image_root, f"train/{wnid}", label)] \
+            if (image_root / "train" / wnid).is_dir() else []
+        rng.shuffle(train)
+        n_val = round(len(train) * val_fraction)
+        split["val"] += [[p, label, name] for p in train[:n_val]]
+        split["train"] += [[p, label, name] for p in train[n_val:]]
+        if (image_root / "val" / wnid).is_dir():
+            split["test"] += [[e.path, label, name]
+                              for e in _folder_entries(image_root, f"val/{wnid}", label)]
+    target.write_text(json.dumps(split))
 
 
 @register_reader("imagenet_v2")

@@ -65,7 +65,7 @@ def prompt_set_name(prompt_set: str) -> str:
 
 
 @torch.no_grad()
-def text_classifier(
+def encode_sentences(
     model: torch.nn.Module,
     tokenizer: Callable[[list[str]], torch.Tensor],
     sentences: Sequence[Sequence[str]],
@@ -73,7 +73,7 @@ def text_classifier(
     batch_size: int = 256,
     progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """(classes, D) float32: per class, normalise each sentence embedding, average, normalise.
+    """(sentences, D) float32 raw text embeddings of every class's sentences, in order.
 
     All sentences are encoded in batches regardless of class boundaries; `progress` is called
     with the number of sentences done after each batch.
@@ -83,12 +83,41 @@ def text_classifier(
     embeddings = []
     for start in range(0, len(flat), batch_size):
         tokens = tokenizer(flat[start:start + batch_size]).to(device)
-        embeddings.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+        embeddings.append(model.encode_text(tokens).float())
         if progress is not None:
             progress(min(start + batch_size, len(flat)))
-    encoded = torch.cat(embeddings)
+    return torch.cat(embeddings).cpu()
+
+
+def class_average(embeddings: torch.Tensor, counts: Sequence[int],
+                  average: str = "normalised") -> torch.Tensor:
+    """(classes, D): each class's `counts[c]` consecutive sentence embeddings averaged, then
+    normalised. "normalised" normalises each sentence first (Tip-Adapter, SAFE's templates);
+    "raw" averages the raw embeddings (Cross-Modal Fine-tuning)."""
+    if average not in ("normalised", "raw"):
+        raise ValueError(f"average must be 'normalised' or 'raw', not {average!r}")
+    if sum(counts) != len(embeddings):
+        raise DatasetError(f"{len(embeddings)} sentence embeddings for {sum(counts)} sentences.")
+    if average == "normalised":
+        embeddings = F.normalize(embeddings, dim=-1)
     rows, start = [], 0
-    for group in sentences:
-        rows.append(encoded[start:start + len(group)].mean(dim=0))
-        start += len(group)
-    return F.normalize(torch.stack(rows), dim=-1).cpu()
+    for count in counts:
+        rows.append(embeddings[start:start + count].mean(dim=0))
+        start += count
+    return F.normalize(torch.stack(rows), dim=-1)
+
+
+def text_classifier(
+    model: torch.nn.Module,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    sentences: Sequence[Sequence[str]],
+    *,
+    batch_size: int = 256,
+    progress: Callable[[int], None] | None = None,
+    average: str = "normalised",
+) -> torch.Tensor:
+    """(classes, D) float32: per class, normalise each sentence embedding, average, normalise
+    (or, average="raw", average the raw embeddings, then normalise)."""
+    encoded = encode_sentences(model, tokenizer, sentences, batch_size=batch_size,
+                               progress=progress)
+    return class_average(encoded, [len(group) for group in sentences], average)

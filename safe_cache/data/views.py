@@ -86,15 +86,17 @@ def augmented_view(image: Image.Image, size: tuple[int, int], mean, std, seed: i
 
 
 class ViewDataset(torch.utils.data.Dataset):
-    """Rows to extract -> (row, center view, augmented views, error message, first view).
+    """Rows to extract -> (row, center view, augmented views, error message, first view, flip).
 
-    Items are (row, file, path key, first view): views first..V-1 are built (all of them for a
-    new row; only the missing ones when views were added to a store later). Errors are
+    Items are (row, file, path key, first view, flip): the center view is built when the row
+    is new (first view 0) or its mirror is wanted (flip); views first..V-1 are built (all of
+    them for a new row; only the missing ones when views were added to a store later). The
+    mirrored center view is the center view flipped left-right, made by the caller. Errors are
     returned, not raised, so the main process can name the file and decide (stop, or
     --skip-bad) without a worker traceback.
     """
 
-    def __init__(self, items: list[tuple[int, Path, str, int]], preprocess,
+    def __init__(self, items: list[tuple[int, Path, str, int, bool]], preprocess,
                  card: dict[str, Any], recipe: ViewRecipe | None) -> None:
         self.items, self.preprocess, self.recipe = items, preprocess, recipe
         self.size = tuple(card["image_size"])
@@ -104,18 +106,19 @@ class ViewDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int):
-        row, path, key, first = self.items[index]
+        row, path, key, first, flip = self.items[index]
         height, width = self.size
         views = range(first, self.recipe.count) if self.recipe else range(0)
         try:
             image = load_image(path)
-            center = self.preprocess(image) if first == 0 else torch.zeros(3, height, width)
+            center = self.preprocess(image) if first == 0 or flip \
+                else torch.zeros(3, height, width)
             augmented = torch.stack([
                 augmented_view(image, self.size, self.mean, self.std,
                                view_seed(self.recipe.seed, key, v), self.recipe.scale)
                 for v in views
             ]) if len(views) else torch.zeros(0, 3, height, width)
-            return row, center, augmented, "", first
+            return row, center, augmented, "", first, flip
         except ImageReadError as exc:
             blank = torch.zeros(3, height, width)
-            return row, blank, torch.zeros(len(views), 3, height, width), str(exc), first
+            return row, blank, torch.zeros(len(views), 3, height, width), str(exc), first, flip

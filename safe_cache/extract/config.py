@@ -20,6 +20,7 @@ class ExtractConfig:
     shots: tuple[int, ...] = (1, 2, 4, 8, 16)
     seeds: tuple[int, ...] = (1, 2, 3)
     views: int = 10
+    center_flip: bool = True  # also the mirrored center view (the `safe` fit recipe trains on it)
     view_seed: int = 0
     prompts: str = "hand"
     device: str = "auto"

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..data.datasets import Dataset, open_dataset
 from ..data.fewshot import FewShot, sample_few_shot
-from ..data.prompts import class_sentences, prompt_set_name, text_classifier
+from ..data.prompts import class_average, class_sentences, encode_sentences, prompt_set_name
 from ..data.views import ViewRecipe
 from ..errors import ExtractError, SafeCacheError, StoreNotFoundError
 from ..model.backbone import Backbone, load_backbone
@@ -105,7 +105,8 @@ def _open_or_create(url: str, backbone: Backbone, dataset: Dataset, recipe: View
             Path(url).parent.mkdir(parents=True, exist_ok=True)
         return create_store(url, backbone.card, backbone.fingerprint, dataset.describe(),
                             views=recipe.describe(), layout=config.layout,
-                            storage_options=options, takeover=config.takeover)
+                            storage_options=options, takeover=config.takeover,
+                            center_flip=config.center_flip)
     try:
         check_fingerprint(store, backbone.fingerprint, backbone.card)
         stored = store.manifest
@@ -118,6 +119,8 @@ def _open_or_create(url: str, backbone: Backbone, dataset: Dataset, recipe: View
             raise ExtractError(f"{url} holds views of another recipe ({stored['views']});"
                                f" use another --store for --views with seed {recipe.seed}.")
         store.add_views(recipe.count)  # more views than stored: the new ones are extracted
+        if config.center_flip:
+            store.add_center_flip()  # a store written before it existed: extracted now
     except SafeCacheError:
         store.close()
         raise
@@ -148,9 +151,12 @@ def _write_fewshot(store: FeatureStore, dataset: Dataset, subsets) -> None:
 
 def _write_classifier(store: FeatureStore, backbone: Backbone, dataset: Dataset,
                       prompts: str) -> None:
+    """The prompt set's classifier and raw sentence embeddings (added to a store that has
+    the classifier only)."""
     name = prompt_set_name(prompts)
-    if f"text/{name}" in store.group:
+    if f"text/{name}/embeddings" in store.group:
         return
     sentences = class_sentences(prompts, dataset.classnames, dataset.spec.templates)
-    weights = text_classifier(backbone.model, backbone.tokenizer(), sentences)
-    store.write_classifier(name, weights.numpy(), sentences)
+    embeddings = encode_sentences(backbone.model, backbone.tokenizer(), sentences)
+    weights = class_average(embeddings, [len(group) for group in sentences], "normalised")
+    store.write_classifier(name, weights.numpy(), sentences, embeddings.numpy())

@@ -39,9 +39,10 @@ def row_index(store: FeatureStore, split: str, readable_only: bool = False) -> d
 
 
 def plan_split(store: FeatureStore, dataset: Dataset, split: str, wanted: list[int],
-                recipe: ViewRecipe) -> list[tuple]:
+               recipe: ViewRecipe) -> list[tuple]:
     """Reserve rows for the wanted entries not yet in the store; return what is still to
-    extract: (row, image file, path in the store, first missing view) per image, unit by unit."""
+    extract: (row, image file, path in the store, first missing view, mirrored center view
+    missing) per image, unit by unit."""
     entries = dataset.splits[split]
     known = row_index(store, split)
     new = [i for i in wanted if entries[i].path not in known]
@@ -52,10 +53,12 @@ def plan_split(store: FeatureStore, dataset: Dataset, split: str, wanted: list[i
     labels, paths = group["label"][:], group["path"][:]
     unit, views = store.layout.unit, recipe.count if split == "train" else 0
     first_view = _first_missing_view(group, views)  # per unit: 0 = everything to do
-    return [(row, dataset.image_root / str(paths[row]), str(paths[row]), int(first_view[u]))
-            for u in np.flatnonzero(first_view < max(views, 1))
+    flip = (group["flip_complete"][:] == 0) if "flip_complete" in group \
+        else np.zeros(len(first_view), dtype=bool)
+    return [(row, dataset.image_root / str(paths[row]), str(paths[row]), int(first_view[u]),
+             bool(flip[u]))
+            for u in np.flatnonzero((first_view < max(views, 1)) | flip)
             for row in range(u * unit, min((u + 1) * unit, len(labels))) if labels[row] >= 0]
-
 
 
 def extract_items(store: FeatureStore, backbone: Backbone, split: str, items: list[tuple],
@@ -80,10 +83,11 @@ def extract_items(store: FeatureStore, backbone: Backbone, split: str, items: li
     task = progress.start(f"{store.manifest['dataset']['name']} {split}", len(items))
     with _Writer(store, split) as writer:
         current: dict[str, Any] | None = None
-        for rows, centers, augmented, errors, first in loader:
-            rows, first = rows.tolist(), int(first[0])
+        for rows, centers, augmented, errors, first, flip in loader:
+            rows, first, flip = rows.tolist(), int(first[0]), bool(flip[0])
             _check_errors(split, rows, errors, config, skipped, group)
-            features = _encode(backbone, None if first else centers, augmented, config.precision)
+            features = _encode(backbone, centers, augmented, config.precision,
+                               center=first == 0, flip=flip)
             unit_index = rows[0] // unit
             if current is None or current["unit"] != unit_index:
                 if current is not None:
@@ -144,15 +148,19 @@ def _check_errors(split, rows, errors, config, skipped, group) -> None:
 
 
 @torch.no_grad()
-def _encode(backbone: Backbone, centers: torch.Tensor | None, augmented: torch.Tensor,
-            precision: str) -> dict[str, np.ndarray]:
-    """Trunk + original head on the center views (unless None) and the augmented views."""
+def _encode(backbone: Backbone, centers: torch.Tensor, augmented: torch.Tensor,
+            precision: str, *, center: bool, flip: bool) -> dict[str, np.ndarray]:
+    """Trunk + original head on the center views (if `center`), their mirror images (if
+    `flip`: the center crop flipped left-right) and the augmented views."""
     device = backbone.device
     out = {}
-    if centers is not None:
+    if center:
         dense, pooled = _trunk_and_head(backbone, centers.to(device, non_blocking=True),
                                         precision)
         out["dense"], out["pooled"] = dense, pooled
+    if flip:
+        mirrored = centers.flip(-1).to(device, non_blocking=True)
+        out["flip_dense"], out["flip_pooled"] = _trunk_and_head(backbone, mirrored, precision)
     if augmented.shape[1]:
         batch, views = augmented.shape[:2]
         flat = augmented.flatten(0, 1).to(device, non_blocking=True)
@@ -188,10 +196,9 @@ class _Writer:
         while (item := self.queue.get()) is not None:
             if self.error is None:
                 try:
-                    if item["first_view"]:
-                        features = item["features"]
-                        self.store.write_views(self.split, item["unit"], item["first_view"],
-                                               features["aug_dense"], features["aug_pooled"])
+                    if item["first_view"]:  # only what an existing unit lacks
+                        self.store.write_parts(self.split, item["unit"], item["features"],
+                                               item["first_view"])
                     else:
                         self.store.write_unit(self.split, item["unit"], item["features"])
                 except BaseException as exc:  # re-raised in the main thread

@@ -76,9 +76,15 @@ def tip_adapter(train_features, train_labels, val: Split, test: Split, classifie
 
 def tip_adapter_f(train_features, train_labels, val: Split, test: Split, classifier,
                   scale: float, tip: dict, *, epochs: int = 20, lr: float = 1e-3,
-                  batch_size: int = 256, seed: int = 1, return_cache: bool = False):
+                  batch_size: int = 256, seed: int = 1, return_cache: bool = False,
+                  select_on: str = "val"):
     """Tip-Adapter-F: train the keys (AdamW lr 1e-3, eps 1e-4, wd 0.01, cosine), one epoch per
-    augmented view in turn; the epoch is chosen on VAL; then alpha/gamma are searched on val."""
+    augmented view in turn; the epoch is chosen on val (`select_on="test"` reproduces the
+    reference code, which chose it on test: such numbers are labelled test-selected); then
+    alpha/gamma are searched on val."""
+    if select_on not in ("val", "test"):
+        raise ValueError(f"select_on must be 'val' or 'test', not {select_on!r}")
+    selection = val if select_on == "val" else test
     images, views, _ = train_features.shape
     keys, values = cache_model(train_features, train_labels, classifier.shape[0])
     keys = torch.nn.Parameter(keys.clone())
@@ -100,8 +106,8 @@ def tip_adapter_f(train_features, train_labels, val: Split, test: Split, classif
             optimizer.step()
             scheduler.step()
         with torch.no_grad():
-            acc = accuracy(tip_logits(val.features, classifier, keys, values, alpha, gamma,
-                                      scale), val.labels)
+            acc = accuracy(tip_logits(selection.features, classifier, keys, values, alpha,
+                                      gamma, scale), selection.labels)
         if acc > best_acc:
             best_acc, best_keys, best_epoch = acc, keys.detach().clone(), epoch + 1
     with torch.no_grad():
@@ -109,13 +115,15 @@ def tip_adapter_f(train_features, train_labels, val: Split, test: Split, classif
         test_acc = accuracy(tip_logits(test.features, classifier, best_keys, values, alpha,
                                        gamma, scale), test.labels)
     summary = {"val_acc": val_acc, "test_acc": test_acc, "alpha": alpha, "gamma": gamma,
-               "best_epoch": best_epoch, "epochs": epochs}
+               "best_epoch": best_epoch, "epochs": epochs, "selected_on": select_on}
     return (summary, (best_keys, values)) if return_cache else summary
 
 
 def linear_probe(train: Split, val: Split, test: Split, classes: int,
-                 cs: tuple[float, ...] = tuple(10.0 ** k for k in range(-3, 7))) -> dict:
-    """Multinomial logistic regression on features (L-BFGS, L2 penalty 1/(C n)); C on val."""
+                 cs: tuple[float, ...] = tuple(10.0 ** k for k in range(-3, 7)),
+                 return_weight: bool = False):
+    """Multinomial logistic regression on features (L-BFGS, L2 penalty 1/(C n)); C on val.
+    `return_weight`: also the chosen (D + 1, classes) weight, bias last."""
     best: dict = {"val_acc": -1.0}
     for c in cs:
         weight = _logistic_regression(train.features, train.labels, classes, c)
@@ -124,7 +132,7 @@ def linear_probe(train: Split, val: Split, test: Split, classes: int,
             best = {"val_acc": acc, "C": c, "weight": weight}
     weight = best.pop("weight")
     best["test_acc"] = accuracy(test.features @ weight[:-1] + weight[-1], test.labels)
-    return best
+    return (best, weight) if return_weight else best
 
 
 def _logistic_regression(x: torch.Tensor, y: torch.Tensor, classes: int, c: float,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from .recipe import PRESETS, Recipe
 from .results import OPTIONAL_METHODS
 
 DEFAULT_BETAS = tuple(round(0.1 * i, 1) for i in range(11))
@@ -29,6 +30,8 @@ class FitConfig:
     test_chunk: int = 256
     methods: tuple[str, ...] = OPTIONAL_METHODS  # besides zero-shot and SAFE, which always run
     tip_epochs: int | None = None  # Tip-Adapter-F / SAFE-A epochs (None: the dataset spec's)
+    select_on: str = "val"  # where Tip-Adapter-F / SAFE-A choose their epoch ("test": reference)
+    recipe: Recipe = field(default_factory=lambda: PRESETS["safe"])  # the unstated choices
     eval_ood: tuple[str, ...] = ()  # ImageNet variants (names or store URLs) to test on
     storage_options: dict | None = None
     cache: str | None = None  # a local folder keeping the feature chunks read from the store

@@ -7,6 +7,7 @@ their store's dataset description lists which rows of the 1000-class classifier 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,26 +29,29 @@ def resolve_ood_stores(names: tuple[str, ...], source_url: str, card: dict[str, 
 
 
 @torch.no_grad()
-def evaluate_ood(head, classifier: torch.Tensor, scale: float, blend, stores: dict[str, str],
+def evaluate_ood(head, predictors: dict[str, Callable], stores: dict[str, str],
                  fingerprint: str, card: dict[str, Any], chunk: int = 256,
                  device: torch.device | str = "cpu") -> dict[str, dict[str, Any]]:
-    """Zero-shot and SAFE test accuracy on each variant store; `blend(original, finetuned)`
-    gives SAFE's normalised features."""
+    """Every method's test accuracy on each variant store. `predictors[method](original pooled,
+    fine-tuned pooled)` gives logits over the source's classes; a variant with a class subset
+    (A, R) is scored on its classes' columns only."""
     results = {}
     for name, url in stores.items():
         store = open_store(url)
         check_fingerprint(store, fingerprint, card)
         subset = store.manifest["dataset"].get("class_subset")
-        weights = classifier[subset] if subset else classifier
-        hits = {"zero_shot": 0.0, "safe": 0.0}
-        images = 0
+        hits = dict.fromkeys(predictors, 0.0)
+        images, classes = 0, None
         for dense, original, labels in stream_split(store, "test", chunk):
             original, labels = original.to(device), labels.to(device)
             tuned = head(dense.to(device))
-            hits["zero_shot"] += accuracy(original @ weights.T, labels) * len(labels)
-            hits["safe"] += accuracy(scale * blend(original, tuned) @ weights.T,
-                                     labels) * len(labels)
+            for method, predict in predictors.items():
+                logits = predict(original, tuned)
+                logits = logits[:, subset] if subset else logits
+                classes = logits.shape[1]
+                hits[method] += accuracy(logits, labels) * len(labels)
             images += len(labels)
-        results[name] = {"store": url, "images": images, "classes": int(weights.shape[0]),
+        results[name] = {"store": url, "images": images,
+                         "classes": classes if classes is not None else len(subset or []),
                          **{k: v / max(images, 1) for k, v in hits.items()}}
     return results

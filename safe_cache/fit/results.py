@@ -1,10 +1,13 @@
 """The result record: one JSON per (dataset, backbone, shots, seed) run, as CLIP_benchmark keeps
 one per run, written by fit and read by report, export, attention and the tests.
 
-`<out>/<dataset>/<model>-<weights>/shots<K>_seed<S>.json`, beside it the fine-tuned head
-(`.safetensors`) and SAFE-A's trained cache (`.safe_a.safetensors`). The JSON is written last and
-by rename, so a result that exists is whole. `RunResult.from_json` checks the shape on every read:
-a malformed or foreign file is an error naming the file, never a KeyError deep in report.
+`<out>/<dataset>/<model>-<weights>/shots<K>_seed<S>_<recipe>.json` (`..._test-selected.json`
+when Tip-Adapter-F and SAFE-A chose their epoch on test), beside it the fine-tuned head
+(`.safetensors`) and SAFE-A's trained cache (`.safe_a.safetensors`). Files of safe-cache 0.1
+(`shots<K>_seed<S>.json`, no recipe block) were made by the `views` recipe and are read as such.
+The JSON is written last and by rename, so a result that exists is whole. `RunResult.from_json`
+checks the shape on every read: a malformed or foreign file is an error naming the file, never a
+KeyError deep in report.
 
 The methods a run holds are listed here, once: zero-shot and SAFE always run; the others are
 optional (`fit --methods`).
@@ -50,9 +53,21 @@ class RunResult:
     test_images: int
     norm_ratio_finetuned_over_original: float
     ood: dict[str, dict[str, Any]] | None = None
+    recipe: dict[str, Any] | None = None  # fit.recipe.Recipe.record(); None: safe-cache 0.1
+    curves: dict[str, list] | None = None  # per evaluation: iters, val_acc[G], train_loss[G]
     # Not written: where the record was read from, and whether fit found it already done.
     path: Path | None = field(default=None, compare=False)
     skipped: bool = field(default=False, compare=False)
+
+    @property
+    def recipe_name(self) -> str:
+        """The recipe that made the run (results without a recipe block: `views`)."""
+        return (self.recipe or {}).get("name", "views")
+
+    @property
+    def selected_on(self) -> str:
+        """Where Tip-Adapter-F and SAFE-A chose their epoch: "val", or "test" (reference)."""
+        return self.config.get("select_on", "val")
 
     @property
     def backbone_label(self) -> str:
@@ -62,8 +77,9 @@ class RunResult:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("path"), data.pop("skipped")
-        if data["ood"] is None:
-            data.pop("ood")
+        for optional in ("ood", "recipe", "curves"):
+            if data[optional] is None:
+                data.pop(optional)
         return data
 
     @classmethod
@@ -73,7 +89,7 @@ class RunResult:
         if not isinstance(data, dict):
             raise ResultError(f"{source} is not a fit result (a JSON object is expected).")
         names = {f.name for f in fields(cls)} - {"path", "skipped"}
-        required = names - {"ood"}
+        required = names - {"ood", "recipe", "curves"}
         missing = sorted(required - set(data))
         if missing:
             raise ResultError(f"{source} is not a fit result of this safe-cache: it lacks"
@@ -96,10 +112,12 @@ class RunResult:
             raise ResultError(f"{source}: shots and seed must be integers.")
 
 
-def result_path(out: str | Path, manifest: dict[str, Any], shots: int, seed: int) -> Path:
-    """Where the run of a store (its manifest) for (shots, seed) is written."""
+def result_path(out: str | Path, manifest: dict[str, Any], shots: int, seed: int,
+                recipe: str = "safe", select_on: str = "val") -> Path:
+    """Where the run of a store (its manifest) for (shots, seed) and a recipe is written."""
+    selected = "" if select_on == "val" else "_test-selected"
     return (Path(out) / manifest["dataset"]["name"] / backbone_label(manifest["backbone"])
-            / f"shots{shots}_seed{seed}.json")
+            / f"shots{shots}_seed{seed}_{recipe}{selected}.json")
 
 
 def load_result(path: str | Path) -> RunResult:

@@ -18,7 +18,7 @@ from ..runtime.progress import ProgressSink, null_progress
 from ..store import FeatureStore, absolute_url, open_store
 from .config import FitConfig
 from .results import RunResult, load_result, result_path, write_result
-from .train import fit_one
+from .train import check_store_serves, fit_one
 
 
 def fit(config: FitConfig, progress: ProgressSink = null_progress,
@@ -34,13 +34,15 @@ def fit_stores(configs: list[FitConfig], progress: ProgressSink = null_progress,
     cluster's workers, which write their results into the shared `out` folder."""
     tune_cpu_allocator()
     stores = [_open_for_fit(config) for config in configs]  # each opened once
+    for config, store in zip(configs, stores, strict=True):
+        check_store_serves(store, config)  # before any run: nothing is written on refusal
     results: dict[tuple[int, int, int], RunResult] = {}
     todo: list[tuple[int, int, int]] = []  # (config index, shots, seed) still to run
     owners: dict[Path, str] = {}
     for index, (config, store) in enumerate(zip(configs, stores, strict=True)):
         for shots in config.shots:
             for seed in config.seeds:
-                path = result_path(config.out, store.manifest, shots, seed)
+                path = run_path(config, store, shots, seed)
                 if owners.setdefault(path, config.store) != config.store:
                     raise SafeCacheError(f"{config.store} and {owners[path]} hold the same dataset"
                                          f" and backbone: their results would overwrite each"
@@ -62,6 +64,12 @@ def fit_stores(configs: list[FitConfig], progress: ProgressSink = null_progress,
     return [results[key] for key in sorted(results)]
 
 
+def run_path(config: FitConfig, store: FeatureStore, shots: int, seed: int) -> Path:
+    """The result file of one run of `config` on `store`."""
+    return result_path(config.out, store.manifest, shots, seed, config.recipe.name,
+                       config.select_on)
+
+
 def _open_for_fit(config: FitConfig) -> FeatureStore:
     return open_store(config.store, storage_options=config.storage_options, cache=config.cache)
 
@@ -71,7 +79,7 @@ def fit_and_save(store: FeatureStore, shots: int, seed: int, config: FitConfig,
     """One run, written as <out>/<dataset>/<backbone>/shots<K>_seed<S>.json (+ the head's and
     SAFE-A's safetensors); the JSON last, so a result that exists is whole."""
     record, head, cache = fit_one(store, shots, seed, config, progress)
-    path = result_path(config.out, store.manifest, shots, seed)
+    path = run_path(config, store, shots, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
               str(path.with_suffix(".safetensors")),

@@ -1,20 +1,22 @@
 """One fit run: train SAFE for one (store, shots, seed), every grid configuration at once.
 
-Training samples are the stored augmented views of the K-shot train rows (held in memory,
-float16), validation is the min(K, 4)-shot val rows (center view), test is the whole test split,
-streamed (evaluate.py). All lr x wd configurations train together (grid.py) with AdamW + cosine;
-every `eval_every` iterations each configuration keeps its state if its val accuracy is strictly
-better; the best states are restored and the configuration is chosen by val accuracy. The loss is
-the fine-tuned branch's cross-entropy against the text classifier; validation, selection and test
-use the blend `beta * original + finetuned` (blend, then normalise, as the paper writes it;
-`blend="each"` normalises each branch first). The adapters (adapters.py) then run on the same
-features.
+Training samples are the K-shot train rows' views the recipe names (recipe.py: the center crop
+and its mirror by default; held in memory, float16), drawn in batches by the recipe's sampler;
+validation is the min(K, 4)-shot val rows (center view), test is the whole test split, streamed
+(evaluate.py). All lr x wd configurations train together (grid.py) with AdamW and the recipe's
+warmup + cosine schedule; at the recipe's evaluation points each configuration keeps its state if
+its val accuracy is strictly better; the best states are restored and the configuration is chosen
+by val accuracy (ties: the first). The loss is the fine-tuned branch's cross-entropy against the
+frozen text classifier at the recipe's logit scale; validation, selection and test use the blend
+`beta * original + finetuned` (blend, then normalise, as the paper writes it; `blend="each"`
+normalises each branch first). The adapters (adapters.py) then run on the same features.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -24,10 +26,11 @@ import torch.nn.functional as F
 
 from .._version import __version__
 from ..data.datasets import load_spec
-from ..errors import DatasetError, SafeCacheError
+from ..data.prompts import class_average
+from ..errors import DatasetError, RecipeError, SafeCacheError, StoreError
 from ..model.backbone import head_from_config
 from ..model.heads import GridHead
-from ..model.inference import blend_features
+from ..model.inference import blend_features, tip_logits
 from ..runtime.device import resolve_device
 from ..runtime.progress import ProgressSink, null_progress
 from ..store import FeatureStore
@@ -35,6 +38,7 @@ from . import adapters
 from .config import FitConfig
 from .evaluate import evaluate_safe, pooled_split
 from .grid import BestState, StackedHeads, grid_optimizer
+from .recipe import Recipe
 from .results import RunResult
 
 
@@ -47,26 +51,58 @@ def original_head(store: FeatureStore) -> GridHead:
     return head
 
 
-class RunData:
-    """The (shots, seed) run's tensors: train samples (all views) and val, read once."""
+def _recipe_error(store: FeatureStore, recipe: Recipe, missing: str) -> RecipeError:
+    manifest = store.manifest
+    backbone = manifest["backbone"]
+    command = (f"safe-cache extract --dataset {manifest['dataset']['name']} --model"
+               f" {backbone['model']} --pretrained {backbone.get('pretrained') or 'none'}"
+               f" --store {store.url}")
+    return RecipeError(f"{store.url} has no {missing}, which recipe {recipe.name} trains on"
+                       f" (--train-views {recipe.train_views}). Add it with `{command}` (with"
+                       f" the dataset's --root): extract adds what a store lacks. Or fit with"
+                       f" --train-views stored. Nothing was written.")
 
-    def __init__(self, store: FeatureStore, shots: int, seed: int) -> None:
+
+def check_store_serves(store: FeatureStore, config: FitConfig) -> None:
+    """Refuse, before anything runs, a recipe the store cannot serve (a view or the sentence
+    embeddings it lacks)."""
+    recipe = config.recipe
+    if recipe.train_views in ("center+flip", "all") and not store.center_flip:
+        raise _recipe_error(store, recipe, "mirrored center views (flip_dense)")
+    if recipe.text_average == "raw":
+        try:
+            store.sentence_embeddings(config.prompts)
+        except StoreError as exc:
+            raise RecipeError(f"{exc} (--text-average raw needs them). Nothing was"
+                              f" written.") from exc
+
+
+class RunData:
+    """The (shots, seed) run's tensors: the recipe's train samples, and val; read once."""
+
+    def __init__(self, store: FeatureStore, shots: int, seed: int, recipe: Recipe) -> None:
         train_rows, val_rows = (np.sort(r) for r in store.fewshot(seed, shots))
         if not train_rows.size or not val_rows.size:
             raise SafeCacheError(f"{store.url}: no readable few-shot rows for {shots} shots,"
                                  f" seed {seed}.")
         train, val = store.arrays("train"), store.arrays("val")
-        if "aug_dense" in train and train["aug_dense"].shape[1]:
-            dense = train["aug_dense"].get_orthogonal_selection((train_rows,))
-            views = dense.shape[1]
-            self.train_dense = torch.from_numpy(dense.reshape(-1, *dense.shape[2:]))
-        else:
-            views = 1
-            self.train_dense = torch.from_numpy(train["dense"].get_orthogonal_selection(
-                (train_rows,)))
         labels = train["label"].get_orthogonal_selection((train_rows,)).astype(np.int64)
+        parts = []  # (dense samples, their labels), in Cross-Modal's order: centers, flips, ...
+        if recipe.train_views in ("center+flip", "all"):
+            if not store.center_flip:
+                raise _recipe_error(store, recipe, "mirrored center views (flip_dense)")
+            for name in ("dense", "flip_dense"):
+                parts.append((train[name].get_orthogonal_selection((train_rows,)), labels))
+        if recipe.train_views in ("stored", "all"):
+            if "aug_dense" in train and train["aug_dense"].shape[1]:
+                dense = train["aug_dense"].get_orthogonal_selection((train_rows,))
+                parts.append((dense.reshape(-1, *dense.shape[2:]),
+                              np.repeat(labels, dense.shape[1])))
+            elif recipe.train_views == "stored":  # a store without views: the center view
+                parts.append((train["dense"].get_orthogonal_selection((train_rows,)), labels))
+        self.train_dense = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+        self.train_labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
         self.train_rows, self.image_labels = train_rows, torch.from_numpy(labels)
-        self.train_labels = torch.from_numpy(np.repeat(labels, views))
         self.val_dense = torch.from_numpy(val["dense"].get_orthogonal_selection((val_rows,)))
         self.val_pooled = torch.from_numpy(val["pooled"].get_orthogonal_selection((val_rows,)))
         self.val_labels = torch.from_numpy(
@@ -74,41 +110,93 @@ class RunData:
         self.store = store
 
 
+class BatchSampler:
+    """Minibatch indices into the train samples, seeded. "epoch": a fresh permutation each
+    epoch, cut into full batches (the last partial batch is dropped, as Cross-Modal's
+    DataLoader(shuffle=True, drop_last=True) does; fewer samples than a batch give one batch of
+    all of them); "replace": every batch drawn with replacement."""
+
+    def __init__(self, samples: int, batch_size: int, mode: str, seed: int) -> None:
+        self.samples, self.batch_size, self.mode = samples, batch_size, mode
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order, self.position = torch.empty(0, dtype=torch.long), 0
+
+    def next(self) -> torch.Tensor:
+        if self.mode == "replace":
+            return torch.randint(0, self.samples, (self.batch_size,), generator=self.generator)
+        size = min(self.batch_size, self.samples)
+        if self.position + size > len(self.order):
+            self.order, self.position = torch.randperm(self.samples,
+                                                       generator=self.generator), 0
+        batch = self.order[self.position:self.position + size]
+        self.position += size
+        return batch
+
+
+def evaluation_points(iters: int, every: int, first: bool) -> list[int]:
+    """0-based iterations after whose update val accuracy is measured: i % every == 0 from 0
+    (Cross-Modal), or every `every`-th update and the last."""
+    if first:
+        return list(range(0, iters, every))
+    return sorted({i - 1 for i in range(every, iters + 1, every)} | {iters - 1})
+
+
 def train_grid(stacked: StackedHeads, data: RunData, classifier: torch.Tensor, scale: float,
                config: FitConfig, seed: int, device: torch.device,
-               progress: ProgressSink, description: str) -> BestState:
+               progress: ProgressSink, description: str) -> tuple[BestState, dict[str, list]]:
     """Train every configuration of `stacked` on the same minibatches; returns the best states
-    (already restored into `stacked`)."""
-    grid = len(config.lrs) * len(config.wds)
+    (already restored into `stacked`) and the curves: per evaluation, the number of updates,
+    every configuration's val accuracy and mean training loss since the last evaluation."""
+    recipe, grid = config.recipe, len(config.lrs) * len(config.wds)
     optimizer, scheduler = grid_optimizer(
         stacked, [lr for lr in config.lrs for _ in config.wds],
-        [wd for _ in config.lrs for wd in config.wds], config.iters)
+        [wd for _ in config.lrs for wd in config.wds], config.iters, recipe=recipe)
     best = BestState(stacked.stacked)
-    generator = torch.Generator().manual_seed(seed)
+    sampler = BatchSampler(len(data.train_labels), config.batch_size, recipe.sampling, seed)
     val_dense, val_pooled = data.val_dense.to(device), data.val_pooled.to(device)
     val_labels = data.val_labels.to(device)
+    points = set(evaluation_points(config.iters, config.eval_every, recipe.eval_first))
+    curves: dict[str, list] = {"iters": [], "val_acc": [], "train_loss": []}
+    running, count = torch.zeros(grid, device=device), 0
     task = progress.start(description, config.iters)
-    for step in range(1, config.iters + 1):
-        pick = torch.randint(0, len(data.train_labels), (config.batch_size,), generator=generator)
+    for i in range(config.iters):
+        pick = sampler.next()
         x = data.train_dense[pick].to(device).float()
         y = data.train_labels[pick].to(device)
         logits = scale * F.normalize(stacked(x), dim=-1) @ classifier.T  # (G, B, classes)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.repeat(grid)) * grid
+        per_config = F.cross_entropy(logits.flatten(0, 1), y.repeat(grid),
+                                     reduction="none").view(grid, -1).mean(1)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        per_config.sum().backward()
         optimizer.step()
         scheduler.step()
-        if step % config.eval_every == 0 or step == config.iters:
+        running += per_config.detach()
+        count += 1
+        if i in points:
             with torch.no_grad():
                 finetuned = stacked(val_dense.float())
                 blended = blend_features(val_pooled, finetuned, config.beta, config.blend)
                 acc = (blended @ classifier.T).argmax(-1).eq(val_labels).float().mean(-1)
-            best.update(acc, step)
+            best.update(acc, i + 1)
+            curves["iters"].append(i + 1)
+            curves["val_acc"].append(acc.tolist())
+            curves["train_loss"].append((running / count).tolist())
+            running.zero_()
+            count = 0
             progress.note(task, f"best val {100 * best.accuracy.max().item():.1f}%")
         progress.advance(task, 1)
     progress.finish(task)
     best.restore()
-    return best
+    return best, curves
+
+
+def run_classifier(store: FeatureStore, prompts: str, recipe: Recipe) -> torch.Tensor:
+    """The frozen text classifier of the prompt set, its templates averaged as the recipe
+    says (the stored classifier is the normalised average)."""
+    if recipe.text_average == "normalised":
+        return torch.from_numpy(store.classifier(prompts)).float()
+    embeddings, counts = store.sentence_embeddings(prompts)
+    return class_average(torch.from_numpy(embeddings), counts, recipe.text_average)
 
 
 def fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
@@ -117,15 +205,16 @@ def fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
     """One run: (its result record, the chosen fine-tuned head, SAFE-A's trained cache)."""
     started = time.perf_counter()
     device = resolve_device(config.device)
-    manifest = store.manifest
-    scale = float(manifest["backbone"]["logit_scale"])
-    classifier = torch.from_numpy(store.classifier(config.prompts)).float().to(device)
-    data = RunData(store, shots, seed)
+    manifest, recipe = store.manifest, config.recipe
+    clip_scale = float(manifest["backbone"]["logit_scale"])  # zero-shot CLIP, Tip-Adapter
+    scale = recipe.logit_scale or clip_scale  # SAFE's training loss
+    classifier = run_classifier(store, config.prompts, recipe).to(device)
+    data = RunData(store, shots, seed, recipe)
     grid = [(lr, wd) for lr in config.lrs for wd in config.wds]
     stacked = StackedHeads(original_head(store).to(device), len(grid))
     loaded = time.perf_counter()
-    best = train_grid(stacked, data, classifier, scale, config, seed, device, progress,
-                      f"{manifest['dataset']['name']} shots {shots} seed {seed}")
+    best, curves = train_grid(stacked, data, classifier, scale, config, seed, device, progress,
+                              f"{manifest['dataset']['name']} shots {shots} seed {seed}")
     chosen = int(torch.argmax(best.accuracy).item())  # first of the best: ties go to larger lr
     head = stacked.config_head(chosen).eval()
     trained = time.perf_counter()
@@ -134,8 +223,8 @@ def fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
     test = pooled_split(store, "test", head, config.test_chunk, device)
     summary = evaluate_safe(val, test, classifier, config.beta, config.betas, config.blend)
     methods = summary.pop("methods")
-    extra, cache = _adapters(store, head, data, {"val": val, "test": test}, classifier, scale,
-                             config, seed, device)
+    extra, predictors, cache = _adapters(store, head, data, {"val": val, "test": test},
+                                         classifier, clip_scale, config, seed, device)
     methods.update(extra)
     lr, wd = grid[chosen]
     methods["safe"].update({"lr": lr, "wd": wd, "beta": config.beta,
@@ -145,9 +234,8 @@ def fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
         from .ood import evaluate_ood, resolve_ood_stores
 
         stores = resolve_ood_stores(config.eval_ood, store.url, manifest["backbone"])
-        ood = evaluate_ood(
-            head, classifier, scale, lambda o, t: blend_features(o, t, config.beta, config.blend),
-            stores, store.fingerprint, manifest["backbone"], config.test_chunk, device)
+        ood = evaluate_ood(head, predictors, stores, store.fingerprint, manifest["backbone"],
+                           config.test_chunk, device)
     record = RunResult(
         dataset=manifest["dataset"]["name"], shots=shots, seed=seed,
         backbone={k: manifest["backbone"][k] for k in ("model", "pretrained", "cut")},
@@ -162,7 +250,7 @@ def fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
                  "train_iters_per_s": config.iters / max(trained - loaded, 1e-9)},
         train_samples=len(data.train_labels), test_images=summary["test_images"],
         norm_ratio_finetuned_over_original=summary["norm_ratio_finetuned_over_original"],
-        ood=ood,
+        ood=ood, recipe={**recipe.record(), "loss_logit_scale": scale}, curves=curves,
     )
     return record, head, cache
 
@@ -188,50 +276,80 @@ def tip_settings(manifest: dict[str, Any]) -> dict[str, Any]:
 @torch.no_grad()
 def _train_views(store: FeatureStore, head, data: RunData, config: FitConfig, device
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per train image and view: original pooled and SAFE blended features; center pooled."""
+    """Per train image and stored augmented view (Tip-Adapter's cache is built from these,
+    whatever SAFE trained on): original pooled and SAFE blended features; center pooled."""
     train_rows, train = data.train_rows, store.arrays("train")  # rows and labels: read once
     labels = data.image_labels.to(device)
     center = torch.from_numpy(train["pooled"].get_orthogonal_selection((train_rows,))).to(device)
     if "aug_pooled" in train and train["aug_pooled"].shape[1]:
         original = torch.from_numpy(train["aug_pooled"].get_orthogonal_selection((train_rows,)))
+        dense = torch.from_numpy(train["aug_dense"].get_orthogonal_selection((train_rows,)))
+        dense = dense.flatten(0, 1)
     else:
         original = center.cpu()[:, None]
+        dense = torch.from_numpy(train["dense"].get_orthogonal_selection((train_rows,)))
     original = original.to(device)
-    tuned = torch.cat([head(data.train_dense[i:i + 256].to(device).float())
-                       for i in range(0, len(data.train_dense), 256)])
+    tuned = torch.cat([head(dense[i:i + 256].to(device).float())
+                       for i in range(0, len(dense), 256)])
     tuned = tuned.reshape(original.shape)
     blended = blend_features(original, tuned, config.beta, config.blend)
     return original, blended, center, labels
 
 
+Predictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def _adapters(store, head, data: RunData, features, classifier, scale, config: FitConfig,
-              seed: int, device) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+              seed: int, device) -> tuple[dict[str, Any], dict[str, Predictor],
+                                          dict[str, torch.Tensor] | None]:
     """Tip-Adapter, Tip-Adapter-F, SAFE-A and the linear probe on this run's features; returns
-    their results and SAFE-A's trained cache (keys, values) for export."""
+    their results, every method's predictor (original pooled, fine-tuned pooled) -> logits over
+    all classes (what the OOD evaluation applies to other stores), and SAFE-A's trained cache
+    (keys, values) for export."""
+    def blend(original, tuned):
+        return blend_features(original, tuned, config.beta, config.blend)
+
+    predictors: dict[str, Predictor] = {
+        "zero_shot": lambda o, t: o @ classifier.T,
+        "safe": lambda o, t: blend(o, t) @ classifier.T,
+    }
     if not config.methods:
-        return {}, None
+        return {}, predictors, None
     tip = tip_settings(store.manifest)
     epochs = config.tip_epochs or tip["epochs"]
     original, blended, center, labels = _train_views(store, head, data, config, device)
-    split = {name: (adapters.Split(F.normalize(o, dim=-1), y),
-                    adapters.Split(blend_features(o, t, config.beta, config.blend), y))
+    split = {name: (adapters.Split(F.normalize(o, dim=-1), y), adapters.Split(blend(o, t), y))
              for name, (o, t, y) in features.items()}
     out: dict[str, Any] = {}
     cache = None
     if "tip_adapter" in config.methods:
         out["tip_adapter"] = adapters.tip_adapter(original, labels, split["val"][0],
                                                   split["test"][0], classifier, scale, tip)
-    if "tip_adapter_f" in config.methods:
-        out["tip_adapter_f"] = adapters.tip_adapter_f(original, labels, split["val"][0],
-                                                      split["test"][0], classifier, scale, tip,
-                                                      epochs=epochs, seed=seed)
-    if "safe_a" in config.methods:
-        out["safe_a"], (keys, values) = adapters.tip_adapter_f(
-            blended, labels, split["val"][1], split["test"][1], classifier, scale, tip,
-            epochs=epochs, seed=seed, return_cache=True)
-        cache = {"keys": keys.detach().cpu(), "values": values.cpu()}
+    for name, train, index in (("tip_adapter_f", original, 0), ("safe_a", blended, 1)):
+        if name not in config.methods:
+            continue
+        out[name], (keys, values) = adapters.tip_adapter_f(
+            train, labels, split["val"][index], split["test"][index], classifier, scale, tip,
+            epochs=epochs, seed=seed, return_cache=True, select_on=config.select_on)
+        predictors[name] = _tip_predictor(keys.detach(), values, out[name], classifier, scale,
+                                          blend if index else None)
+        if name == "safe_a":
+            cache = {"keys": keys.detach().cpu(), "values": values.cpu()}
     if "linear_probe" in config.methods:
         train = adapters.Split(F.normalize(center, dim=-1), labels)
-        out["linear_probe"] = adapters.linear_probe(train, split["val"][0], split["test"][0],
-                                                    classifier.shape[0])
-    return out, cache
+        out["linear_probe"], weight = adapters.linear_probe(
+            train, split["val"][0], split["test"][0], classifier.shape[0], return_weight=True)
+        predictors["linear_probe"] = lambda o, t: F.normalize(o, dim=-1) @ weight[:-1] \
+            + weight[-1]
+    return out, predictors, cache
+
+
+def _tip_predictor(keys, values, summary, classifier, scale, blend) -> Predictor:
+    """Tip-Adapter's logits with a trained cache, on original (or, for SAFE-A, blended)
+    features."""
+    def predict(original: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
+        query = blend(original, tuned) if blend else F.normalize(original, dim=-1)
+        return tip_logits(query, classifier, keys, values, summary["alpha"], summary["gamma"],
+                          scale)
+
+    return predict

@@ -4,10 +4,13 @@ all read, so the layout is written down once.
 Per split (`train`, `val`, `test`) a Zarr group holds row arrays (one row per image), feature
 arrays (the trunk's output, immutable once their write unit is complete) and bookkeeping arrays
 (one flag per write unit, or per unit and view). Train also holds the augmented views, cut one
-chunk per (unit, view) so views can be added to an existing store later. Dimension names map to
-the backbone card's sizes: token -> T, channel -> C, embed -> D, view -> the store's view count.
+chunk per (unit, view) so views can be added to an existing store later, and the mirrored
+center view (`flip_*`, the manifest's `center_flip`: the second training sample of the `safe`
+fit recipe), also addable later. Dimension names map to the backbone card's sizes: token -> T,
+channel -> C, embed -> D, view -> the store's view count.
 
 Changing this table changes the store format: bump `SCHEMA_VERSION` and keep reading the old one.
+Arrays marked `optional` may be absent (stores written before they existed stay version 1).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class ArraySpec:
     splits: tuple[str, ...] = SPLITS
     per_view: bool = False
     compressed: bool | None = None  # None: zarr's default codec; False: none; True: the layout's
+    optional: str | None = None  # the manifest flag that says whether the store has it
 
     def tail(self, shapes: dict[str, int], views: int) -> tuple[int, ...]:
         """The shape after the first axis (image or unit), from the card's sizes."""
@@ -67,6 +71,12 @@ ARRAYS: tuple[ArraySpec, ...] = (
               splits=("train",), per_view=True, compressed=True),
     ArraySpec("aug_complete", ("unit", "view"), "uint8", 0, "bookkeeping", splits=("train",),
               per_view=True),
+    ArraySpec("flip_dense", ("image", "token", "channel"), "float16", 0, "feature",
+              splits=("train",), compressed=True, optional="center_flip"),
+    ArraySpec("flip_pooled", ("image", "embed"), "float32", 0, "feature", splits=("train",),
+              compressed=True, optional="center_flip"),
+    ArraySpec("flip_complete", ("unit",), "uint8", 0, "bookkeeping", splits=("train",),
+              optional="center_flip"),
     ArraySpec("complete", ("unit",), "uint8", 0, "bookkeeping"),
 )
 BY_NAME = {spec.name: spec for spec in ARRAYS}
@@ -74,10 +84,18 @@ FEATURES = tuple(spec.name for spec in ARRAYS if spec.role == "feature")
 BOOKKEEPING = tuple(spec.name for spec in ARRAYS if spec.role == "bookkeeping")
 
 
-def split_arrays(split: str, views: int) -> list[ArraySpec]:
-    """The arrays a split holds in a store with `views` augmented views (none without views)."""
+def split_arrays(split: str, views: int, flags: dict[str, Any] | None = None) -> list[ArraySpec]:
+    """The arrays a split holds in a store with `views` augmented views (none without views)
+    and the optional arrays its manifest `flags` (e.g. {"center_flip": True}) turn on."""
+    flags = flags or {}
     return [spec for spec in ARRAYS
-            if split in spec.splits and (views > 0 or not spec.per_view)]
+            if split in spec.splits and (views > 0 or not spec.per_view)
+            and (spec.optional is None or flags.get(spec.optional))]
+
+
+def optional_group(flag: str) -> list[ArraySpec]:
+    """The arrays one optional manifest flag adds."""
+    return [spec for spec in ARRAYS if spec.optional == flag]
 
 
 def chunk_keys(spec: ArraySpec, unit: int, views: int, ndim: int) -> list[str]:

@@ -17,6 +17,8 @@ Layout (a contract: other tools and team members read these names):
     train/aug_pooled (image, view, embed)           one chunk per (unit, view)
     train/aug_complete (unit, view)                 1 once view v of unit u is written, so
                                                     views can be added to an existing store
+    train/flip_dense, flip_pooled, flip_complete    the mirrored center view (manifest
+                                                    `center_flip`), addable later too
     fewshot/seed<S>/shots<K>/{train_rows,val_rows}  row indices into train / val
     text/<prompt set>/classifier (class, embed)     the zero-shot classifier, templates in attrs
 
@@ -51,6 +53,7 @@ from .schema import (
     SCHEMA_VERSION,
     SPLITS,
     ArraySpec,
+    optional_group,
     split_arrays,
 )
 
@@ -129,12 +132,20 @@ class FeatureStore:
         return self.group[split]
 
     def complete_units(self, split: str) -> np.ndarray:
-        """Units whose every array (and, for train, every augmented view) is written."""
+        """Units whose every array (and, for train, every augmented view and the mirrored
+        center view where the store has them) is written."""
         arrays = self.arrays(split)
         done = arrays["complete"][:] == 1
         if "aug_complete" in arrays and arrays["aug_complete"].shape[1]:
             done &= (arrays["aug_complete"][:] == 1).all(axis=1)
+        if "flip_complete" in arrays:
+            done &= arrays["flip_complete"][:] == 1
         return np.flatnonzero(done)
+
+    @property
+    def center_flip(self) -> bool:
+        """Whether the store holds the mirrored center view of its train images."""
+        return bool(self.manifest.get("center_flip"))
 
     def readable_rows(self, split: str) -> np.ndarray:
         """Rows of complete write units that are not padding: what readers may use."""
@@ -153,7 +164,7 @@ class FeatureStore:
         import xarray as xr
 
         dataset = xr.open_zarr(self.group.store, group=name, consolidated=False)
-        bookkeeping = [v for v in ("complete", "aug_complete") if v in dataset]
+        bookkeeping = [v for v in BOOKKEEPING if v in dataset]
         dataset = dataset.drop_vars(bookkeeping).isel(image=self.readable_rows(name))
         return dataset.set_coords(["path", "label"])
 
@@ -166,10 +177,23 @@ class FeatureStore:
         return node["train_rows"][:], node["val_rows"][:]
 
     def classifier(self, prompt_set: str = "hand") -> np.ndarray:
+        """The zero-shot classifier (class, embed): per class, the normalised mean of the
+        normalised sentence embeddings."""
         key = f"text/{prompt_set}/classifier"
         if key not in self.group:
             raise StoreError(f"{self.url} has no text classifier for prompt set '{prompt_set}'.")
         return self.group[key][:]
+
+    def sentence_embeddings(self, prompt_set: str = "hand") -> tuple[np.ndarray, list[int]]:
+        """(raw sentence embeddings (sentence, embed), sentences per class): what other ways of
+        averaging the templates need."""
+        key = f"text/{prompt_set}/embeddings"
+        if key not in self.group:
+            raise StoreError(f"{self.url} keeps no sentence embeddings for prompt set"
+                             f" '{prompt_set}' (stores written before safe-cache 0.2); run"
+                             f" extract on it again to add them.")
+        node = self.group[f"text/{prompt_set}"]
+        return node["embeddings"][:], [len(group) for group in node.attrs["sentences"]]
 
     def summary(self) -> dict[str, Any]:
         """Sizes and completeness per split (what `safe-cache info` shows)."""
@@ -199,7 +223,7 @@ class FeatureStore:
             return self.group[split]
         manifest = self.manifest
         group = self.group.create_group(split)
-        for spec in split_arrays(split, manifest["views"]["count"]):
+        for spec in split_arrays(split, manifest["views"]["count"], manifest):
             self._create_array(group, spec, spec.tail(manifest["shapes"],
                                                       manifest["views"]["count"]))
         return group
@@ -249,14 +273,22 @@ class FeatureStore:
     def write_unit(self, split: str, unit: int, features: dict[str, np.ndarray]) -> None:
         """Write every feature array of one write unit, then record it as complete.
 
-        `features` maps array names (dense, pooled, aug_dense, aug_pooled) to arrays whose first
-        axis covers the unit's rows (shorter for the split's last unit). Non-finite values are
-        refused: a NaN in a store poisons every fit that reads it.
+        `features` maps array names (dense, pooled, aug_dense, aug_pooled, flip_dense,
+        flip_pooled) to arrays whose first axis covers the unit's rows (shorter for the split's
+        last unit). Non-finite values are refused: a NaN in a store poisons every fit that
+        reads it.
         """
+        self.write_parts(split, unit, features)
+        self.arrays(split)["complete"][unit] = 1  # only after the data is written
+
+    def write_parts(self, split: str, unit: int, features: dict[str, np.ndarray],
+                    first_view: int = 0) -> None:
+        """Write some feature arrays of one unit (what an existing store lacks: views
+        first_view.. of aug_*, the flip_* view) and record each part complete after its data.
+        The center view's `complete` flag is write_unit's."""
         self._writable()
         group = self.arrays(split)
-        rows = self.layout.unit
-        start = unit * rows
+        start = unit * self.layout.unit
         with np.errstate(over="ignore", invalid="ignore"):  # checked just below
             cast = {name: np.asarray(values).astype(group[name].dtype)
                     for name, values in features.items()}
@@ -265,24 +297,31 @@ class FeatureStore:
                 raise StoreError(f"{split}/{name}: unit {unit} holds NaN or Inf values after the"
                                  f" cast to {values.dtype}; nothing was recorded.")
         for name, values in cast.items():
-            group[name][start:start + len(values)] = values
+            if name.startswith("aug_"):
+                views = slice(first_view, first_view + values.shape[1])
+                group[name][start:start + len(values), views] = values
+            else:
+                group[name][start:start + len(values)] = values
         if "aug_dense" in cast:
-            group["aug_complete"][unit, :] = 1
-        group["complete"][unit] = 1  # only after the data is written
+            group["aug_complete"][unit, first_view:first_view + cast["aug_dense"].shape[1]] = 1
+        if "flip_dense" in cast:
+            group["flip_complete"][unit] = 1
 
-    def write_views(self, split: str, unit: int, first_view: int,
-                    aug_dense: np.ndarray, aug_pooled: np.ndarray) -> None:
-        """Write views first_view.. of one unit's rows (views added to an existing store)."""
+    def add_center_flip(self) -> None:
+        """Add the mirrored center view's arrays to train (unwritten: extract fills them)."""
         self._writable()
-        group = self.arrays(split)
-        start, views = unit * self.layout.unit, aug_dense.shape[1]
-        dense, pooled = aug_dense.astype("float16"), aug_pooled.astype("float32")
-        if not (np.isfinite(dense).all() and np.isfinite(pooled).all()):
-            raise StoreError(f"{split}: views of unit {unit} hold NaN or Inf after the cast.")
-        stop = start + len(dense)
-        group["aug_dense"][start:stop, first_view:first_view + views] = dense
-        group["aug_pooled"][start:stop, first_view:first_view + views] = pooled
-        group["aug_complete"][unit, first_view:first_view + views] = 1
+        manifest = self.manifest
+        if manifest.get("center_flip"):
+            return
+        if "train" in self.group:
+            group = self.group["train"]
+            rows, units = group["label"].shape[0], group["complete"].shape[0]
+            for spec in optional_group("center_flip"):
+                tail = spec.tail(manifest["shapes"], manifest["views"]["count"])
+                self._create_array(group, spec, tail)
+                group[spec.name].resize((units if spec.role == "bookkeeping" else rows, *tail))
+        manifest["center_flip"] = True
+        self.group.attrs[MANIFEST_ATTRIBUTE] = manifest
 
     def add_views(self, count: int) -> None:
         """Grow the view axis of train's augmented arrays to `count` (new views unwritten)."""
@@ -329,12 +368,21 @@ class FeatureStore:
         self.touch()
 
     def write_classifier(self, prompt_set: str, weights: np.ndarray,
-                         sentences: list[list[str]]) -> None:
+                         sentences: list[list[str]], embeddings: np.ndarray | None = None) -> None:
+        """The classifier of a prompt set, its sentences, and (optionally) every sentence's raw
+        embedding, in class order."""
         self._writable()
         node = self.group.require_group(f"text/{prompt_set}")
         array = node.create_array("classifier", shape=weights.shape, dtype="float32",
                                   dimension_names=("class", "embed"), overwrite=True)
         array[:] = weights.astype("float32")
+        if embeddings is not None:
+            if len(embeddings) != sum(len(group) for group in sentences):
+                raise StoreError(f"text/{prompt_set}: {len(embeddings)} embeddings for"
+                                 f" {sum(len(group) for group in sentences)} sentences.")
+            node.create_array("embeddings", shape=embeddings.shape, dtype="float32",
+                              dimension_names=("sentence", "embed"),
+                              overwrite=True)[:] = embeddings.astype("float32")
         node.attrs["sentences"] = sentences
         self.touch()
 
@@ -383,8 +431,10 @@ def create_store(
     layout: StoreLayout | None = None,
     storage_options: dict | None = None,
     takeover: bool = False,
+    center_flip: bool = False,
 ) -> FeatureStore:
-    """Create a new store (refusing to overwrite one) and take its writer lease."""
+    """Create a new store (refusing to overwrite one) and take its writer lease. `center_flip`:
+    train also holds the mirrored center view of every image."""
     try:
         existing = _open_group(url, "r", storage_options)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
@@ -406,6 +456,7 @@ def create_store(
         "tool_version": __version__,
         "created": _now(),
         "updated": _now(),
+        "center_flip": center_flip,
     }
     store = FeatureStore(url, group, "a", storage_options)
     store.lease = Lease.acquire(group, takeover=takeover)

@@ -25,7 +25,7 @@ def expected_arrays(manifest: dict[str, Any], split: str) -> dict[str, tuple[tup
     views = manifest["views"].get("count", 0)
     return {spec.name: (spec.tail(manifest["backbone"], views),
                         None if spec.dtype == "str" else spec.dtype)
-            for spec in split_arrays(split, views) if spec.role != "bookkeeping"}
+            for spec in split_arrays(split, views, manifest) if spec.role != "bookkeeping"}
 
 
 def verify_store(url: str, *, storage_options: dict | None = None) -> list[str]:
