@@ -6,6 +6,7 @@ JSON with `--json`). A `SafeCacheError` is printed as a one-paragraph message, n
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import warnings
@@ -37,8 +38,31 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 _default_showwarning = warnings.showwarning
 
 
+_IO_FIXES = {
+    errno.ENOSPC: "free some space (or write elsewhere) and run the command again: it resumes",
+    errno.EDQUOT: "free some of your quota and run the command again: it resumes",
+    errno.EACCES: "check the permissions, or write elsewhere",
+    errno.EPERM: "check the permissions, or write elsewhere",
+    errno.EROFS: "the file system is read-only: write elsewhere",
+    errno.ENOTDIR: "a path that should be a folder is a file: choose another path",
+    errno.EISDIR: "a path that should be a file is a folder: choose another path",
+    errno.EEXIST: "the path exists and is not what is needed: choose another path",
+}
+
+
+def _io_message(exc: OSError) -> str | None:
+    """One line for an I/O failure a user can fix (disk full, permissions, a file where a folder
+    belongs), naming the file; None for anything else."""
+    fix = _IO_FIXES.get(exc.errno)
+    if fix is None:
+        return None
+    where = exc.filename if exc.filename is not None else "a file"
+    return f"{exc.strerror or exc}: {where}. {fix}."
+
+
 class SafeCacheGroup(click.RichGroup):
-    """Turns SafeCacheError into a clear message and exit status 2, warnings into one line."""
+    """Turns SafeCacheError (and I/O failures a user can fix) into a clear message and exit
+    status 2, warnings into one line."""
 
     def invoke(self, ctx: click.Context) -> Any:
         previous, warnings.showwarning = warnings.showwarning, _show_warning
@@ -46,6 +70,12 @@ class SafeCacheGroup(click.RichGroup):
             return super().invoke(ctx)
         except SafeCacheError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+        except OSError as exc:
+            message = _io_message(exc)
+            if message is None:
+                raise
+            err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
             sys.exit(2)
         finally:
             warnings.showwarning = previous
@@ -283,6 +313,9 @@ def _one_store(**filters: Any) -> str:
 @click.option("--cut", default="pool", show_default=True, help="pool, layer4 (ResNet), lastN.")
 @click.option("--skip-bad", is_flag=True,
               help="Record unreadable images in the store's manifest and go on.")
+@click.option("--max-pixels", default=None, type=int,
+              help="Images larger than this are unreadable (decompression bombs) [PIL's limit,"
+              " 178,956,970].")
 @click.option("--make-split", is_flag=True, help="Generate a seeded split if none is published.")
 @click.option("--takeover", is_flag=True, help="Take over a stale writer lease.")
 @_cluster_options
@@ -357,10 +390,13 @@ def demo(store_root: str, model: str, pretrained: str, workers: int, iters: int,
 
 
 def _float_list(ctx, param, value: str) -> tuple[float, ...]:
-    """'1e-4,1e-5' or a range 'start:stop:step' (stop included)."""
+    """'1e-4,1e-5' or a range 'start:stop:step' (stop included, step > 0, start <= stop)."""
     try:
         if ":" in value:
             start, stop, step = (float(v) for v in value.split(":"))
+            if not step > 0 or start > stop:
+                raise click.BadParameter(f"a range start:stop:step needs step > 0 and start <="
+                                         f" stop, got '{value}'")
             count = round((stop - start) / step) + 1
             return tuple(round(start + i * step, 10) for i in range(count))
         return tuple(float(v) for v in value.split(",") if v.strip())
@@ -504,14 +540,15 @@ def report(results_dir: str, fmt: str, plots_dir: str | None) -> None:
               "fine-tuned pooling (beta = 0: the blend is lost).")
 @click.option("--weights", default=None, help="With --merge, for a backbone loaded from a local "
               "file: that file.")
+@click.option("--force", is_flag=True, help="Replace an existing model folder.")
 @STORAGE_OPTIONS
-def export(result: str, out: str, method: str, merge: bool, weights: str | None,
+def export(result: str, out: str, method: str, merge: bool, weights: str | None, force: bool,
            storage_options: dict | None) -> None:
     """Write a self-contained model folder from a fit RESULT (its .json)."""
     from .export import export_model
 
     folder = export_model(result, out, method=method, merge=merge, weights=weights,
-                          storage_options=storage_options)
+                          storage_options=storage_options, force=force)
     console.print(f"model folder: {folder}")
 
 

@@ -13,6 +13,11 @@ class SafeCacheError(Exception):
     """Base class: a clear, user-facing refusal; the message says what is wrong and the fix."""
 
 
+class ConfigError(SafeCacheError):
+    """An option or config value out of range; the message names the option, the value and
+    what is allowed."""
+
+
 class UnsupportedModelError(SafeCacheError):
     """The open_clip model's visual tower is not one whose pooling layer SAFE can fine-tune."""
 
@@ -72,6 +77,7 @@ class SafeCacheWarning(UserWarning):
 
 __all__ = [
     "ClusterError",
+    "ConfigError",
     "DatasetError",
     "ExtractError",
     "ImageReadError",

@@ -10,9 +10,11 @@ classifier) and, for SAFE-A, cache.safetensors (the trained keys and their one-h
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,10 @@ from safetensors.torch import load_file, save_file
 
 from .data.datasets import IMAGE_SUFFIXES
 from .data.views import load_image
-from .errors import ImageReadError, ModelFolderError
-from .fit.results import load_result
+from .errors import ConfigError, ImageReadError, ModelFolderError
+from .fit.recipe import recipe_of
+from .fit.results import cache_file, files_problem, head_file, load_result
+from .fit.train import run_classifier
 from .identity import card_fingerprint, file_sha256
 from .model.backbone import Backbone, head_from_config, load_backbone
 from .model.inference import blend_features, tip_logits
@@ -35,46 +39,96 @@ CARD = "card.json"
 FORMAT_VERSION = 1
 
 
+def card_digest(card: dict[str, Any]) -> str:
+    """sha256 of the card's own content (every field but this digest): an edited card (beta,
+    class names) is refused like an edited tensor file."""
+    body = {k: v for k, v in card.items() if k != "card_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def export_model(result_path: str | Path, out: str | Path, *, method: str = "safe",
                  merge: bool = False, weights: str | Path | None = None,
-                 storage_options: dict | None = None) -> Path:
+                 storage_options: dict | None = None, force: bool = False) -> Path:
     """Write the model folder of a fit result (`method` safe or safe_a). `merge` also writes
-    an open_clip checkpoint, which needs the backbone's weights (its tag, or `weights`)."""
+    an open_clip checkpoint, which needs the backbone's weights (its tag, or `weights`).
+
+    The folder is written beside `out` and renamed into place whole: a kill leaves the old
+    folder or the new one, never a mix; an existing folder is replaced only with `force`."""
     result = load_result(result_path)
     result_path = result.path
     if method not in ("safe", "safe_a") or method not in result.methods:
         raise ModelFolderError(f"{result_path} has no '{method}' result to export (it has"
                                f" {sorted(result.methods)}).")
+    problem = files_problem(result)
+    if problem:
+        raise ModelFolderError(f"{result_path}: {problem}; fit it again with --force.")
+    out = Path(out)
+    if out.exists() and not force:
+        raise ModelFolderError(f"{out} already exists; choose another --out, or replace it with"
+                               f" --force.")
     store = open_store(result.store["url"], storage_options=storage_options)
     if store.fingerprint != result.store["fingerprint"]:
         raise ModelFolderError(f"{store.url} is not the store {result_path} was fitted on.")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(result_path.with_suffix(".safetensors"), out / "head.safetensors")
+    _, model_config = store.head_state()
+    _check_head_loads(head_file(result_path), model_config, store.manifest["backbone"])
+    staging = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.part")
+    staging.mkdir(parents=True)
+    try:
+        document = _write_folder(staging, result, method, store, model_config)
+        if merge:
+            _write_merged(staging, document, weights)
+        _replace_folder(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _check_head_loads(path: Path, model_config: dict[str, Any], card: dict[str, Any]) -> None:
+    """Refuse a source head that does not load (truncated, foreign): never export it."""
+    head = head_from_config(model_config, card)
+    try:
+        head.load_state_dict(load_file(str(path)))
+    except Exception as exc:  # safetensors raises its own errors for a truncated file
+        raise ModelFolderError(f"{path} does not load as {card['model']}'s pooling head"
+                               f" ({exc!s:.160}); fit the result again with --force.") from exc
+
+
+def _write_folder(folder: Path, result, method: str, store, model_config) -> dict[str, Any]:
     config = result.config
-    save_file({"classifier": torch.from_numpy(store.classifier(config["prompts"])).contiguous()},
-              str(out / "classifier.safetensors"))
+    shutil.copyfile(head_file(result.path), folder / "head.safetensors")
+    classifier = run_classifier(store, config["prompts"], recipe_of(result))
+    save_file({"classifier": classifier.contiguous()}, str(folder / "classifier.safetensors"))
     files = ["head.safetensors", "classifier.safetensors"]
     if method == "safe_a":
-        shutil.copyfile(result_path.with_suffix(".safe_a.safetensors"), out / "cache.safetensors")
+        shutil.copyfile(cache_file(result.path), folder / "cache.safetensors")
         files.append("cache.safetensors")
     manifest = store.manifest
-    _, model_config = store.head_state()
     document = {
         "format_version": FORMAT_VERSION, "method": method,
         "backbone": manifest["backbone"], "model_config": model_config,
         "beta": config["beta"], "blend": config["blend"],
         "tip": {k: result.methods[method].get(k) for k in ("alpha", "gamma")},
         "classnames": manifest["dataset"]["classnames"], "dataset": manifest["dataset"]["name"],
-        "store_fingerprint": store.fingerprint, "result": str(result_path),
+        "store_fingerprint": store.fingerprint, "result": str(result.path),
+        "recipe": result.recipe_name,
         "accuracy": {k: {"val": v["val_acc"], "test": v["test_acc"]}
                      for k, v in result.methods.items()},
-        "sha256": {name: file_sha256(out / name) for name in files},
+        "sha256": {name: file_sha256(folder / name) for name in files},
     }
-    (out / CARD).write_text(json.dumps(document, indent=2))
-    if merge:
-        _write_merged(out, document, weights)
-    return out
+    document["card_sha256"] = card_digest(document)
+    (folder / CARD).write_text(json.dumps(document, indent=2))
+    return document
+
+
+def _replace_folder(staging: Path, out: Path) -> None:
+    """Move the finished folder into place; an old one is moved aside first and removed last."""
+    old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old") if out.exists() else None
+    if old is not None:
+        out.rename(old)
+    staging.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_merged(out: Path, document: dict[str, Any], weights) -> None:
@@ -126,7 +180,12 @@ class SafeModel:
     def predict(self, images, *, top_k: int = 5, batch_size: int = 32,
                 skip_bad: bool = False, progress=None) -> list[Prediction]:
         """Image files, folders (recursively) or PIL images -> top-k classes per image."""
+        if top_k < 1:
+            raise ConfigError(f"--top-k {top_k}: must be >= 1.")
         items = _expand(images)
+        if not items:
+            raise ConfigError(f"No images in {images}: give image files or folders holding"
+                              f" {', '.join(sorted(IMAGE_SUFFIXES))} files.")
         out: list[Prediction] = []
         task = progress.start("predict", len(items)) if progress else None
         for start in range(0, len(items), batch_size):
@@ -174,7 +233,14 @@ def load_model(folder: str | Path, *, weights: str | Path | None = None,
     folder = Path(folder)
     if not (folder / CARD).is_file():
         raise ModelFolderError(f"{folder} is not a model folder (no {CARD}).")
-    card = json.loads((folder / CARD).read_text())
+    try:
+        card = json.loads((folder / CARD).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelFolderError(f"{folder}/{CARD} is not readable JSON ({exc}); export the"
+                               f" model again.") from exc
+    if "card_sha256" in card and card_digest(card) != card["card_sha256"]:
+        raise ModelFolderError(f"{folder}/{CARD} was modified after export (its content does"
+                               f" not match its card_sha256); export the model again.")
     for name, digest in card["sha256"].items():
         path = folder / name
         if not path.is_file():

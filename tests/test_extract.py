@@ -190,6 +190,7 @@ def test_sigkill_midway_then_resume_gives_identical_arrays(tmp_path):
     assert np.array_equal(a.classifier(), b.classifier())
 
 
+@pytest.mark.slow  # three extractions
 def test_more_views_later_extract_only_the_new_views(tmp_path):
     write_split_zhou(tmp_path, "food101", classes=3)
     grown, fresh = tmp_path / "grown.zarr", tmp_path / "fresh.zarr"

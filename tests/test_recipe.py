@@ -215,6 +215,7 @@ def test_a_store_without_the_flip_gets_it_from_extract(tmp_path, food):
     assert grown.readable_rows("train").size == report.rows["train"]
 
 
+@pytest.mark.slow  # two fits and a report with plots through the CLI
 def test_two_recipes_side_by_side_with_their_record(food, tmp_path):
     _, store = food
     out = tmp_path / "results"

@@ -55,6 +55,7 @@ def test_eleven_dataset_average_and_other_backbones(tmp_path):
     assert vit and all(r["paper"] is None for r in vit)  # Table I is RN50 only
 
 
+@pytest.mark.slow  # matplotlib renders eight PNGs
 def test_formats_and_plots(tmp_path):
     for seed in (1, 2):
         for shots in (1, 2):

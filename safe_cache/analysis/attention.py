@@ -35,18 +35,16 @@ def attention_maps(store_url: str, result_path: str | Path, rows: list[int],
     original = original_head(store)
     finetuned = copy.deepcopy(original)
     finetuned.load_state_dict(load_file(str(result.path.with_suffix(".safetensors"))))
-    arrays = store.arrays(split)
-    order = np.asarray(rows)
-    dense = torch.from_numpy(arrays["dense"].get_orthogonal_selection((order,))
-                             .astype(np.float32))
+    order = store.readable_row_ids(split, rows)
+    dense = torch.from_numpy(store.read_rows(split, "dense", order).astype(np.float32))
     height, width = card["grid"]
     maps = {}
     with torch.no_grad():
         for name, head in (("original", original), ("finetuned", finetuned)):
             weights = head.eval().attention(dense)  # (B, heads, 1 + H*W)
             maps[name] = weights[:, :, 1:].reshape(len(order), -1, height, width).numpy()
-    return {"paths": [str(p) for p in arrays["path"].get_orthogonal_selection((order,))],
-            "labels": arrays["label"].get_orthogonal_selection((order,)).tolist(), **maps,
+    return {"paths": [str(p) for p in store.read_rows(split, "path", order)],
+            "labels": store.read_rows(split, "label", order).tolist(), **maps,
             "classnames": store.manifest["dataset"]["classnames"], "card": card,
             "result": result}
 

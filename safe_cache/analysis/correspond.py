@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.views import load_image, model_view
+from ..errors import SafeCacheError
 from ..model.backbone import load_backbone
 from ..store import open_store
 
@@ -51,11 +52,20 @@ def correspond(store_url: str, source: int, point: tuple[int, int], targets: lis
     """Correspondence between store rows (dense maps from the store, no trunk)."""
     store = open_store(store_url)
     card = store.manifest["backbone"]
-    dense = store.arrays(split)["dense"]
-    maps, best = similarity_maps(dense[source], [dense[t] for t in targets], point, card)
-    paths = store.arrays(split)["path"]
+    check_point(point, card)
+    rows = store.readable_row_ids(split, [source, *targets])
+    dense = store.read_rows(split, "dense", rows)
+    maps, best = similarity_maps(dense[0], list(dense[1:]), point, card)
     return {"maps": maps, "points": best, "source": (source, point),
-            "paths": [str(paths[i]) for i in [source, *targets]], "card": card}
+            "paths": [str(p) for p in store.read_rows(split, "path", rows)], "card": card}
+
+
+def check_point(point: tuple[int, int], card: dict[str, Any]) -> None:
+    """A source point inside the model's input image (after resize and crop)."""
+    height, width = card["image_size"]
+    if not (0 <= point[0] < width and 0 <= point[1] < height):
+        raise SafeCacheError(f"--point {point[0]},{point[1]} is outside the model's {width} x"
+                             f" {height} input (x in 0..{width - 1}, y in 0..{height - 1}).")
 
 
 def correspond_images(model: str, pretrained: str | None, source: str | Path,
@@ -64,6 +74,7 @@ def correspond_images(model: str, pretrained: str | None, source: str | Path,
     """Correspondence between image files: the trunk runs live, at any cut (`layer4` gives a
     ResNet's layer3 map, `lastN` a ViT's map N blocks from the end: the paper's Fig. 6)."""
     backbone = load_backbone(model, pretrained, cut=cut, init_seed=init_seed)
+    check_point(point, backbone.card)
     images = torch.stack([backbone.preprocess(load_image(Path(p))) for p in [source, *targets]])
     with torch.no_grad():
         dense = backbone.forward_features(images).numpy()

@@ -11,6 +11,7 @@ image folder (a path that would leave it is refused).
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import random
@@ -271,7 +272,9 @@ def _read_json(path: Path) -> dict:
 
 def _missing_split(spec: DatasetSpec, root: Path, path: Path, make_split: bool) -> Path:
     generated = path.with_name(f"split_generated_{spec.name}.json")
+    image_root = root / spec.folder / spec.image_dir
     if generated.is_file():
+        _ensure_generated(spec, image_root, generated)
         _warn_generated(spec, generated)
         return generated
     if not make_split:
@@ -281,9 +284,36 @@ def _missing_split(spec: DatasetSpec, root: Path, path: Path, make_split: bool) 
             f" with CoOp's proportions instead; its numbers are NOT comparable with published"
             f" ones."
         )
-    write_generated_split(root / spec.folder / spec.image_dir, generated, spec.split_seed)
+    write_generated_split(image_root, generated, spec.split_seed)
     _warn_generated(spec, generated)
     return generated
+
+
+def _ensure_generated(spec: DatasetSpec, image_root: Path, generated: Path) -> None:
+    """Write the generated split if it is missing, or again if the image folder changed since
+    it was written (an image or class removed after a failed extract: a stale split would keep
+    listing what the user fixed)."""
+    if generated.is_file():
+        recorded = _read_json(generated).get("listing_sha256")
+        if recorded is None or recorded == _listing_digest(image_root):
+            return
+        warnings.warn(f"{spec.name}: {image_root} changed since {generated.name} was written;"
+                      f" the split is generated again.", SafeCacheWarning, stacklevel=5)
+    write_generated_split(image_root, generated, spec.split_seed)
+
+
+def _class_images(image_root: Path) -> dict[str, list[str]]:
+    """Class folder -> its image files (sorted), as a generated split sees the folder."""
+    classes = sorted(d.name for d in image_root.iterdir() if d.is_dir()
+                     and not d.name.startswith("."))
+    return {name: sorted(f"{name}/{f.name}" for f in (image_root / name).iterdir()
+                         if f.suffix.lower() in IMAGE_SUFFIXES) for name in classes}
+
+
+def _listing_digest(image_root: Path) -> str:
+    """sha256 of the class folders and image names a generated split was made from."""
+    listing = json.dumps(_class_images(image_root), sort_keys=True)
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def _warn_generated(spec: DatasetSpec, path: Path) -> None:
@@ -297,22 +327,21 @@ def write_generated_split(image_root: Path, target: Path, seed: int) -> Path:
     Written in the split_zhou format (paths relative to `image_root`), as CoOp does for datasets
     that come without one.
     """
-    classes = sorted(d.name for d in image_root.iterdir() if d.is_dir()
-                     and not d.name.startswith("."))
-    if not classes:
+    listing = _class_images(image_root)
+    if not listing:
         raise DatasetError(f"{image_root} has no class sub-folders, so no split can be"
                            f" generated: the labels of a flat image folder are unknown.")
     rng = random.Random(seed)
-    split: dict[str, list] = {name: [] for name in SPLITS}
-    for label, name in enumerate(classes):
-        images = sorted(f"{name}/{f.name}" for f in (image_root / name).iterdir()
-                        if f.suffix.lower() in IMAGE_SUFFIXES)
+    split: dict[str, Any] = {name: [] for name in SPLITS}
+    for label, (name, images) in enumerate(listing.items()):
+        images = list(images)
         rng.shuffle(images)
         n_train = round(len(images) * COOP_PROPORTIONS[0])
         n_val = round(len(images) * COOP_PROPORTIONS[1])
         for part, chunk in zip(SPLITS, (images[:n_train], images[n_train:n_train + n_val],
                                         images[n_train + n_val:]), strict=True):
             split[part].extend([p, label, name] for p in chunk)
+    split["listing_sha256"] = _listing_digest(image_root)  # regenerated when the folder changes
     target.write_text(json.dumps(split))
     return target
 
@@ -468,8 +497,7 @@ def read_imagefolder(spec: DatasetSpec, root: Path, make_split: bool) -> Dataset
         return _read_csv_dataset(spec, root)
     image_root = root / spec.folder / spec.image_dir
     path = root / spec.folder / f"split_generated_{spec.name}.json"
-    if not path.is_file():
-        write_generated_split(image_root, path, spec.split_seed)
+    _ensure_generated(spec, image_root, path)
     raw = _read_json(path)
     splits = {split: [Entry(str(p), int(label)) for p, label, *_ in raw[split]]
               for split in SPLITS}

@@ -41,6 +41,10 @@ def _sample_per_label(
     for index, label in enumerate(labels):
         groups.setdefault(label, []).append(index)  # dicts keep first-appearance order
     chosen: list[int] = []
+    for label in range(len(classnames or [])):
+        if label not in groups:
+            warnings.warn(f"{split}: class {label} '{classnames[label]}' has no images; it gets"
+                          f" 0 of its {shots} shots.", SafeCacheWarning, stacklevel=3)
     for label, group in groups.items():
         if len(group) >= shots:
             chosen.extend(rng.sample(group, shots))

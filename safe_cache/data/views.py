@@ -39,12 +39,25 @@ class ViewRecipe:
         return {**asdict(self), "scale": list(self.scale)}
 
 
-def load_image(path: Path) -> Image.Image:
-    """Open and fully decode an image as RGB; a clear error naming the file otherwise."""
+MAX_PIXELS = 2 * 89_478_485  # PIL's own refusal threshold (a decompression bomb beyond it)
+
+
+def load_image(path: Path, max_pixels: int | None = None) -> Image.Image:
+    """Open and fully decode an image as RGB; a clear error naming the file otherwise. Images
+    of more than `max_pixels` pixels are refused before decoding (decompression bombs), like
+    any unreadable image (so --skip-bad passes over them)."""
+    limit = max_pixels or MAX_PIXELS
     try:
         with Image.open(path) as image:
+            width, height = image.size
+            if width * height > limit:
+                raise ImageReadError(f"{path}: {width} x {height} pixels is more than"
+                                     f" --max-pixels {limit:,}; raise --max-pixels if the"
+                                     f" image is genuine, or remove it")
             image.load()
             return image.convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(f"{path}: {exc}") from exc
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise ImageReadError(f"{path}: {exc}") from exc
 
@@ -97,8 +110,10 @@ class ViewDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, items: list[tuple[int, Path, str, int, bool]], preprocess,
-                 card: dict[str, Any], recipe: ViewRecipe | None) -> None:
+                 card: dict[str, Any], recipe: ViewRecipe | None,
+                 max_pixels: int | None = None) -> None:
         self.items, self.preprocess, self.recipe = items, preprocess, recipe
+        self.max_pixels = max_pixels
         self.size = tuple(card["image_size"])
         self.mean, self.std = card["mean"], card["std"]
 
@@ -110,7 +125,7 @@ class ViewDataset(torch.utils.data.Dataset):
         height, width = self.size
         views = range(first, self.recipe.count) if self.recipe else range(0)
         try:
-            image = load_image(path)
+            image = load_image(path, self.max_pixels)
             center = self.preprocess(image) if first == 0 or flip \
                 else torch.zeros(3, height, width)
             augmented = torch.stack([

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..runtime import checks
+from ..runtime.device import resolve_device
 from ..store import StoreLayout
 
 
@@ -28,6 +30,7 @@ class ExtractConfig:
     workers: int = 2
     precision: str = "fp32"
     skip_bad: bool = False
+    max_pixels: int | None = None  # larger images are unreadable (None: PIL's bomb limit)
     make_split: bool = False
     takeover: bool = False
     cut: str = "pool"
@@ -37,6 +40,20 @@ class ExtractConfig:
     scheduler: str | None = None  # a dask scheduler's address: tasks run on its workers
     local_workers: int = 0  # or a LocalCluster of this many worker processes
     task_images: int = 256  # images per distributed task, rounded up to whole write units
+
+    def __post_init__(self) -> None:
+        """Every value in range before any work (one line naming the option otherwise)."""
+        checks.each("shots", self.shots, 1, example="1,2,4,8,16")
+        checks.each("seeds", self.seeds, 0, example="1,2,3")
+        checks.at_least("views", self.views, 0)
+        checks.at_least("batch_size", self.batch_size, 1)
+        checks.at_least("workers", self.workers, 0)
+        checks.at_least("task_images", self.task_images, 1)
+        if self.max_pixels is not None:
+            checks.at_least("max_pixels", self.max_pixels, 1)
+        checks.at_least("local_workers", self.local_workers, 0)
+        checks.one_of("precision", self.precision, ("fp32", "fp16", "bf16"))
+        resolve_device(self.device)
 
 
 @dataclass

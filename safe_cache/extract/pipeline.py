@@ -75,7 +75,7 @@ def extract_items(store: FeatureStore, backbone: Backbone, split: str, items: li
     workers = decode_workers(config.workers if len(items) > 2 * config.batch_size else 0)
     loader = torch.utils.data.DataLoader(
         ViewDataset(items, backbone.preprocess, backbone.card,
-                    recipe if views else None),
+                    recipe if views else None, config.max_pixels),
         batch_sampler=_unit_batches(items, unit, config.batch_size),
         num_workers=workers, persistent_workers=False,
         pin_memory=backbone.device.type == "cuda",

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from ..errors import ConfigError
+from ..runtime import checks
+from ..runtime.device import resolve_device
 from .recipe import PRESETS, Recipe
 from .results import OPTIONAL_METHODS
 
@@ -37,3 +41,26 @@ class FitConfig:
     cache: str | None = None  # a local folder keeping the feature chunks read from the store
     scheduler: str | None = None  # a dask scheduler's address: runs go to its workers
     local_workers: int = 0  # or a LocalCluster of this many worker processes
+
+    def __post_init__(self) -> None:
+        """Every value in range before any work (one line naming the option otherwise)."""
+        checks.each("shots", self.shots, 1, example="1,2,4,8,16")
+        checks.each("seeds", self.seeds, 0, example="1,2,3")
+        checks.each("lr", self.lrs, 0, strict=True, example="1e-4,1e-5")
+        checks.each("wd", self.wds, 0, example="0,1e-3")
+        checks.each("betas", self.betas, 0, example="0:1:0.1")
+        checks.at_least("iters", self.iters, 1)
+        checks.at_least("batch_size", self.batch_size, 1)
+        checks.at_least("eval_every", self.eval_every, 1)
+        checks.at_least("beta", self.beta, 0)
+        checks.at_least("test_chunk", self.test_chunk, 1)
+        checks.at_least("local_workers", self.local_workers, 0)
+        if self.tip_epochs is not None:
+            checks.at_least("tip_epochs", self.tip_epochs, 1)
+        checks.one_of("blend", self.blend, ("blend", "each"))
+        checks.one_of("select_on", self.select_on, ("val", "test"))
+        checks.subset_of("methods", self.methods, OPTIONAL_METHODS)
+        if "://" not in self.out and Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ConfigError(f"--out {self.out} is a file, not a folder: choose another --out.")
+        resolve_device(self.device)
+        self.recipe.check()

@@ -25,14 +25,15 @@ def stream_split(store: FeatureStore, split: str, chunk: int = 256,
                  rows: np.ndarray | None = None
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(dense float32, original pooled, labels int64) of the split's readable rows (or of
-    `rows`), `chunk` rows at a time, on the CPU."""
-    arrays = store.arrays(split)
+    `rows`), `chunk` rows at a time, on the CPU. Every chunk object they need is checked to
+    exist first (a missing one would read as zeros)."""
     rows = store.readable_rows(split) if rows is None else rows
+    store.check_rows(split, rows, ("dense", "pooled"))
     for start in range(0, len(rows), chunk):
         part = rows[start:start + chunk]
-        dense = torch.from_numpy(arrays["dense"].get_orthogonal_selection((part,))).float()
-        pooled = torch.from_numpy(arrays["pooled"].get_orthogonal_selection((part,)))
-        labels = torch.from_numpy(arrays["label"].get_orthogonal_selection((part,))).long()
+        dense = torch.from_numpy(store.read_rows(split, "dense", part)).float()
+        pooled = torch.from_numpy(store.read_rows(split, "pooled", part))
+        labels = torch.from_numpy(store.read_rows(split, "label", part)).long()
         yield dense, pooled, labels
 
 

@@ -117,3 +117,12 @@ def _short(value: Any) -> str:
     if value is None:
         return "backbone"
     return (f"{value:g}" if isinstance(value, float) else str(value)).replace(".", "p")
+
+
+def recipe_of(record: Any) -> Recipe:
+    """The recipe a result was made with (its `recipe` block; 0.1 results: `views`)."""
+    block = getattr(record, "recipe", None)
+    if not block:
+        return PRESETS["views"]
+    known = {f.name for f in fields(Recipe)}
+    return Recipe(**{k: v for k, v in block.items() if k in known})

@@ -55,6 +55,7 @@ class RunResult:
     ood: dict[str, dict[str, Any]] | None = None
     recipe: dict[str, Any] | None = None  # fit.recipe.Recipe.record(); None: safe-cache 0.1
     curves: dict[str, list] | None = None  # per evaluation: iters, val_acc[G], train_loss[G]
+    run_id: str | None = None  # also in the head's and cache's metadata: files of one run
     # Not written: where the record was read from, and whether fit found it already done.
     path: Path | None = field(default=None, compare=False)
     skipped: bool = field(default=False, compare=False)
@@ -77,7 +78,7 @@ class RunResult:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("path"), data.pop("skipped")
-        for optional in ("ood", "recipe", "curves"):
+        for optional in ("ood", "recipe", "curves", "run_id"):
             if data[optional] is None:
                 data.pop(optional)
         return data
@@ -89,7 +90,7 @@ class RunResult:
         if not isinstance(data, dict):
             raise ResultError(f"{source} is not a fit result (a JSON object is expected).")
         names = {f.name for f in fields(cls)} - {"path", "skipped"}
-        required = names - {"ood", "recipe", "curves"}
+        required = names - {"ood", "recipe", "curves", "run_id"}
         missing = sorted(required - set(data))
         if missing:
             raise ResultError(f"{source} is not a fit result of this safe-cache: it lacks"
@@ -118,6 +119,39 @@ def result_path(out: str | Path, manifest: dict[str, Any], shots: int, seed: int
     selected = "" if select_on == "val" else "_test-selected"
     return (Path(out) / manifest["dataset"]["name"] / backbone_label(manifest["backbone"])
             / f"shots{shots}_seed{seed}_{recipe}{selected}.json")
+
+
+def head_file(path: Path) -> Path:
+    """The fine-tuned head saved beside a result JSON."""
+    return path.with_suffix(".safetensors")
+
+
+def cache_file(path: Path) -> Path:
+    """SAFE-A's trained cache saved beside a result JSON."""
+    return path.with_suffix(".safe_a.safetensors")
+
+
+def files_problem(record: RunResult) -> str | None:
+    """Why the files beside a result are not the ones its run wrote (None when they are): a
+    run killed between writing its head and its JSON leaves a new head beside an old JSON;
+    each file carries the run's id."""
+    from safetensors import safe_open
+
+    wanted = [head_file(record.path)] + ([cache_file(record.path)] if "safe_a" in
+                                         record.methods else [])
+    for path in wanted:
+        if not path.is_file():
+            return f"{path.name} is missing"
+        if record.run_id is None:  # safe-cache 0.1 results carry no run id
+            continue
+        try:
+            with safe_open(str(path), framework="numpy") as handle:
+                run_id = (handle.metadata() or {}).get("run_id")
+        except Exception as exc:  # a truncated or foreign file
+            return f"{path.name} is not a readable safetensors file ({exc!s:.80})"
+        if run_id != record.run_id:
+            return f"{path.name} belongs to another run than {record.path.name}"
+    return None
 
 
 def load_result(path: str | Path) -> RunResult:

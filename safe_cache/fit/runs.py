@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,15 @@ from ..runtime.cluster import JobProgress, WorkerProgress, connect, gather_as_co
 from ..runtime.progress import ProgressSink, null_progress
 from ..store import FeatureStore, absolute_url, open_store
 from .config import FitConfig
-from .results import RunResult, load_result, result_path, write_result
+from .results import (
+    RunResult,
+    cache_file,
+    files_problem,
+    head_file,
+    load_result,
+    result_path,
+    write_result,
+)
 from .train import check_store_serves, fit_one
 
 
@@ -48,9 +57,10 @@ def fit_stores(configs: list[FitConfig], progress: ProgressSink = null_progress,
                                          f" and backbone: their results would overwrite each"
                                          f" other in {path.parent}. Fit them with different"
                                          f" --out folders.")
-                if path.is_file() and not config.force:
-                    results[index, shots, seed] = replace(load_result(path), skipped=True)
-                else:
+                existing = load_result(path) if path.is_file() and not config.force else None
+                if existing is not None and files_problem(existing) is None:
+                    results[index, shots, seed] = replace(existing, skipped=True)
+                else:  # new, forced, or left half-written by a killed run: run it (again)
                     todo.append((index, shots, seed))
     first = configs[0]
     with connect(first.scheduler, first.local_workers) if client is None \
@@ -79,16 +89,23 @@ def fit_and_save(store: FeatureStore, shots: int, seed: int, config: FitConfig,
     """One run, written as <out>/<dataset>/<backbone>/shots<K>_seed<S>.json (+ the head's and
     SAFE-A's safetensors); the JSON last, so a result that exists is whole."""
     record, head, cache = fit_one(store, shots, seed, config, progress)
+    record.run_id = uuid.uuid4().hex  # in every file of the run: a mix is detected on read
     path = run_path(config, store, shots, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
-              str(path.with_suffix(".safetensors")),
-              metadata={"store_fingerprint": store.fingerprint, "beta": str(config.beta)})
+    metadata = {"run_id": record.run_id, "store_fingerprint": store.fingerprint,
+                "beta": str(config.beta)}
+    _save_atomic({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+                 head_file(path), metadata)
     if cache is not None:  # SAFE-A's trained cache, for export
-        save_file({k: v.contiguous() for k, v in cache.items()},
-                  str(path.with_suffix(".safe_a.safetensors")))
-    write_result(record, path)
+        _save_atomic({k: v.contiguous() for k, v in cache.items()}, cache_file(path), metadata)
+    write_result(record, path)  # last: a result whose JSON exists is whole
     return record
+
+
+def _save_atomic(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
+    save_file(tensors, str(temporary), metadata=metadata)
+    temporary.replace(path)
 
 
 def fit_task(config: FitConfig, shots: int, seed: int, progress_job: str,

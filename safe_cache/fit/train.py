@@ -85,28 +85,30 @@ class RunData:
         if not train_rows.size or not val_rows.size:
             raise SafeCacheError(f"{store.url}: no readable few-shot rows for {shots} shots,"
                                  f" seed {seed}.")
-        train, val = store.arrays("train"), store.arrays("val")
-        labels = train["label"].get_orthogonal_selection((train_rows,)).astype(np.int64)
+        store.check_rows("train", train_rows)  # a missing chunk would read as zeros
+        store.check_rows("val", val_rows)
+        train = store.arrays("train")
+        labels = store.read_rows("train", "label", train_rows).astype(np.int64)
         parts = []  # (dense samples, their labels), in Cross-Modal's order: centers, flips, ...
         if recipe.train_views in ("center+flip", "all"):
             if not store.center_flip:
                 raise _recipe_error(store, recipe, "mirrored center views (flip_dense)")
             for name in ("dense", "flip_dense"):
-                parts.append((train[name].get_orthogonal_selection((train_rows,)), labels))
+                parts.append((store.read_rows("train", name, train_rows), labels))
         if recipe.train_views in ("stored", "all"):
             if "aug_dense" in train and train["aug_dense"].shape[1]:
-                dense = train["aug_dense"].get_orthogonal_selection((train_rows,))
+                dense = store.read_rows("train", "aug_dense", train_rows)
                 parts.append((dense.reshape(-1, *dense.shape[2:]),
                               np.repeat(labels, dense.shape[1])))
             elif recipe.train_views == "stored":  # a store without views: the center view
-                parts.append((train["dense"].get_orthogonal_selection((train_rows,)), labels))
+                parts.append((store.read_rows("train", "dense", train_rows), labels))
         self.train_dense = torch.from_numpy(np.concatenate([p[0] for p in parts]))
         self.train_labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
         self.train_rows, self.image_labels = train_rows, torch.from_numpy(labels)
-        self.val_dense = torch.from_numpy(val["dense"].get_orthogonal_selection((val_rows,)))
-        self.val_pooled = torch.from_numpy(val["pooled"].get_orthogonal_selection((val_rows,)))
+        self.val_dense = torch.from_numpy(store.read_rows("val", "dense", val_rows))
+        self.val_pooled = torch.from_numpy(store.read_rows("val", "pooled", val_rows))
         self.val_labels = torch.from_numpy(
-            val["label"].get_orthogonal_selection((val_rows,)).astype(np.int64))
+            store.read_rows("val", "label", val_rows).astype(np.int64))
         self.store = store
 
 
@@ -206,6 +208,7 @@ def fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
     started = time.perf_counter()
     device = resolve_device(config.device)
     manifest, recipe = store.manifest, config.recipe
+    store.check_rows("test", store.readable_rows("test"), ("dense", "pooled"))  # before training
     clip_scale = float(manifest["backbone"]["logit_scale"])  # zero-shot CLIP, Tip-Adapter
     scale = recipe.logit_scale or clip_scale  # SAFE's training loss
     classifier = run_classifier(store, config.prompts, recipe).to(device)
@@ -280,14 +283,14 @@ def _train_views(store: FeatureStore, head, data: RunData, config: FitConfig, de
     whatever SAFE trained on): original pooled and SAFE blended features; center pooled."""
     train_rows, train = data.train_rows, store.arrays("train")  # rows and labels: read once
     labels = data.image_labels.to(device)
-    center = torch.from_numpy(train["pooled"].get_orthogonal_selection((train_rows,))).to(device)
+    center = torch.from_numpy(store.read_rows("train", "pooled", train_rows)).to(device)
     if "aug_pooled" in train and train["aug_pooled"].shape[1]:
-        original = torch.from_numpy(train["aug_pooled"].get_orthogonal_selection((train_rows,)))
-        dense = torch.from_numpy(train["aug_dense"].get_orthogonal_selection((train_rows,)))
+        original = torch.from_numpy(store.read_rows("train", "aug_pooled", train_rows))
+        dense = torch.from_numpy(store.read_rows("train", "aug_dense", train_rows))
         dense = dense.flatten(0, 1)
     else:
         original = center.cpu()[:, None]
-        dense = torch.from_numpy(train["dense"].get_orthogonal_selection((train_rows,)))
+        dense = torch.from_numpy(store.read_rows("train", "dense", train_rows))
     original = original.to(device)
     tuned = torch.cat([head(dense[i:i + 256].to(device).float())
                        for i in range(0, len(dense), 256)])

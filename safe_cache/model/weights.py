@@ -219,3 +219,9 @@ def load_weights_into(clip: nn.Module, weights: ResolvedWeights) -> None:
             f"{path} does not fit this architecture ({first}). Check that the model name matches"
             f" the checkpoint (e.g. RN50 vs RN101, ViT-B-16 vs ViT-B-32)."
         ) from exc
+    except (KeyError, ValueError, EOFError, OSError, AttributeError, TypeError) as exc:
+        raise WeightsUnavailableError(
+            f"{path} is not a checkpoint torch or safetensors can read ({type(exc).__name__}:"
+            f" {str(exc)[:120]}). Pass an open_clip state dict (.safetensors, .pt/.bin saved"
+            f" with torch.save) or an OpenAI TorchScript archive."
+        ) from exc

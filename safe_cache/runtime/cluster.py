@@ -51,6 +51,9 @@ def connect(scheduler: str | None = None, local_workers: int = 0) -> Iterator[An
         except (OSError, TimeoutError) as exc:
             raise ClusterError(f"No dask scheduler answers at {scheduler} ({exc}). Start one with"
                                f" `dask scheduler`, or use --local-workers N.") from exc
+        except (ValueError, TypeError) as exc:  # not an address at all
+            raise ClusterError(f"--scheduler {scheduler!r} is not a scheduler address ({exc});"
+                               f" give one like tcp://10.0.0.5:8786.") from exc
         with client:
             yield client
         return

@@ -15,7 +15,11 @@ from .store import open_store
 
 
 def find_stores(root: str, *, storage_options: dict | None = None) -> list[dict[str, Any]]:
-    """Every store directly under `root` or one level down (stores/<dataset>/<name>.zarr)."""
+    """Every store directly under `root` or one level down (stores/<dataset>/<name>.zarr).
+    A local root that does not exist is an error (an empty listing would hide a typo)."""
+    if "://" not in root and not Path(root).is_dir():
+        raise StoreNotFoundError(f"No folder {root} to list stores under"
+                                 f" ({'a file' if Path(root).exists() else 'it does not exist'}).")
     fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
     path = path.rstrip("/")
     candidates = sorted(set(fs.glob(f"{path}/*.zarr") + fs.glob(f"{path}/*/*.zarr")))
@@ -55,7 +59,8 @@ def select_stores(root: str | None = None, *, dataset: str | None = None,
     `model` and `pretrained` where given; none is an error listing what is there and the
     extract command that would make one."""
     root, source = store_root_source(root)
-    found = find_stores(root, storage_options=storage_options)
+    missing = "://" not in root and not Path(root).is_dir()
+    found = [] if missing else find_stores(root, storage_options=storage_options)
     chosen = [row["url"] for row in found
               if (dataset is None or row["dataset"] == dataset)
               and (model is None or row["model"] == Path(model).stem.replace("/", "-"))

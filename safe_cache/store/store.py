@@ -38,21 +38,26 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import fsspec
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
 from .._version import __version__
 from ..errors import StoreError, StoreNotFoundError
+from ..identity import card_fingerprint
 from .chunkcache import cached_group
 from .lease import Lease
 from .paths import OBJECT_STORE_SCHEMES
 from .schema import (
     BOOKKEEPING,
+    BY_NAME,
+    FEATURES,
     MANIFEST_ATTRIBUTE,
     SCHEMA_VERSION,
     SPLITS,
     ArraySpec,
+    chunk_keys,
     optional_group,
     split_arrays,
 )
@@ -155,6 +160,60 @@ class FeatureStore:
                                for u in self.complete_units(split)] or [np.zeros(0, int)])
         labels = arrays["label"][:]
         return rows[labels[rows] >= 0] if rows.size else rows
+
+    def object_keys(self, split: str) -> set[str]:
+        """The keys (relative to the split) of every object the split holds, listed once: what
+        readers check before trusting zarr's reads (a missing chunk reads as zeros)."""
+        fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        prefix = f"{root.rstrip('/')}/{split}/"
+        return {key[len(prefix):] for key in fs.find(prefix.rstrip("/"))}
+
+    def check_rows(self, split: str, rows: np.ndarray, names: Sequence[str] = FEATURES) -> None:
+        """Refuse to read `rows` when a chunk object of their write units is missing: zarr
+        would silently fill it with zeros (a deleted chunk of test/dense gave a wrong accuracy
+        with exit 0). Lists the split's objects once."""
+        arrays = self.arrays(split)
+        units = np.unique(np.asarray(rows, dtype=np.int64) // self.layout.unit)
+        present = self.object_keys(split)
+        for name in (n for n in names if n in arrays):
+            spec, array = BY_NAME[name], arrays[name]
+            views = array.shape[1] if spec.per_view else 0
+            for unit in units.tolist():
+                for key in chunk_keys(spec, unit, views, array.ndim):
+                    if f"{name}/{key}" not in present:
+                        raise StoreError(
+                            f"{self.url}: chunk {split}/{name}/{key} (write unit {unit}) is"
+                            f" missing, so its rows would read as zeros. Run `safe-cache verify"
+                            f" {self.url}`, then extract into the store again after removing"
+                            f" the damaged units, or restore the store from a copy.")
+
+    def readable_row_ids(self, split: str, rows: Sequence[int]) -> np.ndarray:
+        """`rows` (ids a user typed) checked: each a readable row of the split, and their
+        chunks present; an error names the bad id and the valid range."""
+        readable = self.readable_rows(split)
+        bad = [int(r) for r in rows if int(r) not in set(readable.tolist())]
+        if bad:
+            low, high = (int(readable.min()), int(readable.max())) if readable.size else (0, -1)
+            raise StoreError(f"{self.url}: row {bad[0]} is not a readable row of {split} (rows"
+                             f" {low}..{high}, {readable.size} readable; padding and incomplete"
+                             f" rows excluded).")
+        order = np.asarray(list(rows), dtype=np.int64)
+        if not order.size:
+            raise StoreError(f"{self.url}: no rows given.")
+        self.check_rows(split, order)
+        return order
+
+    def read_rows(self, split: str, name: str, rows: np.ndarray) -> np.ndarray:
+        """`name`'s values at `rows` (sorted or not); a chunk that fails to decode is an error
+        naming the array and its rows' units, not a codec traceback."""
+        try:
+            return self.arrays(split)[name].get_orthogonal_selection((np.asarray(rows),))
+        except (ValueError, RuntimeError, OSError, TypeError) as exc:
+            units = sorted({int(r) // self.layout.unit for r in np.asarray(rows)})
+            raise StoreError(f"{self.url}: {split}/{name} could not be read for write units"
+                             f" {units[:10]} ({type(exc).__name__}: {str(exc)[:120]}): a chunk is"
+                             f" truncated or corrupt. Run `safe-cache verify {self.url}`.") \
+                from exc
 
     def split(self, name: str):
         """The split as a labelled xarray.Dataset backed by dask, complete rows only.
@@ -297,11 +356,14 @@ class FeatureStore:
                 raise StoreError(f"{split}/{name}: unit {unit} holds NaN or Inf values after the"
                                  f" cast to {values.dtype}; nothing was recorded.")
         for name, values in cast.items():
+            # Every chunk object is written, zeros too (zarr's config is per handle, not
+            # stored): readers tell a missing chunk from a written one by its object.
+            array = group[name].with_config({"write_empty_chunks": True})
             if name.startswith("aug_"):
                 views = slice(first_view, first_view + values.shape[1])
-                group[name][start:start + len(values), views] = values
+                array[start:start + len(values), views] = values
             else:
-                group[name][start:start + len(values)] = values
+                array[start:start + len(values)] = values
         if "aug_dense" in cast:
             group["aug_complete"][unit, first_view:first_view + cast["aug_dense"].shape[1]] = 1
         if "flip_dense" in cast:
@@ -465,12 +527,15 @@ def create_store(
 
 def open_store(url: str, mode: str = "r", *, storage_options: dict | None = None,
                takeover: bool = False, job_token: str | None = None,
-               cache: str | None = None) -> FeatureStore:
+               cache: str | None = None, check_fingerprint: bool = True) -> FeatureStore:
     """Open an existing store: read-only by default; mode='a' takes the writer lease.
 
     A worker of a distributed job passes `job_token` (the job's `lease_token`) instead: it writes
     under the job's lease, which must still be held. `cache` (read-only opens): a local folder
-    that keeps the feature chunks read from a remote store (chunkcache.py).
+    that keeps the feature chunks read from a remote store (chunkcache.py). The backbone card's
+    fingerprint is recomputed and must match the recorded one: a hand-edited manifest would
+    otherwise be copied into every result (`check_fingerprint=False` is verify's, which reports
+    it among the other problems).
     """
     if mode not in ("r", "a"):
         raise StoreError(f"mode must be 'r' or 'a', not '{mode}'.")
@@ -480,6 +545,10 @@ def open_store(url: str, mode: str = "r", *, storage_options: dict | None = None
         group = _open_group(url, "r" if mode == "r" else "r+", storage_options)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
         raise StoreNotFoundError(f"No store at {url}.") from exc
+    except (ValueError, TypeError, KeyError) as exc:  # zarr.json that is not JSON, or not v3
+        raise StoreError(f"{url}: its zarr.json is not readable Zarr v3 metadata ({exc!r:.160});"
+                         f" the store is damaged. Restore it from a copy, or extract it again"
+                         f" into a new --store.") from exc
     if MANIFEST_ATTRIBUTE not in group.attrs:
         raise StoreError(f"{url} is a Zarr group but not a safe-cache store (no 'safe_cache'"
                          f" attribute).")
@@ -490,6 +559,11 @@ def open_store(url: str, mode: str = "r", *, storage_options: dict | None = None
             f"{url} has store schema version {version}; this safe-cache ({__version__}) reads"
             f" version {SCHEMA_VERSION}. Use a matching safe-cache, or re-extract the store."
         )
+    if check_fingerprint and card_fingerprint(manifest.get("backbone") or {}) != \
+            manifest.get("backbone_fingerprint"):
+        raise StoreError(f"{url}: its backbone card does not match the fingerprint recorded with"
+                         f" it (edited by hand?); run `safe-cache verify {url}`. Nothing read"
+                         f" from it can be trusted to be the backbone it names.")
     if cache is not None:
         group = cached_group(group, cache, url, manifest)
     store = FeatureStore(url, group, mode, storage_options)

@@ -60,6 +60,9 @@ def _check_source(source: str, options: dict | None) -> None:
 
 
 def _check_destination(fs, root: str, destination: str) -> None:
+    if fs.exists(root) and not fs.isdir(root):
+        raise StoreError(f"{destination} is a file, not a folder or prefix: choose another"
+                         f" destination (nothing was copied).")
     if fs.exists(f"{root}/zarr.json"):
         raise StoreError(f"{destination} already holds a store; choose another destination or"
                          f" delete it first (nothing was copied).")
