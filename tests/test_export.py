@@ -91,6 +91,9 @@ def test_tampered_folders_are_refused(demo, tmp_path):
 
     card["sha256"]["head.safetensors"] = hashlib.sha256(
         (folder / "head.safetensors").read_bytes()).hexdigest()
+    from safe_cache.export import card_digest
+
+    card["card_sha256"] = card_digest(card)  # a card consistent with itself, yet wrong
     (folder / "card.json").write_text(json.dumps(card))
     with pytest.raises(ModelFolderError, match="does not fit"):
         load_model(folder)

@@ -243,3 +243,34 @@ def test_reading_rows_of_a_store_names_bad_rows(source):
     with pytest.raises(StoreError, match="row 10000"):
         opened.readable_row_ids("test", [0, 10000])
     assert np.array_equal(opened.readable_row_ids("test", [1, 0]), [1, 0])
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device", "/full/disk/chunk")
+
+
+def test_a_full_disk_in_extract_and_fit_is_one_line_and_resumable(source, tmp_path,
+                                                                   monkeypatch):
+    from safe_cache.fit import runs
+    from safe_cache.store.store import FeatureStore
+
+    root, _ = source
+    target = tmp_path / "s.zarr"
+    args = ["extract", "--dataset", "food101", "--root", root, "--model", MODEL,
+            "--pretrained", "none", "--store", target, "--shots", "1", "--seeds", "1",
+            "--views", "1", "--workers", "0"]
+    with monkeypatch.context() as patch:
+        patch.setattr(FeatureStore, "write_parts", _disk_full)
+        code, text = invoke(*args)
+    assert code == 2 and "No space left on device: /full/disk/chunk" in text
+    assert "resumes" in text and "Traceback" not in text
+    code, _ = invoke(*args)  # space freed: the same command finishes the store
+    assert code == 0 and invoke("verify", target)[0] == 0
+    out = tmp_path / "results"
+    with monkeypatch.context() as patch:
+        patch.setattr(runs, "write_result", _disk_full)
+        code, text = invoke("fit", "--store", target, *FIT, "--out", out)
+    assert code == 2 and "No space left" in text
+    assert not list(out.rglob("*.json"))  # no result without its JSON
+    assert invoke("fit", "--store", target, *FIT, "--out", out)[0] == 0
+    assert len(list(out.rglob("*.json"))) == 1
