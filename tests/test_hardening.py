@@ -15,7 +15,8 @@ from miniatures import write_split_zhou
 from PIL import Image
 
 from safe_cache import ImageReadError, SafeCacheWarning, StoreError
-from safe_cache.cli import _io_message, main
+from safe_cache.cli import main
+from safe_cache.cli.app import io_message
 from safe_cache.data.datasets import open_dataset
 from safe_cache.data.fewshot import sample_few_shot
 from safe_cache.data.views import load_image
@@ -211,9 +212,9 @@ def test_a_decompression_bomb_is_an_unreadable_image(tmp_path):
 
 def test_a_full_disk_is_one_line_naming_the_file():
     error = OSError(errno.ENOSPC, "No space left on device", "/stores/x.zarr/train/dense/c/0")
-    message = _io_message(error)
+    message = io_message(error)
     assert "/stores/x.zarr/train/dense/c/0" in message and "resumes" in message
-    assert _io_message(OSError(errno.ECONNRESET, "reset")) is None  # not a user's fix
+    assert io_message(OSError(errno.ECONNRESET, "reset")) is None  # not a user's fix
 
 
 def test_a_generated_split_follows_the_folder(tmp_path):

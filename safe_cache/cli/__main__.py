@@ -1,0 +1,5 @@
+"""`python -m safe_cache.cli ...` is `safe-cache ...`."""
+
+from . import main
+
+main()

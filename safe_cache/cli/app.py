@@ -1,0 +1,199 @@
+"""The command group, its error handling, and the options several commands share.
+
+A `SafeCacheError` (and an I/O failure a user can fix) is printed as a one-paragraph message with
+exit status 2, not a traceback; SafeCacheWarnings print as one line.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import rich_click as click
+from rich.console import Console
+
+from .._version import __version__
+from ..errors import SafeCacheError, SafeCacheWarning
+
+console = Console()
+err_console = Console(stderr=True)
+
+click.rich_click.TEXT_MARKUP = "rich"
+click.rich_click.SHOW_ARGUMENTS = True
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """SafeCacheWarnings as one readable line on stderr; others as Python prints them."""
+    if issubclass(category, SafeCacheWarning):
+        err_console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+
+_IO_FIXES = {
+    errno.ENOSPC: "free some space (or write elsewhere) and run the command again: it resumes",
+    errno.EDQUOT: "free some of your quota and run the command again: it resumes",
+    errno.EACCES: "check the permissions, or write elsewhere",
+    errno.EPERM: "check the permissions, or write elsewhere",
+    errno.EROFS: "the file system is read-only: write elsewhere",
+    errno.ENOTDIR: "a path that should be a folder is a file: choose another path",
+    errno.EISDIR: "a path that should be a file is a folder: choose another path",
+    errno.EEXIST: "the path exists and is not what is needed: choose another path",
+}
+
+
+def io_message(exc: OSError) -> str | None:
+    """One line for an I/O failure a user can fix (disk full, permissions, a file where a folder
+    belongs), naming the file; None for anything else."""
+    fix = _IO_FIXES.get(exc.errno)
+    if fix is None:
+        return None
+    where = exc.filename if exc.filename is not None else "a file"
+    return f"{exc.strerror or exc}: {where}. {fix}."
+
+
+class SafeCacheGroup(click.RichGroup):
+    """Turns SafeCacheError (and I/O failures a user can fix) into a clear message and exit
+    status 2, warnings into one line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        previous, warnings.showwarning = warnings.showwarning, _show_warning
+        try:
+            return super().invoke(ctx)
+        except SafeCacheError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+        except OSError as exc:
+            message = io_message(exc)
+            if message is None:
+                raise
+            err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+        finally:
+            warnings.showwarning = previous
+
+
+@click.group(cls=SafeCacheGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.command_panel("Backbones", commands=["backbone", "models"])
+@click.command_panel("Start here", commands=["demo"])
+@click.command_panel("Stage 1", commands=["extract"])
+@click.command_panel("Stage 2", commands=["fit", "report"])
+@click.command_panel("Use a model", commands=["export", "predict"])
+@click.command_panel("Look inside", commands=["attention", "correspond"])
+@click.command_panel("Datasets", commands=["datasets"])
+@click.command_panel("Stores", commands=["info", "ls", "verify", "copy"])
+@click.version_option(__version__, prog_name="safe-cache")
+def main() -> None:
+    """[bold]safe-cache[/]: few-shot CLIP adaptation with SAFE from cached dense features.
+
+    Stage 1 runs the frozen trunk of a CLIP visual encoder once per image and stores the dense
+    pre-pooling maps; stage 2 trains the attention-pooling head (SAFE) and the adapters (SAFE-A)
+    straight from the store.
+    """
+
+
+def print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+def json_object(ctx, param, raw: str | None) -> dict | None:
+    """A JSON-object option (fsspec storage options) parsed, or one line naming the option."""
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON ({exc.msg} at character {exc.pos}): {raw!r}."
+                                 f" Quote it for the shell, e.g. '{{\"anon\": true}}'.") from exc
+    if not isinstance(value, dict):
+        raise click.BadParameter(f"expected a JSON object ({{...}}), got {raw!r}.")
+    return value
+
+
+STORAGE_OPTIONS = click.option(
+    "--storage-options", default=None, metavar="JSON", callback=json_object,
+    help='fsspec options for remote stores, e.g. \'{"client_kwargs": {"endpoint_url": ...}}\'.')
+
+
+def cluster_options(command):
+    """--scheduler / --local-workers: where extract and fit send their work (dask)."""
+    command = click.option("--local-workers", default=0, show_default=True, metavar="N",
+                           help="Run on a LocalCluster of N worker processes.")(command)
+    return click.option("--scheduler", default=None, metavar="ADDRESS",
+                        help="Run on a running dask scheduler's workers, e.g."
+                        " tcp://10.0.0.5:8786 (see README 'Scaling out').")(command)
+
+
+def int_list(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in str(value).split(",") if v.strip())
+    except ValueError as exc:
+        raise click.BadParameter(f"expected comma-separated integers, got '{value}'") from exc
+
+
+STORE_ROOT = click.option(
+    "--store-root", default=None, metavar="DIR",
+    help="Where default stores live [default: $SAFE_CACHE_STORES, else ./stores].")
+
+
+def store_filters(command):
+    """--dataset / --model / --pretrained / --store-root: which stores a command uses when no
+    store is named (those under the store root that match every filter given)."""
+    for decorator in reversed((
+        click.option("--dataset", default=None,
+                     help="Without --store: the stores of this dataset (name or spec file)."),
+        click.option("--model", default=None, envvar="SAFE_CACHE_MODEL", show_envvar=True,
+                     help="Without --store: the stores of this model."),
+        click.option("--pretrained", default=None, envvar="SAFE_CACHE_PRETRAINED",
+                     show_envvar=True,
+                     help="Without --store: the stores of these weights (tag, file, 'none')."),
+        STORE_ROOT,
+    )):
+        command = decorator(command)
+    return command
+
+
+def default_stores(dataset: str | None = None, model: str | None = None,
+                    pretrained: str | None = None, store_root: str | None = None,
+                    storage_options: dict | None = None) -> list[str]:
+    """The stores under the store root matching the filters given (an error lists what is
+    there when none does)."""
+    from ..data.datasets import load_spec
+    from ..store.catalog import select_stores
+
+    if dataset and (dataset.endswith(".json") or Path(dataset).is_file()):
+        dataset = load_spec(dataset).name
+    return select_stores(store_root, dataset=dataset, model=model, pretrained=pretrained,
+                         storage_options=storage_options)
+
+
+def one_store(**filters: Any) -> str:
+    """The one store the filters select (several is an error that lists them)."""
+    urls = default_stores(**filters)
+    if len(urls) > 1:
+        raise click.UsageError(f"{len(urls)} stores match: {', '.join(urls)}. Name one (--store"
+                               f" or STORE), or narrow with --dataset / --model / --pretrained.")
+    return urls[0]
+
+
+def float_list(ctx, param, value: str) -> tuple[float, ...]:
+    """'1e-4,1e-5' or a range 'start:stop:step' (stop included, step > 0, start <= stop)."""
+    try:
+        if ":" in value:
+            start, stop, step = (float(v) for v in value.split(":"))
+            if not step > 0 or start > stop:
+                raise click.BadParameter(f"a range start:stop:step needs step > 0 and start <="
+                                         f" stop, got '{value}'")
+            count = round((stop - start) / step) + 1
+            return tuple(round(start + i * step, 10) for i in range(count))
+        return tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError as exc:
+        raise click.BadParameter(f"expected numbers like 1e-4,1e-5 or 0:1:0.1, got '{value}'") \
+            from exc

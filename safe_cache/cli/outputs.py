@@ -1,0 +1,183 @@
+"""What fits give: `report`, `export`, `predict`, `attention`, `correspond`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import rich_click as click
+from rich.table import Table
+
+from .app import (
+    STORAGE_OPTIONS,
+    STORE_ROOT,
+    console,
+    err_console,
+    int_list,
+    main,
+    one_store,
+    print_json,
+    store_filters,
+)
+
+
+@main.command()
+@click.argument("results_dir", default="results", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["table", "md", "csv", "json"]),
+              default="table", show_default=True)
+@click.option("--plots", "plots_dir", default=None, type=click.Path(file_okay=False),
+              help="Write PNG plots (accuracy vs shots, beta curve, lr x wd grid) here.")
+def report(results_dir: str, fmt: str, plots_dir: str | None) -> None:
+    """Mean and std over seeds per dataset, shots and method, beside the paper's numbers."""
+    from ..analysis.report import aggregate, load_results, render, write_plots
+    from ..analysis.tables import ood_table, report_tables
+
+    if not Path(results_dir).is_dir():
+        raise click.UsageError(f"no results folder {results_dir}: fit writes one (fit --out,"
+                               f" default results/), or name the folder: report DIR.")
+    runs = load_results(results_dir)
+    if not runs:
+        raise click.UsageError(f"no result files (shots<K>_seed<S>.json) under {results_dir}")
+    rows = aggregate(runs)
+    if fmt != "table":
+        click.echo(render(rows, fmt), nl=False)
+    else:
+        for table in [*report_tables(rows), ood_table(runs)]:
+            if table is not None:
+                console.print(table)
+    if plots_dir:
+        written = write_plots(rows, runs, plots_dir)
+        err_console.print(f"{len(written)} plots written to {plots_dir}")
+
+
+@main.command()
+@click.argument("result", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Model folder.")
+@click.option("--method", type=click.Choice(["safe", "safe_a"]), default="safe",
+              show_default=True)
+@click.option("--merge", is_flag=True, help="Also write a plain open_clip checkpoint with the "
+              "fine-tuned pooling (beta = 0: the blend is lost).")
+@click.option("--weights", default=None, help="With --merge, for a backbone loaded from a local "
+              "file: that file.")
+@click.option("--force", is_flag=True, help="Replace an existing model folder.")
+@STORAGE_OPTIONS
+def export(result: str, out: str, method: str, merge: bool, weights: str | None, force: bool,
+           storage_options: dict | None) -> None:
+    """Write a self-contained model folder from a fit RESULT (its .json)."""
+    from ..export import export_model
+
+    folder = export_model(result, out, method=method, merge=merge, weights=weights,
+                          storage_options=storage_options, force=force)
+    console.print(f"model folder: {folder}")
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("images", nargs=-1, required=True)
+@click.option("--top-k", default=5, show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--weights", default=None, help="The backbone's weights file, for models whose "
+              "backbone was loaded from a local file.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--skip-bad", is_flag=True, help="Go on past unreadable images (listed at the end).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def predict(model_dir: str, images: tuple[str, ...], top_k: int, batch_size: int,
+            weights: str | None, device: str, skip_bad: bool, as_json: bool) -> None:
+    """Classify IMAGES (files or folders) with an exported model."""
+    from ..export import load_model
+    from ..runtime.progress import RichProgress
+
+    model = load_model(model_dir, weights=weights, device=device)
+    with RichProgress() as progress:
+        predictions = model.predict(list(images), top_k=top_k, batch_size=batch_size,
+                                    skip_bad=skip_bad, progress=progress)
+    if as_json:
+        print_json([{"path": p.path, "top": [{"class": c, "probability": v} for c, v in p.top]}
+                     for p in predictions])
+    else:
+        table = Table(title=f"{model.card['method']} on {model.card['dataset']}: top {top_k}")
+        table.add_column("image", overflow="fold")
+        table.add_column("class")
+        table.add_column("probability", justify="right")
+        for p in predictions:
+            for rank, (name, value) in enumerate(p.top):
+                table.add_row(p.path if rank == 0 else "", name, f"{value:.3f}")
+        console.print(table)
+    for skipped in model.skipped:
+        err_console.print(f"[yellow]skipped[/] {skipped}")
+
+
+@main.command()
+@click.option("--store", default=None,
+              help="Store URL [default: the one store under the store root matching --dataset /"
+              " --model / --pretrained].")
+@store_filters
+@click.option("--head", "result", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="A fit result (.json; its .safetensors head is used).")
+@click.option("--images", "rows", default="0,1,2,3", show_default=True, callback=int_list,
+              help="Row ids in the split.")
+@click.option("--split", default="test", show_default=True)
+@click.option("--image-root", default=None, type=click.Path(file_okay=False),
+              help="The dataset's image folder, to draw the maps over the images.")
+@click.option("--per-head", is_flag=True, help="One row of maps per attention head.")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+def attention(store: str | None, dataset: str | None, model: str | None, pretrained: str | None,
+              store_root: str | None, result: str, rows: tuple[int, ...], split: str,
+              image_root: str | None, per_head: bool, out: str) -> None:
+    """Pooling attention of the original and the fine-tuned head, side by side (PNG)."""
+    from ..analysis.attention import attention_maps, plot_attention
+
+    store = store or one_store(dataset=dataset, model=model, pretrained=pretrained,
+                                store_root=store_root)
+    maps = attention_maps(store, result, list(rows), split)
+    written = plot_attention(maps, image_root, out, per_head)
+    console.print(f"{len(written)} attention maps written to {out}")
+
+
+@main.command()
+@click.option("--store", default=None, help="Store URL, whose rows --source / --targets name"
+              " [default, for row ids: the one store under the store root matching --dataset /"
+              " --model / --pretrained].")
+@click.option("--dataset", default=None, help="Without --store: the stores of this dataset.")
+@STORE_ROOT
+@click.option("--source", required=True, help="Row id in the store, or an image file.")
+@click.option("--point", required=True, callback=int_list, help="x,y in the model's input "
+              "pixels (after resize and center crop).")
+@click.option("--targets", required=True, help="Row ids, or image files, comma-separated.")
+@click.option("--split", default="test", show_default=True)
+@click.option("--image-root", default=None, type=click.Path(file_okay=False),
+              help="The dataset's image folder, to draw over the images (store rows).")
+@click.option("--model", default=None, envvar="SAFE_CACHE_MODEL", show_envvar=True,
+              help="For image files [default: RN50]; for row ids, the store's model.")
+@click.option("--pretrained", default=None, envvar="SAFE_CACHE_PRETRAINED", show_envvar=True,
+              help="For image files: tag, file, or 'none' [default: openai]; for row ids, the"
+              " store's weights.")
+@click.option("--cut", default="pool", show_default=True,
+              help="For image files: pool, layer4 (ResNet), lastN (ViT): earlier maps.")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+def correspond(store: str | None, dataset: str | None, store_root: str | None, source: str,
+               point: tuple[int, ...], targets: str, split: str, image_root: str | None,
+               model: str | None, pretrained: str | None, cut: str, out: str) -> None:
+    """Semantic correspondence (the paper's Eq. 1): stored dense maps, or image files through
+    the trunk live at any cut (PNG)."""
+    from ..analysis.correspond import correspond as run_correspond
+    from ..analysis.correspond import correspond_images, plot_correspondence
+
+    if len(point) != 2:
+        raise click.BadParameter("--point takes x,y")
+    target_list = [t for t in targets.split(",") if t]
+    rows = source.isdigit() and all(t.isdigit() for t in target_list)
+    if store or rows:
+        store = store or one_store(dataset=dataset, model=model, pretrained=pretrained,
+                                    store_root=store_root)
+        result = run_correspond(store, int(source), (point[0], point[1]),
+                                [int(t) for t in target_list], split)
+    else:
+        pretrained = "openai" if pretrained is None else pretrained
+        result = correspond_images(model or "RN50",
+                                   None if pretrained.lower() == "none" else pretrained,
+                                   source, (point[0], point[1]), target_list, cut=cut)
+        image_root = "/" if Path(source).is_absolute() else "."
+    written = plot_correspondence(result, image_root, out)
+    for path, xy in zip(result["paths"][1:], result["points"], strict=True):
+        console.print(f"{path}: best match at x={xy[0]}, y={xy[1]}")
+    console.print(f"{len(written)} images written to {out}")

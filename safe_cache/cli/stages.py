@@ -1,0 +1,223 @@
+"""The two stages and the demo: `extract`, `demo`, `fit`."""
+
+from __future__ import annotations
+
+import sys
+
+import rich_click as click
+from rich.table import Table
+
+from .app import (
+    STORAGE_OPTIONS,
+    STORE_ROOT,
+    cluster_options,
+    console,
+    default_stores,
+    err_console,
+    float_list,
+    int_list,
+    main,
+    print_json,
+    store_filters,
+)
+
+
+@main.command()
+@click.option("--dataset", required=True, help="Dataset spec name (see `datasets`) or spec file.")
+@click.option("--root", default=None, type=click.Path(file_okay=False),
+              help="Data root, holding one folder per dataset [default: $SAFE_CACHE_DATA, else"
+              " ./data].")
+@click.option("--model", default="RN50", show_default=True, envvar="SAFE_CACHE_MODEL",
+              show_envvar=True, help="open_clip model or config JSON.")
+@click.option("--pretrained", default="openai", show_default=True, envvar="SAFE_CACHE_PRETRAINED",
+              show_envvar=True,
+              help="open_clip tag, checkpoint file, or 'none' for random weights.")
+@click.option("--store", default=None, help="Store URL [default: <store root>/<dataset>/<model>-"
+              "<pretrained>.zarr].")
+@STORE_ROOT
+@click.option("--shots", default="1,2,4,8,16", show_default=True, callback=int_list)
+@click.option("--seeds", default="1,2,3", show_default=True, callback=int_list)
+@click.option("--views", default=10, show_default=True, help="Augmented views per train image.")
+@click.option("--center-flip/--no-center-flip", default=True, show_default=True,
+              help="Also store the mirrored center view of train images (the safe fit recipe's"
+              " second sample); added to an existing store that lacks it.")
+@click.option("--prompts", default="hand", show_default=True,
+              help="hand, classname, vanilla, or a CuPL JSON file.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--workers", default=2, show_default=True, help="Image decoding processes.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
+              show_default=True, help="Trunk autocast on CUDA; stored maps are float16 anyway.")
+@click.option("--cut", default="pool", show_default=True, help="pool, layer4 (ResNet), lastN.")
+@click.option("--skip-bad", is_flag=True,
+              help="Record unreadable images in the store's manifest and go on.")
+@click.option("--max-pixels", default=None, type=int,
+              help="Images larger than this are unreadable (decompression bombs) [PIL's limit,"
+              " 178,956,970].")
+@click.option("--make-split", is_flag=True, help="Generate a seeded split if none is published.")
+@click.option("--takeover", is_flag=True, help="Take over a stale writer lease.")
+@cluster_options
+@click.option("--task-images", "--shard-images", "task_images", default=256, show_default=True,
+              help="Images per distributed task, rounded up to whole write units"
+              " (--shard-images: its former name).")
+@STORAGE_OPTIONS
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def extract(as_json: bool, storage_options: dict | None, pretrained: str, **options) -> None:
+    """Run the frozen trunk once per image and write dense maps to a store (resumable)."""
+    from ..extract.config import ExtractConfig
+    from ..extract.job import extract as run_extract
+    from ..runtime.progress import RichProgress
+
+    config = ExtractConfig(pretrained=None if pretrained.lower() == "none" else pretrained,
+                           storage_options=storage_options, **options)
+    with RichProgress() as progress:
+        report = run_extract(config, progress)
+    if as_json:
+        print_json(report.__dict__)
+        return
+    table = Table(title=f"extracted into {report.store} in {report.seconds:.1f} s")
+    for column in ("split", "extracted now", "readable rows"):
+        table.add_column(column, justify="right")
+    for split, rows in report.rows.items():
+        table.add_row(split, str(report.extracted.get(split, 0)), str(rows))
+    console.print(table)
+    for skipped in report.skipped:
+        err_console.print(f"[yellow]skipped[/] {skipped['split']}: {skipped['error']}")
+
+
+@main.command()
+@click.option("--stores", "store_root", default="stores", show_default=True,
+              help="Store root (the demo data goes to <stores>/demo-data).")
+@click.option("--model", default="safe-cache-tiny-vit", show_default=True)
+@click.option("--pretrained", default="none", show_default=True,
+              help="'none' (random weights, offline) or a tag such as openai (needs network).")
+@click.option("--workers", default=1, show_default=True)
+@click.option("--iters", default=300, show_default=True, help="Training iterations per run.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def demo(store_root: str, model: str, pretrained: str, workers: int, iters: int,
+         as_json: bool) -> None:
+    """Generate a small shapes dataset, extract it into a store, check it, and fit SAFE."""
+    from ..demo import run_demo
+    from ..runtime.progress import RichProgress
+
+    with RichProgress() as progress:
+        result = run_demo(store_root, model, None if pretrained.lower() == "none" else pretrained,
+                          progress, workers, iters)
+    if as_json:
+        print_json({**result, "results": [r.to_json() for r in result["results"]]})
+    else:
+        table = Table(title=f"demo: extracted in {result['seconds']:.1f} s")
+        for column in ("split", "rows"):
+            table.add_column(column, justify="right")
+        for split, rows in result["rows"].items():
+            table.add_row(split, str(rows))
+        console.print(table)
+        console.print(f"store: {result['store']}")
+        console.print(f"data: {result['data']} (spec {result['spec']})")
+        if result["results"]:
+            from ..analysis.tables import runs_table
+
+            console.print(runs_table(result["results"]))
+            console.print(f"results: {result['data']}/results/ (safe-cache report"
+                          f" {result['data']}/results); plots: {result['data']}/plots/")
+        console.print(f"next: [bold]safe-cache info {result['store']}[/]")
+    if result["problems"]:
+        for problem in result["problems"]:
+            err_console.print(f"[red]problem[/]: {problem}")
+        sys.exit(1)
+
+@main.command()
+@click.option("--store", "stores", multiple=True,
+              help="Store URL (repeat for several stores) [default: every store under the store"
+              " root matching --dataset / --model / --pretrained].")
+@store_filters
+@click.option("--shots", default="1,2,4,8,16", show_default=True, callback=int_list)
+@click.option("--seeds", default="1,2,3", show_default=True, callback=int_list)
+@click.option("--lr", "lrs", default="1e-4,1e-5,1e-6,1e-7", show_default=True,
+              callback=float_list)
+@click.option("--wd", "wds", default="0,1e-3,1e-5", show_default=True, callback=float_list)
+@click.option("--iters", default=12_800, show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--eval-every", default=100, show_default=True)
+@click.option("--beta", default=0.5, show_default=True, help="The blend reported as SAFE.")
+@click.option("--betas", default="0:1:0.1", show_default=True, callback=float_list,
+              help="The beta curve (val and test).")
+@click.option("--blend", type=click.Choice(["blend", "each"]), default="blend", show_default=True,
+              help="blend then normalise (the paper), or normalise each branch first.")
+@click.option("--prompts", default="hand", show_default=True, help="Stored prompt set.")
+@click.option("--methods", default="tip_adapter,tip_adapter_f,safe_a,linear_probe",
+              show_default=True, callback=lambda c, p, v: tuple(
+                  m for m in v.split(",") if m and m != "none"),
+              help="Methods besides zero-shot and SAFE ('none' for none).")
+@click.option("--eval-ood", default="", callback=lambda c, p, v: tuple(
+                  n for n in v.split(",") if n),
+              help="After training on ImageNet, test on these variants' stores (names such as "
+              "imagenet_v2,imagenet_sketch,imagenet_a,imagenet_r, or store URLs).")
+@click.option("--recipe", "--recipes", "recipes", default="safe", show_default=True,
+              help="Training recipe preset(s), comma-separated, each run on the same store:"
+              " safe (the paper's stated values, Cross-Modal Fine-tuning's for the rest),"
+              " views (safe-cache 0.1). The options below change the presets.")
+@click.option("--logit-scale", default=None, metavar="FLOAT|backbone",
+              help="The loss's logit scale [safe: exp(4) = 54.6; views: backbone (CLIP's 100)].")
+@click.option("--warmup", default=None, type=int,
+              help="Linear warmup iterations from 1e-5 [safe: 50; views: 0].")
+@click.option("--train-views", default=None, type=click.Choice(["center+flip", "stored", "all"]),
+              help="Training samples per image [safe: center+flip; views: stored].")
+@click.option("--sampling", default=None, type=click.Choice(["epoch", "replace"]),
+              help="Batches from shuffled epochs or drawn with replacement [safe: epoch].")
+@click.option("--eval-first/--no-eval-first", default=None,
+              help="Evaluate at iterations 0, 100, ... (safe) or after 100, 200, ... and the"
+              " last (views).")
+@click.option("--text-average", default=None, type=click.Choice(["normalised", "raw"]),
+              help="Average the templates' embeddings normalised (Tip-Adapter) or raw"
+              " (Cross-Modal) [normalised].")
+@click.option("--select-on", default="val", show_default=True, type=click.Choice(["val", "test"]),
+              help="Where Tip-Adapter-F and SAFE-A choose their epoch; 'test' reproduces the"
+              " reference code (results labelled test-selected).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", default="results", show_default=True)
+@click.option("--force", is_flag=True, help="Recompute results that exist.")
+@click.option("--cache", default=None, metavar="DIR",
+              help="Keep the feature chunks read from a remote store in this local folder.")
+@cluster_options
+@STORAGE_OPTIONS
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def fit(as_json: bool, storage_options: dict | None, stores: tuple[str, ...], dataset: str | None,
+        model: str | None, pretrained: str | None, store_root: str | None, recipes: str,
+        logit_scale: str | None, warmup: int | None, train_views: str | None,
+        sampling: str | None, eval_first: bool | None, text_average: str | None,
+        **options) -> None:
+    """Train SAFE from a store for every shots x seed: the lr x wd grid at once, early stopping
+    on val, the blend with beta; one result JSON (+ head) per run. Without --store, every store
+    under the store root that matches --dataset / --model / --pretrained, in one job."""
+    from ..fit.config import FitConfig
+    from ..fit.recipe import make_recipe
+    from ..fit.runs import fit_stores
+    from ..runtime.progress import RichProgress
+
+    if logit_scale is not None and logit_scale != "backbone":
+        try:
+            logit_scale = float(logit_scale)
+        except ValueError as exc:
+            raise click.BadParameter(f"{logit_scale!r} is neither a number nor 'backbone'.",
+                                     param_hint="--logit-scale") from exc
+    chosen = [make_recipe(name.strip(), logit_scale=logit_scale, warmup=warmup,
+                          train_views=train_views, sampling=sampling, eval_first=eval_first,
+                          text_average=text_average)
+              for name in recipes.split(",") if name.strip()]
+    if not chosen:
+        raise click.BadParameter("give at least one recipe.", param_hint="--recipe")
+    if not stores:
+        stores = tuple(default_stores(dataset, model, pretrained, store_root, storage_options))
+        err_console.print(f"fitting {len(stores)} store{'s' * (len(stores) > 1)}: "
+                          + ", ".join(stores), highlight=False)
+    configs = [FitConfig(store=store, storage_options=storage_options, recipe=recipe,
+                         **options) for store in stores for recipe in chosen]
+    with RichProgress(unit="it") as progress:
+        results = fit_stores(configs, progress)
+    if as_json:
+        print_json([result.to_json() for result in results])
+        return
+    from ..analysis.tables import runs_table
+
+    console.print(runs_table(results))

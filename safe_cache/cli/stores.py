@@ -1,0 +1,144 @@
+"""Stores: `info`, `ls`, `verify`, `copy`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import rich_click as click
+from rich.table import Table
+
+from .app import (
+    STORAGE_OPTIONS,
+    console,
+    default_stores,
+    err_console,
+    json_object,
+    main,
+    one_store,
+    print_json,
+    store_filters,
+)
+
+
+@main.command()
+@click.argument("store", required=False)
+@store_filters
+@STORAGE_OPTIONS
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info(store: str | None, storage_options: dict | None, as_json: bool, **filters) -> None:
+    """Show a store's manifest, sizes and completeness [STORE default: the one store under the
+    store root matching --dataset / --model / --pretrained]."""
+    from ..store import open_store
+
+    store = store or one_store(**filters, storage_options=storage_options)
+    opened = open_store(store, storage_options=storage_options)
+    manifest, summary = opened.manifest, opened.summary()
+    if as_json:
+        print_json({"manifest": manifest, "splits": summary})
+        return
+    backbone, dataset = manifest["backbone"], manifest["dataset"]
+    head = Table(title=f"store {store}", show_header=False)
+    head.add_column("field", style="bold cyan")
+    head.add_column("value")
+    for key, value in (
+        ("dataset", f"{dataset.get('name')} ({dataset.get('num_classes')} classes)"),
+        ("backbone", f"{backbone.get('model')} / {backbone.get('pretrained')}"),
+        ("fingerprint", manifest["backbone_fingerprint"][:16]),
+        ("dense map", f"T={backbone['T']} C={backbone['C']} D={backbone['D']}"),
+        ("views", str(manifest["views"].get("count"))),
+        ("layout", json.dumps(manifest["layout"])),
+        ("schema / tool", f"{manifest['schema_version']} / {manifest['tool_version']}"),
+        ("created / updated", f"{manifest['created']} / {manifest['updated']}"),
+    ):
+        head.add_row(key, value)
+    console.print(head)
+    table = Table(title="splits")
+    for column in ("split", "rows", "readable", "complete units"):
+        table.add_column(column, justify="right")
+    for split, row in summary.items():
+        done = f"{row['complete_units']}/{row['units']}"
+        style = "green" if row["complete_units"] == row["units"] else "yellow"
+        table.add_row(split, str(row["rows"]), str(row["readable_rows"]), f"[{style}]{done}[/]")
+    console.print(table)
+
+
+@main.command(name="ls")
+@click.argument("root", required=False)
+@STORAGE_OPTIONS
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def ls_command(root: str | None, storage_options: dict | None, as_json: bool) -> None:
+    """List every store under ROOT (a folder or a bucket prefix), one row each [default: the
+    store root, $SAFE_CACHE_STORES or ./stores]."""
+    from ..store.catalog import find_stores
+    from ..store.paths import store_root
+
+    root = store_root(root)
+    rows = find_stores(root, storage_options=storage_options)
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(title=f"stores under {root}")
+    for column in ("store", "dataset", "backbone", "train", "val", "test", "complete"):
+        table.add_column(column)
+    for row in rows:
+        sizes = row["readable_rows"]
+        table.add_row(row["url"], row["dataset"], row["backbone"],
+                      *(str(sizes.get(s, "-")) for s in ("train", "val", "test")),
+                      "yes" if row["complete"] else "[yellow]no[/]")
+    console.print(table)
+
+
+@main.command()
+@click.argument("store", required=False)
+@store_filters
+@STORAGE_OPTIONS
+def verify(store: str | None, storage_options: dict | None, **filters) -> None:
+    """Check schema, manifest, shapes, dtypes, completeness, chunks and values; non-zero on
+    problems [STORE default: every store under the store root matching the filters]."""
+    from ..store.verify import verify_store
+
+    stores = [store] if store else default_stores(**filters, storage_options=storage_options)
+    failed = False
+    for url in stores:
+        problems = verify_store(url, storage_options=storage_options)
+        if not problems:
+            console.print(f"[green]ok[/]: {url}")
+        for problem in problems:
+            err_console.print(f"[red]problem[/]: {url}: {problem}" if len(stores) > 1
+                              else f"[red]problem[/]: {problem}", highlight=False)
+        failed = failed or bool(problems)
+    if failed:
+        sys.exit(1)
+
+
+@main.command(name="copy")
+@click.argument("source")
+@click.argument("destination")
+@click.option("--source-options", default=None, metavar="JSON", callback=json_object,
+              help="fsspec options for SOURCE.")
+@click.option("--destination-options", default=None, metavar="JSON", callback=json_object,
+              help="fsspec options for DESTINATION.")
+@click.option("--no-verify", is_flag=True, help="Skip verifying DESTINATION after the copy.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def copy_command(source: str, destination: str, source_options: dict | None,
+                 destination_options: dict | None, no_verify: bool, as_json: bool) -> None:
+    """Copy a store to a shared location (or fetch one), then verify the copy. Run it again to
+    resume an interrupted copy."""
+    from ..runtime.progress import RichProgress
+    from ..store.transfer import copy_store
+
+    with RichProgress(unit="B") as progress:
+        report = copy_store(source, destination, source_options=source_options,
+                            destination_options=destination_options,
+                            verify=not no_verify, progress=progress)
+    if as_json:
+        print_json(report.__dict__)
+    else:
+        console.print(f"copied {report.objects - report.already_there} of {report.objects}"
+                      f" objects ({report.bytes / 2**20:.1f} MiB) to {destination} in"
+                      f" {report.seconds:.1f} s" + ("" if no_verify else "; verified"))
+    for problem in report.problems:
+        err_console.print(f"[red]problem[/]: {problem}")
+    if report.problems:
+        sys.exit(1)
