@@ -118,18 +118,23 @@ class BatchSampler:
     DataLoader(shuffle=True, drop_last=True) does; fewer samples than a batch give one batch of
     all of them); "replace": every batch drawn with replacement."""
 
-    def __init__(self, samples: int, batch_size: int, mode: str, seed: int) -> None:
+    def __init__(self, samples: int, batch_size: int, mode: str, seed: int,
+                 device: torch.device | str = "cpu") -> None:
         self.samples, self.batch_size, self.mode = samples, batch_size, mode
-        self.generator = torch.Generator().manual_seed(seed)
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.order, self.position = torch.empty(0, dtype=torch.long), 0
 
     def next(self) -> torch.Tensor:
+        """The next batch's indices, drawn on the sampler's device (no host round trip)."""
         if self.mode == "replace":
-            return torch.randint(0, self.samples, (self.batch_size,), generator=self.generator)
+            return torch.randint(0, self.samples, (self.batch_size,), generator=self.generator,
+                                 device=self.device)
         size = min(self.batch_size, self.samples)
         if self.position + size > len(self.order):
-            self.order, self.position = torch.randperm(self.samples,
-                                                       generator=self.generator), 0
+            self.order = torch.randperm(self.samples, generator=self.generator,
+                                        device=self.device)
+            self.position = 0
         batch = self.order[self.position:self.position + size]
         self.position += size
         return batch
@@ -154,7 +159,10 @@ def train_grid(stacked: StackedHeads, data: RunData, classifier: torch.Tensor, s
         stacked, [lr for lr in config.lrs for _ in config.wds],
         [wd for _ in config.lrs for wd in config.wds], config.iters, recipe=recipe)
     best = BestState(stacked.stacked)
-    sampler = BatchSampler(len(data.train_labels), config.batch_size, recipe.sampling, seed)
+    sampler = BatchSampler(len(data.train_labels), config.batch_size, recipe.sampling, seed,
+                           device)
+    # The run's samples live on the device (float16), so a step copies nothing from the host.
+    train_dense, train_labels = data.train_dense.to(device), data.train_labels.to(device)
     val_dense, val_pooled = data.val_dense.to(device), data.val_pooled.to(device)
     val_labels = data.val_labels.to(device)
     points = set(evaluation_points(config.iters, config.eval_every, recipe.eval_first))
@@ -163,8 +171,7 @@ def train_grid(stacked: StackedHeads, data: RunData, classifier: torch.Tensor, s
     task = progress.start(description, config.iters)
     for i in range(config.iters):
         pick = sampler.next()
-        x = data.train_dense[pick].to(device).float()
-        y = data.train_labels[pick].to(device)
+        x, y = train_dense[pick].float(), train_labels[pick]
         logits = scale * F.normalize(stacked(x), dim=-1) @ classifier.T  # (G, B, classes)
         per_config = F.cross_entropy(logits.flatten(0, 1), y.repeat(grid),
                                      reduction="none").view(grid, -1).mean(1)

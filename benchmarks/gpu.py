@@ -1,0 +1,261 @@
+"""The prepared device check: exactness and speed of safe-cache's hot paths on one accelerator,
+as one JSON document. Run it through benchmarks/gpu.sh (one call, under 8 minutes on one GPU):
+
+    bash benchmarks/gpu.sh                 # the full check on CUDA
+    bash benchmarks/gpu.sh --device cpu    # short settings of the same code (CI runs this)
+
+Sections (each one's failure is recorded in the document, the others still run):
+- exactness: the trunk/head split on the device vs the CPU, head(trunk(x)) vs encode_image(x),
+  fp16 / bf16 autocast of the trunk against fp32, and the fast head vs open_clip's module
+  (outputs and every gradient), for RN50 and ViT-B-16 (tiny configs with --device cpu);
+- heads: the fast vs the naive head, forward + backward, batch 8, interleaved rounds;
+- fit: one paper-protocol run through the library's `fit` on a generated store (RN50 shapes,
+  101 classes, 16 shots, the safe recipe's 2 samples per image, 4-shot val, 12,800 iterations,
+  the 12-configuration grid; random weights), its wall time and iterations per second;
+- extract: the whole pipeline (JPEG decode, views, trunk, head, compressed writes) vs the
+  trunk alone on the same images.
+Random weights throughout: speed does not depend on the values, exactness is algebra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from extract import end_to_end, trunk_only, write_dataset
+
+from safe_cache import card_fingerprint, load_backbone
+from safe_cache.fit import FitConfig, fit
+from safe_cache.runtime.device import resolve_device
+from safe_cache.store import StoreLayout, create_store
+
+FULL = {"models": ("RN50", "ViT-B-16"), "fit_model": "RN50", "classes": 101, "shots": 16,
+        "iters": 12_800, "head_rounds": 5, "extract_images": 512, "extract_batch": 128,
+        "workers": 8}
+SHORT = {"models": ("safe-cache-tiny-rn", "safe-cache-tiny-vit"),
+         "fit_model": "safe-cache-tiny-rn", "classes": 5, "shots": 2, "iters": 20,
+         "head_rounds": 2, "extract_images": 16, "extract_batch": 8, "workers": 0}
+
+
+def section(name: str, document: dict, function, *args) -> None:
+    """Run one section; a failure is recorded (with its traceback's last line), not raised."""
+    started = time.perf_counter()
+    try:
+        document[name] = function(*args)
+    except Exception as exc:  # the other sections still run and report
+        document[name] = {"error": f"{type(exc).__name__}: {exc}",
+                          "where": traceback.format_exc().strip().splitlines()[-3:]}
+    document.setdefault("seconds", {})[name] = round(time.perf_counter() - started, 2)
+    print(f"{name}: {document['seconds'][name]} s", file=sys.stderr)
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+
+
+@torch.no_grad()
+def split_checks(model: str, device: torch.device) -> dict:
+    """Device vs CPU, split vs encode_image, autocast vs fp32 (relative max errors)."""
+    cpu, here = load_backbone(model), load_backbone(model, device=device)
+    height, width = cpu.card["image_size"]
+    images = torch.randn(4, 3, height, width, generator=torch.Generator().manual_seed(0))
+    reference = cpu.forward_head(cpu.forward_features(images))
+    dense = here.forward_features(images.to(device))
+    out = {"device_vs_cpu": relative(here.forward_head(dense).cpu(), reference),
+           "split_vs_encode_image": relative(here.forward_head(dense),
+                                             here.model.encode_image(images.to(device)))}
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16} if device.type == "cuda" \
+        else {"bf16": torch.bfloat16}
+    for name, dtype in dtypes.items():
+        with torch.autocast(device.type, dtype=dtype):
+            autocast = here.forward_features(images.to(device))
+        out[f"{name}_dense_vs_fp32"] = relative(autocast, dense)
+        out[f"{name}_pooled_vs_fp32"] = relative(here.forward_head(autocast.float()),
+                                                 here.forward_head(dense))
+    return out
+
+
+def head_checks(model: str, device: torch.device) -> dict:
+    """The fast head vs open_clip's module on the device: outputs and every gradient."""
+    backbone = load_backbone(model, device=device)
+    card = backbone.card
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(8, card["T"], card["C"], generator=generator).relu().to(device)
+    probe = torch.randn(8, card["D"], generator=generator).to(device)
+    results = {}
+    for name, head in (("fast", backbone.new_head()), ("naive", backbone.naive_head())):
+        head = head.to(device).requires_grad_(True)
+        inputs = x.clone().requires_grad_(True)
+        out = head(inputs)
+        (out * probe).sum().backward()
+        results[name] = (out.detach(), inputs.grad, {n: p.grad for n, p in
+                                                     head.named_parameters()})
+    fast, naive = results["fast"], results["naive"]
+    names = [n for n in naive[2] if n in fast[2]]  # relative to the largest gradient: some
+    scale = max(naive[2][n].abs().max().item() for n in names)  # are exactly zero
+    return {"output": relative(fast[0], naive[0]), "input_grad": relative(fast[1], naive[1]),
+            "max_param_grad": max((fast[2][n] - naive[2][n]).abs().max().item()
+                                  for n in names) / scale}
+
+
+def head_speed(model: str, device: torch.device, rounds: int) -> dict:
+    """Forward + backward of one head, batch 8: fast vs naive, interleaved, median ms."""
+    backbone = load_backbone(model, device=device)
+    card = backbone.card
+    x = torch.randn(8, card["T"], card["C"], device=device).relu()
+    heads = {"fast": backbone.new_head().to(device), "naive": backbone.naive_head().to(device)
+             .requires_grad_(True)}
+    times: dict[str, list[float]] = {name: [] for name in heads}
+    for _ in range(rounds):
+        for name, head in heads.items():
+            for step in range(6):  # 1 warm-up + 5 timed
+                if step == 1:
+                    _sync(device)
+                    started = time.perf_counter()
+                head(x).sum().backward()
+            _sync(device)
+            times[name].append((time.perf_counter() - started) / 5 * 1000)
+    medians = {name: float(np.median(values)) for name, values in times.items()}
+    return {"fast_ms": medians["fast"], "naive_ms": medians["naive"],
+            "speedup": medians["naive"] / medians["fast"]}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def protocol_store(folder: Path, model: str, classes: int, shots: int) -> str:
+    """A store of `model`-shaped maps (RN50: T 49, C 2048, D 1024): `shots` train images a
+    class with their mirrored view, 4-shot val, 2 test images a class; a random head."""
+    backbone = load_backbone(model)
+    card = backbone.card
+    url = str(folder / "protocol.zarr")
+    rng = np.random.default_rng(0)
+    counts = {"train": shots, "val": min(shots, 4), "test": 2}
+    with create_store(url, card, card_fingerprint(card), {"name": "protocol",
+                      "num_classes": classes, "classnames": [str(c) for c in range(classes)]},
+                      views={"count": 1, "seed": 0}, layout=StoreLayout(chunk_images=64),
+                      center_flip=True) as store:
+        rows = {}
+        for split, per_class in counts.items():
+            labels = np.repeat(np.arange(classes), per_class)
+            rows[split] = store.append_rows(split, [f"{split}/{i}" for i in range(len(labels))],
+                                            labels)
+            unit = store.layout.unit
+            for start in range(0, len(labels), unit):
+                n = min(unit, len(labels) - start)
+                maps = rng.random((n, card["T"], card["C"]), dtype=np.float32)
+                pooled = rng.random((n, card["D"]), dtype=np.float32)
+                features = {"dense": maps, "pooled": pooled}
+                if split == "train":
+                    features.update(flip_dense=maps[:, ::-1], flip_pooled=pooled,
+                                    aug_dense=maps[:, None], aug_pooled=pooled[:, None])
+                store.write_unit(split, start // unit, features)
+        store.write_fewshot(1, shots, rows["train"], rows["val"])
+        classifier = F.normalize(torch.randn(classes, card["D"]), dim=-1).numpy()
+        store.write_classifier("hand", classifier, [[str(c)] for c in range(classes)])
+        store.write_head({k: v.numpy() for k, v in backbone.head.state_dict().items()},
+                         backbone.model_config)
+    return url
+
+
+def protocol_fit(device: torch.device, settings: dict) -> dict:
+    folder = Path(tempfile.mkdtemp())
+    try:
+        url = protocol_store(folder, settings["fit_model"], settings["classes"],
+                             settings["shots"])
+        config = FitConfig(store=url, shots=(settings["shots"],), seeds=(1,),
+                           iters=settings["iters"], device=str(device), methods=(),
+                           out=str(folder / "results"))
+        started = time.perf_counter()
+        (record,) = fit(config)
+        wall = time.perf_counter() - started
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"model": settings["fit_model"], "classes": settings["classes"],
+            "shots": settings["shots"],
+            "iters": settings["iters"], "configurations": len(record.grid),
+            "train_samples": record.train_samples, "wall_s": round(wall, 2),
+            "train_s": round(record.timings["train_s"], 2),
+            "train_iters_per_s": round(record.timings["train_iters_per_s"], 1),
+            "graphed": False, "note": "eager: CUDA graphs are not implemented yet"}
+
+
+def extract_ratio(device: torch.device, settings: dict) -> dict:
+    root = Path(tempfile.mkdtemp())
+    try:
+        write_dataset(root, settings["extract_images"])
+        model = settings["models"][0]
+        pipeline, _, images = end_to_end(root, model, settings["extract_batch"],
+                                         settings["workers"], str(device))
+        trunk = trunk_only(model, images, settings["extract_batch"], device)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return {"model": model, "images": images, "pipeline_images_per_s": images / pipeline,
+            "trunk_only_images_per_s": images / trunk, "ratio": trunk / pipeline,
+            "workers": settings["workers"], "target_ratio": 0.9}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--short", action="store_true", help="Short settings (default on CPU).")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    settings = SHORT if args.short or device.type == "cpu" else FULL
+    document: dict = {"benchmark": "gpu", "device": str(device), "torch": torch.__version__,
+                      "settings": "short" if settings is SHORT else "full",
+                      "host": platform.node(), "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        document["gpu"] = torch.cuda.get_device_name(device)
+    for model in settings["models"]:
+        section(f"split_{model}", document, split_checks, model, device)
+        section(f"head_exact_{model}", document, head_checks, model, device)
+        section(f"head_speed_{model}", document, head_speed, model, device,
+                settings["head_rounds"])
+    section("fit", document, protocol_fit, device, settings)
+    section("extract", document, extract_ratio, device, settings)
+    errors = [name for name, value in document.items()
+              if isinstance(value, dict) and "error" in value]
+    document["errors"] = errors
+    document["exactness_failures"] = failures = exactness_failures(document, device)
+    print(json.dumps(document, indent=2))
+    sys.exit(1 if errors or failures else 0)
+
+
+# Relative max errors allowed. On CUDA, cuDNN convolutions may use TF32 (torch's default), so a
+# ResNet trunk differs from the CPU's by ~1e-3; everything else is float32 arithmetic.
+TOLERANCES = {"device_vs_cpu": (1e-5, 1e-2), "split_vs_encode_image": (1e-5, 1e-4),
+              "bf16_pooled_vs_fp32": (1e-1, 1e-1), "fp16_pooled_vs_fp32": (1e-2, 1e-2),
+              "output": (1e-4, 1e-3), "input_grad": (1e-4, 1e-3), "max_param_grad": (1e-3, 1e-2)}
+
+
+def exactness_failures(document: dict, device: torch.device) -> list[str]:
+    """Every exactness figure over its tolerance (CPU, CUDA)."""
+    failures = []
+    for name, value in document.items():
+        if not (name.startswith(("split_", "head_exact_")) and isinstance(value, dict)):
+            continue
+        for metric, figure in value.items():
+            if metric in TOLERANCES:
+                limit = TOLERANCES[metric][device.type == "cuda"]
+                if not figure <= limit:
+                    failures.append(f"{name}.{metric} = {figure:.3g} > {limit:g}")
+    return failures
+
+
+if __name__ == "__main__":
+    main()
