@@ -22,13 +22,14 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def stream_split(store: FeatureStore, split: str, chunk: int = 256,
-                 rows: np.ndarray | None = None
+                 rows: np.ndarray | None = None, *, checked: bool = False
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(dense float32, original pooled, labels int64) of the split's readable rows (or of
     `rows`), `chunk` rows at a time, on the CPU. Every chunk object they need is checked to
-    exist first (a missing one would read as zeros)."""
+    exist first (a missing one would read as zeros), unless the caller did (`checked`)."""
     rows = store.readable_rows(split) if rows is None else rows
-    store.check_rows(split, rows, ("dense", "pooled"))
+    if not checked:
+        store.check_rows(split, rows, ("dense", "pooled"))
     for start in range(0, len(rows), chunk):
         part = rows[start:start + chunk]
         dense = torch.from_numpy(store.read_rows(split, "dense", part)).float()
@@ -38,11 +39,11 @@ def stream_split(store: FeatureStore, split: str, chunk: int = 256,
 
 
 @torch.no_grad()
-def pooled_split(store: FeatureStore, split: str, head, chunk: int, device
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pooled_split(store: FeatureStore, split: str, head, chunk: int, device, *,
+                 checked: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(original pooled, fine-tuned pooled, labels) of a whole split, on `device`."""
     originals, finetuned, labels = [], [], []
-    for dense, pooled, label in stream_split(store, split, chunk):
+    for dense, pooled, label in stream_split(store, split, chunk, checked=checked):
         finetuned.append(head(dense.to(device)))
         originals.append(pooled)
         labels.append(label)

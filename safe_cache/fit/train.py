@@ -230,7 +230,7 @@ def fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
     trained = time.perf_counter()
     val = (data.val_pooled.to(device), _no_grad(head, data.val_dense.to(device).float()),
            data.val_labels.to(device))
-    test = pooled_split(store, "test", head, config.test_chunk, device)
+    test = pooled_split(store, "test", head, config.test_chunk, device, checked=True)
     summary = evaluate_safe(val, test, classifier, config.beta, config.betas, config.blend)
     methods = summary.pop("methods")
     extra, predictors, cache = _adapters(store, head, data, {"val": val, "test": test},

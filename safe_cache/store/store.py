@@ -191,7 +191,8 @@ class FeatureStore:
         """`rows` (ids a user typed) checked: each a readable row of the split, and their
         chunks present; an error names the bad id and the valid range."""
         readable = self.readable_rows(split)
-        bad = [int(r) for r in rows if int(r) not in set(readable.tolist())]
+        known = set(readable.tolist())
+        bad = [int(r) for r in rows if int(r) not in known]
         if bad:
             low, high = (int(readable.min()), int(readable.max())) if readable.size else (0, -1)
             raise StoreError(f"{self.url}: row {bad[0]} is not a readable row of {split} (rows"
