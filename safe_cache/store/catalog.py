@@ -43,6 +43,12 @@ def find_stores(root: str, *, storage_options: dict | None = None) -> list[dict[
     return rows
 
 
+def _model_name(model: str) -> str:
+    """--model as the backbone card names it: a config file by its stem, an open_clip name with
+    '/' as '-' (model.backbone.resolve_model's rule)."""
+    return Path(model).stem if model.endswith(".json") else model.replace("/", "-")
+
+
 def _weights_match(stored: str | None, wanted: str) -> bool:
     """--pretrained as typed (a tag, 'none', or a checkpoint file) against a card's."""
     if wanted.lower() == "none":
@@ -63,7 +69,7 @@ def select_stores(root: str | None = None, *, dataset: str | None = None,
     found = [] if missing else find_stores(root, storage_options=storage_options)
     chosen = [row["url"] for row in found
               if (dataset is None or row["dataset"] == dataset)
-              and (model is None or row["model"] == Path(model).stem.replace("/", "-"))
+              and (model is None or row["model"] == _model_name(model))
               and (pretrained is None or _weights_match(row["pretrained"], pretrained))]
     if chosen:
         return chosen
