@@ -34,6 +34,11 @@ class DatasetError(SafeCacheError):
     """A dataset spec, layout, split file or prompt source is missing or malformed."""
 
 
+class FetchError(DatasetError):
+    """A dataset download, checksum, unpacking or layout step failed; the message names the file
+    and whether running the command again resumes it."""
+
+
 class ImageReadError(SafeCacheError):
     """An image could not be opened or decoded."""
 
@@ -80,6 +85,7 @@ __all__ = [
     "ConfigError",
     "DatasetError",
     "ExtractError",
+    "FetchError",
     "ImageReadError",
     "ModelConfigError",
     "ModelFolderError",

@@ -119,3 +119,42 @@ def write_every_layout(root: Path) -> None:
     write_fgvc(root)
     write_imagenet(root)
     write_imagenet_variants(root)
+
+
+UCF_ACTIONS = {"ApplyEyeMakeup": "Apply_Eye_Makeup", "YoYo": "Yo_Yo",
+               "HandstandPushups": "Handstand_Pushups"}
+UCF_FRAMES = 9  # frame i is a flat grey of 20 * i: the middle frame (4) reads 80
+
+
+def _video(path: Path, frames: int = UCF_FRAMES) -> None:
+    import av
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for i in range(frames):
+            image = np.full((32, 32, 3), 20 * i, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def write_ucf101_videos(root: Path, per_class: dict[str, int] | None = None) -> dict:
+    """The official release's layout, UCF-101/<Action>/v_<Action>_gNN_c01.avi, and CoOp's split
+    file naming the middle frames (<Camel_Case_Words>/v_..._gNN_c01.jpg). One action has the
+    real set's quirk: its files spell it differently from its folder (HandStandPushups)."""
+    folder = root / "ucf101"
+    split: dict[str, list] = {}
+    counter = 0
+    for part, count in (per_class or {"train": 2, "val": 1, "test": 1}).items():
+        split[part] = []
+        for label, (action, words) in enumerate(UCF_ACTIONS.items()):
+            spelled = "HandStandPushups" if action == "HandstandPushups" else action
+            for _ in range(count):
+                counter += 1
+                stem = f"v_{spelled}_g{counter:02d}_c01"
+                _video(folder / "UCF-101" / action / f"{stem}.avi")
+                split[part].append([f"{words}/{stem}.jpg", label, words])
+    (folder / "split_zhou_UCF101.json").write_text(json.dumps(split))
+    return split

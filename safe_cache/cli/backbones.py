@@ -1,4 +1,4 @@
-"""Backbones and datasets: `backbone`, `models`, `datasets`."""
+"""Backbones: `backbone`, `models`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from rich.table import Table
 
 from .app import (
     console,
-    err_console,
     main,
     print_json,
 )
@@ -65,51 +64,4 @@ def models(show_all: bool, as_json: bool) -> None:
         table.add_column(column)
     for row in rows:
         table.add_row(row["model"], row["family"], str(row["image_size"]), ", ".join(row["tags"]))
-    console.print(table)
-
-
-@main.command()
-@click.option("--root", default=None, type=click.Path(file_okay=False),
-              help="Data root holding one folder per dataset: mark which are present [default:"
-              " $SAFE_CACHE_DATA, else ./data where it exists].")
-@click.option("--make-split", "make_split", metavar="DATASET", default=None,
-              help="Write a seeded split (CoOp proportions) for DATASET under the data root when"
-              " its published split file is missing. Its numbers are not comparable with"
-              " papers'.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def datasets(root: str | None, make_split: str | None, as_json: bool) -> None:
-    """List the known datasets: folder, classes, split sizes, and presence under the data
-    root."""
-    from ..data.datasets import dataset_status, list_specs, open_dataset, resolve_data_root
-
-    data_root = resolve_data_root(root)
-    root = str(data_root.path) if data_root.source != "default" or data_root.path.is_dir() \
-        else None
-    if make_split:
-        dataset = open_dataset(make_split, root, make_split=True)
-        where = dataset.split_source
-        err_console.print(f"{dataset.spec.name}: split {where} "
-                          f"({', '.join(f'{k} {len(v)}' for k, v in dataset.splits.items())})")
-
-    rows = [{
-        "name": spec.name, "kind": spec.kind, "folder": spec.folder,
-        "classes": spec.num_classes, "split_sizes": spec.split_sizes,
-        "status": dataset_status(spec, root),
-    } for spec in list_specs()]
-    if as_json:
-        print_json(rows)
-        return
-    table = Table(title="datasets" + (f" under {root}" if root else ""))
-    table.add_column("dataset", no_wrap=True)
-    table.add_column("folder", overflow="fold")
-    for column in ("classes", "train", "val", "test"):
-        table.add_column(column, justify="right")
-    table.add_column("status")
-    for row in rows:
-        sizes = row["split_sizes"]
-        status = row["status"]
-        style = {"present": "green", "missing": "red"}.get(status, "yellow")
-        table.add_row(row["name"], row["folder"] + "/", str(row["classes"]),
-                      *(f"{sizes[s]:,}" if s in sizes else "-" for s in ("train", "val", "test")),
-                      f"[{style}]{status}[/]" if root else status)
     console.print(table)

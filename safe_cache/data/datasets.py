@@ -2,7 +2,8 @@
 
 A dataset is a spec file (pipelines/*.json, shipped in the package as `safe_cache.pipelines`):
 its folder under the data root, its image folder, where its split and class names come from,
-its prompt templates and its Tip-Adapter search ranges. `--dataset` takes a spec name or a path
+its prompt templates, its Tip-Adapter search ranges, and where its files download from
+(`sources`, used by `datasets fetch`, data.fetch). `--dataset` takes a spec name or a path
 to a spec file, so a user's own dataset is a spec (kind `imagefolder`), not code. Readers turn a
 layout into `Dataset`: class names plus train/val/test entries whose paths are relative to the
 image folder (a path that would leave it is refused).
@@ -23,6 +24,7 @@ from typing import Any
 
 from ..errors import DatasetError, SafeCacheWarning
 from ..identity import file_sha256
+from .sources import Source, parse_sources
 
 SPLITS = ("train", "val", "test")
 COOP_PROPORTIONS = (0.5, 0.2)  # train, val; the rest is test (CoOp's read_and_split_data)
@@ -47,6 +49,9 @@ class DatasetSpec:
     split_seed: int = 1
     csv: dict[str, str] | None = None
     notes: str = ""
+    sources: tuple[Source, ...] = ()  # what `datasets fetch` downloads (see data.sources)
+    build: str | None = None  # a step after unpacking (ucf101: middle frames from the videos)
+    manual: str = ""  # what fetch cannot download (sign-in, dead links): where to put what
     path: str | None = None  # where the spec was read from
 
     @classmethod
@@ -67,6 +72,7 @@ class DatasetSpec:
             raise DatasetError(f"Dataset spec {path}: unknown kind '{raw['kind']}'; known kinds:"
                                f" {', '.join(sorted(READERS))}.")
         raw["templates"] = tuple(raw.get("templates", cls.templates))
+        raw["sources"] = parse_sources(raw.get("sources", []), f"Dataset spec {path}")
         return cls(**raw, path=str(path))
 
 
@@ -175,6 +181,9 @@ def _not_found(spec: DatasetSpec, root: DataRoot) -> DatasetError:
     if spec.split_file:
         expected += f" and {spec.folder}/{spec.split_file}"
     source = f" Where to get it: {spec.split_source}." if spec.split_source else ""
+    if spec.sources and spec.path and Path(spec.path).parent == _spec_dir():
+        source = (f" `safe-cache datasets fetch {spec.name} --root {root.path}` downloads it"
+                  f"{' (partly: see its instructions)' if spec.manual else ''}.{source}")
     return DatasetError(
         f"{spec.name}: no folder {root.path.absolute() / spec.folder}. The data root is"
         f" {root.path}"

@@ -1,0 +1,135 @@
+"""Datasets: `datasets` (the table of known datasets) and `datasets fetch`."""
+
+from __future__ import annotations
+
+import rich_click as click
+from rich.table import Table
+
+from .app import console, err_console, main, print_json
+
+
+def _size(n: int | None) -> str:
+    return "unknown" if n is None else f"about {n / 1e9:,.2f} GB" if n >= 1e8 \
+        else f"about {n / 1e6:,.1f} MB"
+
+
+@main.group(invoke_without_command=True)
+@click.option("--root", default=None, type=click.Path(file_okay=False),
+              help="Data root holding one folder per dataset: mark which are present [default:"
+              " $SAFE_CACHE_DATA, else ./data where it exists].")
+@click.option("--make-split", "make_split", metavar="DATASET", default=None,
+              help="Write a seeded split (CoOp proportions) for DATASET under the data root when"
+              " its published split file is missing. Its numbers are not comparable with"
+              " papers'.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def datasets(ctx: click.Context, root: str | None, make_split: str | None,
+             as_json: bool) -> None:
+    """List the known datasets: folder, classes, split sizes, and presence under the data
+    root. `datasets fetch NAME` downloads one."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from ..data.datasets import dataset_status, list_specs, open_dataset, resolve_data_root
+
+    data_root = resolve_data_root(root)
+    root = str(data_root.path) if data_root.source != "default" or data_root.path.is_dir() \
+        else None
+    if make_split:
+        dataset = open_dataset(make_split, root, make_split=True)
+        where = dataset.split_source
+        err_console.print(f"{dataset.spec.name}: split {where} "
+                          f"({', '.join(f'{k} {len(v)}' for k, v in dataset.splits.items())})")
+
+    rows = [{
+        "name": spec.name, "kind": spec.kind, "folder": spec.folder,
+        "classes": spec.num_classes, "split_sizes": spec.split_sizes,
+        "status": dataset_status(spec, root),
+        "fetch": "download" if any(s.unpack for s in spec.sources) else
+                 "split; images by hand" if spec.sources else "by hand",
+    } for spec in list_specs()]
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(title="datasets" + (f" under {root}" if root else ""))
+    table.add_column("dataset", no_wrap=True)
+    table.add_column("folder", overflow="fold")
+    for column in ("classes", "train", "val", "test"):
+        table.add_column(column, justify="right")
+    table.add_column("status")
+    table.add_column("fetch")
+    for row in rows:
+        sizes = row["split_sizes"]
+        status = row["status"]
+        style = {"present": "green", "missing": "red"}.get(status, "yellow")
+        table.add_row(row["name"], row["folder"] + "/", str(row["classes"]),
+                      *(f"{sizes[s]:,}" if s in sizes else "-" for s in ("train", "val", "test")),
+                      f"[{style}]{status}[/]" if root else status, row["fetch"])
+    console.print(table)
+
+
+def _print_plan(plans: list) -> None:
+    table = Table(title="datasets fetch --dry-run")
+    for column in ("dataset", "file", "from", "state", "size"):
+        table.add_column(column, overflow="fold")
+    for plan in plans:
+        if plan.status == "present":
+            table.add_row(plan.spec.name, "-", "-", "[green]present: left alone[/]", "-")
+        for state in plan.sources:
+            table.add_row(plan.spec.name, state.source.file, state.source.url, state.state,
+                          _size(state.source.approx_bytes))
+        if plan.manual:
+            table.add_row(plan.spec.name, "-", "-", f"[yellow]by hand:[/] {plan.manual}", "-")
+    console.print(table)
+    needed = sum(p.disk_bytes for p in plans if p.status != "present")
+    unknown = [f for p in plans for f in p.unknown_sizes]
+    extra = f", plus {len(unknown)} file(s) of unknown size ({', '.join(unknown)})" \
+        if unknown else ""
+    err_console.print(f"disk needed while fetching: {_size(needed)}{extra}: archives plus their"
+                      f" contents; about half stays after (all with --keep-archives)")
+
+
+@datasets.command()
+@click.argument("names", metavar="NAME[,NAME...]")
+@click.option("--root", default=None, type=click.Path(file_okay=False),
+              help="Data root to put the dataset folders in [default: $SAFE_CACHE_DATA, else"
+              " ./data].")
+@click.option("--sources", "sources_file", default=None, type=click.Path(dir_okay=False),
+              help="JSON file replacing the specs' sources per dataset (a mirror) [default:"
+              " $SAFE_CACHE_SOURCES].")
+@click.option("--keep-archives", is_flag=True,
+              help="Keep the downloaded archives (under ROOT/.fetch/) after unpacking.")
+@click.option("--workers", default=None, type=click.IntRange(1),
+              help="Processes that cut UCF101's frames [default: cores - 1].")
+@click.option("--dry-run", is_flag=True,
+              help="List what would be downloaded, from where, and the disk needed; fetch"
+              " nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def fetch(names: str, root: str | None, sources_file: str | None, keep_archives: bool,
+          workers: int | None, dry_run: bool, as_json: bool) -> None:
+    """Download NAME (or 'all'), check every checksum, lay it out as its spec says, and check
+    it with the reader. Resumable; a complete folder is left alone."""
+    from ..data.datasets import resolve_data_root
+    from ..data.fetch import fetch as fetch_datasets
+    from ..data.fetch import plan_fetch
+    from ..runtime.progress import RichProgress
+
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    data_root = resolve_data_root(root).path
+    if dry_run:
+        plans = plan_fetch(wanted, data_root, sources=sources_file)
+        print_json([p.as_json() for p in plans]) if as_json else _print_plan(plans)
+        return
+    with RichProgress(unit="B") as progress:
+        reports = fetch_datasets(wanted, data_root, sources=sources_file,
+                                 keep_archives=keep_archives, progress=progress,
+                                 workers=workers)
+    if as_json:
+        print_json([r.as_json() for r in reports])
+        return
+    table = Table(title=f"datasets fetch under {data_root}")
+    for column in ("dataset", "status", "folder", "downloaded", "seconds"):
+        table.add_column(column, overflow="fold")
+    for r in reports:
+        table.add_row(r.dataset, r.status, r.folder, ", ".join(r.downloaded) or "-",
+                      f"{r.seconds:.1f}")
+    console.print(table)
