@@ -264,3 +264,11 @@ def test_full_disk_is_one_line_naming_the_file_and_resumes(mirror, tmp_path, mon
     monkeypatch.undo()
     [report] = fetch(["eurosat"], tmp_path, sources=mirror.sources)
     assert report.status == "fetched"
+
+
+def test_keep_archives_keeps_the_checked_downloads(mirror, tmp_path):
+    fetch(["eurosat"], tmp_path, sources=mirror.sources, keep_archives=True)
+    downloads = tmp_path / WORK_DIR / "eurosat" / "downloads"
+    assert sorted(p.name for p in downloads.iterdir()) == ["EuroSAT.zip",
+                                                           "split_zhou_EuroSAT.json"]
+    assert not (tmp_path / WORK_DIR / "eurosat" / "stage").exists()
