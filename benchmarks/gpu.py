@@ -73,9 +73,9 @@ def split_checks(model: str, device: torch.device) -> dict:
     images = torch.randn(4, 3, height, width, generator=torch.Generator().manual_seed(0))
     reference = cpu.forward_head(cpu.forward_features(images))
     dense = here.forward_features(images.to(device))
+    encoded = here.model.encode_image(images.to(device), normalize=False)
     out = {"device_vs_cpu": relative(here.forward_head(dense).cpu(), reference),
-           "split_vs_encode_image": relative(here.forward_head(dense),
-                                             here.model.encode_image(images.to(device)))}
+           "split_vs_encode_image": relative(here.forward_head(dense), encoded)}
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16} if device.type == "cuda" \
         else {"bf16": torch.bfloat16}
     for name, dtype in dtypes.items():

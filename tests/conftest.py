@@ -12,7 +12,8 @@ import torch
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-TINY_MODELS = ("safe-cache-tiny-rn", "safe-cache-tiny-vit")
+TINY_MODELS = ("safe-cache-tiny-rn", "safe-cache-tiny-vit", "safe-cache-tiny-map",
+               "safe-cache-tiny-map-cls", "safe-cache-tiny-coca")  # one per family and form
 
 
 @functools.cache

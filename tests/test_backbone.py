@@ -30,7 +30,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def assert_split_exact(backbone, batch: int = 2) -> None:
     images = images_for(backbone, batch)
     with torch.no_grad():
-        expected = backbone.model.encode_image(images)
+        expected = backbone.model.encode_image(images, normalize=False)
     dense = backbone.trunk(images)
     assert dense.shape == (batch, backbone.card["T"], backbone.card["C"])
     actual = backbone.head(dense)
@@ -55,7 +55,8 @@ def test_earlier_cut_is_exact(load_cached, name, cut):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["RN50", "ViT-B-16"])
+@pytest.mark.parametrize("name", ["RN50", "ViT-B-16", "PE-Core-B-16", "ViT-B-16-SigLIP2",
+                                  "coca_ViT-B-32"])
 def test_real_architectures_split_is_exact(load_cached, name):
     assert_split_exact(load_cached(name), batch=2)
 
@@ -72,6 +73,18 @@ def test_dense_shapes_match_paper(load_cached):
     assert (card["T"], card["C"], card["D"], card["grid"]) == (49, 2048, 1024, [7, 7])
     card = load_cached("ViT-B-16").card
     assert (card["T"], card["C"], card["D"], card["grid"]) == (197, 768, 512, [14, 14])
+
+
+@pytest.mark.slow
+def test_attention_pool_families_shapes(load_cached):
+    """PE-Core keeps its class token among the pooled tokens; SigLIP has none; CoCa's pooler
+    reads the class token too; SigLIP carries a logit bias."""
+    pe, siglip, coca = (load_cached(n).card for n in ("PE-Core-B-16", "ViT-B-16-SigLIP2",
+                                                      "coca_ViT-B-32"))
+    assert (pe["family"], pe["T"], pe["C"], pe["D"]) == ("map", 197, 768, 1024)
+    assert (siglip["family"], siglip["T"], siglip["C"], siglip["D"]) == ("map", 196, 768, 768)
+    assert siglip["logit_bias"] == -10.0 and pe["logit_bias"] is None
+    assert (coca["family"], coca["T"], coca["C"], coca["D"]) == ("coca", 50, 768, 512)
 
 
 def test_model_is_frozen_and_in_eval_mode(tiny):
@@ -119,7 +132,7 @@ def test_head_keys_are_open_clip_visual_keys(tiny):
     assert not result.unexpected_keys
     images = images_for(tiny)
     with torch.no_grad():
-        merged = clip.encode_image(images)
+        merged = clip.encode_image(images, normalize=False)
     assert relative_error(tuned(tiny.trunk(images)), merged) <= 1e-4
 
 
@@ -175,7 +188,7 @@ def test_local_checkpoint_file(tmp_path, fmt):
     assert backbone.card["init_seed"] is None
     images = images_for(backbone)
     with torch.no_grad():
-        expected = source.encode_image(images)
+        expected = source.encode_image(images, normalize=False)
     assert relative_error(backbone.head(backbone.trunk(images)), expected) <= 1e-5
 
 
@@ -207,7 +220,7 @@ def test_openai_torchscript_archive(tmp_path):
     backbone = load_backbone("safe-cache-tiny-rn", str(path))  # no QuickGELU warning here
     images = images_for(backbone)
     with torch.no_grad():
-        expected = source.encode_image(images)
+        expected = source.encode_image(images, normalize=False)
     assert relative_error(backbone.head(backbone.trunk(images)), expected) <= 1e-5
 
 
@@ -273,11 +286,17 @@ def test_offline_uses_a_cached_tag_without_network(tmp_path):
 
 # --- models ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["convnext_base", "ViT-B-16-SigLIP", "ViT-L-14-CLIPA",
-                                  "coca_ViT-B-32", "EVA02-B-16"])
+@pytest.mark.parametrize("name", ["convnext_base", "ViT-L-14-CLIPA", "EVA02-B-16"])
 def test_unsupported_architectures_are_refused(name):
     with pytest.raises(UnsupportedModelError, match=r"ModifiedResNet.*VisionTransformer"):
         load_backbone(name)
+
+
+def test_a_tower_without_attention_pooling_says_why_safe_does_not_apply():
+    with pytest.raises(UnsupportedModelError, match=r"convnext_base pools by 'its own head',"
+                                                    r" without attention: SAFE fine-tunes an"
+                                                    r" attention-pooling layer"):
+        load_backbone("convnext_base")
 
 
 def test_family_of_checks_the_built_module():
@@ -285,8 +304,11 @@ def test_family_of_checks_the_built_module():
 
     pooled = VisionTransformer(32, 8, 32, 1, 2, 4.0, attentional_pool=True, output_dim=16,
                                attn_pooler_queries=4, attn_pooler_heads=2)
-    with pytest.raises(UnsupportedModelError, match="attentional pooler"):
-        family_of(pooled)
+    assert family_of(pooled) == "coca"
+    parallel = VisionTransformer(32, 8, 32, 1, 2, 4.0, attentional_pool="parallel",
+                                 output_dim=16, attn_pooler_queries=4, attn_pooler_heads=2)
+    with pytest.raises(UnsupportedModelError, match=r"second \(contrastive\) attentional pooler"):
+        family_of(parallel)
     with pytest.raises(UnsupportedModelError, match="Linear"):
         family_of(torch.nn.Linear(2, 2))
 
@@ -296,6 +318,8 @@ def test_architecture_listing_classifies_families():
     assert families["RN50"] == "resnet" and families["ViT-B-16"] == "vit"
     assert families["safe-cache-tiny-rn"] == "resnet"
     assert families["convnext_base"] == "unsupported"
+    assert families["PE-Core-B-16"] == families["ViT-B-16-SigLIP2"] == "map"
+    assert families["coca_ViT-B-32"] == families["safe-cache-tiny-coca"] == "coca"
 
 
 def test_model_config_file(tmp_path):

@@ -68,7 +68,9 @@ def test_errors_are_messages_not_tracebacks():
 def test_models_lists_supported_families_only_by_default():
     result = CliRunner().invoke(main, ["models", "--json"])
     rows = json.loads(result.output)
-    assert {row["family"] for row in rows} == {"resnet", "vit"}
+    assert {row["family"] for row in rows} == {"resnet", "vit", "map", "coca"}
+    names = {row["model"] for row in rows}
+    assert {"PE-Core-B-16", "ViT-B-16-SigLIP2", "coca_ViT-B-32"} <= names
     everything = json.loads(CliRunner().invoke(main, ["models", "--all", "--json"]).output)
     assert len(everything) > len(rows)
 

@@ -41,8 +41,11 @@ def attention_maps(store_url: str, result_path: str | Path, rows: list[int],
     maps = {}
     with torch.no_grad():
         for name, head in (("original", original), ("finetuned", finetuned)):
-            weights = head.eval().attention(dense)  # (B, heads, 1 + H*W)
-            maps[name] = weights[:, :, 1:].reshape(len(order), -1, height, width).numpy()
+            # (B, heads, keys): the patch grid is the last H*W keys, after the mean token
+            # (ResNet), the class token (ViT, CoCa, PE-Core) or nothing (SigLIP)
+            weights = head.eval().attention(dense)
+            patches = weights[:, :, -height * width:]
+            maps[name] = patches.reshape(len(order), -1, height, width).numpy()
     return {"paths": [str(p) for p in store.read_rows(split, "path", order)],
             "labels": store.read_rows(split, "label", order).tolist(), **maps,
             "classnames": store.manifest["dataset"]["classnames"], "card": card,

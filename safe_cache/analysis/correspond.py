@@ -25,8 +25,7 @@ def _feature_image(dense: np.ndarray, card: dict[str, Any]) -> torch.Tensor:
     """(T, C) stored tokens -> (C, H_img, W_img) upsampled feature image."""
     height, width = card["grid"]
     tokens = torch.from_numpy(dense.astype(np.float32))
-    if tokens.shape[0] == height * width + 1:  # ViT: drop the class token
-        tokens = tokens[1:]
+    tokens = tokens[-height * width:]  # the patch grid: drop a class token / registers
     grid = tokens.T.reshape(1, -1, height, width)
     size = tuple(card["image_size"])
     return F.interpolate(grid, size=size, mode="bilinear", align_corners=False)[0]

@@ -20,13 +20,16 @@ from typing import Any
 import open_clip
 import torch
 from open_clip.modified_resnet import ModifiedResNet
+from open_clip.timm_model import TimmModel
 from open_clip.transform import PreprocessCfg, image_transform_v2
-from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from open_clip.transformer import AttentionalPooler, ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
 from ..errors import ModelConfigError, UnsupportedModelError
 from ..identity import card_fingerprint
+from . import tiny_timm  # noqa: F401  (registers the tiny timm MAP towers)
 from .heads import GridHead, OpenClipHead, ResNetPoolHead, ViTPoolHead
+from .latent_heads import CocaPoolHead, CocaReferenceHead, MapPoolHead, MapReferenceHead
 from .weights import ResolvedWeights, load_weights_into, resolve_weights
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -37,7 +40,13 @@ SUPPORTED_FAMILIES = {
     "resnet": "ModifiedResNet with attention pooling (RN50, RN101, RN50x4, RN50x16, RN50x64)",
     "vit": "VisionTransformer with class-token pooling "
     "(ViT-B-32, ViT-B-16, ViT-L-14, ViT-L-14-336, ViT-H-14, ...)",
+    "map": "timm towers pooled by a MAP head, timm's AttentionPoolLatent (SigLIP, SigLIP 2,"
+    " PE-Core: ViT-B-16-SigLIP2, ViT-SO400M-14-SigLIP2, PE-Core-B-16, ...)",
+    "coca": "CoCa's VisionTransformer with an attentional pooler (coca_ViT-B-32, coca_ViT-L-14)",
 }
+FAMILIES_WITH_CUTS = ("resnet", "vit")  # ablation cuts (layer4, lastN); the others: pool only
+
+
 def _supported_text() -> str:
     return "; ".join(f"{k}: {v}" for k, v in SUPPORTED_FAMILIES.items())
 
@@ -113,13 +122,18 @@ def _registry_copy(name: str, config: dict[str, Any]) -> Path:
 
 
 def family_of(visual: nn.Module) -> str:
-    """'resnet' or 'vit' for a supported visual tower; a clear error for anything else."""
+    """The family of a supported visual tower; a clear error for anything else."""
     if isinstance(visual, ModifiedResNet):
         return "resnet"
+    if isinstance(visual, TimmModel):
+        return _timm_family(visual)
     if isinstance(visual, VisionTransformer):
         problems = []
-        if getattr(visual, "attn_pool", None) is not None:
-            problems.append("it pools with an attentional pooler (CoCa-style map head)")
+        coca = getattr(visual, "attn_pool", None) is not None
+        if coca and not isinstance(visual.attn_pool, AttentionalPooler):
+            problems.append(f"its attention pool is a {type(visual.attn_pool).__name__}")
+        if coca and getattr(visual, "attn_pool_contrastive", None) is not None:
+            problems.append("it pools with a second (contrastive) attentional pooler")
         if getattr(visual, "pool_type", "tok") != "tok":
             problems.append(f"it pools by '{visual.pool_type}', not by the class token")
         if visual.proj is None:
@@ -129,7 +143,7 @@ def family_of(visual: nn.Module) -> str:
         if not getattr(visual.transformer, "batch_first", True):
             problems.append("its transformer is not batch-first")
         if not problems:
-            return "vit"
+            return "coca" if coca else "vit"
         reason = "; ".join(problems)
         raise UnsupportedModelError(
             f"This VisionTransformer cannot be split for SAFE: {reason}. Supported: "
@@ -141,6 +155,37 @@ def family_of(visual: nn.Module) -> str:
     )
 
 
+def _timm_family(visual: nn.Module) -> str:
+    """'map' for a timm trunk pooled by AttentionPoolLatent in the form the fast head covers."""
+    from timm.layers import AttentionPoolLatent
+
+    trunk = visual.trunk
+    pool = getattr(trunk, "attn_pool", None)
+    name = type(trunk).__name__
+    if not isinstance(pool, AttentionPoolLatent):
+        how = getattr(trunk, "global_pool", "") or "its own head"
+        raise UnsupportedModelError(
+            f"The timm tower {name} pools by '{how}', not with attention: SAFE fine-tunes an"
+            f" attention-pooling layer (the query that decides which tokens matter), and a"
+            f" parameter-free pool has none. Supported: {_supported_text()}.")
+    problems = []
+    if pool.pos_embed is not None:
+        problems.append("its pool adds its own position embedding")
+    if not isinstance(pool.q_norm, nn.Identity) or not isinstance(pool.k_norm, nn.Identity):
+        problems.append("its pool normalises queries and keys (qk-norm)")
+    if pool.latent_len > 1 and pool.pool != "token":
+        problems.append(f"its pool averages {pool.latent_len} latent queries")
+    if pool.mlp is not None and not isinstance(pool.mlp.norm, nn.Identity):
+        problems.append("its pool's MLP has an inner norm")
+    if visual.head is not None and any(isinstance(m, AttentionPoolLatent)
+                                       for m in visual.head.modules()):
+        problems.append("open_clip adds another attention pool after it")
+    if problems:
+        raise UnsupportedModelError(f"The MAP head of {name} cannot be split for SAFE:"
+                                    f" {'; '.join(problems)}. Supported: {_supported_text()}.")
+    return "map"
+
+
 def head_stages(family: str, cut: str) -> int:
     """How many stages the head owns: 'pool' -> 1; ResNet 'layer4' -> 2; ViT 'lastN' -> N."""
     if cut == "pool":
@@ -149,7 +194,8 @@ def head_stages(family: str, cut: str) -> int:
         return 2
     if family == "vit" and cut.startswith("last") and cut[4:].isdigit() and int(cut[4:]) >= 1:
         return int(cut[4:])
-    allowed = "'pool' or 'layer4'" if family == "resnet" else "'pool' or 'lastN' (N blocks)"
+    allowed = {"resnet": "'pool' or 'layer4'", "vit": "'pool' or 'lastN' (N blocks)"}.get(
+        family, "'pool' (the attention pool and what follows it)")
     raise ModelConfigError(f"Unknown cut '{cut}' for a {family} backbone: use {allowed}.")
 
 
@@ -162,6 +208,11 @@ class Trunk(nn.Module):
     def __init__(self, visual: nn.Module, family: str, stages_in_head: int) -> None:
         super().__init__()
         self.family = family
+        if family == "map":
+            self.timm = visual.trunk  # forward_features: everything before attn_pool
+            return
+        if family == "coca":
+            stages_in_head = 0  # the pooler follows the last block: every block is trunk
         if family == "resnet":
             stem = ["conv1", "bn1", "act1", "conv2", "bn2", "act2", "conv3", "bn3", "act3"]
             layers = ["layer1", "layer2", "layer3", "layer4"][: 5 - stages_in_head]
@@ -180,6 +231,8 @@ class Trunk(nn.Module):
             for stage in self.stages:
                 x = stage(x)
             return x.flatten(2).transpose(1, 2)  # NCHW -> (N, H*W, C), channel-last
+        if self.family == "map":
+            return self.timm.forward_features(images)
         x = self.visual(images)
         for block in self.stages:
             x = block(x)
@@ -246,8 +299,12 @@ class Backbone:
         """open_clip's tokenizer for this model (for text classifiers)."""
         return open_clip.get_tokenizer(self.card["model"])
 
-    def naive_head(self) -> OpenClipHead:
+    def naive_head(self) -> nn.Module:
         """open_clip's own modules composed as a head: the slow reference, same state-dict keys."""
+        if self.family == "map":
+            return MapReferenceHead(self.model.visual)
+        if self.family == "coca":
+            return CocaReferenceHead(self.model.visual)
         return OpenClipHead(
             self.model.visual, self.family, token_grid=self.token_grid,
             head_stages=self.stages_in_head,
@@ -293,10 +350,7 @@ def load_backbone(
     stages = head_stages(family, cut)
     trunk = Trunk(clip.visual, family, stages)
     token_grid = _token_grid(clip.visual, family, stages)
-    head = (
-        ResNetPoolHead(clip.visual, token_grid, stages) if family == "resnet"
-        else ViTPoolHead(clip.visual, stages)
-    ).requires_grad_(False)
+    head = _make_head(clip.visual, family, token_grid, stages).requires_grad_(False)
     card = _make_card(spec, weights, clip, family, cut, token_grid, head, init_seed)
     pp_cfg = open_clip.get_model_preprocess_cfg(clip)
     preprocess = image_transform_v2(PreprocessCfg(**pp_cfg), is_train=False)
@@ -326,14 +380,23 @@ def config_family(config: dict[str, Any]) -> tuple[str, str]:
     family is 'resnet', 'vit' or 'unsupported'; reason says why a config is unsupported.
     """
     vision = config.get("vision_cfg", {})
-    if "multimodal_cfg" in config:
-        return "unsupported", "CoCa captioning model (its image embedding is not encode_image's)"
     if "timm_model_name" in vision:
-        return "unsupported", f"timm visual tower {vision['timm_model_name']}"
+        pool = vision.get("timm_pool", "avg")
+        if pool == "map":
+            return "map", ""
+        if pool == "token":
+            return "unsupported", (f"timm tower {vision['timm_model_name']} pools by its class"
+                                   f" token; safe-cache splits class-token ViTs of open_clip's"
+                                   f" own VisionTransformer, not timm's (EVA) yet")
+        return "unsupported", (f"timm tower {vision['timm_model_name']} pools by"
+                               f" '{pool or 'its own head'}', without attention: SAFE fine-tunes"
+                               f" an attention-pooling layer, and this tower has none")
     if isinstance(vision.get("layers"), (list, tuple)):
         return "resnet", ""
     if vision.get("attentional_pool"):
-        return "unsupported", "attentional pooler (map head)"
+        if isinstance(vision["attentional_pool"], str):  # 'parallel' / 'cascade'
+            return "unsupported", "a second (contrastive) attentional pooler"
+        return "coca", ""
     if vision.get("pool_type", "tok") != "tok":
         return "unsupported", f"'{vision['pool_type']}' pooling, not the class token"
     if vision.get("block_type") == "custom" or any(vision.get(f) for f in _CUSTOM_BLOCK_FLAGS):
@@ -353,10 +416,18 @@ def head_from_config(model_config: dict[str, Any], card: dict[str, Any]) -> Grid
     with torch.random.fork_rng(devices=[]):
         visual = open_clip.model.CLIP(**vision_only).visual.eval()
     family = family_of(visual)
-    stages = head_stages(family, card["cut"])
-    token_grid = tuple(card["grid"])
+    return _make_head(visual, family, tuple(card["grid"]), head_stages(family, card["cut"]))
+
+
+def _make_head(visual: nn.Module, family: str, token_grid: tuple[int, int],
+               stages: int) -> GridHead:
+    """The fast head of a family (see heads.py and latent_heads.py)."""
     if family == "resnet":
         return ResNetPoolHead(visual, token_grid, stages)
+    if family == "map":
+        return MapPoolHead(visual)
+    if family == "coca":
+        return CocaPoolHead(visual)
     return ViTPoolHead(visual, stages)
 
 
@@ -385,9 +456,11 @@ def list_architectures() -> list[dict[str, Any]]:
 
 
 def _token_grid(visual: nn.Module, family: str, stages: int) -> tuple[int, int]:
-    """Spatial grid (H, W) of the dense map; for ViT the patch grid (the class token is extra)."""
-    if family == "vit":
+    """Spatial grid (H, W) of the dense map; for ViTs the patch grid (prefix tokens are extra)."""
+    if family in ("vit", "coca"):
         return tuple(visual.grid_size)
+    if family == "map":
+        return tuple(visual.trunk.patch_embed.grid_size)
     side = visual.image_size // (32 if stages == 1 else 16)
     return (side, side)
 
@@ -404,7 +477,7 @@ def _make_card(
 ) -> dict[str, Any]:
     pp = open_clip.get_model_preprocess_cfg(clip)
     size = pp["size"]
-    tokens = token_grid[0] * token_grid[1] + (1 if family == "vit" else 0)
+    tokens = token_grid[0] * token_grid[1] + _prefix_tokens(clip.visual, family)
     channels = _dense_channels(clip.visual, family, cut)
     with torch.no_grad():
         out_dim = head(torch.zeros(1, tokens, channels, device=_device_of(head))).shape[-1]
@@ -428,14 +501,31 @@ def _make_card(
         "D": int(out_dim),
         "grid": list(token_grid),  # the token grid (H, W); the key predates the name
         "logit_scale": float(clip.logit_scale.detach().exp().item()),
+        # sigmoid-trained models (SigLIP): a constant added to every class's logit, so it cancels
+        # in softmax and argmax (zero-shot, Tip-Adapter, SAFE's loss); recorded, not used
+        "logit_bias": _logit_bias(clip),
         "open_clip_version": open_clip.__version__,
         "torch_version": torch.__version__,
     }
 
 
+def _prefix_tokens(visual: nn.Module, family: str) -> int:
+    """Tokens of the dense map before the patch grid: class token, registers (timm)."""
+    if family == "map":
+        return int(getattr(visual.trunk, "num_prefix_tokens", 0))
+    return 1 if family in ("vit", "coca") else 0
+
+
+def _logit_bias(clip: nn.Module) -> float | None:
+    bias = getattr(clip, "logit_bias", None)
+    return None if bias is None else float(bias.detach().reshape(-1)[0].item())
+
+
 def _dense_channels(visual: nn.Module, family: str, cut: str) -> int:
-    if family == "vit":
+    if family in ("vit", "coca"):
         return visual.transformer.width
+    if family == "map":
+        return int(visual.trunk.num_features)
     return visual.attnpool.k_proj.in_features // (2 if cut == "layer4" else 1)
 
 

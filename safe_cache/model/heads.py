@@ -76,12 +76,14 @@ def _token_pool(weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
 
 def _query_keys(q: torch.Tensor, w_k: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Move the key projection onto the query: per head Wk_h^T q_h / sqrt(d). (B, C) -> (H, B, C).
+    """Move the key projection onto the query: per head Wk_h^T q_h / sqrt(d). (B, E) -> (H, B, C)
+    for a key projection w_k (E, C) (E = C except where keys come from another width: CoCa).
 
     The weight is the untransposed second operand: its gradient q^T @ grad has its own layout.
     """
-    batch, channels = q.shape
-    head_dim = channels // num_heads
+    batch = q.shape[0]
+    width, channels = w_k.shape
+    head_dim = width // num_heads
     q_heads = q.view(batch, num_heads, head_dim).transpose(0, 1)
     return torch.bmm(q_heads, w_k.view(num_heads, head_dim, channels)) * head_dim**-0.5
 
@@ -110,11 +112,11 @@ class _HeadwiseProjection(torch.autograd.Function):
 def _project_values(
     pooled: torch.Tensor, w_v: torch.Tensor, b_v: torch.Tensor | None
 ) -> torch.Tensor:
-    """Per-head value projection of the pooled tokens: (H, B, C) -> (B, C)."""
+    """Per-head value projection of the pooled tokens: (H, B, C) -> (B, E), w_v (E, C)."""
     heads, batch, channels = pooled.shape
-    head_dim = channels // heads
-    out = _HeadwiseProjection.apply(pooled, w_v.view(heads, head_dim, channels))
-    out = out.transpose(0, 1).reshape(batch, channels)
+    width = w_v.shape[0]
+    out = _HeadwiseProjection.apply(pooled, w_v.view(heads, width // heads, channels))
+    out = out.transpose(0, 1).reshape(batch, width)
     return out if b_v is None else out + b_v
 
 
