@@ -1,7 +1,8 @@
 """Benchmark the pooling heads: naive (open_clip's modules) vs fast (single-query), and a stacked
 grid of G configurations vs G sequential heads. Prints one JSON object.
 
-    python benchmarks/heads.py [--models RN50,ViT-B-16] [--batch 8] [--grid 12] [--device auto]
+    python benchmarks/heads.py [--models RN50,ViT-B-16,PE-Core-B-16] [--batch 8] [--grid 12]
+                               [--device auto]
 
 The two sides of every comparison run in the same process, interleaved round by round (this
 machine is shared and noisy), and each figure is the median over rounds. Random weights: speed
@@ -126,7 +127,7 @@ def bench_optimizers(stacked, sequential, grid, rounds, device) -> dict[str, flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="RN50,ViT-B-16")
+    parser.add_argument("--models", default="RN50,ViT-B-16,PE-Core-B-16")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--grid", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=7)

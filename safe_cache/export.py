@@ -274,7 +274,8 @@ def _backbone_for(card: dict[str, Any], weights, device) -> Backbone:
                                    f" pass it with --weights.")
         pretrained = str(weights)
     model: str | Path = spec["model"]
-    if open_clip.get_model_config(spec["model"]) is None:  # a user config: the card carries it
+    sourced = str(spec["model"]).startswith(("hf-hub:", "local-dir:"))  # found as on extract
+    if not sourced and open_clip.get_model_config(spec["model"]) is None:  # a user config
         model = Path(tempfile.mkdtemp()) / f"{spec['model']}.json"
         model.write_text(json.dumps(card["model_config"]))
     backbone = load_backbone(model, pretrained, device=device,

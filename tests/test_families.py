@@ -52,3 +52,98 @@ def test_text_classifier_of_a_map_model_uses_open_clips_tokenizer():
     weights = text_classifier(backbone.model, backbone.tokenizer(), sentences)
     assert weights.shape == (2, backbone.card["D"])
     assert torch.allclose(weights.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+# --- hf-hub: and local-dir: names ----------------------------------------------------------
+
+def _repo_files(folder, model: str = "safe-cache-tiny-map", seed: int = 5):
+    """open_clip_config.json + open_clip_model.safetensors of a seeded tiny model, as a hub
+    repo or a local folder holds them; returns the saved state dict."""
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": open_clip.get_model_config(model),
+              "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    torch.manual_seed(seed)
+    state = open_clip.create_model(model, pretrained=None).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()},
+              str(folder / "open_clip_model.safetensors"))
+    return state
+
+
+def _hub_cache(root, repo: str):
+    """A hub cache folder laid out as huggingface_hub writes it (refs/main -> a snapshot)."""
+    base = root / f"models--{repo.replace('/', '--')}"
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text("0123abcd")
+    return base / "snapshots" / "0123abcd"
+
+
+def test_hf_hub_name_loads_offline_from_a_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    state = _repo_files(_hub_cache(tmp_path, "safe-cache/tiny-map"))
+    backbone = load_backbone("hf-hub:safe-cache/tiny-map", "repo", cache_dir=tmp_path)
+    card = backbone.card
+    assert (card["model"], card["hub_id"], card["pretrained"]) == \
+        ("hf-hub:safe-cache/tiny-map", "safe-cache/tiny-map", "repo")
+    assert card["mean"] == [0.5, 0.5, 0.5] and card["family"] == "map"
+    assert torch.equal(backbone.model.state_dict()["visual.trunk.attn_pool.latent"],
+                       state["visual.trunk.attn_pool.latent"])
+    images = torch.randn(2, 3, *card["image_size"])
+    with torch.no_grad():
+        assert torch.allclose(backbone.head(backbone.trunk(images)),
+                              backbone.model.encode_image(images, normalize=False), atol=1e-5)
+    assert backbone.tokenizer()(["a photo"]).shape[0] == 1  # no hub access for the tokenizer
+
+    from safe_cache.store.paths import backbone_label
+    assert backbone_label(card) == "hf-hub-safe-cache-tiny-map-repo"  # a plain file name
+
+
+def test_hf_hub_name_absent_from_the_cache_fails_clearly(tmp_path, monkeypatch):
+    from safe_cache import ModelConfigError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelConfigError, match=r"Could not fetch open_clip_config\.json of"
+                                               r" hf-hub:safe-cache/absent \(HF_HUB_OFFLINE is"
+                                               r" set\)\. The hub cache is .*local-dir:PATH"):
+        load_backbone("hf-hub:safe-cache/absent", "repo", cache_dir=tmp_path)
+
+
+def test_local_dir_name_and_its_weights(tmp_path):
+    from safe_cache import WeightsUnavailableError
+
+    folder = tmp_path / "my-map-model"
+    state = _repo_files(folder, "safe-cache-tiny-coca", seed=7)
+    backbone = load_backbone(f"local-dir:{folder}", "repo")
+    assert backbone.card["model"] == f"local-dir:{folder.resolve()}"
+    assert backbone.card["hub_id"] is None and backbone.family == "coca"
+    assert torch.equal(backbone.model.state_dict()["visual.attn_pool.query"],
+                       state["visual.attn_pool.query"])
+    with pytest.raises(WeightsUnavailableError, match=r"its weights are in its repository"
+                                                      r" \(pretrained 'repo', --pretrained repo\)"):
+        load_backbone(f"local-dir:{folder}", "openai")
+    with pytest.raises(WeightsUnavailableError, match=r"'repo' means the weights in an hf-hub:"):
+        load_backbone("safe-cache-tiny-map", "repo")
+
+
+def test_an_hf_hub_store_is_named_and_found_by_its_hub_id(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from safe_cache.store.catalog import select_stores
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # as $HF_HUB_CACHE
+    _repo_files(_hub_cache(tmp_path / "hub", "safe-cache/tiny-map"))
+    write_split_zhou(tmp_path, "dtd", classes=2)
+    report = extract(ExtractConfig(dataset="dtd", root=str(tmp_path),
+                                   model="hf-hub:safe-cache/tiny-map", pretrained="repo",
+                                   store_root=str(tmp_path / "stores"), shots=(1,), seeds=(1,),
+                                   views=1, workers=0))
+    expected = tmp_path / "stores" / "dtd" / "hf-hub-safe-cache-tiny-map-repo.zarr"
+    assert expected.is_dir(), report
+    assert select_stores(str(tmp_path / "stores"), model="hf-hub:safe-cache/tiny-map",
+                         pretrained="repo") == [str(expected)]

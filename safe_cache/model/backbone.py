@@ -29,6 +29,7 @@ from ..errors import ModelConfigError, UnsupportedModelError
 from ..identity import card_fingerprint
 from . import tiny_timm  # noqa: F401  (registers the tiny timm MAP towers)
 from .heads import GridHead, OpenClipHead, ResNetPoolHead, ViTPoolHead
+from .hub import ModelSource, parse_source, source_config
 from .latent_heads import CocaPoolHead, CocaReferenceHead, MapPoolHead, MapReferenceHead
 from .weights import ResolvedWeights, load_weights_into, resolve_weights
 
@@ -53,11 +54,18 @@ def _supported_text() -> str:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """An open_clip architecture resolved from a name or a config JSON file."""
+    """An open_clip architecture resolved from a name, a config JSON file, or a hub repo /
+    folder (`hf-hub:` / `local-dir:`)."""
 
     name: str  # the name open_clip's registry knows it by
     config: dict[str, Any]
     preprocess_override: dict[str, Any] | None  # `preprocess_cfg` carried by a config file
+    source: ModelSource | None = None  # where an hf-hub: / local-dir: model lives
+
+    @property
+    def label(self) -> str:
+        """The model's name on its backbone card (the hub id or folder for sourced models)."""
+        return self.source.label if self.source else self.name
 
     @property
     def config_sha256(self) -> str:
@@ -65,13 +73,21 @@ class ModelSpec:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def resolve_model(model: str | Path) -> ModelSpec:
-    """Resolve an open_clip model name, a shipped tiny name, or a path to a model config JSON.
+def resolve_model(model: str | Path, cache_dir: str | Path | None = None) -> ModelSpec:
+    """Resolve an open_clip model name, a shipped tiny name, a path to a model config JSON, or
+    an `hf-hub:ORG/NAME` / `local-dir:PATH` name (model.hub).
 
     A config file may be open_clip's plain format ({embed_dim, vision_cfg, text_cfg}) or the
     hub format ({model_cfg, preprocess_cfg}); the latter carries its own preprocessing.
     """
     text = str(model)
+    source = parse_source(text)
+    if source is not None:
+        config, preprocess = source_config(source, cache_dir)
+        name = source.local_name
+        if open_clip.get_model_config(name) != config:
+            open_clip.add_model_config(_registry_copy(name, config))
+        return ModelSpec(name, config, preprocess, source)
     if text.endswith(".json") or Path(text).is_file():
         return _resolve_config_file(Path(text))
     name = text.replace("/", "-")
@@ -274,6 +290,7 @@ class Backbone:
     token_grid: tuple[int, int]  # (H, W) of the dense map's spatial tokens (card key 'grid')
     stages_in_head: int
     model_config: dict[str, Any] | None = None  # the open_clip architecture (for stores)
+    open_clip_name: str | None = None  # the name open_clip's registry knows (tokenizer)
 
     @property
     def fingerprint(self) -> str:
@@ -297,7 +314,7 @@ class Backbone:
 
     def tokenizer(self):
         """open_clip's tokenizer for this model (for text classifiers)."""
-        return open_clip.get_tokenizer(self.card["model"])
+        return open_clip.get_tokenizer(self.open_clip_name or self.card["model"])
 
     def naive_head(self) -> nn.Module:
         """open_clip's own modules composed as a head: the slow reference, same state-dict keys."""
@@ -324,15 +341,17 @@ def load_backbone(
     """Load `model` (open_clip name or config JSON) with `pretrained` weights, split for SAFE.
 
     pretrained: an open_clip tag ('openai', 'laion2b_s34b_b79k', ...), a local checkpoint file
-    (open_clip state dict, safetensors, or an original OpenAI TorchScript .pt), or None for a
-    random initialisation seeded by `init_seed` (tests, demos). quick_gelu: None infers it (tags
+    (open_clip state dict, safetensors, or an original OpenAI TorchScript .pt), 'repo' (the
+    weights of an hf-hub: / local-dir: model's own repository), or None for a random
+    initialisation seeded by `init_seed` (tests, demos). quick_gelu: None infers it (tags
     know it; OpenAI TorchScript archives need it); True/False forces it. The model is returned in
     eval mode with every parameter frozen: open_clip returns train mode, where BatchNorm statistics
     and patch dropout would change the features.
     """
-    spec = resolve_model(model)
+    spec = resolve_model(model, cache_dir)
     _check_config_family(spec)
-    weights = resolve_weights(spec.name, spec.config, pretrained, quick_gelu, cache_dir)
+    weights = resolve_weights(spec.name, spec.config, pretrained, quick_gelu, cache_dir,
+                              source=spec.source)
     preprocess_cfg = {**(spec.preprocess_override or {}), **weights.preprocess}
     with torch.random.fork_rng(devices=[]), _quiet_open_clip():
         torch.manual_seed(init_seed)
@@ -355,7 +374,7 @@ def load_backbone(
     pp_cfg = open_clip.get_model_preprocess_cfg(clip)
     preprocess = image_transform_v2(PreprocessCfg(**pp_cfg), is_train=False)
     return Backbone(clip, preprocess, card, trunk, head, family, token_grid, stages,
-                    spec.config)
+                    spec.config, spec.name)
 
 
 @contextlib.contextmanager
@@ -483,7 +502,8 @@ def _make_card(
         out_dim = head(torch.zeros(1, tokens, channels, device=_device_of(head))).shape[-1]
     return {
         "schema": CARD_SCHEMA,
-        "model": spec.name,
+        "model": spec.label,
+        "hub_id": spec.source.ident if spec.source and spec.source.schema == "hf-hub" else None,
         "model_config_sha256": spec.config_sha256,
         "family": family,
         "pretrained": weights.label,

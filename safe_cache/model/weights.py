@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -25,12 +24,12 @@ from torch import nn
 
 from ..errors import SafeCacheWarning, WeightsUnavailableError
 from ..identity import file_sha256
+from .hub import REPO_WEIGHTS, ModelSource, _offline_reason, repo_weights
 
 # Preprocessing fields a pretrained tag may set (open_clip merges them the same way).
 PREPROCESS_KEYS = ("size", "mode", "mean", "std", "interpolation", "resize_mode", "fill_color")
 # Non-parameter entries of OpenAI's TorchScript state dicts.
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
-_PROBE_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -59,12 +58,23 @@ def resolve_weights(
     pretrained: str | Path | None,
     quick_gelu: bool | None,
     cache_dir: str | Path | None,
+    source: ModelSource | None = None,
 ) -> ResolvedWeights:
     """Decide where the weights of `name` come from, downloading a tag if it is not cached."""
     config_gelu = bool(config.get("quick_gelu", False))
     if pretrained is None:
         return ResolvedWeights(None, None, None, quick_gelu if quick_gelu is not None else False)
     text = str(pretrained)
+    if text == REPO_WEIGHTS:
+        if source is None:
+            raise WeightsUnavailableError(
+                f"pretrained 'repo' means the weights in an hf-hub: or local-dir: model's own"
+                f" repository; {name} is an open_clip name: pass one of its tags"
+                f" ({', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'}) or a"
+                f" checkpoint file.")
+        path = repo_weights(source, cache_dir)
+        gelu = quick_gelu if quick_gelu is not None else config_gelu
+        return ResolvedWeights(REPO_WEIGHTS, path, file_sha256(path, memo=True), gelu)
     tag_cfg = open_clip.get_pretrained_cfg(name, text) if not Path(text).is_file() else {}
     if tag_cfg:
         path = _download(name, text, tag_cfg, cache_dir)
@@ -75,6 +85,11 @@ def resolve_weights(
             preprocess,
         )
     path = Path(text).expanduser()
+    if not path.is_file() and source is not None:
+        raise WeightsUnavailableError(
+            f"'{text}' is not a weights choice for {source.label}: its weights are in its"
+            f" repository (pretrained 'repo', --pretrained repo); or pass a checkpoint file, or"
+            f" none for random weights.")
     if not path.is_file():
         tags = open_clip.list_pretrained_tags_by_model(name)
         raise WeightsUnavailableError(
@@ -145,20 +160,6 @@ def _source_host(tag_cfg: dict[str, Any]) -> str:
 
         return urlparse(constants.ENDPOINT).hostname or "huggingface.co"
     return urlparse(tag_cfg.get("url", "")).hostname or "huggingface.co"
-
-
-def _offline_reason(host: str) -> str | None:
-    """Why `host` cannot be reached right now, or None; answers in seconds, not minutes.
-
-    Without this check the hub client retries for most of a minute before it gives up.
-    """
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
-        return "HF_HUB_OFFLINE is set"
-    try:
-        socket.create_connection((host, 443), timeout=_PROBE_TIMEOUT_S).close()
-    except OSError as exc:
-        return f"no network connection to {host}: {exc}"
-    return None
 
 
 def _download(

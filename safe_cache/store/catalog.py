@@ -45,7 +45,12 @@ def find_stores(root: str, *, storage_options: dict | None = None) -> list[dict[
 
 def _model_name(model: str) -> str:
     """--model as the backbone card names it: a config file by its stem, an open_clip name with
-    '/' as '-' (model.backbone.resolve_model's rule)."""
+    '/' as '-' (model.backbone.resolve_model's rule), hf-hub: names as typed, local-dir: names
+    with their folder made absolute (model.hub's rule)."""
+    if model.startswith("hf-hub:"):
+        return model
+    if model.startswith("local-dir:"):
+        return "local-dir:" + str(Path(model[len("local-dir:"):]).expanduser().resolve())
     return Path(model).stem if model.endswith(".json") else model.replace("/", "-")
 
 

@@ -9,6 +9,7 @@ random initialisation. Fit results use the same `<model>-<weights>` folder name.
 from __future__ import annotations
 
 import os
+from pathlib import PurePosixPath
 from typing import Any
 
 DEFAULT_STORE_ROOT = "stores"
@@ -45,9 +46,17 @@ def weights_label(card: dict[str, Any]) -> str:
     return str(card["pretrained"])
 
 
+def model_label(model: str) -> str:
+    """A model name as a file-name part: `hf-hub:ORG/NAME` -> `hf-hub-ORG-NAME`,
+    `local-dir:/a/b/NAME` -> `local-dir-NAME`; plain open_clip names unchanged."""
+    if model.startswith("local-dir:"):
+        model = "local-dir-" + PurePosixPath(model[len("local-dir:"):].rstrip("/")).name
+    return model.replace(":", "-").replace("/", "-")
+
+
 def backbone_label(card: dict[str, Any]) -> str:
     """`<model>-<weights>`: a backbone's folder name in store roots and results folders."""
-    return f"{card['model']}-{weights_label(card)}"
+    return f"{model_label(card['model'])}-{weights_label(card)}"
 
 
 def default_store_url(dataset: str, card: dict[str, Any], root: str | None = None) -> str:
