@@ -92,3 +92,15 @@ def test_table_iii_takes_the_16_shot_runs_only(tmp_path):
     rows = {r["method"]: r for r in ood_rows(load_results(tmp_path))}
     assert rows["safe"]["imagenet"] == pytest.approx(66.0)
     assert rows["safe"]["imagenet_a"] == pytest.approx(24.0)
+
+
+def test_variant_store_urls_in_the_default_layout_are_named_by_their_folder():
+    from safe_cache.fit.ood import resolve_ood_stores
+
+    card = {"model": "RN50", "pretrained": "openai", "cut": "pool"}
+    urls = ("stores/imagenet_a/RN50-openai.zarr", "stores/imagenet_r/RN50-openai.zarr",
+            "elsewhere/my_sketch.zarr")
+    resolved = resolve_ood_stores(urls, "stores/imagenet/RN50-openai.zarr", card)
+    assert resolved == {"imagenet_a": urls[0], "imagenet_r": urls[1], "my_sketch": urls[2]}
+    by_name = resolve_ood_stores(("imagenet_v2",), "stores/imagenet/RN50-openai.zarr", card)
+    assert by_name == {"imagenet_v2": "stores/imagenet_v2/RN50-openai.zarr"}

@@ -7,7 +7,7 @@ other module registers the commands of one panel of the help.
 
 from __future__ import annotations
 
-from . import backbones, datasets, outputs, stages, stores  # noqa: F401  (each registers its commands)
+from . import backbones, datasets, outputs, stages, stores, study  # noqa: F401  (each registers its commands)
 from .app import main
 
 __all__ = ["main"]

@@ -88,6 +88,7 @@ class SafeCacheGroup(click.RichGroup):
 @click.command_panel("Use a model", commands=["export", "predict"])
 @click.command_panel("Look inside", commands=["attention", "correspond"])
 @click.command_panel("Datasets", commands=["datasets"])
+@click.command_panel("Studies", commands=["study"])
 @click.command_panel("Stores", commands=["info", "ls", "verify", "copy"])
 @click.version_option(__version__, prog_name="safe-cache")
 def main() -> None:

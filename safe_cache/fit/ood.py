@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..store import check_fingerprint, default_store_url, open_store
+from ..store.paths import backbone_label
 from .evaluate import accuracy, stream_split
 
 VARIANTS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
@@ -23,9 +24,18 @@ def resolve_ood_stores(names: tuple[str, ...], source_url: str, card: dict[str, 
     """Variant name or store URL -> URL; names resolve beside the source store
     (stores/<variant>/<model>-<pretrained>.zarr)."""
     root = str(Path(source_url).parent.parent)
-    return {Path(n).stem if n.endswith(".zarr") else n:
+    return {_variant_name(n, card):
             n if ("://" in n or n.endswith(".zarr")) else default_store_url(n, card, root)
             for n in names}
+
+
+def _variant_name(name: str, card: dict[str, Any]) -> str:
+    """A variant's key in results: its name, or a store URL's file stem; a store in the default
+    layout (`<variant>/<backbone>.zarr`) is named by its folder, not by the backbone."""
+    if not name.endswith(".zarr"):
+        return name
+    path = Path(name)
+    return path.parent.name if path.stem == backbone_label(card) else path.stem
 
 
 @torch.no_grad()

@@ -55,8 +55,11 @@ def model_label(model: str) -> str:
 
 
 def backbone_label(card: dict[str, Any]) -> str:
-    """`<model>-<weights>`: a backbone's folder name in store roots and results folders."""
-    return f"{model_label(card['model'])}-{weights_label(card)}"
+    """`<model>-<weights>[-<cut>]`: a backbone's folder name in store roots and results folders
+    (an ablation cut is part of it: its features differ from the pooling cut's)."""
+    cut = card.get("cut", "pool")
+    return f"{model_label(card['model'])}-{weights_label(card)}" + \
+        ("" if cut == "pool" else f"-{cut}")
 
 
 def default_store_url(dataset: str, card: dict[str, Any], root: str | None = None) -> str:

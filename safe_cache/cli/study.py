@@ -1,0 +1,105 @@
+"""Studies: `study run` (a whole paper table in one command) and `study list`."""
+
+from __future__ import annotations
+
+import rich_click as click
+from rich.table import Table
+
+from .app import STORE_ROOT, console, err_console, main, print_json
+
+
+def _gigabytes(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e9:,.2f} GB"
+
+
+@main.group()
+def study() -> None:
+    """Run a whole paper table (or ablation) from one TOML file, resumably, with a report."""
+
+
+@study.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_(as_json: bool) -> None:
+    """The studies shipped with safe-cache."""
+    from ..study import list_studies
+
+    studies = list_studies()
+    rows = [{"name": s.name, "datasets": len(s.datasets), "backbones": [b.name for b in
+             s.backbones], "shots": list(s.shots), "seeds": list(s.seeds),
+             "methods": list(s.methods), "description": s.description} for s in studies]
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(title="shipped studies (safe-cache study run NAME --root DATA)")
+    for column in ("study", "datasets", "backbones", "shots x seeds", "description"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row["name"], str(row["datasets"]), ", ".join(row["backbones"]),
+                      f"{len(row['shots'])} x {len(row['seeds'])}", row["description"])
+    console.print(table)
+
+
+def _print_plan(plan) -> None:
+    table = Table(title=f"study {plan.study.name}: stores")
+    for column in ("dataset", "backbone", "status", "images", "size (est.)", "store"):
+        table.add_column(column, overflow="fold")
+    for item in plan.stores:
+        style = {"present": "green", "no data": "red"}.get(item.status, "yellow")
+        table.add_row(item.dataset + (" (test only)" if item.test_only else ""),
+                      item.backbone.name, f"[{style}]{item.status}[/]",
+                      "-" if item.images is None else f"{item.images:,}",
+                      _gigabytes(item.bytes), item.url)
+    console.print(table)
+    todo = [r for r in plan.runs if r.status == "todo"]
+    console.print(f"runs: {len(todo)} to do, {len(plan.runs) - len(todo)} done (skipped)")
+    console.print(f"disk for the stores to create or extend: {_gigabytes(plan.disk_bytes)}")
+    when = "unknown" if plan.seconds is None else f"about {plan.seconds / 3600:,.1f} h"
+    console.print(f"estimated time: {when} ({plan.estimate_note})")
+    for problem in plan.missing:
+        err_console.print(f"[bold red]missing:[/] {problem}", highlight=False)
+
+
+@study.command("run")
+@click.argument("study_name", metavar="STUDY")
+@click.option("--root", default=None, type=click.Path(file_okay=False),
+              help="Data root [default: $SAFE_CACHE_DATA, else ./data].")
+@STORE_ROOT
+@click.option("--out", default="study-out", show_default=True,
+              help="Folder for results/, plots/ and the report (study.md, study.html).")
+@click.option("--scheduler", default=None, help="A dask scheduler's address: tasks run there.")
+@click.option("--local-workers", default=0, show_default=True, type=click.IntRange(0),
+              help="Or a local cluster of N worker processes.")
+@click.option("--device", default="cpu", show_default=True,
+              help="For the time estimate: which measured throughput applies (cpu, cuda).")
+@click.option("--dry-run", is_flag=True,
+              help="Print the plan (stores, sizes, runs to do and to skip, missing data, time)"
+              " and stop.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def run_(study_name: str, root: str | None, store_root: str | None, out: str,
+         scheduler: str | None, local_workers: int, device: str, dry_run: bool,
+         as_json: bool) -> None:
+    """Run STUDY (a shipped name or a TOML file): extract what is missing, fit what has no
+    result, write the report. Run it again after any failure: it resumes."""
+    from ..data.datasets import resolve_data_root
+    from ..runtime.progress import RichProgress
+    from ..study import load_study, plan_study
+    from ..study import run as run_study
+
+    spec = load_study(study_name)
+    data_root = resolve_data_root(root).path
+    if dry_run:
+        plan = plan_study(spec, data_root, stores=store_root, out=out, device=device)
+        print_json(plan.as_json()) if as_json else _print_plan(plan)
+        raise SystemExit(1 if plan.missing else 0)
+    with RichProgress(unit="step") as progress:
+        result = run_study(spec, data_root, stores=store_root, out=out, scheduler=scheduler,
+                           local_workers=local_workers, progress=progress, device=device)
+    summary = {"study": spec.name, "extracted": result.extracted, "fitted": result.fitted,
+               "skipped": result.skipped, "seconds": round(result.seconds, 1),
+               "report": [str(p) for p in result.pages]}
+    if as_json:
+        print_json(summary)
+        return
+    console.print(f"study {spec.name}: {len(result.extracted)} stores extracted or extended,"
+                  f" {result.fitted} runs fitted, {result.skipped} skipped;"
+                  f" report {result.pages[1] if len(result.pages) > 1 else '-'}")

@@ -1,0 +1,205 @@
+"""The study report: `study.md` and one self-contained `study.html` (plots embedded as data URIs).
+
+Tables are laid out as the paper's: one per (backbone, variant, shots), methods as rows and
+datasets (then the 11-dataset average) as columns; each cell is our mean +- std over seeds, the
+paper's number and the delta where the paper has one. Then ImageNet's OOD table, accuracy vs
+shots and SAFE's beta curves per dataset, the training curves of the largest-shot first-seed run
+per dataset, and for every cell the command that produced it and its result files.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import shlex
+import time
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .._version import __version__
+from .plan import StudyPlan
+
+ELEVEN_LAST = "average"
+
+
+def _cell_text(row: dict[str, Any] | None) -> tuple[str, str]:
+    """(ours, paper and delta) texts of one cell."""
+    if row is None:
+        return "-", ""
+    ours = f"{row['mean']:.2f} ± {row['std']:.2f}"
+    if row.get("paper") is None:
+        return ours, ""
+    return ours, f"paper {row['paper']:.2f} ({row['delta']:+.2f})"
+
+
+def _tables(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Group aggregated rows into paper-shaped tables: (backbone, recipe, shots) -> cells."""
+    groups: dict[tuple, dict[tuple[str, str], dict]] = defaultdict(dict)
+    for row in rows:
+        groups[row["backbone"], row["recipe"], row["shots"]][row["method"], row["dataset"]] = row
+    tables = []
+    for (backbone, recipe, shots), cells in sorted(groups.items()):
+        datasets = sorted({d for _, d in cells if d != ELEVEN_LAST})
+        if any(d == ELEVEN_LAST for _, d in cells):
+            datasets.append(ELEVEN_LAST)
+        methods = list(dict.fromkeys(m for m, _ in sorted(cells, key=_method_order)))
+        tables.append({"backbone": backbone, "recipe": recipe, "shots": shots,
+                       "datasets": datasets, "methods": methods, "cells": cells})
+    return tables
+
+
+def _method_order(key: tuple[str, str]) -> int:
+    from .spec import METHODS
+
+    method = key[0].split(" ")[0]
+    return METHODS.index(method) if method in METHODS else len(METHODS)
+
+
+def _sources(plan: StudyPlan) -> list[dict[str, Any]]:
+    """For each (dataset, backbone, variant, shots): the fit command and the result files."""
+    groups: dict[tuple, list] = defaultdict(list)
+    for run in plan.runs:
+        groups[run.dataset, run.backbone.name, run.variant, run.shots].append(run)
+    sources = []
+    for (dataset, backbone, variant, shots), runs in sorted(groups.items()):
+        first = runs[0]
+        command = ["safe-cache", "fit", "--store", first.store, "--shots", str(shots),
+                   "--seeds", ",".join(str(r.seed) for r in runs), "--recipe", first.recipe,
+                   "--prompts", first.prompts, "--out", str(plan.out / "results" / variant)]
+        sources.append({"dataset": dataset, "backbone": backbone, "variant": variant,
+                        "shots": shots, "command": shlex.join(command),
+                        "files": [str(r.path) for r in runs if r.path.is_file()]})
+    return sources
+
+
+def _plots(plan: StudyPlan, rows, runs) -> list[Path]:
+    from ..analysis.report import write_plots
+
+    folder = plan.out / "plots"
+    written = write_plots(rows, [r for r in runs if not r.curves], folder)
+    shown: dict[str, Any] = {}
+    for run in sorted(runs, key=lambda r: (-r.shots, r.seed)):  # one curve plot per dataset
+        shown.setdefault(run.dataset, run)
+    written += write_plots([], list(shown.values()), folder)
+    return sorted(set(written))
+
+
+def _load_runs(plan: StudyPlan) -> list:
+    from ..fit.results import load_result
+
+    return [load_result(r.path) for r in plan.runs if r.path.is_file()]
+
+
+def write_report(plan: StudyPlan) -> tuple[dict[str, Any], list[Path]]:
+    """Write study.md, study.html and study.json under the study's out folder."""
+    from ..analysis.report import aggregate, ood_rows
+
+    runs = _load_runs(plan)
+    # a variant's results folder names its recipe x prompt set: the tables' "recipe"
+    runs = [replace(r, recipe={**(r.recipe or {}), "name": r.path.parents[2].name})
+            for r in runs]
+    rows = aggregate(runs) if runs else []
+    report = {"study": plan.study.name, "description": plan.study.description,
+              "safe_cache": __version__,
+              "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "tables": _tables(rows), "ood": ood_rows(runs) if runs else [],
+              "sources": _sources(plan), "runs": len(runs)}
+    plots = _plots(plan, rows, runs) if runs else []
+    plan.out.mkdir(parents=True, exist_ok=True)
+    pages = [plan.out / "study.md", plan.out / "study.html", plan.out / "study.json"]
+    pages[0].write_text(_markdown(report, plots, plan.out))
+    pages[1].write_text(_html(report, plots))
+    serialisable = {**report, "tables": [{**t, "cells": {f"{m}|{d}": c for (m, d), c in
+                                                         t["cells"].items()}}
+                                         for t in report["tables"]]}
+    pages[2].write_text(json.dumps(serialisable, indent=2, default=str) + "\n")
+    return report, pages
+
+
+def _markdown(report: dict[str, Any], plots: list[Path], out: Path) -> str:
+    lines = [f"# Study {report['study']}", "", report["description"], "",
+             f"safe-cache {report['safe_cache']}, {report['written']}; {report['runs']} runs.",
+             ""]
+    for table in report["tables"]:
+        lines += [f"## {table['backbone']}, {table['recipe']}, {table['shots']} shots", "",
+                  "| method | " + " | ".join(table["datasets"]) + " |",
+                  "|---|" + "---|" * len(table["datasets"])]
+        for method in table["methods"]:
+            cells = []
+            for dataset in table["datasets"]:
+                ours, paper = _cell_text(table["cells"].get((method, dataset)))
+                cells.append(ours + (f"<br>{paper}" if paper else ""))
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if report["ood"]:
+        lines += ["## ImageNet and its variants (16 shots)", "",
+                  "| backbone | recipe | method | imagenet | -v2 | -sketch | -a | -r |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for row in report["ood"]:
+            values = [f"{row[c]:.2f}" if row[c] is not None else "-" for c in
+                      ("imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")]
+            lines.append(f"| {row['backbone']} | {row['recipe']} | {row['method']} | "
+                         + " | ".join(values) + " |")
+        lines.append("")
+    lines += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(out)})" for p in plots] + [""]
+    lines += ["## Where each cell comes from", ""]
+    for source in report["sources"]:
+        lines += [f"- {source['dataset']}, {source['backbone']}, {source['variant']},"
+                  f" {source['shots']} shots: `{source['command']}`; files:"
+                  f" {', '.join(source['files']) or 'none yet'}"]
+    return "\n".join(lines) + "\n"
+
+
+def _image(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return (f'<figure><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(path.stem)}</figcaption></figure>")
+
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;
+text-align:right}th:first-child,td:first-child{text-align:left}.paper{color:#666;
+font-size:85%}img{max-width:640px}figure{display:inline-block;margin:8px}
+code{font-size:85%}"""
+
+
+def _html(report: dict[str, Any], plots: list[Path]) -> str:
+    e = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Study"
+             f" {e(report['study'])}</title><style>{STYLE}</style></head><body>",
+             f"<h1>Study {e(report['study'])}</h1><p>{e(report['description'])}</p>",
+             f"<p>safe-cache {e(report['safe_cache'])}, {e(report['written'])};"
+             f" {report['runs']} runs.</p>"]
+    for table in report["tables"]:
+        parts.append(f"<h2>{e(table['backbone'])}, {e(table['recipe'])}, {table['shots']}"
+                     f" shots</h2><table><tr><th>method</th>"
+                     + "".join(f"<th>{e(d)}</th>" for d in table["datasets"]) + "</tr>")
+        for method in table["methods"]:
+            cells = []
+            for dataset in table["datasets"]:
+                ours, paper = _cell_text(table["cells"].get((method, dataset)))
+                cells.append(f"<td>{e(ours)}<br><span class='paper'>{e(paper)}</span></td>")
+            parts.append(f"<tr><td>{e(method)}</td>{''.join(cells)}</tr>")
+        parts.append("</table>")
+    if report["ood"]:
+        columns = ("imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+        parts.append("<h2>ImageNet and its variants (16 shots)</h2><table><tr><th>backbone</th>"
+                     "<th>recipe</th><th>method</th>"
+                     + "".join(f"<th>{c}</th>" for c in columns) + "</tr>")
+        for row in report["ood"]:
+            parts.append(f"<tr><td>{e(row['backbone'])}</td><td>{e(row['recipe'])}</td>"
+                         f"<td>{e(row['method'])}</td>" + "".join(
+                             f"<td>{row[c]:.2f}</td>" if row[c] is not None else "<td>-</td>"
+                             for c in columns) + "</tr>")
+        parts.append("</table>")
+    parts.append("<h2>Plots</h2>" + "".join(_image(p) for p in plots))
+    parts.append("<h2>Where each cell comes from</h2><ul>")
+    for s in report["sources"]:
+        files = "".join(f"<li><code>{e(f)}</code></li>" for f in s["files"])
+        parts.append(f"<li>{e(s['dataset'])}, {e(s['backbone'])}, {e(s['variant'])},"
+                     f" {s['shots']} shots: <code>{e(s['command'])}</code><ul>{files}</ul></li>")
+    parts.append("</ul></body></html>")
+    return "\n".join(parts)

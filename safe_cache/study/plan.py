@@ -1,0 +1,238 @@
+"""What a study needs, before it runs: stores to create or extend, runs to do or skip, missing
+data, disk and an estimated time (`study run --dry-run` prints it; `run` checks it first).
+
+A store is one (dataset, backbone); a run one (store, recipe x prompt-set variant, shots,
+seed), written to `<out>/results/<variant>/<dataset>/<backbone>/...`. Every dataset folder is
+checked up front and every problem is listed at once, so a missing split file is found in
+seconds, not hours into the study.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import DatasetError, SafeCacheError, SafeCacheWarning
+from ..store.paths import model_label, store_root
+from .spec import Backbone, Study, resolve_prompts
+
+BYTES_PER_VALUE = 2  # float16 maps
+# Throughput the project measured (README, Performance), by (model, device kind); None: unknown.
+MEASURED = {
+    ("RN50", "cpu"): {"extract_images_per_s": 9.33, "fit_seconds_per_iteration": 0.3895},
+    ("ViT-B-16", "cpu"): {"extract_images_per_s": None, "fit_seconds_per_iteration": 0.2293},
+}
+
+
+@dataclass
+class StoreItem:
+    dataset: str
+    backbone: Backbone
+    url: str
+    status: str  # "create", "extend", "present", "no data"
+    test_only: bool = False  # an OOD variant: its test split only
+    images: int | None = None  # rows to hold
+    bytes: int | None = None  # estimated size when complete
+
+
+@dataclass
+class RunItem:
+    dataset: str
+    backbone: Backbone
+    recipe: str
+    prompts: str
+    variant: str
+    shots: int
+    seed: int
+    path: Path
+    status: str  # "todo" or "done"
+    store: str = ""
+
+
+@dataclass
+class StudyPlan:
+    study: Study
+    root: Path
+    out: Path
+    stores: list[StoreItem] = field(default_factory=list)
+    runs: list[RunItem] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # dataset problems, all of them
+    seconds: float | None = None
+    estimate_note: str = ""
+
+    @property
+    def disk_bytes(self) -> int:
+        """About what the stores to create or extend will hold when complete."""
+        return sum(s.bytes or 0 for s in self.stores if s.status in ("create", "extend"))
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "study": self.study.name, "root": str(self.root), "out": str(self.out),
+            "missing": self.missing, "disk_bytes": self.disk_bytes,
+            "estimated_seconds": self.seconds, "estimate_note": self.estimate_note,
+            "stores": [{"dataset": s.dataset, "backbone": s.backbone.name, "url": s.url,
+                        "status": s.status, "images": s.images, "bytes": s.bytes,
+                        "test_only": s.test_only} for s in self.stores],
+            "runs": {"todo": sum(r.status == "todo" for r in self.runs),
+                     "done": sum(r.status == "done" for r in self.runs),
+                     "list": [{"dataset": r.dataset, "backbone": r.backbone.name,
+                               "variant": r.variant, "shots": r.shots, "seed": r.seed,
+                               "status": r.status, "path": str(r.path)} for r in self.runs]},
+        }
+
+
+def store_label(backbone: Backbone) -> str:
+    """The store's file name part, as `extract` names default stores (plus a non-pool cut)."""
+    from ..identity import file_sha256
+
+    weights = backbone.pretrained
+    if weights is None:
+        weights = "random0"
+    elif Path(weights).is_file():
+        weights = f"file-{file_sha256(weights)[:12]}"
+    model = backbone.model
+    model = Path(model).stem if model.endswith(".json") else model_label(model.replace("/", "-")) \
+        if not model.startswith(("hf-hub:", "local-dir:")) else model_label(model)
+    label = f"{model}-{weights}"
+    return label if backbone.cut == "pool" else f"{label}-{backbone.cut}"
+
+
+def _shapes(backbone: Backbone, cache: dict) -> tuple[int, int]:
+    """(T, C) of a backbone's dense map, from its architecture (random weights, no download)."""
+    if backbone not in cache:
+        from ..model.backbone import load_backbone
+
+        card = load_backbone(backbone.model, None, cut=backbone.cut).card
+        cache[backbone] = (card["T"], card["C"])
+    return cache[backbone]
+
+
+def _wanted_rows(study: Study, dataset_name: str, root: Path, test_only: bool):
+    """(rows per split) the store must hold, or a problem string."""
+    from ..data.datasets import open_dataset
+    from ..extract.job import few_shot_subsets, wanted_entries
+
+    try:
+        dataset = open_dataset(dataset_name, root,
+                               make_split=bool(study.extract.get("make_split")))
+        with warnings.catch_warnings():  # short classes: extract warns when it samples them
+            warnings.simplefilter("ignore", SafeCacheWarning)
+            subsets = {} if test_only else few_shot_subsets(dataset, study.shots, study.seeds)
+    except DatasetError as exc:  # its first sentence; the fetch command where there is one
+        first = str(exc).split(". ")[0].rstrip(".")
+        hint = f"`safe-cache datasets fetch {dataset_name} --root {root}`" \
+            if "datasets fetch" in str(exc) else "see `safe-cache datasets`"
+        return f"{first} ({hint})"
+    return {split: len(rows) for split, rows in wanted_entries(dataset, subsets).items()}
+
+
+def _store_status(url: str, rows: dict[str, int], study: Study, dataset: str,
+                  root: str | Path) -> str:
+    from ..store import open_store
+
+    if not (Path(url) / "zarr.json").is_file():
+        return "create"
+    try:
+        store = open_store(url)
+        complete = all(int(store.readable_rows(split).size) >= count
+                       for split, count in rows.items())
+        views = store.manifest["views"]["count"] >= study.extract.get("views", 10)
+        prompts = all(_has_classifier(store, resolve_prompts(p, dataset, root))
+                      for p in study.prompts)
+        store.close()
+    except SafeCacheError:
+        return "extend"
+    return "present" if complete and views and prompts else "extend"
+
+
+def _has_classifier(store, prompts: str) -> bool:
+    try:
+        store.classifier(prompts)
+    except (SafeCacheError, KeyError):
+        return False
+    return True
+
+
+def _run_status(path: Path) -> str:
+    from ..errors import ResultError
+    from ..fit.results import files_problem, load_result
+
+    if not path.is_file():
+        return "todo"
+    try:
+        return "done" if files_problem(load_result(path)) is None else "todo"
+    except ResultError:
+        return "todo"
+
+
+def plan_study(study: Study, root: str | Path, *, stores: str | None = None,
+               out: str | Path = "study-out", device: str = "cpu") -> StudyPlan:
+    """Every store and run of the study with its status; touches nothing."""
+    plan = StudyPlan(study, Path(root), Path(out))
+    base = store_root(stores)
+    shapes: dict = {}
+    wanted = [(d, False) for d in study.datasets] + [(v, True) for v in study.ood]
+    for dataset, test_only in wanted:
+        rows = _wanted_rows(study, dataset, Path(root), test_only)
+        if isinstance(rows, str):
+            plan.missing.append(rows)
+        for prompts in study.prompts:
+            resolved = resolve_prompts(prompts, dataset, root)
+            if resolved != prompts and not Path(resolved).is_file():
+                plan.missing.append(f"{dataset}: no prompt file {resolved} (prompt set"
+                                    f" {prompts} of the study)")
+        for backbone in study.backbones:
+            url = f"{base}/{dataset}/{store_label(backbone)}.zarr"
+            item = StoreItem(dataset, backbone, url, "no data", test_only)
+            if not isinstance(rows, str):
+                tokens, channels = _shapes(backbone, shapes)
+                per_row = tokens * channels * BYTES_PER_VALUE
+                views = study.extract.get("views", 10) + 1 + \
+                    int(study.extract.get("center_flip", True))
+                item.images = sum(rows.values())
+                item.bytes = per_row * (rows.get("test", 0) + rows.get("val", 0)
+                                        + views * rows.get("train", 0))
+                item.status = _store_status(url, rows, study, dataset, root)
+            plan.stores.append(item)
+    for item in plan.stores:
+        if item.test_only:
+            continue
+        for recipe, prompts in study.variants:
+            variant = study.variant_name(recipe, prompts)
+            for shots in study.shots:
+                for seed in study.seeds:
+                    path = (plan.out / "results" / variant / item.dataset
+                            / Path(item.url).stem / f"shots{shots}_seed{seed}_{recipe}.json")
+                    plan.runs.append(RunItem(item.dataset, item.backbone, recipe,
+                                             resolve_prompts(prompts, item.dataset, root),
+                                             variant, shots, seed, path, _run_status(path),
+                                             item.url))
+    plan.seconds, plan.estimate_note = _estimate(plan, device)
+    return plan
+
+
+def _estimate(plan: StudyPlan, device: str) -> tuple[float | None, str]:
+    """Seconds from the throughput the project measured, or None with the reason."""
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    iters = plan.study.fit.get("iters", 12_800)
+    seconds, unknown = 0.0, set()
+    for item in plan.stores:
+        if item.status in ("create", "extend") and item.images:
+            rate = MEASURED.get((item.backbone.model, kind), {}).get("extract_images_per_s")
+            if rate is None:
+                unknown.add(f"extract {item.backbone.model}")
+            else:
+                seconds += item.images / rate
+    for run in plan.runs:
+        if run.status == "todo":
+            per = MEASURED.get((run.backbone.model, kind), {}).get("fit_seconds_per_iteration")
+            if per is None:
+                unknown.add(f"fit {run.backbone.model}")
+            else:
+                seconds += per * iters
+    if unknown:
+        return None, (f"no measured throughput on {kind} for {', '.join(sorted(unknown))}"
+                      f" (README, Performance)")
+    return seconds, f"from the throughput measured on {kind} (README, Performance)"

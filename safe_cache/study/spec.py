@@ -1,0 +1,246 @@
+"""A study: one paper table (or ablation) as a TOML file, checked before any work.
+
+A study names its datasets, backbones, shots, seeds, methods, fit recipes and prompt sets, the
+extract options its stores need and the fit options its runs use (see studies/*.toml, the
+shipped ones). Everything is checked when the file is read: an unknown key, dataset, model,
+method, recipe or OOD variant is one error naming the file, the line and the allowed values, so
+a typo never surfaces hours into a run.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+STUDY_DIR = Path(__file__).parent / "studies"
+METHODS = ("zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f", "safe", "safe_a")
+BUILTIN_PROMPTS = ("hand", "classname", "vanilla")
+OOD_VARIANTS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+TOP_KEYS = {"name", "description", "datasets", "backbones", "shots", "seeds", "methods",
+            "recipes", "prompts", "ood", "extract", "fit", "paper"}
+BACKBONE_KEYS = {"model", "pretrained", "cut", "label"}
+EXTRACT_KEYS = {"views", "center_flip", "batch_size", "workers", "precision", "device",
+                "max_pixels", "make_split", "view_seed"}
+FIT_KEYS = {"iters", "lrs", "wds", "batch_size", "eval_every", "beta", "betas", "blend",
+            "device", "select_on", "tip_epochs", "test_chunk"}
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One backbone of a study: open_clip model, weights ('none': random), trunk cut."""
+
+    model: str
+    pretrained: str | None
+    cut: str = "pool"
+
+    @property
+    def name(self) -> str:
+        weights = self.pretrained or "random"
+        return f"{self.model}-{weights}" + ("" if self.cut == "pool" else f"-{self.cut}")
+
+
+@dataclass(frozen=True)
+class Study:
+    """A parsed, checked study file."""
+
+    name: str
+    path: Path
+    datasets: tuple[str, ...]
+    backbones: tuple[Backbone, ...]
+    shots: tuple[int, ...] = (1, 2, 4, 8, 16)
+    seeds: tuple[int, ...] = (1, 2, 3)
+    methods: tuple[str, ...] = METHODS
+    recipes: tuple[str, ...] = ("safe",)
+    prompts: tuple[str, ...] = ("hand",)
+    ood: tuple[str, ...] = ()
+    extract: dict[str, Any] = field(default_factory=dict)
+    fit: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    paper: str = ""  # which published table the report compares with ("table_1", "table_3")
+
+    @property
+    def variants(self) -> list[tuple[str, str]]:
+        """(recipe, prompt set) pairs: each writes its own results folder."""
+        return [(r, p) for r in self.recipes for p in self.prompts]
+
+    def variant_name(self, recipe: str, prompts: str) -> str:
+        """A variant's folder: the recipe, plus the prompt set where the study varies it."""
+        if len(self.prompts) == 1:
+            return recipe
+        name = Path(prompts).parent.name if "{dataset}" in prompts else Path(prompts).stem
+        return f"{recipe}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}"
+
+
+def resolve_prompts(prompts: str, dataset: str, root: str | Path) -> str:
+    """A study's prompt set for one dataset: a built-in name, a file, or a per-dataset file
+    template ('{dataset}' filled in, relative to the data root)."""
+    if "{dataset}" not in prompts:
+        return prompts
+    path = Path(prompts.replace("{dataset}", dataset))
+    return str(path if path.is_absolute() else Path(root) / path)
+
+
+class _Checker:
+    """Errors that name the study file, the line of the offending text, and the fix."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path, self.lines = path, text.splitlines()
+
+    def line_of(self, needle: str) -> int | None:
+        key = re.compile(rf"^\s*\[*\s*{re.escape(needle)}\s*[=\]]")
+        for number, line in enumerate(self.lines, 1):
+            if key.search(line) or f'"{needle}"' in line or f"'{needle}'" in line:
+                return number
+        return None
+
+    def fail(self, needle: str, message: str) -> ConfigError:
+        line = self.line_of(needle)
+        where = f"{self.path}, line {line}" if line else str(self.path)
+        return ConfigError(f"{where}: {message}")
+
+    def keys(self, table: dict[str, Any], allowed: set[str], what: str) -> None:
+        for key in table:
+            if key not in allowed:
+                raise self.fail(key, f"unknown {what} key '{key}'; allowed: "
+                                     f"{', '.join(sorted(allowed))}.")
+
+    def among(self, values: list[Any], allowed: tuple[str, ...] | list[str], what: str) -> None:
+        for value in values:
+            if value not in allowed:
+                raise self.fail(str(value), f"unknown {what} '{value}'; allowed: "
+                                            f"{', '.join(allowed)}.")
+
+    def ints(self, values: Any, what: str, minimum: int) -> tuple[int, ...]:
+        if not isinstance(values, list) or not values or not all(
+                isinstance(v, int) and v >= minimum for v in values):
+            raise self.fail(what, f"'{what}' must be a non-empty list of integers >= {minimum}.")
+        if len(set(values)) != len(values):
+            raise self.fail(what, f"'{what}' lists a value twice: {values}.")
+        return tuple(values)
+
+
+def _backbones(raw: Any, check: _Checker) -> tuple[Backbone, ...]:
+    from ..model.backbone import config_family
+    from ..model.hub import SCHEMAS
+
+    if not isinstance(raw, list) or not raw:
+        raise check.fail("backbones", "'backbones' must be a non-empty list of"
+                                      " [[backbones]] tables (model, pretrained, cut).")
+    parsed = []
+    for entry in raw:
+        check.keys(entry, BACKBONE_KEYS, "backbone")
+        model = entry.get("model")
+        if not isinstance(model, str):
+            raise check.fail("backbones", "each backbone needs a model name.")
+        if not model.startswith(tuple(f"{s}:" for s in SCHEMAS)) and not Path(model).is_file():
+            _check_model(model, check, config_family)
+        pretrained = entry.get("pretrained", "openai")
+        pretrained = None if str(pretrained).lower() == "none" else str(pretrained)
+        parsed.append(Backbone(model, pretrained, entry.get("cut", "pool")))
+    names = [b.name for b in parsed]
+    for name in names:
+        if names.count(name) > 1:  # the same store twice: one would overwrite the other
+            raise check.fail(name.split("-")[0], f"two backbones write the same store ({name});"
+                                                 f" drop one, or change its pretrained or cut.")
+    return tuple(parsed)
+
+
+def _check_model(model: str, check: _Checker, config_family) -> None:
+    import open_clip
+
+    from ..model.backbone import MODEL_CONFIG_DIR  # noqa: F401  (registers the tiny configs)
+
+    config = open_clip.get_model_config(model.replace("/", "-"))
+    if config is None:
+        known = [m for m in open_clip.list_models()
+                 if config_family(open_clip.get_model_config(m))[0] != "unsupported"]
+        raise check.fail(model, f"unknown model '{model}'; allowed: open_clip names SAFE can"
+                                f" split ({', '.join(known[:12])}, ...: `safe-cache models`),"
+                                f" a config JSON, hf-hub:ORG/NAME or local-dir:PATH.")
+    family, reason = config_family(config)
+    if family == "unsupported":
+        raise check.fail(model, f"{model} cannot be split for SAFE ({reason}).")
+
+
+def parse_study(path: Path) -> Study:
+    """Read and check a study file (see the module docstring)."""
+    from ..data.datasets import list_specs
+    from ..fit.recipe import PRESETS
+
+    text = path.read_text()
+    check = _Checker(path, text)
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc}).") from exc
+    check.keys(raw, TOP_KEYS, "study")
+    for table, allowed in (("extract", EXTRACT_KEYS), ("fit", FIT_KEYS)):
+        if not isinstance(raw.get(table, {}), dict):
+            raise check.fail(table, f"'{table}' must be a table: [{table}].")
+        check.keys(raw.get(table, {}), allowed, table)
+    datasets = raw.get("datasets")
+    if not isinstance(datasets, list) or not datasets:
+        raise check.fail("datasets", "'datasets' must be a non-empty list of dataset names.")
+    check.among(datasets, [s.name for s in list_specs()], "dataset")
+    methods = raw.get("methods", list(METHODS))
+    check.among(methods, METHODS, "method")
+    recipes = raw.get("recipes", ["safe"])
+    check.among(recipes, sorted(PRESETS), "recipe")
+    ood = raw.get("ood", [])
+    check.among(ood, OOD_VARIANTS, "OOD variant")
+    if ood and "imagenet" not in datasets:
+        raise check.fail("ood", "'ood' tests ImageNet runs on its variants: add imagenet to"
+                                " 'datasets'.")
+    prompts = raw.get("prompts", ["hand"])
+    for prompt_set in prompts:
+        if prompt_set not in BUILTIN_PROMPTS and "{dataset}" not in prompt_set and \
+                not (path.parent / prompt_set).is_file() and not Path(prompt_set).is_file():
+            raise check.fail(prompt_set, f"unknown prompt set '{prompt_set}'; allowed: hand,"
+                                         f" classname, vanilla, a CuPL JSON file, or a file per"
+                                         f" dataset ('cupl/{{dataset}}.json' under the data"
+                                         f" root).")
+    prompts = [p if p in BUILTIN_PROMPTS or "{dataset}" in p or Path(p).is_file()
+               else str(path.parent / p) for p in prompts]
+    study = Study(
+        name=raw.get("name", path.stem), path=path, datasets=tuple(datasets),
+        backbones=_backbones(raw.get("backbones"), check),
+        shots=check.ints(raw.get("shots", [1, 2, 4, 8, 16]), "shots", 1),
+        seeds=check.ints(raw.get("seeds", [1, 2, 3]), "seeds", 0),
+        methods=tuple(dict.fromkeys(["zero_shot", "safe", *methods])),
+        recipes=tuple(dict.fromkeys(recipes)), prompts=tuple(dict.fromkeys(prompts)),
+        ood=tuple(ood), extract=dict(raw.get("extract", {})), fit=dict(raw.get("fit", {})),
+        description=raw.get("description", ""), paper=raw.get("paper", ""))
+    folders = [study.variant_name(r, p) for r, p in study.variants]
+    for folder in folders:
+        if folders.count(folder) > 1:  # two variants would write the same result files
+            raise check.fail("prompts", f"two recipe x prompt-set variants write the same"
+                                        f" results ({folder}); give the prompt files distinct"
+                                        f" names.")
+    return study
+
+
+def list_studies() -> list[Study]:
+    """The studies shipped with the package, by file name."""
+    return [parse_study(path) for path in sorted(STUDY_DIR.glob("*.toml"))]
+
+
+def load_study(name_or_path: str | Path) -> Study:
+    """A shipped study by name (`table1-rn50`) or a study file by path."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return parse_study(path)
+    shipped = STUDY_DIR / f"{name_or_path}.toml"
+    if shipped.is_file():
+        return parse_study(shipped)
+    names = ", ".join(p.stem for p in sorted(STUDY_DIR.glob("*.toml")))
+    raise ConfigError(f"No study '{name_or_path}': not a file, and the shipped studies are"
+                      f" {names} (`safe-cache study list`).")

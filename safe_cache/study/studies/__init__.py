@@ -1,0 +1,1 @@
+"""The shipped studies (*.toml), read by safe_cache.study.spec."""

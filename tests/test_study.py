@@ -1,0 +1,275 @@
+"""Studies: a whole table over miniatures of all 11 datasets and ImageNet's 4 variants with a
+tiny model, end to end; a second run does no work; runs killed in extract and in fit finish with
+the same result files; dry runs; bad study files; the report page in a real headless browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from miniatures import write_every_layout, write_split_zhou
+
+from safe_cache import ConfigError, DatasetError
+from safe_cache.cli import main
+from safe_cache.study import list_studies, load_study, plan_study, run
+
+ELEVEN = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+          "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101"]
+FAST = """
+[[backbones]]
+model = "safe-cache-tiny-rn"
+pretrained = "none"
+
+[extract]
+views = 1
+workers = 0
+
+[fit]
+iters = 20
+eval_every = 10
+lrs = [1e-3]
+wds = [0.0]
+tip_epochs = 2
+device = "cpu"
+"""
+
+
+def study_file(folder: Path, datasets: list[str], *, ood: tuple[str, ...] = (),
+               shots=(1, 16), methods=None, name: str = "mini", extra: str = "") -> Path:
+    methods = methods or ["zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f", "safe",
+                          "safe_a"]
+    text = (f'name = "{name}"\ndescription = "a miniature study"\n'
+            f"datasets = {json.dumps(datasets)}\nood = {json.dumps(list(ood))}\n"
+            f"shots = {json.dumps(list(shots))}\nseeds = [1]\nmethods = {json.dumps(methods)}\n"
+            f"{extra}\n{FAST}")
+    path = folder / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+def result_accuracies(out: Path) -> dict[str, dict[str, float]]:
+    """Every result file under out/results, by relative path: its methods' test accuracy."""
+    found = {}
+    for path in sorted((out / "results").rglob("*.json")):
+        record = json.loads(path.read_text())
+        found[str(path.relative_to(out))] = {m: v["test_acc"] for m, v in
+                                             record["methods"].items()}
+    return found
+
+
+@pytest.fixture(scope="module")
+def whole_study(tmp_path_factory):
+    """The 11 datasets + 4 ImageNet variants, run once (shared by the tests that read it)."""
+    folder = tmp_path_factory.mktemp("study")
+    write_every_layout(folder / "data")
+    path = study_file(folder, ELEVEN, ood=("imagenet_v2", "imagenet_sketch", "imagenet_a",
+                                           "imagenet_r"))
+    result = run(load_study(path), folder / "data", stores=str(folder / "stores"),
+                 out=folder / "out")
+    return folder, path, result
+
+
+@pytest.mark.slow
+def test_whole_study_runs_end_to_end(whole_study):
+    folder, _, result = whole_study
+    assert len(result.extracted) == 15  # 11 datasets + 4 variants, one backbone
+    assert result.fitted == 11 * 2 and result.skipped == 0
+    report = json.loads((folder / "out" / "study.json").read_text())
+    sixteen = next(t for t in report["tables"] if t["shots"] == 16)
+    assert sixteen["datasets"] == [*sorted(ELEVEN), "average"]  # the 11-dataset average too
+    assert {m for m in sixteen["methods"]} >= {"zero_shot", "safe", "safe_a", "linear_probe"}
+    assert report["ood"] and report["ood"][0]["imagenet_r"] is not None
+    assert all(s["files"] for s in report["sources"])  # every cell names its result files
+    markdown = (folder / "out" / "study.md").read_text()
+    assert "safe-cache fit --store" in markdown and "| safe_a |" in markdown
+
+
+@pytest.mark.slow
+def test_a_finished_study_run_again_does_no_work(whole_study):
+    folder, path, _ = whole_study
+    before = result_accuracies(folder / "out")
+    again = run(load_study(path), folder / "data", stores=str(folder / "stores"),
+                out=folder / "out")
+    assert again.extracted == [] and again.fitted == 0 and again.skipped == 22
+    assert result_accuracies(folder / "out") == before
+
+
+def _study_cli(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen([sys.executable, "-m", "safe_cache.cli", "study", "run", *args],
+                            cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _kill_when(process: subprocess.Popen, ready, timeout: float = 120.0) -> bool:
+    """SIGKILL the process (group) as soon as `ready()` holds; False if it ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if ready():
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return True
+        time.sleep(0.02)
+    process.wait()
+    return False
+
+
+@pytest.mark.slow
+def test_killed_in_extract_and_in_fit_finishes_with_the_same_results(tmp_path):
+    write_split_zhou(tmp_path / "data", "dtd", classes=3)
+    write_split_zhou(tmp_path / "data", "eurosat", classes=3)
+    path = study_file(tmp_path, ["dtd", "eurosat"], shots=(1, 2), methods=["zero_shot", "safe"])
+    reference = run(load_study(path), tmp_path / "data", stores=str(tmp_path / "ref-stores"),
+                    out=tmp_path / "ref")
+    assert reference.fitted == 4
+    args = [str(path), "--root", str(tmp_path / "data"), "--store-root",
+            str(tmp_path / "stores"), "--out", str(tmp_path / "out")]
+    stores, results = tmp_path / "stores", tmp_path / "out" / "results"
+    killed_extract = _kill_when(_study_cli(args, tmp_path),
+                                lambda: any(stores.rglob("zarr.json")))
+    assert killed_extract and not results.exists()  # killed before any fit
+    killed_fit = _kill_when(_study_cli(args, tmp_path),
+                            lambda: results.exists() and any(results.rglob("*.json")))
+    assert killed_fit
+    finished = _study_cli(args, tmp_path)
+    assert finished.wait(timeout=300) == 0
+    assert result_accuracies(tmp_path / "out") == result_accuracies(tmp_path / "ref")
+
+
+def test_dry_run_lists_stores_runs_and_every_missing_folder(tmp_path):
+    write_split_zhou(tmp_path / "data", "dtd", classes=3)
+    path = study_file(tmp_path, ["dtd", "eurosat", "food101"], shots=(1,))
+    plan = plan_study(load_study(path), tmp_path / "data", stores=str(tmp_path / "stores"),
+                      out=tmp_path / "out")
+    assert [(s.dataset, s.status) for s in plan.stores] == \
+        [("dtd", "create"), ("eurosat", "no data"), ("food101", "no data")]
+    assert plan.stores[0].bytes > 0 and plan.disk_bytes == plan.stores[0].bytes
+    assert len(plan.missing) == 2 and "eurosat" in plan.missing[0] and \
+        "food101" in plan.missing[1] and "datasets fetch eurosat" in plan.missing[0]
+    assert [(r.dataset, r.status) for r in plan.runs] == \
+        [("dtd", "todo"), ("eurosat", "todo"), ("food101", "todo")]
+    assert plan.seconds is None and "no measured throughput" in plan.estimate_note
+    result = CliRunner().invoke(main, ["study", "run", str(path), "--root",
+                                       str(tmp_path / "data"), "--store-root",
+                                       str(tmp_path / "stores"), "--dry-run", "--json"])
+    assert result.exit_code == 1  # missing data: a dry run says so in its status too
+    listed = json.loads(result.stdout)
+    assert listed["runs"]["todo"] == 3 and len(listed["missing"]) == 2
+    assert not (tmp_path / "stores").exists()  # nothing was written
+    with pytest.raises(DatasetError, match=r"2 dataset\(s\) cannot be read .* nothing was run"):
+        run(load_study(path), tmp_path / "data", stores=str(tmp_path / "stores"),
+            out=tmp_path / "out")
+    assert not (tmp_path / "stores").exists()
+
+
+def test_dry_run_estimates_time_from_measured_throughput(tmp_path):
+    write_split_zhou(tmp_path / "data", "dtd", classes=3)
+    path = study_file(tmp_path, ["dtd"], shots=(1,))
+    path.write_text(path.read_text().replace('model = "safe-cache-tiny-rn"', 'model = "RN50"')
+                    .replace('pretrained = "none"', 'pretrained = "openai"'))
+    plan = plan_study(load_study(path), tmp_path / "data", out=tmp_path / "out")
+    images = plan.stores[0].images
+    assert plan.seconds == pytest.approx(images / 9.33 + 20 * 0.3895)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ('seeds = [1]\n', r"line \d+: unknown study key 'seedz'; allowed: backbones, datasets"),
+    ('"dtd"', r"line 3: unknown dataset 'dtdd'; allowed: caltech101, dtd,"),
+    ('model = "safe-cache-tiny-rn"', r"line \d+: unknown model 'RN5O'; allowed: open_clip names"),
+    ('"safe_a"', r"line 7: unknown method 'safe_b'; allowed: zero_shot, linear_probe"),
+    ('iters = 20', r"line \d+: unknown fit key 'iterations'; allowed: batch_size"),
+])
+def test_bad_study_file_names_file_line_and_allowed_values(tmp_path, edit, message):
+    path = study_file(tmp_path, ["dtd"])
+    bad = {'seeds = [1]\n': 'seedz = [1]\n', '"dtd"': '"dtdd"',
+           'model = "safe-cache-tiny-rn"': 'model = "RN5O"', '"safe_a"': '"safe_b"',
+           'iters = 20': 'iterations = 20'}[edit]
+    path.write_text(path.read_text().replace(edit, bad, 1))
+    with pytest.raises(ConfigError, match=rf"{path}, {message}"):
+        load_study(path)
+
+
+def test_two_backbones_writing_one_store_are_refused(tmp_path):
+    path = study_file(tmp_path, ["dtd"])
+    path.write_text(path.read_text() + '\n[[backbones]]\nmodel = "safe-cache-tiny-rn"\n'
+                    'pretrained = "none"\n')
+    with pytest.raises(ConfigError, match=r"two backbones write the same store"
+                                          r" \(safe-cache-tiny-rn-random\)"):
+        load_study(path)
+
+
+def test_two_variants_writing_one_result_folder_are_refused(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "cupl.json").write_text("{}")
+    path = study_file(tmp_path, ["dtd"], extra='prompts = ["a/cupl.json", "b/cupl.json"]')
+    with pytest.raises(ConfigError, match=r"two recipe x prompt-set variants write the same"
+                                          r" results \(safe-cupl\)"):
+        load_study(path)
+
+
+def test_shipped_studies_parse_and_list():
+    names = {s.name for s in list_studies()}
+    assert names == {"table1-rn50", "table1-vitb16", "table3-ood", "ablation-beta",
+                     "ablation-layer4", "ablation-prompts", "recipes"}
+    table1 = load_study("table1-rn50")
+    assert len(table1.datasets) == 11 and table1.shots == (1, 2, 4, 8, 16)
+    assert table1.seeds == (1, 2, 3) and "safe_a" in table1.methods
+    assert load_study("table3-ood").ood == ("imagenet_v2", "imagenet_sketch", "imagenet_a",
+                                           "imagenet_r")
+    assert [b.cut for b in load_study("ablation-layer4").backbones] == ["pool", "layer4"]
+    result = CliRunner().invoke(main, ["study", "list", "--json"])
+    assert {row["name"] for row in json.loads(result.stdout)} == names
+    with pytest.raises(ConfigError, match=r"No study 'table2'.*ablation-beta"):
+        load_study("table2")
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.slow
+def test_report_page_renders_in_a_headless_browser(whole_study):
+    """Open study.html in Chromium (Debian's package): the tables' cells are there and every
+    embedded plot decodes to a non-empty image; a screenshot is not blank."""
+    folder, _, _ = whole_study
+    browser_path = _chromium()
+    if browser_path is None:
+        if os.environ.get("SAFE_CACHE_REQUIRE_BROWSER"):
+            pytest.fail("Chromium is not installed (.ci/run installs Debian's `chromium`).")
+        pytest.skip("no Chromium here (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    page_path = folder / "out" / "study.html"
+    assert "src=\"http" not in page_path.read_text()  # self-contained: no external files
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=browser_path,
+                                             args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(page_path.as_uri())
+        page.wait_for_load_state("load")
+        cells = page.locator("table td").count()
+        images = page.evaluate("""() => Promise.all([...document.images].map(
+            img => img.decode().then(() => [img.naturalWidth, img.naturalHeight],
+                                      () => [0, 0])))""")
+        headers = page.locator("h2").all_inner_texts()
+        shot = page.screenshot(full_page=False)
+        browser.close()
+    assert cells >= 6 * 12  # 6 methods x (11 datasets + average), in one table at least
+    assert images and all(w > 0 and h > 0 for w, h in images), images
+    assert any("16 shots" in h for h in headers) and any("variants" in h for h in headers)
+    from io import BytesIO
+
+    from PIL import Image
+
+    screenshot = Image.open(BytesIO(shot)).convert("L")
+    low, high = screenshot.getextrema()
+    assert high - low > 100  # text and plots on the page, not a blank render
