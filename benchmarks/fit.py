@@ -13,7 +13,15 @@ Each way's iteration includes its share of the validation every 100 iterations (
 = 4-shot val set of `--classes` classes). Batch 8, random weights. The ways alternate round by
 round; the naive and re-encoding ways are timed for one configuration and multiplied by 12
 (they run configurations one after another). The full 12,800-iteration protocol is
-extrapolated from the measured per-iteration times. One JSON object.
+extrapolated from the measured per-iteration times.
+
+Memory-traffic bound: a safe-cache step must at least read every parameter of the 12 heads for
+the forward and again for the backward, write its gradient, and let fused AdamW read parameter,
+gradient and both moments and write parameter and moments (4 + 4 + 4 + 28 = 40 bytes per float32
+parameter), plus read the batch's float16 maps. That many bytes at the copy bandwidth measured
+in the same run (a 256 MB tensor copy, read + write counted) is the least time a step can take;
+`fraction_of_memory_bound` is that least time over the measured step, so CPU claims read as
+"x of the limit". One JSON object.
 """
 
 from __future__ import annotations
@@ -40,6 +48,25 @@ def timed(fn, repeats: int) -> float:
     for _ in range(repeats):
         fn()
     return (time.perf_counter() - start) / repeats
+
+
+def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes per second a large tensor copy moves (read + write), median of `repeats`."""
+    source = torch.rand(megabytes * 2**20 // 4)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        target.copy_(source)
+        times.append(time.perf_counter() - start)
+    return 2 * source.numel() * 4 / statistics.median(times)
+
+
+def step_bytes(stacked: torch.nn.Module, card: dict) -> int:
+    """The bytes one stacked step must move at least (see the module docstring)."""
+    parameters = sum(p.numel() for p in stacked.parameters())
+    return 40 * parameters + BATCH * card["T"] * card["C"] * 2
 
 
 def bench(model: str, classes: int, rounds: int) -> dict:
@@ -93,8 +120,11 @@ def bench(model: str, classes: int, rounds: int) -> dict:
 
     trunk_per_image = timed(lambda: backbone.trunk(images), 1) / BATCH
     times: dict[str, list[float]] = {"ours": [], "naive": [], "reencode": []}
+    steps, bandwidths = [], []
     for _ in range(rounds):
-        times["ours"].append(timed(ours_step, 5) + timed(ours_eval, 1) / EVAL_EVERY)
+        bandwidths.append(copy_bandwidth())
+        steps.append(timed(ours_step, 5))
+        times["ours"].append(steps[-1] + timed(ours_eval, 1) / EVAL_EVERY)
         per_config = timed(naive_step, 3) + timed(naive_eval, 1) / EVAL_EVERY
         times["naive"].append(len(GRID) * per_config)
         reencode = timed(reencode_step, 1) + (timed(naive_eval, 1)
@@ -107,7 +137,16 @@ def bench(model: str, classes: int, rounds: int) -> dict:
         "naive_cached_over_ours": round(per_iter["naive"] / per_iter["ours"], 2),
         "reencode_over_ours": round(per_iter["reencode"] / per_iter["ours"], 2),
         "full_protocol_minutes": {k: round(v * ITERS / 60, 1) for k, v in per_iter.items()},
+        "memory_traffic": _traffic(step_bytes(stacked, card), statistics.median(bandwidths),
+                                   statistics.median(steps)),
     }
+
+
+def _traffic(moved: int, bandwidth: float, step: float) -> dict:
+    bound = moved / bandwidth
+    return {"step_bytes": moved, "copy_gb_per_s": round(bandwidth / 1e9, 1),
+            "least_step_seconds": round(bound, 4), "step_seconds": round(step, 4),
+            "fraction_of_memory_bound": round(bound / step, 2)}
 
 
 def main() -> None:

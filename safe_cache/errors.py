@@ -76,6 +76,11 @@ class ClusterError(SafeCacheError):
     """The dask scheduler could not be reached, or a task failed on a worker."""
 
 
+class DeviceMemoryError(SafeCacheError):
+    """The device ran out of memory; the message names the options that lower the need, and
+    what was finished is kept (a store stays resumable, written runs stay)."""
+
+
 class SafeCacheWarning(UserWarning):
     """A situation that works but may silently give wrong numbers (e.g. QuickGELU unknown)."""
 
@@ -84,6 +89,7 @@ __all__ = [
     "ClusterError",
     "ConfigError",
     "DatasetError",
+    "DeviceMemoryError",
     "ExtractError",
     "FetchError",
     "ImageReadError",

@@ -20,7 +20,7 @@ from safe_cache.data.fewshot import sample_few_shot
 from safe_cache.data.prompts import class_sentences, text_classifier
 from safe_cache.data.views import augmented_view, load_image, view_seed
 from safe_cache.extract import ExtractConfig, extract
-from safe_cache.store import open_store
+from safe_cache.store import StoreLayout, open_store
 
 VIEWS = 3
 
@@ -210,3 +210,28 @@ def test_more_views_later_extract_only_the_new_views(tmp_path):
     from safe_cache.store.verify import verify_store
 
     assert verify_store(str(grown)) == []
+
+
+def test_several_writer_threads_write_the_same_store(tmp_path):
+    """Units written by 3 threads at once: the same arrays and completion flags as by one."""
+    write_split_zhou(tmp_path, "food101", classes=4)
+    stores = {}
+    for threads in (1, 3):
+        url = tmp_path / f"t{threads}.zarr"
+        extract(config(tmp_path, url, "safe-cache-tiny-rn", workers=0, batch_size=2,
+                       writer_threads=threads, layout=StoreLayout(chunk_images=2)))
+        stores[threads] = open_store(str(url))
+    for split in ("train", "val", "test"):
+        one, three = stores[1].arrays(split), stores[3].arrays(split)
+        for name in ("dense", "pooled", "complete"):
+            assert np.array_equal(one[name][:], three[name][:]), (split, name)
+        assert three["complete"][:].all()
+
+
+def test_workers_auto_is_every_core_but_one(monkeypatch):
+    from safe_cache.extract.config import auto_workers
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert auto_workers("auto") == 15 and auto_workers(3) == 3
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert auto_workers("auto") == 1

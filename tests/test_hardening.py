@@ -275,3 +275,56 @@ def test_a_full_disk_in_extract_and_fit_is_one_line_and_resumable(source, tmp_pa
     assert not list(out.rglob("*.json"))  # no result without its JSON
     assert invoke("fit", "--store", target, *FIT, "--out", out)[0] == 0
     assert len(list(out.rglob("*.json"))) == 1
+
+
+def test_out_of_memory_in_extract_is_one_line_and_resumes(tmp_path, monkeypatch):
+    """An OOM on the device mid-split: one line with the fixes; the store resumes."""
+    import torch
+
+    from safe_cache.cli import main
+    from safe_cache.model.backbone import Backbone
+    from safe_cache.store.verify import verify_store
+
+    write_split_zhou(tmp_path, "food101", classes=4)
+    store = tmp_path / "store.zarr"
+    args = ["extract", "--dataset", "food101", "--root", str(tmp_path), "--model",
+            "safe-cache-tiny-rn", "--pretrained", "none", "--store", str(store), "--shots", "1",
+            "--seeds", "1", "--views", "1", "--workers", "0", "--batch-size", "4"]
+    original, calls = Backbone.forward_features, {"n": 0}
+
+    def failing(self, images):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, images)
+
+    monkeypatch.setattr(Backbone, "forward_features", failing)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    message = result.output.strip().splitlines()
+    assert any("Out of memory on cpu extracting" in line for line in message), result.output
+    assert "--batch-size 2" in result.output and "run the same command again" in result.output
+    monkeypatch.setattr(Backbone, "forward_features", original)
+    resumed = CliRunner().invoke(main, args)
+    assert resumed.exit_code == 0, resumed.output
+    assert verify_store(str(store)) == []
+
+
+def test_out_of_memory_in_fit_is_one_line_with_the_fixes(monkeypatch):
+    import types
+
+    import torch
+
+    from safe_cache import DeviceMemoryError
+    from safe_cache.fit import FitConfig, runs
+
+    def failing(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB\nmore")
+
+    monkeypatch.setattr(runs, "fit_one", failing)
+    store = types.SimpleNamespace(manifest={"dataset": {"name": "food101"}})
+    config = FitConfig(store="unused.zarr", device="cpu", test_chunk=256)
+    with pytest.raises(DeviceMemoryError, match=r"^Out of memory fitting food101 16 shots seed 2"
+                                                r" on cpu \(CUDA out of memory\. Tried to"
+                                                r" allocate 9\.00 GiB\)\. Try --test-chunk 128"):
+        runs.fit_and_save(store, 16, 2, config)

@@ -22,6 +22,14 @@ from .app import (
 )
 
 
+def _count(value: str, option: str) -> int:
+    """A number (its range is ExtractConfig's to check, in the library's one-line form)."""
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"{option} takes a number or 'auto', not '{value}'.") from None
+
+
 @main.command()
 @click.option("--dataset", required=True, help="Dataset spec name (see `datasets`) or spec file.")
 @click.option("--root", default=None, type=click.Path(file_okay=False),
@@ -45,7 +53,12 @@ from .app import (
               help="hand, classname, vanilla, or a CuPL JSON file.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
-@click.option("--workers", default=2, show_default=True, help="Image decoding processes.")
+@click.option("--workers", default="auto", show_default=True, callback=lambda c, p, v: v
+              if v == "auto" else _count(v, "--workers"),
+              help="Image decoding processes; auto: cores - 1.")
+@click.option("--writer-threads", default=1, show_default=True, type=click.IntRange(1),
+              help="Threads compressing and writing units (benchmarks/writer.py: how many keep"
+              " up with the trunk).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
               show_default=True, help="Trunk autocast on CUDA; stored maps are float16 anyway.")
 @click.option("--cut", default="pool", show_default=True, help="pool, layer4 (ResNet), lastN.")

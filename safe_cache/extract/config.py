@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from ..runtime import checks
@@ -27,7 +28,8 @@ class ExtractConfig:
     prompts: str = "hand"
     device: str = "auto"
     batch_size: int = 32
-    workers: int = 2
+    workers: int | str = "auto"  # image-decoding processes; "auto": cores - 1
+    writer_threads: int = 1  # threads compressing and writing units (blosc and I/O free the GIL)
     precision: str = "fp32"
     skip_bad: bool = False
     max_pixels: int | None = None  # larger images are unreadable (None: PIL's bomb limit)
@@ -47,13 +49,23 @@ class ExtractConfig:
         checks.each("seeds", self.seeds, 0, example="1,2,3")
         checks.at_least("views", self.views, 0)
         checks.at_least("batch_size", self.batch_size, 1)
-        checks.at_least("workers", self.workers, 0)
+        if self.workers != "auto":
+            checks.at_least("workers", self.workers, 0)
+        checks.at_least("writer_threads", self.writer_threads, 1)
         checks.at_least("task_images", self.task_images, 1)
         if self.max_pixels is not None:
             checks.at_least("max_pixels", self.max_pixels, 1)
         checks.at_least("local_workers", self.local_workers, 0)
         checks.one_of("precision", self.precision, ("fp32", "fp16", "bf16"))
         resolve_device(self.device)
+
+
+def auto_workers(workers: int | str) -> int:
+    """Decoding processes: a number as given; "auto" = every core but the one feeding the
+    trunk (cores - 1, at least 1)."""
+    if workers == "auto":
+        return max(1, (os.cpu_count() or 2) - 1)
+    return int(workers)
 
 
 @dataclass

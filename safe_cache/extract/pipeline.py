@@ -20,12 +20,12 @@ import torch
 
 from ..data.datasets import Dataset
 from ..data.views import ViewDataset, ViewRecipe
-from ..errors import ExtractError
+from ..errors import DeviceMemoryError, ExtractError
 from ..model.backbone import Backbone
 from ..runtime.cluster import decode_workers
 from ..runtime.progress import ProgressSink
 from ..store import FeatureStore
-from .config import ExtractConfig
+from .config import ExtractConfig, auto_workers
 
 
 def row_index(store: FeatureStore, split: str, readable_only: bool = False) -> dict[str, int]:
@@ -72,7 +72,8 @@ def extract_items(store: FeatureStore, backbone: Backbone, split: str, items: li
     group = store.arrays(split)
     total_rows = group["label"].shape[0]
     # Starting worker processes costs ~0.3 s: not worth it for a split of a batch or two.
-    workers = decode_workers(config.workers if len(items) > 2 * config.batch_size else 0)
+    workers = decode_workers(auto_workers(config.workers)
+                             if len(items) > 2 * config.batch_size else 0)
     loader = torch.utils.data.DataLoader(
         ViewDataset(items, backbone.preprocess, backbone.card,
                     recipe if views else None, config.max_pixels),
@@ -81,13 +82,16 @@ def extract_items(store: FeatureStore, backbone: Backbone, split: str, items: li
         pin_memory=backbone.device.type == "cuda",
     )
     task = progress.start(f"{store.manifest['dataset']['name']} {split}", len(items))
-    with _Writer(store, split) as writer:
+    with _Writer(store, split, config.writer_threads) as writer:
         current: dict[str, Any] | None = None
         for rows, centers, augmented, errors, first, flip in loader:
             rows, first, flip = rows.tolist(), int(first[0]), bool(flip[0])
             _check_errors(split, rows, errors, config, skipped, group)
-            features = _encode(backbone, centers, augmented, config.precision,
-                               center=first == 0, flip=flip)
+            try:
+                features = _encode(backbone, centers, augmented, config.precision,
+                                   center=first == 0, flip=flip)
+            except torch.OutOfMemoryError as exc:
+                raise _out_of_memory(backbone, config, split, exc) from None
             unit_index = rows[0] // unit
             if current is None or current["unit"] != unit_index:
                 if current is not None:
@@ -100,6 +104,20 @@ def extract_items(store: FeatureStore, backbone: Backbone, split: str, items: li
             writer.put(current)
     progress.finish(task)
     return len(items)
+
+
+def _out_of_memory(backbone: Backbone, config: ExtractConfig, split: str,
+                   exc: BaseException) -> DeviceMemoryError:
+    """One line: where, the fixes, and that the store resumes."""
+    first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else "out of memory"
+    fixes = [f"--batch-size {max(1, config.batch_size // 2)}"]
+    if config.precision == "fp32" and backbone.device.type == "cuda":
+        fixes.append("--precision fp16")
+    fixes.append("fewer --workers (each holds a batch of decoded images)")
+    return DeviceMemoryError(
+        f"Out of memory on {backbone.device} extracting {split} at batch size"
+        f" {config.batch_size} ({first}). Try {', '.join(fixes)}. The units written so far are"
+        f" kept: run the same command again to resume.")
 
 
 def _first_missing_view(group, views: int) -> np.ndarray:
@@ -131,7 +149,7 @@ def _new_unit(index: int, unit: int, total: int, features: dict[str, np.ndarray]
               first_view: int) -> dict:
     rows = min(unit, total - index * unit)
     return {"unit": index, "first_view": first_view, "features": {
-        name: np.zeros((rows, *values.shape[1:]), dtype=np.float32)
+        name: np.zeros((rows, *values.shape[1:]), dtype=values.dtype)
         for name, values in features.items()}}
 
 
@@ -179,18 +197,26 @@ def _trunk_and_head(backbone: Backbone, images: torch.Tensor, precision: str):
         dense = backbone.forward_features(images)
     dense = dense.float()
     pooled = backbone.forward_head(dense)
-    return dense.cpu().numpy(), pooled.float().cpu().numpy()
+    # The store keeps maps in float16: cast on the device (the same round-to-nearest as numpy),
+    # so the copy to the host moves half the bytes and the writer threads skip the cast.
+    return dense.half().cpu().numpy(), pooled.float().cpu().numpy()
 
 
 class _Writer:
-    """A background thread that writes whole units, so decoding and the trunk never wait on
-    compression and I/O; at most two units wait in its queue (bounded memory)."""
+    """Background threads that write whole units, so decoding and the trunk never wait on
+    compression and I/O; at most two units per thread wait in the queue (bounded memory).
 
-    def __init__(self, store: FeatureStore, split: str) -> None:
+    Several threads write different units at once: each unit's chunks (or shard) are its own
+    objects, and blosc compression and file I/O release the GIL; the per-unit completion flags
+    share chunks, so the store serialises their updates (FeatureStore's bookkeeping lock).
+    """
+
+    def __init__(self, store: FeatureStore, split: str, threads: int = 1) -> None:
         self.store, self.split = store, split
-        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.queue: queue.Queue = queue.Queue(maxsize=2 * threads)
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True, name="safe-cache-writer")
+        self.threads = [threading.Thread(target=self._run, daemon=True,
+                                         name=f"safe-cache-writer-{i}") for i in range(threads)]
 
     def _run(self) -> None:
         while (item := self.queue.get()) is not None:
@@ -210,11 +236,14 @@ class _Writer:
         self.queue.put(item)
 
     def __enter__(self) -> _Writer:
-        self.thread.start()
+        for thread in self.threads:
+            thread.start()
         return self
 
     def __exit__(self, exc_type, *_) -> None:
-        self.queue.put(None)
-        self.thread.join()
+        for _ in self.threads:
+            self.queue.put(None)
+        for thread in self.threads:
+            thread.join()
         if self.error is not None and exc_type is None:
             raise self.error

@@ -10,9 +10,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 
-from ..errors import SafeCacheError
+from ..errors import DeviceMemoryError, SafeCacheError
 from ..runtime.allocator import tune_cpu_allocator
 from ..runtime.cluster import JobProgress, WorkerProgress, connect, gather_as_completed
 from ..runtime.progress import ProgressSink, null_progress
@@ -88,7 +89,16 @@ def fit_and_save(store: FeatureStore, shots: int, seed: int, config: FitConfig,
                  progress: ProgressSink = null_progress) -> RunResult:
     """One run, written as <out>/<dataset>/<backbone>/shots<K>_seed<S>.json (+ the head's and
     SAFE-A's safetensors); the JSON last, so a result that exists is whole."""
-    record, head, cache = fit_one(store, shots, seed, config, progress)
+    try:
+        record, head, cache = fit_one(store, shots, seed, config, progress)
+    except torch.OutOfMemoryError as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else "out of memory"
+        raise DeviceMemoryError(
+            f"Out of memory fitting {store.manifest['dataset']['name']} {shots} shots seed"
+            f" {seed} on {config.device} ({first}). Try --test-chunk"
+            f" {max(1, config.test_chunk // 2)} (test maps per evaluation step), fewer"
+            f" configurations at once (--lr / --wd), or --device cpu. Finished runs are kept:"
+            f" run the same command again to go on.") from None
     record.run_id = uuid.uuid4().hex  # in every file of the run: a mix is detected on read
     path = run_path(config, store, shots, seed)
     path.parent.mkdir(parents=True, exist_ok=True)

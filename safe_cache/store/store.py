@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -113,6 +114,8 @@ class FeatureStore:
         self.url, self.group, self.mode = url, group, mode
         self.storage_options = storage_options or {}
         self.lease: Lease | None = None
+        # Completion flags of many units share a chunk: writer threads update them one at a time
+        self._bookkeeping = threading.Lock()
 
     # --- reading ------------------------------------------------------------------------------
     @property
@@ -339,7 +342,8 @@ class FeatureStore:
         reads it.
         """
         self.write_parts(split, unit, features)
-        self.arrays(split)["complete"][unit] = 1  # only after the data is written
+        with self._bookkeeping:
+            self.arrays(split)["complete"][unit] = 1  # only after the data is written
 
     def write_parts(self, split: str, unit: int, features: dict[str, np.ndarray],
                     first_view: int = 0) -> None:
@@ -350,7 +354,7 @@ class FeatureStore:
         group = self.arrays(split)
         start = unit * self.layout.unit
         with np.errstate(over="ignore", invalid="ignore"):  # checked just below
-            cast = {name: np.asarray(values).astype(group[name].dtype)
+            cast = {name: np.asarray(values).astype(group[name].dtype, copy=False)
                     for name, values in features.items()}
         for name, values in cast.items():  # after the cast: float16 overflows to inf
             if not np.isfinite(values).all():
@@ -365,10 +369,12 @@ class FeatureStore:
                 array[start:start + len(values), views] = values
             else:
                 array[start:start + len(values)] = values
-        if "aug_dense" in cast:
-            group["aug_complete"][unit, first_view:first_view + cast["aug_dense"].shape[1]] = 1
-        if "flip_dense" in cast:
-            group["flip_complete"][unit] = 1
+        with self._bookkeeping:
+            if "aug_dense" in cast:
+                views = slice(first_view, first_view + cast["aug_dense"].shape[1])
+                group["aug_complete"][unit, views] = 1
+            if "flip_dense" in cast:
+                group["flip_complete"][unit] = 1
 
     def add_center_flip(self) -> None:
         """Add the mirrored center view's arrays to train (unwritten: extract fills them)."""
