@@ -272,3 +272,15 @@ def test_keep_archives_keeps_the_checked_downloads(mirror, tmp_path):
     assert sorted(p.name for p in downloads.iterdir()) == ["EuroSAT.zip",
                                                            "split_zhou_EuroSAT.json"]
     assert not (tmp_path / WORK_DIR / "eurosat" / "stage").exists()
+
+
+def test_rar_without_a_rar_tool_says_which_to_install(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    archive = tmp_path / "UCF101.rar"
+    archive.write_bytes(b"Rar!\x1a\x07\x00")
+    with pytest.raises(FetchError, match=r"UCF101\.rar is a RAR archive and no RAR tool is"
+                                         r" installed \(unrar, bsdtar or 7z: e\.g\. `apt install"
+                                         r" libarchive-tools`\)"):
+        unpack(archive, tmp_path / "out")

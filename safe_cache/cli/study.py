@@ -5,7 +5,7 @@ from __future__ import annotations
 import rich_click as click
 from rich.table import Table
 
-from .app import STORE_ROOT, console, err_console, main, print_json
+from .app import STORE_ROOT, cluster_options, console, err_console, main, print_json
 
 
 def _gigabytes(n: int | None) -> str:
@@ -66,9 +66,7 @@ def _print_plan(plan) -> None:
 @STORE_ROOT
 @click.option("--out", default="study-out", show_default=True,
               help="Folder for results/, plots/ and the report (study.md, study.html).")
-@click.option("--scheduler", default=None, help="A dask scheduler's address: tasks run there.")
-@click.option("--local-workers", default=0, show_default=True, type=click.IntRange(0),
-              help="Or a local cluster of N worker processes.")
+@cluster_options
 @click.option("--device", default="cpu", show_default=True,
               help="For the time estimate: which measured throughput applies (cpu, cuda).")
 @click.option("--dry-run", is_flag=True,
