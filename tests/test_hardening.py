@@ -328,3 +328,24 @@ def test_out_of_memory_in_fit_is_one_line_with_the_fixes(monkeypatch):
                                                 r" on cpu \(CUDA out of memory\. Tried to"
                                                 r" allocate 9\.00 GiB\)\. Try --test-chunk 128"):
         runs.fit_and_save(store, 16, 2, config)
+
+
+def test_a_store_whose_creation_was_killed_is_created_anew(tmp_path):
+    """SIGKILL between the group's zarr.json and its manifest leaves an empty Zarr group:
+    extract creates the store there anew (a group holding anything else is never touched)."""
+    import zarr
+
+    from safe_cache.extract import ExtractConfig, extract
+    from safe_cache.store import open_store
+
+    write_split_zhou(tmp_path, "food101", classes=2)
+    url = tmp_path / "store.zarr"
+    zarr.open_group(str(url), mode="w")  # what the killed creation left
+    extract(ExtractConfig(dataset="food101", root=str(tmp_path), model="safe-cache-tiny-rn",
+                          pretrained=None, store=str(url), shots=(1,), seeds=(1,), views=1,
+                          workers=0))
+    assert open_store(str(url)).manifest["dataset"]["name"] == "food101"
+    other = tmp_path / "other.zarr"
+    zarr.open_group(str(other), mode="w").attrs["mine"] = 1
+    with pytest.raises(StoreError, match="is a Zarr group but not a safe-cache store"):
+        open_store(str(other))

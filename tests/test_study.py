@@ -104,9 +104,9 @@ def test_a_finished_study_run_again_does_no_work(whole_study):
 
 def _study_cli(args: list[str], cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    log = open(cwd / "study-cli.log", "ab")  # noqa: SIM115  (closed when the test ends)
     return subprocess.Popen([sys.executable, "-m", "safe_cache.cli", "study", "run", *args],
-                            cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                            cwd=cwd, env=env, stdout=log, stderr=log, start_new_session=True)
 
 
 def _kill_when(process: subprocess.Popen, ready, timeout: float = 120.0) -> bool:
@@ -138,9 +138,10 @@ def test_killed_in_extract_and_in_fit_finishes_with_the_same_results(tmp_path):
     assert killed_extract and not results.exists()  # killed before any fit
     killed_fit = _kill_when(_study_cli(args, tmp_path),
                             lambda: results.exists() and any(results.rglob("*.json")))
-    assert killed_fit
+    log = tmp_path / "study-cli.log"
+    assert killed_fit, log.read_text(errors="replace")[-3000:]
     finished = _study_cli(args, tmp_path)
-    assert finished.wait(timeout=300) == 0
+    assert finished.wait(timeout=300) == 0, log.read_text(errors="replace")[-3000:]
     assert result_accuracies(tmp_path / "out") == result_accuracies(tmp_path / "ref")
 
 

@@ -557,6 +557,11 @@ def open_store(url: str, mode: str = "r", *, storage_options: dict | None = None
                          f" the store is damaged. Restore it from a copy, or extract it again"
                          f" into a new --store.") from exc
     if MANIFEST_ATTRIBUTE not in group.attrs:
+        if not dict(group.attrs) and not list(group.keys()):
+            # An empty group is what a creation killed before its manifest leaves: no data,
+            # nobody's store. Reported as missing, so the next extract creates it anew.
+            raise StoreNotFoundError(f"No store at {url} (only an empty Zarr group: a creation"
+                                     f" that was interrupted).")
         raise StoreError(f"{url} is a Zarr group but not a safe-cache store (no 'safe_cache'"
                          f" attribute).")
     manifest = group.attrs[MANIFEST_ATTRIBUTE]
