@@ -7,13 +7,19 @@ as one JSON document. Run it through benchmarks/gpu.sh (one call, under 8 minute
 Sections (each one's failure is recorded in the document, the others still run):
 - exactness: the trunk/head split on the device vs the CPU, head(trunk(x)) vs encode_image(x),
   fp16 / bf16 autocast of the trunk against fp32, and the fast head vs open_clip's module
-  (outputs and every gradient), for RN50 and ViT-B-16 (tiny configs with --device cpu);
+  (outputs and every gradient), for RN50, ViT-B-16 and PE-Core-B-16 (tiny configs with
+  --device cpu);
 - heads: the fast vs the naive head, forward + backward, batch 8, interleaved rounds;
 - fit: one paper-protocol run through the library's `fit` on a generated store (RN50 shapes,
   101 classes, 16 shots, the safe recipe's 2 samples per image, 4-shot val, 12,800 iterations,
   the 12-configuration grid; random weights), its wall time and iterations per second;
 - extract: the whole pipeline (JPEG decode, views, trunk, head, compressed writes) vs the
-  trunk alone on the same images.
+  trunk alone on the same images;
+- writer: RN50 maps compressed and written per second by 1, 4 and 8 writer threads (1 and 2
+  with --device cpu), and the threads that keep up with the trunk rate the extract section
+  measured (benchmarks/writer.py's arithmetic, on this machine's cores).
+PE-Core-B-16 (a MAP head) joins RN50 and ViT-B-16 in the exactness and head sections
+(safe-cache-tiny-map with --device cpu).
 Random weights throughout: speed does not depend on the values, exactness is algebra.
 """
 
@@ -21,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
 import shutil
 import sys
@@ -35,18 +43,21 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from extract import end_to_end, trunk_only, write_dataset
+from writer import realistic_maps, write_all
 
 from safe_cache import card_fingerprint, load_backbone
 from safe_cache.fit import FitConfig, fit
 from safe_cache.runtime.device import resolve_device
 from safe_cache.store import StoreLayout, create_store
 
-FULL = {"models": ("RN50", "ViT-B-16"), "fit_model": "RN50", "classes": 101, "shots": 16,
-        "iters": 12_800, "head_rounds": 5, "extract_images": 512, "extract_batch": 128,
-        "workers": 8}
-SHORT = {"models": ("safe-cache-tiny-rn", "safe-cache-tiny-vit"),
+FULL = {"models": ("RN50", "ViT-B-16", "PE-Core-B-16"), "fit_model": "RN50", "classes": 101,
+        "shots": 16, "iters": 12_800, "head_rounds": 5, "extract_images": 512,
+        "extract_batch": 128, "workers": 8, "writer_model": "RN50", "writer_images": 512,
+        "writer_threads": (1, 4, 8)}
+SHORT = {"models": ("safe-cache-tiny-rn", "safe-cache-tiny-vit", "safe-cache-tiny-map"),
          "fit_model": "safe-cache-tiny-rn", "classes": 5, "shots": 2, "iters": 20,
-         "head_rounds": 2, "extract_images": 16, "extract_batch": 8, "workers": 0}
+         "head_rounds": 2, "extract_images": 16, "extract_batch": 8, "workers": 0,
+         "writer_model": "safe-cache-tiny-rn", "writer_images": 64, "writer_threads": (1, 2)}
 
 
 def section(name: str, document: dict, function, *args) -> None:
@@ -209,6 +220,26 @@ def extract_ratio(device: torch.device, settings: dict) -> dict:
             "workers": settings["workers"], "target_ratio": 0.9}
 
 
+def writer_threads(device: torch.device, settings: dict, trunk_rate: float | None) -> dict:
+    """Maps written per second by N writer threads; the threads the trunk rate needs."""
+    dense, pooled, card = realistic_maps(settings["writer_model"], settings["writer_images"],
+                                         device)
+    folder = Path(tempfile.mkdtemp())
+    rates = {}
+    try:
+        for threads in settings["writer_threads"]:
+            url = str(folder / f"t{threads}.zarr")
+            rates[threads] = len(dense) / write_all(url, dense, pooled, card, threads)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    per_thread = rates[1]
+    return {"model": settings["writer_model"], "cores": os.cpu_count(),
+            "images_per_s": {str(n): round(r, 1) for n, r in rates.items()},
+            "trunk_images_per_s": trunk_rate,
+            "threads_needed_if_linear": math.ceil(trunk_rate / per_thread)
+            if trunk_rate else None}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -228,6 +259,8 @@ def main() -> None:
                 settings["head_rounds"])
     section("fit", document, protocol_fit, device, settings)
     section("extract", document, extract_ratio, device, settings)
+    trunk_rate = document["extract"].get("trunk_only_images_per_s")
+    section("writer", document, writer_threads, device, settings, trunk_rate)
     errors = [name for name, value in document.items()
               if isinstance(value, dict) and "error" in value]
     document["errors"] = errors

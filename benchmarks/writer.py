@@ -34,17 +34,18 @@ from safe_cache.extract.pipeline import _Writer
 from safe_cache.store import StoreLayout, create_store
 
 
-def realistic_maps(model: str, count: int) -> tuple[np.ndarray, np.ndarray, dict]:
-    backbone = load_backbone(model)
+def realistic_maps(model: str, count: int, device: str | torch.device = "cpu"
+                   ) -> tuple[np.ndarray, np.ndarray, dict]:
+    backbone = load_backbone(model, device=device)
     height, width = backbone.card["image_size"]
     generator = torch.Generator().manual_seed(0)
     dense, pooled = [], []
     with torch.no_grad():
         for _ in range(-(-count // 16)):
-            images = torch.randn(16, 3, height, width, generator=generator)
+            images = torch.randn(16, 3, height, width, generator=generator).to(device)
             maps = backbone.trunk(images)
-            dense.append(maps.half().numpy())  # as extract hands them over: float16
-            pooled.append(backbone.head(maps).numpy())
+            dense.append(maps.half().cpu().numpy())  # as extract hands them over: float16
+            pooled.append(backbone.head(maps).cpu().numpy())
     return np.concatenate(dense)[:count], np.concatenate(pooled)[:count], backbone.card
 
 
