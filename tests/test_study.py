@@ -274,3 +274,25 @@ def test_report_page_renders_in_a_headless_browser(whole_study):
     screenshot = Image.open(BytesIO(shot)).convert("L")
     low, high = screenshot.getextrema()
     assert high - low > 100  # text and plots on the page, not a blank render
+
+
+def test_planned_run_paths_are_the_files_fit_writes(tmp_path):
+    """Run paths come from fit's own naming, select_on included (a test-selected run's file
+    is named so); store names are extract's, with an ablation cut."""
+    write_split_zhou(tmp_path / "data", "dtd", classes=3)
+    path = study_file(tmp_path, ["dtd"], shots=(1,), methods=["zero_shot", "safe"])
+    text = path.read_text().replace("device = \"cpu\"", "device = \"cpu\"\nselect_on = \"test\"")
+    path.write_text(text)
+    plan = plan_study(load_study(path), tmp_path / "data", stores=str(tmp_path / "stores"),
+                      out=tmp_path / "out")
+    [planned] = plan.runs
+    assert planned.path == (tmp_path / "out" / "results" / "safe" / "dtd"
+                        / "safe-cache-tiny-rn-random0" / "shots1_seed1_safe_test-selected.json")
+    assert plan.stores[0].url == f"{tmp_path / 'stores'}/dtd/safe-cache-tiny-rn-random0.zarr"
+    result = run(load_study(path), tmp_path / "data", stores=str(tmp_path / "stores"),
+                       out=tmp_path / "out")
+    assert result.fitted == 1 and planned.path.is_file()
+    again = plan_study(load_study(path), tmp_path / "data", stores=str(tmp_path / "stores"),
+                       out=tmp_path / "out")
+    assert [r.status for r in again.runs] == ["done"]
+    assert [s.status for s in again.stores] == ["present"]

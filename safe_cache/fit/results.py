@@ -169,6 +169,14 @@ def load_result(path: str | Path) -> RunResult:
     return record
 
 
+def whole_result(path: str | Path) -> RunResult | None:
+    """The run at `path` when its result and every file it names are there (a run to skip),
+    None when it is still to do; a malformed JSON stays a ResultError."""
+    path = Path(path)
+    existing = load_result(path) if path.is_file() else None
+    return existing if existing is not None and files_problem(existing) is None else None
+
+
 def load_results(folder: str | Path) -> list[RunResult]:
     """Every run's record under `folder` (results/<dataset>/<backbone>/shots<K>_seed<S>.json)."""
     return [load_result(path) for path in sorted(Path(folder).rglob(FILE_PATTERN))]

@@ -22,10 +22,9 @@ from .config import FitConfig
 from .results import (
     RunResult,
     cache_file,
-    files_problem,
     head_file,
-    load_result,
     result_path,
+    whole_result,
     write_result,
 )
 from .train import check_store_serves, fit_one
@@ -58,8 +57,8 @@ def fit_stores(configs: list[FitConfig], progress: ProgressSink = null_progress,
                                          f" and backbone: their results would overwrite each"
                                          f" other in {path.parent}. Fit them with different"
                                          f" --out folders.")
-                existing = load_result(path) if path.is_file() and not config.force else None
-                if existing is not None and files_problem(existing) is None:
+                existing = None if config.force else whole_result(path)
+                if existing is not None:
                     results[index, shots, seed] = replace(existing, skipped=True)
                 else:  # new, forced, or left half-written by a killed run: run it (again)
                     todo.append((index, shots, seed))

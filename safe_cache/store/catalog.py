@@ -10,7 +10,7 @@ from typing import Any
 import fsspec
 
 from ..errors import StoreError, StoreNotFoundError
-from .paths import STORE_ROOT_ENV, backbone_label, store_root_source
+from .paths import STORE_ROOT_ENV, backbone_label, card_model_name, store_root_source
 from .store import open_store
 
 
@@ -43,17 +43,6 @@ def find_stores(root: str, *, storage_options: dict | None = None) -> list[dict[
     return rows
 
 
-def _model_name(model: str) -> str:
-    """--model as the backbone card names it: a config file by its stem, an open_clip name with
-    '/' as '-' (model.backbone.resolve_model's rule), hf-hub: names as typed, local-dir: names
-    with their folder made absolute (model.hub's rule)."""
-    if model.startswith("hf-hub:"):
-        return model
-    if model.startswith("local-dir:"):
-        return "local-dir:" + str(Path(model[len("local-dir:"):]).expanduser().resolve())
-    return Path(model).stem if model.endswith(".json") else model.replace("/", "-")
-
-
 def _weights_match(stored: str | None, wanted: str) -> bool:
     """--pretrained as typed (a tag, 'none', or a checkpoint file) against a card's."""
     if wanted.lower() == "none":
@@ -74,7 +63,7 @@ def select_stores(root: str | None = None, *, dataset: str | None = None,
     found = [] if missing else find_stores(root, storage_options=storage_options)
     chosen = [row["url"] for row in found
               if (dataset is None or row["dataset"] == dataset)
-              and (model is None or row["model"] == _model_name(model))
+              and (model is None or row["model"] == card_model_name(model))
               and (pretrained is None or _weights_match(row["pretrained"], pretrained))]
     if chosen:
         return chosen

@@ -9,7 +9,7 @@ random initialisation. Fit results use the same `<model>-<weights>` folder name.
 from __future__ import annotations
 
 import os
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 DEFAULT_STORE_ROOT = "stores"
@@ -44,6 +44,17 @@ def weights_label(card: dict[str, Any]) -> str:
     if str(card["pretrained"]).startswith("file:"):
         return f"file-{card['weights_sha256'][:12]}"
     return str(card["pretrained"])
+
+
+def card_model_name(model: str) -> str:
+    """A model as typed (--model) -> as the backbone card names it: a config file by its stem,
+    an open_clip name with '/' as '-' (model.backbone.resolve_model's rule), hf-hub: names as
+    typed, local-dir: names with their folder made absolute (model.hub's rule)."""
+    if model.startswith("hf-hub:"):
+        return model
+    if model.startswith("local-dir:"):
+        return "local-dir:" + str(Path(model[len("local-dir:"):]).expanduser().resolve())
+    return Path(model).stem if model.endswith(".json") else model.replace("/", "-")
 
 
 def model_label(model: str) -> str:

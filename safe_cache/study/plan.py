@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import DatasetError, SafeCacheError, SafeCacheWarning
-from ..store.paths import model_label, store_root
+from ..errors import DatasetError, SafeCacheError, SafeCacheWarning, StoreNotFoundError
+from ..store.paths import backbone_label, card_model_name, store_root
 from .spec import Backbone, Study, resolve_prompts
 
 BYTES_PER_VALUE = 2  # float16 maps
@@ -35,6 +35,7 @@ class StoreItem:
     test_only: bool = False  # an OOD variant: its test split only
     images: int | None = None  # rows to hold
     bytes: int | None = None  # estimated size when complete
+    card: dict[str, Any] = field(default_factory=dict)  # the fields that name it (store_card)
 
 
 @dataclass
@@ -83,20 +84,21 @@ class StudyPlan:
         }
 
 
-def store_label(backbone: Backbone) -> str:
-    """The store's file name part, as `extract` names default stores (plus a non-pool cut)."""
+def store_card(backbone: Backbone) -> dict[str, Any]:
+    """The backbone card fields that name its stores and results (store.paths.backbone_label),
+    known before the model is loaded."""
     from ..identity import file_sha256
 
-    weights = backbone.pretrained
-    if weights is None:
-        weights = "random0"
-    elif Path(weights).is_file():
-        weights = f"file-{file_sha256(weights)[:12]}"
-    model = backbone.model
-    model = Path(model).stem if model.endswith(".json") else model_label(model.replace("/", "-")) \
-        if not model.startswith(("hf-hub:", "local-dir:")) else model_label(model)
-    label = f"{model}-{weights}"
-    return label if backbone.cut == "pool" else f"{label}-{backbone.cut}"
+    pretrained, sha256 = backbone.pretrained, None
+    if pretrained is not None and Path(pretrained).is_file():
+        pretrained, sha256 = f"file:{Path(pretrained).name}", file_sha256(pretrained)
+    return {"model": card_model_name(backbone.model), "pretrained": pretrained,
+            "weights_sha256": sha256, "init_seed": 0, "cut": backbone.cut}
+
+
+def _default(config_class, study_options: dict[str, Any], name: str) -> Any:
+    """A study's extract or fit option, else the config class's own default."""
+    return study_options.get(name, config_class.__dataclass_fields__[name].default)
 
 
 def _shapes(backbone: Backbone, cache: dict) -> tuple[int, int]:
@@ -130,20 +132,26 @@ def _wanted_rows(study: Study, dataset_name: str, root: Path, test_only: bool):
 
 def _store_status(url: str, rows: dict[str, int], study: Study, dataset: str,
                   root: str | Path) -> str:
+    from ..extract.config import ExtractConfig
     from ..store import open_store
 
-    if not (Path(url) / "zarr.json").is_file():
-        return "create"
     try:
         store = open_store(url)
-        complete = all(int(store.readable_rows(split).size) >= count
-                       for split, count in rows.items())
-        views = store.manifest["views"]["count"] >= study.extract.get("views", 10)
-        prompts = all(_has_classifier(store, resolve_prompts(p, dataset, root))
-                      for p in study.prompts)
-        store.close()
+    except StoreNotFoundError:
+        return "create"
     except SafeCacheError:
         return "extend"
+    try:
+        complete = all(int(store.readable_rows(split).size) >= count
+                       for split, count in rows.items())
+        views = store.manifest["views"]["count"] >= _default(ExtractConfig, study.extract,
+                                                               "views")
+        prompts = all(_has_classifier(store, resolve_prompts(p, dataset, root))
+                      for p in study.prompts)
+    except SafeCacheError:
+        return "extend"
+    finally:
+        store.close()
     return "present" if complete and views and prompts else "extend"
 
 
@@ -157,22 +165,27 @@ def _has_classifier(store, prompts: str) -> bool:
 
 def _run_status(path: Path) -> str:
     from ..errors import ResultError
-    from ..fit.results import files_problem, load_result
+    from ..fit.results import whole_result
 
-    if not path.is_file():
-        return "todo"
     try:
-        return "done" if files_problem(load_result(path)) is None else "todo"
-    except ResultError:
+        return "todo" if whole_result(path) is None else "done"
+    except ResultError:  # malformed: fit refuses it, naming it (--force reruns it)
         return "todo"
 
 
 def plan_study(study: Study, root: str | Path, *, stores: str | None = None,
                out: str | Path = "study-out", device: str = "cpu") -> StudyPlan:
     """Every store and run of the study with its status; touches nothing."""
+    from ..extract.config import ExtractConfig
+    from ..fit.config import FitConfig
+    from ..fit.results import result_path
+
     plan = StudyPlan(study, Path(root), Path(out))
     base = store_root(stores)
     shapes: dict = {}
+    views = _default(ExtractConfig, study.extract, "views") + \
+        int(_default(ExtractConfig, study.extract, "center_flip")) + 1  # + the center view
+    select_on = _default(FitConfig, study.fit, "select_on")
     wanted = [(d, False) for d in study.datasets] + [(v, True) for v in study.ood]
     for dataset, test_only in wanted:
         rows = _wanted_rows(study, dataset, Path(root), test_only)
@@ -184,13 +197,12 @@ def plan_study(study: Study, root: str | Path, *, stores: str | None = None,
                 plan.missing.append(f"{dataset}: no prompt file {resolved} (prompt set"
                                     f" {prompts} of the study)")
         for backbone in study.backbones:
-            url = f"{base}/{dataset}/{store_label(backbone)}.zarr"
-            item = StoreItem(dataset, backbone, url, "no data", test_only)
+            card = store_card(backbone)
+            url = f"{base}/{dataset}/{backbone_label(card)}.zarr"
+            item = StoreItem(dataset, backbone, url, "no data", test_only, card=card)
             if not isinstance(rows, str):
                 tokens, channels = _shapes(backbone, shapes)
                 per_row = tokens * channels * BYTES_PER_VALUE
-                views = study.extract.get("views", 10) + 1 + \
-                    int(study.extract.get("center_flip", True))
                 item.images = sum(rows.values())
                 item.bytes = per_row * (rows.get("test", 0) + rows.get("val", 0)
                                         + views * rows.get("train", 0))
@@ -203,8 +215,9 @@ def plan_study(study: Study, root: str | Path, *, stores: str | None = None,
             variant = study.variant_name(recipe, prompts)
             for shots in study.shots:
                 for seed in study.seeds:
-                    path = (plan.out / "results" / variant / item.dataset
-                            / Path(item.url).stem / f"shots{shots}_seed{seed}_{recipe}.json")
+                    path = result_path(plan.out / "results" / variant,
+                                       {"dataset": {"name": item.dataset},
+                                        "backbone": item.card}, shots, seed, recipe, select_on)
                     plan.runs.append(RunItem(item.dataset, item.backbone, recipe,
                                              resolve_prompts(prompts, item.dataset, root),
                                              variant, shots, seed, path, _run_status(path),
@@ -215,8 +228,10 @@ def plan_study(study: Study, root: str | Path, *, stores: str | None = None,
 
 def _estimate(plan: StudyPlan, device: str) -> tuple[float | None, str]:
     """Seconds from the throughput the project measured, or None with the reason."""
+    from ..fit.config import FitConfig
+
     kind = "cuda" if device.startswith("cuda") else "cpu"
-    iters = plan.study.fit.get("iters", 12_800)
+    iters = _default(FitConfig, plan.study.fit, "iters")
     seconds, unknown = 0.0, set()
     for item in plan.stores:
         if item.status in ("create", "extend") and item.images:

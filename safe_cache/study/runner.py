@@ -35,12 +35,11 @@ class StudyResult:
 def _extract_config(study: Study, item, root: Path, prompts: str, scheduler, workers):
     from ..extract.config import ExtractConfig
 
-    options = {"views": 10, **study.extract}
     return ExtractConfig(dataset=item.dataset, root=str(root), model=item.backbone.model,
                          pretrained=item.backbone.pretrained, store=item.url,
                          cut=item.backbone.cut, shots=study.shots, seeds=study.seeds,
                          prompts=prompts, scheduler=scheduler, local_workers=workers,
-                         **options)
+                         **study.extract)
 
 
 def _fit_configs(plan: StudyPlan, scheduler, workers) -> list:
@@ -49,6 +48,8 @@ def _fit_configs(plan: StudyPlan, scheduler, workers) -> list:
     from ..fit.recipe import PRESETS
 
     study, configs = plan.study, []
+    optional = tuple(m for m in study.methods if m not in ("zero_shot", "safe"))
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in study.fit.items()}
     seen = set()
     for run in plan.runs:
         key = (run.store, run.variant)
@@ -57,8 +58,6 @@ def _fit_configs(plan: StudyPlan, scheduler, workers) -> list:
         seen.add(key)
         # by name: the variant stores lie beside the source store, where fit looks for them
         eval_ood = study.ood if run.dataset == "imagenet" else ()
-        optional = tuple(m for m in study.methods if m not in ("zero_shot", "safe"))
-        options = {k: tuple(v) if isinstance(v, list) else v for k, v in study.fit.items()}
         configs.append(FitConfig(
             store=run.store, shots=study.shots, seeds=study.seeds, prompts=run.prompts,
             out=str(plan.out / "results" / run.variant), methods=optional,
