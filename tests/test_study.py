@@ -88,6 +88,11 @@ def test_whole_study_runs_end_to_end(whole_study):
     assert {m for m in sixteen["methods"]} >= {"zero_shot", "safe", "safe_a", "linear_probe"}
     assert report["ood"] and report["ood"][0]["imagenet_r"] is not None
     assert all(s["files"] for s in report["sources"])  # every cell names its result files
+    plots = sorted(p.name for p in (folder / "out" / "plots").iterdir())
+    for dataset in ELEVEN:  # beta curves and grids from every run: both shot counts
+        assert {f"beta_curve_{dataset}.png", f"grid_{dataset}_shots1.png",
+                f"grid_{dataset}_shots16.png"} <= set(plots), dataset
+    assert sum(p.startswith("curves_") for p in plots) == 11  # one training-curve plot each
     markdown = (folder / "out" / "study.md").read_text()
     assert "safe-cache fit --store" in markdown and "| safe_a |" in markdown
 

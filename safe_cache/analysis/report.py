@@ -142,10 +142,11 @@ def cell(row: dict[str, Any], column: str) -> str:
     return str(value)
 
 
-def write_plots(rows: list[dict[str, Any]], runs: list[RunResult], folder: str | Path
-                ) -> list[Path]:
+def write_plots(rows: list[dict[str, Any]], runs: list[RunResult], folder: str | Path,
+                curve_runs: list[RunResult] | None = None) -> list[Path]:
     """accuracy_vs_shots_<dataset>.png, beta_curve_<dataset>.png, grid_<dataset>_shots<K>.png,
-    and per run with training curves curves_<dataset>_<backbone>_<result name>.png."""
+    and curves_<dataset>_<backbone>_<result name>.png for each run with training curves among
+    `curve_runs` (default: every run; a study draws one per dataset)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -174,7 +175,7 @@ def write_plots(rows: list[dict[str, Any]], runs: list[RunResult], folder: str |
         axis.legend(fontsize=8)
         axis.grid(alpha=0.3)
         written.append(_save(figure, folder / f"accuracy_vs_shots_{dataset}.png"))
-    for run in runs:
+    for run in runs if curve_runs is None else curve_runs:
         if run.curves:
             name = f"curves_{run.dataset}_{run.backbone_label}_{run.path.stem if run.path else ''}"
             written.append(_curves_plot(plt, run, folder / f"{name}.png"))

@@ -78,13 +78,10 @@ def _sources(plan: StudyPlan) -> list[dict[str, Any]]:
 def _plots(plan: StudyPlan, rows, runs) -> list[Path]:
     from ..analysis.report import write_plots
 
-    folder = plan.out / "plots"
-    written = write_plots(rows, [r for r in runs if not r.curves], folder)
     shown: dict[str, Any] = {}
     for run in sorted(runs, key=lambda r: (-r.shots, r.seed)):  # one curve plot per dataset
         shown.setdefault(run.dataset, run)
-    written += write_plots([], list(shown.values()), folder)
-    return sorted(set(written))
+    return write_plots(rows, runs, plan.out / "plots", curve_runs=list(shown.values()))
 
 
 def _load_runs(plan: StudyPlan) -> list:
