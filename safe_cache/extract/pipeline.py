@@ -23,6 +23,7 @@ from ..data.views import ViewDataset, ViewRecipe
 from ..errors import DeviceMemoryError, ExtractError
 from ..model.backbone import Backbone
 from ..runtime.cluster import decode_workers
+from ..runtime.device import out_of_memory_reason
 from ..runtime.progress import ProgressSink
 from ..store import FeatureStore
 from .config import ExtractConfig, auto_workers
@@ -109,7 +110,7 @@ def extract_items(store: FeatureStore, backbone: Backbone, split: str, items: li
 def _out_of_memory(backbone: Backbone, config: ExtractConfig, split: str,
                    exc: BaseException) -> DeviceMemoryError:
     """One line: where, the fixes, and that the store resumes."""
-    first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else "out of memory"
+    first = out_of_memory_reason(exc)
     fixes = [f"--batch-size {max(1, config.batch_size // 2)}"]
     if config.precision == "fp32" and backbone.device.type == "cuda":
         fixes.append("--precision fp16")

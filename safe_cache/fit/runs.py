@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from ..errors import DeviceMemoryError, SafeCacheError
 from ..runtime.allocator import tune_cpu_allocator
 from ..runtime.cluster import JobProgress, WorkerProgress, connect, gather_as_completed
+from ..runtime.device import out_of_memory_reason
 from ..runtime.progress import ProgressSink, null_progress
 from ..store import FeatureStore, absolute_url, open_store
 from .config import FitConfig
@@ -91,10 +92,9 @@ def fit_and_save(store: FeatureStore, shots: int, seed: int, config: FitConfig,
     try:
         record, head, cache = fit_one(store, shots, seed, config, progress)
     except torch.OutOfMemoryError as exc:
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else "out of memory"
         raise DeviceMemoryError(
             f"Out of memory fitting {store.manifest['dataset']['name']} {shots} shots seed"
-            f" {seed} on {config.device} ({first}). Try --test-chunk"
+            f" {seed} on {config.device} ({out_of_memory_reason(exc)}). Try --test-chunk"
             f" {max(1, config.test_chunk // 2)} (test maps per evaluation step), fewer"
             f" configurations at once (--lr / --wd), or --device cpu. Finished runs are kept:"
             f" run the same command again to go on.") from None

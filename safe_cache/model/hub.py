@@ -18,6 +18,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import open_clip
 
@@ -44,6 +45,13 @@ def _offline_reason(host: str) -> str | None:
     except OSError as exc:
         return f"no network connection to {host}: {exc}"
     return None
+
+
+def hub_host() -> str:
+    """The Hugging Face hub's host name (its endpoint can be a mirror: $HF_ENDPOINT)."""
+    from huggingface_hub import constants
+
+    return urlparse(constants.ENDPOINT).hostname or "huggingface.co"
 
 
 @dataclass(frozen=True)
@@ -98,8 +106,7 @@ def _hub_file(source: ModelSource, filename: str, cache_dir: str | Path | None) 
     cached = _cached(source, filename, cache_dir)
     if cached is not None:
         return cached
-    host = re.sub(r"^https?://", "", constants.ENDPOINT).split("/")[0]
-    reason = _offline_reason(host)
+    reason = _offline_reason(hub_host())
     if reason is None:
         try:
             return Path(hf_hub_download(source.ident, filename, cache_dir=cache))

@@ -45,7 +45,7 @@ from .heads import (
 
 def _call(module: nn.Module, params: Params, prefix: str, x: torch.Tensor) -> torch.Tensor:
     """Run `module` with the configuration's parameters under `prefix` (none for Identity)."""
-    own = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+    [own] = _strip([params], prefix)
     return functional_call(module, own, (x,)) if own else module(x)
 
 

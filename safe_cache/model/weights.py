@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import SafeCacheWarning, WeightsUnavailableError
 from ..identity import file_sha256
-from .hub import REPO_WEIGHTS, ModelSource, _offline_reason, repo_weights
+from .hub import REPO_WEIGHTS, ModelSource, _offline_reason, hub_host, repo_weights
 
 # Preprocessing fields a pretrained tag may set (open_clip merges them the same way).
 PREPROCESS_KEYS = ("size", "mode", "mean", "std", "interpolation", "resize_mode", "fill_color")
@@ -156,9 +156,7 @@ def _safetensors_names(filename: str) -> list[str]:
 
 def _source_host(tag_cfg: dict[str, Any]) -> str:
     if tag_cfg.get("hf_hub") and open_clip.pretrained.has_hf_hub():
-        from huggingface_hub import constants
-
-        return urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+        return hub_host()
     return urlparse(tag_cfg.get("url", "")).hostname or "huggingface.co"
 
 

@@ -27,3 +27,10 @@ def resolve_device(name: str) -> torch.device:
     elif device.type not in ("cpu", "mps"):
         raise ConfigError(f"--device {name!r}: use auto, cpu, cuda or cuda:N.")
     return device
+
+
+def out_of_memory_reason(exc: BaseException) -> str:
+    """The first line of a device out-of-memory error (torch's run to several), for a
+    one-line message."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else "out of memory"
