@@ -1,9 +1,11 @@
 """The one way tests build stores and result files (conftest.py exposes them as fixtures).
 
-`new_store` creates an empty store from a backbone card; `fill` appends images to a split and
-writes every write unit they touch, as extract does; `build_store` does both for every split and
-adds the few-shot rows, the text classifier and the original head. `result_record` is a fit
-result JSON in the exact shape fit writes (and wrote before the result record was typed).
+`extract_miniature` writes a miniature dataset and extracts it with a tiny model (the real
+stage 1); `new_store` creates an empty store from a backbone card; `fill` appends images to a
+split and writes every write unit they touch, as extract does; `build_store` does both for
+every split and adds the few-shot rows, the text classifier and the original head.
+`result_record` is a fit result JSON in the exact shape fit writes (and wrote before the
+result record was typed).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from miniatures import write_split_zhou
 
 from safe_cache import card_fingerprint
 from safe_cache.store import FeatureStore, StoreLayout, create_store
@@ -126,3 +129,18 @@ def write_record(folder: Path, record: dict[str, Any], backbone: str = "RN50-ope
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record))
     return path
+
+
+def extract_miniature(root: Path, model: str, store: Path, *, dataset: str = "food101",
+                      classes: int = 3, counts: dict[str, int] | None = None,
+                      **options: Any) -> Path:
+    """A miniature of `dataset` under `root`, extracted into `store` by the real `extract` with
+    the tests' small settings (random weights, 1 shot, seed 1, 1 view, no decoding processes)
+    unless `options` (ExtractConfig fields) say otherwise."""
+    from safe_cache.extract import ExtractConfig, extract
+
+    write_split_zhou(root, dataset, classes=classes, counts=counts)
+    settings = {"shots": (1,), "seeds": (1,), "views": 1, "workers": 0, **options}
+    extract(ExtractConfig(dataset=dataset, root=str(root), model=model, pretrained=None,
+                          store=str(store), **settings))
+    return store

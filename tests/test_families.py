@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from factories import extract_miniature
 from miniatures import write_split_zhou
 from safetensors.torch import load_file
 
@@ -20,10 +21,7 @@ FAMILIES = ["safe-cache-tiny-map", "safe-cache-tiny-map-cls", "safe-cache-tiny-c
 
 @pytest.mark.parametrize("model", FAMILIES)
 def test_extract_fit_and_put_the_head_back(tmp_path, model):
-    write_split_zhou(tmp_path, "food101", classes=3)
-    store = str(tmp_path / "store.zarr")
-    extract(ExtractConfig(dataset="food101", root=str(tmp_path), model=model, pretrained=None,
-                          store=store, shots=(1,), seeds=(1,), views=1, workers=0))
+    store = str(extract_miniature(tmp_path, model, tmp_path / "store.zarr"))
     card = open_store(store).manifest["backbone"]
     assert card["family"] in ("map", "coca")
     [result] = fit(FitConfig(store=store, shots=(1,), seeds=(1,), iters=20, eval_every=10,

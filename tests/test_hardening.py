@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from factories import extract_miniature
 from miniatures import write_split_zhou
 from PIL import Image
 
@@ -20,7 +21,6 @@ from safe_cache.cli.app import io_message
 from safe_cache.data.datasets import open_dataset
 from safe_cache.data.fewshot import sample_few_shot
 from safe_cache.data.views import load_image
-from safe_cache.extract import ExtractConfig, extract
 from safe_cache.fit import FitConfig, fit
 from safe_cache.fit.results import head_file, load_result
 from safe_cache.store import open_store
@@ -33,11 +33,8 @@ FIT = ["--shots", "1", "--seeds", "1", "--iters", "4", "--eval-every", "2", "--l
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
-    write_split_zhou(root, "food101", classes=3, counts={"train": 2, "val": 2, "test": 4})
-    store = root / "store.zarr"
-    extract(ExtractConfig(dataset="food101", root=str(root), model=MODEL, pretrained=None,
-                          store=str(store), shots=(1,), seeds=(1,), views=1, workers=0,
-                          layout=None))
+    store = extract_miniature(root, MODEL, root / "store.zarr",
+                              counts={"train": 2, "val": 2, "test": 4})
     return root, store
 
 
@@ -335,15 +332,11 @@ def test_a_store_whose_creation_was_killed_is_created_anew(tmp_path):
     extract creates the store there anew (a group holding anything else is never touched)."""
     import zarr
 
-    from safe_cache.extract import ExtractConfig, extract
     from safe_cache.store import open_store
 
-    write_split_zhou(tmp_path, "food101", classes=2)
     url = tmp_path / "store.zarr"
     zarr.open_group(str(url), mode="w")  # what the killed creation left
-    extract(ExtractConfig(dataset="food101", root=str(tmp_path), model="safe-cache-tiny-rn",
-                          pretrained=None, store=str(url), shots=(1,), seeds=(1,), views=1,
-                          workers=0))
+    extract_miniature(tmp_path, "safe-cache-tiny-rn", url, classes=2)
     assert open_store(str(url)).manifest["dataset"]["name"] == "food101"
     other = tmp_path / "other.zarr"
     zarr.open_group(str(other), mode="w").attrs["mine"] = 1

@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from miniatures import write_imagenet, write_split_zhou
+from factories import extract_miniature
+from miniatures import write_imagenet
 
 from safe_cache import RecipeError, load_backbone
 from safe_cache.cli import main
@@ -153,10 +154,8 @@ def test_presets_and_bad_values():
 @pytest.fixture(scope="module")
 def food(tmp_path_factory):
     root = tmp_path_factory.mktemp("food")
-    write_split_zhou(root, "food101", classes=3, counts={"train": 3, "val": 2, "test": 2})
-    store = root / "food.zarr"
-    extract(ExtractConfig(dataset="food101", root=str(root), model=MODEL, pretrained=None,
-                          store=str(store), shots=(2,), seeds=(1,), views=2, workers=0))
+    store = extract_miniature(root, MODEL, root / "food.zarr", shots=(2,), views=2,
+                              counts={"train": 3, "val": 2, "test": 2})
     return root, store
 
 
