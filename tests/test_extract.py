@@ -229,7 +229,7 @@ def test_several_writer_threads_write_the_same_store(tmp_path):
 
 
 def test_workers_auto_is_every_core_but_one(monkeypatch):
-    from safe_cache.extract.config import auto_workers
+    from safe_cache.runtime.cluster import auto_workers
 
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert auto_workers("auto") == 15 and auto_workers(3) == 3

@@ -27,6 +27,7 @@ from typing import Any
 
 from .._version import __version__
 from ..errors import DatasetError, FetchError
+from ..runtime.cluster import auto_workers
 from ..runtime.progress import ProgressSink, null_progress
 from .datasets import DatasetSpec, list_specs, load_spec, open_dataset
 from .download import download, unpack
@@ -191,11 +192,10 @@ def plan_fetch(names: list[str], root: str | Path, *,
 @dataclass
 class FetchReport:
     dataset: str
-    status: str  # "present" (left alone), "fetched", "failed"
+    status: str  # "present" (left alone) or "fetched"
     folder: str
     downloaded: list[str] = field(default_factory=list)
     seconds: float = 0.0
-    message: str = ""
 
     def as_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -308,15 +308,13 @@ def fetch(names: list[str], root: str | Path, *, sources: str | Path | None = No
     specs = [fetch_spec(name, overrides) for name in resolve_names(names)]
     for spec in specs:
         _check_build(spec)
-    workers = workers or max(1, (os.cpu_count() or 2) - 1)
+    workers = auto_workers(workers)
     reports, failures = [], []
     for spec in specs:
         try:
             reports.append(fetch_dataset(spec, root, keep_archives=keep_archives,
                                          progress=progress, workers=workers))
         except FetchError as exc:
-            reports.append(FetchReport(spec.name, "failed", str(root / spec.folder),
-                                       message=str(exc)))
             failures.append(str(exc))
     if failures:
         raise FetchError("\n".join(failures))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from ..runtime import checks
@@ -58,14 +57,6 @@ class ExtractConfig:
         checks.at_least("local_workers", self.local_workers, 0)
         checks.one_of("precision", self.precision, ("fp32", "fp16", "bf16"))
         resolve_device(self.device)
-
-
-def auto_workers(workers: int | str) -> int:
-    """Decoding processes: a number as given; "auto" = every core but the one feeding the
-    trunk (cores - 1, at least 1)."""
-    if workers == "auto":
-        return max(1, (os.cpu_count() or 2) - 1)
-    return int(workers)
 
 
 @dataclass

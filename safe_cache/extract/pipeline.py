@@ -22,11 +22,11 @@ from ..data.datasets import Dataset
 from ..data.views import ViewDataset, ViewRecipe
 from ..errors import DeviceMemoryError, ExtractError
 from ..model.backbone import Backbone
-from ..runtime.cluster import decode_workers
+from ..runtime.cluster import auto_workers, decode_workers
 from ..runtime.device import out_of_memory_reason
 from ..runtime.progress import ProgressSink
 from ..store import FeatureStore
-from .config import ExtractConfig, auto_workers
+from .config import ExtractConfig
 
 
 def row_index(store: FeatureStore, split: str, readable_only: bool = False) -> dict[str, int]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import os
 import threading
 import time
 import uuid
@@ -63,6 +64,14 @@ def connect(scheduler: str | None = None, local_workers: int = 0) -> Iterator[An
     with cluster, Client(cluster) as client:
         client.wait_for_workers(local_workers, timeout=120)
         yield client
+
+
+def auto_workers(workers: int | str | None) -> int:
+    """Worker processes: a number as given; "auto" (or None) = every core but the one feeding
+    the main loop (cores - 1, at least 1)."""
+    if workers in ("auto", None):
+        return max(1, (os.cpu_count() or 2) - 1)
+    return int(workers)
 
 
 def decode_workers(requested: int) -> int:
