@@ -45,9 +45,6 @@ SUPPORTED_FAMILIES = {
     " PE-Core: ViT-B-16-SigLIP2, ViT-SO400M-14-SigLIP2, PE-Core-B-16, ...)",
     "coca": "CoCa's VisionTransformer with an attentional pooler (coca_ViT-B-32, coca_ViT-L-14)",
 }
-FAMILIES_WITH_CUTS = ("resnet", "vit")  # ablation cuts (layer4, lastN); the others: pool only
-
-
 def _supported_text() -> str:
     return "; ".join(f"{k}: {v}" for k, v in SUPPORTED_FAMILIES.items())
 

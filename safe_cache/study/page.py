@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
+from ..analysis.report import OOD_COLUMNS
+from ..fit.results import METHODS
 from .plan import StudyPlan
 
 ELEVEN_LAST = "average"
@@ -52,8 +54,6 @@ def _tables(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _method_order(key: tuple[str, str]) -> int:
-    from .spec import METHODS
-
     method = key[0].split(" ")[0]
     return METHODS.index(method) if method in METHODS else len(METHODS)
 
@@ -137,7 +137,7 @@ def _markdown(report: dict[str, Any], plots: list[Path], out: Path) -> str:
                   "|---|---|---|---|---|---|---|---|"]
         for row in report["ood"]:
             values = [f"{row[c]:.2f}" if row[c] is not None else "-" for c in
-                      ("imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")]
+                      OOD_COLUMNS]
             lines.append(f"| {row['backbone']} | {row['recipe']} | {row['method']} | "
                          + " | ".join(values) + " |")
         lines.append("")
@@ -182,7 +182,7 @@ def _html(report: dict[str, Any], plots: list[Path]) -> str:
             parts.append(f"<tr><td>{e(method)}</td>{''.join(cells)}</tr>")
         parts.append("</table>")
     if report["ood"]:
-        columns = ("imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+        columns = OOD_COLUMNS
         parts.append("<h2>ImageNet and its variants (16 shots)</h2><table><tr><th>backbone</th>"
                      "<th>recipe</th><th>method</th>"
                      + "".join(f"<th>{c}</th>" for c in columns) + "</tr>")

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..analysis.report import OOD_COLUMNS
 from ..errors import ConfigError
+from ..fit.results import METHODS
 
 try:
     import tomllib
@@ -22,9 +24,8 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 
 STUDY_DIR = Path(__file__).parent / "studies"
-METHODS = ("zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f", "safe", "safe_a")
 BUILTIN_PROMPTS = ("hand", "classname", "vanilla")
-OOD_VARIANTS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+OOD_VARIANTS = OOD_COLUMNS[1:]  # the ImageNet variants (the first column is ImageNet)
 TOP_KEYS = {"name", "description", "datasets", "backbones", "shots", "seeds", "methods",
             "recipes", "prompts", "ood", "extract", "fit", "paper"}
 BACKBONE_KEYS = {"model", "pretrained", "cut", "label"}
