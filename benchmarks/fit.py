@@ -2,8 +2,8 @@
 
     python benchmarks/fit.py [--models RN50,ViT-B-16] [--classes 101] [--rounds 3]
 
-- safe-cache: the 12 lr x wd configurations stacked, fast single-query heads, one fused AdamW
-  step for all, features from memory (as `fit` runs);
+- safe-cache: fit's own training step (fit/step.py: the 12 lr x wd configurations stacked, fast
+  single-query heads, fused AdamW with the schedule as a device tensor, features in memory);
 - naive cached: open_clip's own pooling module on the cached dense maps, the 12 configurations
   one after another, each with its own torch AdamW;
 - re-encoding: what prompt-tuning code does, the frozen trunk re-encodes the 8 images of every
@@ -35,7 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from safe_cache import load_backbone
-from safe_cache.fit.grid import StackedHeads, grid_optimizer
+from safe_cache.fit.grid import StackedHeads
+from safe_cache.fit.recipe import PRESETS
+from safe_cache.fit.step import GridStep
 from safe_cache.runtime.allocator import tune_cpu_allocator
 
 GRID = [(lr, wd) for lr in (1e-4, 1e-5, 1e-6, 1e-7) for wd in (0.0, 1e-3, 1e-5)]
@@ -83,15 +85,11 @@ def bench(model: str, classes: int, rounds: int) -> dict:
     images = torch.randn(BATCH, 3, height, width, generator=generator)
 
     stacked = StackedHeads(backbone.new_head(), len(GRID))
-    optimizer, _ = grid_optimizer(stacked, [g[0] for g in GRID], [g[1] for g in GRID], ITERS)
+    step = GridStep(stacked, pool, labels, text, scale, [g[0] for g in GRID],
+                    [g[1] for g in GRID], ITERS, PRESETS["safe"], BATCH)  # fit's own step
 
     def ours_step() -> None:
-        pick = torch.randint(0, 256, (BATCH,), generator=generator)
-        logits = scale * F.normalize(stacked(pool[pick].float()), dim=-1) @ text.T
-        loss = F.cross_entropy(logits.flatten(0, 1), labels[pick].repeat(len(GRID)))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        step.step(torch.randint(0, 256, (BATCH,), generator=generator))
 
     def ours_eval() -> None:
         with torch.no_grad():

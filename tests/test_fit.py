@@ -144,6 +144,8 @@ def test_result_files_and_skip_or_force(fitted, tmp_path):
                 "recipe", "curves"):
         assert key in saved
     assert saved["recipe"]["name"] == "safe" and saved["config"]["recipe"]["warmup"] == 50
+    assert saved["execution"] == {"device": "cpu", "graphed": False}  # graphs: CUDA only
+    assert saved["config"]["cuda_graph"] is True
     assert set(saved["methods"]) == {"zero_shot", "safe", *OPTIONAL_METHODS}
     for name, method in saved["methods"].items():
         assert 0 <= method["val_acc"] <= 1 and 0 <= method["test_acc"] <= 1, name

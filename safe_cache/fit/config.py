@@ -41,6 +41,7 @@ class FitConfig:
     cache: str | None = None  # a local folder keeping the feature chunks read from the store
     scheduler: str | None = None  # a dask scheduler's address: runs go to its workers
     local_workers: int = 0  # or a LocalCluster of this many worker processes
+    cuda_graph: bool = True  # on CUDA, replay the training step as one captured graph (step.py)
 
     def __post_init__(self) -> None:
         """Every value in range before any work (one line naming the option otherwise)."""

@@ -30,6 +30,7 @@ METHODS = ("zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f", "safe", 
 METHOD_LABELS = {"zero_shot": "zero-shot", "linear_probe": "lin. probe", "tip_adapter": "Tip",
                  "tip_adapter_f": "Tip-F", "safe": "SAFE", "safe_a": "SAFE-A"}
 FILE_PATTERN = "shots*_seed*.json"
+OPTIONAL_FIELDS = ("ood", "recipe", "curves", "run_id", "execution")  # absent in older results
 
 
 @dataclass
@@ -56,6 +57,7 @@ class RunResult:
     recipe: dict[str, Any] | None = None  # fit.recipe.Recipe.record(); None: safe-cache 0.1
     curves: dict[str, list] | None = None  # per evaluation: iters, val_acc[G], train_loss[G]
     run_id: str | None = None  # also in the head's and cache's metadata: files of one run
+    execution: dict[str, Any] | None = None  # device, graphed (CUDA graph), why_eager
     # Not written: where the record was read from, and whether fit found it already done.
     path: Path | None = field(default=None, compare=False)
     skipped: bool = field(default=False, compare=False)
@@ -78,7 +80,7 @@ class RunResult:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("path"), data.pop("skipped")
-        for optional in ("ood", "recipe", "curves", "run_id"):
+        for optional in OPTIONAL_FIELDS:
             if data[optional] is None:
                 data.pop(optional)
         return data
@@ -90,7 +92,7 @@ class RunResult:
         if not isinstance(data, dict):
             raise ResultError(f"{source} is not a fit result (a JSON object is expected).")
         names = {f.name for f in fields(cls)} - {"path", "skipped"}
-        required = names - {"ood", "recipe", "curves", "run_id"}
+        required = names - set(OPTIONAL_FIELDS)
         missing = sorted(required - set(data))
         if missing:
             raise ResultError(f"{source} is not a fit result of this safe-cache: it lacks"

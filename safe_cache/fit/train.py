@@ -37,9 +37,10 @@ from ..store import FeatureStore
 from . import adapters
 from .config import FitConfig
 from .evaluate import evaluate_safe, pooled_split
-from .grid import BestState, StackedHeads, grid_optimizer
+from .grid import BestState, StackedHeads
 from .recipe import Recipe
 from .results import RunResult
+from .step import GridStep
 
 
 def original_head(store: FeatureStore) -> GridHead:
@@ -150,36 +151,30 @@ def evaluation_points(iters: int, every: int, first: bool) -> list[int]:
 
 def train_grid(stacked: StackedHeads, data: RunData, classifier: torch.Tensor, scale: float,
                config: FitConfig, seed: int, device: torch.device,
-               progress: ProgressSink, description: str) -> tuple[BestState, dict[str, list]]:
-    """Train every configuration of `stacked` on the same minibatches; returns the best states
-    (already restored into `stacked`) and the curves: per evaluation, the number of updates,
-    every configuration's val accuracy and mean training loss since the last evaluation."""
-    recipe, grid = config.recipe, len(config.lrs) * len(config.wds)
-    optimizer, scheduler = grid_optimizer(
-        stacked, [lr for lr in config.lrs for _ in config.wds],
-        [wd for _ in config.lrs for wd in config.wds], config.iters, recipe=recipe)
+               progress: ProgressSink, description: str
+               ) -> tuple[BestState, dict[str, list], dict[str, Any]]:
+    """Train every configuration of `stacked` on the same minibatches (step.py); returns the
+    best states (already restored into `stacked`), the curves (per evaluation: the number of
+    updates, every configuration's val accuracy and mean training loss since the last
+    evaluation) and how the step ran (`_capture`)."""
+    recipe = config.recipe
     best = BestState(stacked.stacked)
     sampler = BatchSampler(len(data.train_labels), config.batch_size, recipe.sampling, seed,
                            device)
     # The run's samples live on the device (float16), so a step copies nothing from the host.
-    train_dense, train_labels = data.train_dense.to(device), data.train_labels.to(device)
+    step = GridStep(stacked, data.train_dense.to(device), data.train_labels.to(device),
+                    classifier, scale, [lr for lr in config.lrs for _ in config.wds],
+                    [wd for _ in config.lrs for wd in config.wds], config.iters, recipe,
+                    min(config.batch_size, len(data.train_labels)))
+    execution = _capture(step, config, device)
     val_dense, val_pooled = data.val_dense.to(device), data.val_pooled.to(device)
     val_labels = data.val_labels.to(device)
     points = set(evaluation_points(config.iters, config.eval_every, recipe.eval_first))
     curves: dict[str, list] = {"iters": [], "val_acc": [], "train_loss": []}
-    running, count = torch.zeros(grid, device=device), 0
+    count = 0
     task = progress.start(description, config.iters)
     for i in range(config.iters):
-        pick = sampler.next()
-        x, y = train_dense[pick].float(), train_labels[pick]
-        logits = scale * F.normalize(stacked(x), dim=-1) @ classifier.T  # (G, B, classes)
-        per_config = F.cross_entropy(logits.flatten(0, 1), y.repeat(grid),
-                                     reduction="none").view(grid, -1).mean(1)
-        optimizer.zero_grad(set_to_none=True)
-        per_config.sum().backward()
-        optimizer.step()
-        scheduler.step()
-        running += per_config.detach()
+        step.step(sampler.next())
         count += 1
         if i in points:
             with torch.no_grad():
@@ -189,14 +184,30 @@ def train_grid(stacked: StackedHeads, data: RunData, classifier: torch.Tensor, s
             best.update(acc, i + 1)
             curves["iters"].append(i + 1)
             curves["val_acc"].append(acc.tolist())
-            curves["train_loss"].append((running / count).tolist())
-            running.zero_()
+            curves["train_loss"].append((step.take_running() / count).tolist())
             count = 0
             progress.note(task, f"best val {100 * best.accuracy.max().item():.1f}%")
         progress.advance(task, 1)
     progress.finish(task)
     best.restore()
-    return best, curves
+    return best, curves, execution
+
+
+def _capture(step: GridStep, config: FitConfig, device: torch.device) -> dict[str, Any]:
+    """Capture the step as a CUDA graph where it can be (CUDA, `cuda_graph` on); a capture
+    torch refuses leaves the run eager, at its start, and says why in the result."""
+    execution: dict[str, Any] = {"device": str(device), "graphed": False}
+    if device.type != "cuda" or not config.cuda_graph:
+        return execution
+    try:
+        step.capture()
+    except torch.OutOfMemoryError:
+        raise  # fit's one-line out-of-memory error, not a silent eager run
+    except RuntimeError as exc:
+        execution["why_eager"] = f"CUDA graph capture failed: {str(exc).splitlines()[0]:.160}"
+        return execution
+    execution["graphed"] = True
+    return execution
 
 
 def run_classifier(store: FeatureStore, prompts: str, recipe: Recipe) -> torch.Tensor:
@@ -223,8 +234,9 @@ def fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
     grid = [(lr, wd) for lr in config.lrs for wd in config.wds]
     stacked = StackedHeads(original_head(store).to(device), len(grid))
     loaded = time.perf_counter()
-    best, curves = train_grid(stacked, data, classifier, scale, config, seed, device, progress,
-                              f"{manifest['dataset']['name']} shots {shots} seed {seed}")
+    best, curves, execution = train_grid(
+        stacked, data, classifier, scale, config, seed, device, progress,
+        f"{manifest['dataset']['name']} shots {shots} seed {seed}")
     chosen = int(torch.argmax(best.accuracy).item())  # first of the best: ties go to larger lr
     head = stacked.config_head(chosen).eval()
     trained = time.perf_counter()
@@ -261,6 +273,7 @@ def fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
         train_samples=len(data.train_labels), test_images=summary["test_images"],
         norm_ratio_finetuned_over_original=summary["norm_ratio_finetuned_over_original"],
         ood=ood, recipe={**recipe.record(), "loss_logit_scale": scale}, curves=curves,
+        execution=execution,
     )
     return record, head, cache
 
