@@ -61,6 +61,9 @@ def _count(value: str, option: str) -> int:
               " up with the trunk).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
               show_default=True, help="Trunk autocast on CUDA; stored maps are float16 anyway.")
+@click.option("--decode", type=click.Choice(["workers", "device"]), default="workers",
+              show_default=True, help="Where JPEGs are decoded and cropped: PIL in the --workers,"
+              " or torchvision on the --device (nvJPEG on CUDA; a store keeps one way).")
 @click.option("--cut", default="pool", show_default=True, help="pool, layer4 (ResNet), lastN.")
 @click.option("--skip-bad", is_flag=True,
               help="Record unreadable images in the store's manifest and go on.")

@@ -34,6 +34,7 @@ class ViewRecipe:
     seed: int = 0
     augmentation: str = "RandomResizedCrop(scale=(0.5, 1), bicubic) + RandomHorizontalFlip(0.5)"
     scale: tuple[float, float] = (0.5, 1.0)
+    decode: str = "pil"  # or "torchvision-<device type>" (extract --decode device)
 
     def describe(self) -> dict[str, Any]:
         return {**asdict(self), "scale": list(self.scale)}

@@ -30,6 +30,7 @@ class ExtractConfig:
     workers: int | str = "auto"  # image-decoding processes; "auto": cores - 1
     writer_threads: int = 1  # threads compressing and writing units (blosc and I/O free the GIL)
     precision: str = "fp32"
+    decode: str = "workers"  # or "device": JPEGs decoded and cropped on the trunk's device
     skip_bad: bool = False
     max_pixels: int | None = None  # larger images are unreadable (None: PIL's bomb limit)
     make_split: bool = False
@@ -56,6 +57,7 @@ class ExtractConfig:
             checks.at_least("max_pixels", self.max_pixels, 1)
         checks.at_least("local_workers", self.local_workers, 0)
         checks.one_of("precision", self.precision, ("fp32", "fp16", "bf16"))
+        checks.one_of("decode", self.decode, ("workers", "device"))
         resolve_device(self.device)
 
 

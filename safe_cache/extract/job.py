@@ -62,10 +62,12 @@ def extract(config: ExtractConfig, progress: ProgressSink = null_progress,
                              init_seed=config.init_seed)
     dataset = open_dataset(config.dataset, config.root, make_split=config.make_split)
     subsets = few_shot_subsets(dataset, config.shots, config.seeds)
-    recipe = ViewRecipe(count=config.views, seed=config.view_seed)
+    decode = "pil" if config.decode == "workers" else f"torchvision-{device.type}"
+    recipe = ViewRecipe(count=config.views, seed=config.view_seed, decode=decode)
     url = config.store or default_store_url(dataset.spec.name, backbone.card, config.store_root)
     store = _open_or_create(url, backbone, dataset, recipe, config)
-    recipe = ViewRecipe(count=store.manifest["views"]["count"], seed=recipe.seed)  # never fewer
+    recipe = ViewRecipe(count=store.manifest["views"]["count"], seed=recipe.seed,
+                        decode=decode)  # never fewer views than stored
     report = ExtractReport(store=url)
     try:
         plans = {split: plan_split(store, dataset, split, entries, recipe)
@@ -118,6 +120,11 @@ def _open_or_create(url: str, backbone: Backbone, dataset: Dataset, recipe: View
                 stored["views"]["scale"] != list(recipe.scale):
             raise ExtractError(f"{url} holds views of another recipe ({stored['views']});"
                                f" use another --store for --views with seed {recipe.seed}.")
+        made = stored["views"].get("decode", "pil")  # stores before --decode: PIL's
+        if made != recipe.decode:
+            raise ExtractError(f"{url} holds images decoded by {made}; this run would decode"
+                               f" with {recipe.decode} (pixels differ slightly). Use"
+                               f" {_decode_options(made)} to add to it, or another --store.")
         store.add_views(recipe.count)  # more views than stored: the new ones are extracted
         if config.center_flip:
             store.add_center_flip()  # a store written before it existed: extracted now
@@ -125,6 +132,13 @@ def _open_or_create(url: str, backbone: Backbone, dataset: Dataset, recipe: View
         store.close()
         raise
     return store
+
+
+def _decode_options(made: str) -> str:
+    """The extract options that decode as a store's `views.decode` says."""
+    if made == "pil":
+        return "--decode workers"
+    return f"--decode device --device {made.removeprefix('torchvision-')}"
 
 
 def _record_skipped(store: FeatureStore, skipped: list[dict[str, str]]) -> None:

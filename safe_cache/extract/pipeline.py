@@ -1,6 +1,7 @@
 """The in-process extraction pipeline: reader -> trunk -> writer, unit by unit.
 
-reader (DataLoader workers decode images and build the center and augmented views) -> trunk
+reader (DataLoader workers decode images and build the center and augmented views, or with
+`--decode device` read the files and leave decoding and views to the device) -> trunk
 (this process, on the device: `Backbone.forward_features`, then the original head's
 `forward_head` for the pooled features) -> writer (a background thread writes whole write
 units). Work is cut into the store's write units: a unit is computed in the same batches in
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from ..data.datasets import Dataset
+from ..data.device_views import DeviceViews, EncodedDataset, collate_encoded
 from ..data.views import ViewDataset, ViewRecipe
 from ..errors import DeviceMemoryError, ExtractError
 from ..model.backbone import Backbone
@@ -75,20 +77,15 @@ def extract_items(store: FeatureStore, backbone: Backbone, split: str, items: li
     # Starting worker processes costs ~0.3 s: not worth it for a split of a batch or two.
     workers = decode_workers(auto_workers(config.workers)
                              if len(items) > 2 * config.batch_size else 0)
-    loader = torch.utils.data.DataLoader(
-        ViewDataset(items, backbone.preprocess, backbone.card,
-                    recipe if views else None, config.max_pixels),
-        batch_sampler=_unit_batches(items, unit, config.batch_size),
-        num_workers=workers, persistent_workers=False,
-        pin_memory=backbone.device.type == "cuda",
-    )
+    loader, make_views = _loader(items, backbone, recipe if views else None, config, unit, workers)
     task = progress.start(f"{store.manifest['dataset']['name']} {split}", len(items))
     with _Writer(store, split, config.writer_threads) as writer:
         current: dict[str, Any] | None = None
-        for rows, centers, augmented, errors, first, flip in loader:
-            rows, first, flip = rows.tolist(), int(first[0]), bool(flip[0])
-            _check_errors(split, rows, errors, config, skipped, group)
+        for batch in loader:
             try:
+                rows, centers, augmented, errors, first, flip = make_views(batch)
+                rows, first, flip = rows.tolist(), int(first[0]), bool(flip[0])
+                _check_errors(split, rows, errors, config, skipped, group)
                 features = _encode(backbone, centers, augmented, config.precision,
                                    center=first == 0, flip=flip)
             except torch.OutOfMemoryError as exc:
@@ -105,6 +102,26 @@ def extract_items(store: FeatureStore, backbone: Backbone, split: str, items: li
             writer.put(current)
     progress.finish(task)
     return len(items)
+
+
+def _loader(items: list[tuple], backbone: Backbone, recipe: ViewRecipe | None,
+            config: ExtractConfig, unit: int, workers: int):
+    """The reader: (DataLoader, batch -> views). `--decode workers`: the workers decode with
+    PIL and build every view (ViewDataset); `--decode device`: they read the files' bytes, and
+    the views are decoded and cut on the trunk's device (device_views.py)."""
+    common = {"batch_sampler": _unit_batches(items, unit, config.batch_size),
+              "num_workers": workers, "persistent_workers": False,
+              "pin_memory": backbone.device.type == "cuda"}
+    if config.decode == "device":
+        decoder = DeviceViews(backbone.card, backbone.preprocess, recipe, backbone.device)
+        return torch.utils.data.DataLoader(EncodedDataset(items, config.max_pixels),
+                                           collate_fn=collate_encoded, **common), decoder
+    dataset = ViewDataset(items, backbone.preprocess, backbone.card, recipe, config.max_pixels)
+    return torch.utils.data.DataLoader(dataset, **common), _as_is
+
+
+def _as_is(batch: Any) -> Any:
+    return batch
 
 
 def _out_of_memory(backbone: Backbone, config: ExtractConfig, split: str,
