@@ -2,6 +2,7 @@
 writes) vs the trunk alone on pre-decoded tensors; same model, device and batch size.
 
     python benchmarks/extract.py [--model RN50] [--images 320] [--batch-size 32] [--workers 1]
+                                 [--decode workers|device] [--writer-threads 1]
 
 Images are generated JPEGs of a typical benchmark size (512 x 384). The two sides alternate
 round by round in one process; medians are printed as one JSON object.
@@ -64,11 +65,13 @@ def trunk_only(model: str, images: int, batch: int, device: torch.device) -> flo
     return time.perf_counter() - start
 
 
-def end_to_end(root: Path, model: str, batch: int, workers: int, device: str) -> tuple:
+def end_to_end(root: Path, model: str, batch: int, workers: int | str, device: str,
+               decode: str = "workers", writer_threads: int = 1) -> tuple:
     store = root / f"store-{time.monotonic_ns()}.zarr"
     config = ExtractConfig(dataset="food101", root=str(root), model=model, pretrained=None,
                            store=str(store), shots=(1,), seeds=(1,), views=0,
-                           batch_size=batch, workers=workers, device=device)
+                           batch_size=batch, workers=workers, device=device, decode=decode,
+                           writer_threads=writer_threads)
     report = extract(config)
     shutil.rmtree(store)
     return (sum(report.pipeline_seconds.values()), report.seconds,
@@ -83,6 +86,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--decode", choices=("workers", "device"), default="workers")
+    parser.add_argument("--writer-threads", type=int, default=1)
     args = parser.parse_args()
     device = resolve_device(args.device)
     root = Path(tempfile.mkdtemp())
@@ -91,7 +96,8 @@ def main() -> None:
         e2e, whole, trunk, total = [], [], [], 0
         for _ in range(args.rounds):
             seconds, command, total = end_to_end(root, args.model, args.batch_size,
-                                                 args.workers, str(device))
+                                                 args.workers, str(device), args.decode,
+                                                 args.writer_threads)
             e2e.append(seconds)
             whole.append(command)
             trunk.append(trunk_only(args.model, total, args.batch_size, device))
@@ -104,7 +110,8 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "extract", "model": args.model, "device": str(device),
         "threads": torch.get_num_threads(), "images": total, "batch_size": args.batch_size,
-        "workers": args.workers, "rounds": args.rounds,
+        "workers": args.workers, "decode": args.decode, "writer_threads": args.writer_threads,
+        "rounds": args.rounds,
         "end_to_end_images_per_s": round(e2e_rate, 2),
         "trunk_only_images_per_s": round(trunk_rate, 2),
         "ratio": round(e2e_rate / trunk_rate, 3),
