@@ -168,3 +168,22 @@ def test_graphed_step_equals_eager_on_cuda(tiny):
         results.append([p.cpu() for p in step.stacked.stacked])
     for eager, graphed in zip(*results, strict=True):
         torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_batches_drawn_with_replacement_may_outnumber_the_samples(tmp_path):
+    """The `views` recipe draws 8 with replacement from fewer samples: the step's index buffer
+    takes the sampler's batch size, not min(batch, samples)."""
+    from factories import extract_miniature
+
+    from safe_cache.fit import fit
+    from safe_cache.fit.recipe import make_recipe
+    from safe_cache.fit.train import BatchSampler
+
+    assert BatchSampler(3, 8, "replace", seed=0).size == 8
+    assert BatchSampler(3, 8, "epoch", seed=0).size == 3
+    store = extract_miniature(tmp_path / "data", "safe-cache-tiny-rn", tmp_path / "s.zarr")
+    config = FitConfig(store=str(store), shots=(1,), seeds=(1,), iters=6, eval_every=3,
+                       methods=(), out=str(tmp_path / "results"), recipe=make_recipe("views"))
+    (record,) = fit(config)
+    assert record.train_samples < config.batch_size
+    assert record.curves["iters"] == [3, 6]

@@ -122,6 +122,7 @@ class BatchSampler:
     def __init__(self, samples: int, batch_size: int, mode: str, seed: int,
                  device: torch.device | str = "cpu") -> None:
         self.samples, self.batch_size, self.mode = samples, batch_size, mode
+        self.size = batch_size if mode == "replace" else min(batch_size, samples)  # per batch
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.order, self.position = torch.empty(0, dtype=torch.long), 0
@@ -131,7 +132,7 @@ class BatchSampler:
         if self.mode == "replace":
             return torch.randint(0, self.samples, (self.batch_size,), generator=self.generator,
                                  device=self.device)
-        size = min(self.batch_size, self.samples)
+        size = self.size
         if self.position + size > len(self.order):
             self.order = torch.randperm(self.samples, generator=self.generator,
                                         device=self.device)
@@ -165,7 +166,7 @@ def train_grid(stacked: StackedHeads, data: RunData, classifier: torch.Tensor, s
     step = GridStep(stacked, data.train_dense.to(device), data.train_labels.to(device),
                     classifier, scale, [lr for lr in config.lrs for _ in config.wds],
                     [wd for _ in config.lrs for wd in config.wds], config.iters, recipe,
-                    min(config.batch_size, len(data.train_labels)))
+                    sampler.size)
     execution = _capture(step, config, device)
     val_dense, val_pooled = data.val_dense.to(device), data.val_pooled.to(device)
     val_labels = data.val_labels.to(device)
