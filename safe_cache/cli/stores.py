@@ -46,7 +46,8 @@ def info(store: str | None, storage_options: dict | None, as_json: bool, **filte
         ("backbone", f"{backbone.get('model')} / {backbone.get('pretrained')}"),
         ("fingerprint", manifest["backbone_fingerprint"][:16]),
         ("dense map", f"T={backbone['T']} C={backbone['C']} D={backbone['D']}"),
-        ("views", str(manifest["views"].get("count"))),
+        ("views", f"{manifest['views'].get('count')} (decoded by"
+                  f" {manifest['views'].get('decode', 'pil')})"),
         ("layout", json.dumps(manifest["layout"])),
         ("schema / tool", f"{manifest['schema_version']} / {manifest['tool_version']}"),
         ("created / updated", f"{manifest['created']} / {manifest['updated']}"),
