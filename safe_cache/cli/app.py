@@ -100,6 +100,13 @@ def main() -> None:
     """
 
 
+def byte_size(n: int | None, unknown: str = "unknown") -> str:
+    """A byte count as people read it (GB from 0.1 GB, else MB); `unknown` when None."""
+    if n is None:
+        return unknown
+    return f"{n / 1e9:,.2f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
+
+
 def print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True))
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import rich_click as click
 from rich.table import Table
 
-from .app import console, err_console, main, print_json
+from .app import byte_size, console, err_console, main, print_json
 
 
 def _size(n: int | None) -> str:
-    return "unknown" if n is None else f"about {n / 1e9:,.2f} GB" if n >= 1e8 \
-        else f"about {n / 1e6:,.1f} MB"
+    return "unknown" if n is None else f"about {byte_size(n)}"
 
 
 @main.group(invoke_without_command=True)

@@ -5,11 +5,7 @@ from __future__ import annotations
 import rich_click as click
 from rich.table import Table
 
-from .app import STORE_ROOT, cluster_options, console, err_console, main, print_json
-
-
-def _gigabytes(n: int | None) -> str:
-    return "-" if n is None else f"{n / 1e9:,.2f} GB"
+from .app import STORE_ROOT, byte_size, cluster_options, console, err_console, main, print_json
 
 
 @main.group()
@@ -48,11 +44,11 @@ def _print_plan(plan) -> None:
         table.add_row(item.dataset + (" (test only)" if item.test_only else ""),
                       item.backbone.name, f"[{style}]{item.status}[/]",
                       "-" if item.images is None else f"{item.images:,}",
-                      _gigabytes(item.bytes), item.url)
+                      byte_size(item.bytes, '-'), item.url)
     console.print(table)
     todo = [r for r in plan.runs if r.status == "todo"]
     console.print(f"runs: {len(todo)} to do, {len(plan.runs) - len(todo)} done (skipped)")
-    console.print(f"disk for the stores to create or extend: {_gigabytes(plan.disk_bytes)}")
+    console.print(f"disk for the stores to create or extend: {byte_size(plan.disk_bytes, '-')}")
     when = "unknown" if plan.seconds is None else f"about {plan.seconds / 3600:,.1f} h"
     console.print(f"estimated time: {when} ({plan.estimate_note})")
     for problem in plan.missing:
