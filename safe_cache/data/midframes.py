@@ -88,7 +88,7 @@ def build_midframes(spec: DatasetSpec, stage: Path, folder: Path, progress: Prog
                              f" {videos} (e.g. {Path(missing[0]).stem}.avi); the video archive"
                              f" is incomplete: delete it and run again.")
         jobs = [(str(index[Path(e).stem.lower()]), str(out_root / e)) for e in todo]
-        task = progress.start(f"{spec.name}: middle frames", len(jobs))
+        task = progress.start(f"{spec.name}: middle frames", len(jobs), unit="videos")
         if workers > 1:
             with ProcessPoolExecutor(workers) as pool:
                 for _ in pool.map(_write_frame, jobs, chunksize=16):

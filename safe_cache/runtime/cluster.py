@@ -86,7 +86,7 @@ class WorkerProgress:
         self.job, self.part = job, part
         self.done, self.sent_at = 0, 0.0
 
-    def start(self, description: str, total: int) -> int:
+    def start(self, description: str, total: int, unit: str | None = None) -> int:
         return 0
 
     def advance(self, task: int, amount: int) -> None:
