@@ -67,9 +67,18 @@ SHORT = {"models": ("safe-cache-tiny-rn", "safe-cache-tiny-vit", "safe-cache-tin
          "writer_threads": (1, 2)}
 
 
+STARTED = time.perf_counter()
+BUDGET_S = 450.0  # gpu.sh stops the process at 480 s: sections that would start later are skipped
+OUT: Path | None = None  # --out: the document so far is written there after every section
+
+
 def section(name: str, document: dict, function, *args) -> None:
-    """Run one section; a failure is recorded (with its traceback's last line), not raised."""
+    """Run one section; a failure is recorded (with its traceback's last line), not raised.
+    Past the time budget the section is skipped; after it, the document so far is saved."""
     started = time.perf_counter()
+    if started - STARTED > BUDGET_S:
+        document[name] = {"skipped": f"past the {BUDGET_S:.0f} s budget"}
+        return
     try:
         document[name] = function(*args)
     except Exception as exc:  # the other sections still run and report
@@ -77,6 +86,16 @@ def section(name: str, document: dict, function, *args) -> None:
                           "where": traceback.format_exc().strip().splitlines()[-3:]}
     document.setdefault("seconds", {})[name] = round(time.perf_counter() - started, 2)
     print(f"{name}: {document['seconds'][name]} s", file=sys.stderr)
+    save(document)
+
+
+def save(document: dict) -> None:
+    """Write the document to --out (by rename: a file there is always whole JSON)."""
+    if OUT is not None:
+        OUT.parent.mkdir(parents=True, exist_ok=True)
+        partial = OUT.with_suffix(".part")
+        partial.write_text(json.dumps(document, indent=2))
+        partial.replace(OUT)
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -320,7 +339,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--short", action="store_true", help="Short settings (default on CPU).")
+    parser.add_argument("--out", type=Path, help="Also write the document here, section by"
+                        " section.")
     args = parser.parse_args()
+    global OUT
+    OUT = args.out
     device = resolve_device(args.device)
     settings = SHORT if args.short or device.type == "cpu" else FULL
     document: dict = {"benchmark": "gpu", "device": str(device), "torch": torch.__version__,
@@ -342,6 +365,8 @@ def main() -> None:
               if isinstance(value, dict) and "error" in value]
     document["errors"] = errors
     document["exactness_failures"] = failures = exactness_failures(document, device)
+    document["total_s"] = round(time.perf_counter() - STARTED, 1)
+    save(document)
     print(json.dumps(document, indent=2))
     sys.exit(1 if errors or failures else 0)
 
