@@ -4,9 +4,10 @@ Training samples are the K-shot train rows' views the recipe names (recipe.py: t
 and its mirror by default; held in memory, float16), drawn in batches by the recipe's sampler;
 validation is the min(K, 4)-shot val rows (center view), test is the whole test split, streamed
 (evaluate.py). All lr x wd configurations train together (grid.py) with AdamW and the recipe's
-warmup + cosine schedule; at the recipe's evaluation points each configuration keeps its state if
-its val accuracy is strictly better; the best states are restored and the configuration is chosen
-by val accuracy (ties: the first). The loss is the fine-tuned branch's cross-entropy against the
+warmup + cosine schedule, one device-resident step for all (step.py; a CUDA graph on CUDA); at
+the recipe's evaluation points each configuration keeps its state if its val accuracy is
+strictly better; the best states are restored and the configuration is chosen by val accuracy
+(ties: the first). The loss is the fine-tuned branch's cross-entropy against the
 frozen text classifier at the recipe's logit scale; validation, selection and test use the blend
 `beta * original + finetuned` (blend, then normalise, as the paper writes it; `blend="each"`
 normalises each branch first). The adapters (adapters.py) then run on the same features.
