@@ -18,7 +18,7 @@ if [ "${1:-}" = "--wheels" ]; then
         --target /tmp/site "$wheels"/*.whl
     python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir \
         --target /tmp/site .
-    export PYTHONPATH=/tmp/site
+    export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1  # nothing can be reached from there
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >&2 || true
 fi
 export PYTHONUNBUFFERED=1
