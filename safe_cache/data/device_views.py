@@ -27,13 +27,13 @@ from typing import Any
 
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision.io import ImageReadMode
 from torchvision.io import decode_jpeg as _torchvision_decode_jpeg
-from torchvision.transforms import CenterCrop, InterpolationMode, RandomResizedCrop, Resize
+from torchvision.transforms import CenterCrop, InterpolationMode, Resize
 
 from ..errors import ConfigError, ImageReadError
-from .views import MAX_PIXELS, ViewRecipe, load_image, view_seed
+from .views import UNREADABLE, ViewRecipe, load_image, refuse_oversized, view_geometry, view_seed
 
 
 def decode_jpeg(data, **options):
@@ -54,18 +54,12 @@ def read_encoded(path: Path, max_pixels: int | None = None) -> tuple[str, torch.
     """("jpeg", the file's bytes) for a JPEG the device can decode, else ("pixels", uint8
     (3, H, W) decoded by PIL). The header is checked first: a file PIL cannot identify, or one
     of more than `max_pixels` pixels, is an ImageReadError naming it, as in the PIL path."""
-    limit = max_pixels or MAX_PIXELS
     try:
         with Image.open(path) as image:
-            width, height = image.size
-            kind = image.format
-            mode = image.mode
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+            refuse_oversized(path, image.size, max_pixels)
+            kind, mode = image.format, image.mode
+    except UNREADABLE as exc:
         raise ImageReadError(f"{path}: {exc}") from exc
-    if width * height > limit:
-        raise ImageReadError(f"{path}: {width} x {height} pixels is more than --max-pixels"
-                             f" {limit:,}; raise --max-pixels if the image is genuine, or"
-                             f" remove it")
     if kind == "JPEG" and mode in JPEG_MODES:
         return "jpeg", torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
     return "pixels", TF.pil_to_tensor(load_image(path, max_pixels))
@@ -172,12 +166,8 @@ class DeviceViews:
     def augmented(self, image: torch.Tensor, key: str, view: int) -> torch.Tensor:
         """View `view` of the recipe: the PIL path's crop and flip (same seed, same size)."""
         recipe = self.recipe
-        height, width = image.shape[-2:]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(view_seed(recipe.seed, key, view))
-            top, left, h, w = RandomResizedCrop.get_params(
-                torch.empty(1, height, width), list(recipe.scale), [3 / 4, 4 / 3])
-            flip = bool(torch.rand(1) < 0.5)
+        top, left, h, w, flip = view_geometry(view_seed(recipe.seed, key, view),
+                                              *image.shape[-2:], recipe.scale)
         out = TF.resized_crop(image.float(), top, left, h, w, list(self.size),
                               interpolation=InterpolationMode.BICUBIC, antialias=True)
         return self._normalise(out.flip(-1) if flip else out)

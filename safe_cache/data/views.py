@@ -41,25 +41,30 @@ class ViewRecipe:
 
 
 MAX_PIXELS = 2 * 89_478_485  # PIL's own refusal threshold (a decompression bomb beyond it)
+UNREADABLE = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
+
+
+def refuse_oversized(path: Path, size: tuple[int, int], max_pixels: int | None) -> None:
+    """An ImageReadError naming the file when its header says more than `max_pixels` pixels
+    (default PIL's bomb limit): checked before decoding, in every path that decodes."""
+    width, height = size
+    limit = max_pixels or MAX_PIXELS
+    if width * height > limit:
+        raise ImageReadError(f"{path}: {width} x {height} pixels is more than --max-pixels"
+                             f" {limit:,}; raise --max-pixels if the image is genuine, or"
+                             f" remove it")
 
 
 def load_image(path: Path, max_pixels: int | None = None) -> Image.Image:
     """Open and fully decode an image as RGB; a clear error naming the file otherwise. Images
     of more than `max_pixels` pixels are refused before decoding (decompression bombs), like
     any unreadable image (so --skip-bad passes over them)."""
-    limit = max_pixels or MAX_PIXELS
     try:
         with Image.open(path) as image:
-            width, height = image.size
-            if width * height > limit:
-                raise ImageReadError(f"{path}: {width} x {height} pixels is more than"
-                                     f" --max-pixels {limit:,}; raise --max-pixels if the"
-                                     f" image is genuine, or remove it")
+            refuse_oversized(path, image.size, max_pixels)
             image.load()
             return image.convert("RGB")
-    except Image.DecompressionBombError as exc:
-        raise ImageReadError(f"{path}: {exc}") from exc
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
+    except UNREADABLE as exc:
         raise ImageReadError(f"{path}: {exc}") from exc
 
 
@@ -84,14 +89,23 @@ def view_seed(recipe_seed: int, path: str, view: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def view_geometry(seed: int, height: int, width: int, scale: tuple[float, float]
+                  ) -> tuple[int, int, int, int, bool]:
+    """The seeded crop (top, left, height, width) and flip of one augmented view of an image of
+    this size: RandomResizedCrop's draw, then the flip's; the PIL and the device paths both
+    take their views from here, so a view covers the same region either way."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        top, left, h, w = RandomResizedCrop.get_params(torch.empty(1, height, width),
+                                                       list(scale), [3 / 4, 4 / 3])
+        flip = bool(torch.rand(1) < 0.5)
+    return top, left, h, w, flip
+
+
 def augmented_view(image: Image.Image, size: tuple[int, int], mean, std, seed: int,
                    scale: tuple[float, float] = (0.5, 1.0)) -> torch.Tensor:
     """One seeded training view (3, H, W), normalised like the eval view."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        top, left, height, width = RandomResizedCrop.get_params(image, list(scale),
-                                                                [3 / 4, 4 / 3])
-        flip = bool(torch.rand(1) < 0.5)
+    top, left, height, width, flip = view_geometry(seed, image.height, image.width, scale)
     view = TF.resized_crop(image, top, left, height, width, list(size),
                            interpolation=InterpolationMode.BICUBIC, antialias=True)
     if flip:
