@@ -43,6 +43,11 @@ class FitConfig:
     local_workers: int = 0  # or a LocalCluster of this many worker processes
     cuda_graph: bool = True  # on CUDA, replay the training step as one captured graph (step.py)
 
+    @property
+    def grid(self) -> list[tuple[float, float]]:
+        """The (lr, wd) configurations in training order: lr-major, as results list them."""
+        return [(lr, wd) for lr in self.lrs for wd in self.wds]
+
     def __post_init__(self) -> None:
         """Every value in range before any work (one line naming the option otherwise)."""
         checks.each("shots", self.shots, 1, example="1,2,4,8,16")

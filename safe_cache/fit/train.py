@@ -165,9 +165,8 @@ def train_grid(stacked: StackedHeads, data: RunData, classifier: torch.Tensor, s
                            device)
     # The run's samples live on the device (float16), so a step copies nothing from the host.
     step = GridStep(stacked, data.train_dense.to(device), data.train_labels.to(device),
-                    classifier, scale, [lr for lr in config.lrs for _ in config.wds],
-                    [wd for _ in config.lrs for wd in config.wds], config.iters, recipe,
-                    sampler.size)
+                    classifier, scale, [lr for lr, _ in config.grid],
+                    [wd for _, wd in config.grid], config.iters, recipe, sampler.size)
     execution = _capture(step, config, device)
     val_dense, val_pooled = data.val_dense.to(device), data.val_pooled.to(device)
     val_labels = data.val_labels.to(device)
@@ -233,7 +232,7 @@ def fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
     scale = recipe.logit_scale or clip_scale  # SAFE's training loss
     classifier = run_classifier(store, config.prompts, recipe).to(device)
     data = RunData(store, shots, seed, recipe)
-    grid = [(lr, wd) for lr in config.lrs for wd in config.wds]
+    grid = config.grid
     stacked = StackedHeads(original_head(store).to(device), len(grid))
     loaded = time.perf_counter()
     best, curves, execution = train_grid(
