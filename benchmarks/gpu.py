@@ -269,8 +269,8 @@ def step_agreement(device: torch.device, settings: dict) -> dict:
     labels = torch.randint(0, classes, (64,), generator=generator).to(device)
     text = F.normalize(torch.randn(classes, card["D"], generator=generator), dim=-1).to(device)
     batches = [torch.randint(0, 64, (8,), generator=generator).to(device) for _ in range(steps)]
-    lrs = [lr for lr in (1e-4, 1e-5, 1e-6, 1e-7) for _ in range(3)]
-    wds = [wd for _ in range(4) for wd in (0.0, 1e-3, 1e-5)]
+    grid = FitConfig(store="unused").grid  # the paper's 12 (lr, wd) configurations
+    lrs, wds = [lr for lr, _ in grid], [wd for _, wd in grid]
     outputs, seconds = {}, {}
     for mode in ("eager", "graphed"):
         stacked = StackedHeads(backbone.new_head().to(device), len(lrs))

@@ -119,8 +119,7 @@ class GridStep:
                 for _ in range(WARMUP_STEPS):
                     self.step(self.index)
             torch.cuda.current_stream(self.dense.device).wait_stream(side)
-            self.reset(saved)
-            self.optimizer.zero_grad(set_to_none=True)
+            self.reset(saved)  # also drops the gradients: the capture allocates its own
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self._body()
