@@ -2,6 +2,10 @@
 
 - `card_fingerprint`: the sha256 of the backbone-card fields that decide whether two feature sets
   are interchangeable (a store's features, a fit result, an exported model all carry it);
+- `manifest_seal`: the sha256 of a store manifest's whole content (every field but the seal and
+  the `updated` time stamp), which readers and `verify` check: a card or dataset field edited by
+  hand (a model name, `logit_scale`, a class name) is refused, not copied into results;
+- `canonical_sha256`: the sha256 of any JSON value in one canonical form (run identities);
 - `file_sha256`: the one file hasher (weights files, split files, model-folder files), streamed
   in 4 MiB blocks so a multi-GB checkpoint never sits in memory.
 """
@@ -28,6 +32,22 @@ def card_fingerprint(card: dict[str, Any]) -> str:
     interchangeable."""
     identity = {key: card.get(key) for key in FINGERPRINT_FIELDS}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+SEAL_FIELD = "manifest_sha256"
+UNSEALED_FIELDS = (SEAL_FIELD, "updated")  # the seal itself, and a time stamp of no meaning
+
+
+def canonical_sha256(value: Any) -> str:
+    """sha256 of a JSON value with sorted keys and no whitespace: equal values, equal digests
+    (NaN is refused: it is never equal to itself)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def manifest_seal(manifest: dict[str, Any]) -> str:
+    """The seal of a store manifest: every field but the seal and `updated`."""
+    return canonical_sha256({k: v for k, v in manifest.items() if k not in UNSEALED_FIELDS})
 
 
 def file_sha256(path: str | os.PathLike, *, memo: bool = False) -> str:

@@ -21,15 +21,34 @@ from miniatures import write_split_zhou
 from safe_cache import card_fingerprint
 from safe_cache.store import FeatureStore, StoreLayout, create_store
 
-TOY_CARD = {"model": "tiny", "pretrained": None, "family": "resnet", "T": 5, "C": 8, "D": 3}
+TOY_CARD = {  # every field a backbone card has (records.BackboneCard); the sizes are tiny
+    "schema": 1, "model": "tiny", "model_config_sha256": None, "family": "resnet",
+    "pretrained": None, "weights_sha256": None, "init_seed": 0, "quick_gelu": False,
+    "image_size": [32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
+    "interpolation": "bicubic", "resize_mode": "shortest", "cut": "pool", "T": 5, "C": 8,
+    "D": 3, "grid": [2, 2], "logit_scale": 100.0, "open_clip_version": "test",
+    "torch_version": "test"}
+
+
+def toy_card(**changes: Any) -> dict[str, Any]:
+    """TOY_CARD with some fields changed (sizes, model)."""
+    return {**TOY_CARD, **changes}
+
+
+def toy_dataset(name: str = "toy", num_classes: int = 4, **more: Any) -> dict[str, Any]:
+    """A store manifest's dataset block (class names c0, c1, ... unless given)."""
+    return {"name": name, "num_classes": num_classes,
+            "classnames": [f"c{i}" for i in range(num_classes)], **more}
 
 
 def new_store(url: str, card: dict[str, Any] = TOY_CARD, *, dataset: dict | None = None,
               views: int = 0, layout: StoreLayout | None = None,
               storage_options: dict | None = None, center_flip: bool = False) -> FeatureStore:
-    return create_store(url, card, card_fingerprint(card),
-                        dataset or {"name": "toy", "num_classes": 4},
-                        views={"count": views, "seed": 0},
+    dataset = dataset or {}
+    dataset = {**toy_dataset(dataset.get("name", "toy"), dataset.get("num_classes", 4)),
+               **dataset}
+    return create_store(url, {**TOY_CARD, **card}, card_fingerprint({**TOY_CARD, **card}),
+                        dataset, views={"count": views, "seed": 0, "scale": [0.5, 1.0]},
                         layout=layout or StoreLayout(chunk_images=4),
                         storage_options=storage_options, center_flip=center_flip)
 
@@ -97,10 +116,16 @@ def build_store(url: str, card: dict[str, Any] = TOY_CARD, *,
 
 
 def result_record(dataset: str, shots: int, seed: int, safe: float, zero: float,
-                  model: str = "RN50", ood: dict | None = None) -> dict[str, Any]:
-    """A fit result JSON with every field fit writes (the shape of safe-cache 0.1 results)."""
+                  model: str = "RN50", ood: dict | None = None, *, recipe: str | None = "safe",
+                  pretrained: str | None = "openai", **config: Any) -> dict[str, Any]:
+    """A fit result JSON with every field fit writes: of the `safe` recipe and a default fit's
+    options unless `config` (FitConfig fields) or `recipe` say otherwise; `recipe=None` is the
+    shape of safe-cache 0.1 results (no recipe block: the `views` recipe)."""
+    from safe_cache.fit.recipe import PRESETS
+
     grid = [{"lr": lr, "wd": wd, "val_acc": safe - 0.01 * i, "best_iter": 100}
             for i, (lr, wd) in enumerate([(1e-4, 0.0), (1e-4, 1e-3), (1e-5, 0.0), (1e-5, 1e-3)])]
+    label = f"{model}-{pretrained or 'random0'}"
     record = {
         "methods": {"zero_shot": {"val_acc": zero, "test_acc": zero},
                     "safe": {"val_acc": safe, "test_acc": safe, "lr": 1e-4, "wd": 0.0,
@@ -109,22 +134,29 @@ def result_record(dataset: str, shots: int, seed: int, safe: float, zero: float,
                        for b in (0.0, 0.5, 1.0)],
         "norm_ratio_finetuned_over_original": 1.0, "test_images": 100, "grid": grid,
         "dataset": dataset, "shots": shots, "seed": seed,
-        "backbone": {"model": model, "pretrained": "openai", "cut": "pool"},
-        "store": {"url": f"stores/{dataset}/{model}-openai.zarr", "fingerprint": "0" * 64},
-        "config": {"store": f"stores/{dataset}/{model}-openai.zarr", "shots": [shots],
-                   "seeds": [seed], "beta": 0.5, "blend": "blend", "prompts": "hand"},
+        "backbone": {"model": model, "pretrained": pretrained, "cut": "pool"},
+        "store": {"url": f"stores/{dataset}/{label}.zarr", "fingerprint": "0" * 64},
+        "config": {"store": f"stores/{dataset}/{label}.zarr", "shots": [shots],
+                   "seeds": [seed], "beta": 0.5, "blend": "blend", "prompts": "hand",
+                   **config},
         "versions": {"safe_cache": "0.1.0", "torch": "2.14.1"},
         "timings": {"load_s": 0.1, "train_s": 1.0, "evaluate_s": 0.1,
                     "train_iters_per_s": 100.0},
         "train_samples": 10 * shots,
     }
+    if recipe is not None:
+        record["recipe"] = {**PRESETS[recipe].record(), "loss_logit_scale": 54.6}
     if ood is not None:
         record["ood"] = ood
     return record
 
 
 def write_record(folder: Path, record: dict[str, Any], backbone: str = "RN50-openai") -> Path:
-    name = f"shots{record['shots']}_seed{record['seed']}.json"
+    """The record where fit would write it (its name by fit's scheme)."""
+    from safe_cache.fit.results import RunResult, expected_name
+
+    known = {k: v for k, v in record.items() if k in RunResult.__dataclass_fields__}
+    name = expected_name(RunResult(**known))  # unchecked: tests also write broken records
     path = folder / record["dataset"] / backbone / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record))

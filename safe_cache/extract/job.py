@@ -23,7 +23,6 @@ from ..runtime.cluster import connect
 from ..runtime.device import resolve_device
 from ..runtime.progress import ProgressSink, null_progress
 from ..store import FeatureStore, check_fingerprint, create_store, default_store_url, open_store
-from ..store.schema import MANIFEST_ATTRIBUTE
 from .config import ExtractConfig, ExtractReport
 from .distributed import extract_on_cluster
 from .pipeline import extract_items, plan_split, row_index
@@ -144,12 +143,8 @@ def _decode_options(made: str) -> str:
 def _record_skipped(store: FeatureStore, skipped: list[dict[str, str]]) -> None:
     """Note skipped images in the manifest: by the lease holder only, once, so a job's workers
     never write the root object at the same time."""
-    if not skipped:
-        return
-    manifest = store.manifest
-    manifest.setdefault("skipped_images", []).extend(
-        {"split": s["split"], "error": s["error"]} for s in skipped)
-    store.group.attrs[MANIFEST_ATTRIBUTE] = manifest
+    if skipped:
+        store.record_skipped(skipped)
 
 
 def _write_fewshot(store: FeatureStore, dataset: Dataset, subsets) -> None:

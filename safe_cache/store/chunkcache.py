@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.storage import LocalStore, WrapperStore
 
+from ..atomic import atomic_write_bytes
 from .schema import is_cacheable
 
 
@@ -75,11 +75,7 @@ class ChunkCache(WrapperStore):
         return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
 
     def _keep(self, key: str, data: bytes) -> None:
-        target = self.folder / key
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
-        temporary.write_bytes(data)
-        os.replace(temporary, target)
+        atomic_write_bytes(self.folder / key, data)
 
 
 def cache_folder(root: str, url: str, manifest: dict[str, Any]) -> Path:

@@ -76,3 +76,11 @@ def backbone_label(card: dict[str, Any]) -> str:
 def default_store_url(dataset: str, card: dict[str, Any], root: str | None = None) -> str:
     """`<store root>/<dataset>/<model>-<weights>.zarr` (root: see `store_root`)."""
     return f"{store_root(root)}/{dataset}/{backbone_label(card)}.zarr"
+
+
+def extract_command(manifest: dict[str, Any], url: str) -> str:
+    """The extract command that adds to (or finishes) the store at `url`."""
+    backbone = manifest["backbone"]
+    return (f"safe-cache extract --dataset {manifest['dataset']['name']} --model"
+            f" {backbone['model']} --pretrained {backbone.get('pretrained') or 'none'}"
+            f" --store {url}")

@@ -46,10 +46,11 @@ from zarr.codecs import BloscCodec
 
 from .._version import __version__
 from ..errors import StoreError, StoreNotFoundError
-from ..identity import card_fingerprint
+from ..identity import SEAL_FIELD, card_fingerprint, manifest_seal
+from ..records import StoreManifest
 from .chunkcache import cached_group
 from .lease import Lease
-from .paths import OBJECT_STORE_SCHEMES
+from .paths import OBJECT_STORE_SCHEMES, extract_command
 from .schema import (
     BOOKKEEPING,
     BY_NAME,
@@ -209,15 +210,54 @@ class FeatureStore:
 
     def read_rows(self, split: str, name: str, rows: np.ndarray) -> np.ndarray:
         """`name`'s values at `rows` (sorted or not); a chunk that fails to decode is an error
-        naming the array and its rows' units, not a codec traceback."""
+        naming the array and its rows' units, not a codec traceback. Feature values are
+        checked finite: a NaN written behind the store's back never becomes an accuracy."""
         try:
-            return self.arrays(split)[name].get_orthogonal_selection((np.asarray(rows),))
+            values = self.arrays(split)[name].get_orthogonal_selection((np.asarray(rows),))
         except (ValueError, RuntimeError, OSError, TypeError) as exc:
-            units = sorted({int(r) // self.layout.unit for r in np.asarray(rows)})
             raise StoreError(f"{self.url}: {split}/{name} could not be read for write units"
-                             f" {units[:10]} ({type(exc).__name__}: {str(exc)[:120]}): a chunk is"
-                             f" truncated or corrupt. Run `safe-cache verify {self.url}`.") \
-                from exc
+                             f" {self._units(rows)} ({type(exc).__name__}: {str(exc)[:120]}):"
+                             f" a chunk is truncated or corrupt. Run `safe-cache verify"
+                             f" {self.url}`.") from exc
+        if name in FEATURES and not finite(values):
+            raise StoreError(f"{self.url}: {split}/{name} holds NaN or Inf in write units"
+                             f" {self._units(rows)} (written behind the store's back, or damaged)."
+                             f" Run `safe-cache verify {self.url}`, then re-extract those units.")
+        return values
+
+    def _units(self, rows: np.ndarray) -> list[int]:
+        """The write units of `rows`, the first ten (for error messages)."""
+        return sorted({int(r) // self.layout.unit for r in np.asarray(rows)})[:10]
+
+    def expected_rows(self, split: str) -> int | None:
+        """Rows the split must hold to be whole: its dataset size less the images extract
+        skipped (None for a store that records no split sizes)."""
+        dataset = self.manifest["dataset"]
+        size = (dataset.get("split_sizes") or {}).get(split)
+        if size is None:
+            return None
+        skipped = {e["error"] for e in self.manifest.get("skipped_images", [])
+                   if e.get("split") == split}
+        return size - len(skipped)
+
+    def check_complete(self, split: str) -> np.ndarray:
+        """The split's readable rows, refused when fewer than the dataset holds: a test split
+        with an unwritten unit would be evaluated on the rows that exist. The error names the
+        incomplete units and the extract command that finishes them."""
+        rows = self.readable_rows(split)
+        expected = self.expected_rows(split)
+        if expected is None or rows.size >= expected:
+            return rows
+        arrays = self.arrays(split)
+        done = np.zeros(arrays["complete"].shape[0], dtype=bool)
+        done[self.complete_units(split)] = True
+        incomplete = np.flatnonzero(~done).tolist()
+        raise StoreError(
+            f"{self.url}: {split} is incomplete: {rows.size} of {expected} images readable"
+            f" (incomplete write units {incomplete[:10]}{'...' if len(incomplete) > 10 else ''}"
+            f"{'; images never extracted' if not incomplete else ''}). Finish it with"
+            f" `{extract_command(self.manifest, self.url)}` (with the dataset's --root), or"
+            f" evaluate on what is there with --partial (results are then labelled partial).")
 
     def split(self, name: str):
         """The split as a labelled xarray.Dataset backed by dask, complete rows only.
@@ -245,7 +285,16 @@ class FeatureStore:
         key = f"text/{prompt_set}/classifier"
         if key not in self.group:
             raise StoreError(f"{self.url} has no text classifier for prompt set '{prompt_set}'.")
-        return self.group[key][:]
+        return self._finite_array(key)
+
+    def _finite_array(self, key: str) -> np.ndarray:
+        """A whole small array (text, head), refused when not finite."""
+        values = self.group[key][...]
+        if not finite(values):
+            raise StoreError(f"{self.url}: {key} holds NaN or Inf (written behind the store's"
+                             f" back, or damaged); its logits would be NaN. Run `safe-cache"
+                             f" verify {self.url}`, or re-extract the store.")
+        return values
 
     def sentence_embeddings(self, prompt_set: str = "hand") -> tuple[np.ndarray, list[int]]:
         """(raw sentence embeddings (sentence, embed), sentences per class): what other ways of
@@ -256,7 +305,7 @@ class FeatureStore:
                              f" '{prompt_set}' (stores written before safe-cache 0.2); run"
                              f" extract on it again to add them.")
         node = self.group[f"text/{prompt_set}"]
-        return node["embeddings"][:], [len(group) for group in node.attrs["sentences"]]
+        return self._finite_array(f"{key}"), [len(group) for group in node.attrs["sentences"]]
 
     def summary(self) -> dict[str, Any]:
         """Sizes and completeness per split (what `safe-cache info` shows)."""
@@ -390,7 +439,7 @@ class FeatureStore:
                 self._create_array(group, spec, tail)
                 group[spec.name].resize((units if spec.role == "bookkeeping" else rows, *tail))
         manifest["center_flip"] = True
-        self.group.attrs[MANIFEST_ATTRIBUTE] = manifest
+        self._write_manifest(manifest)
 
     def add_views(self, count: int) -> None:
         """Grow the view axis of train's augmented arrays to `count` (new views unwritten)."""
@@ -404,7 +453,7 @@ class FeatureStore:
                 array = group[name]
                 array.resize((array.shape[0], count, *array.shape[2:]))
         manifest["views"]["count"] = count
-        self.group.attrs[MANIFEST_ATTRIBUTE] = manifest
+        self._write_manifest(manifest)
 
     def write_head(self, state: dict[str, np.ndarray], model_config: dict[str, Any]) -> None:
         """The original pooling head (AttnPool_O): what fit starts from, so fitting needs the
@@ -424,7 +473,7 @@ class FeatureStore:
             raise StoreError(f"{self.url} holds no head weights; extract it again with this"
                              f" safe-cache to add them.")
         node = self.group["head"]
-        return {name: node[name][...] for name in node.array_keys()}, dict(
+        return {name: self._finite_array(f"head/{name}") for name in node.array_keys()}, dict(
             node.attrs["model_config"])
 
     def write_fewshot(self, seed: int, shots: int, train_rows, val_rows) -> None:
@@ -456,8 +505,24 @@ class FeatureStore:
         self.touch()
 
     def touch(self) -> None:
+        self._write_manifest(self.manifest)
+
+    def record_skipped(self, skipped: list[dict[str, str]]) -> None:
+        """Note images extract passed over (split, error), each once: the test split's
+        expected size is its dataset size less these (`check_complete`)."""
         manifest = self.manifest
-        manifest["updated"] = _now()
+        known = manifest.setdefault("skipped_images", [])
+        for entry in ({"split": s["split"], "error": s["error"]} for s in skipped):
+            if entry not in known:
+                known.append(entry)
+        self._write_manifest(manifest)
+
+    def _write_manifest(self, manifest: dict[str, Any]) -> None:
+        """The one writer of the manifest: time-stamped and sealed (identity.manifest_seal),
+        so a field edited by hand afterwards is refused by every reader."""
+        self._writable()
+        manifest = {**manifest, "updated": _now()}
+        manifest[SEAL_FIELD] = manifest_seal(manifest)
         self.group.attrs[MANIFEST_ATTRIBUTE] = manifest
 
     @property
@@ -480,6 +545,12 @@ class FeatureStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def finite(values: np.ndarray) -> bool:
+    """Whether every value is finite (strings and integers always are)."""
+    values = np.asarray(values)
+    return not np.issubdtype(values.dtype, np.inexact) or bool(np.isfinite(values).all())
 
 
 def _open_group(url: str, mode: str, storage_options: dict | None) -> zarr.Group:
@@ -513,7 +584,7 @@ def create_store(
                          f" to add to it.")
     layout = layout or default_layout(url)
     group = _open_group(url, "w", storage_options)
-    group.attrs[MANIFEST_ATTRIBUTE] = {
+    manifest = {
         "schema_version": SCHEMA_VERSION,
         "backbone": backbone_card,
         "backbone_fingerprint": fingerprint,
@@ -527,7 +598,9 @@ def create_store(
         "updated": _now(),
         "center_flip": center_flip,
     }
+    StoreManifest.from_dict(manifest, url)  # what every reader will check: refuse it now
     store = FeatureStore(url, group, "a", storage_options)
+    store._write_manifest(manifest)
     store.lease = Lease.acquire(group, takeover=takeover)
     return store
 
@@ -571,11 +644,8 @@ def open_store(url: str, mode: str = "r", *, storage_options: dict | None = None
             f"{url} has store schema version {version}; this safe-cache ({__version__}) reads"
             f" version {SCHEMA_VERSION}. Use a matching safe-cache, or re-extract the store."
         )
-    if check_fingerprint and card_fingerprint(manifest.get("backbone") or {}) != \
-            manifest.get("backbone_fingerprint"):
-        raise StoreError(f"{url}: its backbone card does not match the fingerprint recorded with"
-                         f" it (edited by hand?); run `safe-cache verify {url}`. Nothing read"
-                         f" from it can be trusted to be the backbone it names.")
+    if check_fingerprint:
+        check_manifest(url, manifest)
     if cache is not None:
         group = cached_group(group, cache, url, manifest)
     store = FeatureStore(url, group, mode, storage_options)
@@ -584,6 +654,43 @@ def open_store(url: str, mode: str = "r", *, storage_options: dict | None = None
     elif mode == "a":
         store.lease = Lease.acquire(group, takeover=takeover)
     return store
+
+
+def manifest_problems(url: str, manifest: Any) -> list[str]:
+    """Why a manifest cannot be trusted (empty when it can): its typed form (records.py), its
+    card's fingerprint, and its seal over every other field."""
+    try:
+        StoreManifest.from_dict(manifest, "manifest")
+    except StoreError as exc:
+        return [str(exc)]
+    problems = []
+    if card_fingerprint(manifest["backbone"]) != manifest["backbone_fingerprint"]:
+        problems.append("manifest: the backbone card does not match its fingerprint (edited by"
+                        " hand?)")
+    seal = manifest.get(SEAL_FIELD)
+    if seal is None:
+        problems.append(f"manifest: it carries no {SEAL_FIELD} (a store of an older safe-cache,"
+                        f" or the seal was removed); check it with `safe-cache verify {url}"
+                        f" --seal`, which seals a store whose data verifies")
+    elif seal != manifest_seal(manifest):
+        problems.append("manifest: its content does not match its manifest_sha256 (a field"
+                        " was edited by hand)")
+    return problems
+
+
+def check_manifest(url: str, manifest: Any) -> None:
+    """Refuse a store whose manifest is malformed, unsealed or edited: its card, dataset and
+    logit scale would otherwise be copied into every result."""
+    problems = manifest_problems(url, manifest)
+    if problems:
+        raise StoreError(f"{url}: {problems[0]}. Nothing read from it can be trusted to be"
+                         f" what it names; run `safe-cache verify {url}`, or re-extract it.")
+
+
+def seal_store(store: FeatureStore) -> None:
+    """Seal the manifest of a store as it now is (verify --seal, after verifying its data):
+    what an older store, or one whose manifest a person has checked, needs to be read."""
+    store._write_manifest(store.manifest)
 
 
 def check_fingerprint(store: FeatureStore, fingerprint: str, card: dict[str, Any]) -> None:

@@ -14,9 +14,9 @@ import fsspec
 import numpy as np
 
 from ..errors import StoreError
-from ..identity import card_fingerprint
+from ..records import StoreManifest
 from .schema import BY_NAME, FEATURES, MANIFEST_FIELDS, chunk_keys, split_arrays
-from .store import FeatureStore, open_store
+from .store import FeatureStore, finite, manifest_problems, open_store, seal_store
 
 
 def expected_arrays(manifest: dict[str, Any], split: str) -> dict[str, tuple[tuple, str | None]]:
@@ -38,8 +38,11 @@ def verify_store(url: str, *, storage_options: dict | None = None) -> list[str]:
                 if key not in manifest]
     if problems:
         return problems
-    if card_fingerprint(manifest["backbone"]) != manifest["backbone_fingerprint"]:
-        problems.append("card: the backbone card does not match its fingerprint (edited?)")
+    try:
+        StoreManifest.from_dict(manifest, "manifest")
+    except StoreError as exc:
+        return [str(exc)]  # malformed: its sizes cannot be used to check the data
+    problems = manifest_problems(url, manifest)  # edited or unsealed: reported, data checked
     for key in ("T", "C", "D"):
         if manifest["shapes"].get(key) != manifest["backbone"].get(key):
             problems.append(f"card: shapes.{key}={manifest['shapes'].get(key)} but backbone."
@@ -49,6 +52,17 @@ def verify_store(url: str, *, storage_options: dict | None = None) -> list[str]:
         problems += _verify_split(store, split, fs, root.rstrip("/"))
     problems += _verify_extras(store)
     return problems
+
+
+def seal_verified(url: str, *, storage_options: dict | None = None) -> list[str]:
+    """verify, then seal the manifest of a store whose only problem is that it carries no seal
+    (a store of an older safe-cache): the person asking has checked what it names."""
+    problems = verify_store(url, storage_options=storage_options)
+    if any("carries no manifest_sha256" not in p for p in problems):
+        return problems
+    with open_store(url, "a", storage_options=storage_options, check_fingerprint=False) as store:
+        seal_store(store)
+    return []
 
 
 def _verify_split(store: FeatureStore, split: str, fs, root: str) -> list[str]:
@@ -116,6 +130,13 @@ def _verify_extras(store: FeatureStore) -> list[str]:
             if shape != (classes, manifest["backbone"]["D"]):
                 problems.append(f"text/{name}: classifier shape {shape}, expected"
                                 f" {(classes, manifest['backbone']['D'])}")
+            for array in store.group[f"text/{name}"].array_keys():
+                if not finite(store.group[f"text/{name}/{array}"][...]):
+                    problems.append(f"text/{name}/{array}: holds NaN or Inf")
+    if "head" in store.group:
+        for array in store.group["head"].array_keys():
+            if not finite(store.group[f"head/{array}"][...]):
+                problems.append(f"head/{array}: holds NaN or Inf")
     if "fewshot" in store.group:
         readable = {split: set(store.readable_rows(split).tolist()) for split in store.splits()}
         for seed in store.group["fewshot"].group_keys():
