@@ -4,6 +4,7 @@ underweights: SAFE must beat zero-shot; selection, early stopping, beta curve, r
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -137,7 +138,8 @@ def test_result_files_and_skip_or_force(fitted, tmp_path):
 
     config, result = fitted
     path = result_file(config, result)
-    assert path.name == "shots8_seed1_safe.json"
+    # Not a default fit (grid, iters, ...): the recipe's name and the options' short hash
+    assert re.fullmatch(r"shots8_seed1_safe_o[0-9a-f]{8}\.json", path.name)
     assert path.parent.name == "safe-cache-tiny-rn-random3"
     saved = json.loads(path.read_text())
     for key in ("methods", "grid", "beta_curve", "config", "store", "versions", "timings",
@@ -156,8 +158,11 @@ def test_result_files_and_skip_or_force(fitted, tmp_path):
     before = path.stat().st_mtime_ns
     again = fit(copy)[0]
     assert again.skipped and path.stat().st_mtime_ns == before
-    forced = fit(replace(copy, force=True, iters=20, eval_every=10))[0]
-    assert not forced.skipped and path.stat().st_mtime_ns != before
+    other = fit(replace(copy, iters=20, eval_every=10))[0]  # other options: a new file beside
+    assert not other.skipped and other.path != path and path.stat().st_mtime_ns == before
+    assert "iters 300 -> 20" in other.note and path.name in other.note
+    forced = fit(replace(copy, force=True))[0]
+    assert not forced.skipped and forced.path == path and path.stat().st_mtime_ns != before
 
 
 def test_the_saved_head_is_the_restored_best_state(fitted):

@@ -145,7 +145,8 @@ def test_presets_and_bad_values():
     assert make_recipe("safe", logit_scale="backbone").logit_scale is None
     for preset, overrides, match in (("nope", {}, "safe, views"),
                                      ("safe", {"warmup": -1}, ">= 0"),
-                                     ("safe", {"logit_scale": 0.0}, "> 0"),
+                                     ("safe", {"logit_scale": 0.0}, r"in \(0, 10000\]"),
+                                     ("safe", {"logit_scale": float("nan")}, "finite"),
                                      ("safe", {"sampling": "sometimes"}, "epoch, replace")):
         with pytest.raises(RecipeError, match=match):
             make_recipe(preset, **overrides)

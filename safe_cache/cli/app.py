@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import rich_click as click
 from rich.console import Console
+from rich.markup import escape
 
 from .._version import __version__
 from ..errors import SafeCacheError, SafeCacheWarning
@@ -60,15 +62,21 @@ def io_message(exc: OSError) -> str | None:
 
 
 class SafeCacheGroup(click.RichGroup):
-    """Turns SafeCacheError (and I/O failures a user can fix) into a clear message and exit
-    status 2, warnings into one line."""
+    """Turns SafeCacheError, bad option values (click's UsageError) and I/O failures a user can
+    fix into one clear line and exit status 2, warnings into one line."""
 
     def invoke(self, ctx: click.Context) -> Any:
         previous, warnings.showwarning = warnings.showwarning, _show_warning
         try:
             return super().invoke(ctx)
         except SafeCacheError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False,
+                              soft_wrap=True)
+            sys.exit(2)
+        except click.UsageError as exc:  # a bad option value: one line too, not a box
+            where = exc.ctx.command_path if exc.ctx is not None else "safe-cache"
+            err_console.print(f"[bold red]error:[/] {escape(exc.format_message())} (`{where}"
+                              f" -h` for help)", highlight=False, soft_wrap=True)
             sys.exit(2)
         except OSError as exc:
             message = io_message(exc)
@@ -191,17 +199,28 @@ def one_store(**filters: Any) -> str:
     return urls[0]
 
 
+MAX_RANGE = 1001  # values a start:stop:step range may give
+
+
 def float_list(ctx, param, value: str) -> tuple[float, ...]:
-    """'1e-4,1e-5' or a range 'start:stop:step' (stop included, step > 0, start <= stop)."""
+    """'1e-4,1e-5' or a range 'start:stop:step' (stop included, step > 0, start <= stop, at
+    most MAX_RANGE values); every value finite."""
     try:
         if ":" in value:
             start, stop, step = (float(v) for v in value.split(":"))
-            if not step > 0 or start > stop:
-                raise click.BadParameter(f"a range start:stop:step needs step > 0 and start <="
-                                         f" stop, got '{value}'")
+            if not all(math.isfinite(v) for v in (start, stop, step)) or not step > 0 \
+                    or start > stop:
+                raise click.BadParameter(f"a range start:stop:step needs finite numbers, step >"
+                                         f" 0 and start <= stop, got '{value}'")
             count = round((stop - start) / step) + 1
+            if count > MAX_RANGE:
+                raise click.BadParameter(f"'{value}' is {count:,} values, at most {MAX_RANGE:,};"
+                                         f" take a larger step")
             return tuple(round(start + i * step, 10) for i in range(count))
-        return tuple(float(v) for v in value.split(",") if v.strip())
+        values = tuple(float(v) for v in value.split(",") if v.strip())
+        if not all(math.isfinite(v) for v in values):
+            raise click.BadParameter(f"every value must be a finite number, got '{value}'")
+        return values
     except ValueError as exc:
         raise click.BadParameter(f"expected numbers like 1e-4,1e-5 or 0:1:0.1, got '{value}'") \
             from exc

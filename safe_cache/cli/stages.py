@@ -196,7 +196,12 @@ def demo(store_root: str, model: str, pretrained: str, workers: int, iters: int,
               " step instead of hundreds of kernels (results equal the eager step's within float"
               " rounding).")
 @click.option("--out", default="results", show_default=True)
-@click.option("--force", is_flag=True, help="Recompute results that exist.")
+@click.option("--force", is_flag=True,
+              help="Recompute results that exist (a result of other options is never reused:"
+              " it is written beside the old one).")
+@click.option("--partial", is_flag=True,
+              help="Evaluate a test split that is not fully extracted on the rows it has"
+              " (results and report say partial).")
 @click.option("--cache", default=None, metavar="DIR",
               help="Keep the feature chunks read from a remote store in this local folder.")
 @cluster_options

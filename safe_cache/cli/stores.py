@@ -93,16 +93,20 @@ def ls_command(root: str | None, storage_options: dict | None, as_json: bool) ->
 @main.command()
 @click.argument("store", required=False)
 @store_filters
+@click.option("--seal", is_flag=True,
+              help="Seal the manifest of a store that verifies but carries no seal (made by an"
+              " older safe-cache): check what it names (backbone, dataset) first.")
 @STORAGE_OPTIONS
-def verify(store: str | None, storage_options: dict | None, **filters) -> None:
-    """Check schema, manifest, shapes, dtypes, completeness, chunks and values; non-zero on
-    problems [STORE default: every store under the store root matching the filters]."""
-    from ..store.verify import verify_store
+def verify(store: str | None, storage_options: dict | None, seal: bool, **filters) -> None:
+    """Check schema, manifest and its seal, shapes, dtypes, completeness, chunks and values
+    (text classifier and head too); non-zero on problems [STORE default: every store under the
+    store root matching the filters]."""
+    from ..store.verify import seal_verified, verify_store
 
     stores = [store] if store else default_stores(**filters, storage_options=storage_options)
     failed = False
     for url in stores:
-        problems = verify_store(url, storage_options=storage_options)
+        problems = (seal_verified if seal else verify_store)(url, storage_options=storage_options)
         if not problems:
             console.print(f"[green]ok[/]: {url}")
         for problem in problems:

@@ -8,10 +8,13 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..runtime import checks
 from ..runtime.device import resolve_device
+from .methods import OPTIONAL_METHODS
 from .recipe import PRESETS, Recipe
-from .results import OPTIONAL_METHODS
 
 DEFAULT_BETAS = tuple(round(0.1 * i, 1) for i in range(11))
+# Bounds of the values fit takes (FitConfig.__post_init__): generous, but finite.
+MAX_SHOTS, MAX_LR, MAX_WD, MAX_BETA = 10_000, 1.0, 10.0, 1e6  # beta 1e6: the original alone
+MAX_GRID, MAX_BETAS, MAX_ITERS, MAX_BATCH, MAX_TIP_EPOCHS = 64, 1001, 10_000_000, 65_536, 10_000
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class FitConfig:
     scheduler: str | None = None  # a dask scheduler's address: runs go to its workers
     local_workers: int = 0  # or a LocalCluster of this many worker processes
     cuda_graph: bool = True  # on CUDA, replay the training step as one captured graph (step.py)
+    partial: bool = False  # evaluate a test split with unwritten units on the rows it has
 
     @property
     def grid(self) -> list[tuple[float, float]]:
@@ -49,20 +53,30 @@ class FitConfig:
         return [(lr, wd) for lr in self.lrs for wd in self.wds]
 
     def __post_init__(self) -> None:
-        """Every value in range before any work (one line naming the option otherwise)."""
-        checks.each("shots", self.shots, 1, example="1,2,4,8,16")
+        """Every value finite and in range before any work (one line naming the option
+        otherwise). The upper bounds are far beyond any sensible value: they catch typos
+        (`--lr 1e308`) and runs that would never end (`--betas 0:1:1e-7`)."""
+        checks.each("shots", self.shots, 1, example="1,2,4,8,16", high=MAX_SHOTS)
         checks.each("seeds", self.seeds, 0, example="1,2,3")
-        checks.each("lr", self.lrs, 0, strict=True, example="1e-4,1e-5")
-        checks.each("wd", self.wds, 0, example="0,1e-3")
-        checks.each("betas", self.betas, 0, example="0:1:0.1")
-        checks.at_least("iters", self.iters, 1)
-        checks.at_least("batch_size", self.batch_size, 1)
+        checks.each("lr", self.lrs, 0, strict=True, example="1e-4,1e-5", high=MAX_LR,
+                    most=MAX_GRID)
+        checks.each("wd", self.wds, 0, example="0,1e-3", high=MAX_WD, most=MAX_GRID)
+        if len(self.lrs) * len(self.wds) > MAX_GRID:
+            raise ConfigError(f"--lr x --wd: {len(self.lrs) * len(self.wds)} configurations,"
+                              f" at most {MAX_GRID} train at once; split the grid.")
+        checks.each("betas", self.betas, 0, example="0:1:0.1", high=MAX_BETA, most=MAX_BETAS)
+        checks.at_least("iters", self.iters, 1, high=MAX_ITERS)
+        checks.at_least("batch_size", self.batch_size, 1, high=MAX_BATCH)
         checks.at_least("eval_every", self.eval_every, 1)
-        checks.at_least("beta", self.beta, 0)
+        checks.at_least("beta", self.beta, 0, high=MAX_BETA)
         checks.at_least("test_chunk", self.test_chunk, 1)
         checks.at_least("local_workers", self.local_workers, 0)
         if self.tip_epochs is not None:
-            checks.at_least("tip_epochs", self.tip_epochs, 1)
+            checks.at_least("tip_epochs", self.tip_epochs, 1, high=MAX_TIP_EPOCHS)
+        for name in ("iters", "batch_size", "eval_every", "test_chunk", "local_workers"):
+            if not isinstance(getattr(self, name), int):
+                raise ConfigError(f"{checks.option(name)} {getattr(self, name)!r}: must be a"
+                                  f" whole number.")
         checks.one_of("blend", self.blend, ("blend", "each"))
         checks.one_of("select_on", self.select_on, ("val", "test"))
         checks.subset_of("methods", self.methods, OPTIONAL_METHODS)

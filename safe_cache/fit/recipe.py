@@ -62,12 +62,21 @@ class Recipe:
             if value not in choices:
                 raise RecipeError(f"--{name.replace('_', '-')} {value!r} is not one of"
                                   f" {', '.join(choices)}.")
-        if self.logit_scale is not None and not self.logit_scale > 0:
-            raise RecipeError(f"--logit-scale {self.logit_scale} must be > 0 (or 'backbone').")
-        if self.warmup < 0:
-            raise RecipeError(f"--warmup {self.warmup} must be >= 0 iterations.")
-        if not self.warmup_min_lr > 0:
-            raise RecipeError(f"warmup_min_lr {self.warmup_min_lr} must be > 0.")
+        for name, value, low, high in (("logit_scale", self.logit_scale, 0, 1e4),
+                                       ("warmup_min_lr", self.warmup_min_lr, 0, 1.0)):
+            if value is None and name == "logit_scale":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or not low < value <= high:
+                raise RecipeError(f"--{name.replace('_', '-')} {value!r} must be a finite"
+                                  f" number in ({low:g}, {high:g}]"
+                                  f"{' (or backbone)' if name == 'logit_scale' else ''}.")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) \
+                or not 0 <= self.warmup <= 1_000_000:
+            raise RecipeError(f"--warmup {self.warmup!r} must be a whole number of iterations"
+                              f" >= 0.")
+        if not isinstance(self.eval_first, bool):
+            raise RecipeError(f"eval_first {self.eval_first!r} must be true or false.")
         return self
 
     def record(self) -> dict[str, Any]:

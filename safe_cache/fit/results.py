@@ -9,28 +9,38 @@ The JSON is written last and by rename, so a result that exists is whole. `RunRe
 checks the shape on every read: a malformed or foreign file is an error naming the file, never a
 KeyError deep in report.
 
-The methods a run holds are listed here, once: zero-shot and SAFE always run; the others are
-optional (`fit --methods`).
+Every result carries its run's identity (fit/identity.py) and is checked on read: strict types,
+finite numbers, its name and folders equal to its content. The methods it may hold are listed
+in methods.py.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import ResultError
-from ..store.paths import backbone_label
+from ..atomic import atomic_write_text
+from ..errors import ResultError, SafeCacheWarning
+from ..names import plain_name
+from ..store.paths import backbone_label, model_label
+from . import identity as run_id
+from .methods import ALWAYS, METHOD_LABELS, METHODS, OPTIONAL_METHODS
+from .recipe import PRESETS
 
-ALWAYS = ("zero_shot", "safe")
-OPTIONAL_METHODS = ("tip_adapter", "tip_adapter_f", "safe_a", "linear_probe")
-METHODS = ("zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f", "safe", "safe_a")
-METHOD_LABELS = {"zero_shot": "zero-shot", "linear_probe": "lin. probe", "tip_adapter": "Tip",
-                 "tip_adapter_f": "Tip-F", "safe": "SAFE", "safe_a": "SAFE-A"}
+__all__ = ["ALWAYS", "METHODS", "METHOD_LABELS", "OPTIONAL_METHODS", "RunResult",
+           "load_result", "load_results", "result_path", "write_result"]
 FILE_PATTERN = "shots*_seed*.json"
-OPTIONAL_FIELDS = ("ood", "recipe", "curves", "run_id", "execution")  # absent in older results
+# The names fit writes: shots<K>_seed<S>[_<recipe>][_test-selected][_o<8 hex>].json. A recipe
+# name holds no dot or space (recipe._short), so a copy such as `... copy.json` or `.bak.json`
+# is not one of them.
+NAME_SCHEME = re.compile(r"^shots(\d+)_seed(\d+)(?:_([A-Za-z0-9_+=-]+))?\.json$")
+OPTIONAL_FIELDS = ("ood", "recipe", "curves", "run_id", "execution", "identity",
+                   "identity_sha256", "partial")  # absent in older results
 
 
 @dataclass
@@ -58,9 +68,14 @@ class RunResult:
     curves: dict[str, list] | None = None  # per evaluation: iters, val_acc[G], train_loss[G]
     run_id: str | None = None  # also in the head's and cache's metadata: files of one run
     execution: dict[str, Any] | None = None  # device, graphed (CUDA graph), why_eager
-    # Not written: where the record was read from, and whether fit found it already done.
+    identity: dict[str, Any] | None = None  # fit/identity.py: all that changes the numbers
+    identity_sha256: str | None = None
+    partial: dict[str, int] | None = None  # a test split evaluated incomplete: rows, expected
+    # Not written: where the record was read from, whether fit found it already done, and what
+    # fit says about it (a new result beside one of other options).
     path: Path | None = field(default=None, compare=False)
     skipped: bool = field(default=False, compare=False)
+    note: str | None = field(default=None, compare=False)
 
     @property
     def recipe_name(self) -> str:
@@ -77,9 +92,26 @@ class RunResult:
         """`<model>-<weights>`: the results folder the run lives in."""
         return self.path.parent.name if self.path else self.backbone["model"]
 
+    @property
+    def run_identity(self) -> dict[str, Any]:
+        """This run's identity, from what the record says (older results too)."""
+        return run_id.run_identity(self.store, self.dataset, self.shots, self.seed, self.config,
+                                   self.recipe or PRESETS["views"].record(), self.ood,
+                                   self.backbone)
+
+    @property
+    def group(self) -> str:
+        """The identity of the run's group (all but the seed): what report averages."""
+        return run_id.group_sha256(self.run_identity)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The run's options (fit/identity.OPTION_FIELDS), normalised."""
+        return run_id.options_of(self.config)
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        data.pop("path"), data.pop("skipped")
+        data.pop("path"), data.pop("skipped"), data.pop("note")
         for optional in OPTIONAL_FIELDS:
             if data[optional] is None:
                 data.pop(optional)
@@ -87,40 +119,140 @@ class RunResult:
 
     @classmethod
     def from_json(cls, data: Any, source: str | Path = "<result>") -> RunResult:
-        """A record from its JSON, checked: every field present with the right type, every
-        method with val_acc and test_acc in [0, 1]."""
+        """A record from its JSON, checked: every field present with the right type (a bool is
+        not a number), every number finite, accuracies in [0, 1], the beta a blend weight, and
+        the identity it carries equal to the one its content gives."""
         if not isinstance(data, dict):
             raise ResultError(f"{source} is not a fit result (a JSON object is expected).")
-        names = {f.name for f in fields(cls)} - {"path", "skipped"}
+        names = {f.name for f in fields(cls)} - {"path", "skipped", "note"}
         required = names - set(OPTIONAL_FIELDS)
         missing = sorted(required - set(data))
         if missing:
             raise ResultError(f"{source} is not a fit result of this safe-cache: it lacks"
                               f" {', '.join(missing)}. Fit it again (--force) to rewrite it.")
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ResultError(f"{source}: field '{unknown[0]}' is not a fit result field"
+                              f" (edited, or from a newer safe-cache); fit it again (--force).")
+        _refuse_non_finite(data, source)
         record = cls(**{name: data[name] for name in names if name in data})
         record._check(source)
         return record
 
     def _check(self, source: str | Path) -> None:
-        if not isinstance(self.methods, dict) or not self.methods:
+        for name, kind in (("dataset", str), ("backbone", dict), ("store", dict),
+                           ("methods", dict), ("beta_curve", list), ("grid", list),
+                           ("config", dict)):
+            if not isinstance(getattr(self, name), kind):
+                raise ResultError(f"{source}: '{name}' is {getattr(self, name)!r:.60}, not"
+                                  f" {'a text' if kind is str else 'a JSON ' + kind.__name__}.")
+        plain_name(self.dataset, f"{source}: dataset", ResultError)
+        for name, low in (("shots", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if not _is_int(value) or value < low:
+                raise ResultError(f"{source}: {name} is {value!r}, not an integer >= {low}.")
+        if not self.methods:
             raise ResultError(f"{source}: 'methods' holds no method.")
         for name, values in self.methods.items():
+            if name not in METHODS:
+                raise ResultError(f"{source}: method '{name}' is not one this safe-cache"
+                                  f" writes ({', '.join(METHODS)}).")
             for key in ("val_acc", "test_acc"):
                 value = values.get(key) if isinstance(values, dict) else None
-                if not isinstance(value, (int, float)) or not 0 <= value <= 1 \
-                        or math.isnan(value):
-                    raise ResultError(f"{source}: methods.{name}.{key} is {value!r}, not an"
-                                      f" accuracy in [0, 1].")
-        if not isinstance(self.shots, int) or not isinstance(self.seed, int):
-            raise ResultError(f"{source}: shots and seed must be integers.")
+                _accuracy(value, f"{source}: methods.{name}.{key}")
+        for index, point in enumerate(self.beta_curve):
+            where = f"{source}: beta_curve[{index}]"
+            if not isinstance(point, dict):
+                raise ResultError(f"{where} is not an object.")
+            _number(point.get("beta"), f"{where}.beta", 0)
+            for key in ("val_acc", "test_acc"):
+                _accuracy(point.get(key), f"{where}.{key}")
+        for index, point in enumerate(self.grid):
+            if not isinstance(point, dict):
+                raise ResultError(f"{source}: grid[{index}] is not an object.")
+            _accuracy(point.get("val_acc"), f"{source}: grid[{index}].val_acc")
+        _number(self.config.get("beta", 0.5), f"{source}: config.beta", 0)
+        for name, variant in (self.ood or {}).items():
+            for method, value in variant.items():
+                if method in self.methods:
+                    _accuracy(value, f"{source}: ood.{name}.{method}")
+        if self.identity_sha256 is not None and self.identity_sha256 != \
+                run_id.identity_sha256(self.run_identity):
+            raise ResultError(f"{source}: its content does not match its identity_sha256 (an"
+                              f" option or number was edited by hand); fit it again"
+                              f" (--force).")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any, where: str, low: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or value < low:
+        raise ResultError(f"{where} is {value!r}, not a finite number >= {low:g}.")
+    return value
+
+
+def _accuracy(value: Any, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0 <= value <= 1:  # NaN fails both comparisons
+        raise ResultError(f"{where} is {value!r}, not an accuracy in [0, 1].")
+
+
+def _refuse_non_finite(value: Any, source: str | Path, where: str = "") -> None:
+    """Any NaN or infinite number anywhere in the record (1e999 reads as inf)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ResultError(f"{source}: {where.lstrip('.') or 'a value'} is {value}, not a finite"
+                          f" number; the result cannot be trusted. Fit it again (--force).")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_non_finite(item, source, f"{where}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _refuse_non_finite(item, source, f"{where}[{index}]")
 
 
 def result_path(out: str | Path, manifest: dict[str, Any], shots: int, seed: int,
-                recipe: str = "safe", select_on: str = "val") -> Path:
-    """Where the run of a store (its manifest) for (shots, seed) and a recipe is written."""
+                recipe: str = "safe", select_on: str = "val", suffix: str = "") -> Path:
+    """Where the run of a store (its manifest) for (shots, seed) and a recipe is written;
+    `suffix` tells runs of other options apart (identity.options_suffix). Every part is a
+    plain name: a manifest whose dataset name is a path never leads outside `out`."""
     selected = "" if select_on == "val" else "_test-selected"
-    return (Path(out) / manifest["dataset"]["name"] / backbone_label(manifest["backbone"])
-            / f"shots{shots}_seed{seed}_{recipe}{selected}.json")
+    dataset = plain_name(manifest["dataset"]["name"], "the store's dataset name", ResultError)
+    backbone = plain_name(backbone_label(manifest["backbone"]), "the backbone label",
+                          ResultError)
+    name = plain_name(f"shots{shots}_seed{seed}_{recipe}{selected}{suffix}.json",
+                      "the result name", ResultError)
+    return Path(out) / dataset / backbone / name
+
+
+def expected_name(record: RunResult) -> str:
+    """The file name fit gives this record's run."""
+    if record.recipe is None:  # safe-cache 0.1: shots<K>_seed<S>.json
+        return f"shots{record.shots}_seed{record.seed}.json"
+    selected = "" if record.selected_on == "val" else "_test-selected"
+    return (f"shots{record.shots}_seed{record.seed}_{record.recipe_name}{selected}"
+            f"{run_id.options_suffix(record.options)}.json")
+
+
+def check_path(record: RunResult, path: Path) -> None:
+    """A result is what its path says: shots, seed, recipe, selection and options in its name,
+    its dataset and backbone in its folders. Results older than identities may carry other
+    options under the plain name (fit then refuses to reuse them)."""
+    name = expected_name(record)
+    legacy = record.identity_sha256 is None and path.name == name.rsplit("_o", 1)[0] + ".json"
+    if path.name != name and not legacy:
+        raise ResultError(f"{path}: its content is the run {name}, not {path.name} (renamed or"
+                          f" edited by hand); move it back, or fit it again (--force).")
+    dataset, backbone = path.parent.parent.name, path.parent.name
+    label = record.backbone.get("label")
+    model = record.backbone.get("model")
+    if dataset != record.dataset or (label is not None and backbone != label) or \
+            (label is None and not backbone.startswith(model_label(str(model)))):
+        raise ResultError(f"{path}: it holds {record.dataset} / {label or model}, not the"
+                          f" {dataset} / {backbone} its folders say; move it back, or fit it"
+                          f" again.")
 
 
 def head_file(path: Path) -> Path:
@@ -157,18 +289,28 @@ def files_problem(record: RunResult) -> str | None:
 
 
 def load_result(path: str | Path) -> RunResult:
-    """Read and check one result JSON; a missing or malformed file is a ResultError."""
+    """Read and check one result JSON; a missing, malformed or misnamed file is a
+    ResultError. Files named by fit's scheme are checked against their name and folders."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(), parse_constant=_no_constant)
     except FileNotFoundError as exc:
         raise ResultError(f"No fit result at {path}.") from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ResultError(f"{path} is not readable JSON ({exc}); fit it again with"
                           f" --force, or remove it.") from exc
+    except ValueError as exc:  # NaN / Infinity
+        raise ResultError(f"{path}: {exc}; the result cannot be trusted. Fit it again"
+                          f" (--force).") from exc
     record = RunResult.from_json(data, path)
+    if NAME_SCHEME.match(path.name):
+        check_path(record, path)
     record.path = path
     return record
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"it holds {name}, not a finite number")
 
 
 def whole_result(path: str | Path) -> RunResult | None:
@@ -180,14 +322,27 @@ def whole_result(path: str | Path) -> RunResult | None:
 
 
 def load_results(folder: str | Path) -> list[RunResult]:
-    """Every run's record under `folder` (results/<dataset>/<backbone>/shots<K>_seed<S>.json)."""
-    return [load_result(path) for path in sorted(Path(folder).rglob(FILE_PATTERN))]
+    """Every run's record under `folder` (<dataset>/<backbone>/shots<K>_seed<S>_....json),
+    each run once. A file that is not named by fit's scheme (a copy, `... (1).json`) is
+    skipped with a warning; a file that is, but whose content disagrees, is refused."""
+    records: dict[str, RunResult] = {}
+    for path in sorted(Path(folder).rglob(FILE_PATTERN)):
+        if not NAME_SCHEME.match(path.name):
+            warnings.warn(f"{path} is not named as fit names its results: skipped (a copy?).",
+                          SafeCacheWarning, stacklevel=2)
+            continue
+        record = load_result(path)
+        key = run_id.identity_sha256(record.run_identity)
+        if key in records:
+            warnings.warn(f"{path} is the same run as {records[key].path.name}: counted once.",
+                          SafeCacheWarning, stacklevel=2)
+            continue
+        records[key] = record
+    return list(records.values())
 
 
 def write_result(record: RunResult, path: Path) -> None:
-    """Write the JSON last and by rename: a result file that exists is whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".json.part")
-    temporary.write_text(json.dumps(record.to_json(), indent=2))
-    temporary.replace(path)
+    """Write the JSON last and whole (atomic.py: a temporary of this writer's own, renamed;
+    the umask's mode, so a team can read it): a result file that exists is whole."""
+    atomic_write_text(path, json.dumps(record.to_json(), indent=2, allow_nan=False))
     record.path = path

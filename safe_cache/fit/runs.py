@@ -13,22 +13,27 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..errors import DeviceMemoryError, SafeCacheError
+from ..atomic import atomic_write_with
+from ..errors import DeviceMemoryError, ResultError, SafeCacheError
 from ..runtime.allocator import tune_cpu_allocator
 from ..runtime.cluster import JobProgress, WorkerProgress, connect, gather_as_completed
 from ..runtime.device import out_of_memory_reason
 from ..runtime.progress import ProgressSink, null_progress
 from ..store import FeatureStore, absolute_url, open_store
+from . import identity as run_id
 from .config import FitConfig
+from .ood import ood_seals
 from .results import (
+    NAME_SCHEME,
     RunResult,
     cache_file,
     head_file,
+    load_result,
     result_path,
     whole_result,
     write_result,
 )
-from .train import check_store_serves, fit_one
+from .train import check_store_serves, fit_one, store_block
 
 
 def fit(config: FitConfig, progress: ProgressSink = null_progress,
@@ -46,6 +51,11 @@ def fit_stores(configs: list[FitConfig], progress: ProgressSink = null_progress,
     stores = [_open_for_fit(config) for config in configs]  # each opened once
     for config, store in zip(configs, stores, strict=True):
         check_store_serves(store, config)  # before any run: nothing is written on refusal
+        if not config.partial:
+            store.check_complete("test")
+    blocks = [store_block(store) for store in stores]
+    seals = [ood_seals(c.eval_ood, s.url, s.manifest["backbone"], c.partial)
+             for c, s in zip(configs, stores, strict=True)]
     results: dict[tuple[int, int, int], RunResult] = {}
     todo: list[tuple[int, int, int]] = []  # (config index, shots, seed) still to run
     owners: dict[Path, str] = {}
@@ -59,6 +69,16 @@ def fit_stores(configs: list[FitConfig], progress: ProgressSink = null_progress,
                                          f" other in {path.parent}. Fit them with different"
                                          f" --out folders.")
                 existing = None if config.force else whole_result(path)
+                wanted = run_id.run_identity(blocks[index], store.manifest["dataset"]["name"],
+                                             shots, seed, _config_block(config),
+                                             config.recipe.record(), seals[index],
+                                             store.manifest["backbone"])
+                if existing is not None and existing.run_identity != wanted:
+                    changes = run_id.differences(existing.run_identity, wanted)
+                    raise ResultError(
+                        f"{path} holds a run of other settings ({'; '.join(changes[:4])}):"
+                        f" its numbers are not this run's. Recompute it with --force, or fit"
+                        f" into another --out. Nothing was written.")
                 if existing is not None:
                     results[index, shots, seed] = replace(existing, skipped=True)
                 else:  # new, forced, or left half-written by a killed run: run it (again)
@@ -77,8 +97,40 @@ def fit_stores(configs: list[FitConfig], progress: ProgressSink = null_progress,
 
 def run_path(config: FitConfig, store: FeatureStore, shots: int, seed: int) -> Path:
     """The result file of one run of `config` on `store`."""
-    return result_path(config.out, store.manifest, shots, seed, config.recipe.name,
-                       config.select_on)
+    return config_result_path(config, store.manifest, shots, seed)
+
+
+def config_result_path(config: FitConfig, manifest: dict[str, Any], shots: int,
+                       seed: int) -> Path:
+    """The result file of one run of `config` on a store of this manifest (its dataset name
+    and backbone card suffice): the recipe's name, and a short suffix when the options differ
+    from a default fit's (identity.options_suffix). What a study's plan names its runs by."""
+    suffix = run_id.options_suffix(run_id.options_of(_config_block(config)))
+    return result_path(config.out, manifest, shots, seed, config.recipe.name,
+                       config.select_on, suffix)
+
+
+def _config_block(config: FitConfig) -> dict[str, Any]:
+    """The `config` block a result records (what its identity is computed from)."""
+    from dataclasses import asdict
+
+    return {**asdict(config), "storage_options": None}
+
+
+def beside_note(record: RunResult, path: Path) -> str | None:
+    """What tells a new result from the others of its shots, seed and recipe in its folder
+    (the options that differ), for fit's table; None when it stands alone."""
+    stem = path.name.removesuffix(".json").split("_o")[0]
+    for other in sorted(path.parent.glob(f"{stem}*.json")):
+        if other == path or not NAME_SCHEME.match(other.name):
+            continue
+        try:
+            changes = run_id.differences(load_result(other).run_identity, record.run_identity)
+        except SafeCacheError:
+            continue
+        if changes:
+            return f"{path.name}: new, beside {other.name} ({'; '.join(changes[:4])})"
+    return None
 
 
 def _open_for_fit(config: FitConfig) -> FeatureStore:
@@ -100,7 +152,6 @@ def fit_and_save(store: FeatureStore, shots: int, seed: int, config: FitConfig,
             f" run the same command again to go on.") from None
     record.run_id = uuid.uuid4().hex  # in every file of the run: a mix is detected on read
     path = run_path(config, store, shots, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"run_id": record.run_id, "store_fingerprint": store.fingerprint,
                 "beta": str(config.beta)}
     _save_atomic({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
@@ -108,13 +159,13 @@ def fit_and_save(store: FeatureStore, shots: int, seed: int, config: FitConfig,
     if cache is not None:  # SAFE-A's trained cache, for export
         _save_atomic({k: v.contiguous() for k, v in cache.items()}, cache_file(path), metadata)
     write_result(record, path)  # last: a result whose JSON exists is whole
+    record.note = beside_note(record, path)
     return record
 
 
 def _save_atomic(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
-    save_file(tensors, str(temporary), metadata=metadata)
-    temporary.replace(path)
+    atomic_write_with(path, lambda temporary: save_file(tensors, str(temporary),
+                                                        metadata=metadata))
 
 
 def fit_task(config: FitConfig, shots: int, seed: int, progress_job: str,

@@ -29,16 +29,19 @@ from .._version import __version__
 from ..data.datasets import load_spec
 from ..data.prompts import class_average
 from ..errors import DatasetError, RecipeError, SafeCacheError, StoreError
+from ..identity import SEAL_FIELD
 from ..model.backbone import head_from_config
 from ..model.heads import GridHead
 from ..model.inference import blend_features, tip_logits
 from ..runtime.device import resolve_device
 from ..runtime.progress import ProgressSink, null_progress
 from ..store import FeatureStore
+from ..store.paths import backbone_label, extract_command
 from . import adapters
 from .config import FitConfig
 from .evaluate import evaluate_safe, pooled_split
 from .grid import BestState, StackedHeads
+from .identity import identity_sha256
 from .recipe import Recipe
 from .results import RunResult
 from .step import GridStep
@@ -54,11 +57,7 @@ def original_head(store: FeatureStore) -> GridHead:
 
 
 def _recipe_error(store: FeatureStore, recipe: Recipe, missing: str) -> RecipeError:
-    manifest = store.manifest
-    backbone = manifest["backbone"]
-    command = (f"safe-cache extract --dataset {manifest['dataset']['name']} --model"
-               f" {backbone['model']} --pretrained {backbone.get('pretrained') or 'none'}"
-               f" --store {store.url}")
+    command = extract_command(store.manifest, store.url)
     return RecipeError(f"{store.url} has no {missing}, which recipe {recipe.name} trains on"
                        f" (--train-views {recipe.train_views}). Add it with `{command}` (with"
                        f" the dataset's --root): extract adds what a store lacks. Or fit with"
@@ -220,6 +219,20 @@ def run_classifier(store: FeatureStore, prompts: str, recipe: Recipe) -> torch.T
     return class_average(torch.from_numpy(embeddings), counts, recipe.text_average)
 
 
+def store_block(store: FeatureStore) -> dict[str, Any]:
+    """The `store` block of a result: where, which backbone, which sealed manifest, and how
+    many test rows it held (all part of the run's identity)."""
+    return {"url": store.url, "fingerprint": store.fingerprint,
+            "manifest_sha256": store.manifest[SEAL_FIELD],
+            "test_rows": int(store.readable_rows("test").size)}
+
+
+def backbone_block(card: dict[str, Any]) -> dict[str, Any]:
+    """The `backbone` block of a result: the names it is reported under, and its folder."""
+    return {**{k: card.get(k) for k in ("model", "pretrained", "cut", "init_seed",
+                                        "weights_sha256")}, "label": backbone_label(card)}
+
+
 def fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
             progress: ProgressSink = null_progress
             ) -> tuple[RunResult, torch.nn.Module, dict[str, torch.Tensor] | None]:
@@ -227,7 +240,8 @@ def fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
     started = time.perf_counter()
     device = resolve_device(config.device)
     manifest, recipe = store.manifest, config.recipe
-    store.check_rows("test", store.readable_rows("test"), ("dense", "pooled"))  # before training
+    test_rows = store.readable_rows("test") if config.partial else store.check_complete("test")
+    store.check_rows("test", test_rows, ("dense", "pooled"))  # before training
     clip_scale = float(manifest["backbone"]["logit_scale"])  # zero-shot CLIP, Tip-Adapter
     scale = recipe.logit_scale or clip_scale  # SAFE's training loss
     classifier = run_classifier(store, config.prompts, recipe).to(device)
@@ -261,8 +275,7 @@ def fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
                            config.test_chunk, device)
     record = RunResult(
         dataset=manifest["dataset"]["name"], shots=shots, seed=seed,
-        backbone={k: manifest["backbone"][k] for k in ("model", "pretrained", "cut")},
-        store={"url": store.url, "fingerprint": store.fingerprint},
+        backbone=backbone_block(manifest["backbone"]), store=store_block(store),
         methods=methods, beta_curve=summary["beta_curve"],
         grid=[{"lr": g[0], "wd": g[1], "val_acc": float(best.accuracy[i].item()),
                "best_iter": int(best.step[i].item())} for i, g in enumerate(grid)],
@@ -274,9 +287,18 @@ def fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
         train_samples=len(data.train_labels), test_images=summary["test_images"],
         norm_ratio_finetuned_over_original=summary["norm_ratio_finetuned_over_original"],
         ood=ood, recipe={**recipe.record(), "loss_logit_scale": scale}, curves=curves,
-        execution=execution,
+        execution=execution, partial=_partial(store, test_rows) if config.partial else None,
     )
+    record.identity = record.run_identity
+    record.identity_sha256 = identity_sha256(record.identity)
     return record, head, cache
+
+
+def _partial(store: FeatureStore, rows) -> dict[str, int] | None:
+    """{rows, expected} of a test split evaluated incomplete (None when it was whole)."""
+    expected = store.expected_rows("test")
+    return None if expected is None or len(rows) >= expected else \
+        {"rows": len(rows), "expected": int(expected)}
 
 
 @torch.no_grad()
