@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import tempfile
 import uuid
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_write_text, atomic_write_with
 from .data.datasets import IMAGE_SUFFIXES
 from .data.views import load_image
 from .errors import ConfigError, ImageReadError, ModelFolderError
@@ -33,6 +35,7 @@ from .fit.train import run_classifier
 from .identity import card_fingerprint, file_sha256
 from .model.backbone import Backbone, head_from_config, load_backbone
 from .model.inference import blend_features, tip_logits
+from .names import plain_name
 from .store import open_store
 
 CARD = "card.json"
@@ -67,8 +70,11 @@ def export_model(result_path: str | Path, out: str | Path, *, method: str = "saf
         raise ModelFolderError(f"{out} already exists; choose another --out, or replace it with"
                                f" --force.")
     store = open_store(result.store["url"], storage_options=storage_options)
-    if store.fingerprint != result.store["fingerprint"]:
-        raise ModelFolderError(f"{store.url} is not the store {result_path} was fitted on.")
+    sealed = result.store.get("manifest_sha256")
+    if store.fingerprint != result.store["fingerprint"] or \
+            (sealed is not None and store.manifest.get("manifest_sha256") != sealed):
+        raise ModelFolderError(f"{store.url} is not the store {result_path} was fitted on (its"
+                               f" backbone or manifest differs); fit it again from this store.")
     _, model_config = store.head_state()
     _check_head_loads(head_file(result_path), model_config, store.manifest["backbone"])
     staging = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.part")
@@ -77,6 +83,10 @@ def export_model(result_path: str | Path, out: str | Path, *, method: str = "saf
         document = _write_folder(staging, result, method, store, model_config)
         if merge:
             _write_merged(staging, document, weights)
+            for name in ("open_clip_merged.safetensors", "MERGED.txt"):
+                document["sha256"][name] = file_sha256(staging / name)
+        document["card_sha256"] = card_digest(document)  # last: it covers every file
+        atomic_write_text(staging / CARD, json.dumps(document, indent=2, allow_nan=False))
         _replace_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -95,10 +105,13 @@ def _check_head_loads(path: Path, model_config: dict[str, Any], card: dict[str, 
 
 
 def _write_folder(folder: Path, result, method: str, store, model_config) -> dict[str, Any]:
+    """The model's tensor files, and its card's content (export_model writes the card last,
+    once every file it covers is there)."""
     config = result.config
     shutil.copyfile(head_file(result.path), folder / "head.safetensors")
     classifier = run_classifier(store, config["prompts"], recipe_of(result))
-    save_file({"classifier": classifier.contiguous()}, str(folder / "classifier.safetensors"))
+    atomic_write_with(folder / "classifier.safetensors", lambda temporary: save_file(
+        {"classifier": classifier.contiguous()}, str(temporary)))
     files = ["head.safetensors", "classifier.safetensors"]
     if method == "safe_a":
         shutil.copyfile(cache_file(result.path), folder / "cache.safetensors")
@@ -116,8 +129,6 @@ def _write_folder(folder: Path, result, method: str, store, model_config) -> dic
                      for k, v in result.methods.items()},
         "sha256": {name: file_sha256(folder / name) for name in files},
     }
-    document["card_sha256"] = card_digest(document)
-    (folder / CARD).write_text(json.dumps(document, indent=2))
     return document
 
 
@@ -136,8 +147,9 @@ def _write_merged(out: Path, document: dict[str, Any], weights) -> None:
     blend with the original pooling is lost). The rest is the backbone's own weights."""
     backbone = _backbone_for(document, weights, "cpu")
     backbone.model.visual.load_state_dict(load_file(str(out / "head.safetensors")), strict=False)
-    save_file({k: v.contiguous() for k, v in backbone.model.state_dict().items()},
-              str(out / "open_clip_merged.safetensors"))
+    state = {k: v.contiguous() for k, v in backbone.model.state_dict().items()}
+    atomic_write_with(out / "open_clip_merged.safetensors",
+                      lambda temporary: save_file(state, str(temporary)))
     (out / "MERGED.txt").write_text(
         "open_clip_merged.safetensors is the open_clip model with the fine-tuned pooling layer\n"
         "in place of the original. It behaves like SAFE with beta = 0: the blend with the\n"
@@ -238,16 +250,7 @@ def load_model(folder: str | Path, *, weights: str | Path | None = None,
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelFolderError(f"{folder}/{CARD} is not readable JSON ({exc}); export the"
                                f" model again.") from exc
-    if "card_sha256" in card and card_digest(card) != card["card_sha256"]:
-        raise ModelFolderError(f"{folder}/{CARD} was modified after export (its content does"
-                               f" not match its card_sha256); export the model again.")
-    for name, digest in card["sha256"].items():
-        path = folder / name
-        if not path.is_file():
-            raise ModelFolderError(f"{folder}: {name} is missing; export the model again.")
-        if file_sha256(path) != digest:
-            raise ModelFolderError(f"{folder}: {name} does not match its sha256 in {CARD}"
-                                   f" (modified or corrupted); export the model again.")
+    check_card(folder, card)
     backbone = _backbone_for(card, weights, device)
     head = head_from_config(card["model_config"], card["backbone"])
     try:
@@ -262,6 +265,44 @@ def load_model(folder: str | Path, *, weights: str | Path | None = None,
     cache = load_file(str(folder / "cache.safetensors")) if card["method"] == "safe_a" else None
     return SafeModel(folder, card, backbone, head.to(device).eval(), classifier.to(device),
                      {k: v.to(device) for k, v in cache.items()} if cache else None)
+
+
+REQUIRED_FILES = {"safe": ("head.safetensors", "classifier.safetensors"),
+                  "safe_a": ("head.safetensors", "classifier.safetensors", "cache.safetensors")}
+
+
+def check_card(folder: Path, card: Any) -> None:
+    """Refuse a model folder whose card or files are not the ones export wrote: the card's own
+    digest must be there and match, its sha256 map must cover every file the method needs and
+    every other file in the folder, and beta must be a finite blend weight."""
+    if not isinstance(card, dict) or not isinstance(card.get("card_sha256"), str):
+        raise ModelFolderError(f"{folder}/{CARD} carries no card_sha256 (removed, or not made by"
+                               f" export); export the model again.")
+    if card_digest(card) != card["card_sha256"]:
+        raise ModelFolderError(f"{folder}/{CARD} was modified after export (its content does"
+                               f" not match its card_sha256); export the model again.")
+    digests, method = card.get("sha256"), card.get("method")
+    if method not in REQUIRED_FILES or not isinstance(digests, dict):
+        raise ModelFolderError(f"{folder}/{CARD}: method {method!r} or its sha256 map is not"
+                               f" what export writes; export the model again.")
+    uncovered = sorted(set(REQUIRED_FILES[method]) - set(digests))
+    extra = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != CARD
+                   and p.name not in digests)
+    if uncovered or extra:
+        raise ModelFolderError(f"{folder}: {(uncovered or extra)[0]} is not covered by the"
+                               f" card's sha256 map (edited folder); export the model again.")
+    for name, digest in digests.items():
+        path = folder / plain_name(name, f"{folder}/{CARD}: file", ModelFolderError)
+        if not path.is_file():
+            raise ModelFolderError(f"{folder}: {name} is missing; export the model again.")
+        if file_sha256(path) != digest:
+            raise ModelFolderError(f"{folder}: {name} does not match its sha256 in {CARD}"
+                                   f" (modified or corrupted); export the model again.")
+    beta = card.get("beta")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) \
+            or beta < 0:
+        raise ModelFolderError(f"{folder}/{CARD}: beta {beta!r} is not a finite blend weight"
+                               f" >= 0; export the model again.")
 
 
 def _backbone_for(card: dict[str, Any], weights, device) -> Backbone:

@@ -1,9 +1,11 @@
 """`safe-cache report`: aggregate result records (one per run, as CLIP_benchmark does) into tables
 beside the paper's published numbers, and plots. The rich tables the CLI prints are in tables.py.
 
-Mean and standard deviation over seeds per dataset x backbone x shots x method (accuracy %),
-the 11-dataset average where all 11 are present, the paper's Table I value and the delta for
-RN50 runs. Plots (PNG): accuracy vs shots per method (the paper's Fig. 2), SAFE's beta curve
+Mean and standard deviation over seeds per dataset x backbone x setting x shots x method
+(accuracy %; a setting is a run identity less the seed, so different options are never
+averaged), the 11-dataset average where all 11 are present, and the paper's Table I value and
+our delta beside rows of the paper's setting only (`paper_reasons` says why not, elsewhere).
+Plots (PNG): accuracy vs shots per method (the paper's Fig. 2), SAFE's beta curve
 (Fig. 5), and the lr x wd grid's validation accuracy as a heat map.
 """
 
@@ -17,11 +19,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from ..fit.identity import changed_options
 from ..fit.results import METHODS, RunResult, load_results
 
 ELEVEN = ("fgvc_aircraft", "imagenet", "dtd", "eurosat", "caltech101", "food101",
           "oxford_flowers", "oxford_pets", "stanford_cars", "sun397", "ucf101")
-__all__ = ["aggregate", "load_results", "ood_rows", "published", "render", "write_plots"]
+__all__ = ["aggregate", "footnotes", "load_results", "ood_rows", "paper_reasons", "published",
+           "render", "setting_label", "write_plots"]
 
 
 def published() -> dict[str, Any]:
@@ -29,6 +33,9 @@ def published() -> dict[str, Any]:
 
 
 TEST_SELECTED = " (test-selected)"
+# Options whose change makes a run no longer the paper's protocol (fit/identity.OPTION_FIELDS).
+PAPER_OPTIONS = ("lrs", "wds", "iters", "batch_size", "eval_every", "beta", "blend",
+                 "tip_epochs")
 
 
 def method_label(method: str, values: dict[str, Any]) -> str:
@@ -37,80 +44,170 @@ def method_label(method: str, values: dict[str, Any]) -> str:
     return method + (TEST_SELECTED if values.get("selected_on") == "test" else "")
 
 
+def setting_label(run: RunResult) -> str:
+    """What tells the run's group from a default fit's: the recipe, then every option that
+    differs (`safe, beta 0.9, iters 40`), test selection and a partial test split."""
+    parts = [run.recipe_name]
+    parts += [f"{name} {_text(value)}" for name, value in
+              changed_options(run.options).items()]
+    if run.selected_on == "test":
+        parts.append("test-selected")
+    if run.partial:
+        parts.append(f"partial test {run.partial['rows']}/{run.partial['expected']}")
+    return ", ".join(parts)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def paper_reasons(run: RunResult, models: tuple[str, ...] = ("RN50",)) -> list[str]:
+    """Why a run is not the paper's setting (empty when it is): the paper's number stands only
+    beside runs of its backbone with OpenAI weights, the attention-pool cut, hand prompts, the
+    `safe` recipe with the paper's grid, iterations, batch and beta, selected on val, whole."""
+    reasons = []
+    model, pretrained = run.backbone.get("model"), run.backbone.get("pretrained")
+    if model not in models:
+        reasons.append(f"the paper reports {' and '.join(models)}, not {model}")
+    if pretrained != "openai":
+        reasons.append(f"weights {pretrained or 'random'}, not OpenAI's")
+    if run.backbone.get("cut", "pool") != "pool":
+        reasons.append(f"cut {run.backbone['cut']}, not the attention pool")
+    options = run.options
+    if options["prompts"] != "hand":
+        reasons.append(f"prompts {options['prompts']}, not the hand templates")
+    if run.recipe_name != "safe":
+        reasons.append(f"recipe {run.recipe_name}, not the paper's (safe)")
+    changed = [n for n in PAPER_OPTIONS if n in changed_options(options)]
+    if changed:
+        reasons.append(f"{', '.join(changed)} not the paper's")
+    if run.selected_on == "test":
+        reasons.append("selected on test")
+    if run.partial:
+        reasons.append("a partial test split")
+    return reasons
+
+
 def aggregate(runs: list[RunResult]) -> list[dict[str, Any]]:
-    """One row per dataset x backbone x recipe x shots x method: mean and std (%) over seeds."""
+    """One row per dataset x backbone x setting x shots x method: mean and std (%) over seeds.
+    A setting is one run identity less the seed (fit/identity.py): runs of different options,
+    stores or recipes are never averaged together, and each seed counts once."""
     groups: dict[tuple, list[float]] = defaultdict(list)
+    first: dict[tuple, RunResult] = {}
+    seen: set[tuple] = set()
     for run in runs:
+        key = (run.dataset, run.backbone_label, run.shots, run.group)
+        if (key, run.seed) in seen:
+            continue  # load_results keeps each run once; a caller's list may not
+        seen.add((key, run.seed))
+        first.setdefault(key, run)
         for method, values in run.methods.items():
-            key = (run.dataset, run.backbone_label, run.backbone["model"], run.recipe_name,
-                   run.shots, method_label(method, values))
-            groups[key].append(100 * values["test_acc"])
-    rows = [{"dataset": d, "backbone": b, "model": m, "recipe": r, "shots": k, "method": method,
-             "mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
-             "seeds": len(v)} for (d, b, m, r, k, method), v in sorted(groups.items())]
+            groups[(*key, method_label(method, values))].append(100 * values["test_acc"])
+    labels = _setting_labels(first)
+    rows = []
+    for (dataset, backbone, shots, group, method), values in sorted(
+            groups.items(), key=lambda item: (item[0][:3], labels[item[0][:4]], item[0][4])):
+        run = first[dataset, backbone, shots, group]
+        rows.append({"dataset": dataset, "backbone": backbone, "model": run.backbone["model"],
+                     "recipe": run.recipe_name, "setting": labels[dataset, backbone, shots,
+                                                                  group],
+                     "group": group[:12], "shots": shots, "method": method,
+                     "mean": statistics.fmean(values),
+                     "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                     "seeds": len(values), "reasons": paper_reasons(run)})
     rows += _averages(rows)
     return _with_paper(rows)
+
+
+def _setting_labels(first: dict[tuple, RunResult]) -> dict[tuple, str]:
+    """Each group's setting label; two groups of one label (another store content, another
+    recipe detail) get their identity's first digits, so they never read as one."""
+    labels = {key: setting_label(run) for key, run in first.items()}
+    count: dict[tuple, int] = defaultdict(int)
+    for (dataset, backbone, shots, _), label in labels.items():
+        count[dataset, backbone, shots, label] += 1
+    return {key: label + (f" #{key[3][:6]}" if count[(*key[:3], label)] > 1 else "")
+            for key, label in labels.items()}
 
 
 def _averages(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The 11-dataset average, where every one of the 11 benchmarks has a row."""
     by_key: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for row in rows:
-        key = (row["backbone"], row["model"], row["recipe"], row["shots"], row["method"])
+        key = (row["backbone"], row["model"], row["setting"], row["shots"], row["method"])
         by_key[key][row["dataset"]] = row
     averages = []
-    for (backbone, model, recipe, shots, method), datasets in sorted(by_key.items()):
+    for (backbone, model, setting, shots, method), datasets in sorted(by_key.items()):
         if all(name in datasets for name in ELEVEN):
             means = [datasets[name]["mean"] for name in ELEVEN]
+            reasons = sorted({r for name in ELEVEN for r in datasets[name]["reasons"]})
             averages.append({"dataset": "average", "backbone": backbone, "model": model,
-                             "recipe": recipe, "shots": shots, "method": method,
+                             "recipe": datasets[ELEVEN[0]]["recipe"], "setting": setting,
+                             "group": None, "shots": shots, "method": method,
                              "mean": statistics.fmean(means), "std": 0.0,
-                             "seeds": min(datasets[n]["seeds"] for n in ELEVEN)})
+                             "seeds": min(datasets[n]["seeds"] for n in ELEVEN),
+                             "reasons": reasons})
     return averages
 
 
 def _with_paper(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Add the paper's Table I number (RN50) and our delta to it."""
+    """Add the paper's Table I number and our delta, beside rows of the paper's setting only;
+    elsewhere the reason it is left out (`paper_note`, report's footnotes)."""
     table = published()["table_1"]["methods"]
     for row in rows:
         shots = "0" if row["method"] == "zero_shot" else str(row["shots"])
         method = row["method"].removesuffix(TEST_SELECTED)
         paper = table.get(method, {}).get(row["dataset"], {}).get(shots)
-        if row["model"] == "RN50" and paper is not None:
+        row["paper"] = row["delta"] = row["paper_note"] = None
+        if paper is not None and not row["reasons"]:
             row["paper"], row["delta"] = paper, row["mean"] - paper
-        else:
-            row["paper"] = row["delta"] = None
+        elif paper is not None:
+            row["paper_note"] = "; ".join(row["reasons"])
     return rows
+
+
+def footnotes(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per reason a paper number was left out, in the order first met."""
+    return list(dict.fromkeys(f"paper '-': {reason}" for row in rows
+                              for reason in row.get("reasons", []) if row.get("paper_note")))
 
 
 OOD_COLUMNS = ("imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 
 
 def ood_rows(runs: list[RunResult]) -> list[dict[str, Any]]:
-    """Table III: per backbone, recipe and method, ImageNet (source) and variant accuracy (%) of
-    the 16-shot runs (the table's setting; other shot counts are left out), mean over seeds,
-    with the paper's numbers for RN50 and ViT-B-16."""
+    """Table III: per backbone, setting and method, ImageNet (source) and variant accuracy (%)
+    of the 16-shot runs (the table's setting; other shot counts are left out), mean over seeds,
+    with the paper's numbers beside runs of its setting (RN50 and ViT-B-16)."""
     table = published()["table_3"]
     paper, shots = table["backbones"], table["shots"]
     groups: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    first: dict[tuple, RunResult] = {}
     for run in runs:
         if not run.ood or run.dataset != "imagenet" or run.shots != shots:
             continue
         for method, values in run.methods.items():
             if not all(method in variant for variant in run.ood.values()):
                 continue
-            key = (run.backbone_label, run.backbone["model"], run.recipe_name,
-                   method_label(method, values))
+            key = (run.backbone_label, run.group, method_label(method, values))
+            first.setdefault(key, run)
             groups[key]["imagenet"].append(100 * values["test_acc"])
             for name, variant in run.ood.items():
                 groups[key][name].append(100 * variant[method])
     rows = []
-    for (label, model, recipe, method), columns in sorted(groups.items()):
-        published_row = paper.get(model, {}).get(method.removesuffix(TEST_SELECTED), {})
-        rows.append({"backbone": label, "recipe": recipe, "method": method,
+    for key, columns in sorted(groups.items(), key=lambda item: (item[0][0], item[0][2])):
+        run, method = first[key], key[2]
+        reasons = paper_reasons(run, tuple(paper))
+        published_row = {} if reasons else paper.get(run.backbone["model"], {}).get(
+            method.removesuffix(TEST_SELECTED), {})
+        rows.append({"backbone": key[0], "recipe": run.recipe_name,
+                     "setting": setting_label(run), "method": method,
                      **{c: statistics.fmean(columns[c]) if columns.get(c) else None
                         for c in OOD_COLUMNS},
-                     "paper": {c: published_row.get(c) for c in OOD_COLUMNS}})
+                     "paper": {c: published_row.get(c) for c in OOD_COLUMNS},
+                     "reasons": reasons})
     return rows
 
 
@@ -118,7 +215,7 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
     """md, csv or json text of the aggregated rows."""
     if fmt == "json":
         return json.dumps(rows, indent=2)
-    columns = ["dataset", "backbone", "recipe", "shots", "method", "mean", "std", "seeds",
+    columns = ["dataset", "backbone", "setting", "shots", "method", "mean", "std", "seeds",
                "paper", "delta"]
     if fmt == "csv":
         buffer = io.StringIO()
@@ -129,7 +226,8 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join(cell(row, c) for c in columns) + " |")
-    return "\n".join(lines) + "\n"
+    notes = footnotes(rows)
+    return "\n".join(lines + (["", *notes] if notes else [])) + "\n"
 
 
 def cell(row: dict[str, Any], column: str) -> str:
@@ -158,11 +256,11 @@ def write_plots(rows: list[dict[str, Any]], runs: list[RunResult], folder: str |
     for dataset in sorted({r["dataset"] for r in rows}):
         figure, axis = plt.subplots(figsize=(6, 4))
         mine = [r for r in rows if r["dataset"] == dataset]
-        recipes = sorted({r["recipe"] for r in mine})
+        recipes = sorted({r["setting"] for r in mine})
         methods = [m for m in METHODS if any(r["method"] == m for r in mine)]
         for recipe, method in ((r, m) for r in recipes for m in methods):
             points = sorted((r["shots"], r["mean"], r["std"]) for r in mine
-                            if r["method"] == method and r["recipe"] == recipe)
+                            if r["method"] == method and r["setting"] == recipe)
             if points:
                 shots, means, stds = zip(*points, strict=True)
                 label = method if len(recipes) == 1 else f"{method} [{recipe}]"
@@ -183,8 +281,11 @@ def write_plots(rows: list[dict[str, Any]], runs: list[RunResult], folder: str |
         mine = [r for r in runs if r.dataset == dataset]
         written.append(_beta_plot(plt, mine, folder / f"beta_curve_{dataset}.png"))
         for shots in sorted({r.shots for r in mine}):
-            written.append(_grid_plot(plt, [r for r in mine if r.shots == shots],
-                                      folder / f"grid_{dataset}_shots{shots}.png"))
+            groups = _by_group([r for r in mine if r.shots == shots])
+            for index, group in enumerate(groups):
+                suffix = f"_{index + 1}" if len(groups) > 1 else ""
+                written.append(_grid_plot(plt, group,
+                                          folder / f"grid_{dataset}_shots{shots}{suffix}.png"))
     plt.close("all")
     return written
 
@@ -216,14 +317,25 @@ def _curves_plot(plt, run: RunResult, path: Path) -> Path:
     return _save(figure, path)
 
 
+def _by_group(runs: list[RunResult]) -> list[list[RunResult]]:
+    """Runs split by setting (identity less the seed), in the order first met: a plot averages
+    the seeds of one setting only."""
+    groups: dict[str, list[RunResult]] = {}
+    for run in runs:
+        groups.setdefault(run.group, []).append(run)
+    return list(groups.values())
+
+
 def _beta_plot(plt, runs: list[RunResult], path: Path) -> Path:
     figure, axis = plt.subplots(figsize=(6, 4))
-    for shots in sorted({r.shots for r in runs}):
-        curves = [r.beta_curve for r in runs if r.shots == shots]
+    several = len({r.group for r in runs}) > len({r.shots for r in runs})
+    for group in sorted(_by_group(runs), key=lambda g: g[0].shots):
+        curves = [r.beta_curve for r in group]
         betas = [p["beta"] for p in curves[0] if p["beta"] <= 10]
         means = [100 * statistics.fmean(c[i]["test_acc"] for c in curves)
                  for i in range(len(betas))]
-        axis.plot(betas, means, marker="o", label=f"{shots} shots")
+        label = f"{group[0].shots} shots" + (f" [{setting_label(group[0])}]" if several else "")
+        axis.plot(betas, means, marker="o", label=label)
     axis.set(xlabel="beta (weight of the original pooling)", ylabel="test accuracy (%)",
              title=f"{runs[0].dataset}: SAFE's blend")
     axis.legend(fontsize=8)
@@ -243,7 +355,8 @@ def _grid_plot(plt, runs: list[RunResult], path: Path) -> Path:
     axis.set_xticks(range(len(wds)), [f"{w:g}" for w in wds])
     axis.set_yticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
     axis.set(xlabel="weight decay", ylabel="learning rate",
-             title=f"{runs[0].dataset}, {runs[0].shots} shots: lr x wd")
+             title=f"{runs[0].dataset}, {runs[0].shots} shots: lr x wd"
+             f" [{setting_label(runs[0])}]")
     for i, row in enumerate(values):
         for j, value in enumerate(row):
             axis.text(j, i, f"{value:.1f}", ha="center", va="center", color="white", fontsize=8)

@@ -8,15 +8,16 @@ from typing import Any
 from rich.table import Table
 
 from ..fit.results import METHOD_LABELS, METHODS, RunResult
-from .report import OOD_COLUMNS, TEST_SELECTED, cell, ood_rows
+from .report import OOD_COLUMNS, TEST_SELECTED, cell, footnotes, ood_rows
 
 
 def runs_table(results: list[RunResult]) -> Table:
     """Test accuracy of every method per run (chosen hyperparameters are in the JSON)."""
     present = [m for m in METHODS if any(m in r.methods for r in results)]
     skipped = any(r.skipped for r in results)
-    table = Table(title="test accuracy (%)",
-                  caption="* an existing result, not recomputed (--force)" if skipped else None)
+    notes = (["* an existing result of the same identity, not recomputed (--force)"]
+             if skipped else []) + [r.note for r in results if r.note]
+    table = Table(title="test accuracy (%)", caption="\n".join(notes) or None)
     for column in ("shots", "seed", *(METHOD_LABELS[m] for m in present)):
         table.add_column(column, justify="right")
     for r in results:
@@ -34,26 +35,29 @@ def _label(method: str) -> str:
 
 
 def report_tables(rows: list[dict[str, Any]]) -> list[Table]:
-    """One table per dataset and backbone: shots x method (x recipe, side by side when there
-    are several), ours beside the paper's."""
+    """One table per dataset and backbone: shots x method (x setting, side by side when there
+    are several), ours beside the paper's where the row is the paper's setting (footnotes say
+    why not elsewhere)."""
     order = {m: i for i, m in enumerate(METHODS)}
     tables = []
     for dataset, backbone in sorted({(r["dataset"], r["backbone"]) for r in rows}):
         mine = [r for r in rows if (r["dataset"], r["backbone"]) == (dataset, backbone)]
-        recipes = sorted({r["recipe"] for r in mine})
+        recipes = sorted({r["setting"] for r in mine})
+        notes = footnotes(mine)
         table = Table(title=f"{dataset} / {backbone}: test accuracy (%), mean ± std over seeds"
-                      + (f", recipe {recipes[0]}" if len(recipes) == 1 else ""))
-        columns = ["shots", "method", *(["recipe"] if len(recipes) > 1 else []), "accuracy",
+                      + (f", {recipes[0]}" if len(recipes) == 1 else ""),
+                      caption="\n".join(notes) or None)
+        columns = ["shots", "method", *(["setting"] if len(recipes) > 1 else []), "accuracy",
                    "seeds", "paper", "delta"]
         for column in columns:
-            table.add_column(column, justify="left" if column in ("method", "recipe")
+            table.add_column(column, justify="left" if column in ("method", "setting")
                              else "right")
         for row in sorted(mine, key=lambda r: (r["shots"], order.get(
-                r["method"].removesuffix(TEST_SELECTED), 99), r["method"], r["recipe"])):
+                r["method"].removesuffix(TEST_SELECTED), 99), r["method"], r["setting"])):
             delta = cell(row, "delta")
             style = "green" if delta.startswith("+") else "red" if delta != "-" else ""
             table.add_row(str(row["shots"]), _label(row["method"]),
-                          *([row["recipe"]] if len(recipes) > 1 else []),
+                          *([row["setting"]] if len(recipes) > 1 else []),
                           f"{row['mean']:.2f} ± {row['std']:.2f}", str(row["seeds"]),
                           cell(row, "paper"), f"[{style}]{delta}[/]" if style else delta)
         tables.append(table)
@@ -66,9 +70,12 @@ def ood_table(runs: list[RunResult]) -> Table | None:
     rows = ood_rows(runs)
     if not rows:
         return None
-    table = Table(title="out of distribution: 16-shot ImageNet -> variants, ours (paper), %")
+    notes = list(dict.fromkeys(f"no paper number: {reason}" for row in rows
+                               for reason in row["reasons"]))
+    table = Table(title="out of distribution: 16-shot ImageNet -> variants, ours (paper), %",
+                  caption="\n".join(notes) or None)
     table.add_column("backbone")
-    table.add_column("recipe")
+    table.add_column("setting")
     table.add_column("method")
     for column in OOD_COLUMNS:
         table.add_column(column.replace("imagenet_", "-").replace("imagenet", "ImageNet"),
@@ -77,5 +84,5 @@ def ood_table(runs: list[RunResult]) -> Table | None:
         cells = [("-" if row[c] is None else f"{row[c]:.1f}")
                  + (f" ({row['paper'][c]:.1f})" if row["paper"][c] is not None else "")
                  for c in OOD_COLUMNS]
-        table.add_row(row["backbone"], row["recipe"], _label(row["method"]), *cells)
+        table.add_row(row["backbone"], row["setting"], _label(row["method"]), *cells)
     return table

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
+from ..atomic import atomic_write_text, atomic_write_with
 from ..errors import DatasetError, FetchError
 from ..runtime.cluster import auto_workers
 from ..runtime.progress import ProgressSink, null_progress
@@ -217,10 +218,7 @@ def _fetch_source(source: Source, spec: DatasetSpec, work: Path, stage: Path,
                   progress: ProgressSink, keep_archives: bool) -> None:
     path = download(source, work / "downloads", progress, f"{spec.name}: {source.file}")
     if source.to:
-        target = stage / source.to
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, target.with_name(target.name + ".tmp"))
-        target.with_name(target.name + ".tmp").rename(target)
+        atomic_write_with(stage / source.to, lambda temporary: shutil.copy2(path, temporary))
     else:
         scratch = work / "unpacked" / source.file
         shutil.rmtree(scratch, ignore_errors=True)  # a half unpack from a killed run
@@ -258,7 +256,7 @@ def _write_ledger(folder: Path, spec: DatasetSpec, fetched: list[Source]) -> Non
               "sources": [{"file": s.file, "url": s.url,
                            "checksum": dict([s.checksum]) if s.checksum else None}
                           for s in fetched]}
-    (folder / LEDGER).write_text(json.dumps(ledger, indent=2) + "\n")
+    atomic_write_text(folder / LEDGER, json.dumps(ledger, indent=2) + "\n")
 
 
 def _clean(root: Path, spec: DatasetSpec, keep_archives: bool) -> None:

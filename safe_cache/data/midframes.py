@@ -17,6 +17,7 @@ import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from ..atomic import atomic_write_with
 from ..errors import FetchError
 from ..runtime.progress import ProgressSink
 from .datasets import DatasetSpec
@@ -54,9 +55,9 @@ def middle_frame(video: Path):
 def _write_frame(job: tuple[str, str]) -> None:
     video, out = Path(job[0]), Path(job[1])
     out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(out.name + ".tmp")
-    middle_frame(video).save(temporary, "JPEG", quality=JPEG_QUALITY)
-    temporary.rename(out)
+    frame = middle_frame(video)
+    atomic_write_with(out, lambda temporary: frame.save(temporary, "JPEG",
+                                                        quality=JPEG_QUALITY))
 
 
 def _split_entries(spec: DatasetSpec, stage: Path, folder: Path) -> list[str]:

@@ -15,12 +15,11 @@ import json
 import shlex
 import time
 from collections import defaultdict
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from .._version import __version__
-from ..analysis.report import OOD_COLUMNS
+from ..analysis.report import OOD_COLUMNS, footnotes
 from ..fit.results import METHODS
 from .plan import StudyPlan
 
@@ -41,7 +40,7 @@ def _tables(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Group aggregated rows into paper-shaped tables: (backbone, recipe, shots) -> cells."""
     groups: dict[tuple, dict[tuple[str, str], dict]] = defaultdict(dict)
     for row in rows:
-        groups[row["backbone"], row["recipe"], row["shots"]][row["method"], row["dataset"]] = row
+        groups[row["backbone"], row["setting"], row["shots"]][row["method"], row["dataset"]] = row
     tables = []
     for (backbone, recipe, shots), cells in sorted(groups.items()):
         datasets = sorted({d for _, d in cells if d != ELEVEN_LAST})
@@ -49,7 +48,8 @@ def _tables(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             datasets.append(ELEVEN_LAST)
         methods = list(dict.fromkeys(m for m, _ in sorted(cells, key=_method_order)))
         tables.append({"backbone": backbone, "recipe": recipe, "shots": shots,
-                       "datasets": datasets, "methods": methods, "cells": cells})
+                       "datasets": datasets, "methods": methods, "cells": cells,
+                       "notes": footnotes(list(cells.values()))})
     return tables
 
 
@@ -95,10 +95,7 @@ def write_report(plan: StudyPlan) -> tuple[dict[str, Any], list[Path]]:
     from ..analysis.report import aggregate, ood_rows
 
     runs = _load_runs(plan)
-    # a variant's results folder names its recipe x prompt set: the tables' "recipe"
-    runs = [replace(r, recipe={**(r.recipe or {}), "name": r.path.parents[2].name})
-            for r in runs]
-    rows = aggregate(runs) if runs else []
+    rows = _variant_settings(aggregate(runs), runs) if runs else []
     report = {"study": plan.study.name, "description": plan.study.description,
               "safe_cache": __version__,
               "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -116,6 +113,17 @@ def write_report(plan: StudyPlan) -> tuple[dict[str, Any], list[Path]]:
     return report, pages
 
 
+def _variant_settings(rows: list[dict[str, Any]], runs: list) -> list[dict[str, Any]]:
+    """A variant's results folder names its recipe x prompt set: the tables' setting is that
+    name, then any other option that tells the group apart (report.setting_label's)."""
+    variant = {run.group[:12]: run.path.parents[2].name for run in runs}
+    for row in rows:
+        if row["group"] in variant:
+            extra = [p for p in row["setting"].split(", ")[1:] if not p.startswith("prompts ")]
+            row["setting"] = ", ".join([variant[row["group"]], *extra])
+    return rows
+
+
 def _markdown(report: dict[str, Any], plots: list[Path], out: Path) -> str:
     lines = [f"# Study {report['study']}", "", report["description"], "",
              f"safe-cache {report['safe_cache']}, {report['written']}; {report['runs']} runs.",
@@ -130,6 +138,7 @@ def _markdown(report: dict[str, Any], plots: list[Path], out: Path) -> str:
                 ours, paper = _cell_text(table["cells"].get((method, dataset)))
                 cells.append(ours + (f"<br>{paper}" if paper else ""))
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines += ["", *(f"- {note}" for note in table["notes"])]
         lines.append("")
     if report["ood"]:
         lines += ["## ImageNet and its variants (16 shots)", "",
@@ -180,7 +189,8 @@ def _html(report: dict[str, Any], plots: list[Path]) -> str:
                 ours, paper = _cell_text(table["cells"].get((method, dataset)))
                 cells.append(f"<td>{e(ours)}<br><span class='paper'>{e(paper)}</span></td>")
             parts.append(f"<tr><td>{e(method)}</td>{''.join(cells)}</tr>")
-        parts.append("</table>")
+        parts.append("</table>" + "".join(f"<p class='paper'>{e(note)}</p>"
+                                          for note in table["notes"]))
     if report["ood"]:
         columns = OOD_COLUMNS
         parts.append("<h2>ImageNet and its variants (16 shots)</h2><table><tr><th>backbone</th>"

@@ -173,19 +173,33 @@ def _run_status(path: Path) -> str:
         return "todo"
 
 
+def fit_config(study: Study, store: str, dataset: str, recipe: str, prompts: str,
+               out: str | Path, **execution: Any):
+    """The FitConfig of one (store, variant) of the study: what its runs are named by (the
+    plan) and run with (the runner). By name: the OOD variant stores lie beside the source
+    store, where fit looks for them."""
+    from ..fit.config import FitConfig
+    from ..fit.recipe import PRESETS
+
+    optional = tuple(m for m in study.methods if m not in ("zero_shot", "safe"))
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in study.fit.items()}
+    eval_ood = tuple(study.ood) if dataset == "imagenet" else ()
+    return FitConfig(store=store, shots=tuple(study.shots), seeds=tuple(study.seeds),
+                     prompts=prompts, out=str(out), methods=optional, recipe=PRESETS[recipe],
+                     eval_ood=eval_ood, **execution, **options)
+
+
 def plan_study(study: Study, root: str | Path, *, stores: str | None = None,
                out: str | Path = "study-out", device: str = "cpu") -> StudyPlan:
     """Every store and run of the study with its status; touches nothing."""
     from ..extract.config import ExtractConfig
-    from ..fit.config import FitConfig
-    from ..fit.results import result_path
+    from ..fit.runs import config_result_path
 
     plan = StudyPlan(study, Path(root), Path(out))
     base = store_root(stores)
     shapes: dict = {}
     views = _default(ExtractConfig, study.extract, "views") + \
         int(_default(ExtractConfig, study.extract, "center_flip")) + 1  # + the center view
-    select_on = _default(FitConfig, study.fit, "select_on")
     wanted = [(d, False) for d in study.datasets] + [(v, True) for v in study.ood]
     for dataset, test_only in wanted:
         rows = _wanted_rows(study, dataset, Path(root), test_only)
@@ -213,13 +227,14 @@ def plan_study(study: Study, root: str | Path, *, stores: str | None = None,
             continue
         for recipe, prompts in study.variants:
             variant = study.variant_name(recipe, prompts)
+            resolved = resolve_prompts(prompts, item.dataset, root)
+            config = fit_config(study, item.url, item.dataset, recipe, resolved,
+                                plan.out / "results" / variant)
+            manifest = {"dataset": {"name": item.dataset}, "backbone": item.card}
             for shots in study.shots:
                 for seed in study.seeds:
-                    path = result_path(plan.out / "results" / variant,
-                                       {"dataset": {"name": item.dataset},
-                                        "backbone": item.card}, shots, seed, recipe, select_on)
-                    plan.runs.append(RunItem(item.dataset, item.backbone, recipe,
-                                             resolve_prompts(prompts, item.dataset, root),
+                    path = config_result_path(config, manifest, shots, seed)
+                    plan.runs.append(RunItem(item.dataset, item.backbone, recipe, resolved,
                                              variant, shots, seed, path, _run_status(path),
                                              item.url))
     plan.seconds, plan.estimate_note = _estimate(plan, device)

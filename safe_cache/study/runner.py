@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import DatasetError
 from ..runtime.progress import ProgressSink, null_progress
-from .plan import StudyPlan, plan_study
+from .plan import StudyPlan, fit_config, plan_study
 from .spec import Study, load_study, resolve_prompts
 
 
@@ -44,25 +44,15 @@ def _extract_config(study: Study, item, root: Path, prompts: str, scheduler, wor
 
 def _fit_configs(plan: StudyPlan, scheduler, workers) -> list:
     """One FitConfig per (store, variant) that has runs to do."""
-    from ..fit.config import FitConfig
-    from ..fit.recipe import PRESETS
-
-    study, configs = plan.study, []
-    optional = tuple(m for m in study.methods if m not in ("zero_shot", "safe"))
-    options = {k: tuple(v) if isinstance(v, list) else v for k, v in study.fit.items()}
-    seen = set()
+    configs, seen = [], set()
     for run in plan.runs:
         key = (run.store, run.variant)
         if run.status != "todo" or key in seen:
             continue
         seen.add(key)
-        # by name: the variant stores lie beside the source store, where fit looks for them
-        eval_ood = study.ood if run.dataset == "imagenet" else ()
-        configs.append(FitConfig(
-            store=run.store, shots=study.shots, seeds=study.seeds, prompts=run.prompts,
-            out=str(plan.out / "results" / run.variant), methods=optional,
-            recipe=PRESETS[run.recipe], eval_ood=eval_ood, scheduler=scheduler,
-            local_workers=workers, **options))
+        configs.append(fit_config(plan.study, run.store, run.dataset, run.recipe, run.prompts,
+                                  plan.out / "results" / run.variant, scheduler=scheduler,
+                                  local_workers=workers))
     return configs
 
 

@@ -9,6 +9,7 @@ a typo never surfaces hours into a run.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,6 +221,7 @@ def parse_study(path: Path) -> Study:
         recipes=tuple(dict.fromkeys(recipes)), prompts=tuple(dict.fromkeys(prompts)),
         ood=tuple(ood), extract=dict(raw.get("extract", {})), fit=dict(raw.get("fit", {})),
         description=raw.get("description", ""), paper=raw.get("paper", ""))
+    _check_values(study, check)
     folders = [study.variant_name(r, p) for r, p in study.variants]
     for folder in folders:
         if folders.count(folder) > 1:  # two variants would write the same result files
@@ -227,6 +229,28 @@ def parse_study(path: Path) -> Study:
                                         f" results ({folder}); give the prompt files distinct"
                                         f" names.")
     return study
+
+
+def _check_values(study: Study, check: _Checker) -> None:
+    """The [fit] and [extract] values checked as fit and extract will check them (finite, in
+    range, the right type), now: `beta = nan` is refused with the study's line, not after its
+    stores were extracted."""
+    from ..errors import RecipeError
+    from ..extract.config import ExtractConfig
+    from ..fit.config import FitConfig
+
+    for table, make in (("fit", lambda v: FitConfig(store="<study>", **v)),
+                        ("extract", lambda v: ExtractConfig(dataset="<study>", **v))):
+        values = {k: tuple(v) if isinstance(v, list) else v
+                  for k, v in getattr(study, table).items()}
+        for key, value in values.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise check.fail(key, f"[{table}] {key} = {value}: must be a finite number.")
+        try:
+            make(values)
+        except (ConfigError, RecipeError, TypeError) as exc:
+            key = next((k for k in values if k in str(exc).replace("-", "_")), table)
+            raise check.fail(key, f"[{table}]: {exc}") from None
 
 
 def list_studies() -> list[Study]:
