@@ -21,7 +21,16 @@ gradient and both moments and write parameter and moments (4 + 4 + 4 + 28 = 40 b
 parameter), plus read the batch's float16 maps. That many bytes at the copy bandwidth measured
 in the same run (a 256 MB tensor copy, read + write counted) is the least time a step can take;
 `fraction_of_memory_bound` is that least time over the measured step, so CPU claims read as
-"x of the limit". One JSON object.
+"x of the limit".
+
+Trust checks (`trust_checks`): what fit adds so that no untrusted number is printed, against
+the run it guards. Every feature map a run reads is checked finite (store.finite on the float16
+array read from the store: the `--classes` dataset's 16-shot train maps in the safe recipe's
+two views plus 10 stored views for Tip-Adapter's cache, the 4-shot val maps and a test split of
+`--test-images`), and the run identity is computed and hashed three times (skip check, record,
+the table's note). Their time over the run's time (the protocol's iterations at the measured
+step, and the test maps through the head) is `fraction_of_fit`; the target is at most 0.02.
+One JSON object.
 """
 
 from __future__ import annotations
@@ -35,10 +44,13 @@ import torch
 import torch.nn.functional as F
 
 from safe_cache import load_backbone
+from safe_cache.fit.config import FitConfig
 from safe_cache.fit.grid import StackedHeads
+from safe_cache.fit.identity import identity_sha256, run_identity
 from safe_cache.fit.recipe import PRESETS
 from safe_cache.fit.step import GridStep
 from safe_cache.runtime.allocator import tune_cpu_allocator
+from safe_cache.store.store import finite
 
 GRID = [(lr, wd) for lr in (1e-4, 1e-5, 1e-6, 1e-7) for wd in (0.0, 1e-3, 1e-5)]
 ITERS, EVAL_EVERY, BATCH = 12_800, 100, 8
@@ -71,7 +83,29 @@ def step_bytes(stacked: torch.nn.Module, card: dict) -> int:
     return 40 * parameters + BATCH * card["T"] * card["C"] * 2
 
 
-def bench(model: str, classes: int, rounds: int) -> dict:
+def trust_checks(head_module: torch.nn.Module, pool: torch.Tensor, classes: int, test_images: int,
+                 per_iteration: float) -> dict:
+    """The finiteness checks and identity hashes of one run, timed, over the run's time."""
+    from dataclasses import asdict
+
+    maps = pool.numpy()  # float16, as read from the store
+    chunk = timed(lambda: finite(maps), 20)
+    per_map_check = chunk / len(maps)
+    with torch.no_grad():
+        head = timed(lambda: head_module(pool[:64].float()), 3) / 64
+    config = {**asdict(FitConfig(store="s.zarr")), "recipe": PRESETS["safe"].record()}
+    store = {"fingerprint": "0" * 64, "manifest_sha256": "1" * 64, "test_rows": test_images}
+    hashing = timed(lambda: identity_sha256(run_identity(
+        store, "food101", 16, 1, config, PRESETS["safe"].record())), 50)
+    read = classes * 16 * (2 + 10) + classes * 4 + test_images
+    overhead = per_map_check * read + 3 * hashing
+    run = ITERS * per_iteration + head * test_images
+    return {"maps_checked": read, "check_us_per_map": round(1e6 * per_map_check, 2),
+            "identity_ms": round(1e3 * hashing, 3), "overhead_s": round(overhead, 2),
+            "run_s": round(run, 1), "fraction_of_fit": round(overhead / run, 5)}
+
+
+def bench(model: str, classes: int, rounds: int, test_images: int = 30_300) -> dict:
     backbone = load_backbone(model)
     card = backbone.card
     generator = torch.Generator().manual_seed(0)
@@ -137,6 +171,8 @@ def bench(model: str, classes: int, rounds: int) -> dict:
         "full_protocol_minutes": {k: round(v * ITERS / 60, 1) for k, v in per_iter.items()},
         "memory_traffic": _traffic(step_bytes(stacked, card), statistics.median(bandwidths),
                                    statistics.median(steps)),
+        "trust_checks": trust_checks(backbone.new_head(), pool, classes, test_images,
+                                     per_iter["ours"]),
     }
 
 
@@ -152,9 +188,11 @@ def main() -> None:
     parser.add_argument("--models", default="RN50,ViT-B-16")
     parser.add_argument("--classes", type=int, default=101)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--test-images", type=int, default=30_300, help="Food-101's test split")
     args = parser.parse_args()
     tuned = tune_cpu_allocator()
-    results = [bench(m, args.classes, args.rounds) for m in args.models.split(",")]
+    results = [bench(m, args.classes, args.rounds, args.test_images)
+               for m in args.models.split(",")]
     print(json.dumps({
         "benchmark": "fit", "device": "cpu", "threads": torch.get_num_threads(),
         "grid": len(GRID), "batch": BATCH, "iters": ITERS, "eval_every": EVAL_EVERY,

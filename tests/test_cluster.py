@@ -156,7 +156,9 @@ def test_distributed_fit_over_two_seeds_equals_in_process(tmp_path, reference, c
         for key, value in state.items():
             np.testing.assert_array_equal(heads_b[name][key], value)
     written = sorted(p.name for p in (tmp_path / "cluster").rglob("*.json"))
-    assert written == ["shots1_seed1_safe.json", "shots1_seed2_safe.json"]
+    assert [re.sub(r"_o[0-9a-f]{8}", "", name) for name in written] == \
+        ["shots1_seed1_safe.json", "shots1_seed2_safe.json"]  # (the test's options' suffix)
+    assert len({name.rsplit("_", 1)[1] for name in written}) == 1  # one identity but the seed
     skipped = fit(fit_config(reference, tmp_path / "cluster"), client=client)
     assert all(r.skipped for r in skipped)  # existing results are not run again
 

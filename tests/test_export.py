@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow  # every test here starts from the demo's store (~
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     result = run_demo(str(root), workers=0, iters=100)
-    path = next(Path(result["data"], "results").rglob("shots4_seed1_safe.json"))
+    path = next(Path(result["data"], "results").rglob("shots4_seed1_safe_o*.json"))
     return root, result, path
 
 

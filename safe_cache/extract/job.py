@@ -19,6 +19,7 @@ from ..data.prompts import class_average, class_sentences, encode_sentences, pro
 from ..data.views import ViewRecipe
 from ..errors import ExtractError, SafeCacheError, StoreNotFoundError
 from ..model.backbone import Backbone, load_backbone
+from ..names import plain_name
 from ..runtime.cluster import connect
 from ..runtime.device import resolve_device
 from ..runtime.progress import ProgressSink, null_progress
@@ -63,6 +64,7 @@ def extract(config: ExtractConfig, progress: ProgressSink = null_progress,
     subsets = few_shot_subsets(dataset, config.shots, config.seeds)
     decode = "pil" if config.decode == "workers" else f"torchvision-{device.type}"
     recipe = ViewRecipe(count=config.views, seed=config.view_seed, decode=decode)
+    plain_name(dataset.spec.name, "the dataset spec's name", ExtractError)  # names folders
     url = config.store or default_store_url(dataset.spec.name, backbone.card, config.store_root)
     store = _open_or_create(url, backbone, dataset, recipe, config)
     recipe = ViewRecipe(count=store.manifest["views"]["count"], seed=recipe.seed,

@@ -1,11 +1,17 @@
-"""What `safe-cache fit` takes: one frozen dataclass, defaults the paper's protocol."""
+"""What `safe-cache fit` takes: one frozen dataclass, defaults the paper's protocol.
+
+`to_dict` is the `config` block a result records; `from_dict` reads one back strictly (an
+unknown field, a wrong type or an out-of-range value is an error naming the file and the field),
+checking the values only: a result fitted on a GPU machine reads on a CPU one.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, RecipeError
 from ..runtime import checks
 from ..runtime.device import resolve_device
 from .methods import OPTIONAL_METHODS
@@ -52,10 +58,55 @@ class FitConfig:
         """The (lr, wd) configurations in training order: lr-major, as results list them."""
         return [(lr, wd) for lr in self.lrs for wd in self.wds]
 
+    def to_dict(self) -> dict[str, Any]:
+        """The config as JSON holds it (tuples as lists, the recipe as its record)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<config>") -> FitConfig:
+        """A recorded config, checked as `__post_init__` checks a new one, less what depends on
+        this machine (the device, the output folder)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: the config is not a JSON object.")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"{source}: config field '{unknown[0]}' is not a fit option.")
+        config = cls.__new__(cls)
+        for name, spec in known.items():
+            value = data[name] if name in data else (
+                spec.default_factory() if callable(spec.default_factory) else spec.default)
+            if name == "recipe" and isinstance(value, dict):
+                try:
+                    value = Recipe(**value)
+                except TypeError as exc:
+                    raise ConfigError(f"{source}: config.recipe: {exc}.") from None
+            elif isinstance(value, list):
+                value = tuple(value)
+            object.__setattr__(config, name, value)
+        try:
+            config._check_values()
+        except (ConfigError, RecipeError) as exc:
+            raise ConfigError(f"{source}: config: {exc}") from None
+        return config
+
     def __post_init__(self) -> None:
         """Every value finite and in range before any work (one line naming the option
-        otherwise). The upper bounds are far beyond any sensible value: they catch typos
-        (`--lr 1e308`) and runs that would never end (`--betas 0:1:1e-7`)."""
+        otherwise); the device exists, --out is not a file."""
+        self._check_values()
+        if "://" not in self.out and Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ConfigError(f"--out {self.out} is a file, not a folder: choose another --out.")
+        resolve_device(self.device)
+
+    def _check_values(self) -> None:
+        """Types and ranges. The upper bounds are far beyond any sensible value: they catch
+        typos (`--lr 1e308`) and runs that would never end (`--betas 0:1:1e-7`)."""
+        for name in ("store", "prompts", "device", "out"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{checks.option(name)} {getattr(self, name)!r}: must be a"
+                                  f" text.")
+        if not isinstance(self.recipe, Recipe):
+            raise ConfigError(f"recipe {self.recipe!r:.60} is not a fit recipe.")
         checks.each("shots", self.shots, 1, example="1,2,4,8,16", high=MAX_SHOTS)
         checks.each("seeds", self.seeds, 0, example="1,2,3")
         checks.each("lr", self.lrs, 0, strict=True, example="1e-4,1e-5", high=MAX_LR,
@@ -80,7 +131,8 @@ class FitConfig:
         checks.one_of("blend", self.blend, ("blend", "each"))
         checks.one_of("select_on", self.select_on, ("val", "test"))
         checks.subset_of("methods", self.methods, OPTIONAL_METHODS)
-        if "://" not in self.out and Path(self.out).exists() and not Path(self.out).is_dir():
-            raise ConfigError(f"--out {self.out} is a file, not a folder: choose another --out.")
-        resolve_device(self.device)
+        for name in ("force", "cuda_graph", "partial"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{checks.option(name)} {getattr(self, name)!r}: must be"
+                                  f" true or false.")
         self.recipe.check()

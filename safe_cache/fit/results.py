@@ -1,8 +1,9 @@
 """The result record: one JSON per (dataset, backbone, shots, seed) run, as CLIP_benchmark keeps
 one per run, written by fit and read by report, export, attention and the tests.
 
-`<out>/<dataset>/<model>-<weights>/shots<K>_seed<S>_<recipe>.json` (`..._test-selected.json`
-when Tip-Adapter-F and SAFE-A chose their epoch on test), beside it the fine-tuned head
+`<out>/<dataset>/<model>-<weights>/shots<K>_seed<S>_<recipe>.json` (`..._test-selected` when
+Tip-Adapter-F and SAFE-A chose their epoch on test, then `_o<8 hex>` when other options than a
+default fit's made it: fit/identity.options_suffix), beside it the fine-tuned head
 (`.safetensors`) and SAFE-A's trained cache (`.safe_a.safetensors`). Files of safe-cache 0.1
 (`shots<K>_seed<S>.json`, no recipe block) were made by the `views` recipe and are read as such.
 The JSON is written last and by rename, so a result that exists is whole. `RunResult.from_json`
@@ -25,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_text
-from ..errors import ResultError, SafeCacheWarning
+from ..errors import ConfigError, ResultError, SafeCacheWarning
 from ..names import plain_name
 from ..store.paths import backbone_label, model_label
 from . import identity as run_id
+from .config import FitConfig
 from .methods import ALWAYS, METHOD_LABELS, METHODS, OPTIONAL_METHODS
 from .recipe import PRESETS
 
@@ -176,6 +178,11 @@ class RunResult:
             for method, value in variant.items():
                 if method in self.methods:
                     _accuracy(value, f"{source}: ood.{name}.{method}")
+        if self.identity_sha256 is not None:  # this safe-cache's result: its config whole
+            try:
+                FitConfig.from_dict(self.config, str(source))
+            except ConfigError as exc:
+                raise ResultError(f"{exc}; fit it again (--force).") from None
         if self.identity_sha256 is not None and self.identity_sha256 != \
                 run_id.identity_sha256(self.run_identity):
             raise ResultError(f"{source}: its content does not match its identity_sha256 (an"
@@ -227,13 +234,14 @@ def result_path(out: str | Path, manifest: dict[str, Any], shots: int, seed: int
     return Path(out) / dataset / backbone / name
 
 
-def expected_name(record: RunResult) -> str:
-    """The file name fit gives this record's run."""
+def expected_name(record: RunResult, *, suffixed: bool = True) -> str:
+    """The file name fit gives this record's run (`suffixed=False`: without the options'
+    suffix, as safe-cache named every run before identities)."""
     if record.recipe is None:  # safe-cache 0.1: shots<K>_seed<S>.json
         return f"shots{record.shots}_seed{record.seed}.json"
     selected = "" if record.selected_on == "val" else "_test-selected"
-    return (f"shots{record.shots}_seed{record.seed}_{record.recipe_name}{selected}"
-            f"{run_id.options_suffix(record.options)}.json")
+    suffix = run_id.options_suffix(record.options) if suffixed else ""
+    return f"shots{record.shots}_seed{record.seed}_{record.recipe_name}{selected}{suffix}.json"
 
 
 def check_path(record: RunResult, path: Path) -> None:
@@ -241,7 +249,8 @@ def check_path(record: RunResult, path: Path) -> None:
     its dataset and backbone in its folders. Results older than identities may carry other
     options under the plain name (fit then refuses to reuse them)."""
     name = expected_name(record)
-    legacy = record.identity_sha256 is None and path.name == name.rsplit("_o", 1)[0] + ".json"
+    legacy = record.identity_sha256 is None and path.name == expected_name(record,
+                                                                            suffixed=False)
     if path.name != name and not legacy:
         raise ResultError(f"{path}: its content is the run {name}, not {path.name} (renamed or"
                           f" edited by hand); move it back, or fit it again (--force).")

@@ -27,6 +27,7 @@ from .results import (
     NAME_SCHEME,
     RunResult,
     cache_file,
+    expected_name,
     head_file,
     load_result,
     result_path,
@@ -112,15 +113,13 @@ def config_result_path(config: FitConfig, manifest: dict[str, Any], shots: int,
 
 def _config_block(config: FitConfig) -> dict[str, Any]:
     """The `config` block a result records (what its identity is computed from)."""
-    from dataclasses import asdict
-
-    return {**asdict(config), "storage_options": None}
+    return {**config.to_dict(), "storage_options": None}
 
 
 def beside_note(record: RunResult, path: Path) -> str | None:
     """What tells a new result from the others of its shots, seed and recipe in its folder
     (the options that differ), for fit's table; None when it stands alone."""
-    stem = path.name.removesuffix(".json").split("_o")[0]
+    stem = expected_name(record, suffixed=False).removesuffix(".json")
     for other in sorted(path.parent.glob(f"{stem}*.json")):
         if other == path or not NAME_SCHEME.match(other.name):
             continue

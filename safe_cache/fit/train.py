@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -279,7 +278,7 @@ def fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
         methods=methods, beta_curve=summary["beta_curve"],
         grid=[{"lr": g[0], "wd": g[1], "val_acc": float(best.accuracy[i].item()),
                "best_iter": int(best.step[i].item())} for i, g in enumerate(grid)],
-        config={**asdict(config), "storage_options": None},
+        config={**config.to_dict(), "storage_options": None},
         versions={"safe_cache": __version__, "torch": torch.__version__},
         timings={"load_s": loaded - started, "train_s": trained - loaded,
                  "evaluate_s": time.perf_counter() - trained,

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import ModelConfigError, UnsupportedModelError
 from ..identity import card_fingerprint
+from ..records import BackboneCard
 from . import tiny_timm  # noqa: F401  (registers the tiny timm MAP towers)
 from .heads import GridHead, OpenClipHead, ResNetPoolHead, ViTPoolHead
 from .hub import ModelSource, parse_source, source_config
@@ -497,7 +498,7 @@ def _make_card(
     channels = _dense_channels(clip.visual, family, cut)
     with torch.no_grad():
         out_dim = head(torch.zeros(1, tokens, channels, device=_device_of(head))).shape[-1]
-    return {
+    card = {
         "schema": CARD_SCHEMA,
         "model": spec.label,
         "hub_id": spec.source.ident if spec.source and spec.source.schema == "hf-hub" else None,
@@ -524,6 +525,10 @@ def _make_card(
         "open_clip_version": open_clip.__version__,
         "torch_version": torch.__version__,
     }
+    # The card as every reader of a store will check it (records.BackboneCard): refused here,
+    # before any image is extracted, if a new architecture's card would not be read back.
+    return BackboneCard.from_dict(card, f"the backbone card of {spec.label}",
+                                  UnsupportedModelError).to_dict()
 
 
 def _prefix_tokens(visual: nn.Module, family: str) -> int:

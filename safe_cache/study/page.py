@@ -20,6 +20,7 @@ from typing import Any
 
 from .._version import __version__
 from ..analysis.report import OOD_COLUMNS, footnotes
+from ..atomic import atomic_write_text
 from ..fit.results import METHODS
 from .plan import StudyPlan
 
@@ -104,12 +105,12 @@ def write_report(plan: StudyPlan) -> tuple[dict[str, Any], list[Path]]:
     plots = _plots(plan, rows, runs) if runs else []
     plan.out.mkdir(parents=True, exist_ok=True)
     pages = [plan.out / "study.md", plan.out / "study.html", plan.out / "study.json"]
-    pages[0].write_text(_markdown(report, plots, plan.out))
-    pages[1].write_text(_html(report, plots))
+    atomic_write_text(pages[0], _markdown(report, plots, plan.out))
+    atomic_write_text(pages[1], _html(report, plots))
     serialisable = {**report, "tables": [{**t, "cells": {f"{m}|{d}": c for (m, d), c in
                                                          t["cells"].items()}}
                                          for t in report["tables"]]}
-    pages[2].write_text(json.dumps(serialisable, indent=2, default=str) + "\n")
+    atomic_write_text(pages[2], json.dumps(serialisable, indent=2, default=str) + "\n")
     return report, pages
 
 
