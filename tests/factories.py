@@ -151,13 +151,22 @@ def result_record(dataset: str, shots: int, seed: int, safe: float, zero: float,
     return record
 
 
-def write_record(folder: Path, record: dict[str, Any], backbone: str = "RN50-openai") -> Path:
-    """The record where fit would write it (its name by fit's scheme)."""
-    from safe_cache.fit.results import RunResult, expected_name
+def write_record(folder: Path, record: dict[str, Any], backbone: str = "RN50-openai", *,
+                 sealed: bool = True) -> Path:
+    """The record where fit would write it (its name by fit's scheme), with the identity and
+    checksums fit writes (`sealed=False`: as an older safe-cache wrote it). `record` gains
+    them too, so a test can edit it and write it again."""
+    from safe_cache.fit.identity import identity_sha256
+    from safe_cache.fit.results import CONTENT_FIELD, RunResult, content_sha256, expected_name
 
     known = {k: v for k, v in record.items() if k in RunResult.__dataclass_fields__}
-    name = expected_name(RunResult(**known))  # unchecked: tests also write broken records
-    path = folder / record["dataset"] / backbone / name
+    unchecked = RunResult(**known)  # tests also write broken records
+    if sealed:
+        record["identity"] = unchecked.run_identity
+        record["identity_sha256"] = identity_sha256(record["identity"])
+        record.pop(CONTENT_FIELD, None)
+        record[CONTENT_FIELD] = content_sha256(record)
+    path = folder / record["dataset"] / backbone / expected_name(unchecked)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record))
     return path

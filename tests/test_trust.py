@@ -474,3 +474,88 @@ def test_hostile_numbers_in_the_arrays_of_a_result_are_never_exported(store, tmp
     one_line_refusal(code, output, "NaN")
     assert not (tmp_path / "model").exists()
     assert np.isfinite(result.methods["safe"]["test_acc"])
+
+
+# --- found by a hostile probe: small arrays, splits, prompt files, edited numbers ------------
+
+@pytest.mark.parametrize("array", ["text/hand/classifier", "fewshot/seed1/shots1/train_rows"])
+def test_a_deleted_chunk_of_a_small_array_is_refused_not_read_as_zeros(store, tmp_path, array):
+    for chunk in (store / array / "c").rglob("*"):
+        if chunk.is_file():
+            chunk.unlink()  # zarr now reads the whole array as zeros
+    with pytest.raises(StoreError, match=f"{array} does not match its sha256"):
+        fit(FitConfig(store=str(store), out=str(tmp_path / "r"), **SMALL))
+    assert any(array in p for p in verify_store(str(store)))
+
+
+def test_a_deleted_head_chunk_is_refused(store, tmp_path):
+    name = next(iter(zarr.open_group(str(store), mode="r")["head"].array_keys()))
+    for chunk in (store / "head" / name / "c").rglob("*"):
+        if chunk.is_file():
+            chunk.unlink()
+    with pytest.raises(StoreError, match="does not match its sha256"):
+        fit(FitConfig(store=str(store), out=str(tmp_path / "r"), **SMALL))
+
+
+def test_adding_to_a_store_from_another_split_file_is_refused(store, tmp_path):
+    from safe_cache.errors import ExtractError
+    from safe_cache.extract import ExtractConfig, extract
+
+    copy = tmp_path / "data"
+    root = Path(open_store(str(store)).manifest["dataset"]["split_source"])
+    assert root.name.startswith("split_zhou")
+    source_root = next(p for p in store.parent.parent.rglob(root.name)).parent.parent
+    shutil.copytree(source_root, copy)
+    split_file = next(copy.rglob(root.name))
+    split = json.loads(split_file.read_text())
+    split["train"].reverse()  # the same images, another order: another few-shot draw
+    split_file.write_text(json.dumps(split))
+    config = ExtractConfig(dataset="food101", root=str(copy), model=MODEL, pretrained=None,
+                           store=str(store), shots=(1,), seeds=(1,), views=1, workers=0)
+    with pytest.raises(ExtractError, match="another split"):
+        extract(config)
+
+
+def test_a_prompt_file_of_the_same_name_with_other_sentences_is_refused(store, tmp_path):
+    from safe_cache.errors import ExtractError
+    from safe_cache.extract import ExtractConfig, extract
+
+    manifest = open_store(str(store)).manifest
+    classes = manifest["dataset"]["classnames"]
+    root = next(p for p in store.parent.parent.rglob("split_zhou_Food101.json")).parent.parent
+    for folder, word in (("p1", "photo"), ("p2", "drawing")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "cupl.json").write_text(json.dumps(
+            {c: [f"a {word} of a {c}."] for c in classes}))
+    base = dict(dataset="food101", root=str(root), model=MODEL, pretrained=None,
+                store=str(store), shots=(1,), seeds=(1,), views=1, workers=0)
+    extract(ExtractConfig(prompts=str(tmp_path / "p1" / "cupl.json"), **base))
+    with pytest.raises(ExtractError, match="other sentences"):
+        extract(ExtractConfig(prompts=str(tmp_path / "p2" / "cupl.json"), **base))
+
+
+def test_a_number_edited_in_a_result_is_refused_and_older_results_get_no_paper_number(
+        tmp_path):
+    record = result_record("food101", 16, 1, 0.8, 0.77)
+    path = write_record(tmp_path, record)
+    record["methods"]["safe"]["test_acc"] = 0.99  # in range, the right type: only the digest
+    path.write_text(json.dumps(record))
+    with pytest.raises(ResultError, match="content_sha256"):
+        load_result(path)
+    for field in ("identity_sha256", "content_sha256"):  # one removed: refused
+        sealed = result_record("food101", 16, 1, 0.8, 0.77)
+        path = write_record(tmp_path, sealed)
+        sealed.pop(field)
+        path.write_text(json.dumps(sealed))
+        with pytest.raises(ResultError, match="without the other"):
+            load_result(path)
+    write_record(tmp_path, result_record("food101", 16, 1, 0.8, 0.77), sealed=False)
+    (row,) = [r for r in aggregate(load_results(tmp_path)) if r["method"] == "safe"]
+    assert row["paper"] is None and "without checksums" in row["paper_note"]
+
+
+def test_minus_zero_is_zero_in_a_run_identity():
+    from safe_cache.fit.identity import options_of, options_suffix
+
+    assert options_suffix(options_of({"wds": [-0.0]})) == options_suffix(options_of(
+        {"wds": [0.0]}))

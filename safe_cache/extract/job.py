@@ -86,7 +86,7 @@ def extract(config: ExtractConfig, progress: ProgressSink = null_progress,
                                    report)
         _write_fewshot(store, dataset, subsets)
         _write_classifier(store, backbone, dataset, config.prompts)
-        if "head" not in store.group:
+        if not store.has_head():
             state = {k: v.detach().cpu().float().numpy() for k, v in
                      backbone.head.state_dict().items()}
             store.write_head(state, backbone.model_config or {})
@@ -117,6 +117,13 @@ def _open_or_create(url: str, backbone: Backbone, dataset: Dataset, recipe: View
                 stored["dataset"]["classnames"] != dataset.classnames:
             raise ExtractError(f"{url} holds dataset {stored['dataset']['name']}, not"
                                f" {dataset.spec.name} (or its classes differ).")
+        described = dataset.describe()
+        for key in ("split_sha256", "split_sizes"):
+            if stored["dataset"].get(key) != described[key]:
+                raise ExtractError(f"{url} was extracted from another split of"
+                                   f" {dataset.spec.name} (its {key} differs from the data"
+                                   f" under --root now): adding to it would mix two splits."
+                                   f" Use another --store, or the data it was made from.")
         if stored["views"]["seed"] != recipe.seed or \
                 stored["views"]["scale"] != list(recipe.scale):
             raise ExtractError(f"{url} holds views of another recipe ({stored['views']});"
@@ -164,10 +171,15 @@ def _write_classifier(store: FeatureStore, backbone: Backbone, dataset: Dataset,
                       prompts: str) -> None:
     """The prompt set's classifier and raw sentence embeddings (added to a store that has
     the classifier only)."""
-    name = prompt_set_name(prompts)
-    if f"text/{name}/embeddings" in store.group:
-        return
+    name = plain_name(prompt_set_name(prompts), "the prompt set's name", ExtractError)
     sentences = class_sentences(prompts, dataset.classnames, dataset.spec.templates)
+    if store.has_prompt_set(name):
+        if store.prompt_sentences(name) != [list(group) for group in sentences]:
+            raise ExtractError(f"{store.url} already holds a prompt set '{name}' with other"
+                               f" sentences (from another {Path(prompts).name}?); fit would"
+                               f" read them under one name. Rename the file (the set is named"
+                               f" by its stem), or use another --store.")
+        return
     embeddings = encode_sentences(backbone.model, backbone.tokenizer(), sentences)
     weights = class_average(embeddings, [len(group) for group in sentences], "normalised")
     store.write_classifier(name, weights.numpy(), sentences, embeddings.numpy())

@@ -2,7 +2,8 @@
 different options apart on disk.
 
 The identity of one (store, shots, seed) run is the store (its backbone fingerprint, its sealed
-manifest, the test rows it holds), the prompt set, the recipe, the grid, iterations, batch,
+manifest, the test rows it holds, the digests of the run's few-shot rows and of the prompt
+set's classifier and sentences), the prompt set, the recipe, the grid, iterations, batch,
 evaluation cadence, beta, betas, blend, the optional methods and their settings, where Tip-F and
 SAFE-A select, the OOD stores (sealed too) and whether a partial test split was accepted. Not in
 it: the device, test-chunk size, cache folder, cluster and CUDA-graph settings, which change
@@ -27,6 +28,9 @@ OPTION_FIELDS = ("prompts", "lrs", "wds", "iters", "batch_size", "eval_every", "
 # Options the result's file name already says (recipe name, `_test-selected`).
 NAMED_FIELDS = ("select_on",)
 UNORDERED = ("methods", "eval_ood")  # sets: their order changes nothing
+# A result's store block: what the run read (older results lack the digests: None).
+STORE_FIELDS = ("fingerprint", "manifest_sha256", "test_rows", "fewshot_sha256",
+                "prompts_sha256")
 
 
 def default_options() -> dict[str, Any]:
@@ -45,9 +49,9 @@ def normalise(options: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, (tuple, list)):
             value = sorted(value) if name in UNORDERED else list(value)
         if name in ("lrs", "wds", "betas"):
-            value = [float(v) for v in value]
+            value = [float(v) + 0.0 for v in value]  # + 0.0: -0.0 is 0.0
         if name == "beta":
-            value = float(value)
+            value = float(value) + 0.0
         out[name] = value
     return out
 
@@ -84,7 +88,7 @@ def run_identity(store: dict[str, Any], dataset: str, shots: int, seed: int,
     return {
         "dataset": dataset, "shots": shots, "seed": seed,
         "backbone": {k: (backbone or {}).get(k) for k in ("model", "pretrained", "cut")},
-        "store": {k: store.get(k) for k in ("fingerprint", "manifest_sha256", "test_rows")},
+        "store": {k: store.get(k) for k in STORE_FIELDS},
         "options": options_of(config),
         "recipe": {k: v for k, v in recipe.items() if k != "loss_logit_scale"},
         "ood": {name: (block or {}).get("manifest_sha256")
@@ -109,7 +113,7 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             a, b = old.get(block, {}).get(name), new.get(block, {}).get(name)
             if a != b:
                 out.append(f"{name} {_short(a)} -> {_short(b)}")
-    for name in ("fingerprint", "manifest_sha256", "test_rows"):
+    for name in STORE_FIELDS:
         a, b = old.get("store", {}).get(name), new.get("store", {}).get(name)
         if a != b:
             out.append(f"store {name} {_short(a)} -> {_short(b)}")

@@ -27,6 +27,7 @@ from typing import Any
 
 from ..atomic import atomic_write_text
 from ..errors import ConfigError, ResultError, SafeCacheWarning
+from ..identity import canonical_sha256
 from ..names import plain_name
 from ..store.paths import backbone_label, model_label
 from . import identity as run_id
@@ -42,7 +43,8 @@ FILE_PATTERN = "shots*_seed*.json"
 # is not one of them.
 NAME_SCHEME = re.compile(r"^shots(\d+)_seed(\d+)(?:_([A-Za-z0-9_+=-]+))?\.json$")
 OPTIONAL_FIELDS = ("ood", "recipe", "curves", "run_id", "execution", "identity",
-                   "identity_sha256", "partial")  # absent in older results
+                   "identity_sha256", "partial", "content_sha256")  # absent in older results
+CONTENT_FIELD = "content_sha256"
 
 
 @dataclass
@@ -73,6 +75,7 @@ class RunResult:
     identity: dict[str, Any] | None = None  # fit/identity.py: all that changes the numbers
     identity_sha256: str | None = None
     partial: dict[str, int] | None = None  # a test split evaluated incomplete: rows, expected
+    content_sha256: str | None = None  # every other field: a number edited by hand is refused
     # Not written: where the record was read from, whether fit found it already done, and what
     # fit says about it (a new result beside one of other options).
     path: Path | None = field(default=None, compare=False)
@@ -93,6 +96,12 @@ class RunResult:
     def backbone_label(self) -> str:
         """`<model>-<weights>`: the results folder the run lives in."""
         return self.path.parent.name if self.path else self.backbone["model"]
+
+    @property
+    def verified(self) -> bool:
+        """Whether the record carries its checksums (results of this safe-cache): older ones are
+        read, but nothing proves their numbers were not edited."""
+        return self.content_sha256 is not None
 
     @property
     def run_identity(self) -> dict[str, Any]:
@@ -139,6 +148,12 @@ class RunResult:
         _refuse_non_finite(data, source)
         record = cls(**{name: data[name] for name in names if name in data})
         record._check(source)
+        if (record.identity_sha256 is None) != (record.content_sha256 is None):
+            raise ResultError(f"{source}: it carries one of identity_sha256 and content_sha256"
+                              f" without the other (edited by hand); fit it again (--force).")
+        if record.content_sha256 is not None and record.content_sha256 != content_sha256(data):
+            raise ResultError(f"{source}: its content does not match its content_sha256 (a"
+                              f" number or field was edited by hand); fit it again (--force).")
         return record
 
     def _check(self, source: str | Path) -> None:
@@ -185,9 +200,14 @@ class RunResult:
                 raise ResultError(f"{exc}; fit it again (--force).") from None
         if self.identity_sha256 is not None and self.identity_sha256 != \
                 run_id.identity_sha256(self.run_identity):
-            raise ResultError(f"{source}: its content does not match its identity_sha256 (an"
-                              f" option or number was edited by hand); fit it again"
+            raise ResultError(f"{source}: its options do not match its identity_sha256 (an"
+                              f" option was edited by hand); fit it again"
                               f" (--force).")
+
+
+def content_sha256(data: dict[str, Any]) -> str:
+    """The digest of a result's JSON form, all but this digest itself."""
+    return canonical_sha256({k: v for k, v in data.items() if k != CONTENT_FIELD})
 
 
 def _is_int(value: Any) -> bool:
@@ -353,5 +373,7 @@ def load_results(folder: str | Path) -> list[RunResult]:
 def write_result(record: RunResult, path: Path) -> None:
     """Write the JSON last and whole (atomic.py: a temporary of this writer's own, renamed;
     the umask's mode, so a team can read it): a result file that exists is whole."""
-    atomic_write_text(path, json.dumps(record.to_json(), indent=2, allow_nan=False))
+    data = record.to_json()
+    record.content_sha256 = data[CONTENT_FIELD] = content_sha256(data)
+    atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False))
     record.path = path

@@ -54,7 +54,6 @@ def fit_stores(configs: list[FitConfig], progress: ProgressSink = null_progress,
         check_store_serves(store, config)  # before any run: nothing is written on refusal
         if not config.partial:
             store.check_complete("test")
-    blocks = [store_block(store) for store in stores]
     seals = [ood_seals(c.eval_ood, s.url, s.manifest["backbone"], c.partial)
              for c, s in zip(configs, stores, strict=True)]
     results: dict[tuple[int, int, int], RunResult] = {}
@@ -70,7 +69,8 @@ def fit_stores(configs: list[FitConfig], progress: ProgressSink = null_progress,
                                          f" other in {path.parent}. Fit them with different"
                                          f" --out folders.")
                 existing = None if config.force else whole_result(path)
-                wanted = run_id.run_identity(blocks[index], store.manifest["dataset"]["name"],
+                block = store_block(store, config.prompts, shots, seed)
+                wanted = run_id.run_identity(block, store.manifest["dataset"]["name"],
                                              shots, seed, _config_block(config),
                                              config.recipe.record(), seals[index],
                                              store.manifest["backbone"])

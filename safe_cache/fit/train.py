@@ -218,12 +218,16 @@ def run_classifier(store: FeatureStore, prompts: str, recipe: Recipe) -> torch.T
     return class_average(torch.from_numpy(embeddings), counts, recipe.text_average)
 
 
-def store_block(store: FeatureStore) -> dict[str, Any]:
-    """The `store` block of a result: where, which backbone, which sealed manifest, and how
-    many test rows it held (all part of the run's identity)."""
+def store_block(store: FeatureStore, prompts: str, shots: int, seed: int) -> dict[str, Any]:
+    """The `store` block of a run's result: where, which backbone, which sealed manifest, how
+    many test rows it held, and the digests of the run's few-shot rows and prompt set (all part
+    of the run's identity: a store re-extracted from another split, or a prompt file of the
+    same name, is another run)."""
     return {"url": store.url, "fingerprint": store.fingerprint,
             "manifest_sha256": store.manifest[SEAL_FIELD],
-            "test_rows": int(store.readable_rows("test").size)}
+            "test_rows": int(store.readable_rows("test").size),
+            "fewshot_sha256": store.fewshot_sha256(seed, shots),
+            "prompts_sha256": store.classifier_sha256(prompts)}
 
 
 def backbone_block(card: dict[str, Any]) -> dict[str, Any]:
@@ -274,7 +278,8 @@ def fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
                            config.test_chunk, device)
     record = RunResult(
         dataset=manifest["dataset"]["name"], shots=shots, seed=seed,
-        backbone=backbone_block(manifest["backbone"]), store=store_block(store),
+        backbone=backbone_block(manifest["backbone"]),
+        store=store_block(store, config.prompts, shots, seed),
         methods=methods, beta_curve=summary["beta_curve"],
         grid=[{"lr": g[0], "wd": g[1], "val_acc": float(best.accuracy[i].item()),
                "best_iter": int(best.step[i].item())} for i, g in enumerate(grid)],

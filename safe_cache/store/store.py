@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import threading
 import warnings
 from collections.abc import Sequence
@@ -46,7 +47,8 @@ from zarr.codecs import BloscCodec
 
 from .._version import __version__
 from ..errors import StoreError, StoreNotFoundError
-from ..identity import SEAL_FIELD, card_fingerprint, manifest_seal
+from ..identity import SEAL_FIELD, canonical_sha256, card_fingerprint, manifest_seal
+from ..names import plain_name
 from ..records import StoreManifest
 from .chunkcache import cached_group
 from .lease import Lease
@@ -276,24 +278,38 @@ class FeatureStore:
         if key not in self.group:
             raise StoreError(f"{self.url} holds no few-shot rows for seed {seed}, {shots} shots;"
                              f" extract them with --seeds {seed} --shots {shots}.")
-        node = self.group[key]
-        return node["train_rows"][:], node["val_rows"][:]
+        return self._small(f"{key}/train_rows"), self._small(f"{key}/val_rows")
+
+    def fewshot_sha256(self, seed: int, shots: int) -> str:
+        """The digest of a (seed, shots) draw's rows: part of a run's identity."""
+        self.fewshot(seed, shots)  # checked
+        key = f"fewshot/seed{seed}/shots{shots}"
+        return canonical_sha256([self.group[f"{key}/{n}"].attrs[DIGEST]
+                                 for n in ("train_rows", "val_rows")])
+
+    def classifier_sha256(self, prompt_set: str = "hand") -> str:
+        """The digest of a prompt set's classifier and sentences: part of a run's identity (a
+        prompt set is stored by name; its content is what the numbers depend on)."""
+        self.classifier(prompt_set)  # checked
+        node = self.group[f"text/{plain_name(prompt_set, 'the prompt set', StoreError)}"]
+        return canonical_sha256([node["classifier"].attrs[DIGEST], node.attrs["sentences"]])
 
     def classifier(self, prompt_set: str = "hand") -> np.ndarray:
         """The zero-shot classifier (class, embed): per class, the normalised mean of the
         normalised sentence embeddings."""
+        plain_name(prompt_set, "the prompt set", StoreError)
         key = f"text/{prompt_set}/classifier"
         if key not in self.group:
             raise StoreError(f"{self.url} has no text classifier for prompt set '{prompt_set}'.")
-        return self._finite_array(key)
+        return self._small(key)
 
-    def _finite_array(self, key: str) -> np.ndarray:
-        """A whole small array (text, head), refused when not finite."""
-        values = self.group[key][...]
-        if not finite(values):
-            raise StoreError(f"{self.url}: {key} holds NaN or Inf (written behind the store's"
-                             f" back, or damaged); its logits would be NaN. Run `safe-cache"
-                             f" verify {self.url}`, or re-extract the store.")
+    def _small(self, key: str) -> np.ndarray:
+        """A whole small array (text, head, few-shot rows), checked against the digest written
+        with it (a deleted chunk reads as zeros, and would pass any other check) and finite."""
+        problem, values = small_array_problem(self.group[key])
+        if problem:
+            raise StoreError(f"{self.url}: {key} {problem}. Run `safe-cache verify"
+                             f" {self.url}`, or re-extract the store.")
         return values
 
     def sentence_embeddings(self, prompt_set: str = "hand") -> tuple[np.ndarray, list[int]]:
@@ -305,7 +321,34 @@ class FeatureStore:
                              f" '{prompt_set}' (stores written before safe-cache 0.2); run"
                              f" extract on it again to add them.")
         node = self.group[f"text/{prompt_set}"]
-        return self._finite_array(f"{key}"), [len(group) for group in node.attrs["sentences"]]
+        return self._small(key), [len(group) for group in node.attrs["sentences"]]
+
+    def has_prompt_set(self, prompt_set: str) -> bool:
+        """Whether the prompt set was written whole (classifier, embeddings, sentences): what
+        extract may skip."""
+        key = f"text/{prompt_set}"
+        return f"{key}/embeddings" in self.group and "sentences" in self.group[key].attrs and \
+            all(DIGEST in self.group[f"{key}/{n}"].attrs for n in ("classifier", "embeddings"))
+
+    def prompt_sentences(self, prompt_set: str) -> list[list[str]]:
+        """The sentences of a stored prompt set, per class."""
+        return [list(group) for group in self.group[f"text/{prompt_set}"].attrs["sentences"]]
+
+    def has_head(self) -> bool:
+        """Whether the original head was written whole (its config is written last)."""
+        return "head" in self.group and "model_config" in self.group["head"].attrs
+
+    def small_arrays(self) -> list[str]:
+        """Every small array's key: the text classifiers and embeddings, the head, the
+        few-shot rows (what verify and --seal check as a whole)."""
+        keys = []
+        for top in ("text", "head", "fewshot"):
+            if top not in self.group:
+                continue
+            for path, node in self.group[top].members(max_depth=None):
+                if isinstance(node, zarr.Array):
+                    keys.append(f"{top}/{path}")
+        return sorted(keys)
 
     def summary(self) -> dict[str, Any]:
         """Sizes and completeness per split (what `safe-cache info` shows)."""
@@ -461,9 +504,7 @@ class FeatureStore:
         self._writable()
         node = self.group.require_group("head")
         for name, values in state.items():
-            array = node.create_array(name, shape=values.shape, dtype=str(values.dtype),
-                                      overwrite=True)
-            array[...] = values
+            write_small(node, name, np.asarray(values), str(values.dtype))
         node.attrs["model_config"] = model_config
         self.touch()
 
@@ -473,16 +514,14 @@ class FeatureStore:
             raise StoreError(f"{self.url} holds no head weights; extract it again with this"
                              f" safe-cache to add them.")
         node = self.group["head"]
-        return {name: self._finite_array(f"head/{name}") for name in node.array_keys()}, dict(
+        return {name: self._small(f"head/{name}") for name in node.array_keys()}, dict(
             node.attrs["model_config"])
 
     def write_fewshot(self, seed: int, shots: int, train_rows, val_rows) -> None:
         self._writable()
         node = self.group.require_group(f"fewshot/seed{seed}/shots{shots}")
         for name, rows in (("train_rows", train_rows), ("val_rows", val_rows)):
-            values = np.asarray(rows, dtype="int64")
-            node.create_array(name, shape=values.shape, dtype="int64",
-                              dimension_names=("sample",), overwrite=True)[:] = values
+            write_small(node, name, np.asarray(rows, dtype="int64"), "int64", ("sample",))
         self.touch()
 
     def write_classifier(self, prompt_set: str, weights: np.ndarray,
@@ -490,17 +529,15 @@ class FeatureStore:
         """The classifier of a prompt set, its sentences, and (optionally) every sentence's raw
         embedding, in class order."""
         self._writable()
+        plain_name(prompt_set, "the prompt set", StoreError)
         node = self.group.require_group(f"text/{prompt_set}")
-        array = node.create_array("classifier", shape=weights.shape, dtype="float32",
-                                  dimension_names=("class", "embed"), overwrite=True)
-        array[:] = weights.astype("float32")
+        write_small(node, "classifier", weights.astype("float32"), "float32", ("class", "embed"))
         if embeddings is not None:
             if len(embeddings) != sum(len(group) for group in sentences):
                 raise StoreError(f"text/{prompt_set}: {len(embeddings)} embeddings for"
                                  f" {sum(len(group) for group in sentences)} sentences.")
-            node.create_array("embeddings", shape=embeddings.shape, dtype="float32",
-                              dimension_names=("sentence", "embed"),
-                              overwrite=True)[:] = embeddings.astype("float32")
+            write_small(node, "embeddings", embeddings.astype("float32"), "float32",
+                        ("sentence", "embed"))
         node.attrs["sentences"] = sentences
         self.touch()
 
@@ -545,6 +582,42 @@ class FeatureStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+DIGEST = "sha256"  # the attribute of a small array holding its content's digest
+
+
+def array_sha256(values: np.ndarray) -> str:
+    """sha256 of an array's dtype, shape and bytes."""
+    values = np.ascontiguousarray(values)
+    head = f"{values.dtype.str}{values.shape}".encode()
+    return hashlib.sha256(head + values.tobytes()).hexdigest()
+
+
+def write_small(node: zarr.Group, name: str, values: np.ndarray, dtype: str,
+                dims: tuple[str, ...] | None = None) -> None:
+    """A small array written whole (one chunk object, zeros too) with its digest."""
+    kwargs: dict[str, Any] = {"dimension_names": dims} if dims else {}
+    array = node.create_array(name, shape=values.shape, dtype=dtype, overwrite=True,
+                              config={"write_empty_chunks": True}, **kwargs)
+    array[...] = values
+    array.attrs[DIGEST] = array_sha256(array[...])
+
+
+def small_array_problem(array: zarr.Array) -> tuple[str | None, np.ndarray]:
+    """(why a small array cannot be trusted or None, its values): its digest must be there and
+    match (a missing chunk reads as zeros), its values finite."""
+    values = array[...]
+    if not finite(values):
+        return "holds NaN or Inf (its logits would be NaN)", values
+    digest = array.attrs.get(DIGEST)
+    if digest is None:
+        return ("carries no sha256 (written by an older safe-cache, or removed); `safe-cache"
+                " verify --seal` records it for a store that verifies"), values
+    if digest != array_sha256(values):
+        return ("does not match its sha256 (a chunk is missing or was changed behind the"
+                " store's back)"), values
+    return None, values
 
 
 def finite(values: np.ndarray) -> bool:
@@ -688,8 +761,13 @@ def check_manifest(url: str, manifest: Any) -> None:
 
 
 def seal_store(store: FeatureStore) -> None:
-    """Seal the manifest of a store as it now is (verify --seal, after verifying its data):
-    what an older store, or one whose manifest a person has checked, needs to be read."""
+    """Seal the manifest of a store as it now is, and record the digest of every small array
+    that lacks one (verify --seal, after verifying its data): what an older store, or one whose
+    manifest a person has checked, needs to be read."""
+    for key in store.small_arrays():
+        array = store.group[key]
+        if DIGEST not in array.attrs:
+            array.attrs[DIGEST] = array_sha256(array[...])
     store._write_manifest(store.manifest)
 
 

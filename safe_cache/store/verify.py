@@ -16,7 +16,13 @@ import numpy as np
 from ..errors import StoreError
 from ..records import StoreManifest
 from .schema import BY_NAME, FEATURES, MANIFEST_FIELDS, chunk_keys, split_arrays
-from .store import FeatureStore, finite, manifest_problems, open_store, seal_store
+from .store import (
+    FeatureStore,
+    manifest_problems,
+    open_store,
+    seal_store,
+    small_array_problem,
+)
 
 
 def expected_arrays(manifest: dict[str, Any], split: str) -> dict[str, tuple[tuple, str | None]]:
@@ -58,7 +64,8 @@ def seal_verified(url: str, *, storage_options: dict | None = None) -> list[str]
     """verify, then seal the manifest of a store whose only problem is that it carries no seal
     (a store of an older safe-cache): the person asking has checked what it names."""
     problems = verify_store(url, storage_options=storage_options)
-    if any("carries no manifest_sha256" not in p for p in problems):
+    if any("carries no manifest_sha256" not in p and "carries no sha256" not in p
+           for p in problems):
         return problems
     with open_store(url, "a", storage_options=storage_options, check_fingerprint=False) as store:
         seal_store(store)
@@ -130,13 +137,10 @@ def _verify_extras(store: FeatureStore) -> list[str]:
             if shape != (classes, manifest["backbone"]["D"]):
                 problems.append(f"text/{name}: classifier shape {shape}, expected"
                                 f" {(classes, manifest['backbone']['D'])}")
-            for array in store.group[f"text/{name}"].array_keys():
-                if not finite(store.group[f"text/{name}/{array}"][...]):
-                    problems.append(f"text/{name}/{array}: holds NaN or Inf")
-    if "head" in store.group:
-        for array in store.group["head"].array_keys():
-            if not finite(store.group[f"head/{array}"][...]):
-                problems.append(f"head/{array}: holds NaN or Inf")
+    for key in store.small_arrays():
+        problem, _ = small_array_problem(store.group[key])
+        if problem:
+            problems.append(f"{key}: {problem}")
     if "fewshot" in store.group:
         readable = {split: set(store.readable_rows(split).tolist()) for split in store.splits()}
         for seed in store.group["fewshot"].group_keys():
