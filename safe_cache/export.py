@@ -66,9 +66,16 @@ def export_model(result_path: str | Path, out: str | Path, *, method: str = "saf
     if problem:
         raise ModelFolderError(f"{result_path}: {problem}; fit it again with --force.")
     out = Path(out)
+    if str(out) in ("", ".", "..") or out.resolve() in (Path.cwd(), *Path.cwd().parents):
+        raise ModelFolderError(f"--out {str(out)!r} is not a folder of its own: name the model"
+                               f" folder to write (e.g. models/food101-safe).")
     if out.exists() and not force:
         raise ModelFolderError(f"{out} already exists; choose another --out, or replace it with"
                                f" --force.")
+    if out.exists() and not _replaceable(out):
+        raise ModelFolderError(f"{out} exists and is not a model folder (no {CARD}): --force"
+                               f" replaces model folders only, never other data. Choose another"
+                               f" --out.")
     store = open_store(result.store["url"], storage_options=storage_options)
     sealed = result.store.get("manifest_sha256")
     if store.fingerprint != result.store["fingerprint"] or \
@@ -92,6 +99,12 @@ def export_model(result_path: str | Path, out: str | Path, *, method: str = "saf
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def _replaceable(out: Path) -> bool:
+    """What --force may replace: a model folder (it holds a card) or an empty folder."""
+    return out.is_dir() and not out.is_symlink() and ((out / CARD).is_file()
+                                                      or not any(out.iterdir()))
 
 
 def _check_head_loads(path: Path, model_config: dict[str, Any], card: dict[str, Any]) -> None:
@@ -185,15 +198,23 @@ class SafeModel:
         features = blend_features(original, tuned, self.card["beta"], self.card["blend"])
         scale = self.backbone.card["logit_scale"]
         if self.cache is None:
-            return scale * features @ self.classifier.T
-        return tip_logits(features, self.classifier, self.cache["keys"], self.cache["values"],
-                          self.card["tip"]["alpha"], self.card["tip"]["gamma"], scale)
+            logits = scale * features @ self.classifier.T
+        else:
+            logits = tip_logits(features, self.classifier, self.cache["keys"],
+                                self.cache["values"], self.card["tip"]["alpha"],
+                                self.card["tip"]["gamma"], scale)
+        if not torch.isfinite(logits).all():
+            raise ModelFolderError(f"{self.folder}: the model gives non-finite logits (a tensor"
+                                   f" file or card value out of range); export it again.")
+        return logits
 
     def predict(self, images, *, top_k: int = 5, batch_size: int = 32,
                 skip_bad: bool = False, progress=None) -> list[Prediction]:
         """Image files, folders (recursively) or PIL images -> top-k classes per image."""
         if top_k < 1:
             raise ConfigError(f"--top-k {top_k}: must be >= 1.")
+        if batch_size < 1:
+            raise ConfigError(f"--batch-size {batch_size}: must be >= 1.")
         items = _expand(images)
         if not items:
             raise ConfigError(f"No images in {images}: give image files or folders holding"
@@ -298,11 +319,33 @@ def check_card(folder: Path, card: Any) -> None:
         if file_sha256(path) != digest:
             raise ModelFolderError(f"{folder}: {name} does not match its sha256 in {CARD}"
                                    f" (modified or corrupted); export the model again.")
-    beta = card.get("beta")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) \
-            or beta < 0:
-        raise ModelFolderError(f"{folder}/{CARD}: beta {beta!r} is not a finite blend weight"
-                               f" >= 0; export the model again.")
+    _check_card_values(folder, card)
+
+
+def _check_card_values(folder: Path, card: dict[str, Any]) -> None:
+    """The card's numbers finite and in range, its names texts, its model a plain name."""
+    def number(value: Any, what: str, low: float, high: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or not low <= value <= high:
+            raise ModelFolderError(f"{folder}/{CARD}: {what} {value!r} is not a finite number"
+                                   f" in [{low:g}, {high:g}]; export the model again.")
+
+    number(card.get("beta"), "beta", 0, 1e6)
+    if card.get("blend") not in ("blend", "each"):
+        raise ModelFolderError(f"{folder}/{CARD}: blend {card.get('blend')!r} is not blend or"
+                               f" each; export the model again.")
+    if card["method"] == "safe_a":
+        tip = card.get("tip") if isinstance(card.get("tip"), dict) else {}
+        number(tip.get("alpha"), "tip.alpha", 0, 1e4)
+        number(tip.get("gamma"), "tip.gamma", 0, 1e4)
+    names = card.get("classnames")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ModelFolderError(f"{folder}/{CARD}: classnames must be a list of texts; export"
+                               f" the model again.")
+    backbone = card.get("backbone") if isinstance(card.get("backbone"), dict) else {}
+    model = str(backbone.get("model", ""))
+    if not model.startswith(("hf-hub:", "local-dir:")):
+        plain_name(model, f"{folder}/{CARD}: backbone.model", ModelFolderError)
 
 
 def _backbone_for(card: dict[str, Any], weights, device) -> Backbone:
@@ -316,12 +359,14 @@ def _backbone_for(card: dict[str, Any], weights, device) -> Backbone:
         pretrained = str(weights)
     model: str | Path = spec["model"]
     sourced = str(spec["model"]).startswith(("hf-hub:", "local-dir:"))  # found as on extract
-    if not sourced and open_clip.get_model_config(spec["model"]) is None:  # a user config
-        model = Path(tempfile.mkdtemp()) / f"{spec['model']}.json"
-        model.write_text(json.dumps(card["model_config"]))
-    backbone = load_backbone(model, pretrained, device=device,
-                             init_seed=spec.get("init_seed") or 0, cut=spec["cut"],
-                             quick_gelu=spec["quick_gelu"])
+    with tempfile.TemporaryDirectory(prefix="safe-cache-config-") as scratch:
+        if not sourced and open_clip.get_model_config(spec["model"]) is None:  # a user config
+            name = plain_name(spec["model"], "the card's backbone.model", ModelFolderError)
+            model = Path(scratch) / f"{name}.json"
+            model.write_text(json.dumps(card["model_config"]))
+        backbone = load_backbone(model, pretrained, device=device,
+                                 init_seed=spec.get("init_seed") or 0, cut=spec["cut"],
+                                 quick_gelu=spec["quick_gelu"])
     if card_fingerprint(backbone.card) != card_fingerprint(spec):
         raise ModelFolderError("The loaded backbone is not the one this model was trained on"
                                " (fingerprints differ): check --weights.")

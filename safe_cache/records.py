@@ -174,6 +174,10 @@ class BackboneCard(Record):
         if not 0 < self.logit_scale <= 1e4:
             raise error(f"{source}: backbone.logit_scale {self.logit_scale} is not a CLIP"
                         f" logit scale (0, 1e4].")
+        if (self.pretrained is None) != (self.weights_sha256 is None):
+            raise error(f"{source}: backbone.pretrained {self.pretrained!r} but weights_sha256"
+                        f" {self.weights_sha256!r}: pretrained weights are always hashed, random"
+                        f" ones never (edited by hand?). Re-extract the store.")
 
 
 @dataclass(frozen=True)

@@ -299,7 +299,7 @@ def test_nan_in_the_stored_head_is_refused(store, tmp_path):
 
 @pytest.mark.parametrize("change, needle", [
     (lambda m: m["backbone"].update(model="RN50"), "manifest_sha256"),
-    (lambda m: m["backbone"].update(pretrained="openai"), "manifest_sha256"),
+    (lambda m: m["backbone"].update(pretrained="openai"), "weights_sha256"),
     (lambda m: m["backbone"].update(logit_scale=200.0), "manifest_sha256"),
     (lambda m: m["dataset"].update(name="food101x"), "manifest_sha256"),
     (lambda m: m["dataset"]["classnames"].reverse(), "manifest_sha256"),
@@ -559,3 +559,56 @@ def test_minus_zero_is_zero_in_a_run_identity():
 
     assert options_suffix(options_of({"wds": [-0.0]})) == options_suffix(options_of(
         {"wds": [0.0]}))
+
+
+def test_export_force_replaces_model_folders_only_and_cards_never_name_paths(store, tmp_path):
+    from safe_cache.errors import ModelFolderError
+    from safe_cache.export import card_digest, export_model, load_model
+
+    (result,) = fit(FitConfig(store=str(store), out=str(tmp_path / "r"), **SMALL))
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "sub" / "data.txt").write_text("precious")
+    with pytest.raises(ModelFolderError, match="not a model folder"):
+        export_model(result.path, victim, force=True)
+    assert (victim / "sub" / "data.txt").read_text() == "precious"
+    for out in (".", "", ".."):
+        code, output = invoke("export", result.path, "--out", out, "--force")
+        one_line_refusal(code, output, "not a folder of its own")
+    folder = export_model(result.path, tmp_path / "model")
+    assert export_model(result.path, folder, force=True) == folder  # a model folder: replaced
+    card = json.loads((folder / "card.json").read_text())
+    card["backbone"]["model"] = f"../../{tmp_path.name}/PWNED"
+    card["card_sha256"] = card_digest(card)
+    (folder / "card.json").write_text(json.dumps(card))
+    with pytest.raises(ModelFolderError, match="backbone.model"):
+        load_model(folder)
+    assert not list(tmp_path.parent.rglob("PWNED*"))
+
+
+def test_seal_refuses_a_card_whose_model_name_was_edited(store):
+    edit_manifest(store, lambda m: (m["backbone"].update(model="RN50"),
+                                    m.pop("manifest_sha256")))
+    code, output = invoke("verify", store, "--seal")
+    assert code == 1 and "architecture digest is not RN50's" in output
+    with pytest.raises(StoreError):
+        open_store(str(store))
+
+
+def test_labels_outside_the_classes_and_padding_few_shot_rows_are_refused(store, tmp_path):
+    group = zarr.open_group(str(store), mode="r+", zarr_format=3, use_consolidated=False)
+    labels = group["test/label"]
+    original = labels[...]
+    changed = original.copy()
+    changed[0] = 7  # 3 classes
+    labels[...] = changed
+    with pytest.raises(StoreError, match="labels outside"):
+        fit(FitConfig(store=str(store), out=str(tmp_path / "r"), **SMALL))
+    assert any("labels outside" in p for p in verify_store(str(store)))
+    labels[...] = original
+    train = group["train/label"]
+    values = train[...]
+    values[0] = -1  # the few-shot draw's first row is now padding
+    train[...] = values
+    with pytest.raises(StoreError, match="labels are not classes"):
+        fit(FitConfig(store=str(store), out=str(tmp_path / "r"), **SMALL))

@@ -101,12 +101,13 @@ def verify(store: str | None, storage_options: dict | None, seal: bool, **filter
     """Check schema, manifest and its seal, shapes, dtypes, completeness, chunks and values
     (text classifier and head too); non-zero on problems [STORE default: every store under the
     store root matching the filters]."""
-    from ..store.verify import seal_verified, verify_store
+    from ..store.verify import verify_store
 
     stores = [store] if store else default_stores(**filters, storage_options=storage_options)
     failed = False
     for url in stores:
-        problems = (seal_verified if seal else verify_store)(url, storage_options=storage_options)
+        problems = _seal(url, storage_options) if seal else \
+            verify_store(url, storage_options=storage_options)
         if not problems:
             console.print(f"[green]ok[/]: {url}")
         for problem in problems:
@@ -115,6 +116,21 @@ def verify(store: str | None, storage_options: dict | None, seal: bool, **filter
         failed = failed or bool(problems)
     if failed:
         sys.exit(1)
+
+
+def _seal(url: str, storage_options: dict | None) -> list[str]:
+    """verify --seal, after checking that the card describes the model it names."""
+    from ..errors import StoreError
+    from ..model.backbone import card_problems
+    from ..store import open_store
+    from ..store.verify import seal_verified
+
+    try:
+        card = open_store(url, storage_options=storage_options,
+                          check_fingerprint=False).manifest.get("backbone") or {}
+    except StoreError as exc:
+        return [str(exc)]
+    return card_problems(card) or seal_verified(url, storage_options=storage_options)
 
 
 @main.command(name="copy")

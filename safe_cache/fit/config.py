@@ -121,7 +121,9 @@ class FitConfig:
         checks.at_least("eval_every", self.eval_every, 1)
         checks.at_least("beta", self.beta, 0, high=MAX_BETA)
         checks.at_least("test_chunk", self.test_chunk, 1)
-        checks.at_least("local_workers", self.local_workers, 0)
+        checks.at_least("local_workers", self.local_workers, 0, high=1024)
+        if not self.out:
+            raise ConfigError("--out is empty: name the results folder.")
         if self.tip_epochs is not None:
             checks.at_least("tip_epochs", self.tip_epochs, 1, high=MAX_TIP_EPOCHS)
         for name in ("iters", "batch_size", "eval_every", "test_chunk", "local_workers"):

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import StoreError
 from ..model.inference import blend_features
 from ..store import FeatureStore
 
@@ -28,6 +29,7 @@ def stream_split(store: FeatureStore, split: str, chunk: int = 256,
     `rows`), `chunk` rows at a time, on the CPU. Every chunk object they need is checked to
     exist first (a missing one would read as zeros), unless the caller did (`checked`)."""
     rows = store.readable_rows(split) if rows is None else rows
+    classes = store.manifest["dataset"]["num_classes"]
     if not checked:
         store.check_rows(split, rows, ("dense", "pooled"))
     for start in range(0, len(rows), chunk):
@@ -35,6 +37,9 @@ def stream_split(store: FeatureStore, split: str, chunk: int = 256,
         dense = torch.from_numpy(store.read_rows(split, "dense", part)).float()
         pooled = torch.from_numpy(store.read_rows(split, "pooled", part))
         labels = torch.from_numpy(store.read_rows(split, "label", part)).long()
+        if labels.numel() and (labels.min() < 0 or labels.max() >= classes):
+            raise StoreError(f"{store.url}: {split} holds labels outside 0..{classes - 1}"
+                             f" (damaged); run `safe-cache verify {store.url}`.")
         yield dense, pooled, labels
 
 

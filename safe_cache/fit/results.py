@@ -184,10 +184,24 @@ class RunResult:
             _number(point.get("beta"), f"{where}.beta", 0)
             for key in ("val_acc", "test_acc"):
                 _accuracy(point.get(key), f"{where}.{key}")
+        if not self.grid:
+            raise ResultError(f"{source}: 'grid' holds no configuration.")
         for index, point in enumerate(self.grid):
             if not isinstance(point, dict):
                 raise ResultError(f"{source}: grid[{index}] is not an object.")
             _accuracy(point.get("val_acc"), f"{source}: grid[{index}].val_acc")
+            for key in ("lr", "wd"):
+                _number(point.get(key), f"{source}: grid[{index}].{key}", 0)
+        if self.curves is not None and not (
+                isinstance(self.curves, dict) and all(isinstance(self.curves.get(k), list)
+                                                      for k in ("iters", "val_acc",
+                                                                "train_loss"))):
+            raise ResultError(f"{source}: 'curves' must hold the lists iters, val_acc and"
+                              f" train_loss.")
+        if self.partial is not None and not (
+                isinstance(self.partial, dict) and all(_is_int(self.partial.get(k))
+                                                       for k in ("rows", "expected"))):
+            raise ResultError(f"{source}: 'partial' must hold the integers rows and expected.")
         _number(self.config.get("beta", 0.5), f"{source}: config.beta", 0)
         for name, variant in (self.ood or {}).items():
             for method, value in variant.items():
@@ -325,9 +339,9 @@ def load_result(path: str | Path) -> RunResult:
         data = json.loads(path.read_text(), parse_constant=_no_constant)
     except FileNotFoundError as exc:
         raise ResultError(f"No fit result at {path}.") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ResultError(f"{path} is not readable JSON ({exc}); fit it again with"
-                          f" --force, or remove it.") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ResultError(f"{path} is not readable JSON ({type(exc).__name__}: {exc!s:.100});"
+                          f" fit it again with --force, or remove it.") from None
     except ValueError as exc:  # NaN / Infinity
         raise ResultError(f"{path}: {exc}; the result cannot be trusted. Fit it again"
                           f" (--force).") from exc

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .._version import __version__
 from ..data.datasets import load_spec
-from ..data.prompts import class_average
+from ..data.prompts import class_average, prompt_set_name
 from ..errors import DatasetError, RecipeError, SafeCacheError, StoreError
 from ..identity import SEAL_FIELD
 from ..model.backbone import head_from_config
@@ -71,7 +71,7 @@ def check_store_serves(store: FeatureStore, config: FitConfig) -> None:
         raise _recipe_error(store, recipe, "mirrored center views (flip_dense)")
     if recipe.text_average == "raw":
         try:
-            store.sentence_embeddings(config.prompts)
+            store.sentence_embeddings(prompt_set_name(config.prompts))
         except StoreError as exc:
             raise RecipeError(f"{exc} (--text-average raw needs them). Nothing was"
                               f" written.") from exc
@@ -87,6 +87,13 @@ class RunData:
                                  f" seed {seed}.")
         store.check_rows("train", train_rows)  # a missing chunk would read as zeros
         store.check_rows("val", val_rows)
+        classes = store.manifest["dataset"]["num_classes"]
+        for split, rows in (("train", train_rows), ("val", val_rows)):
+            labels = store.read_rows(split, "label", rows)
+            if labels.min() < 0 or labels.max() >= classes:
+                raise StoreError(f"{store.url}: fewshot seed {seed} shots {shots} names {split}"
+                                 f" rows whose labels are not classes 0..{classes - 1} (padding"
+                                 f" or damage); run `safe-cache verify {store.url}`.")
         train = store.arrays("train")
         labels = store.read_rows("train", "label", train_rows).astype(np.int64)
         parts = []  # (dense samples, their labels), in Cross-Modal's order: centers, flips, ...
@@ -212,6 +219,7 @@ def _capture(step: GridStep, config: FitConfig, device: torch.device) -> dict[st
 def run_classifier(store: FeatureStore, prompts: str, recipe: Recipe) -> torch.Tensor:
     """The frozen text classifier of the prompt set, its templates averaged as the recipe
     says (the stored classifier is the normalised average)."""
+    prompts = prompt_set_name(prompts)  # a prompt file is stored under its stem
     if recipe.text_average == "normalised":
         return torch.from_numpy(store.classifier(prompts)).float()
     embeddings, counts = store.sentence_embeddings(prompts)
@@ -227,7 +235,7 @@ def store_block(store: FeatureStore, prompts: str, shots: int, seed: int) -> dic
             "manifest_sha256": store.manifest[SEAL_FIELD],
             "test_rows": int(store.readable_rows("test").size),
             "fewshot_sha256": store.fewshot_sha256(seed, shots),
-            "prompts_sha256": store.classifier_sha256(prompts)}
+            "prompts_sha256": store.classifier_sha256(prompt_set_name(prompts))}
 
 
 def backbone_block(card: dict[str, Any]) -> dict[str, Any]:

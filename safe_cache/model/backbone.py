@@ -531,6 +531,20 @@ def _make_card(
                                   UnsupportedModelError).to_dict()
 
 
+def card_problems(card: dict[str, Any]) -> list[str]:
+    """Why a backbone card does not describe the open_clip model it names (empty when it does,
+    or when the model is not one open_clip knows by name): what `verify --seal` checks before
+    it seals a store a person vouches for."""
+    name = str(card.get("model", ""))
+    if name.startswith(("hf-hub:", "local-dir:")) or open_clip.get_model_config(name) is None:
+        return []
+    spec = resolve_model(name)
+    if spec.config_sha256 != card.get("model_config_sha256"):
+        return [f"card: model {name}, but its architecture digest is not {name}'s (an edited"
+                f" model name?)"]
+    return []
+
+
 def _prefix_tokens(visual: nn.Module, family: str) -> int:
     """Tokens of the dense map before the patch grid: class token, registers (timm)."""
     if family == "map":

@@ -97,15 +97,20 @@ def _verify_split(store: FeatureStore, split: str, fs, root: str) -> list[str]:
                         f" (units {missing[:10].tolist()}{'...' if missing.size > 10 else ''})")
     keys = set(fs.find(f"{root}/{split}"))
     for u in np.flatnonzero(complete):
-        problems += _verify_unit(group, split, int(u), unit, keys, f"{root}/{split}")
+        problems += _verify_unit(group, split, int(u), unit, keys, f"{root}/{split}",
+                                 manifest["dataset"]["num_classes"])
     return problems
 
 
 def _verify_unit(group, split: str, unit: int, rows_per_unit: int, keys: set[str],
-                 prefix: str) -> list[str]:
+                 prefix: str, classes: int) -> list[str]:
     problems = []
     start, stop = unit * rows_per_unit, min((unit + 1) * rows_per_unit, group["label"].shape[0])
-    valid = group["label"][start:stop] >= 0
+    labels = group["label"][start:stop]
+    valid = labels >= 0
+    if (labels < -1).any() or (labels >= classes).any():
+        problems.append(f"{split}/label: unit {unit} holds labels outside -1..{classes - 1}"
+                        f" (damaged)")
     for name in FEATURES:
         if name not in group:
             continue

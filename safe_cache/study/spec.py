@@ -139,6 +139,9 @@ def _backbones(raw: Any, check: _Checker) -> tuple[Backbone, ...]:
                                       " [[backbones]] tables (model, pretrained, cut).")
     parsed = []
     for entry in raw:
+        if not isinstance(entry, dict):
+            raise check.fail("backbones", "each backbone is a [[backbones]] table (model,"
+                                          " pretrained, cut).")
         check.keys(entry, BACKBONE_KEYS, "backbone")
         model = entry.get("model")
         if not isinstance(model, str):
@@ -146,6 +149,9 @@ def _backbones(raw: Any, check: _Checker) -> tuple[Backbone, ...]:
         if not model.startswith(tuple(f"{s}:" for s in SCHEMAS)) and not Path(model).is_file():
             _check_model(model, check, config_family)
         pretrained = entry.get("pretrained", "openai")
+        if not isinstance(pretrained, str) or not isinstance(entry.get("cut", "pool"), str):
+            raise check.fail("pretrained", "a backbone's pretrained and cut are texts"
+                                           " (pretrained = \"none\" for random weights).")
         pretrained = None if str(pretrained).lower() == "none" else str(pretrained)
         parsed.append(Backbone(model, pretrained, entry.get("cut", "pool")))
     names = [b.name for b in parsed]
@@ -189,6 +195,12 @@ def parse_study(path: Path) -> Study:
         if not isinstance(raw.get(table, {}), dict):
             raise check.fail(table, f"'{table}' must be a table: [{table}].")
         check.keys(raw.get(table, {}), allowed, table)
+    for key in ("methods", "recipes", "prompts", "ood", "shots", "seeds", "backbones"):
+        if key in raw and not isinstance(raw[key], list):
+            raise check.fail(key, f"'{key}' must be a list (e.g. {key} = [...]).")
+    for key in ("methods", "recipes", "prompts", "ood"):
+        if not all(isinstance(v, str) for v in raw.get(key, [])):
+            raise check.fail(key, f"every value of '{key}' must be a text.")
     datasets = raw.get("datasets")
     if not isinstance(datasets, list) or not datasets:
         raise check.fail("datasets", "'datasets' must be a non-empty list of dataset names.")
