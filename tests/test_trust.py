@@ -581,7 +581,7 @@ def test_export_force_replaces_model_folders_only_and_cards_never_name_paths(sto
     card["backbone"]["model"] = f"../../{tmp_path.name}/PWNED"
     card["card_sha256"] = card_digest(card)
     (folder / "card.json").write_text(json.dumps(card))
-    with pytest.raises(ModelFolderError, match="backbone.model"):
+    with pytest.raises(ModelFolderError, match=r"backbone\.model"):
         load_model(folder)
     assert not list(tmp_path.parent.rglob("PWNED*"))
 
