@@ -62,7 +62,7 @@ def test_formats_and_plots(tmp_path):
             write(tmp_path / "results", run("dtd", shots, seed, 0.5 + 0.1 * seed, 0.4))
     rows = aggregate(load_results(tmp_path / "results"))
     assert render(rows, "md").startswith("| dataset |")
-    assert render(rows, "csv").splitlines()[0].startswith("dataset,backbone,recipe,shots")
+    assert render(rows, "csv").splitlines()[0].startswith("dataset,backbone,setting,shots")
     assert json.loads(render(rows, "json"))[0]["dataset"] == "dtd"
     written = write_plots(rows, load_results(tmp_path / "results"), tmp_path / "plots")
     names = sorted(p.name for p in written)

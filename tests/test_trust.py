@@ -612,3 +612,14 @@ def test_labels_outside_the_classes_and_padding_few_shot_rows_are_refused(store,
     train[...] = values
     with pytest.raises(StoreError, match="labels are not classes"):
         fit(FitConfig(store=str(store), out=str(tmp_path / "r"), **SMALL))
+
+
+def test_the_seeds_of_one_setting_are_averaged_together(tmp_path):
+    store = extract_miniature(tmp_path, MODEL, tmp_path / "two.zarr", seeds=(1, 2),
+                              counts={"train": 2, "val": 2, "test": 4})
+    runs = fit(FitConfig(store=str(store), out=str(tmp_path / "r"),
+                         **{**SMALL, "seeds": (1, 2)}))
+    assert runs[0].store["fewshot_sha256"] != runs[1].store["fewshot_sha256"]  # two draws
+    assert runs[0].group == runs[1].group  # one setting
+    rows = [r for r in aggregate(load_results(tmp_path / "r")) if r["method"] == "safe"]
+    assert [r["seeds"] for r in rows] == [2]

@@ -36,6 +36,10 @@ TEST_SELECTED = " (test-selected)"
 # Options whose change makes a run no longer the paper's protocol (fit/identity.OPTION_FIELDS).
 PAPER_OPTIONS = ("lrs", "wds", "iters", "batch_size", "eval_every", "beta", "blend",
                  "tip_epochs")
+# Options that change which numbers a run holds, not the numbers themselves: its methods set,
+# and the OOD stores it also tested on. Left out of the setting's label (they stay in the
+# identity), so an ImageNet run with OOD stores sits in the same table as the other datasets.
+UNLABELLED = ("methods", "eval_ood")
 
 
 def method_label(method: str, values: dict[str, Any]) -> str:
@@ -49,7 +53,7 @@ def setting_label(run: RunResult) -> str:
     differs (`safe, beta 0.9, iters 40`), test selection and a partial test split."""
     parts = [run.recipe_name]
     parts += [f"{name} {_text(value)}" for name, value in
-              changed_options(run.options).items()]
+              changed_options(run.options).items() if name not in UNLABELLED]
     if run.selected_on == "test":
         parts.append("test-selected")
     if run.partial:

@@ -100,9 +100,15 @@ def identity_sha256(identity: dict[str, Any]) -> str:
     return canonical_sha256(identity)
 
 
+SEEDED = ("fewshot_sha256",)  # store-block fields that follow from the seed (its draw)
+
+
 def group_sha256(identity: dict[str, Any]) -> str:
-    """The identity of a run's group: all but the seed (what report averages over)."""
-    return canonical_sha256({k: v for k, v in identity.items() if k != "seed"})
+    """The identity of a run's group: all but the seed and what follows from it (the seed's
+    few-shot draw): what report averages over."""
+    store = {k: v for k, v in identity.get("store", {}).items() if k not in SEEDED}
+    return canonical_sha256({**{k: v for k, v in identity.items() if k != "seed"},
+                             "store": store})
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
