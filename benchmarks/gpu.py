@@ -52,6 +52,7 @@ from extract import end_to_end, trunk_only, write_dataset
 from writer import realistic_maps, write_all
 
 from safe_cache import card_fingerprint, load_backbone
+from safe_cache.data.views import ViewRecipe
 from safe_cache.fit import FitConfig, fit
 from safe_cache.runtime.device import resolve_device
 from safe_cache.store import StoreLayout, create_store
@@ -184,7 +185,7 @@ def protocol_store(folder: Path, model: str, classes: int, shots: int) -> str:
     counts = {"train": shots, "val": min(shots, 4), "test": 2}
     with create_store(url, card, card_fingerprint(card), {"name": "protocol",
                       "num_classes": classes, "classnames": [str(c) for c in range(classes)]},
-                      views={"count": 1, "seed": 0}, layout=StoreLayout(chunk_images=64),
+                      views=ViewRecipe(count=1).describe(), layout=StoreLayout(chunk_images=64),
                       center_flip=True) as store:
         rows = {}
         for split, per_class in counts.items():

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from safe_cache import card_fingerprint, load_backbone
+from safe_cache.data.views import ViewRecipe
 from safe_cache.store import StoreLayout, create_store, open_store
 
 LAYOUTS = {
@@ -44,8 +45,9 @@ def realistic_maps(model: str, count: int) -> tuple[np.ndarray, dict]:
 
 def write(url: str, layout: StoreLayout, maps: np.ndarray, card: dict) -> float:
     start = time.perf_counter()
-    with create_store(url, card, card_fingerprint(card), {"name": "bench", "num_classes": 1},
-                      views={"count": 0}, layout=layout) as store:
+    with create_store(url, card, card_fingerprint(card), {"name": "bench", "num_classes": 1,
+                      "classnames": ["bench"]}, views=ViewRecipe(count=0).describe(),
+                      layout=layout) as store:
         store.append_rows("test", [f"{i}.jpg" for i in range(len(maps))], [0] * len(maps))
         pooled = np.zeros((layout.unit, card["D"]), dtype=np.float32)
         for unit in range(-(-len(maps) // layout.unit)):

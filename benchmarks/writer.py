@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from safe_cache import card_fingerprint, load_backbone
+from safe_cache.data.views import ViewRecipe
 from safe_cache.extract.pipeline import _Writer
 from safe_cache.store import StoreLayout, create_store
 
@@ -53,8 +54,9 @@ def write_all(url: str, dense: np.ndarray, pooled: np.ndarray, card: dict,
               threads: int) -> float:
     """Seconds for `threads` writer threads to write every unit (the store made beforehand)."""
     layout = StoreLayout(chunk_images=32)
-    with create_store(url, card, card_fingerprint(card), {"name": "bench", "num_classes": 1},
-                      views={"count": 0}, layout=layout) as store:
+    with create_store(url, card, card_fingerprint(card), {"name": "bench", "num_classes": 1,
+                      "classnames": ["bench"]}, views=ViewRecipe(count=0).describe(),
+                      layout=layout) as store:
         store.append_rows("test", [f"{i}.jpg" for i in range(len(dense))], [0] * len(dense))
         units = [{"unit": u, "first_view": 0, "features": {
             "dense": dense[u * layout.unit:(u + 1) * layout.unit],

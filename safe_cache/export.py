@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_write_text, atomic_write_with
 from .data.datasets import IMAGE_SUFFIXES
+from .data.prompts import prompt_set_name
 from .data.views import load_image
 from .errors import ConfigError, ImageReadError, ModelFolderError
 from .fit.recipe import recipe_of
@@ -77,11 +78,12 @@ def export_model(result_path: str | Path, out: str | Path, *, method: str = "saf
                                f" replaces model folders only, never other data. Choose another"
                                f" --out.")
     store = open_store(result.store["url"], storage_options=storage_options)
-    sealed = result.store.get("manifest_sha256")
-    if store.fingerprint != result.store["fingerprint"] or \
-            (sealed is not None and store.manifest.get("manifest_sha256") != sealed):
+    now = {"fingerprint": store.fingerprint, "store_sha256": store.content_sha256,
+           "prompts_sha256": store.classifier_sha256(prompt_set_name(result.config["prompts"]))}
+    changed = [k for k, v in now.items() if result.store.get(k, v) != v]
+    if changed:
         raise ModelFolderError(f"{store.url} is not the store {result_path} was fitted on (its"
-                               f" backbone or manifest differs); fit it again from this store.")
+                               f" {', '.join(changed)} differs); fit it again from this store.")
     _, model_config = store.head_state()
     _check_head_loads(head_file(result_path), model_config, store.manifest["backbone"])
     staging = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.part")

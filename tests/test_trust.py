@@ -103,14 +103,23 @@ def test_a_changed_option_never_returns_the_old_numbers(store, tmp_path, change)
     assert again.skipped and again.path == second.path
 
 
-def test_the_same_name_of_another_store_content_is_refused(store, tmp_path):
+def test_a_run_whose_store_changed_under_it_is_recomputed_and_says_why(store, tmp_path):
     config = FitConfig(store=str(store), out=str(tmp_path / "r"), **SMALL)
     (first,) = fit(config)
-    with open_store(str(store), "a") as writable:  # the store grows a view: other numbers
-        writable.add_views(writable.manifest["views"]["count"] + 1)
-    with pytest.raises(ResultError, match=r"holds a run of other settings.*manifest_sha256"):
-        fit(config)
-    assert load_result(first.path).identity_sha256 == first.identity_sha256
+    with open_store(str(store), "a") as writable:  # skipped images change no run's numbers
+        writable.record_skipped([{"split": "train", "error": "train/broken.jpg: unreadable"}])
+    (again,) = fit(config)
+    assert again.skipped and again.identity_sha256 == first.identity_sha256
+    with open_store(str(store), "a") as writable:  # another text classifier: other numbers
+        sentences = writable.prompt_sentences("hand")
+        weights = -writable.classifier("hand")
+        embeddings, _ = writable.sentence_embeddings("hand")
+        writable.write_classifier("hand", weights, sentences, -embeddings)
+    (second,) = fit(config)
+    assert not second.skipped and second.path == first.path
+    assert second.identity_sha256 != first.identity_sha256
+    assert "recomputed" in second.note and "prompts_sha256" in second.note
+    assert load_result(first.path).identity_sha256 == second.identity_sha256  # never the old
 
 
 def test_fit_table_says_which_options_differ(store, tmp_path):
@@ -193,6 +202,10 @@ def test_an_edited_option_in_a_fitted_result_breaks_its_identity(store, tmp_path
     document = json.loads(result.path.read_text())
     document["config"]["beta"] = 0.9  # the numbers stay beta 0.5's
     result.path.write_text(json.dumps(document))
+    with pytest.raises(ResultError, match="content_sha256"):
+        load_result(result.path)
+    document["identity"]["options"]["beta"] = 0.9  # and its identity block: its hash breaks
+    result.path.write_text(json.dumps(document))
     with pytest.raises(ResultError, match="identity_sha256"):
         load_result(result.path)
 
@@ -236,7 +249,7 @@ def test_report_prints_a_footnote_per_reason(tmp_path):
     write_record(tmp_path, result_record("food101", 16, 1, 0.8, 0.77, prompts="cupl.json"))
     code, output = invoke("report", tmp_path, "--format", "md")
     assert code == 0, output
-    assert "paper '-': prompts cupl.json, not the hand templates" in output
+    assert "paper '-': prompts cupl, not the hand templates" in output
 
 
 # --- nothing non-finite becomes a number ------------------------------------------------------

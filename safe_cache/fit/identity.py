@@ -1,13 +1,14 @@
 """A run's identity: everything that changes its numbers, and the short name that tells runs of
 different options apart on disk.
 
-The identity of one (store, shots, seed) run is the store (its backbone fingerprint, its sealed
-manifest, the test rows it holds, the digests of the run's few-shot rows and of the prompt
-set's classifier and sentences), the prompt set, the recipe, the grid, iterations, batch,
-evaluation cadence, beta, betas, blend, the optional methods and their settings, where Tip-F and
-SAFE-A select, the OOD stores (sealed too) and whether a partial test split was accepted. Not in
-it: the device, test-chunk size, cache folder, cluster and CUDA-graph settings, which change
-where and how fast a run goes, not what it computes (float rounding aside).
+The identity of one (store, shots, seed) run is the store (its backbone fingerprint, the digest
+of what a run reads from its manifest: card, dataset, views; the test rows it holds; the digests
+of the run's few-shot rows and of the prompt set's classifier and sentences), the prompt set (by
+its stored name), the recipe, the grid, iterations, batch, evaluation cadence, beta, betas,
+blend, the optional methods and their settings, where Tip-F and SAFE-A select, and the OOD
+stores (by the same digest). Not in it: the device, test-chunk size, cache folder, cluster and
+CUDA-graph settings, which change where and how fast a run goes, not what it computes (float
+rounding aside), nor the images extract skipped or the manifest's time stamps.
 
 It is computed from what a result records (its `config`, `recipe`, `store` and `ood` blocks), so
 results written before identities existed get one too, and the `identity_sha256` a result
@@ -20,16 +21,18 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
+from ..data.prompts import prompt_set_name
 from ..identity import canonical_sha256
 
 # FitConfig fields that change a run's numbers (besides store, shots, seed and recipe).
 OPTION_FIELDS = ("prompts", "lrs", "wds", "iters", "batch_size", "eval_every", "beta", "betas",
-                 "blend", "methods", "tip_epochs", "select_on", "eval_ood", "partial")
+                 "blend", "methods", "tip_epochs", "select_on", "eval_ood")
+# (--partial is not one: the test rows a run evaluated are in its store block.)
 # Options the result's file name already says (recipe name, `_test-selected`).
 NAMED_FIELDS = ("select_on",)
 UNORDERED = ("methods", "eval_ood")  # sets: their order changes nothing
 # A result's store block: what the run read (older results lack the digests: None).
-STORE_FIELDS = ("fingerprint", "manifest_sha256", "test_rows", "fewshot_sha256",
+STORE_FIELDS = ("fingerprint", "store_sha256", "test_rows", "fewshot_sha256",
                 "prompts_sha256")
 
 
@@ -52,6 +55,8 @@ def normalise(options: dict[str, Any]) -> dict[str, Any]:
             value = [float(v) + 0.0 for v in value]  # + 0.0: -0.0 is 0.0
         if name == "beta":
             value = float(value) + 0.0
+        if name == "prompts" and isinstance(value, str):
+            value = prompt_set_name(value)  # a file by its stored name: its content has a digest
         out[name] = value
     return out
 
@@ -82,8 +87,8 @@ def run_identity(store: dict[str, Any], dataset: str, shots: int, seed: int,
                  ood: dict[str, Any] | None = None,
                  backbone: dict[str, Any] | None = None) -> dict[str, Any]:
     """The identity of one run, as a JSON object; `store` is a result's store block
-    (fingerprint, manifest_sha256, test_rows), `recipe` its recipe block, `ood` the variants'
-    stores {name: {manifest_sha256}}, `backbone` the names it is reported under (the
+    (fingerprint, store_sha256, test_rows, the digests), `recipe` its recipe block, `ood` the
+    variants' stores {name: {store_sha256}}, `backbone` the names it is reported under (the
     fingerprint identifies the features; these the row a report puts them in)."""
     return {
         "dataset": dataset, "shots": shots, "seed": seed,
@@ -91,7 +96,7 @@ def run_identity(store: dict[str, Any], dataset: str, shots: int, seed: int,
         "store": {k: store.get(k) for k in STORE_FIELDS},
         "options": options_of(config),
         "recipe": {k: v for k, v in recipe.items() if k != "loss_logit_scale"},
-        "ood": {name: (block or {}).get("manifest_sha256")
+        "ood": {name: (block or {}).get("store_sha256")
                 for name, block in sorted((ood or {}).items())},
     }
 

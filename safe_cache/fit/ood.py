@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..identity import card_fingerprint
+from ..identity import SEAL_FIELD, card_fingerprint
 from ..store import check_fingerprint, default_store_url, open_store
 from ..store.paths import backbone_label
 from .evaluate import accuracy, stream_split
@@ -43,15 +43,14 @@ def ood_seals(names: tuple[str, ...], source_url: str, card: dict[str, Any],
               partial: bool = False) -> dict[str, dict[str, Any]]:
     """Each variant's store seal (part of the run's identity), the stores opened and checked
     (same backbone; test split complete unless `partial`) before any run starts."""
-    from ..identity import SEAL_FIELD
-
     out = {}
     for name, url in resolve_ood_stores(names, source_url, card).items():
         store = open_store(url)
         check_fingerprint(store, card_fingerprint(card), card)
         if not partial:
             store.check_complete("test")
-        out[name] = {"manifest_sha256": store.manifest[SEAL_FIELD]}
+        out[name] = {"store_sha256": store.content_sha256,
+                     "manifest_sha256": store.manifest[SEAL_FIELD]}
     return out
 
 
@@ -78,7 +77,8 @@ def evaluate_ood(head, predictors: dict[str, Callable], stores: dict[str, str],
                 classes = logits.shape[1]
                 hits[method] += accuracy(logits, labels) * len(labels)
             images += len(labels)
-        results[name] = {"store": url, "manifest_sha256": store.manifest["manifest_sha256"],
+        results[name] = {"store": url, "store_sha256": store.content_sha256,
+                         "manifest_sha256": store.manifest[SEAL_FIELD],
                          "images": images,
                          "classes": classes if classes is not None else len(subset or []),
                          **{k: v / max(images, 1) for k, v in hits.items()}}

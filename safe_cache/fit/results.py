@@ -212,11 +212,13 @@ class RunResult:
                 FitConfig.from_dict(self.config, str(source))
             except ConfigError as exc:
                 raise ResultError(f"{exc}; fit it again (--force).") from None
-        if self.identity_sha256 is not None and self.identity_sha256 != \
-                run_id.identity_sha256(self.run_identity):
-            raise ResultError(f"{source}: its options do not match its identity_sha256 (an"
-                              f" option was edited by hand); fit it again"
-                              f" (--force).")
+        # The identity as written (a later safe-cache may compute identities with more
+        # fields: fit then runs such a result again; here only its own hash is checked).
+        if self.identity_sha256 is not None and (
+                not isinstance(self.identity, dict)
+                or self.identity_sha256 != run_id.identity_sha256(self.identity)):
+            raise ResultError(f"{source}: its identity does not match its identity_sha256"
+                              f" (edited by hand); fit it again (--force).")
 
 
 def content_sha256(data: dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..atomic import atomic_write_with
-from ..errors import DeviceMemoryError, ResultError, SafeCacheError
+from ..errors import DeviceMemoryError, SafeCacheError
 from ..runtime.allocator import tune_cpu_allocator
 from ..runtime.cluster import JobProgress, WorkerProgress, connect, gather_as_completed
 from ..runtime.device import out_of_memory_reason
@@ -58,6 +58,7 @@ def fit_stores(configs: list[FitConfig], progress: ProgressSink = null_progress,
              for c, s in zip(configs, stores, strict=True)]
     results: dict[tuple[int, int, int], RunResult] = {}
     todo: list[tuple[int, int, int]] = []  # (config index, shots, seed) still to run
+    notes: dict[tuple[int, int, int], str] = {}  # why a run that had a result runs again
     owners: dict[Path, str] = {}
     for index, (config, store) in enumerate(zip(configs, stores, strict=True)):
         for shots in config.shots:
@@ -69,21 +70,18 @@ def fit_stores(configs: list[FitConfig], progress: ProgressSink = null_progress,
                                          f" other in {path.parent}. Fit them with different"
                                          f" --out folders.")
                 existing = None if config.force else whole_result(path)
-                block = store_block(store, config.prompts, shots, seed)
-                wanted = run_id.run_identity(block, store.manifest["dataset"]["name"],
-                                             shots, seed, _config_block(config),
-                                             config.recipe.record(), seals[index],
-                                             store.manifest["backbone"])
-                if existing is not None and existing.run_identity != wanted:
-                    changes = run_id.differences(existing.run_identity, wanted)
-                    raise ResultError(
-                        f"{path} holds a run of other settings ({'; '.join(changes[:4])}):"
-                        f" its numbers are not this run's. Recompute it with --force, or fit"
-                        f" into another --out. Nothing was written.")
-                if existing is not None:
+                wanted = wanted_identity(config, store, shots, seed, seals[index])
+                if existing is not None and existing.run_identity == wanted:
                     results[index, shots, seed] = replace(existing, skipped=True)
-                else:  # new, forced, or left half-written by a killed run: run it (again)
-                    todo.append((index, shots, seed))
+                    continue
+                # new, forced, left half-written by a killed run, or of another identity (the
+                # store changed under it, an older safe-cache's result): run it (again)
+                todo.append((index, shots, seed))
+                if existing is not None:
+                    changes = run_id.differences(existing.run_identity, wanted)
+                    notes[index, shots, seed] = (
+                        f"{path.name}: recomputed, the result there was not this run's"
+                        f" ({'; '.join(changes[:3]) or 'an older safe-cache'})")
     first = configs[0]
     with connect(first.scheduler, first.local_workers) if client is None \
             else contextlib.nullcontext(client) as client:
@@ -93,7 +91,22 @@ def fit_stores(configs: list[FitConfig], progress: ProgressSink = null_progress,
                                                            configs[index], progress)
         else:
             results.update(_fit_on_cluster(client, configs, todo, progress))
+    for key, note in notes.items():
+        results[key].note = note
     return [results[key] for key in sorted(results)]
+
+
+def wanted_identity(config: FitConfig, store: FeatureStore, shots: int, seed: int,
+                    seals: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The identity a run of `config` on `store` would record (`seals`: its OOD stores', from
+    ood_seals; resolved here when not given): what an existing result must equal to be
+    reused."""
+    if seals is None:
+        seals = ood_seals(config.eval_ood, store.url, store.manifest["backbone"], True)
+    return run_id.run_identity(store_block(store, config.prompts, shots, seed),
+                               store.manifest["dataset"]["name"], shots, seed,
+                               _config_block(config), config.recipe.record(), seals,
+                               store.manifest["backbone"])
 
 
 def run_path(config: FitConfig, store: FeatureStore, shots: int, seed: int) -> Path:
@@ -119,14 +132,17 @@ def _config_block(config: FitConfig) -> dict[str, Any]:
 def beside_note(record: RunResult, path: Path) -> str | None:
     """What tells a new result from the others of its shots, seed and recipe in its folder
     (the options that differ), for fit's table; None when it stands alone."""
-    stem = expected_name(record, suffixed=False).removesuffix(".json")
-    for other in sorted(path.parent.glob(f"{stem}*.json")):
+    plain = expected_name(record, suffixed=False)
+    for other in sorted(path.parent.glob(f"{plain.removesuffix('.json')}*.json")):
         if other == path or not NAME_SCHEME.match(other.name):
             continue
         try:
-            changes = run_id.differences(load_result(other).run_identity, record.run_identity)
+            theirs = load_result(other)
         except SafeCacheError:
             continue
+        if expected_name(theirs, suffixed=False) != plain:  # another recipe or selection
+            continue
+        changes = run_id.differences(theirs.run_identity, record.run_identity)
         if changes:
             return f"{path.name}: new, beside {other.name} ({'; '.join(changes[:4])})"
     return None

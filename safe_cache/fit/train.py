@@ -232,7 +232,7 @@ def store_block(store: FeatureStore, prompts: str, shots: int, seed: int) -> dic
     of the run's identity: a store re-extracted from another split, or a prompt file of the
     same name, is another run)."""
     return {"url": store.url, "fingerprint": store.fingerprint,
-            "manifest_sha256": store.manifest[SEAL_FIELD],
+            "manifest_sha256": store.manifest[SEAL_FIELD], "store_sha256": store.content_sha256,
             "test_rows": int(store.readable_rows("test").size),
             "fewshot_sha256": store.fewshot_sha256(seed, shots),
             "prompts_sha256": store.classifier_sha256(prompt_set_name(prompts))}

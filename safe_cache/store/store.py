@@ -131,6 +131,16 @@ class FeatureStore:
         return self.manifest["backbone_fingerprint"]
 
     @property
+    def content_sha256(self) -> str:
+        """The digest of what a run reads from the manifest: the backbone card, the dataset
+        (names, split file, sizes, Tip-Adapter's settings), the views recipe and whether the
+        mirrored view is there; not the time stamps, layout or the list of skipped images
+        (which change no run's numbers: the rows a run reads have their own digests)."""
+        manifest = self.manifest
+        return canonical_sha256({k: manifest.get(k) for k in ("backbone", "dataset", "views",
+                                                             "center_flip")})
+
+    @property
     def layout(self) -> StoreLayout:
         return StoreLayout(**self.manifest["layout"])
 

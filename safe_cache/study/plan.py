@@ -9,6 +9,7 @@ seconds, not hours into the study.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,13 +164,21 @@ def _has_classifier(store, prompts: str) -> bool:
     return True
 
 
-def _run_status(path: Path) -> str:
-    from ..errors import ResultError
+def _run_status(path: Path, config, shots: int, seed: int) -> str:
+    """"done" when the result there is whole and of the identity fit would give the run now
+    (the store may have changed under it), else "todo" (fit then runs it again)."""
     from ..fit.results import whole_result
+    from ..fit.runs import wanted_identity
+    from ..store import open_store
 
     try:
-        return "todo" if whole_result(path) is None else "done"
-    except ResultError:  # malformed: fit refuses it, naming it (--force reruns it)
+        existing = whole_result(path)
+        if existing is None:
+            return "todo"
+        with contextlib.closing(open_store(config.store)) as store:
+            return "done" if existing.run_identity == wanted_identity(
+                config, store, shots, seed) else "todo"
+    except SafeCacheError:  # malformed, or a store not there yet: fit decides, naming it
         return "todo"
 
 
@@ -235,8 +244,8 @@ def plan_study(study: Study, root: str | Path, *, stores: str | None = None,
                 for seed in study.seeds:
                     path = config_result_path(config, manifest, shots, seed)
                     plan.runs.append(RunItem(item.dataset, item.backbone, recipe, resolved,
-                                             variant, shots, seed, path, _run_status(path),
-                                             item.url))
+                                             variant, shots, seed, path,
+                                             _run_status(path, config, shots, seed), item.url))
     plan.seconds, plan.estimate_note = _estimate(plan, device)
     return plan
 
