@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import ConfigError
 from ..runtime import checks
 from ..runtime.device import resolve_device
 from ..store import StoreLayout
@@ -57,11 +56,8 @@ class ExtractConfig:
         if self.max_pixels is not None:
             checks.at_least("max_pixels", self.max_pixels, 1)
         checks.at_least("local_workers", self.local_workers, 0)
-        for name in ("views", "batch_size", "writer_threads", "task_images", "local_workers",
-                     "view_seed", "init_seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"{checks.option(name)} {value!r}: must be a whole number.")
+        checks.whole_numbers(self, ("views", "batch_size", "writer_threads", "task_images",
+                                    "local_workers", "view_seed", "init_seed"))
         checks.at_least("views", self.views, 0, high=1000)
         checks.one_of("precision", self.precision, ("fp32", "fp16", "bf16"))
         checks.one_of("decode", self.decode, ("workers", "device"))

@@ -126,10 +126,8 @@ class FitConfig:
             raise ConfigError("--out is empty: name the results folder.")
         if self.tip_epochs is not None:
             checks.at_least("tip_epochs", self.tip_epochs, 1, high=MAX_TIP_EPOCHS)
-        for name in ("iters", "batch_size", "eval_every", "test_chunk", "local_workers"):
-            if not isinstance(getattr(self, name), int):
-                raise ConfigError(f"{checks.option(name)} {getattr(self, name)!r}: must be a"
-                                  f" whole number.")
+        checks.whole_numbers(self, ("iters", "batch_size", "eval_every", "test_chunk",
+                                    "local_workers"))
         checks.one_of("blend", self.blend, ("blend", "each"))
         checks.one_of("select_on", self.select_on, ("val", "test"))
         checks.subset_of("methods", self.methods, OPTIONAL_METHODS)

@@ -26,6 +26,14 @@ def number(field: str, value: Any) -> float:
     return value
 
 
+def whole_numbers(config: Any, names: Iterable[str]) -> None:
+    """Each named field of `config` an int (not a bool, not a float such as 1e308)."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{option(name)} {value!r}: must be a whole number.")
+
+
 def at_least(field: str, value: float, low: float, *, what: str = "",
              high: float | None = None) -> None:
     """low <= value (<= high when given), a finite number."""
