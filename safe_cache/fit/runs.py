@@ -70,14 +70,15 @@ def fit_stores(configs: list[FitConfig], progress: ProgressSink = null_progress,
                                          f" other in {path.parent}. Fit them with different"
                                          f" --out folders.")
                 existing = None if config.force else whole_result(path)
-                wanted = wanted_identity(config, store, shots, seed, seals[index])
+                wanted = None if existing is None else \
+                    wanted_identity(config, store, shots, seed, seals[index])
                 if existing is not None and existing.run_identity == wanted:
                     results[index, shots, seed] = replace(existing, skipped=True)
                     continue
                 # new, forced, left half-written by a killed run, or of another identity (the
                 # store changed under it, an older safe-cache's result): run it (again)
                 todo.append((index, shots, seed))
-                if existing is not None:
+                if wanted is not None:  # a result was there: say why it runs again
                     changes = run_id.differences(existing.run_identity, wanted)
                     notes[index, shots, seed] = (
                         f"{path.name}: recomputed, the result there was not this run's"

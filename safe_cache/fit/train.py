@@ -88,14 +88,15 @@ class RunData:
         store.check_rows("train", train_rows)  # a missing chunk would read as zeros
         store.check_rows("val", val_rows)
         classes = store.manifest["dataset"]["num_classes"]
-        for split, rows in (("train", train_rows), ("val", val_rows)):
-            labels = store.read_rows(split, "label", rows)
-            if labels.min() < 0 or labels.max() >= classes:
+        read = {split: store.read_rows(split, "label", rows).astype(np.int64)
+                for split, rows in (("train", train_rows), ("val", val_rows))}
+        for split, split_labels in read.items():
+            if split_labels.min() < 0 or split_labels.max() >= classes:
                 raise StoreError(f"{store.url}: fewshot seed {seed} shots {shots} names {split}"
                                  f" rows whose labels are not classes 0..{classes - 1} (padding"
                                  f" or damage); run `safe-cache verify {store.url}`.")
         train = store.arrays("train")
-        labels = store.read_rows("train", "label", train_rows).astype(np.int64)
+        labels = read["train"]
         parts = []  # (dense samples, their labels), in Cross-Modal's order: centers, flips, ...
         if recipe.train_views in ("center+flip", "all"):
             if not store.center_flip:
@@ -114,8 +115,7 @@ class RunData:
         self.train_rows, self.image_labels = train_rows, torch.from_numpy(labels)
         self.val_dense = torch.from_numpy(store.read_rows("val", "dense", val_rows))
         self.val_pooled = torch.from_numpy(store.read_rows("val", "pooled", val_rows))
-        self.val_labels = torch.from_numpy(
-            store.read_rows("val", "label", val_rows).astype(np.int64))
+        self.val_labels = torch.from_numpy(read["val"])
         self.store = store
 
 
