@@ -39,6 +39,15 @@ class FetchError(DatasetError):
     and whether running the command again resumes it."""
 
 
+class ArchiveError(FetchError):
+    """A downloaded archive is corrupt or not an archive; its download is removed, so running
+    the command again fetches it afresh."""
+
+
+class ArchiveBombError(FetchError):
+    """An archive expands past its limits (bytes or members): refused as a bomb."""
+
+
 class ImageReadError(SafeCacheError):
     """An image could not be opened or decoded."""
 
@@ -86,6 +95,8 @@ class SafeCacheWarning(UserWarning):
 
 
 __all__ = [
+    "ArchiveBombError",
+    "ArchiveError",
     "ClusterError",
     "ConfigError",
     "DatasetError",

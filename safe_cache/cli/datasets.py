@@ -99,14 +99,24 @@ def _print_plan(plans: list) -> None:
               help="Keep the downloaded archives (under ROOT/.fetch/) after unpacking.")
 @click.option("--workers", default=None, type=click.IntRange(1),
               help="Processes that cut UCF101's frames [default: cores - 1].")
+@click.option("--repair", is_flag=True,
+              help="Complete a folder the reader rejects (images deleted, a damaged split"
+              " file) from the archives: only what is missing or differs from the archive's"
+              " copy is written; your other files stay.")
+@click.option("--unpack-margin", "margin", default=8.0, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help="An archive may expand to at most this many times its expected size (and"
+              " as many files); more is refused as an archive bomb.")
 @click.option("--dry-run", is_flag=True,
               help="List what would be downloaded, from where, and the disk needed; fetch"
               " nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def fetch(names: str, root: str | None, sources_file: str | None, keep_archives: bool,
-          workers: int | None, dry_run: bool, as_json: bool) -> None:
+          workers: int | None, repair: bool, margin: float, dry_run: bool,
+          as_json: bool) -> None:
     """Download NAME (or 'all'), check every checksum, lay it out as its spec says, and check
-    it with the reader. Resumable; a complete folder is left alone."""
+    it with the reader. Resumable; a complete folder is left alone. Writes only under the
+    data root; local sources are copied, never moved."""
     from ..data.datasets import resolve_data_root
     from ..data.fetch import fetch as fetch_datasets
     from ..data.fetch import plan_fetch
@@ -121,14 +131,15 @@ def fetch(names: str, root: str | None, sources_file: str | None, keep_archives:
     with RichProgress(unit="B") as progress:
         reports = fetch_datasets(wanted, data_root, sources=sources_file,
                                  keep_archives=keep_archives, progress=progress,
-                                 workers=workers)
+                                 workers=workers, repair=repair, margin=margin)
     if as_json:
         print_json([r.as_json() for r in reports])
         return
     table = Table(title=f"datasets fetch under {data_root}")
-    for column in ("dataset", "status", "folder", "downloaded", "seconds"):
+    for column in ("dataset", "status", "folder", "downloaded", "files added", "replaced",
+                   "seconds"):
         table.add_column(column, overflow="fold")
     for r in reports:
         table.add_row(r.dataset, r.status, r.folder, ", ".join(r.downloaded) or "-",
-                      f"{r.seconds:.1f}")
+                      str(r.added), str(r.replaced), f"{r.seconds:.1f}")
     console.print(table)

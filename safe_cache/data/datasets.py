@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import random
+import typing
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from typing import Any
 
 from ..errors import DatasetError, SafeCacheWarning
 from ..identity import file_sha256
+from ..records import type_problem
 from .sources import Source, parse_sources
 
 SPLITS = ("train", "val", "test")
@@ -60,6 +62,9 @@ class DatasetSpec:
             raw = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise DatasetError(f"Dataset spec {path} is not readable JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise DatasetError(f"Dataset spec {path} must be a JSON object of fields (see"
+                               f" pipelines/README.md).")
         known = set(cls.__dataclass_fields__) - {"path"}
         unknown = set(raw) - known
         if unknown:
@@ -68,12 +73,29 @@ class DatasetSpec:
         missing = {"name", "kind", "folder"} - set(raw)
         if missing:
             raise DatasetError(f"Dataset spec {path} lacks {sorted(missing)}.")
+        _check_fields(raw, path)
         if raw["kind"] not in READERS:
             raise DatasetError(f"Dataset spec {path}: unknown kind '{raw['kind']}'; known kinds:"
                                f" {', '.join(sorted(READERS))}.")
         raw["templates"] = tuple(raw.get("templates", cls.templates))
         raw["sources"] = parse_sources(raw.get("sources", []), f"Dataset spec {path}")
+        raw["folder"] = raw["folder"].rstrip("/")
         return cls(**raw, path=str(path))
+
+
+def _check_fields(raw: dict[str, Any], path: Path) -> None:
+    """Each field's type (DatasetSpec's annotations) and range (data.schema), in one line
+    naming the file and the field."""
+    from .schema import value_problem
+
+    hints = typing.get_type_hints(DatasetSpec)
+    for key, value in raw.items():
+        if key == "sources":
+            continue
+        problem = type_problem(value, hints[key]) or value_problem(key, value)
+        if problem:
+            raise DatasetError(f"Dataset spec {path}: field '{key}' {problem}; fix it (the"
+                               f" fields are in pipelines/README.md).")
 
 
 def _spec_dir() -> Path:
@@ -244,12 +266,43 @@ def _clean_classname(name: str) -> str:
     return name.replace("_", " ")
 
 
+def split_entries(raw: dict[str, Any], path: Path,
+                  num_classes: int | None = None) -> dict[str, list[Entry]]:
+    """A split file's train/val/test lists as entries, each item checked ([path, label, ...]:
+    a non-empty path, a whole-number label in range): a damaged or hand-edited split file is
+    one line naming the file, the split and the item, never a ValueError."""
+    splits = {}
+    for split in SPLITS:
+        items = raw.get(split)
+        if not isinstance(items, list):
+            raise DatasetError(f"{path}: '{split}' is {items!r:.40}, not a list of [path,"
+                               f" label, classname]; the file is damaged: fetch it again"
+                               f" (`datasets fetch ... --repair`) or fix it.")
+        entries = []
+        for index, item in enumerate(items):
+            ok = isinstance(item, list) and len(item) >= 2 and isinstance(item[0], str) \
+                and item[0] and isinstance(item[1], int) and not isinstance(item[1], bool) \
+                and item[1] >= 0 and (num_classes is None or item[1] < num_classes)
+            if not ok:
+                raise DatasetError(f"{path}: {split}[{index}] is {item!r:.80}, not [path, label"
+                                   f" (a whole number{f' < {num_classes}' if num_classes else ''}"
+                                   f"), classname]; the file is damaged: fetch it again"
+                                   f" (`datasets fetch ... --repair`) or fix it.")
+            entries.append(Entry(item[0], item[1]))
+        splits[split] = entries
+    return splits
+
+
 def _classnames_from_entries(raw: dict[str, list], path: Path) -> list[str]:
     """Class names by label from the split file's third field (underscores become spaces)."""
     names: dict[int, str] = {}
     for split in SPLITS:
-        for item in raw.get(split, []):
-            names.setdefault(int(item[1]), _clean_classname(str(item[2])))
+        for index, item in enumerate(raw.get(split, [])):
+            if len(item) < 3 or not isinstance(item[2], str):
+                raise DatasetError(f"{path}: {split}[{index}] {item!r:.80} has no class name"
+                                   f" (a third field); the file is damaged or not a CoOp"
+                                   f" split file.")
+            names.setdefault(item[1], _clean_classname(item[2]))
     if sorted(names) != list(range(len(names))):
         raise DatasetError(f"{path}: labels are not 0..{len(names) - 1}.")
     return [names[label] for label in range(len(names))]
@@ -267,16 +320,21 @@ def read_split_zhou(spec: DatasetSpec, root: Path, make_split: bool) -> Dataset:
         if split not in raw:
             raise DatasetError(f"{path} has no '{split}' list; a split file holds train, val"
                                f" and test lists of [path, label, classname].")
-    splits = {split: [Entry(str(p), int(label)) for p, label, *_ in raw[split]]
-              for split in SPLITS}
+    splits = split_entries(raw, path)
     return Dataset(spec, root, _classnames_from_entries(raw, path), splits, path, generated)
 
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"{path} is not a readable JSON split file: {exc}") from exc
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path} is not a readable JSON split file: {exc}. If fetch put it"
+                           f" there, `safe-cache datasets fetch ... --repair` restores"
+                           f" it.") from exc
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{path} is not a split file (a JSON object of train, val and test"
+                           f" lists).")
+    return raw
 
 
 def _missing_split(spec: DatasetSpec, root: Path, path: Path, make_split: bool) -> Path:
@@ -430,9 +488,7 @@ def read_imagenet(spec: DatasetSpec, root: Path, make_split: bool) -> Dataset:
     if not path.is_file():
         _warn_generated(spec, generated)
         path = generated
-    raw = _read_json(path)
-    splits = {split: [Entry(str(p), int(label)) for p, label, *_ in raw[split]]
-              for split in SPLITS}
+    splits = split_entries(_read_json(path), path, len(names))
     return Dataset(spec, root, names, splits, path, path == generated)
 
 
@@ -508,8 +564,7 @@ def read_imagefolder(spec: DatasetSpec, root: Path, make_split: bool) -> Dataset
     path = root / spec.folder / f"split_generated_{spec.name}.json"
     _ensure_generated(spec, image_root, path)
     raw = _read_json(path)
-    splits = {split: [Entry(str(p), int(label)) for p, label, *_ in raw[split]]
-              for split in SPLITS}
+    splits = split_entries(raw, path)
     return Dataset(spec, root, _classnames_from_entries(raw, path), splits, path, True)
 
 

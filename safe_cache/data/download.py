@@ -6,31 +6,37 @@ zero), and it reports with tqdm. Here a download streams into `<file>.part`, con
 HTTP Range request after an interruption (a server that ignores the range restarts it cleanly),
 shows bytes on the caller's progress sink, and only a file whose checksum matched is renamed to
 its final name. The checksums themselves are torchvision's helpers (`calculate_md5`) and ours
-(`file_sha256`). Tar archives unpack through the standard library with its "data" filter (no
-member may leave the target folder, no devices or links out); zip and single-file compression
-through torchvision's `extract_archive`; RAR through an external tool when one is installed.
+(`file_sha256`). Every kept download has a record beside it (`.<file>.verified.json`: the
+checksum, or where none is published the URL and size, it was checked against), and is reused
+only while today's source says the same; an unfinished `.part` is keyed the same way. A local
+source (an absolute path, file://) is copied and checked like a download; the original is
+never moved or removed. Unpacking is data.unpack.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import hashlib
 import http.client
-import shutil
-import subprocess
-import tarfile
+import json
 import urllib.error
 import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
 from .._version import __version__
+from ..atomic import atomic_write_text
 from ..errors import FetchError
 from ..identity import file_sha256
+from ..names import inside
 from ..runtime.progress import ProgressSink, null_progress
-from .sources import Source
+from .sources import Source, is_local, local_path
 
 USER_AGENT = f"safe-cache/{__version__}"
 CHUNK = 1 << 20
 TIMEOUT_S = 60
+RECORD_SUFFIX = ".verified.json"
 
 
 def file_checksum(path: Path, algorithm: str) -> str:
@@ -107,7 +113,8 @@ def _stream(source: Source, part: Path, progress: ProgressSink, label: str) -> N
 
 
 def check_download(path: Path, source: Source) -> None:
-    """Refuse a file whose checksum differs from the spec's; the bad file is removed."""
+    """Refuse a file whose checksum differs from the spec's; the bad file (a `.part` of ours)
+    is removed."""
     if source.checksum is None:
         return
     algorithm, expected = source.checksum
@@ -121,49 +128,92 @@ def check_download(path: Path, source: Source) -> None:
             f" copy (--sources FILE) or correct the spec's {algorithm}.")
 
 
+def _key(source: Source) -> str:
+    """What a download is of: its checksum where one is published, else its URL."""
+    text = ":".join(source.checksum) if source.checksum else source.url
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def part_path(source: Source, downloads: Path) -> Path:
+    """Where an unfinished download of this source lives: keyed by what it is of, so a part
+    left by a run whose source had another checksum (or URL) is never continued."""
+    return inside(downloads, f"{source.file}.{_key(source)}.part", what="source file",
+                  error=FetchError)
+
+
+def record_path(final: Path) -> Path:
+    return final.with_name(f".{final.name}{RECORD_SUFFIX}")
+
+
+def write_record(final: Path, source: Source, verdict: str) -> None:
+    """What a kept download was checked against: the checksum (or, where none is published,
+    its size), and the verdict ('checksum', 'size', then 'unpacked' once it unpacked whole)."""
+    record = {"file": source.file, "url": source.url, "key": _key(source),
+              "checksum": list(source.checksum) if source.checksum else None,
+              "bytes": final.stat().st_size, "verdict": verdict}
+    atomic_write_text(record_path(final), json.dumps(record, indent=2) + "\n")
+
+
+def reusable(final: Path, source: Source) -> bool:
+    """A kept download is used again only when its record says it was checked against what
+    today's source says (same checksum, or same URL where none is published) and its size
+    is the one checked."""
+    try:
+        record = json.loads(record_path(final).read_text())
+        return final.is_file() and record.get("key") == _key(source) and \
+            record.get("checksum") == (list(source.checksum) if source.checksum else None) and \
+            record.get("bytes") == final.stat().st_size
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def forget(final: Path) -> None:
+    """Remove a download of ours and its record (both under ROOT/.fetch/)."""
+    for path in (final, record_path(final)):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _copy_local(source: Source, part: Path, progress: ProgressSink, label: str) -> None:
+    """A local source (an absolute path, file://) copied into `part`; the original is only
+    read, never moved or removed."""
+    original = local_path(source.url)
+    if not original.is_file():
+        raise FetchError(f"{source.file}: the local source {original} is not a file; point"
+                         f" the source at the file (--sources FILE) and run again.")
+    task = progress.start(label, original.stat().st_size)
+    try:
+        with open(original, "rb") as reader, open(part, "wb") as out:
+            while chunk := reader.read(CHUNK):
+                out.write(chunk)
+                progress.advance(task, len(chunk))
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(part)
+        raise
+    finally:
+        progress.finish(task)
+
+
 def download(source: Source, downloads: Path, progress: ProgressSink = null_progress,
              label: str | None = None) -> Path:
-    """The source's file under `downloads`, fetched (or continued) and checksummed."""
+    """The source's file under `downloads`, fetched (or continued) and checksummed. A file
+    kept from an earlier run is reused only when its record matches today's source; a file
+    without one (or with another's) is ours to remove, so it is downloaded again."""
     downloads.mkdir(parents=True, exist_ok=True)
-    final = downloads / source.file
-    if final.is_file():
-        return final  # renamed to its final name only after its checksum matched
-    part = final.with_name(final.name + ".part")
-    _stream(source, part, progress, label or source.file)
+    final = inside(downloads, source.file, what="source file", error=FetchError)
+    if reusable(final, source):
+        return final
+    forget(final)
+    part = part_path(source, downloads)
+    for stale in downloads.glob(f"{glob.escape(source.file)}.*.part"):
+        if stale != part:  # a part of another checksum or URL: never continued
+            stale.unlink()
+    if is_local(source.url):
+        _copy_local(source, part, progress, label or source.file)
+    else:
+        _stream(source, part, progress, label or source.file)
     check_download(part, source)
     part.rename(final)
+    write_record(final, source, "checksum" if source.checksum else "size")
     return final
-
-
-def _unpack_rar(archive: Path, into: Path) -> None:
-    for tool, args in (("unrar", ["x", "-o+", "-idq"]), ("bsdtar", ["-xf"]), ("7z", ["x", "-y"])):
-        binary = shutil.which(tool)
-        if binary is None:
-            continue
-        out = [f"-o{into}"] if tool == "7z" else []
-        target = [str(into) + "/"] if tool == "unrar" else []
-        cwd = into if tool == "bsdtar" else None
-        subprocess.run([binary, *args, str(archive), *out, *target], check=True, cwd=cwd)
-        return
-    raise FetchError(
-        f"{archive.name} is a RAR archive and no RAR tool is installed (unrar, bsdtar or 7z:"
-        f" e.g. `apt install libarchive-tools`). Install one and run again (the download is"
-        f" kept), or unpack it yourself where the spec's `unpack` says.")
-
-
-def unpack(archive: Path, into: Path) -> None:
-    """Unpack `archive` into the folder `into` (created); members cannot leave it."""
-    into.mkdir(parents=True, exist_ok=True)
-    try:
-        if archive.suffix.lower() == ".rar":
-            _unpack_rar(archive, into)
-        elif tarfile.is_tarfile(archive):
-            with tarfile.open(archive) as tar:
-                tar.extractall(into, filter="data")
-        else:
-            from torchvision.datasets.utils import extract_archive
-
-            extract_archive(str(archive), str(into))
-    except (tarfile.TarError, RuntimeError, EOFError, subprocess.CalledProcessError) as exc:
-        raise FetchError(f"{archive.name} could not be unpacked ({exc}). Delete it and run"
-                         f" again to download it afresh.") from exc

@@ -16,10 +16,12 @@ they are there.
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import json
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +29,15 @@ from typing import Any
 
 from .._version import __version__
 from ..atomic import atomic_write_text, atomic_write_with
-from ..errors import DatasetError, FetchError
+from ..errors import ArchiveError, DatasetError, FetchError
+from ..names import inside, within
 from ..runtime.cluster import auto_workers
 from ..runtime.progress import ProgressSink, null_progress
 from .datasets import DatasetSpec, list_specs, load_spec, open_dataset
-from .download import download, unpack
+from .download import download, forget, part_path, reusable, write_record
 from .midframes import build_midframes
-from .sources import Source, SourceOverrides, load_overrides, parse_sources
+from .sources import Source, SourceOverrides, check_split_sizes, load_overrides, parse_sources
+from .unpack import DEFAULT_MARGIN, UnpackLimits, unpack
 
 WORK_DIR = ".fetch"
 LEDGER = ".safe-cache-fetch.json"
@@ -53,7 +57,7 @@ def fetch_spec(name: str, overrides: SourceOverrides) -> DatasetSpec:
     if "sources" in entry:
         changes["sources"] = parse_sources(entry["sources"], where)
     if "split_sizes" in entry:
-        changes["split_sizes"] = dict(entry["split_sizes"])
+        changes["split_sizes"] = check_split_sizes(entry["split_sizes"], where)
     return dataclasses.replace(spec, **changes)
 
 
@@ -144,7 +148,14 @@ class DatasetPlan:
 
 
 def _work(root: Path, spec: DatasetSpec) -> Path:
-    return root / WORK_DIR / spec.name
+    """ROOT/.fetch/<name>: everything in flight, all of it ours (checked inside the root)."""
+    return inside(root, WORK_DIR, spec.name, what=f"{spec.name}: the fetch folder",
+                  error=FetchError)
+
+
+def _folder(root: Path, spec: DatasetSpec) -> Path:
+    """ROOT/<folder>, checked to resolve inside the root (no symlink leads fetch out)."""
+    return within(root, spec.folder, f"{spec.name}: the dataset folder", FetchError)
 
 
 def _source_state(source: Source, root: Path, spec: DatasetSpec) -> SourceState:
@@ -153,9 +164,10 @@ def _source_state(source: Source, root: Path, spec: DatasetSpec) -> SourceState:
     if all(t != "." and ((folder / t).exists() or (stage / t).exists())
            for t in source.targets):  # "." (the whole folder) is there only when complete
         return SourceState(source, "present")
-    if (work / "downloads" / source.file).is_file():
+    downloads = work / "downloads"
+    if reusable(downloads / source.file, source):
         return SourceState(source, "downloaded")
-    part = work / "downloads" / (source.file + ".part")
+    part = part_path(source, downloads)
     if part.is_file():
         return SourceState(source, "partial", part.stat().st_size)
     return SourceState(source, "to download")
@@ -193,66 +205,150 @@ def plan_fetch(names: list[str], root: str | Path, *,
 @dataclass
 class FetchReport:
     dataset: str
-    status: str  # "present" (left alone) or "fetched"
+    status: str  # "present" (left alone), "fetched" or "repaired"
     folder: str
     downloaded: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    added: int = 0  # files put where none was
+    replaced: int = 0  # files that differed from the archive's (--repair only)
 
     def as_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def _place(source_dir: Path, target: Path) -> None:
-    """Move a complete unpacked item to its target ('.' merges a folder's children)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        if target.is_dir() and source_dir.is_dir():
-            for child in source_dir.iterdir():
-                _place(child, target / child.name)
-            return
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
-    source_dir.rename(target)
-
-
-def _fetch_source(source: Source, spec: DatasetSpec, work: Path, stage: Path,
-                  progress: ProgressSink, keep_archives: bool) -> None:
-    path = download(source, work / "downloads", progress, f"{spec.name}: {source.file}")
-    if source.to:
-        atomic_write_with(stage / source.to, lambda temporary: shutil.copy2(path, temporary))
-    else:
-        scratch = work / "unpacked" / source.file
-        shutil.rmtree(scratch, ignore_errors=True)  # a half unpack from a killed run
-        unpack(path, scratch)
-        for nested in source.nested:
-            inner = scratch / nested
-            if not inner.is_file():
-                raise FetchError(f"{source.file}: the archive holds no {nested} (its layout"
-                                 f" changed?); the spec's `nested` must name the inner archive.")
-            unpack(inner, inner.parent)
-            inner.unlink()
-        for inner, dest in source.unpack:
-            if not (scratch / inner).exists():
-                found = sorted(p.name for p in scratch.iterdir())[:8]
-                raise FetchError(f"{source.file}: the archive holds no '{inner}' (top level:"
-                                 f" {found}); the spec's `unpack` must name its inner paths.")
-            _place(scratch / inner, stage / dest)
-        shutil.rmtree(scratch)
-    if not keep_archives:
-        path.unlink()
-
-
-def _move_into_place(stage: Path, folder: Path) -> None:
-    if not folder.exists():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        stage.rename(folder)  # one rename: the dataset appears complete or not at all
+def _place(item: Path, target: Path, counts: Counter, *, replace: bool) -> None:
+    """Put an unpacked item at its target, file by file where the target exists: a missing
+    file is added; an existing one is replaced only when `replace` (our own stage, or
+    --repair) and its bytes differ. Nothing is written through a symbolic link, and nothing
+    the archive does not hold is touched."""
+    if target.is_symlink():
+        counts["kept"] += 1  # the user's link: left alone, never written through
         return
-    for item in stage.iterdir():
-        _place(item, folder / item.name)
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        item.rename(target)
+        counts["added"] += 1
+        return
+    if target.is_dir() and item.is_dir():
+        for child in item.iterdir():
+            _place(child, target / child.name, counts, replace=replace)
+    elif target.is_file() and item.is_file() and replace and \
+            not filecmp.cmp(item, target, shallow=False):
+        os.replace(item, target)
+        counts["replaced"] += 1
+    else:
+        counts["kept"] += 1
 
 
-def _write_ledger(folder: Path, spec: DatasetSpec, fetched: list[Source]) -> None:
+def _command(spec: DatasetSpec, root: Path, sources: Path | None, repair: bool = False) -> str:
+    """The command that goes on from here, for messages."""
+    extra = f" --sources {sources}" if sources else ""
+    return f"`safe-cache datasets fetch {spec.name} --root {root}{extra}" \
+           f"{' --repair' if repair else ''}`"
+
+
+@dataclass(frozen=True)
+class FetchJob:
+    """One dataset's fetch: where, how, and the command that goes on after a failure."""
+
+    spec: DatasetSpec
+    root: Path
+    work: Path
+    keep_archives: bool = False
+    margin: float = DEFAULT_MARGIN
+    sources: Path | None = None  # the sources file, for the commands in messages
+    repair: bool = False
+
+    @property
+    def again(self) -> str:
+        return _command(self.spec, self.root, self.sources, self.repair)
+
+    @property
+    def stage(self) -> Path:
+        return self.work / "stage" / self.spec.folder
+
+
+def _unpack_source(source: Source, path: Path, job: FetchJob, counts: Counter) -> None:
+    """Unpack an archive into scratch (bounded) and move its `unpack` targets to the stage."""
+    scratch = job.work / "unpacked" / source.file
+    shutil.rmtree(scratch, ignore_errors=True)  # a half unpack from a killed run: ours
+    expected = max(source.approx_bytes or 0, path.stat().st_size)
+    unpack(path, scratch, UnpackLimits.for_size(expected, job.margin))
+    for nested in source.nested:
+        inner = scratch / nested
+        if not inner.is_file() or inner.is_symlink():
+            raise FetchError(f"{source.file}: the archive holds no {nested} (its layout"
+                             f" changed?); the spec's `nested` must name the inner archive.")
+        unpack(inner, inner.parent, UnpackLimits.for_size(inner.stat().st_size, job.margin))
+        inner.unlink()
+    for inner, dest in source.unpack:
+        if not (scratch / inner).exists():
+            found = sorted(p.name for p in scratch.iterdir())[:8]
+            raise FetchError(f"{source.file}: the archive holds no '{inner}' (top level:"
+                             f" {found}); the spec's `unpack` must name its inner paths.")
+        _place(scratch / inner, job.stage / dest if dest != "." else job.stage, counts,
+               replace=True)
+    shutil.rmtree(scratch)
+
+
+def _fetch_source(source: Source, job: FetchJob, progress: ProgressSink) -> None:
+    """Download (or reuse) one source, check it, and stage what it provides. A corrupt
+    archive is removed (it is ours), so running again downloads it afresh."""
+    path = download(source, job.work / "downloads", progress, f"{job.spec.name}: {source.file}")
+    try:
+        if source.to:
+            target = job.stage / source.to
+            atomic_write_with(target, lambda temporary: shutil.copy2(path, temporary))
+        else:
+            _unpack_source(source, path, job, Counter())
+            write_record(path, source, "unpacked")
+    except ArchiveError as exc:
+        forget(path)
+        raise FetchError(f"{exc} The download {path} was removed; {job.again} downloads it"
+                         f" afresh. If that fails the same way, the source serves a broken"
+                         f" file: point it at a good copy (--sources FILE).") from exc
+    if not job.keep_archives:
+        forget(path)
+
+
+def _covers(target: str, path: str) -> bool:
+    return target == "." or path == target or path.startswith(target.rstrip("/") + "/")
+
+
+def _to_repair(spec: DatasetSpec, root: Path, done: set[Source]) -> list[Source]:
+    """The sources that hold what the folder lacks: those providing missing images; the plain
+    files (split, class names) when the reader cannot read the folder; every source when
+    nothing is found missing (--repair then compares every file with the archives)."""
+    left = [s for s in spec.sources if s not in done]
+    try:
+        dataset = open_dataset(spec, root)
+    except DatasetError:
+        plain = [s for s in left if s.to]
+        return plain or left
+    image_dir = "" if spec.image_dir == "." else spec.image_dir.rstrip("/") + "/"
+    missing = [image_dir + e.path for entries in dataset.splits.values() for e in entries
+               if not os.path.isfile(dataset.image_path(e))]
+    if not missing:
+        return left
+    covering = [s for s in left if any(_covers(t, m) for t in s.targets for m in missing)]
+    return covering or left  # frames a build step cuts: the sources it cuts them from
+
+
+def _move_into_place(job: FetchJob, folder: Path, counts: Counter, *, replace: bool) -> None:
+    if not folder.exists() and not folder.is_symlink():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        job.stage.rename(folder)  # one rename: the dataset appears complete or not at all
+        counts["added"] += 1
+        return
+    for item in job.stage.iterdir():
+        _place(item, folder / item.name, counts, replace=replace)
+
+
+def _write_ledger(folder: Path, spec: DatasetSpec, fetched: list[Source],
+                  counts: Counter) -> None:
     ledger = {"safe_cache": __version__, "dataset": spec.name,
               "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "added": counts["added"], "replaced": counts["replaced"],
               "sources": [{"file": s.file, "url": s.url,
                            "checksum": dict([s.checksum]) if s.checksum else None}
                           for s in fetched]}
@@ -268,50 +364,83 @@ def _clean(root: Path, spec: DatasetSpec, keep_archives: bool) -> None:
         (root / WORK_DIR).rmdir()
 
 
+def _incomplete(job: FetchJob, folder: Path, fetched: list[Source], problems: list[str],
+                repair: bool) -> FetchError:
+    spec = job.spec
+    if spec.manual:
+        fix = f" {spec.manual}"
+    elif repair:
+        fix = " The archives do not hold what is missing: the sources may have changed."
+    else:
+        fix = (f" {_command(spec, job.root, job.sources, repair=True)} completes it from the"
+               f" archives, replacing only what is missing or damaged.")
+    return FetchError(f"{spec.name}: fetched {[s.file for s in fetched] or 'nothing new'}, but"
+                      f" {folder} is not complete yet: {problems[0].rstrip('.')}.{fix}")
+
+
 def fetch_dataset(spec: DatasetSpec, root: Path, *, keep_archives: bool = False,
-                  progress: ProgressSink = null_progress, workers: int = 1) -> FetchReport:
-    """Fetch one dataset (see the module docstring); raises FetchError with the fix."""
+                  progress: ProgressSink = null_progress, workers: int = 1,
+                  repair: bool = False, margin: float = DEFAULT_MARGIN,
+                  sources_path: Path | None = None) -> FetchReport:
+    """Fetch one dataset (see the module docstring); raises FetchError with the fix.
+
+    repair: complete a folder the reader rejects from the archives (only what is missing or
+    differs from the archive's copy is written; the user's other files stay as they are).
+    """
     started = time.perf_counter()
-    if not problems_of(spec, root):
+    if not problems_of(spec, root) and not repair:
         _clean(root, spec, keep_archives)
         return FetchReport(spec.name, "present", str(root / spec.folder))
     if not spec.sources:
         raise FetchError(f"{spec.name}: no public download; {spec.manual or spec.split_source}")
-    work, folder = _work(root, spec), root / spec.folder
-    stage = work / "stage" / spec.folder
-    stage.mkdir(parents=True, exist_ok=True)
-    todo = [s for s in spec.sources if _source_state(s, root, spec).state != "present"]
-    for source in todo:
-        _fetch_source(source, spec, work, stage, progress, keep_archives)
-    if spec.build:
-        BUILDERS[spec.build](spec, stage, folder, progress, workers)
-    _move_into_place(stage, folder)
+    folder = _folder(root, spec)
+    job = FetchJob(spec, root, _work(root, spec), keep_archives, margin, sources_path, repair)
+    counts: Counter = Counter()
+    fetched: list[Source] = []
+    for _ in range(2 if repair else 1):  # repair: the split file first, then what it lists
+        todo = _to_repair(spec, root, set(fetched)) if repair else \
+            [s for s in spec.sources if _source_state(s, root, spec).state != "present"]
+        job.stage.mkdir(parents=True, exist_ok=True)
+        for source in todo:
+            _fetch_source(source, job, progress)
+        if spec.build:
+            BUILDERS[spec.build](spec, job.stage, folder, progress, workers)
+        _move_into_place(job, folder, counts, replace=repair)
+        shutil.rmtree(job.work / "stage", ignore_errors=True)  # what was kept back: ours
+        fetched += todo
+        if not problems_of(spec, root):
+            break
     problems = problems_of(spec, root)
     if problems:
-        manual = f" {spec.manual}" if spec.manual else ""
-        raise FetchError(f"{spec.name}: fetched {[s.file for s in todo] or 'nothing new'}, but"
-                         f" {folder} is not complete yet: {problems[0].rstrip('.')}.{manual}")
-    _write_ledger(folder, spec, todo)
+        raise _incomplete(job, folder, fetched, problems, repair)
+    _write_ledger(folder, spec, fetched, counts)
     _clean(root, spec, keep_archives)
-    return FetchReport(spec.name, "fetched", str(folder), [s.file for s in todo],
-                       round(time.perf_counter() - started, 2))
+    return FetchReport(spec.name, "repaired" if repair else "fetched", str(folder),
+                       [s.file for s in fetched], round(time.perf_counter() - started, 2),
+                       counts["added"], counts["replaced"])
 
 
 def fetch(names: list[str], root: str | Path, *, sources: str | Path | None = None,
           keep_archives: bool = False, progress: ProgressSink = null_progress,
-          workers: int | None = None) -> list[FetchReport]:
+          workers: int | None = None, repair: bool = False,
+          margin: float = DEFAULT_MARGIN) -> list[FetchReport]:
     """Fetch every named dataset under `root`; one failure does not stop the others, and the
-    failures are raised together at the end (one line each)."""
+    failures are raised together at the end (one line each). Every spec and the sources file
+    are checked before anything is downloaded."""
+    if not margin > 0:
+        raise FetchError(f"--unpack-margin {margin} must be a number > 0.")
     overrides, root = load_overrides(sources), Path(root)
     specs = [fetch_spec(name, overrides) for name in resolve_names(names)]
     for spec in specs:
         _check_build(spec)
+        _work(root, spec)
     workers = auto_workers(workers)
     reports, failures = [], []
     for spec in specs:
         try:
             reports.append(fetch_dataset(spec, root, keep_archives=keep_archives,
-                                         progress=progress, workers=workers))
+                                         progress=progress, workers=workers, repair=repair,
+                                         margin=margin, sources_path=overrides.path))
         except FetchError as exc:
             failures.append(str(exc))
     if failures:

@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from ..errors import DatasetError
+from ..names import plain_name_problem, relative_path, relative_path_problem
+from ..records import type_problem
 
 SOURCES_ENV = "SAFE_CACHE_SOURCES"
 _KEYS = {"url", "file", "provides", "md5", "sha256", "approx_bytes", "unpack", "to", "nested"}
@@ -54,42 +59,111 @@ class Source:
         return None
 
 
-def _relative(path: str, what: str, where: str) -> str:
-    """A relative path that stays inside its folder ('.' allowed for the folder itself)."""
-    pure = PurePosixPath(path)
-    if pure.is_absolute() or ".." in pure.parts:
-        raise DatasetError(f"{where}: {what} '{path}' must be a relative path inside the folder.")
-    return str(pure)
+_HINTS = typing.get_type_hints(Source)
+_HEX = re.compile(r"[0-9a-fA-F]+")
+
+
+def is_local(url: str) -> bool:
+    """A source on this machine (an absolute path or a file:// URL): copied, never moved."""
+    return url.startswith("/") or urlparse(url).scheme == "file"
+
+
+def local_path(url: str) -> Path:
+    """The file a local source names."""
+    return Path(url2pathname(urlparse(url).path)) if urlparse(url).scheme == "file" \
+        else Path(url)
+
+
+def _field_problem(key: str, value: Any) -> str | None:
+    """Why one source field's value is wrong (type, then value), None when it is right."""
+    hint = dict[str, str] if key == "unpack" else _HINTS[key]
+    problem = type_problem(value, hint)
+    if problem:
+        return problem
+    if key in ("md5", "sha256") and value is not None:
+        digits = 32 if key == "md5" else 64
+        if len(value) != digits or not _HEX.fullmatch(value):
+            return f"is {value!r}, not {digits} hex digits"
+    if key == "approx_bytes" and value is not None and value < 0:
+        return f"is {value}, not a size in bytes (>= 0)"
+    if key == "file":
+        return plain_name_problem(value)
+    if key == "to" and value is not None:
+        return relative_path_problem(value)
+    if key == "nested":
+        return next((f"[{i}] {p}" for i, v in enumerate(value)
+                     if (p := relative_path_problem(v))), None)
+    if key == "unpack":
+        if not value:
+            return "is empty: name at least one inner path -> folder path"
+        for inner, dest in value.items():
+            problem = relative_path_problem(inner)
+            if problem:
+                return f"has an inner path {inner!r} that {problem}"
+            problem = relative_path_problem(dest, allow_dot=True)
+            if problem:
+                return f"has a target {dest!r} (for {inner!r}) that {problem}"
+    return None
 
 
 def parse_source(raw: dict[str, Any], where: str) -> Source:
-    """One `sources` entry checked: known keys, a URL, exactly one of `unpack` / `to`."""
+    """One `sources` entry checked against the schema (Source's fields and their types, then
+    their values: a URL or an absolute path, hex checksums, plain file names, relative inner
+    paths, exactly one of `unpack` / `to`); each error names the file, dataset and field."""
     if not isinstance(raw, dict):
-        raise DatasetError(f"{where}: each source must be a JSON object, not {raw!r}.")
+        raise DatasetError(f"{where}: each source must be a JSON object, not {raw!r:.60}.")
     unknown = set(raw) - _KEYS
     if unknown:
         raise DatasetError(f"{where}: unknown source fields {sorted(unknown)}; known:"
                            f" {sorted(_KEYS)}.")
     url = raw.get("url")
-    if not url or urlparse(url).scheme not in ("http", "https", "file"):
-        raise DatasetError(f"{where}: source url {url!r} must be an http(s):// or file:// URL.")
+    if not isinstance(url, str) or not (
+            urlparse(url).scheme in ("http", "https", "file") or url.startswith("/")):
+        raise DatasetError(f"{where}: source url {url!r} must be an http(s):// or file:// URL,"
+                           f" or the absolute path of a local file.")
+    for key, value in raw.items():
+        problem = _field_problem(key, value) if key != "url" else None
+        if problem:
+            raise DatasetError(f"{where}: source {url} field '{key}' {problem}.")
     if bool(raw.get("unpack")) == bool(raw.get("to")):
         raise DatasetError(f"{where}: source {url} needs exactly one of 'unpack' (an archive:"
                            f" inner path -> folder path) or 'to' (a plain file's path).")
-    unpack = tuple((_relative(inner, "archive path", where), _relative(dest, "target", where))
-                   for inner, dest in (raw.get("unpack") or {}).items())
+    file = raw.get("file") or PurePosixPath(urlparse(url).path).name
+    problem = plain_name_problem(file)
+    if problem:
+        raise DatasetError(f"{where}: source {url} saves as {file!r}, which {problem}; give it"
+                           f" a plain 'file' name.")
     return Source(
-        url=url, file=raw.get("file") or PurePosixPath(urlparse(url).path).name,
-        provides=raw.get("provides", ""), md5=raw.get("md5"), sha256=raw.get("sha256"),
-        approx_bytes=raw.get("approx_bytes"), unpack=unpack,
-        to=_relative(raw["to"], "target", where) if raw.get("to") else None,
-        nested=tuple(_relative(n, "nested archive", where) for n in raw.get("nested", ())))
+        url=url, file=file, provides=raw.get("provides", ""), md5=raw.get("md5"),
+        sha256=raw.get("sha256"), approx_bytes=raw.get("approx_bytes"),
+        unpack=tuple((relative_path(inner, "archive path", DatasetError),
+                      relative_path(dest, "target", DatasetError, allow_dot=True))
+                     for inner, dest in (raw.get("unpack") or {}).items()),
+        to=relative_path(raw["to"], "target", DatasetError) if raw.get("to") else None,
+        nested=tuple(relative_path(n, "nested archive", DatasetError)
+                     for n in raw.get("nested", ())))
+
+
+def check_split_sizes(value: Any, where: str) -> dict[str, int]:
+    """A sources file's `split_sizes`, checked as a spec's are."""
+    from .schema import value_problem
+
+    problem = type_problem(value, dict[str, int]) or value_problem("split_sizes", value)
+    if problem:
+        raise DatasetError(f"{where}: field 'split_sizes' {problem}.")
+    return dict(value)
 
 
 def parse_sources(raw: list[Any], where: str) -> tuple[Source, ...]:
     if not isinstance(raw, list):
         raise DatasetError(f"{where}: 'sources' must be a list of objects.")
-    return tuple(parse_source(item, where) for item in raw)
+    sources = tuple(parse_source(item, where) for item in raw)
+    files = [s.file for s in sources]
+    for file in files:
+        if files.count(file) > 1:
+            raise DatasetError(f"{where}: two sources save as '{file}'; give them distinct"
+                               f" 'file' names.")
+    return sources
 
 
 @dataclass(frozen=True)
@@ -126,4 +200,6 @@ def load_overrides(path: str | Path | None = None) -> SourceOverrides:
             raise DatasetError(f"{where}: each entry is an object with keys among"
                                f" {sorted(_OVERRIDE_KEYS)}.")
         parse_sources(entry.get("sources", []), where)
+        if "split_sizes" in entry:
+            check_split_sizes(entry["split_sizes"], where)
     return SourceOverrides(path, tuple(sorted(raw.items())))

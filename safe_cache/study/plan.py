@@ -118,7 +118,7 @@ def _wanted_rows(study: Study, dataset_name: str, root: Path, test_only: bool):
     from ..extract.job import few_shot_subsets, wanted_entries
 
     try:
-        dataset = open_dataset(dataset_name, root,
+        dataset = open_dataset(study.dataset_ref(dataset_name), root,
                                make_split=bool(study.extract.get("make_split")))
         with warnings.catch_warnings():  # short classes: extract warns when it samples them
             warnings.simplefilter("ignore", SafeCacheWarning)

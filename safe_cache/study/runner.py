@@ -35,8 +35,9 @@ class StudyResult:
 def _extract_config(study: Study, item, root: Path, prompts: str, scheduler, workers):
     from ..extract.config import ExtractConfig
 
-    return ExtractConfig(dataset=item.dataset, root=str(root), model=item.backbone.model,
-                         pretrained=item.backbone.pretrained, store=item.url,
+    return ExtractConfig(dataset=study.dataset_ref(item.dataset), root=str(root),
+                         model=item.backbone.model, pretrained=item.backbone.pretrained,
+                         store=item.url,
                          cut=item.backbone.cut, shots=study.shots, seeds=study.seeds,
                          prompts=prompts, scheduler=scheduler, local_workers=workers,
                          **study.extract)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..analysis.report import OOD_COLUMNS
-from ..errors import ConfigError
+from ..errors import ConfigError, DatasetError
 from ..fit.results import METHODS
 
 try:
@@ -68,6 +68,12 @@ class Study:
     fit: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     paper: str = ""  # which published table the report compares with ("table_1", "table_3")
+    spec_files: tuple[tuple[str, str], ...] = ()  # (name, spec file) of a user's own datasets
+
+    def dataset_ref(self, name: str) -> str:
+        """What extract and the readers take for a dataset of the study: its spec file where
+        the study named one, else its name."""
+        return dict(self.spec_files).get(name, name)
 
     @property
     def variants(self) -> list[tuple[str, str]]:
@@ -179,6 +185,41 @@ def _check_model(model: str, check: _Checker, config_family) -> None:
         raise check.fail(model, f"{model} cannot be split for SAFE ({reason}).")
 
 
+def _datasets(values: Any, path: Path, check: _Checker, known: list[str]
+              ) -> tuple[list[str], dict[str, str]]:
+    """The study's datasets by name, and the spec file of each one given as a file (relative
+    to the study file, else to the working folder), as extract takes them."""
+    from ..data.datasets import load_spec
+
+    if not isinstance(values, list) or not values or \
+            not all(isinstance(v, str) and v for v in values):
+        raise check.fail("datasets", "'datasets' must be a non-empty list of dataset names or"
+                                     " spec files.")
+    names, files = [], {}
+    for value in values:
+        if value in known:
+            names.append(value)
+            continue
+        candidates = [path.parent / value, Path(value)]
+        spec_file = next((c for c in candidates if c.is_file()), None)
+        if spec_file is None:
+            raise check.fail(value, f"unknown dataset '{value}'; allowed: {', '.join(known)},"
+                                    f" or a dataset spec file (relative to the study file;"
+                                    f" see pipelines/imagefolder.json).")
+        try:
+            spec = load_spec(spec_file)
+        except DatasetError as exc:
+            raise check.fail(value, str(exc)) from exc
+        if spec.name in names:
+            raise check.fail(value, f"dataset '{spec.name}' is named twice (a spec file's name"
+                                    f" names its stores and results).")
+        names.append(spec.name)
+        files[spec.name] = str(spec_file.resolve())
+    if len(set(names)) != len(names):
+        raise check.fail("datasets", f"'datasets' lists a dataset twice: {names}.")
+    return names, files
+
+
 def parse_study(path: Path) -> Study:
     """Read and check a study file (see the module docstring)."""
     from ..data.datasets import list_specs
@@ -201,10 +242,8 @@ def parse_study(path: Path) -> Study:
     for key in ("methods", "recipes", "prompts", "ood"):
         if not all(isinstance(v, str) for v in raw.get(key, [])):
             raise check.fail(key, f"every value of '{key}' must be a text.")
-    datasets = raw.get("datasets")
-    if not isinstance(datasets, list) or not datasets:
-        raise check.fail("datasets", "'datasets' must be a non-empty list of dataset names.")
-    check.among(datasets, [s.name for s in list_specs()], "dataset")
+    datasets, spec_files = _datasets(raw.get("datasets"), path, check,
+                                     [s.name for s in list_specs()])
     methods = raw.get("methods", list(METHODS))
     check.among(methods, METHODS, "method")
     recipes = raw.get("recipes", ["safe"])
@@ -226,6 +265,7 @@ def parse_study(path: Path) -> Study:
                else str(path.parent / p) for p in prompts]
     study = Study(
         name=raw.get("name", path.stem), path=path, datasets=tuple(datasets),
+        spec_files=tuple(sorted(spec_files.items())),
         backbones=_backbones(raw.get("backbones"), check),
         shots=check.ints(raw.get("shots", [1, 2, 4, 8, 16]), "shots", 1),
         seeds=check.ints(raw.get("seeds", [1, 2, 3]), "seeds", 0),
