@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 import zipfile
 from pathlib import Path
@@ -118,6 +119,19 @@ def test_a_symlink_in_the_root_leading_out_is_not_followed(mirror, tmp_path, vic
     with pytest.raises(FetchError, match=r"the fetch folder: .* resolves outside"):
         fetch(["eurosat"], root, sources=_sources(mirror, tmp_path / "s"))
     (root / WORK_DIR).unlink()
+    (victim / "EuroSAT.zip").mkdir()  # what a clean-up through the link would remove
+    (victim / "EuroSAT.zip" / "keep.txt").write_text("mine\n")
+    before = _snapshot(victim)
+    for scratch in ("unpacked", "downloads", "stage"):  # ROOT/.fetch/eurosat/<scratch> -> out
+        work = root / WORK_DIR / "eurosat"
+        work.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(work / scratch, ignore_errors=True)
+        (work / scratch).symlink_to(victim)
+        with pytest.raises(FetchError, match=r"resolves outside"):
+            fetch(["eurosat"], root, sources=_sources(mirror, tmp_path / "s"))
+        (work / scratch).unlink()
+        assert _snapshot(victim) == before, scratch
+    shutil.rmtree(root / WORK_DIR)
     (root / "eurosat").symlink_to(victim / "victim")  # the dataset folder -> outside
     with pytest.raises(FetchError, match=r"the dataset folder: .* resolves outside"):
         fetch(["eurosat"], root, sources=_sources(mirror, tmp_path / "s"))
@@ -173,8 +187,6 @@ def test_a_kept_archive_of_another_checksum_is_downloaded_again(mirror, tmp_path
     sources = _sources(mirror, tmp_path / "s2", url=url, file="EuroSAT.zip",
                        md5=hashlib.md5(other).hexdigest())
     asked = len(mirror.asked("eurosat/EuroSAT2.zip"))
-    import shutil
-
     shutil.rmtree(root / "eurosat")
     with pytest.raises(FetchError, match="not complete yet"):  # laid out from the new archive
         fetch(["eurosat"], root, sources=sources, keep_archives=True)

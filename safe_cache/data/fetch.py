@@ -263,14 +263,21 @@ class FetchJob:
     def again(self) -> str:
         return _command(self.spec, self.root, self.sources, self.repair)
 
+    def scratch(self, *parts: str) -> Path:
+        """A path of ours under the work folder, checked to resolve inside it (a symlink planted
+        there never leads a clean-up outside)."""
+        return inside(self.work, *parts, what=f"{self.spec.name}: the fetch folder",
+                      error=FetchError)
+
     @property
     def stage(self) -> Path:
-        return self.work / "stage" / self.spec.folder
+        return within(self.scratch("stage"), self.spec.folder,
+                      f"{self.spec.name}: the staged folder", FetchError)
 
 
 def _unpack_source(source: Source, path: Path, job: FetchJob, counts: Counter) -> None:
     """Unpack an archive into scratch (bounded) and move its `unpack` targets to the stage."""
-    scratch = job.work / "unpacked" / source.file
+    scratch = job.scratch("unpacked", source.file)
     shutil.rmtree(scratch, ignore_errors=True)  # a half unpack from a killed run: ours
     expected = max(source.approx_bytes or 0, path.stat().st_size)
     unpack(path, scratch, UnpackLimits.for_size(expected, job.margin))
@@ -294,7 +301,8 @@ def _unpack_source(source: Source, path: Path, job: FetchJob, counts: Counter) -
 def _fetch_source(source: Source, job: FetchJob, progress: ProgressSink) -> None:
     """Download (or reuse) one source, check it, and stage what it provides. A corrupt
     archive is removed (it is ours), so running again downloads it afresh."""
-    path = download(source, job.work / "downloads", progress, f"{job.spec.name}: {source.file}")
+    path = download(source, job.scratch("downloads"), progress,
+                    f"{job.spec.name}: {source.file}")
     try:
         if source.to:
             target = job.stage / source.to
@@ -406,7 +414,7 @@ def fetch_dataset(spec: DatasetSpec, root: Path, *, keep_archives: bool = False,
         if spec.build:
             BUILDERS[spec.build](spec, job.stage, folder, progress, workers)
         _move_into_place(job, folder, counts, replace=repair)
-        shutil.rmtree(job.work / "stage", ignore_errors=True)  # what was kept back: ours
+        shutil.rmtree(job.scratch("stage"), ignore_errors=True)  # what was kept back: ours
         fetched += todo
         if not problems_of(spec, root):
             break

@@ -167,6 +167,8 @@ def unpack(archive: Path, into: Path, limits: UnpackLimits | None = None) -> Non
     except BaseException as exc:
         for path in set(into.iterdir()) - before:  # what this unpack wrote, and only that
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        if isinstance(exc, OSError) and not isinstance(exc, _CORRUPT) and exc.filename is None:
+            exc.filename = str(into)  # a full disk: say where (the CLI says how to go on)
         if isinstance(exc, _CORRUPT) and not isinstance(exc, FetchError):
             reason = str(exc) or type(exc).__name__
             raise ArchiveError(f"{archive.name} is corrupt ({reason}).") from exc
