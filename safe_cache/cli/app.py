@@ -6,7 +6,9 @@ exit status 2, not a traceback; SafeCacheWarnings print as one line.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import itertools
 import json
 import math
 import sys
@@ -147,6 +149,38 @@ def cluster_options(command):
                         " tcp://10.0.0.5:8786 (see README 'Scaling out').")(command)
 
 
+def default_of(config: type, name: str) -> Any:
+    """A library config's default for `name`: the one source of the CLI's defaults (a test
+    checks every option against it and against what --help shows)."""
+    spec = config.__dataclass_fields__[name]
+    return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+
+
+def listed(config: type, name: str) -> str:
+    """A tuple default as the option's text: '1,2,4,8,16', '1e-04,...', or 'start:stop:step'
+    for an evenly spaced range of more than three values."""
+    values = default_of(config, name)
+    if len(values) > 3 and all(isinstance(v, float) for v in values):
+        step = round(values[1] - values[0], 10)
+        if step > 0 and all(abs(b - a - step) < 1e-9 for a, b in itertools.pairwise(values)):
+            return f"{values[0]:g}:{values[-1]:g}:{step:g}"
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+def recipe_defaults(name: str) -> str:
+    """What each recipe preset sets a recipe option to, for its [default: ...] in --help."""
+    from ..fit.recipe import PRESETS
+
+    def shown(value: Any) -> str:
+        return "backbone" if value is None else f"{value:g}" if isinstance(value, float) \
+            else str(value).lower() if isinstance(value, bool) else str(value)
+
+    values = {preset: shown(getattr(recipe, name)) for preset, recipe in PRESETS.items()}
+    if len(set(values.values())) == 1:
+        return next(iter(values.values()))
+    return "; ".join(f"{preset}: {value}" for preset, value in values.items())
+
+
 def int_list(ctx, param, value: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in str(value).split(",") if v.strip())
@@ -156,7 +190,8 @@ def int_list(ctx, param, value: str) -> tuple[int, ...]:
 
 STORE_ROOT = click.option(
     "--store-root", default=None, metavar="DIR",
-    help="Where default stores live [default: $SAFE_CACHE_STORES, else ./stores].")
+    show_default="$SAFE_CACHE_STORES, else ./stores",
+    help="Where default stores live.")
 
 
 def store_filters(command):

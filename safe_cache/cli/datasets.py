@@ -5,6 +5,7 @@ from __future__ import annotations
 import rich_click as click
 from rich.table import Table
 
+from ..data.unpack import DEFAULT_MARGIN
 from .app import byte_size, console, err_console, main, print_json
 
 
@@ -14,8 +15,8 @@ def _size(n: int | None) -> str:
 
 @main.group(invoke_without_command=True)
 @click.option("--root", default=None, type=click.Path(file_okay=False),
-              help="Data root holding one folder per dataset: mark which are present [default:"
-              " $SAFE_CACHE_DATA, else ./data where it exists].")
+              show_default="$SAFE_CACHE_DATA, else ./data where it exists",
+              help="Data root holding one folder per dataset: mark which are present.")
 @click.option("--make-split", "make_split", metavar="DATASET", default=None,
               help="Write a seeded split (CoOp proportions) for DATASET under the data root when"
               " its published split file is missing. Its numbers are not comparable with"
@@ -90,20 +91,21 @@ def _print_plan(plans: list) -> None:
 @datasets.command()
 @click.argument("names", metavar="NAME[,NAME...]")
 @click.option("--root", default=None, type=click.Path(file_okay=False),
-              help="Data root to put the dataset folders in [default: $SAFE_CACHE_DATA, else"
-              " ./data].")
+              show_default="$SAFE_CACHE_DATA, else ./data",
+              help="Data root to put the dataset folders in.")
 @click.option("--sources", "sources_file", default=None, type=click.Path(dir_okay=False),
-              help="JSON file replacing the specs' sources per dataset (a mirror) [default:"
-              " $SAFE_CACHE_SOURCES].")
+              show_default="$SAFE_CACHE_SOURCES",
+              help="JSON file replacing the specs' sources per dataset (a mirror).")
 @click.option("--keep-archives", is_flag=True,
               help="Keep the downloaded archives (under ROOT/.fetch/) after unpacking.")
 @click.option("--workers", default=None, type=click.IntRange(1),
-              help="Processes that cut UCF101's frames [default: cores - 1].")
+              show_default="cores - 1",
+              help="Processes that cut UCF101's frames.")
 @click.option("--repair", is_flag=True,
               help="Complete a folder the reader rejects (images deleted, a damaged split"
               " file) from the archives: only what is missing or differs from the archive's"
               " copy is written; your other files stay.")
-@click.option("--unpack-margin", "margin", default=8.0, show_default=True,
+@click.option("--unpack-margin", "margin", default=DEFAULT_MARGIN, show_default=True,
               type=click.FloatRange(min=0, min_open=True),
               help="An archive may expand to at most this many times its expected size (and"
               " as many files); more is refused as an archive bomb.")

@@ -108,8 +108,9 @@ def predict(model_dir: str, images: tuple[str, ...], top_k: int, batch_size: int
 
 @main.command()
 @click.option("--store", default=None,
-              help="Store URL [default: the one store under the store root matching --dataset /"
-              " --model / --pretrained].")
+              show_default="the one store under the store root matching --dataset / --model / "
+                           "--pretrained",
+              help="Store URL.")
 @store_filters
 @click.option("--head", "result", required=True, type=click.Path(exists=True, dir_okay=False),
               help="A fit result (.json; its .safetensors head is used).")
@@ -134,9 +135,10 @@ def attention(store: str | None, dataset: str | None, model: str | None, pretrai
 
 
 @main.command()
-@click.option("--store", default=None, help="Store URL, whose rows --source / --targets name"
-              " [default, for row ids: the one store under the store root matching --dataset /"
-              " --model / --pretrained].")
+@click.option("--store", default=None,
+              show_default="for row ids: the one store under the store root matching --dataset"
+                           " / --model / --pretrained",
+              help="Store URL, whose rows --source / --targets name.")
 @click.option("--dataset", default=None, help="Without --store: the stores of this dataset.")
 @STORE_ROOT
 @click.option("--source", required=True, help="Row id in the store, or an image file.")
@@ -147,10 +149,11 @@ def attention(store: str | None, dataset: str | None, model: str | None, pretrai
 @click.option("--image-root", default=None, type=click.Path(file_okay=False),
               help="The dataset's image folder, to draw over the images (store rows).")
 @click.option("--model", default=None, envvar="SAFE_CACHE_MODEL", show_envvar=True,
-              help="For image files [default: RN50]; for row ids, the store's model.")
+              show_default="RN50",
+              help="For image files; for row ids, the store's model.")
 @click.option("--pretrained", default=None, envvar="SAFE_CACHE_PRETRAINED", show_envvar=True,
-              help="For image files: tag, file, or 'none' [default: openai]; for row ids, the"
-              " store's weights.")
+              show_default="openai",
+              help="For image files: tag, file, or 'none'; for row ids, the store's weights.")
 @click.option("--cut", default="pool", show_default=True,
               help="For image files: pool, layer4 (ResNet), lastN (ViT): earlier maps.")
 @click.option("--out", required=True, type=click.Path(file_okay=False))

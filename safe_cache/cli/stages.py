@@ -7,17 +7,22 @@ import sys
 import rich_click as click
 from rich.table import Table
 
+from ..extract.config import ExtractConfig
+from ..fit.config import FitConfig
 from .app import (
     STORAGE_OPTIONS,
     STORE_ROOT,
     cluster_options,
     console,
+    default_of,
     default_stores,
     err_console,
     float_list,
     int_list,
+    listed,
     main,
     print_json,
+    recipe_defaults,
     store_filters,
 )
 
@@ -33,54 +38,66 @@ def _count(value: str, option: str) -> int:
 @main.command()
 @click.option("--dataset", required=True, help="Dataset spec name (see `datasets`) or spec file.")
 @click.option("--root", default=None, type=click.Path(file_okay=False),
-              help="Data root, holding one folder per dataset [default: $SAFE_CACHE_DATA, else"
-              " ./data].")
-@click.option("--model", default="RN50", show_default=True, envvar="SAFE_CACHE_MODEL",
-              show_envvar=True, help="open_clip model or config JSON.")
-@click.option("--pretrained", default="openai", show_default=True, envvar="SAFE_CACHE_PRETRAINED",
+              show_default="$SAFE_CACHE_DATA, else ./data",
+              help="Data root, holding one folder per dataset.")
+@click.option("--model", default=default_of(ExtractConfig, "model"), show_default=True,
+              envvar="SAFE_CACHE_MODEL", show_envvar=True, help="open_clip model or config JSON.")
+@click.option("--pretrained", default=default_of(ExtractConfig, "pretrained"), show_default=True,
+              envvar="SAFE_CACHE_PRETRAINED",
               show_envvar=True,
               help="open_clip tag, checkpoint file, or 'none' for random weights.")
-@click.option("--store", default=None, help="Store URL [default: <store root>/<dataset>/<model>-"
-              "<pretrained>.zarr].")
+@click.option("--store", default=None,
+              show_default="<store root>/<dataset>/<model>-<pretrained>.zarr",
+              help="Store URL.")
 @STORE_ROOT
-@click.option("--shots", default="1,2,4,8,16", show_default=True, callback=int_list)
-@click.option("--seeds", default="1,2,3", show_default=True, callback=int_list)
-@click.option("--views", default=10, show_default=True, help="Augmented views per train image.")
-@click.option("--center-flip/--no-center-flip", default=True, show_default=True,
+@click.option("--shots", default=listed(ExtractConfig, "shots"), show_default=True,
+              callback=int_list, help="Shot counts whose few-shot train rows are extracted.")
+@click.option("--seeds", default=listed(ExtractConfig, "seeds"), show_default=True,
+              callback=int_list, help="Seeds of the CoOp few-shot draws.")
+@click.option("--views", default=default_of(ExtractConfig, "views"), show_default=True,
+              help="Augmented views per train image.")
+@click.option("--center-flip/--no-center-flip", default=default_of(ExtractConfig, "center_flip"),
+              show_default=True,
               help="Also store the mirrored center view of train images (the safe fit recipe's"
               " second sample); added to an existing store that lacks it.")
-@click.option("--prompts", default="hand", show_default=True,
+@click.option("--prompts", default=default_of(ExtractConfig, "prompts"), show_default=True,
               help="hand, classname, vanilla, or a CuPL JSON file.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--workers", default="auto", show_default=True, callback=lambda c, p, v: v
+@click.option("--device", default=default_of(ExtractConfig, "device"), show_default=True,
+              help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps.")
+@click.option("--batch-size", default=default_of(ExtractConfig, "batch_size"), show_default=True,
+              help="Images per trunk batch.")
+@click.option("--workers", default=default_of(ExtractConfig, "workers"), show_default=True,
+              callback=lambda c, p, v: v
               if v == "auto" else _count(v, "--workers"),
               help="Image decoding processes; auto: cores - 1.")
-@click.option("--writer-threads", default=1, show_default=True, type=click.IntRange(1),
+@click.option("--writer-threads", default=default_of(ExtractConfig, "writer_threads"),
+              show_default=True, type=click.IntRange(1),
               help="Threads compressing and writing units (benchmarks/writer.py: how many keep"
               " up with the trunk).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
-              show_default=True, help="Trunk autocast on CUDA; stored maps are float16 anyway.")
-@click.option("--decode", type=click.Choice(["workers", "device"]), default="workers",
-              show_default=True, help="Where JPEGs are decoded and cropped: PIL in the --workers,"
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]),
+              default=default_of(ExtractConfig, "precision"), show_default=True,
+              help="Trunk autocast on CUDA; stored maps are float16 anyway.")
+@click.option("--decode", type=click.Choice(["workers", "device"]),
+              default=default_of(ExtractConfig, "decode"), show_default=True,
+              help="Where JPEGs are decoded and cropped: PIL in the --workers,"
               " or torchvision on the --device (nvJPEG on CUDA; a store keeps one way).")
-@click.option("--cut", default="pool", show_default=True, help="pool, layer4 (ResNet), lastN.")
+@click.option("--cut", default=default_of(ExtractConfig, "cut"), show_default=True,
+              help="pool, layer4 (ResNet), lastN.")
 @click.option("--skip-bad", is_flag=True,
               help="Record unreadable images in the store's manifest and go on.")
-@click.option("--max-pixels", default=None, type=int,
-              help="Images larger than this are unreadable (decompression bombs) [PIL's limit,"
-              " 178,956,970].")
+@click.option("--max-pixels", default=None, type=int, show_default="PIL's limit, 178,956,970",
+              help="Images larger than this are unreadable (decompression bombs).")
 @click.option("--make-split", is_flag=True, help="Generate a seeded split if none is published.")
 @click.option("--takeover", is_flag=True, help="Take over a stale writer lease.")
 @cluster_options
-@click.option("--task-images", "--shard-images", "task_images", default=256, show_default=True,
+@click.option("--task-images", "--shard-images", "task_images",
+              default=default_of(ExtractConfig, "task_images"), show_default=True,
               help="Images per distributed task, rounded up to whole write units"
               " (--shard-images: its former name).")
 @STORAGE_OPTIONS
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def extract(as_json: bool, storage_options: dict | None, pretrained: str, **options) -> None:
     """Run the frozen trunk once per image and write dense maps to a store (resumable)."""
-    from ..extract.config import ExtractConfig
     from ..extract.job import extract as run_extract
     from ..runtime.progress import RichProgress
 
@@ -144,58 +161,76 @@ def demo(store_root: str, model: str, pretrained: str, workers: int, iters: int,
 
 @main.command()
 @click.option("--store", "stores", multiple=True,
-              help="Store URL (repeat for several stores) [default: every store under the store"
-              " root matching --dataset / --model / --pretrained].")
+              show_default="every store under the store root matching --dataset / --model / "
+                           "--pretrained",
+              help="Store URL (repeat for several stores).")
 @store_filters
-@click.option("--shots", default="1,2,4,8,16", show_default=True, callback=int_list)
-@click.option("--seeds", default="1,2,3", show_default=True, callback=int_list)
-@click.option("--lr", "lrs", default="1e-4,1e-5,1e-6,1e-7", show_default=True,
-              callback=float_list)
-@click.option("--wd", "wds", default="0,1e-3,1e-5", show_default=True, callback=float_list)
-@click.option("--iters", default=12_800, show_default=True)
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--eval-every", default=100, show_default=True)
-@click.option("--beta", default=0.5, show_default=True, help="The blend reported as SAFE.")
-@click.option("--betas", default="0:1:0.1", show_default=True, callback=float_list,
-              help="The beta curve (val and test).")
-@click.option("--blend", type=click.Choice(["blend", "each"]), default="blend", show_default=True,
+@click.option("--shots", default=listed(FitConfig, "shots"), show_default=True,
+              callback=int_list, help="Shot counts: one run per shots x seed.")
+@click.option("--seeds", default=listed(FitConfig, "seeds"), show_default=True,
+              callback=int_list, help="Seeds of the few-shot draws (the store's).")
+@click.option("--lr", "lrs", default=listed(FitConfig, "lrs"), show_default=True,
+              callback=float_list, help="Learning rates of the grid.")
+@click.option("--wd", "wds", default=listed(FitConfig, "wds"), show_default=True,
+              callback=float_list, help="Weight decays of the grid.")
+@click.option("--iters", default=default_of(FitConfig, "iters"), show_default=True,
+              help="Training iterations.")
+@click.option("--batch-size", default=default_of(FitConfig, "batch_size"), show_default=True,
+              help="Images per training batch.")
+@click.option("--eval-every", default=default_of(FitConfig, "eval_every"), show_default=True,
+              help="Iterations between validations (early stopping).")
+@click.option("--beta", default=default_of(FitConfig, "beta"), show_default=True,
+              help="The blend reported as SAFE.")
+@click.option("--betas", default=listed(FitConfig, "betas"), show_default=True,
+              callback=float_list, help="The beta curve (val and test).")
+@click.option("--blend", type=click.Choice(["blend", "each"]),
+              default=default_of(FitConfig, "blend"), show_default=True,
               help="blend then normalise (the paper), or normalise each branch first.")
-@click.option("--prompts", default="hand", show_default=True, help="Stored prompt set.")
-@click.option("--methods", default="tip_adapter,tip_adapter_f,safe_a,linear_probe",
+@click.option("--prompts", default=default_of(FitConfig, "prompts"), show_default=True,
+              help="Stored prompt set.")
+@click.option("--methods", default=listed(FitConfig, "methods"),
               show_default=True, callback=lambda c, p, v: tuple(
-                  m for m in v.split(",") if m and m != "none"),
-              help="Methods besides zero-shot and SAFE ('none' for none).")
+                  m for m in v.split(",") if m and m not in ("none", "zero_shot", "safe")),
+              help="Methods besides zero-shot and SAFE, which always run ('none' for none).")
 @click.option("--eval-ood", default="", callback=lambda c, p, v: tuple(
                   n for n in v.split(",") if n),
               help="After training on ImageNet, test on these variants' stores (names such as "
               "imagenet_v2,imagenet_sketch,imagenet_a,imagenet_r, or store URLs).")
-@click.option("--recipe", "--recipes", "recipes", default="safe", show_default=True,
+@click.option("--recipe", "--recipes", "recipes", default=default_of(FitConfig, "recipe").name,
+              show_default=True,
               help="Training recipe preset(s), comma-separated, each run on the same store:"
               " safe (the paper's stated values, Cross-Modal Fine-tuning's for the rest),"
               " views (safe-cache 0.1). The options below change the presets.")
 @click.option("--logit-scale", default=None, metavar="FLOAT|backbone",
-              help="The loss's logit scale [safe: exp(4) = 54.6; views: backbone (CLIP's 100)].")
-@click.option("--warmup", default=None, type=int,
-              help="Linear warmup iterations from 1e-5 [safe: 50; views: 0].")
+              show_default=recipe_defaults("logit_scale"),
+              help="The loss's logit scale (safe: exp(4); backbone: CLIP's own, 100).")
+@click.option("--warmup", default=None, type=int, show_default=recipe_defaults("warmup"),
+              help="Linear warmup iterations from 1e-5.")
 @click.option("--train-views", default=None, type=click.Choice(["center+flip", "stored", "all"]),
-              help="Training samples per image [safe: center+flip; views: stored].")
+              show_default=recipe_defaults("train_views"), help="Training samples per image.")
 @click.option("--sampling", default=None, type=click.Choice(["epoch", "replace"]),
-              help="Batches from shuffled epochs or drawn with replacement [safe: epoch].")
+              show_default=recipe_defaults("sampling"),
+              help="Batches from shuffled epochs or drawn with replacement.")
 @click.option("--eval-first/--no-eval-first", default=None,
-              help="Evaluate at iterations 0, 100, ... (safe) or after 100, 200, ... and the"
-              " last (views).")
+              show_default=recipe_defaults("eval_first"),
+              help="Evaluate at iterations 0, 100, ... or after 100, 200, ... and the last.")
 @click.option("--text-average", default=None, type=click.Choice(["normalised", "raw"]),
+              show_default=recipe_defaults("text_average"),
               help="Average the templates' embeddings normalised (Tip-Adapter) or raw"
-              " (Cross-Modal) [normalised].")
-@click.option("--select-on", default="val", show_default=True, type=click.Choice(["val", "test"]),
+              " (Cross-Modal).")
+@click.option("--select-on", default=default_of(FitConfig, "select_on"), show_default=True,
+              type=click.Choice(["val", "test"]),
               help="Where Tip-Adapter-F and SAFE-A choose their epoch; 'test' reproduces the"
               " reference code (results labelled test-selected).")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True,
+@click.option("--device", default=default_of(FitConfig, "device"), show_default=True,
+              help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps.")
+@click.option("--cuda-graph/--no-cuda-graph", default=default_of(FitConfig, "cuda_graph"),
+              show_default=True,
               help="On CUDA, capture the training step once and replay it: one launch per"
               " step instead of hundreds of kernels (results equal the eager step's within float"
               " rounding).")
-@click.option("--out", default="results", show_default=True)
+@click.option("--out", default=default_of(FitConfig, "out"), show_default=True,
+              help="Results folder (<out>/<dataset>/<backbone>/...).")
 @click.option("--force", is_flag=True,
               help="Recompute results that exist (a result of other options is never reused:"
               " it is written beside the old one).")
@@ -215,7 +250,6 @@ def fit(as_json: bool, storage_options: dict | None, stores: tuple[str, ...], da
     """Train SAFE from a store for every shots x seed: the lr x wd grid at once, early stopping
     on val, the blend with beta; one result JSON (+ head) per run. Without --store, every store
     under the store root that matches --dataset / --model / --pretrained, in one job."""
-    from ..fit.config import FitConfig
     from ..fit.recipe import make_recipe
     from ..fit.runs import fit_stores
     from ..runtime.progress import RichProgress

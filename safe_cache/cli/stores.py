@@ -69,8 +69,8 @@ def info(store: str | None, storage_options: dict | None, as_json: bool, **filte
 @STORAGE_OPTIONS
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def ls_command(root: str | None, storage_options: dict | None, as_json: bool) -> None:
-    """List every store under ROOT (a folder or a bucket prefix), one row each [default: the
-    store root, $SAFE_CACHE_STORES or ./stores]."""
+    """List every store under ROOT (a folder or a bucket prefix), one row each. ROOT defaults
+    to the store root: $SAFE_CACHE_STORES, else ./stores."""
     from ..store.catalog import find_stores
     from ..store.paths import store_root
 

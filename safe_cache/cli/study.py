@@ -58,7 +58,8 @@ def _print_plan(plan) -> None:
 @study.command("run")
 @click.argument("study_name", metavar="STUDY")
 @click.option("--root", default=None, type=click.Path(file_okay=False),
-              help="Data root [default: $SAFE_CACHE_DATA, else ./data].")
+              show_default="$SAFE_CACHE_DATA, else ./data",
+              help="Data root.")
 @STORE_ROOT
 @click.option("--out", default="study-out", show_default=True,
               help="Folder for results/, plots/ and the report (study.md, study.html).")

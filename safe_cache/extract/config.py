@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..runtime import checks
-from ..runtime.device import resolve_device
-from ..store import StoreLayout
+
+if TYPE_CHECKING:  # the CLI reads these defaults for --help without zarr or torch
+    from ..store import StoreLayout
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class ExtractConfig:
         checks.at_least("views", self.views, 0, high=1000)
         checks.one_of("precision", self.precision, ("fp32", "fp16", "bf16"))
         checks.one_of("decode", self.decode, ("workers", "device"))
+        from ..runtime.device import resolve_device  # torch: only when a config is made
+
         resolve_device(self.device)
 
 

@@ -13,7 +13,6 @@ from typing import Any
 
 from ..errors import ConfigError, RecipeError
 from ..runtime import checks
-from ..runtime.device import resolve_device
 from .methods import OPTIONAL_METHODS
 from .recipe import PRESETS, Recipe
 
@@ -96,6 +95,8 @@ class FitConfig:
         self._check_values()
         if "://" not in self.out and Path(self.out).exists() and not Path(self.out).is_dir():
             raise ConfigError(f"--out {self.out} is a file, not a folder: choose another --out.")
+        from ..runtime.device import resolve_device  # torch: only when a config is made
+
         resolve_device(self.device)
 
     def _check_values(self) -> None:
