@@ -269,7 +269,8 @@ def test_offline_tag_gives_a_clear_error(tmp_path, monkeypatch):
     message = str(error.value)
     assert "Could not fetch the pretrained weights 'openai' of RN50" in message
     assert str(tmp_path) in message  # where open_clip caches
-    assert "local checkpoint" in message and "pretrained=" in message
+    assert "local checkpoint" in message and "--pretrained /path/to/" in message
+    assert "--cache-dir (extract, backbone" in message
     assert "Traceback" not in message
 
 

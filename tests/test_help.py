@@ -99,3 +99,120 @@ def test_help_shows_every_default_and_every_word(path, command):
             assert expected in flat, (path, option.name)
     stray = re.search(r".{40} [.,;](\s|$)", flat)  # markup eaten leaves a stray " ."
     assert stray is None, stray.group(0)
+
+
+# --- advice that works: every option a message names exists where it says ---------------------
+
+def _options() -> dict[str, set[str]]:
+    """Each command's option names (both forms of a flag), by its path ('datasets fetch')."""
+    found = {}
+    for path, command in COMMANDS:
+        names = set()
+        for param in command.params:
+            if isinstance(param, click.Option):
+                names.update(param.opts + param.secondary_opts)
+        found[" ".join(path)] = names
+    return found
+
+
+def _message_texts():
+    """Every string the package can print: each literal, and each f-string's literal parts
+    joined (with a placeholder where a value goes), with where it is."""
+    import ast
+    from pathlib import Path
+
+    import safe_cache
+
+    root = Path(safe_cache.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.JoinedStr):
+                yield path.name, node.lineno, "".join(
+                    v.value if isinstance(v, ast.Constant) else "X" for v in node.values)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                yield path.name, node.lineno, node.value
+
+
+OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]+")
+COMMAND_SPAN = re.compile(r"`(?:safe-cache |python cli\.py )?(datasets fetch|study run|study list|"
+                          r"extract|fit|report|export|predict|attention|correspond|info|verify|"
+                          r"copy|ls|backbone|models|demo|datasets)\b([^`]*)`")
+
+
+def test_every_option_a_message_names_exists():
+    options = _options()
+    every = set().union(*options.values()) | {"--help"}
+    unknown = [(file, line, name) for file, line, text in _message_texts()
+               for name in OPTION.findall(text) if name not in every]
+    assert unknown == [], unknown
+
+
+def test_a_command_a_message_names_has_the_options_it_names():
+    options = _options()
+    wrong = []
+    for file, line, text in _message_texts():
+        for command, rest in COMMAND_SPAN.findall(text):
+            wrong += [(file, line, command, name) for name in OPTION.findall(rest)
+                      if name not in options[command]]
+    assert wrong == [], wrong
+
+
+# --- the checks of the issue's list, each on the command that printed it ------------------------
+
+def _run(*args: str):
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, " ".join(result.output.split())
+
+
+def test_extract_checks_the_dataset_then_the_prompts_before_the_weights(tmp_path):
+    from miniatures import write_split_zhou
+
+    code, output = _run("extract", "--dataset", "food10", "--root", str(tmp_path),
+                        "--pretrained", "no-such-tag", "--store", str(tmp_path / "s.zarr"))
+    assert code == 2 and "Unknown dataset 'food10'" in output and "tag" not in output
+    write_split_zhou(tmp_path, "dtd", classes=2)
+    code, output = _run("extract", "--dataset", "dtd", "--root", str(tmp_path),
+                        "--pretrained", "no-such-tag", "--prompts", "nosuch.json",
+                        "--store", str(tmp_path / "s.zarr"))
+    assert code == 2 and "Unknown prompt set 'nosuch.json'" in output, output
+    assert not (tmp_path / "s.zarr").exists()  # refused before any work
+
+
+def test_quick_gelu_reaches_the_card_from_extract(tmp_path):
+    from factories import extract_miniature
+
+    from safe_cache.store import open_store
+
+    for flag in (True, False):  # tiny-map's config has no QuickGELU of its own
+        url = extract_miniature(tmp_path / str(flag), "safe-cache-tiny-map",
+                                tmp_path / f"{flag}.zarr", dataset="dtd", classes=2,
+                                quick_gelu=flag)
+        assert open_store(str(url)).manifest["backbone"]["quick_gelu"] is flag
+
+
+def test_fit_on_a_store_without_the_prompt_set_names_the_extract_command(tmp_path):
+    from factories import extract_miniature
+
+    url = extract_miniature(tmp_path, "safe-cache-tiny-rn", tmp_path / "s.zarr", dataset="dtd",
+                            classes=2)
+    code, output = _run("fit", "--store", str(url), "--shots", "1", "--seeds", "1",
+                        "--iters", "2", "--prompts", "vanilla", "--out", str(tmp_path / "r"),
+                        "--methods", "safe")  # SAFE always runs: naming it is fine
+    assert code == 2, output
+    assert "has no text classifier for prompt set 'vanilla' (it holds: hand)" in output
+    assert f"safe-cache extract --dataset dtd --model safe-cache-tiny-rn --pretrained none" \
+        f" --store {url} --views 1" in output and "--prompts vanilla" in output
+
+
+def test_backbone_takes_none_for_random_weights():
+    code, output = _run("backbone", "safe-cache-tiny-rn", "--pretrained", "none", "--json")
+    assert code == 0, output
+
+
+def test_export_given_the_head_file_points_at_the_json(tmp_path):
+    head = tmp_path / "shots1_seed1_safe.safetensors"
+    head.write_bytes(b"x")
+    head.with_suffix(".json").write_text("{}")
+    code, output = _run("export", str(head), "--out", str(tmp_path / "m"))
+    assert code == 2 and "pass the result JSON beside it" in output and "remove" not in output

@@ -229,8 +229,11 @@ def one_store(**filters: Any) -> str:
     """The one store the filters select (several is an error that lists them)."""
     urls = default_stores(**filters)
     if len(urls) > 1:
-        raise click.UsageError(f"{len(urls)} stores match: {', '.join(urls)}. Name one (--store"
-                               f" or STORE), or narrow with --dataset / --model / --pretrained.")
+        ctx = click.get_current_context(silent=True)
+        names = {p.name for p in ctx.command.params} if ctx is not None else {"store"}
+        how = "--store URL" if "store" in names else "STORE"
+        raise click.UsageError(f"{len(urls)} stores match: {', '.join(urls)}. Name one ({how}),"
+                               f" or narrow with --dataset / --model / --pretrained.")
     return urls[0]
 
 

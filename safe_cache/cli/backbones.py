@@ -16,13 +16,15 @@ from .app import (
 
 @main.command()
 @click.argument("model")
-@click.option("--pretrained", default=None,
-              help="open_clip tag (e.g. openai) or a checkpoint file; omit for random weights.")
+@click.option("--pretrained", default="none", show_default=True,
+              help="open_clip tag (e.g. openai), a checkpoint file, or none for random weights.")
 @click.option("--cut", default="pool", show_default=True,
               help="Where the trunk ends: pool, layer4 (ResNet), lastN (ViT).")
-@click.option("--quick-gelu/--no-quick-gelu", default=None,
-              help="Force QuickGELU on or off (default: inferred from the tag or file).")
-@click.option("--cache-dir", default=None, help="Where open_clip caches downloaded weights.")
+@click.option("--quick-gelu/--no-quick-gelu", default=None, show_default="from the weights",
+              help="Force QuickGELU on or off (OpenAI's weights need it).")
+@click.option("--cache-dir", default=None, metavar="DIR",
+              show_default="open_clip's: ~/.cache/clip or the Hugging Face cache",
+              help="Where open_clip caches downloaded weights.")
 @click.option("--init-seed", default=0, show_default=True, help="Seed of a random initialisation.")
 @click.option("--json", "as_json", is_flag=True, help="Print the card as JSON.")
 def backbone(
@@ -33,8 +35,8 @@ def backbone(
     from ..model.backbone import load_backbone
 
     loaded = load_backbone(
-        model, pretrained, cut=cut, quick_gelu=quick_gelu, cache_dir=cache_dir,
-        init_seed=init_seed,
+        model, None if pretrained.lower() == "none" else pretrained, cut=cut,
+        quick_gelu=quick_gelu, cache_dir=cache_dir, init_seed=init_seed,
     )
     card = {**loaded.card, "fingerprint": loaded.fingerprint}
     if as_json:

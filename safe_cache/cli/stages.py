@@ -83,6 +83,13 @@ def _count(value: str, option: str) -> int:
               " or torchvision on the --device (nvJPEG on CUDA; a store keeps one way).")
 @click.option("--cut", default=default_of(ExtractConfig, "cut"), show_default=True,
               help="pool, layer4 (ResNet), lastN.")
+@click.option("--quick-gelu/--no-quick-gelu", default=None, show_default="from the weights",
+              help="Force QuickGELU on or off (OpenAI's weights need it; a tag says so itself, a"
+              " local checkpoint file does not). Recorded in the store's card.")
+@click.option("--cache-dir", default=None, metavar="DIR",
+              show_default="open_clip's: ~/.cache/clip or the Hugging Face cache",
+              help="Where open_clip caches downloaded weights (a shared folder that holds"
+              " them).")
 @click.option("--skip-bad", is_flag=True,
               help="Record unreadable images in the store's manifest and go on.")
 @click.option("--max-pixels", default=None, type=int, show_default="PIL's limit, 178,956,970",
@@ -224,6 +231,10 @@ def demo(store_root: str, model: str, pretrained: str, workers: int, iters: int,
               " reference code (results labelled test-selected).")
 @click.option("--device", default=default_of(FitConfig, "device"), show_default=True,
               help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps.")
+@click.option("--test-chunk", default=default_of(FitConfig, "test_chunk"), show_default=True,
+              type=click.IntRange(1),
+              help="Test maps per evaluation step (lower it when the device runs out of"
+              " memory).")
 @click.option("--cuda-graph/--no-cuda-graph", default=default_of(FitConfig, "cuda_graph"),
               show_default=True,
               help="On CUDA, capture the training step once and replay it: one launch per"

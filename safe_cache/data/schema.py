@@ -40,7 +40,15 @@ def _templates(value: tuple[str, ...]) -> str | None:
     if not value:
         return "is empty: give at least one template"
     bad = [t for t in value if "{}" not in t]
-    return f"has {bad[0]!r}, which has no '{{}}' for the class name" if bad else None
+    if bad:
+        return f"has {bad[0]!r}, which has no '{{}}' for the class name"
+    for template in value:
+        try:
+            template.format("x")
+        except (IndexError, KeyError, ValueError):
+            return f"has {template!r}, whose braces other than one '{{}}' are not a template" \
+                   f" (write {{{{ and }}}} for literal braces)"
+    return None
 
 
 def _positive_numbers(value: Any, count: int, whole: bool) -> bool:

@@ -39,6 +39,8 @@ class ExtractConfig:
     takeover: bool = False
     cut: str = "pool"
     init_seed: int = 0
+    quick_gelu: bool | None = None  # force QuickGELU on / off (None: from the tag or the file)
+    cache_dir: str | None = None  # where open_clip caches downloaded weights (None: its own)
     storage_options: dict | None = None
     layout: StoreLayout | None = None  # a new store's chunking (None: default_layout(url))
     scheduler: str | None = None  # a dask scheduler's address: tasks run on its workers

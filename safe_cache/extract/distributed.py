@@ -60,17 +60,18 @@ def plan_tasks(items: list[tuple], unit: int, task_images: int) -> list[list[tup
 
 @functools.lru_cache(maxsize=2)
 def worker_backbone(model: str, pretrained: str | None, device: str, cut: str,
-                    init_seed: int) -> Backbone:
+                    init_seed: int, quick_gelu: bool | None = None,
+                    cache_dir: str | None = None) -> Backbone:
     """The backbone of this worker process, loaded on its first task and kept."""
     return load_backbone(model, pretrained, device=resolve_device(device), cut=cut,
-                         init_seed=init_seed)
+                         init_seed=init_seed, quick_gelu=quick_gelu, cache_dir=cache_dir)
 
 
 def extract_task(job: ExtractJob, split: str, items: list[tuple], part: str) -> dict[str, Any]:
     """Run on a worker: extract one task's units into the store; returns counts."""
     config = job.config
     backbone = worker_backbone(config.model, config.pretrained, config.device, config.cut,
-                               config.init_seed)
+                               config.init_seed, config.quick_gelu, config.cache_dir)
     if backbone.fingerprint != job.fingerprint:
         raise ExtractError(f"This worker's backbone {config.model} ({config.pretrained}) has"
                            f" fingerprint {backbone.fingerprint[:12]}, not the job's"

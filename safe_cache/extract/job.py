@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +59,16 @@ def extract(config: ExtractConfig, progress: ProgressSink = null_progress,
     """
     start = time.perf_counter()
     device = resolve_device(config.device)
-    backbone = load_backbone(config.model, config.pretrained, device=device, cut=config.cut,
-                             init_seed=config.init_seed)
+    # every check before any work, cheapest first: the dataset, the prompts, then the weights
     dataset = open_dataset(config.dataset, config.root, make_split=config.make_split)
+    plain_name(dataset.spec.name, "the dataset spec's name", ExtractError)  # names folders
+    prompts = PromptSet.of(config.prompts, dataset)
+    backbone = load_backbone(config.model, config.pretrained, device=device, cut=config.cut,
+                             init_seed=config.init_seed, quick_gelu=config.quick_gelu,
+                             cache_dir=config.cache_dir)
     subsets = few_shot_subsets(dataset, config.shots, config.seeds)
     decode = "pil" if config.decode == "workers" else f"torchvision-{device.type}"
     recipe = ViewRecipe(count=config.views, seed=config.view_seed, decode=decode)
-    plain_name(dataset.spec.name, "the dataset spec's name", ExtractError)  # names folders
     url = config.store or default_store_url(dataset.spec.name, backbone.card, config.store_root)
     store = _open_or_create(url, backbone, dataset, recipe, config)
     recipe = ViewRecipe(count=store.manifest["views"]["count"], seed=recipe.seed,
@@ -85,7 +89,7 @@ def extract(config: ExtractConfig, progress: ProgressSink = null_progress,
                 extract_on_cluster(client, store, backbone, plans, recipe, config, progress,
                                    report)
         _write_fewshot(store, dataset, subsets)
-        _write_classifier(store, backbone, dataset, config.prompts)
+        _write_classifier(store, backbone, prompts)
         if not store.has_head():
             state = {k: v.detach().cpu().float().numpy() for k, v in
                      backbone.head.state_dict().items()}
@@ -167,18 +171,32 @@ def _write_fewshot(store: FeatureStore, dataset: Dataset, subsets) -> None:
         store.write_fewshot(seed, shots, train, val)
 
 
-def _write_classifier(store: FeatureStore, backbone: Backbone, dataset: Dataset,
-                      prompts: str) -> None:
+@dataclass(frozen=True)
+class PromptSet:
+    """A prompt set read and checked before any image is extracted: its stored name, the
+    sentences of each class, and where it came from."""
+
+    name: str
+    sentences: list[list[str]]
+    source: str
+
+    @classmethod
+    def of(cls, prompts: str, dataset: Dataset) -> PromptSet:
+        name = plain_name(prompt_set_name(prompts), "the prompt set's name", ExtractError)
+        return cls(name, class_sentences(prompts, dataset.classnames, dataset.spec.templates),
+                   prompts)
+
+
+def _write_classifier(store: FeatureStore, backbone: Backbone, prompts: PromptSet) -> None:
     """The prompt set's classifier and raw sentence embeddings (added to a store that has
     the classifier only)."""
-    name = plain_name(prompt_set_name(prompts), "the prompt set's name", ExtractError)
-    sentences = class_sentences(prompts, dataset.classnames, dataset.spec.templates)
+    name, sentences = prompts.name, prompts.sentences
     if store.has_prompt_set(name):
         if store.prompt_sentences(name) != [list(group) for group in sentences]:
             raise ExtractError(f"{store.url} already holds a prompt set '{name}' with other"
-                               f" sentences (from another {Path(prompts).name}?); fit would"
-                               f" read them under one name. Rename the file (the set is named"
-                               f" by its stem), or use another --store.")
+                               f" sentences (from another {Path(prompts.source).name}?); fit"
+                               f" would read them under one name. Rename the file (the set is"
+                               f" named by its stem), or use another --store.")
         return
     embeddings = encode_sentences(backbone.model, backbone.tokenizer(), sentences)
     weights = class_average(embeddings, [len(group) for group in sentences], "normalised")

@@ -92,9 +92,11 @@ def resolve_weights(
             f" none for random weights.")
     if not path.is_file():
         tags = open_clip.list_pretrained_tags_by_model(name)
+        known = f"Known tags for {name}: {', '.join(tags)}" if tags else \
+            f"{name} has no pretrained tags"
         raise WeightsUnavailableError(
-            f"'{text}' is neither a pretrained tag of {name} nor an existing file. Known tags for"
-            f" {name}: {', '.join(tags) or 'none'}. Pass a tag, or the path of a checkpoint file."
+            f"'{text}' is neither a pretrained tag of {name} nor an existing file. {known}. Pass"
+            f" a tag, the path of a checkpoint file, or none (random weights)."
         )
     torchscript = is_torchscript_archive(path)
     if quick_gelu is None:
@@ -103,8 +105,9 @@ def resolve_weights(
             warnings.warn(
                 f"Loading {name} from the local file {path.name}: safe-cache cannot tell whether"
                 f" it was trained with QuickGELU. OpenAI weights need it (features are wrong"
-                f" without it): pass quick_gelu=True (--quick-gelu) or use '{name}-quickgelu'."
-                f" Pass quick_gelu=False (--no-quick-gelu) to silence this warning.",
+                f" without it): pass --quick-gelu (extract, backbone; quick_gelu = true in a"
+                f" study's [[backbones]]; quick_gelu=True in Python) or use"
+                f" '{name}-quickgelu'. --no-quick-gelu silences this warning.",
                 SafeCacheWarning,
                 stacklevel=3,
             )
@@ -183,9 +186,10 @@ def _download(
             f"Could not fetch the pretrained weights '{tag}' of {name} from {source} ({reason})."
             f" open_clip caches downloaded weights in {where}, and no usable copy is there."
             f" Either run once with network access (the weights are then cached), point"
-            f" cache_dir (--cache-dir) at a folder that holds them, or pass a local checkpoint"
-            f" file instead of the tag: pretrained='/path/to/weights.safetensors' (or an"
-            f" open_clip .pt/.bin, or OpenAI's original {name}.pt)."
+            f" --cache-dir (extract, backbone; cache_dir= in Python) at a folder that holds"
+            f" them, or pass a local checkpoint file instead of the tag: --pretrained"
+            f" /path/to/weights.safetensors (an open_clip .pt/.bin, or OpenAI's original"
+            f" {name}.pt; --quick-gelu where it was trained with QuickGELU)."
         ) from None
     if not target or not Path(target).is_file():
         raise WeightsUnavailableError(f"open_clip resolved '{tag}' of {name} to no file.")

@@ -78,9 +78,20 @@ def default_store_url(dataset: str, card: dict[str, Any], root: str | None = Non
     return f"{store_root(root)}/{dataset}/{backbone_label(card)}.zarr"
 
 
-def extract_command(manifest: dict[str, Any], url: str) -> str:
-    """The extract command that adds to (or finishes) the store at `url`."""
+def extract_command(manifest: dict[str, Any], url: str, *extra: str) -> str:
+    """The extract command that adds to (or finishes) the store at `url`, with the options
+    that keep it the store it is (weights, cut, views, the flipped view); `extra` appended."""
     backbone = manifest["backbone"]
-    return (f"safe-cache extract --dataset {manifest['dataset']['name']} --model"
-            f" {backbone['model']} --pretrained {backbone.get('pretrained') or 'none'}"
-            f" --store {url}")
+    weights = backbone.get("pretrained") or "none"
+    if weights.startswith("file:"):
+        weights = f"<the checkpoint file {weights.removeprefix('file:')}>"
+    parts = ["safe-cache extract --dataset", manifest["dataset"]["name"], "--model",
+             backbone["model"], "--pretrained", weights, "--store", url]
+    if backbone.get("cut", "pool") != "pool":
+        parts += ["--cut", backbone["cut"]]
+    views = (manifest.get("views") or {}).get("count")
+    if views is not None:
+        parts += ["--views", str(views)]
+    if not manifest.get("center_flip"):
+        parts.append("--no-center-flip")
+    return " ".join([*parts, *extra])

@@ -310,7 +310,12 @@ class FeatureStore:
         plain_name(prompt_set, "the prompt set", StoreError)
         key = f"text/{prompt_set}/classifier"
         if key not in self.group:
-            raise StoreError(f"{self.url} has no text classifier for prompt set '{prompt_set}'.")
+            held = sorted(self.group["text"].keys()) if "text" in self.group else []
+            command = extract_command(self.manifest, self.url, "--prompts", prompt_set)
+            raise StoreError(
+                f"{self.url} has no text classifier for prompt set '{prompt_set}' (it holds:"
+                f" {', '.join(held) or 'none'}). Add it (only the text is encoded; the images"
+                f" are already there): `{command}`.")
         return self._small(key)
 
     def _small(self, key: str) -> np.ndarray:

@@ -38,7 +38,8 @@ def _extract_config(study: Study, item, root: Path, prompts: str, scheduler, wor
     return ExtractConfig(dataset=study.dataset_ref(item.dataset), root=str(root),
                          model=item.backbone.model, pretrained=item.backbone.pretrained,
                          store=item.url,
-                         cut=item.backbone.cut, shots=study.shots, seeds=study.seeds,
+                         cut=item.backbone.cut, quick_gelu=item.backbone.quick_gelu,
+                         shots=study.shots, seeds=study.seeds,
                          prompts=prompts, scheduler=scheduler, local_workers=workers,
                          **study.extract)
 

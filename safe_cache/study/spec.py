@@ -29,7 +29,7 @@ BUILTIN_PROMPTS = ("hand", "classname", "vanilla")
 OOD_VARIANTS = OOD_COLUMNS[1:]  # the ImageNet variants (the first column is ImageNet)
 TOP_KEYS = {"name", "description", "datasets", "backbones", "shots", "seeds", "methods",
             "recipes", "prompts", "ood", "extract", "fit", "paper"}
-BACKBONE_KEYS = {"model", "pretrained", "cut", "label"}
+BACKBONE_KEYS = {"model", "pretrained", "cut", "label", "quick_gelu"}
 EXTRACT_KEYS = {"views", "center_flip", "batch_size", "workers", "precision", "device",
                 "max_pixels", "make_split", "view_seed"}
 FIT_KEYS = {"iters", "lrs", "wds", "batch_size", "eval_every", "beta", "betas", "blend",
@@ -43,6 +43,7 @@ class Backbone:
     model: str
     pretrained: str | None
     cut: str = "pool"
+    quick_gelu: bool | None = None  # None: from the tag or the file (extract --quick-gelu)
 
     @property
     def name(self) -> str:
@@ -159,7 +160,11 @@ def _backbones(raw: Any, check: _Checker) -> tuple[Backbone, ...]:
             raise check.fail("pretrained", "a backbone's pretrained and cut are texts"
                                            " (pretrained = \"none\" for random weights).")
         pretrained = None if str(pretrained).lower() == "none" else str(pretrained)
-        parsed.append(Backbone(model, pretrained, entry.get("cut", "pool")))
+        quick_gelu = entry.get("quick_gelu")
+        if quick_gelu is not None and not isinstance(quick_gelu, bool):
+            raise check.fail("quick_gelu", "a backbone's quick_gelu is true or false (leave it"
+                                           " out to take it from the weights).")
+        parsed.append(Backbone(model, pretrained, entry.get("cut", "pool"), quick_gelu))
     names = [b.name for b in parsed]
     for name in names:
         if names.count(name) > 1:  # the same store twice: one would overwrite the other
