@@ -11,6 +11,7 @@ import errno
 import itertools
 import json
 import math
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import rich_click as click
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 from .._version import __version__
 from ..errors import SafeCacheError, SafeCacheWarning
@@ -30,12 +32,31 @@ click.rich_click.TEXT_MARKUP = "rich"
 click.rich_click.SHOW_ARGUMENTS = True
 
 
+_REPEATS: dict[tuple[str, int], list] = {}  # (file, line) -> [first message, how many more]
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """SafeCacheWarnings as one readable line on stderr; others as Python prints them."""
-    if issubclass(category, SafeCacheWarning):
-        err_console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
-    else:
+    """SafeCacheWarnings as one readable line on stderr; the same warning again (one per class
+    of a dataset, say) is counted, and said once at the end (`_say_repeats`); others as Python
+    prints them."""
+    if not issubclass(category, SafeCacheWarning):
         _default_showwarning(message, category, filename, lineno, file, line)
+        return
+    seen = _REPEATS.setdefault((filename, lineno), [str(message), 0])
+    if seen[1] == 0 and seen[0] == str(message):
+        seen[1] = 1
+        err_console.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False,
+                          soft_wrap=True)
+    else:
+        seen[1] += 1
+
+
+def _say_repeats() -> None:
+    for first, count in _REPEATS.values():
+        if count > 1:
+            err_console.print(f"[bold yellow]warning:[/] {count - 1} more like: {escape(first)}",
+                              highlight=False, soft_wrap=True)
+    _REPEATS.clear()
 
 
 _default_showwarning = warnings.showwarning
@@ -87,6 +108,7 @@ class SafeCacheGroup(click.RichGroup):
             err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
             sys.exit(2)
         finally:
+            _say_repeats()
             warnings.showwarning = previous
 
 
@@ -108,6 +130,37 @@ def main() -> None:
     pre-pooling maps; stage 2 trains the attention-pooling head (SAFE) and the adapters (SAFE-A)
     straight from the store.
     """
+
+
+SEPARATORS = "/-_.,:@"
+
+
+def break_at_separators(text: str, width: int) -> str:
+    """`text` in lines of at most `width` characters, broken only after a separator (a path's
+    '/', a name's '-', '_' or '.'); a run without one longer than `width` stays whole."""
+    lines, line = [], ""
+    for piece in re.split(f"(?<=[{re.escape(SEPARATORS)}])", text):
+        if line and len(line) + len(piece) > width:
+            lines.append(line)
+            line = ""
+        line += piece
+    return "\n".join([*lines, line])
+
+
+def keep_whole(table: Table, *headers: str, share: float = 0.45) -> Table:
+    """Names and paths in these columns are never split mid-word: each column is as wide as
+    its longest cell, up to `share` of the console's width, and a longer cell breaks only
+    after a separator (rich's own folding splits anywhere). Call it after the rows are in."""
+    budget = max(12, int(console.width * share))
+    for column in table.columns:
+        if column.header not in headers:
+            continue
+        cells = [break_at_separators(str(cell), budget) for cell in column._cells]
+        column._cells = cells  # rich keeps a column's cells here (Table.add_row appends)
+        column.no_wrap = True
+        column.min_width = max((len(line) for cell in cells for line in cell.splitlines()),
+                               default=1)
+    return table
 
 
 def byte_size(n: int | None, unknown: str = "unknown") -> str:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import rich_click as click
+from rich import box
 from rich.table import Table
 
 from ..data.unpack import DEFAULT_MARGIN
-from .app import byte_size, console, err_console, main, print_json
+from .app import byte_size, console, err_console, keep_whole, main, print_json
 
 
 def _size(n: int | None) -> str:
@@ -29,7 +30,14 @@ def datasets(ctx: click.Context, root: str | None, make_split: str | None,
     root. `datasets fetch NAME` downloads one."""
     if ctx.invoked_subcommand is not None:
         return
-    from ..data.datasets import dataset_status, list_specs, open_dataset, resolve_data_root
+    from ..data.datasets import (
+        DATA_ROOT_ENV,
+        DEFAULT_DATA_ROOT,
+        dataset_status,
+        list_specs,
+        open_dataset,
+        resolve_data_root,
+    )
 
     data_root = resolve_data_root(root)
     root = str(data_root.path) if data_root.source != "default" or data_root.path.is_dir() \
@@ -44,33 +52,43 @@ def datasets(ctx: click.Context, root: str | None, make_split: str | None,
         "name": spec.name, "kind": spec.kind, "folder": spec.folder,
         "classes": spec.num_classes, "split_sizes": spec.split_sizes,
         "status": dataset_status(spec, root),
-        "fetch": "download" if any(s.unpack for s in spec.sources) else
-                 "split; images by hand" if spec.sources else "by hand",
+        "fetch": "yes" if any(s.unpack for s in spec.sources) else
+                 "split" if spec.sources else "no",
     } for spec in list_specs()]
     if as_json:
         print_json(rows)
         return
-    table = Table(title="datasets" + (f" under {root}" if root else ""))
-    table.add_column("dataset", no_wrap=True)
-    table.add_column("folder", overflow="fold")
-    for column in ("classes", "train", "val", "test"):
-        table.add_column(column, justify="right")
-    table.add_column("status")
-    table.add_column("fetch")
+    table = Table(title="datasets" + (f" under {root}" if root else ""), box=box.SIMPLE_HEAD,
+                  pad_edge=False)
+    for column in ("dataset", "folder", "classes", "train/val/test"):
+        table.add_column(column, justify="right" if column == "classes" else "left",
+                         no_wrap=column in ("classes", "train/val/test"))
+    if root:
+        table.add_column("status", no_wrap=True)
     for row in rows:
         sizes = row["split_sizes"]
         status = row["status"]
         style = {"present": "green", "missing": "red"}.get(status, "yellow")
-        table.add_row(row["name"], row["folder"] + "/", str(row["classes"]),
-                      *(f"{sizes[s]:,}" if s in sizes else "-" for s in ("train", "val", "test")),
-                      f"[{style}]{status}[/]" if root else status, row["fetch"])
-    console.print(table)
+        cells = [row["name"], row["folder"] + "/", str(row["classes"]),
+                 "/".join(f"{sizes[s]:,}" if s in sizes else "-"
+                            for s in ("train", "val", "test"))]
+        table.add_row(*cells, *([f"[{style}]{status}[/]"] if root else []))
+    console.print(keep_whole(keep_whole(table, "dataset", share=0.2), "folder", share=0.16))
+    by_hand = {kind: [r["name"] for r in rows if r["fetch"] == kind] for kind in ("split", "no")}
+    console.print(f"`datasets fetch NAME` downloads each of them, except: by hand"
+                  f" {', '.join(by_hand['no'])}; the split file only (the images by hand)"
+                  f" {', '.join(by_hand['split'])}. fetch says where to put what.",
+                  highlight=False)
+    if not root:
+        err_console.print(f"presence not shown: no data root (--root not given, {DATA_ROOT_ENV}"
+                          f" not set, no ./{DEFAULT_DATA_ROOT}/ here); pass --root DIR to see"
+                          f" which datasets are there.", highlight=False, soft_wrap=True)
 
 
 def _print_plan(plans: list) -> None:
     table = Table(title="datasets fetch --dry-run")
     for column in ("dataset", "file", "from", "state", "size"):
-        table.add_column(column, overflow="fold")
+        table.add_column(column)
     for plan in plans:
         if plan.status == "present":
             table.add_row(plan.spec.name, "-", "-", "[green]present: left alone[/]", "-")
@@ -79,7 +97,7 @@ def _print_plan(plans: list) -> None:
                           _size(state.source.approx_bytes))
         if plan.manual:
             table.add_row(plan.spec.name, "-", "-", f"[yellow]by hand:[/] {plan.manual}", "-")
-    console.print(table)
+    console.print(keep_whole(table, "dataset", "file", "from"))
     needed = sum(p.disk_bytes for p in plans if p.status != "present")
     unknown = [f for p in plans for f in p.unknown_sizes]
     extra = f", plus {len(unknown)} file(s) of unknown size ({', '.join(unknown)})" \
@@ -140,8 +158,8 @@ def fetch(names: str, root: str | None, sources_file: str | None, keep_archives:
     table = Table(title=f"datasets fetch under {data_root}")
     for column in ("dataset", "status", "folder", "downloaded", "files added", "replaced",
                    "seconds"):
-        table.add_column(column, overflow="fold")
+        table.add_column(column)
     for r in reports:
         table.add_row(r.dataset, r.status, r.folder, ", ".join(r.downloaded) or "-",
                       str(r.added), str(r.replaced), f"{r.seconds:.1f}")
-    console.print(table)
+    console.print(keep_whole(table, "dataset", "folder", "downloaded"))

@@ -115,7 +115,9 @@ def extract(as_json: bool, storage_options: dict | None, pretrained: str, **opti
     if as_json:
         print_json(report.__dict__)
         return
-    table = Table(title=f"extracted into {report.store} in {report.seconds:.1f} s")
+    console.print(f"extracted into {report.store} in {report.seconds:.1f} s", soft_wrap=True,
+                  highlight=False)
+    table = Table()
     for column in ("split", "extracted now", "readable rows"):
         table.add_column(column, justify="right")
     for split, rows in report.rows.items():

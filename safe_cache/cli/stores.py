@@ -14,6 +14,7 @@ from .app import (
     default_stores,
     err_console,
     json_object,
+    keep_whole,
     main,
     one_store,
     print_json,
@@ -87,7 +88,7 @@ def ls_command(root: str | None, storage_options: dict | None, as_json: bool) ->
         table.add_row(row["url"], row["dataset"], row["backbone"],
                       *(str(sizes.get(s, "-")) for s in ("train", "val", "test")),
                       "yes" if row["complete"] else "[yellow]no[/]")
-    console.print(table)
+    console.print(keep_whole(table, "store", "dataset", "backbone"))
 
 
 @main.command()

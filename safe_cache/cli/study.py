@@ -5,7 +5,16 @@ from __future__ import annotations
 import rich_click as click
 from rich.table import Table
 
-from .app import STORE_ROOT, byte_size, cluster_options, console, err_console, main, print_json
+from .app import (
+    STORE_ROOT,
+    byte_size,
+    cluster_options,
+    console,
+    err_console,
+    keep_whole,
+    main,
+    print_json,
+)
 
 
 @main.group()
@@ -27,25 +36,26 @@ def list_(as_json: bool) -> None:
         print_json(rows)
         return
     table = Table(title="shipped studies (safe-cache study run NAME --root DATA)")
-    for column in ("study", "datasets", "backbones", "shots x seeds", "description"):
-        table.add_column(column, overflow="fold")
+    for column in ("study", "datasets", "backbones", "shots x seeds"):
+        table.add_column(column, no_wrap=column in ("datasets", "shots x seeds"))
+    table.add_column("description")
     for row in rows:
-        table.add_row(row["name"], str(row["datasets"]), ", ".join(row["backbones"]),
+        table.add_row(row["name"], str(row["datasets"]), ",\n".join(row["backbones"]),
                       f"{len(row['shots'])} x {len(row['seeds'])}", row["description"])
-    console.print(table)
+    console.print(keep_whole(keep_whole(table, "study"), "backbones", share=0.15))
 
 
 def _print_plan(plan) -> None:
     table = Table(title=f"study {plan.study.name}: stores")
     for column in ("dataset", "backbone", "status", "images", "size (est.)", "store"):
-        table.add_column(column, overflow="fold")
+        table.add_column(column)
     for item in plan.stores:
         style = {"present": "green", "no data": "red"}.get(item.status, "yellow")
         table.add_row(item.dataset + (" (test only)" if item.test_only else ""),
                       item.backbone.name, f"[{style}]{item.status}[/]",
                       "-" if item.images is None else f"{item.images:,}",
                       byte_size(item.bytes, '-'), item.url)
-    console.print(table)
+    console.print(keep_whole(table, "dataset", "backbone", "store"))
     todo = [r for r in plan.runs if r.status == "todo"]
     console.print(f"runs: {len(todo)} to do, {len(plan.runs) - len(todo)} done (skipped)")
     console.print(f"disk for the stores to create or extend: {byte_size(plan.disk_bytes, '-')}")
