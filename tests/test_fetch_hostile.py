@@ -416,3 +416,200 @@ def test_a_study_names_a_users_spec_file(tmp_path):
     study.write_text(study.read_text().replace("myshapes.json", "nothere.json"))
     with pytest.raises(Exception, match=r"unknown dataset 'nothere\.json'.*or a dataset spec"):
         load_study(study)
+
+
+# --- from a hostile probe: links planted in the work folder, endless and malformed servers ------
+
+def test_a_part_hard_linked_to_a_file_outside_is_never_written_into(mirror, tmp_path, victim):
+    from safe_cache.data.download import part_path
+    from safe_cache.data.fetch import fetch_spec
+    from safe_cache.data.sources import load_overrides
+
+    sources = _sources(mirror, tmp_path / "s")
+    spec = fetch_spec("eurosat", load_overrides(sources))
+    downloads = tmp_path / "data" / WORK_DIR / "eurosat" / "downloads"
+    downloads.mkdir(parents=True)
+    before = _snapshot(victim)
+    for source in spec.sources:
+        (downloads / part_path(source, downloads).name).hardlink_to(victim / "victim" / "keep.txt")
+    [report] = fetch(["eurosat"], tmp_path / "data", sources=sources)
+    assert report.status == "fetched" and _snapshot(victim) == before
+
+
+def test_a_dry_run_writes_nothing_not_even_through_a_link(tmp_path, victim):
+    from miniatures import _jpeg
+
+    from safe_cache.data.fetch import plan_fetch
+
+    for name in ("circle", "square"):
+        for i in range(4):
+            _jpeg(tmp_path / "data" / "shapes" / "images" / name / f"{i}.png", i)
+    stale = victim / "split.json"
+    stale.write_text(json.dumps({"train": [], "val": [], "test": [], "listing_sha256": "old"}))
+    (tmp_path / "data" / "shapes" / "split_generated_shapes.json").symlink_to(stale)
+    spec = tmp_path / "shapes.json"
+    spec.write_text(json.dumps({"name": "shapes", "kind": "imagefolder", "folder": "shapes",
+                                "image_dir": "images", "sources": [
+                                    {"url": "http://127.0.0.1:9/x.zip", "unpack": {"a": "b"}}]}))
+    before = _snapshot(victim)
+    plan_fetch([str(spec)], tmp_path / "data")
+    assert _snapshot(victim) == before
+
+
+def test_a_source_serving_more_than_its_bound_is_refused_and_removed(mirror, tmp_path):
+    from safe_cache.data.download import download
+    from safe_cache.data.fetch import fetch_spec
+    from safe_cache.data.sources import load_overrides
+
+    spec = fetch_spec("eurosat", load_overrides(_sources(mirror, tmp_path / "s")))
+    archive = spec.sources[-1]
+    downloads = tmp_path / "downloads"
+    with pytest.raises(FetchError, match=r"EuroSAT\.zip: the source serves more than 1,000"
+                                         r" bytes.*the download was removed"):
+        download(archive, downloads, limit=1000)
+    assert list(downloads.iterdir()) == []
+    local = tmp_path / "big.zip"
+    local.write_bytes(b"0" * 5000)
+    with pytest.raises(FetchError, match=r"serves more than 1,000 bytes"):
+        download(dataclasses_replace(archive, url=str(local)), downloads, limit=1000)
+    assert local.stat().st_size == 5000
+
+
+def dataclasses_replace(source, **change):
+    import dataclasses
+
+    return dataclasses.replace(source, **change)
+
+
+@pytest.mark.parametrize("url", ["http://[::1/x.zip", "http://127.0.0.1:abc/x.zip",
+                                 "http:///x.zip", "http://a b/x.zip"])
+def test_malformed_urls_are_one_line(tmp_path, url):
+    sources = tmp_path / "sources.json"
+    sources.write_text(json.dumps({"eurosat": {"sources": [{"url": url, "unpack": {"a": "b"}}]}}))
+    code, output = _cli("eurosat", "--root", str(tmp_path / "d"), "--sources", str(sources))
+    assert code == 2 and output.count("error:") == 1 and "must be an http(s)://" in output
+
+
+def test_undecodable_and_nested_files_are_one_line(tmp_path):
+    sources = tmp_path / "sources.json"
+    sources.write_bytes(b"\xff\xfe{")
+    code, output = _cli("eurosat", "--root", str(tmp_path), "--sources", str(sources))
+    assert code == 2 and "is not readable JSON" in output
+    sources.write_text("[" * 100_000 + "]" * 100_000)
+    code, output = _cli("eurosat", "--root", str(tmp_path), "--sources", str(sources))
+    assert code == 2 and "is not readable JSON" in output
+    spec = tmp_path / "spec.json"
+    spec.write_bytes(b"\x80\x81")
+    code, output = _cli(str(spec), "--root", str(tmp_path))
+    assert code == 2 and "is not readable JSON" in output
+    for margin in ("inf", "1e308", "0"):
+        code, output = _cli("eurosat", "--root", str(tmp_path), "--unpack-margin", margin)
+        assert code == 2 and "--unpack-margin" in output and output.count("error:") == 1
+
+
+def _raw_server(reply: bytes):
+    """A server that answers every connection with `reply`, whatever it was asked."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def serve():
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            with connection:
+                connection.recv(65536)
+                connection.sendall(reply)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener
+
+
+@pytest.mark.parametrize("reply", [
+    b"GARBAGE\r\n\r\n",
+    b"HTTP/1.1 abc OK\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(200)) + b"\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"f" * 70_000 + b"\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n0123456789abcdef\r\n",
+])
+def test_a_malformed_server_is_one_line_and_a_rerun_starts_clean(tmp_path, reply):
+    listener = _raw_server(reply)
+    port = listener.getsockname()[1]
+    sources = tmp_path / "sources.json"
+    sources.write_text(json.dumps({"eurosat": {"sources": [
+        {"url": f"http://127.0.0.1:{port}/EuroSAT.zip", "unpack": {"2750": "2750"}}]}}))
+    for _ in range(2):
+        code, output = _cli("eurosat", "--root", str(tmp_path / "d"), "--sources", str(sources))
+        assert code == 2 and output.count("error:") == 1 and "Traceback" not in output, output
+        assert "EuroSAT.zip" in output
+    listener.close()
+
+
+def test_a_nul_or_undecodable_text_in_the_users_folder_is_one_line(tmp_path):
+    split = write_split_zhou(tmp_path, "eurosat", classes=2)
+    split["test"][0][0] = "a\u0000.jpg"
+    (tmp_path / "eurosat" / SPLIT).write_text(json.dumps(split))
+    with pytest.raises(DatasetError, match=r"test\[0\] is \['a\\x00\.jpg'"):
+        open_dataset("eurosat", tmp_path)
+    from miniatures import write_fgvc
+
+    write_fgvc(tmp_path)
+    (tmp_path / "fgvc_aircraft" / "variants.txt").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(DatasetError, match=r"variants\.txt is not a readable text file"):
+        open_dataset("fgvc_aircraft", tmp_path)
+
+
+def test_a_csv_row_without_a_label_is_one_line(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for part in ("train", "val", "test"):
+        (folder / f"{part}.csv").write_text("path,label\n0.jpg\n")
+    spec = tmp_path / "mine.json"
+    spec.write_text(json.dumps({"name": "mine", "kind": "imagefolder", "folder": "mine",
+                                "csv": {"train": "train.csv", "val": "val.csv",
+                                        "test": "test.csv"}}))
+    with pytest.raises(DatasetError, match=r"train\.csv: line 2 is \['0\.jpg'\], not"):
+        open_dataset(str(spec), tmp_path)
+
+
+def test_members_that_collide_are_a_broken_archive_removed_for_a_fresh_download(mirror,
+                                                                                tmp_path):
+    data = pack({"2750": b"a file", "2750/eurosat_class_a/x.jpg": b"y"}, "c.zip")
+    sources = _serve(mirror, "collide.zip", data, tmp_path)
+    root = tmp_path / "data"
+    code, output = _cli("eurosat", "--root", str(root), "--sources", str(sources))
+    assert code == 2 and "is not a consistent archive: its members collide" in output, output
+    assert "was removed" in output
+    assert not (root / WORK_DIR / "eurosat" / "downloads" / "EuroSAT.zip").exists()
+
+
+def test_a_tar_long_name_bomb_is_refused_before_it_is_read(tmp_path):
+    import resource
+
+    bomb = tmp_path / "longname.tar.gz"
+    with tarfile.open(bomb, "w:gz", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo("a" * (8 << 20))  # an 8 MiB name: a GNU long-name header
+        info.size = 0
+        tar.addfile(info)
+    assert bomb.stat().st_size < 100_000
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ArchiveBombError, match=r"a tar header asks for [\d,]+ bytes") as error:
+        unpack(bomb, tmp_path / "out")
+    assert len(str(error.value)) < 400
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 64 << 10  # KiB: < 64 MiB
+
+
+def test_a_dataset_folder_inside_the_work_folder_is_refused(mirror, tmp_path):
+    raw = json.loads(Path(load_spec("eurosat").path).read_text())
+    raw["folder"] = ".fetch/eurosat"
+    spec = tmp_path / "evil.json"
+    spec.write_text(json.dumps(raw))
+    code, output = _cli(str(spec), "--root", str(tmp_path / "data"), "--sources",
+                        str(_sources(mirror, tmp_path / "s")))
+    assert code == 2 and "lies in .fetch/, fetch's work folder" in output
+    assert not (tmp_path / "data").exists()

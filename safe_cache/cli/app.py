@@ -71,6 +71,7 @@ _IO_FIXES = {
     errno.ENOTDIR: "a path that should be a folder is a file: choose another path",
     errno.EISDIR: "a path that should be a file is a folder: choose another path",
     errno.EEXIST: "the path exists and is not what is needed: choose another path",
+    errno.ENAMETOOLONG: "the path is longer than the file system allows: choose a shorter one",
 }
 
 

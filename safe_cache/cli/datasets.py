@@ -124,7 +124,7 @@ def _print_plan(plans: list) -> None:
               " file) from the archives: only what is missing or differs from the archive's"
               " copy is written; your other files stay.")
 @click.option("--unpack-margin", "margin", default=DEFAULT_MARGIN, show_default=True,
-              type=click.FloatRange(min=0, min_open=True),
+              type=click.FloatRange(min=0, min_open=True, max=1e6),
               help="An archive may expand to at most this many times its expected size (and"
               " as many files); more is refused as an archive bomb.")
 @click.option("--dry-run", is_flag=True,

@@ -11,6 +11,8 @@ image folder (a path that would leave it is refused).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import csv
 import hashlib
 import json
@@ -18,11 +20,12 @@ import os
 import random
 import typing
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write_text
 from ..errors import DatasetError, SafeCacheWarning
 from ..identity import file_sha256
 from ..records import type_problem
@@ -60,8 +63,8 @@ class DatasetSpec:
     def from_file(cls, path: Path) -> DatasetSpec:
         try:
             raw = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise DatasetError(f"Dataset spec {path} is not readable JSON: {exc}") from exc
+        except (OSError, ValueError, RecursionError) as exc:  # ValueError: not UTF-8, not JSON
+            raise DatasetError(f"Dataset spec {path} is not readable JSON: {exc!s:.200}") from exc
         if not isinstance(raw, dict):
             raise DatasetError(f"Dataset spec {path} must be a JSON object of fields (see"
                                f" pipelines/README.md).")
@@ -242,7 +245,11 @@ def open_dataset(spec: DatasetSpec | str | Path, root: str | Path | None = None,
 
 
 def _check_inside(image_root: Path, relative: str, name: str) -> None:
-    resolved = (image_root / relative).resolve()
+    try:
+        resolved = (image_root / relative).resolve()
+    except (OSError, ValueError) as exc:  # a NUL, a loop of links
+        raise DatasetError(f"{name}: image path {relative!r:.100} cannot be a file ({exc});"
+                           f" the split file is damaged.") from exc
     if Path(relative).is_absolute() or not resolved.is_relative_to(image_root):
         raise DatasetError(f"{name}: image path '{relative}' leaves the image folder"
                            f" {image_root}; split files must hold paths relative to it.")
@@ -266,6 +273,10 @@ def _clean_classname(name: str) -> str:
     return name.replace("_", " ")
 
 
+_REFETCH = ("fetch it again (`safe-cache datasets fetch <dataset> --root <root> --repair`), or"
+            " fix it.")
+
+
 def split_entries(raw: dict[str, Any], path: Path,
                   num_classes: int | None = None) -> dict[str, list[Entry]]:
     """A split file's train/val/test lists as entries, each item checked ([path, label, ...]:
@@ -276,18 +287,17 @@ def split_entries(raw: dict[str, Any], path: Path,
         items = raw.get(split)
         if not isinstance(items, list):
             raise DatasetError(f"{path}: '{split}' is {items!r:.40}, not a list of [path,"
-                               f" label, classname]; the file is damaged: fetch it again"
-                               f" (`datasets fetch ... --repair`) or fix it.")
+                               f" label, classname]; the file is damaged: {_REFETCH}")
         entries = []
         for index, item in enumerate(items):
             ok = isinstance(item, list) and len(item) >= 2 and isinstance(item[0], str) \
-                and item[0] and isinstance(item[1], int) and not isinstance(item[1], bool) \
+                and item[0] and not any(ord(c) < 32 for c in item[0]) \
+                and isinstance(item[1], int) and not isinstance(item[1], bool) \
                 and item[1] >= 0 and (num_classes is None or item[1] < num_classes)
             if not ok:
                 raise DatasetError(f"{path}: {split}[{index}] is {item!r:.80}, not [path, label"
                                    f" (a whole number{f' < {num_classes}' if num_classes else ''}"
-                                   f"), classname]; the file is damaged: fetch it again"
-                                   f" (`datasets fetch ... --repair`) or fix it.")
+                                   f"), classname]; the file is damaged: {_REFETCH}")
             entries.append(Entry(item[0], item[1]))
         splits[split] = entries
     return splits
@@ -327,10 +337,10 @@ def read_split_zhou(spec: DatasetSpec, root: Path, make_split: bool) -> Dataset:
 def _read_json(path: Path) -> dict:
     try:
         raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path} is not a readable JSON split file: {exc}. If fetch put it"
-                           f" there, `safe-cache datasets fetch ... --repair` restores"
-                           f" it.") from exc
+    except (OSError, ValueError, RecursionError) as exc:
+        raise DatasetError(f"{path} is not a readable JSON split file: {exc!s:.200}. If fetch"
+                           f" put it there, `safe-cache datasets fetch <dataset> --root <root>"
+                           f" --repair` restores it.") from exc
     if not isinstance(raw, dict):
         raise DatasetError(f"{path} is not a split file (a JSON object of train, val and test"
                            f" lists).")
@@ -356,17 +366,18 @@ def _missing_split(spec: DatasetSpec, root: Path, path: Path, make_split: bool) 
     return generated
 
 
-def _ensure_generated(spec: DatasetSpec, image_root: Path, generated: Path) -> None:
-    """Write the generated split if it is missing, or again if the image folder changed since
-    it was written (an image or class removed after a failed extract: a stale split would keep
-    listing what the user fixed)."""
+def _ensure_generated(spec: DatasetSpec, image_root: Path, generated: Path) -> dict[str, Any]:
+    """The generated split: written if it is missing, or again if the image folder changed
+    since it was written (an image or class removed after a failed extract: a stale split
+    would keep listing what the user fixed)."""
     if generated.is_file():
-        recorded = _read_json(generated).get("listing_sha256")
-        if recorded is None or recorded == _listing_digest(image_root):
-            return
+        raw = _read_json(generated)
+        recorded = raw.get("listing_sha256")
+        if recorded is None or _READ_ONLY.get() or recorded == _listing_digest(image_root):
+            return raw
         warnings.warn(f"{spec.name}: {image_root} changed since {generated.name} was written;"
                       f" the split is generated again.", SafeCacheWarning, stacklevel=5)
-    write_generated_split(image_root, generated, spec.split_seed)
+    return write_generated_split(image_root, generated, spec.split_seed)
 
 
 def _class_images(image_root: Path) -> dict[str, list[str]]:
@@ -388,11 +399,11 @@ def _warn_generated(spec: DatasetSpec, path: Path) -> None:
                   f" comparable with published numbers.", SafeCacheWarning, stacklevel=4)
 
 
-def write_generated_split(image_root: Path, target: Path, seed: int) -> Path:
+def write_generated_split(image_root: Path, target: Path, seed: int) -> dict[str, Any]:
     """A seeded split of a class-per-folder image tree: 50% train, 20% val, 30% test per class.
 
     Written in the split_zhou format (paths relative to `image_root`), as CoOp does for datasets
-    that come without one.
+    that come without one (inside `reading_only()`, returned and not written).
     """
     listing = _class_images(image_root)
     if not listing:
@@ -409,8 +420,29 @@ def write_generated_split(image_root: Path, target: Path, seed: int) -> Path:
                                         images[n_train + n_val:]), strict=True):
             split[part].extend([p, label, name] for p in chunk)
     split["listing_sha256"] = _listing_digest(image_root)  # regenerated when the folder changes
-    target.write_text(json.dumps(split))
-    return target
+    if not _READ_ONLY.get():
+        _write_split(target, split)
+    return split
+
+
+_READ_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("read_only", default=False)
+
+
+@contextlib.contextmanager
+def reading_only() -> Iterator[None]:
+    """Readers inside this block write nothing (a generated split is made in memory): what a
+    check or a dry run (fetch's) reads must leave the data root as it was."""
+    token = _READ_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _READ_ONLY.reset(token)
+
+
+def _write_split(target: Path, split: dict[str, Any]) -> None:
+    """A generated split, written whole (a temporary renamed in: a link at its name is
+    replaced, never written through)."""
+    atomic_write_text(target, json.dumps(split))
 
 
 @register_reader("fgvc")
@@ -439,7 +471,17 @@ def read_fgvc(spec: DatasetSpec, root: Path, make_split: bool) -> Dataset:
 def _read_lines(path: Path, spec: DatasetSpec) -> list[str]:
     if not path.is_file():
         raise DatasetError(f"{spec.name}: {path} not found. It comes from {spec.split_source}.")
-    return path.read_text().splitlines()
+    return _text(path).splitlines()
+
+
+def _text(path: Path) -> str:
+    """A small text file of the dataset (class names, a CSV), or one line saying it is not."""
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path} is not a readable text file ({exc!s:.120}); restore it (if"
+                           f" fetch put it there, `safe-cache datasets fetch <dataset> --root"
+                           f" <root> --repair` does).") from exc
 
 
 def imagenet_classnames(spec: DatasetSpec, root: Path) -> tuple[list[str], list[str], Path]:
@@ -452,7 +494,7 @@ def imagenet_classnames(spec: DatasetSpec, root: Path) -> tuple[list[str], list[
         raise DatasetError(f"{spec.name}: classnames.txt not found at {candidates[0]} or"
                            f" {candidates[1]}. It comes from {spec.split_source}.")
     wnids, names = [], []
-    for line in path.read_text().splitlines():
+    for line in _text(path).splitlines():
         if line.strip():
             wnid, _, classname = line.strip().partition(" ")
             wnids.append(wnid)
@@ -507,7 +549,7 @@ def _write_imagenet_split(image_root: Path, wnids: list[str], names: list[str], 
         if (image_root / "val" / wnid).is_dir():
             split["test"] += [[e.path, label, name]
                               for e in _folder_entries(image_root, f"val/{wnid}", label)]
-    target.write_text(json.dumps(split))
+    _write_split(target, split)
 
 
 @register_reader("imagenet_v2")
@@ -562,8 +604,7 @@ def read_imagefolder(spec: DatasetSpec, root: Path, make_split: bool) -> Dataset
         return _read_csv_dataset(spec, root)
     image_root = root / spec.folder / spec.image_dir
     path = root / spec.folder / f"split_generated_{spec.name}.json"
-    _ensure_generated(spec, image_root, path)
-    raw = _read_json(path)
+    raw = _ensure_generated(spec, image_root, path)
     splits = split_entries(raw, path)
     return Dataset(spec, root, _classnames_from_entries(raw, path), splits, path, True)
 
@@ -577,15 +618,27 @@ def _read_csv_dataset(spec: DatasetSpec, root: Path) -> Dataset:
         path = root / spec.folder / name
         if not path.is_file():
             raise DatasetError(f"{spec.name}: CSV {path} not found.")
-        with path.open(newline="") as handle:
-            reader = csv.reader(handle)
-            rows[split] = [(r[0], r[1]) for r in reader if r and r[0] != "path"]
+        rows[split] = _csv_rows(path)
     classnames = sorted({label for split_rows in rows.values() for _, label in split_rows})
     index = {name: i for i, name in enumerate(classnames)}
     splits = {split: [Entry(p, index[label]) for p, label in split_rows]
               for split, split_rows in rows.items()}
     return Dataset(spec, root, [_clean_classname(c) for c in classnames], splits,
                    root / spec.folder / spec.csv["train"])
+
+
+def _csv_rows(path: Path) -> list[tuple[str, str]]:
+    """(path, label) rows of a user's CSV (a header row `path,...` skipped), each checked."""
+    rows = []
+    reader = csv.reader(_text(path).splitlines())
+    for number, row in enumerate(reader, 1):
+        if not row or row[0] == "path":
+            continue
+        if len(row) < 2 or not row[0] or not row[1] or any(ord(c) < 32 for c in row[0]):
+            raise DatasetError(f"{path}: line {number} is {row!r:.80}, not `path,label` (an"
+                               f" image path and its class name).")
+        rows.append((row[0], row[1]))
+    return rows
 
 
 def dataset_status(spec: DatasetSpec, root: str | Path | None) -> str:

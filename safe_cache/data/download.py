@@ -20,6 +20,8 @@ import glob
 import hashlib
 import http.client
 import json
+import os
+import stat
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -32,11 +34,15 @@ from ..identity import file_sha256
 from ..names import inside
 from ..runtime.progress import ProgressSink, null_progress
 from .sources import Source, is_local, local_path
+from .unpack import DEFAULT_MARGIN
 
 USER_AGENT = f"safe-cache/{__version__}"
 CHUNK = 1 << 20
 TIMEOUT_S = 60
 RECORD_SUFFIX = ".verified.json"
+MIN_DOWNLOAD = 256 << 20  # any source may be this large (split files, miniatures)
+MAX_UNSTATED = 64 << 30  # an archive whose size the spec does not state: at most 64 GiB
+MAX_MARGIN = 1e6
 
 
 def file_checksum(path: Path, algorithm: str) -> str:
@@ -55,30 +61,76 @@ def _open(url: str, offset: int):
                                   timeout=TIMEOUT_S)
 
 
+def _one_line(reason: object) -> str:
+    return " ".join(str(reason).split())[:300]
+
+
 def _unreachable(source: Source, reason: object) -> FetchError:
     host = urlparse(source.url).netloc or source.url
-    return FetchError(f"{source.file}: cannot reach {host} ({reason}). Check the network, or"
-                      f" point this source at a mirror you can reach (--sources FILE); run"
-                      f" again to resume.")
+    return FetchError(f"{source.file}: cannot reach {host} ({_one_line(reason)}). Check the"
+                      f" network, or point this source at a mirror you can reach (--sources"
+                      f" FILE); run again to resume.")
+
+
+def _malformed(source: Source, exc: Exception) -> FetchError:
+    host = urlparse(source.url).netloc or source.url
+    return FetchError(f"{source.file}: {host} answered with a malformed HTTP response"
+                      f" ({type(exc).__name__}: {_one_line(exc)[:120]}); the download was not"
+                      f" used. Point the source at a mirror that works (--sources FILE).")
+
+
+def _part_offset(part: Path) -> int:
+    """How much of `part` can be continued: a plain file of ours (not a link, not hard-linked
+    to a file elsewhere, which appending would write into); anything else is removed."""
+    try:
+        info = os.lstat(part)
+    except FileNotFoundError:
+        return 0
+    if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
+        return info.st_size
+    part.unlink()
+    return 0
+
+
+def _open_part(part: Path, append: bool):
+    """The part file for writing, never through a link: appended to only when `_part_offset`
+    accepted it, else created afresh (O_EXCL)."""
+    if append:
+        return open(os.open(part, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW), "ab")
+    with contextlib.suppress(FileNotFoundError):
+        part.unlink()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    return open(os.open(part, flags, 0o666), "wb")
 
 
 def _response(source: Source, part: Path):
     """The open response and whether it continues `part` (206) or starts it afresh."""
-    offset = part.stat().st_size if part.exists() else 0
+    offset = _part_offset(part)
     try:
         return _open(source.url, offset), offset
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and offset:  # the range is past the end: the part is stale
             part.unlink()
             return _response(source, part)
-        raise FetchError(f"{source.file}: {source.url} answered HTTP {exc.code} {exc.reason}."
-                         f" The source may have moved: point it at a mirror (--sources FILE)"
-                         f" or fix the spec's url.") from exc
+        raise FetchError(f"{source.file}: {source.url} answered HTTP {exc.code}"
+                         f" {_one_line(exc.reason)}. The source may have moved: point it at a"
+                         f" mirror (--sources FILE) or fix the spec's url.") from exc
     except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
         raise _unreachable(source, getattr(exc, "reason", exc)) from exc
+    except (http.client.HTTPException, ValueError) as exc:  # a bad status line, a bad URL
+        raise _malformed(source, exc) from exc
 
 
-def _stream(source: Source, part: Path, progress: ProgressSink, label: str) -> None:
+def _too_big(source: Source, limit: int) -> FetchError:
+    expected = f"about {source.approx_bytes:,}" if source.approx_bytes else "a file of its kind"
+    return FetchError(f"{source.file}: the source serves more than {limit:,} bytes, far more"
+                      f" than expected ({expected}); the download was removed. Point the source"
+                      f" at a good copy (--sources FILE), or raise the bound with"
+                      f" --unpack-margin.")
+
+
+def _stream(source: Source, part: Path, progress: ProgressSink, label: str,
+            limit: int) -> None:
     response, offset = _response(source, part)
     with response:
         resumed = offset and getattr(response, "status", 200) == 206
@@ -86,20 +138,31 @@ def _stream(source: Source, part: Path, progress: ProgressSink, label: str) -> N
             offset = 0
         length = response.length
         total = offset + length if length is not None else 0
+        if total > limit:
+            raise _too_big(source, limit)
         task = progress.start(label, total)
         progress.advance(task, offset)
         if resumed:
             progress.note(task, f"resumed at {offset:,} B")
         try:
-            with open(part, "ab" if resumed else "wb") as out:
+            with _open_part(part, bool(resumed)) as out:
+                written = offset
                 while chunk := response.read(CHUNK):
+                    written += len(chunk)
+                    if written > limit:
+                        out.close()
+                        part.unlink()
+                        raise _too_big(source, limit)
                     out.write(chunk)
                     progress.advance(task, len(chunk))
         except (http.client.IncompleteRead, ConnectionError, TimeoutError) as exc:
+            of = f" of {total:,}" if total else ""
             raise FetchError(
-                f"{source.file}: the download stopped at {part.stat().st_size:,} of"
-                f" {total or '?':,} bytes ({type(exc).__name__}). Run the command again: it"
-                f" continues from there.") from exc
+                f"{source.file}: the download stopped at {part.stat().st_size:,}{of} bytes"
+                f" ({type(exc).__name__}). Run the command again: it continues from"
+                f" there.") from exc
+        except http.client.HTTPException as exc:
+            raise _malformed(source, exc) from exc
         except OSError as exc:  # a full disk: name the file (the CLI says how to go on)
             if exc.filename is None:
                 exc.filename = str(part)
@@ -174,16 +237,20 @@ def forget(final: Path) -> None:
             path.unlink()
 
 
-def _copy_local(source: Source, part: Path, progress: ProgressSink, label: str) -> None:
+def _copy_local(source: Source, part: Path, progress: ProgressSink, label: str,
+                limit: int) -> None:
     """A local source (an absolute path, file://) copied into `part`; the original is only
     read, never moved or removed."""
     original = local_path(source.url)
     if not original.is_file():
         raise FetchError(f"{source.file}: the local source {original} is not a file; point"
                          f" the source at the file (--sources FILE) and run again.")
-    task = progress.start(label, original.stat().st_size)
+    size = original.stat().st_size
+    if size > limit:
+        raise _too_big(source, limit)
+    task = progress.start(label, size)
     try:
-        with open(original, "rb") as reader, open(part, "wb") as out:
+        with open(original, "rb") as reader, _open_part(part, False) as out:
             while chunk := reader.read(CHUNK):
                 out.write(chunk)
                 progress.advance(task, len(chunk))
@@ -195,11 +262,22 @@ def _copy_local(source: Source, part: Path, progress: ProgressSink, label: str) 
         progress.finish(task)
 
 
+def download_limit(source: Source, margin: float = DEFAULT_MARGIN) -> int:
+    """The most bytes a source may serve: its expected size times the margin, at least
+    MIN_DOWNLOAD (archives of unstated size: MAX_UNSTATED), so a server that streams without
+    end fills no disk."""
+    if source.approx_bytes:
+        return max(MIN_DOWNLOAD, int(min(margin, MAX_MARGIN) * source.approx_bytes))
+    return MIN_DOWNLOAD if source.to else MAX_UNSTATED
+
+
 def download(source: Source, downloads: Path, progress: ProgressSink = null_progress,
-             label: str | None = None) -> Path:
+             label: str | None = None, limit: int | None = None) -> Path:
     """The source's file under `downloads`, fetched (or continued) and checksummed. A file
     kept from an earlier run is reused only when its record matches today's source; a file
-    without one (or with another's) is ours to remove, so it is downloaded again."""
+    without one (or with another's) is ours to remove, so it is downloaded again. At most
+    `limit` bytes (default: `download_limit`)."""
+    limit = limit or download_limit(source)
     downloads.mkdir(parents=True, exist_ok=True)
     final = inside(downloads, source.file, what="source file", error=FetchError)
     if reusable(final, source):
@@ -210,9 +288,9 @@ def download(source: Source, downloads: Path, progress: ProgressSink = null_prog
         if stale != part:  # a part of another checksum or URL: never continued
             stale.unlink()
     if is_local(source.url):
-        _copy_local(source, part, progress, label or source.file)
+        _copy_local(source, part, progress, label or source.file, limit)
     else:
-        _stream(source, part, progress, label or source.file)
+        _stream(source, part, progress, label or source.file, limit)
     check_download(part, source)
     part.rename(final)
     write_record(final, source, "checksum" if source.checksum else "size")

@@ -33,8 +33,8 @@ from ..errors import ArchiveError, DatasetError, FetchError
 from ..names import inside, within
 from ..runtime.cluster import auto_workers
 from ..runtime.progress import ProgressSink, null_progress
-from .datasets import DatasetSpec, list_specs, load_spec, open_dataset
-from .download import download, forget, part_path, reusable, write_record
+from .datasets import DatasetSpec, list_specs, load_spec, open_dataset, reading_only
+from .download import download, download_limit, forget, part_path, reusable, write_record
 from .midframes import build_midframes
 from .sources import Source, SourceOverrides, check_split_sizes, load_overrides, parse_sources
 from .unpack import DEFAULT_MARGIN, UnpackLimits, unpack
@@ -72,7 +72,8 @@ def problems_of(spec: DatasetSpec, root: Path) -> list[str]:
     if not (root / spec.folder).is_dir():
         return [f"no folder {root / spec.folder}"]
     try:
-        dataset = open_dataset(spec, root)
+        with reading_only():  # a check writes nothing (not even a generated split)
+            dataset = open_dataset(spec, root)
     except DatasetError as exc:
         return [str(exc)]
     problems = _size_problems(spec, {k: len(v) for k, v in dataset.splits.items() if v})
@@ -134,7 +135,7 @@ class DatasetPlan:
     def unknown_sizes(self) -> list[str]:
         """Files still to fetch whose size the spec does not know (split files, mostly)."""
         return [s.source.file for s in self.sources
-                if s.state != "present" and s.source.approx_bytes is None]
+                if s.state in ("partial", "to download") and s.source.approx_bytes is None]
 
     def as_json(self) -> dict[str, Any]:
         return {"dataset": self.spec.name, "folder": self.spec.folder, "status": self.status,
@@ -154,7 +155,12 @@ def _work(root: Path, spec: DatasetSpec) -> Path:
 
 
 def _folder(root: Path, spec: DatasetSpec) -> Path:
-    """ROOT/<folder>, checked to resolve inside the root (no symlink leads fetch out)."""
+    """ROOT/<folder>, checked to resolve inside the root (no symlink leads fetch out) and not
+    under ROOT/.fetch/ (fetch's own, which it removes)."""
+    if spec.folder.split("/")[0] == WORK_DIR:
+        raise FetchError(f"{spec.name}: the spec's folder {spec.folder!r} lies in {WORK_DIR}/,"
+                         f" fetch's work folder, which it removes when done; give the dataset"
+                         f" a folder of its own.")
     return within(root, spec.folder, f"{spec.name}: the dataset folder", FetchError)
 
 
@@ -302,7 +308,7 @@ def _fetch_source(source: Source, job: FetchJob, progress: ProgressSink) -> None
     """Download (or reuse) one source, check it, and stage what it provides. A corrupt
     archive is removed (it is ours), so running again downloads it afresh."""
     path = download(source, job.scratch("downloads"), progress,
-                    f"{job.spec.name}: {source.file}")
+                    f"{job.spec.name}: {source.file}", download_limit(source, job.margin))
     try:
         if source.to:
             target = job.stage / source.to
@@ -329,7 +335,8 @@ def _to_repair(spec: DatasetSpec, root: Path, done: set[Source]) -> list[Source]
     nothing is found missing (--repair then compares every file with the archives)."""
     left = [s for s in spec.sources if s not in done]
     try:
-        dataset = open_dataset(spec, root)
+        with reading_only():
+            dataset = open_dataset(spec, root)
     except DatasetError:
         plain = [s for s in left if s.to]
         return plain or left
@@ -378,7 +385,11 @@ def _incomplete(job: FetchJob, folder: Path, fetched: list[Source], problems: li
     if spec.manual:
         fix = f" {spec.manual}"
     elif repair:
-        fix = " The archives do not hold what is missing: the sources may have changed."
+        links = [p for p in (folder / spec.split_file if spec.split_file else None,
+                             folder / spec.image_dir) if p is not None and p.is_symlink()]
+        fix = f" {links[0]} is a symbolic link, which fetch never writes through: repair" \
+              f" what it points to, or remove the link and run again." if links else \
+            " The archives do not hold what is missing: the sources may have changed."
     else:
         fix = (f" {_command(spec, job.root, job.sources, repair=True)} completes it from the"
                f" archives, replacing only what is missing or damaged.")
@@ -435,13 +446,15 @@ def fetch(names: list[str], root: str | Path, *, sources: str | Path | None = No
     """Fetch every named dataset under `root`; one failure does not stop the others, and the
     failures are raised together at the end (one line each). Every spec and the sources file
     are checked before anything is downloaded."""
-    if not margin > 0:
-        raise FetchError(f"--unpack-margin {margin} must be a number > 0.")
+    if not 0 < margin <= 1e6:
+        raise FetchError(f"--unpack-margin {margin} must be a number in (0, 1e6].")
     overrides, root = load_overrides(sources), Path(root)
     specs = [fetch_spec(name, overrides) for name in resolve_names(names)]
     for spec in specs:
         _check_build(spec)
         _work(root, spec)
+        if spec.folder.split("/")[0] == WORK_DIR:
+            _folder(root, spec)  # refused before any work
     workers = auto_workers(workers)
     reports, failures = [], []
     for spec in specs:

@@ -42,8 +42,8 @@ def class_sentences(
 def _sentences_from_file(path: Path, classnames: Sequence[str]) -> list[list[str]]:
     try:
         raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"Prompt file {path} is not readable JSON: {exc}") from exc
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: not UTF-8, not JSON
+        raise DatasetError(f"Prompt file {path} is not readable JSON: {exc!s:.200}") from exc
     if not isinstance(raw, dict):
         raise DatasetError(f"Prompt file {path} must map class names to lists of sentences.")
     by_key = {_key(name): sentences for name, sentences in raw.items()}

@@ -106,6 +106,19 @@ def _field_problem(key: str, value: Any) -> str | None:
     return None
 
 
+def _url_ok(url: str) -> bool:
+    if url.startswith("/"):
+        return "\x00" not in url
+    try:
+        parts = urlparse(url)
+        parts.port  # noqa: B018  (raises on a port that is not a number)
+    except ValueError:
+        return False
+    if any(ord(c) < 33 for c in url):
+        return False
+    return parts.scheme == "file" or (parts.scheme in ("http", "https") and bool(parts.hostname))
+
+
 def parse_source(raw: dict[str, Any], where: str) -> Source:
     """One `sources` entry checked against the schema (Source's fields and their types, then
     their values: a URL or an absolute path, hex checksums, plain file names, relative inner
@@ -117,10 +130,10 @@ def parse_source(raw: dict[str, Any], where: str) -> Source:
         raise DatasetError(f"{where}: unknown source fields {sorted(unknown)}; known:"
                            f" {sorted(_KEYS)}.")
     url = raw.get("url")
-    if not isinstance(url, str) or not (
-            urlparse(url).scheme in ("http", "https", "file") or url.startswith("/")):
-        raise DatasetError(f"{where}: source url {url!r} must be an http(s):// or file:// URL,"
-                           f" or the absolute path of a local file.")
+    if not isinstance(url, str) or not _url_ok(url):
+        raise DatasetError(f"{where}: source url {url!r:.200} must be an http(s):// or file://"
+                           f" URL (host and port well formed), or the absolute path of a local"
+                           f" file.")
     for key, value in raw.items():
         problem = _field_problem(key, value) if key != "url" else None
         if problem:
@@ -189,9 +202,9 @@ def load_overrides(path: str | Path | None = None) -> SourceOverrides:
     path = Path(path).expanduser()
     try:
         raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"Sources file {path} is not readable JSON: {exc}. Fix it, or unset"
-                           f" {SOURCES_ENV} / drop --sources.") from exc
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: not UTF-8, not JSON
+        raise DatasetError(f"Sources file {path} is not readable JSON: {exc!s:.200}. Fix it, or"
+                           f" unset {SOURCES_ENV} / drop --sources.") from exc
     if not isinstance(raw, dict):
         raise DatasetError(f"Sources file {path} must map dataset names to objects.")
     for name, entry in raw.items():

@@ -15,6 +15,7 @@ and says how to go on.
 from __future__ import annotations
 
 import bz2
+import errno
 import gzip
 import lzma
 import shutil
@@ -32,6 +33,10 @@ from ..names import relative_path_problem
 DEFAULT_MARGIN = 8.0  # expanded bytes at most 8x the archive's expected size (images: ~1x)
 MIN_BYTES = 64 << 20  # small archives (split files, miniatures) may always expand this much
 MIN_MEMBERS = 10_000
+MAX_MARGIN = 1e6
+MAX_PATH = 1024  # characters of a member's path
+MAX_HEADER = 1 << 20  # bytes of a tar long-name or pax header
+_COLLISIONS = {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG}
 BYTES_PER_MEMBER = 4096  # an archive of N bytes plausibly holds up to margin * N / 4096 files
 COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 _CORRUPT = (tarfile.TarError, zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError,
@@ -50,6 +55,7 @@ class UnpackLimits:
     @classmethod
     def for_size(cls, archive_bytes: int, margin: float = DEFAULT_MARGIN) -> UnpackLimits:
         """The limits of an archive expected to be `archive_bytes` long."""
+        margin = min(margin, MAX_MARGIN)
         return cls(max(MIN_BYTES, int(margin * archive_bytes)),
                    max(MIN_MEMBERS, int(margin * archive_bytes / BYTES_PER_MEMBER)), margin)
 
@@ -63,10 +69,12 @@ class _Budget:
     def member(self, name: str, size: int) -> None:
         parts = [part for part in name.split("/") if part not in ("", ".")]  # "./a/", "a//b"
         problem = "is an absolute path" if name.startswith("/") else \
+            f"is longer than {MAX_PATH} characters" if len(name) > MAX_PATH else \
             relative_path_problem("/".join(parts)) if parts else None
         if problem:
-            raise ArchiveError(f"{self.archive.name}: member {name!r} {problem}; the archive"
-                               f" would write outside its folder, so nothing of it is used.")
+            raise ArchiveError(f"{self.archive.name}: member {name!r:.100} {problem}; the"
+                               f" archive would write outside its folder (or no file system"
+                               f" could hold it), so nothing of it is used.")
         self.members += 1
         if self.members > self.limits.max_members:
             self._refuse(f"more than {self.limits.max_members:,} members")
@@ -85,12 +93,38 @@ class _Budget:
             f" {self.limits.margin * 4:g}.")
 
 
+class _BoundedInfo(tarfile.TarInfo):
+    """Tar headers read with a bound: a GNU long name or a pax header is read whole into
+    memory by tarfile before any member is seen, so a 400 KB .tar.gz can ask for gigabytes."""
+
+    def _proc_gnulong(self, tarfile):  # tarfile's names
+        self._bounded()
+        return super()._proc_gnulong(tarfile)
+
+    def _proc_pax(self, tarfile):
+        self._bounded()
+        return super()._proc_pax(tarfile)
+
+    def _bounded(self) -> None:
+        if self.size > MAX_HEADER:
+            raise ArchiveBombError(f"a tar header asks for {self.size:,} bytes (at most"
+                                   f" {MAX_HEADER:,}): refused as an archive bomb.")
+
+
+def _is_tar(archive: Path) -> bool:
+    try:
+        with tarfile.open(archive, tarinfo=_BoundedInfo):
+            return True
+    except tarfile.TarError:
+        return False
+
+
 def _unpack_tar(archive: Path, into: Path, budget: _Budget) -> None:
-    with tarfile.open(archive) as tar:
+    with tarfile.open(archive, tarinfo=_BoundedInfo) as tar:
         for member in tar:
             if not (member.isfile() or member.isdir()):
-                raise ArchiveError(f"{archive.name}: member {member.name!r} is a link or a"
-                                   f" device; only files and folders are unpacked.")
+                raise ArchiveError(f"{archive.name}: member {member.name!r:.100} is a link or"
+                                   f" a device; only files and folders are unpacked.")
             budget.member(member.name, member.size)
             tar.extract(member, into, filter="data")
 
@@ -99,8 +133,8 @@ def _unpack_zip(archive: Path, into: Path, budget: _Budget) -> None:
     with zipfile.ZipFile(archive) as zipped:
         for info in zipped.infolist():
             if stat.S_ISLNK(info.external_attr >> 16):
-                raise ArchiveError(f"{archive.name}: member {info.filename!r} is a link; only"
-                                   f" files and folders are unpacked.")
+                raise ArchiveError(f"{archive.name}: member {info.filename!r:.100} is a link;"
+                                   f" only files and folders are unpacked.")
             budget.member(info.filename, info.file_size)
             target = into / info.filename
             if info.is_dir():
@@ -157,7 +191,7 @@ def unpack(archive: Path, into: Path, limits: UnpackLimits | None = None) -> Non
             _unpack_rar(archive, into, budget)
         elif zipfile.is_zipfile(archive):
             _unpack_zip(archive, into, budget)
-        elif tarfile.is_tarfile(archive):
+        elif _is_tar(archive):
             _unpack_tar(archive, into, budget)
         elif archive.suffix.lower() in COMPRESSED:
             _decompress(archive, into, budget)
@@ -167,6 +201,13 @@ def unpack(archive: Path, into: Path, limits: UnpackLimits | None = None) -> Non
     except BaseException as exc:
         for path in set(into.iterdir()) - before:  # what this unpack wrote, and only that
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        if isinstance(exc, OSError) and exc.errno in _COLLISIONS:
+            raise ArchiveError(f"{archive.name} is not a consistent archive: its members"
+                               f" collide ({exc.strerror}: {Path(exc.filename or '?').name}"
+                               f" is both a file and a folder, or its path is too long)."
+                               ) from exc
+        if isinstance(exc, ArchiveBombError) and not str(exc).startswith(archive.name):
+            raise ArchiveBombError(f"{archive.name}: {exc} Nothing of it was kept.") from exc
         if isinstance(exc, OSError) and not isinstance(exc, _CORRUPT) and exc.filename is None:
             exc.filename = str(into)  # a full disk: say where (the CLI says how to go on)
         if isinstance(exc, _CORRUPT) and not isinstance(exc, FetchError):
