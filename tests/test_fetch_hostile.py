@@ -199,8 +199,16 @@ def test_a_final_named_file_without_a_record_is_not_trusted(mirror, tmp_path):
     downloads = root / WORK_DIR / "eurosat" / "downloads"
     downloads.mkdir(parents=True)
     (downloads / "EuroSAT.zip").write_bytes(b"left by something else")
+    asked = len(mirror.asked("eurosat/EuroSAT.zip"))
+    [report] = fetch(["eurosat"], root, sources=_sources(mirror, tmp_path / "s"),
+                     keep_archives=True)
+    assert report.status == "fetched" and len(mirror.asked("eurosat/EuroSAT.zip")) == asked + 1
+    good = (downloads / "EuroSAT.zip").read_bytes()
+    shutil.rmtree(root / "eurosat")
+    (downloads / ".EuroSAT.zip.verified.json").unlink()  # placed by hand: no record
     [report] = fetch(["eurosat"], root, sources=_sources(mirror, tmp_path / "s"))
-    assert report.status == "fetched" and "EuroSAT.zip" in report.downloaded
+    assert len(mirror.asked("eurosat/EuroSAT.zip")) == asked + 1  # its md5 matched: adopted
+    assert report.status == "fetched" and good
 
 
 def test_a_part_of_another_checksum_is_never_continued(mirror, tmp_path):

@@ -230,6 +230,20 @@ def reusable(final: Path, source: Source) -> bool:
         return False
 
 
+def _adopted(final: Path, source: Source) -> bool:
+    """A file at the final name without a record (put there by hand, or by an older
+    safe-cache) is kept when it matches today's published checksum; anything else there is
+    downloaded again (ROOT/.fetch/ is fetch's own; a local copy belongs in --sources)."""
+    if source.checksum is None or not final.is_file() or final.is_symlink():
+        return False
+    if os.lstat(final).st_nlink != 1:
+        return False
+    if file_checksum(final, source.checksum[0]) != source.checksum[1]:
+        return False
+    write_record(final, source, "checksum")
+    return True
+
+
 def forget(final: Path) -> None:
     """Remove a download of ours and its record (both under ROOT/.fetch/)."""
     for path in (final, record_path(final)):
@@ -281,6 +295,8 @@ def download(source: Source, downloads: Path, progress: ProgressSink = null_prog
     downloads.mkdir(parents=True, exist_ok=True)
     final = inside(downloads, source.file, what="source file", error=FetchError)
     if reusable(final, source):
+        return final
+    if _adopted(final, source):
         return final
     forget(final)
     part = part_path(source, downloads)
