@@ -296,6 +296,10 @@ def write_plots(rows: list[dict[str, Any]], runs: list[RunResult], folder: str |
     return written
 
 
+def shots_text(shots: int) -> str:
+    return f"{shots} shot" + ("s" if shots != 1 else "")
+
+
 def _curves_plot(plt, run: RunResult, path: Path) -> Path:
     """Every configuration's val accuracy (left) and training loss (right) at every evaluation;
     the chosen configuration drawn bold and its best point marked."""
@@ -313,8 +317,9 @@ def _curves_plot(plt, run: RunResult, path: Path) -> Path:
         if chosen:
             accuracy_axis.scatter([config["best_iter"]], [100 * config["val_acc"]], s=80,
                                   marker="*", color="red", zorder=4, label="restored state")
-    accuracy_axis.set(xlabel="updates", ylabel="val accuracy (%)",
-                      title=f"{run.dataset}, {run.shots} shots, seed {run.seed}:"
+    accuracy_axis.set(xlabel="updates done (the result's best_iter counts the same way)",
+                      ylabel="val accuracy (%)",
+                      title=f"{run.dataset}, {shots_text(run.shots)}, seed {run.seed}:"
                       f" {run.recipe_name}")
     loss_axis.set(xlabel="updates", ylabel="training loss", yscale="log")
     accuracy_axis.legend(fontsize=6, ncol=2)
@@ -340,7 +345,8 @@ def _beta_plot(plt, runs: list[RunResult], path: Path) -> Path:
         betas = [p["beta"] for p in curves[0] if p["beta"] <= 10]
         means = [100 * statistics.fmean(c[i]["test_acc"] for c in curves)
                  for i in range(len(betas))]
-        label = f"{group[0].shots} shots" + (f" [{setting_label(group[0])}]" if several else "")
+        label = shots_text(group[0].shots) + (f" [{setting_label(group[0])}]" if several
+                                               else "")
         axis.plot(betas, means, marker="o", label=label)
     axis.set(xlabel="beta (weight of the original pooling)", ylabel="test accuracy (%)",
              title=f"{runs[0].dataset}: SAFE's blend")

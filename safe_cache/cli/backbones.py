@@ -46,6 +46,8 @@ def backbone(
     table.add_column("field", style="bold cyan")
     table.add_column("value")
     for key, value in card.items():
+        if key == "pretrained" and value is None:
+            value = f"none (random weights, init seed {card.get('init_seed')})"
         table.add_row(key, json.dumps(value) if isinstance(value, (list, dict)) else str(value))
     console.print(table)
 

@@ -85,8 +85,8 @@ def datasets(ctx: click.Context, root: str | None, make_split: str | None,
                           f" which datasets are there.", highlight=False, soft_wrap=True)
 
 
-def _print_plan(plans: list) -> None:
-    table = Table(title="datasets fetch --dry-run")
+def _print_plan(plans: list, root) -> None:
+    table = Table(title=f"datasets fetch --dry-run under {root}")
     for column in ("dataset", "file", "from", "state", "size"):
         table.add_column(column)
     for plan in plans:
@@ -98,6 +98,11 @@ def _print_plan(plans: list) -> None:
         if plan.manual:
             table.add_row(plan.spec.name, "-", "-", f"[yellow]by hand:[/] {plan.manual}", "-")
     console.print(keep_whole(table, "dataset", "file", "from"))
+    for plan in plans:
+        if plan.status != "present":
+            console.print(f"{plan.spec.name}: into {root / plan.spec.folder}/ (downloads and"
+                          f" unpacking under {root / '.fetch' / plan.spec.name}/, removed when"
+                          f" done)", highlight=False, soft_wrap=True)
     needed = sum(p.disk_bytes for p in plans if p.status != "present")
     unknown = [f for p in plans for f in p.unknown_sizes]
     extra = f", plus {len(unknown)} file(s) of unknown size ({', '.join(unknown)})" \
@@ -146,7 +151,7 @@ def fetch(names: str, root: str | None, sources_file: str | None, keep_archives:
     data_root = resolve_data_root(root).path
     if dry_run:
         plans = plan_fetch(wanted, data_root, sources=sources_file)
-        print_json([p.as_json() for p in plans]) if as_json else _print_plan(plans)
+        print_json([p.as_json() for p in plans]) if as_json else _print_plan(plans, data_root)
         return
     with RichProgress(unit="B") as progress:
         reports = fetch_datasets(wanted, data_root, sources=sources_file,

@@ -58,7 +58,12 @@ def _print_plan(plan) -> None:
     console.print(keep_whole(table, "dataset", "backbone", "store"))
     todo = [r for r in plan.runs if r.status == "todo"]
     console.print(f"runs: {len(todo)} to do, {len(plan.runs) - len(todo)} done (skipped)")
-    console.print(f"disk for the stores to create or extend: {byte_size(plan.disk_bytes, '-')}")
+    unknown = sum(s.status == "no data" for s in plan.stores)
+    later = f", plus {unknown} store(s) whose data is missing (unknown until it is there)" \
+        if unknown else ""
+    where = plan.stores[0].url.rsplit("/", 2)[0] if plan.stores else "-"
+    console.print(f"disk for the stores to create or extend: {byte_size(plan.disk_bytes, '-')}"
+                  f"{later}; stores under {where}, results under {plan.out}", highlight=False)
     when = "unknown" if plan.seconds is None else f"about {plan.seconds / 3600:,.1f} h"
     console.print(f"estimated time: {when} ({plan.estimate_note})")
     for problem in plan.missing:

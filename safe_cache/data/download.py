@@ -140,7 +140,7 @@ def _stream(source: Source, part: Path, progress: ProgressSink, label: str,
         total = offset + length if length is not None else 0
         if total > limit:
             raise _too_big(source, limit)
-        task = progress.start(label, total)
+        task = progress.start(label, total, unit="B")
         progress.advance(task, offset)
         if resumed:
             progress.note(task, f"resumed at {offset:,} B")
@@ -262,7 +262,7 @@ def _copy_local(source: Source, part: Path, progress: ProgressSink, label: str,
     size = original.stat().st_size
     if size > limit:
         raise _too_big(source, limit)
-    task = progress.start(label, size)
+    task = progress.start(label, size, unit="B")
     try:
         with open(original, "rb") as reader, _open_part(part, False) as out:
             while chunk := reader.read(CHUNK):

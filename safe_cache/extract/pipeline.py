@@ -78,7 +78,8 @@ def extract_items(store: FeatureStore, backbone: Backbone, split: str, items: li
     workers = decode_workers(auto_workers(config.workers)
                              if len(items) > 2 * config.batch_size else 0)
     loader, make_views = _loader(items, backbone, recipe if views else None, config, unit, workers)
-    task = progress.start(f"{store.manifest['dataset']['name']} {split}", len(items))
+    task = progress.start(f"{store.manifest['dataset']['name']} {split}", len(items),
+                          unit="img")
     with _Writer(store, split, config.writer_threads) as writer:
         current: dict[str, Any] | None = None
         for batch in loader:

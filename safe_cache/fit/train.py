@@ -178,7 +178,7 @@ def train_grid(stacked: StackedHeads, data: RunData, classifier: torch.Tensor, s
     points = set(evaluation_points(config.iters, config.eval_every, recipe.eval_first))
     curves: dict[str, list] = {"iters": [], "val_acc": [], "train_loss": []}
     count = 0
-    task = progress.start(description, config.iters)
+    task = progress.start(description, config.iters, unit="it")
     for i in range(config.iters):
         step.step(sampler.next())
         count += 1

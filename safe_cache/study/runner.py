@@ -76,7 +76,8 @@ def run(study: Study | str | Path, root: str | Path, *, stores: str | None = Non
     result = StudyResult(plan)
     todo_stores = [s for s in plan.stores if s.status != "present"]
     todo_runs = [r for r in plan.runs if r.status == "todo"]
-    task = progress.start(f"study {study.name}", len(todo_stores) + len(todo_runs))
+    task = progress.start(f"study {study.name}", len(todo_stores) + len(todo_runs),
+                          unit="steps")
     for item in todo_stores:
         for prompts in study.prompts:  # the first extracts; the others add a classifier
             progress.note(task, f"extract {item.dataset} / {item.backbone.name}")
