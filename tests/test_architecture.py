@@ -1,4 +1,4 @@
-"""The package's layering (README "Layout") holds, and every error class is in one place."""
+"""The package's layering (docs/architecture.md) holds, and every error class is in one place."""
 
 from __future__ import annotations
 

@@ -261,7 +261,7 @@ def _free_port() -> int:
 
 
 def test_readme_scheduler_and_worker_commands(data, reference, tmp_path):
-    """README 'Scaling out' steps 1-3 as written: `dask scheduler`, a `dask worker` process with
+    """docs/scaling.md's steps 1-3 as written: `dask scheduler`, a `dask worker` process with
     daemon workers off, and an extraction sent to the scheduler's address."""
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"

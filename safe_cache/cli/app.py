@@ -200,7 +200,7 @@ def cluster_options(command):
                            help="Run on a LocalCluster of N worker processes.")(command)
     return click.option("--scheduler", default=None, metavar="ADDRESS",
                         help="Run on a running dask scheduler's workers, e.g."
-                        " tcp://10.0.0.5:8786 (see README 'Scaling out').")(command)
+                        " tcp://10.0.0.5:8786 (see docs/scaling.md).")(command)
 
 
 def default_of(config: type, name: str) -> Any:

@@ -148,21 +148,25 @@ def demo(store_root: str, model: str, pretrained: str, workers: int, iters: int,
     if as_json:
         print_json({**result, "results": [r.to_json() for r in result["results"]]})
     else:
-        table = Table(title=f"demo: extracted in {result['seconds']:.1f} s")
+        console.print(f"demo: extracted in {result['seconds']:.1f} s", highlight=False)
+        table = Table()
         for column in ("split", "rows"):
             table.add_column(column, justify="right")
         for split, rows in result["rows"].items():
             table.add_row(split, str(rows))
         console.print(table)
-        console.print(f"store: {result['store']}")
-        console.print(f"data: {result['data']} (spec {result['spec']})")
+        console.print(f"store: {result['store']}", soft_wrap=True, highlight=False)
+        console.print(f"data: {result['data']} (spec {result['spec']})", soft_wrap=True,
+                      highlight=False)
         if result["results"]:
             from ..analysis.tables import runs_table
 
             console.print(runs_table(result["results"]))
             console.print(f"results: {result['data']}/results/ (safe-cache report"
-                          f" {result['data']}/results); plots: {result['data']}/plots/")
-        console.print(f"next: [bold]safe-cache info {result['store']}[/]")
+                          f" {result['data']}/results); plots: {result['data']}/plots/",
+                          soft_wrap=True, highlight=False)
+        console.print(f"next: [bold]safe-cache info {result['store']}[/]", soft_wrap=True,
+                      highlight=False)
     if result["problems"]:
         for problem in result["problems"]:
             err_console.print(f"[red]problem[/]: {problem}")

@@ -115,3 +115,41 @@ _CACHEABLE = re.compile("^({})/({})/c/[0-9/]+$".format(
 def is_cacheable(key: str) -> bool:
     """True for a store key that is a feature chunk: immutable once its unit is complete."""
     return bool(_CACHEABLE.match(key))
+
+
+GROUP_NODES = (  # the nodes beside the split arrays: (path, what it holds)
+    ("zarr.json", "the root group; attribute `safe_cache` is the sealed manifest (backbone card"
+                  " and fingerprint, dataset, views recipe, layout, versions, times)"),
+    ("lease/", "the writer lease (host, pid, start, heartbeat)"),
+    ("fewshot/seed<S>/shots<K>/train_rows, val_rows", "row indices of a CoOp few-shot draw"),
+    ("text/<prompt set>/classifier", "(class, embed) float32, the zero-shot classifier"),
+    ("text/<prompt set>/embeddings", "(sentence, embed) float32, each sentence's raw embedding;"
+                                     " the sentences in the group's attributes"),
+    ("head/<parameter>", "the original pooling head's weights (open_clip names); its model"
+                         " config in the group's attributes"),
+)
+
+
+def describe_arrays() -> str:
+    """The store layout as a markdown table, from ARRAYS and GROUP_NODES (docs/store.md holds
+    it, and a test checks that it is this): the one table of arrays, written once."""
+    rows = ["| path | dims | dtype | what |", "|---|---|---|---|"]
+    for path, what in GROUP_NODES:
+        rows.append(f"| `{path}` | | | {what} |")
+    what = {"path": "image path, relative to the dataset's image folder",
+            "label": "class index (-1: a padding row)",
+            "dense": "the center view's dense map (the trunk's output)",
+            "pooled": "the original head's output for the center view",
+            "aug_dense": "the augmented views' dense maps, row-aligned with `dense`",
+            "aug_pooled": "the original head's output for each augmented view",
+            "aug_complete": "1 once that view of a write unit is written",
+            "flip_dense": "the mirrored center view's dense map",
+            "flip_pooled": "the original head's output for the mirrored center view",
+            "flip_complete": "1 once a write unit's mirrored view is written",
+            "complete": "1 once a write unit (a chunk of rows) is fully written"}
+    for spec in ARRAYS:
+        extra = f" (only with `{spec.optional}` in the manifest)" if spec.optional else ""
+        rows.append(f"| `{{{','.join(spec.splits)}}}/{spec.name}` | ({', '.join(spec.dims)}) |"
+                    f" {spec.dtype} | {what[spec.name]}{extra} |".replace("`{train}/", "`train/"))
+    return "\n".join(rows) + "\n"
+

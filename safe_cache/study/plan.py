@@ -20,7 +20,7 @@ from ..store.paths import backbone_label, card_model_name, store_root
 from .spec import Backbone, Study, resolve_prompts
 
 BYTES_PER_VALUE = 2  # float16 maps
-# Throughput the project measured (README, Performance), by (model, device kind); None: unknown.
+# Throughput the project measured (docs/performance.md), by (model, device kind); None: unknown.
 MEASURED = {
     ("RN50", "cpu"): {"extract_images_per_s": 9.33, "fit_seconds_per_iteration": 0.3895},
     ("ViT-B-16", "cpu"): {"extract_images_per_s": None, "fit_seconds_per_iteration": 0.2293},
@@ -273,5 +273,5 @@ def _estimate(plan: StudyPlan, device: str) -> tuple[float | None, str]:
                 seconds += per * iters
     if unknown:
         return None, (f"no measured throughput on {kind} for {', '.join(sorted(unknown))}"
-                      f" (README, Performance)")
-    return seconds, f"from the throughput measured on {kind} (README, Performance)"
+                      f" (docs/performance.md)")
+    return seconds, f"from the throughput measured on {kind} (docs/performance.md)"
