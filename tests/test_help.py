@@ -125,6 +125,8 @@ def _message_texts():
 
     root = Path(safe_cache.__file__).parent
     for path in sorted(root.rglob("*.py")):
+        if path.name == "examples.py":  # a developer's script with its own argparse options
+            continue
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.JoinedStr):
@@ -216,3 +218,42 @@ def test_export_given_the_head_file_points_at_the_json(tmp_path):
     head.with_suffix(".json").write_text("{}")
     code, output = _run("export", str(head), "--out", str(tmp_path / "m"))
     assert code == 2 and "pass the result JSON beside it" in output and "remove" not in output
+
+
+@pytest.mark.parametrize("path, command", COMMANDS, ids=[" ".join(p) for p, _ in COMMANDS])
+def test_every_command_ends_its_help_with_examples_that_parse(path, command):
+    assert command.epilog and command.epilog.startswith("Examples:"), path
+    lines = [line for line in command.epilog.split("\n\n")[1:] if line.strip()]
+    assert 2 <= len(lines) <= 3, lines
+    options = _options()
+    for line in lines:
+        assert line.startswith("safe-cache " + " ".join(path)), line
+        words = line.split()[1:]
+        deepest = max((k for k in options if words[:len(k.split())] == k.split()), key=len)
+        assert all(option in options[deepest] for option in OPTION.findall(line)), line
+    assert "Examples:" in _help(path)
+
+
+def _pieces(name: str) -> list[str]:
+    """A name's runs between separators: each must reach the screen whole."""
+    return [p for p in re.split(r"[/\-_.,:]", name) if len(p) > 1]
+
+
+def test_names_and_paths_are_never_split_mid_word_at_80_columns(tmp_path):
+    from factories import build_store
+
+    from safe_cache.study import list_studies
+
+    runner = CliRunner()
+    listed = runner.invoke(main, ["study", "list"], env={"COLUMNS": "80"}, terminal_width=80)
+    assert listed.exit_code == 0, listed.output
+    for study in list_studies():
+        assert all(piece in listed.output for piece in _pieces(study.name)), study.name
+        for backbone in study.backbones:
+            assert all(piece in listed.output for piece in _pieces(backbone.name)), backbone
+    root = tmp_path / "a-rather-long-folder-name" / "stores-of-the-team"
+    url = build_store(str(root / "toy" / "safe-cache-tiny-rn-random0.zarr"),
+                      splits={"test": [0, 1, 2, 3]})
+    shown = runner.invoke(main, ["ls", str(root)], env={"COLUMNS": "80"}, terminal_width=80)
+    assert shown.exit_code == 0, shown.output
+    assert all(piece in shown.output for piece in _pieces(url)), shown.output

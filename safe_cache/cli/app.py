@@ -164,6 +164,11 @@ def keep_whole(table: Table, *headers: str, share: float = 0.45) -> Table:
     return table
 
 
+def examples(*commands: str) -> str:
+    """A command's help epilog: two or three command lines a user can start from."""
+    return "Examples:\n\n" + "\n\n".join(commands)
+
+
 def byte_size(n: int | None, unknown: str = "unknown") -> str:
     """A byte count as people read it (GB from 0.1 GB, else MB); `unknown` when None."""
     if n is None:

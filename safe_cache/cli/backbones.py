@@ -9,12 +9,16 @@ from rich.table import Table
 
 from .app import (
     console,
+    examples,
     main,
     print_json,
 )
 
 
-@main.command()
+@main.command(epilog=examples(
+    "safe-cache backbone RN50",
+    "safe-cache backbone ViT-B-16 --pretrained openai --json",
+    "safe-cache backbone RN50 --cut layer4"))
 @click.argument("model")
 @click.option("--pretrained", default="none", show_default=True,
               help="open_clip tag (e.g. openai), a checkpoint file, or none for random weights.")
@@ -52,7 +56,9 @@ def backbone(
     console.print(table)
 
 
-@main.command()
+@main.command(epilog=examples(
+    "safe-cache models",
+    "safe-cache models --all --json"))
 @click.option("--all", "show_all", is_flag=True, help="Also list architectures SAFE cannot split.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def models(show_all: bool, as_json: bool) -> None:

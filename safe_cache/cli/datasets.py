@@ -7,14 +7,24 @@ from rich import box
 from rich.table import Table
 
 from ..data.unpack import DEFAULT_MARGIN
-from .app import byte_size, console, err_console, keep_whole, main, print_json
+from .app import (
+    byte_size,
+    console,
+    err_console,
+    examples,
+    keep_whole,
+    main,
+    print_json,
+)
 
 
 def _size(n: int | None) -> str:
     return "unknown" if n is None else f"about {byte_size(n)}"
 
 
-@main.group(invoke_without_command=True)
+@main.group(invoke_without_command=True, epilog=examples(
+    "safe-cache datasets --root ~/data",
+    "safe-cache datasets --root ~/data --make-split eurosat"))
 @click.option("--root", default=None, type=click.Path(file_okay=False),
               show_default="$SAFE_CACHE_DATA, else ./data where it exists",
               help="Data root holding one folder per dataset: mark which are present.")
@@ -111,7 +121,10 @@ def _print_plan(plans: list, root) -> None:
                       f" contents; about half stays after (all with --keep-archives)")
 
 
-@datasets.command()
+@datasets.command(epilog=examples(
+    "safe-cache datasets fetch dtd,eurosat --root ~/data --dry-run",
+    "safe-cache datasets fetch dtd --root ~/data",
+    "safe-cache datasets fetch dtd --root ~/data --repair"))
 @click.argument("names", metavar="NAME[,NAME...]")
 @click.option("--root", default=None, type=click.Path(file_okay=False),
               show_default="$SAFE_CACHE_DATA, else ./data",

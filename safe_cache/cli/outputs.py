@@ -12,6 +12,7 @@ from .app import (
     STORE_ROOT,
     console,
     err_console,
+    examples,
     int_list,
     main,
     one_store,
@@ -20,7 +21,9 @@ from .app import (
 )
 
 
-@main.command()
+@main.command(epilog=examples(
+    "safe-cache report results/",
+    "safe-cache report results/ --format md --plots plots/"))
 @click.argument("results_dir", default="results", type=click.Path(file_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["table", "md", "csv", "json"]),
               default="table", show_default=True)
@@ -49,7 +52,9 @@ def report(results_dir: str, fmt: str, plots_dir: str | None) -> None:
         err_console.print(f"{len(written)} plots written to {plots_dir}")
 
 
-@main.command()
+@main.command(epilog=examples(
+    "safe-cache export results/food101/RN50-openai/shots16_seed1_safe.json --out models/food101",
+    "safe-cache export RESULT.json --out models/m --method safe_a --merge"))
 @click.argument("result", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Model folder.")
 @click.option("--method", type=click.Choice(["safe", "safe_a"]), default="safe",
@@ -70,7 +75,9 @@ def export(result: str, out: str, method: str, merge: bool, weights: str | None,
     console.print(f"model folder: {folder}")
 
 
-@main.command()
+@main.command(epilog=examples(
+    "safe-cache predict models/food101 photo.jpg more_photos/ --top-k 5",
+    "safe-cache predict models/food101 photos/ --json --skip-bad"))
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("images", nargs=-1, required=True)
 @click.option("--top-k", default=5, show_default=True)
@@ -106,7 +113,12 @@ def predict(model_dir: str, images: tuple[str, ...], top_k: int, batch_size: int
         err_console.print(f"[yellow]skipped[/] {skipped}")
 
 
-@main.command()
+@main.command(epilog=examples(
+    "safe-cache attention --store stores/shapes/safe-cache-tiny-vit-random0.zarr "
+    "--head stores/demo-data/results/shapes/safe-cache-tiny-vit-"
+    "random0/shots4_seed1_safe_o52e6f092.json --images 0,13 --out maps/",
+    "safe-cache attention --dataset food101 --head RESULT.json --image-root "
+    "~/data/food-101/images --out maps/ --per-head"))
 @click.option("--store", default=None,
               show_default="the one store under the store root matching --dataset / --model / "
                            "--pretrained",
@@ -134,7 +146,11 @@ def attention(store: str | None, dataset: str | None, model: str | None, pretrai
     console.print(f"{len(written)} attention maps written to {out}")
 
 
-@main.command()
+@main.command(epilog=examples(
+    "safe-cache correspond --store stores/shapes/safe-cache-tiny-vit-random0.zarr "
+    "--source 13 --point 40,30 --targets 14,15 --out corr/",
+    "safe-cache correspond --source a.jpg --targets b.jpg,c.jpg --point 112,80 "
+    "--model RN50 --pretrained openai --out corr/"))
 @click.option("--store", default=None,
               show_default="for row ids: the one store under the store root matching --dataset"
                            " / --model / --pretrained",

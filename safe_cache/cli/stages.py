@@ -17,6 +17,7 @@ from .app import (
     default_of,
     default_stores,
     err_console,
+    examples,
     float_list,
     int_list,
     listed,
@@ -35,7 +36,10 @@ def _count(value: str, option: str) -> int:
         raise click.BadParameter(f"{option} takes a number or 'auto', not '{value}'.") from None
 
 
-@main.command()
+@main.command(epilog=examples(
+    "safe-cache extract --dataset food101 --root ~/data",
+    "safe-cache extract --dataset my_spec.json --model ViT-B-16 --pretrained openai",
+    "safe-cache extract --dataset dtd --pretrained ~/weights/RN50.pt --quick-gelu"))
 @click.option("--dataset", required=True, help="Dataset spec name (see `datasets`) or spec file.")
 @click.option("--root", default=None, type=click.Path(file_okay=False),
               show_default="$SAFE_CACHE_DATA, else ./data",
@@ -127,7 +131,9 @@ def extract(as_json: bool, storage_options: dict | None, pretrained: str, **opti
         err_console.print(f"[yellow]skipped[/] {skipped['split']}: {skipped['error']}")
 
 
-@main.command()
+@main.command(epilog=examples(
+    "safe-cache demo",
+    "safe-cache demo --stores /tmp/demo-stores --iters 100"))
 @click.option("--stores", "store_root", default="stores", show_default=True,
               help="Store root (the demo data goes to <stores>/demo-data).")
 @click.option("--model", default="safe-cache-tiny-vit", show_default=True)
@@ -172,7 +178,10 @@ def demo(store_root: str, model: str, pretrained: str, workers: int, iters: int,
             err_console.print(f"[red]problem[/]: {problem}")
         sys.exit(1)
 
-@main.command()
+@main.command(epilog=examples(
+    "safe-cache fit --shots 1,2,4,8,16",
+    "safe-cache fit --store stores/food101/RN50-openai.zarr --seeds 1",
+    "safe-cache fit --dataset dtd --beta 0.9 --methods none"))
 @click.option("--store", "stores", multiple=True,
               show_default="every store under the store root matching --dataset / --model / "
                            "--pretrained",

@@ -13,6 +13,7 @@ from .app import (
     console,
     default_stores,
     err_console,
+    examples,
     json_object,
     keep_whole,
     main,
@@ -22,7 +23,9 @@ from .app import (
 )
 
 
-@main.command()
+@main.command(epilog=examples(
+    "safe-cache info stores/shapes/safe-cache-tiny-vit-random0.zarr",
+    "safe-cache info --dataset food101 --json"))
 @click.argument("store", required=False)
 @store_filters
 @STORAGE_OPTIONS
@@ -65,7 +68,9 @@ def info(store: str | None, storage_options: dict | None, as_json: bool, **filte
     console.print(table)
 
 
-@main.command(name="ls")
+@main.command(name="ls", epilog=examples(
+    "safe-cache ls",
+    "safe-cache ls s3://bucket/stores --json"))
 @click.argument("root", required=False)
 @STORAGE_OPTIONS
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -91,7 +96,9 @@ def ls_command(root: str | None, storage_options: dict | None, as_json: bool) ->
     console.print(keep_whole(table, "store", "dataset", "backbone"))
 
 
-@main.command()
+@main.command(epilog=examples(
+    "safe-cache verify stores/shapes/safe-cache-tiny-vit-random0.zarr",
+    "safe-cache verify --dataset food101 --seal"))
 @click.argument("store", required=False)
 @store_filters
 @click.option("--seal", is_flag=True,
@@ -134,7 +141,10 @@ def _seal(url: str, storage_options: dict | None) -> list[str]:
     return card_problems(card) or seal_verified(url, storage_options=storage_options)
 
 
-@main.command(name="copy")
+@main.command(name="copy", epilog=examples(
+    "safe-cache copy stores/food101/RN50-openai.zarr "
+    "s3://bucket/stores/food101/RN50-openai.zarr",
+    "safe-cache copy s3://bucket/stores/dtd/RN50-openai.zarr stores/dtd/RN50-openai.zarr"))
 @click.argument("source")
 @click.argument("destination")
 @click.option("--source-options", default=None, metavar="JSON", callback=json_object,

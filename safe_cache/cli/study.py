@@ -11,18 +11,23 @@ from .app import (
     cluster_options,
     console,
     err_console,
+    examples,
     keep_whole,
     main,
     print_json,
 )
 
 
-@main.group()
+@main.group(epilog=examples(
+    "safe-cache study list",
+    "safe-cache study run table1-rn50 --root ~/data --dry-run"))
 def study() -> None:
     """Run a whole paper table (or ablation) from one TOML file, resumably, with a report."""
 
 
-@study.command("list")
+@study.command("list", epilog=examples(
+    "safe-cache study list",
+    "safe-cache study list --json"))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def list_(as_json: bool) -> None:
     """The studies shipped with safe-cache."""
@@ -70,7 +75,9 @@ def _print_plan(plan) -> None:
         err_console.print(f"[bold red]missing:[/] {problem}", highlight=False)
 
 
-@study.command("run")
+@study.command("run", epilog=examples(
+    "safe-cache study run table1-rn50 --root ~/data --dry-run",
+    "safe-cache study run my_study.toml --root ~/data --out study-out/"))
 @click.argument("study_name", metavar="STUDY")
 @click.option("--root", default=None, type=click.Path(file_okay=False),
               show_default="$SAFE_CACHE_DATA, else ./data",
