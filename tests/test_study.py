@@ -209,7 +209,7 @@ def test_two_backbones_writing_one_store_are_refused(tmp_path):
     path.write_text(path.read_text() + '\n[[backbones]]\nmodel = "safe-cache-tiny-rn"\n'
                     'pretrained = "none"\n')
     with pytest.raises(ConfigError, match=r"two backbones write the same store"
-                                          r" \(safe-cache-tiny-rn-random\)"):
+                                          r" \(safe-cache-tiny-rn-random0\)"):
         load_study(path)
 
 

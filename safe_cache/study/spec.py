@@ -47,7 +47,7 @@ class Backbone:
 
     @property
     def name(self) -> str:
-        weights = self.pretrained or "random"
+        weights = self.pretrained or "random0"  # as its stores are named (init seed 0)
         return f"{self.model}-{weights}" + ("" if self.cut == "pool" else f"-{self.cut}")
 
 
