@@ -97,6 +97,8 @@ def test_help_shows_every_default_and_every_word(path, command):
             shown = option.show_default if isinstance(option.show_default, str) else None
             expected = f"[default: ({shown})]" if shown else "[default: "
             assert expected in flat, (path, option.name)
+    for paragraph in (command.help or "").split("\n\n"):
+        assert " ".join(paragraph.split()) in flat, (path, paragraph[:60])
     stray = re.search(r".{40} [.,;](\s|$)", flat)  # markup eaten leaves a stray " ."
     assert stray is None, stray.group(0)
 
@@ -203,8 +205,9 @@ def test_fit_on_a_store_without_the_prompt_set_names_the_extract_command(tmp_pat
                         "--methods", "safe")  # SAFE always runs: naming it is fine
     assert code == 2, output
     assert "has no text classifier for prompt set 'vanilla' (it holds: hand)" in output
-    assert f"safe-cache extract --dataset dtd --model safe-cache-tiny-rn --pretrained none" \
-        f" --store {url} --views 1" in output and "--prompts vanilla" in output
+    assert f"safe-cache extract --dataset dtd --root DATA --model safe-cache-tiny-rn" \
+        f" --pretrained none --store {url} --views 1" in output
+    assert "--shots 1 --seeds 1 --prompts vanilla" in output  # the draws the store holds
 
 
 def test_backbone_takes_none_for_random_weights():
@@ -256,4 +259,6 @@ def test_names_and_paths_are_never_split_mid_word_at_80_columns(tmp_path):
                       splits={"test": [0, 1, 2, 3]})
     shown = runner.invoke(main, ["ls", str(root)], env={"COLUMNS": "80"}, terminal_width=80)
     assert shown.exit_code == 0, shown.output
-    assert all(piece in shown.output for piece in _pieces(url)), shown.output
+    assert f"stores under {root}" in shown.output  # the root on a line of its own, whole
+    relative = url.removeprefix(str(root) + "/")
+    assert all(piece in shown.output for piece in _pieces(relative)), shown.output

@@ -15,8 +15,7 @@ def runs_table(results: list[RunResult]) -> Table:
     """Test accuracy of every method per run (chosen hyperparameters are in the JSON)."""
     present = [m for m in METHODS if any(m in r.methods for r in results)]
     skipped = any(r.skipped for r in results)
-    notes = (["* an existing result of the same identity, not recomputed (`fit --force`"
-              " recomputes it)"]
+    notes = (["* an existing result of the same identity: kept, not computed again"]
              if skipped else []) + [r.note for r in results if r.note]
     table = Table(title="test accuracy (%)", caption="\n".join(notes) or None)
     for column in ("shots", "seed", *(METHOD_LABELS[m] for m in present)):

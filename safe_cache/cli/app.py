@@ -62,6 +62,7 @@ def _say_repeats() -> None:
 _default_showwarning = warnings.showwarning
 
 
+OBJECT_STORE_CLIENTS = ("botocore", "aiobotocore", "s3fs", "gcsfs", "adlfs")  # their errors
 _IO_FIXES = {
     errno.ENOSPC: "free some space (or write elsewhere) and run the command again: it resumes",
     errno.EDQUOT: "free some of your quota and run the command again: it resumes",
@@ -108,12 +109,25 @@ class SafeCacheGroup(click.RichGroup):
                 raise
             err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
             sys.exit(2)
+        except Exception as exc:
+            if type(exc).__module__.split(".")[0] not in OBJECT_STORE_CLIENTS:
+                raise
+            reason = " ".join(str(exc).split())[:200]
+            err_console.print(
+                f"[bold red]error:[/] the object store refused the request"
+                f" ({type(exc).__name__}: {escape(reason)}). Check its credentials (S3:"
+                f" AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or ~/.aws), its endpoint, or pass"
+                f" them with --storage-options '{{\"key\": ..., \"secret\": ...}}'.",
+                highlight=False, soft_wrap=True)
+            sys.exit(2)
         finally:
             _say_repeats()
             warnings.showwarning = previous
 
 
-@click.group(cls=SafeCacheGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=SafeCacheGroup, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog="Examples:\n\nsafe-cache demo\n\nsafe-cache extract --dataset food101 --root"
+             " ~/data\n\nsafe-cache fit --shots 1,2,4,8,16 && safe-cache report results/")
 @click.command_panel("Backbones", commands=["backbone", "models"])
 @click.command_panel("Start here", commands=["demo"])
 @click.command_panel("Stage 1", commands=["extract"])
@@ -159,8 +173,8 @@ def keep_whole(table: Table, *headers: str, share: float = 0.45) -> Table:
         cells = [break_at_separators(str(cell), budget) for cell in column._cells]
         column._cells = cells  # rich keeps a column's cells here (Table.add_row appends)
         column.no_wrap = True
-        column.min_width = max((len(line) for cell in cells for line in cell.splitlines()),
-                               default=1)
+        column.min_width = max([len(str(column.header)),
+                                *(len(line) for cell in cells for line in cell.splitlines())])
     return table
 
 
@@ -258,12 +272,14 @@ def store_filters(command):
     store is named (those under the store root that match every filter given)."""
     for decorator in reversed((
         click.option("--dataset", default=None,
-                     help="Without --store: the stores of this dataset (name or spec file)."),
+                     help="With no store named: the stores of this dataset (name or spec"
+                     " file)."),
         click.option("--model", default=None, envvar="SAFE_CACHE_MODEL", show_envvar=True,
-                     help="Without --store: the stores of this model."),
+                     help="With no store named: the stores of this model."),
         click.option("--pretrained", default=None, envvar="SAFE_CACHE_PRETRAINED",
                      show_envvar=True,
-                     help="Without --store: the stores of these weights (tag, file, 'none')."),
+                     help="With no store named: the stores of these weights (tag, file,"
+                     " 'none')."),
         STORE_ROOT,
     )):
         command = decorator(command)

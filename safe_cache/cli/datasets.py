@@ -97,17 +97,22 @@ def datasets(ctx: click.Context, root: str | None, make_split: str | None,
 
 def _print_plan(plans: list, root) -> None:
     table = Table(title=f"datasets fetch --dry-run under {root}")
-    for column in ("dataset", "file", "from", "state", "size"):
-        table.add_column(column)
+    for column in ("dataset", "file", "state", "size"):
+        table.add_column(column, no_wrap=column in ("state", "size"))
     for plan in plans:
         if plan.status == "present":
-            table.add_row(plan.spec.name, "-", "-", "[green]present: left alone[/]", "-")
+            table.add_row(plan.spec.name, "-", "[green]present: left alone[/]", "-")
         for state in plan.sources:
-            table.add_row(plan.spec.name, state.source.file, state.source.url, state.state,
+            table.add_row(plan.spec.name, state.source.file, state.state,
                           _size(state.source.approx_bytes))
+    console.print(keep_whole(table, "dataset", "file", share=0.25))
+    for plan in plans:
+        for state in plan.sources:
+            console.print(f"{plan.spec.name} {state.source.file} from {state.source.url}",
+                          highlight=False, soft_wrap=True)
+    for plan in plans:
         if plan.manual:
-            table.add_row(plan.spec.name, "-", "-", f"[yellow]by hand:[/] {plan.manual}", "-")
-    console.print(keep_whole(table, "dataset", "file", "from"))
+            console.print(f"{plan.spec.name}, by hand: {plan.manual}", highlight=False)
     for plan in plans:
         if plan.status != "present":
             console.print(f"{plan.spec.name}: into {root / plan.spec.folder}/ (downloads and"
@@ -117,7 +122,7 @@ def _print_plan(plans: list, root) -> None:
     unknown = [f for p in plans for f in p.unknown_sizes]
     extra = f", plus {len(unknown)} file(s) of unknown size ({', '.join(unknown)})" \
         if unknown else ""
-    err_console.print(f"disk needed while fetching: {_size(needed)}{extra}: archives plus their"
+    console.print(f"disk needed while fetching: {_size(needed)}{extra}: archives plus their"
                       f" contents; about half stays after (all with --keep-archives)")
 
 

@@ -30,7 +30,8 @@ from .app import (
 @click.option("--plots", "plots_dir", default=None, type=click.Path(file_okay=False),
               help="Write PNG plots (accuracy vs shots, beta curve, lr x wd grid) here.")
 def report(results_dir: str, fmt: str, plots_dir: str | None) -> None:
-    """Mean and std over seeds per dataset, shots and method, beside the paper's numbers."""
+    """Mean and std over seeds per dataset, shots and method, beside the paper's numbers.
+    RESULTS_DIR is fit's --out folder (by default: results)."""
     from ..analysis.report import aggregate, load_results, render, write_plots
     from ..analysis.tables import ood_table, report_tables
 
@@ -39,7 +40,8 @@ def report(results_dir: str, fmt: str, plots_dir: str | None) -> None:
                                f" default results/), or name the folder: report DIR.")
     runs = load_results(results_dir)
     if not runs:
-        raise click.UsageError(f"no result files (shots<K>_seed<S>.json) under {results_dir}")
+        raise click.UsageError(f"no result files under {results_dir} (fit writes"
+                               f" <dataset>/<backbone>/shots<K>_seed<S>_<recipe>[_o<hash>].json)")
     rows = aggregate(runs)
     if fmt != "table":
         click.echo(render(rows, fmt), nl=False)
@@ -155,7 +157,7 @@ def attention(store: str | None, dataset: str | None, model: str | None, pretrai
               show_default="for row ids: the one store under the store root matching --dataset"
                            " / --model / --pretrained",
               help="Store URL, whose rows --source / --targets name.")
-@click.option("--dataset", default=None, help="Without --store: the stores of this dataset.")
+@click.option("--dataset", default=None, help="With no store named: the stores of this dataset.")
 @STORE_ROOT
 @click.option("--source", required=True, help="Row id in the store, or an image file.")
 @click.option("--point", required=True, callback=int_list, help="x,y in the model's input "

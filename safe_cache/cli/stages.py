@@ -154,7 +154,9 @@ def demo(store_root: str, model: str, pretrained: str, workers: int, iters: int,
     if as_json:
         print_json({**result, "results": [r.to_json() for r in result["results"]]})
     else:
-        console.print(f"demo: extracted in {result['seconds']:.1f} s", highlight=False)
+        done = "extracted" if sum(result["extracted"].values()) else \
+            "nothing new to extract; the store was checked"
+        console.print(f"demo: {done} in {result['seconds']:.1f} s", highlight=False)
         table = Table()
         for column in ("split", "rows"):
             table.add_column(column, justify="right")

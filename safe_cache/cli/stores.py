@@ -42,12 +42,14 @@ def info(store: str | None, storage_options: dict | None, as_json: bool, **filte
         print_json({"manifest": manifest, "splits": summary})
         return
     backbone, dataset = manifest["backbone"], manifest["dataset"]
+    weights = backbone.get("pretrained") or \
+        f"none (random weights, init seed {backbone.get('init_seed')})"
     head = Table(title=f"store {store}", show_header=False)
     head.add_column("field", style="bold cyan")
     head.add_column("value")
     for key, value in (
         ("dataset", f"{dataset.get('name')} ({dataset.get('num_classes')} classes)"),
-        ("backbone", f"{backbone.get('model')} / {backbone.get('pretrained')}"),
+        ("backbone", f"{backbone.get('model')} / {weights}"),
         ("fingerprint", manifest["backbone_fingerprint"][:16]),
         ("dense map", f"T={backbone['T']} C={backbone['C']} D={backbone['D']}"),
         ("views", f"{manifest['views'].get('count')} (decoded by"
@@ -85,15 +87,19 @@ def ls_command(root: str | None, storage_options: dict | None, as_json: bool) ->
     if as_json:
         print_json(rows)
         return
-    table = Table(title=f"stores under {root}")
-    for column in ("store", "dataset", "backbone", "train", "val", "test", "complete"):
-        table.add_column(column)
+    console.print(f"stores under {root}:", highlight=False, soft_wrap=True)
+    table = Table()
+    for column in ("store", "dataset", "backbone", "train", "val", "test", "done"):
+        table.add_column(column, no_wrap=column not in ("store", "dataset", "backbone"),
+                         justify="right" if column in ("train", "val", "test") else "left")
+    prefix = str(root).rstrip("/") + "/"
     for row in rows:
         sizes = row["readable_rows"]
-        table.add_row(row["url"], row["dataset"], row["backbone"],
-                      *(str(sizes.get(s, "-")) for s in ("train", "val", "test")),
+        table.add_row(row["url"].removeprefix(prefix), row["dataset"], row["backbone"],
+                      *(f"{sizes[s]:,}" if s in sizes else "-" for s in ("train", "val", "test")),
                       "yes" if row["complete"] else "[yellow]no[/]")
-    console.print(keep_whole(table, "store", "dataset", "backbone"))
+    console.print(keep_whole(keep_whole(table, "store", share=0.25), "dataset", "backbone",
+                             share=0.16))
 
 
 @main.command(epilog=examples(

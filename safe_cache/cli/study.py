@@ -51,16 +51,19 @@ def list_(as_json: bool) -> None:
 
 
 def _print_plan(plan) -> None:
-    table = Table(title=f"study {plan.study.name}: stores")
-    for column in ("dataset", "backbone", "status", "images", "size (est.)", "store"):
-        table.add_column(column)
+    root = plan.stores[0].url.rsplit("/", 2)[0] + "/" if plan.stores else "-"
+    console.print(f"study {plan.study.name}: its stores, <dataset>/<backbone>.zarr under {root}"
+                  f" (size: estimated when complete)", highlight=False, soft_wrap=True)
+    table = Table()
+    for column in ("dataset", "backbone", "status", "images", "size"):
+        table.add_column(column, no_wrap=column in ("status", "images", "size"))
     for item in plan.stores:
         style = {"present": "green", "no data": "red"}.get(item.status, "yellow")
         table.add_row(item.dataset + (" (test only)" if item.test_only else ""),
                       item.backbone.name, f"[{style}]{item.status}[/]",
                       "-" if item.images is None else f"{item.images:,}",
-                      byte_size(item.bytes, '-'), item.url)
-    console.print(keep_whole(table, "dataset", "backbone", "store"))
+                      byte_size(item.bytes, '-'))
+    console.print(keep_whole(table, "dataset", "backbone", share=0.2))
     todo = [r for r in plan.runs if r.status == "todo"]
     console.print(f"runs: {len(todo)} to do, {len(plan.runs) - len(todo)} done (skipped)")
     unknown = sum(s.status == "no data" for s in plan.stores)

@@ -356,10 +356,10 @@ def _missing_split(spec: DatasetSpec, root: Path, path: Path, make_split: bool) 
         return generated
     if not make_split:
         raise DatasetError(
-            f"{spec.name}: split file {path} not found. It comes from {spec.split_source}; put"
-            f" it at that path. Or pass --make-split (make_split=True) to write a seeded split"
-            f" with CoOp's proportions instead; its numbers are NOT comparable with published"
-            f" ones."
+            f"{spec.name}: split file {path} not found. Where to get it:"
+            f" {spec.split_source.rstrip('.')}. Put it at that path, or pass --make-split (in"
+            f" Python: make_split=True) to write a seeded split with CoOp's proportions instead;"
+            f" its numbers are NOT comparable with published ones."
         )
     write_generated_split(image_root, generated, spec.split_seed)
     _warn_generated(spec, generated)
@@ -521,10 +521,10 @@ def read_imagenet(spec: DatasetSpec, root: Path, make_split: bool) -> Dataset:
     if not path.is_file() and not generated.is_file():
         if not make_split:
             raise DatasetError(
-                f"{spec.name}: split file {path} not found. It comes from {spec.split_source};"
-                f" put it at that path. Or pass --make-split (make_split=True) to write a seeded"
-                f" 80/20 train/val split of the train images; its numbers are NOT comparable"
-                f" with published ones.")
+                f"{spec.name}: split file {path} not found. Where to get it:"
+                f" {spec.split_source.rstrip('.')}. Put it at that path, or pass --make-split"
+                f" (in Python: make_split=True) to write a seeded 80/20 train/val split of the"
+                f" train images; its numbers are NOT comparable with published ones.")
         _write_imagenet_split(root / spec.folder / spec.image_dir, wnids, names, generated,
                               spec.split_seed)
     if not path.is_file():

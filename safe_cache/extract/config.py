@@ -49,6 +49,8 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         """Every value in range before any work (one line naming the option otherwise)."""
+        if isinstance(self.pretrained, str) and self.pretrained.lower() == "none":
+            object.__setattr__(self, "pretrained", None)  # as the CLI takes it: random weights
         checks.each("shots", self.shots, 1, example="1,2,4,8,16")
         checks.each("seeds", self.seeds, 0, example="1,2,3")
         checks.at_least("views", self.views, 0)

@@ -337,9 +337,10 @@ def load_result(path: str | Path) -> RunResult:
     """Read and check one result JSON; a missing, malformed or misnamed file is a
     ResultError. Files named by fit's scheme are checked against their name and folders."""
     path = Path(path)
-    if path.suffix != ".json" and path.with_suffix(".json").is_file():
+    record_path = path.with_name(path.name.split(".")[0] + ".json")
+    if path.suffix != ".json" and record_path.is_file():  # a head or SAFE-A cache file
         raise ResultError(f"{path} is not a result record: pass the result JSON beside it,"
-                          f" {path.with_suffix('.json')}.")
+                          f" {record_path}.")
     try:
         data = json.loads(path.read_text(), parse_constant=_no_constant)
     except FileNotFoundError as exc:

@@ -34,7 +34,7 @@ def find_stores(root: str, *, storage_options: dict | None = None) -> list[dict[
         summary, backbone = store.summary(), store.manifest["backbone"]
         rows.append({
             "url": url, "dataset": store.manifest["dataset"].get("name"),
-            "backbone": f"{backbone.get('model')}/{backbone.get('pretrained')}",
+            "backbone": backbone_label(backbone),
             "model": backbone.get("model"), "pretrained": backbone.get("pretrained"),
             "label": backbone_label(backbone),
             "readable_rows": {s: v["readable_rows"] for s, v in summary.items()},
@@ -77,4 +77,4 @@ def select_stores(root: str | None = None, *, dataset: str | None = None,
     raise StoreNotFoundError(
         f"No store matching {wanted} under the store root {root} ({origin}; in order:"
         f" --store-root, ${STORE_ROOT_ENV}, ./stores). Stores found there:"
-        f" {there or 'none'}. Make one with `{command}`, or name one with --store URL.")
+        f" {there or 'none'}. Make one with `{command}`, or name the store itself.")

@@ -80,13 +80,15 @@ def default_store_url(dataset: str, card: dict[str, Any], root: str | None = Non
 
 def extract_command(manifest: dict[str, Any], url: str, *extra: str) -> str:
     """The extract command that adds to (or finishes) the store at `url`, with the options
-    that keep it the store it is (weights, cut, views, the flipped view); `extra` appended."""
+    that keep it the store it is (weights, cut, views, the flipped view); `extra` appended.
+    DATA is the data root the store was made from (a dataset of one's own: --dataset names its
+    spec file)."""
     backbone = manifest["backbone"]
     weights = backbone.get("pretrained") or "none"
     if weights.startswith("file:"):
         weights = f"<the checkpoint file {weights.removeprefix('file:')}>"
-    parts = ["safe-cache extract --dataset", manifest["dataset"]["name"], "--model",
-             backbone["model"], "--pretrained", weights, "--store", url]
+    parts = ["safe-cache extract --dataset", manifest["dataset"]["name"], "--root DATA",
+             "--model", backbone["model"], "--pretrained", weights, "--store", url]
     if backbone.get("cut", "pool") != "pool":
         parts += ["--cut", backbone["cut"]]
     views = (manifest.get("views") or {}).get("count")

@@ -290,6 +290,16 @@ class FeatureStore:
                              f" extract them with --seeds {seed} --shots {shots}.")
         return self._small(f"{key}/train_rows"), self._small(f"{key}/val_rows")
 
+    def fewshot_draws(self) -> tuple[list[int], list[int]]:
+        """(shots, seeds) of the few-shot draws the store holds, sorted."""
+        shots, seeds = set(), set()
+        if "fewshot" in self.group:
+            for seed_key in self.group["fewshot"].group_keys():
+                for shots_key in self.group[f"fewshot/{seed_key}"].group_keys():
+                    seeds.add(int(seed_key.removeprefix("seed")))
+                    shots.add(int(shots_key.removeprefix("shots")))
+        return sorted(shots), sorted(seeds)
+
     def fewshot_sha256(self, seed: int, shots: int) -> str:
         """The digest of a (seed, shots) draw's rows: part of a run's identity."""
         self.fewshot(seed, shots)  # checked
@@ -311,7 +321,10 @@ class FeatureStore:
         key = f"text/{prompt_set}/classifier"
         if key not in self.group:
             held = sorted(self.group["text"].keys()) if "text" in self.group else []
-            command = extract_command(self.manifest, self.url, "--prompts", prompt_set)
+            shots, seeds = self.fewshot_draws()
+            draws = ["--shots", ",".join(map(str, shots)), "--seeds",
+                     ",".join(map(str, seeds))] if shots else []
+            command = extract_command(self.manifest, self.url, *draws, "--prompts", prompt_set)
             raise StoreError(
                 f"{self.url} has no text classifier for prompt set '{prompt_set}' (it holds:"
                 f" {', '.join(held) or 'none'}). Add it (only the text is encoded; the images"
