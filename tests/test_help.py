@@ -174,7 +174,8 @@ def test_extract_checks_the_dataset_then_the_prompts_before_the_weights(tmp_path
 
     code, output = _run("extract", "--dataset", "food10", "--root", str(tmp_path),
                         "--pretrained", "no-such-tag", "--store", str(tmp_path / "s.zarr"))
-    assert code == 2 and "Unknown dataset 'food10'" in output and "tag" not in output
+    assert code == 2 and "Unknown dataset 'food10'. Did you mean food101?" in output
+    assert "tag" not in output
     write_split_zhou(tmp_path, "dtd", classes=2)
     code, output = _run("extract", "--dataset", "dtd", "--root", str(tmp_path),
                         "--pretrained", "no-such-tag", "--prompts", "nosuch.json",
@@ -262,3 +263,10 @@ def test_names_and_paths_are_never_split_mid_word_at_80_columns(tmp_path):
     assert f"stores under {root}" in shown.output  # the root on a line of its own, whole
     relative = url.removeprefix(str(root) + "/")
     assert all(piece in shown.output for piece in _pieces(relative)), shown.output
+
+
+@pytest.mark.parametrize("shots", ["1,,2", "1,2,", ",4"])
+def test_an_empty_value_in_a_list_is_refused(shots):
+    code, output = _run("fit", "--shots", shots, "--store", "x.zarr")
+    assert code == 2 and "has an empty value" in output
+

@@ -255,8 +255,14 @@ def recipe_defaults(name: str) -> str:
 
 
 def int_list(ctx, param, value: str) -> tuple[int, ...]:
+    if not str(value).strip():
+        return ()  # the config says "--shots is empty", naming the option
+    parts = str(value).split(",")
+    if any(not part.strip() for part in parts):
+        raise click.BadParameter(f"'{value}' has an empty value; give comma-separated integers"
+                                 f" such as 1,2,4")
     try:
-        return tuple(int(v) for v in str(value).split(",") if v.strip())
+        return tuple(int(v) for v in parts)
     except ValueError as exc:
         raise click.BadParameter(f"expected comma-separated integers, got '{value}'") from exc
 

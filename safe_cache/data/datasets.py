@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import csv
+import difflib
 import hashlib
 import json
 import os
@@ -125,9 +126,12 @@ def load_spec(name_or_path: str | Path) -> DatasetSpec:
         return DatasetSpec.from_file(Path(text))
     candidate = _spec_dir() / f"{text}.json"
     if not candidate.is_file():
-        names = ", ".join(spec.name for spec in list_specs())
-        raise DatasetError(f"Unknown dataset '{text}'. Known: {names}; or pass the path of a"
-                           f" spec file (see pipelines/imagefolder.json for a user dataset).")
+        known = [spec.name for spec in list_specs()]
+        close = difflib.get_close_matches(text, known, n=1)
+        guess = f" Did you mean {close[0]}?" if close else ""
+        raise DatasetError(f"Unknown dataset '{text}'.{guess} Known: {', '.join(known)}; or pass"
+                           f" the path of a spec file (see pipelines/imagefolder.json for a user"
+                           f" dataset).")
     return DatasetSpec.from_file(candidate)
 
 
