@@ -154,13 +154,18 @@ def _work(root: Path, spec: DatasetSpec) -> Path:
                   error=FetchError)
 
 
-def _folder(root: Path, spec: DatasetSpec) -> Path:
-    """ROOT/<folder>, checked to resolve inside the root (no symlink leads fetch out) and not
-    under ROOT/.fetch/ (fetch's own, which it removes)."""
+def _check_folder_name(spec: DatasetSpec) -> None:
+    """A dataset folder never lies under ROOT/.fetch/ (fetch's own, which it removes)."""
     if spec.folder.split("/")[0] == WORK_DIR:
         raise FetchError(f"{spec.name}: the spec's folder {spec.folder!r} lies in {WORK_DIR}/,"
                          f" fetch's work folder, which it removes when done; give the dataset"
                          f" a folder of its own.")
+
+
+def _folder(root: Path, spec: DatasetSpec) -> Path:
+    """ROOT/<folder>, checked to resolve inside the root (no symlink leads fetch out) and not
+    under ROOT/.fetch/."""
+    _check_folder_name(spec)
     return within(root, spec.folder, f"{spec.name}: the dataset folder", FetchError)
 
 
@@ -453,8 +458,7 @@ def fetch(names: list[str], root: str | Path, *, sources: str | Path | None = No
     for spec in specs:
         _check_build(spec)
         _work(root, spec)
-        if spec.folder.split("/")[0] == WORK_DIR:
-            _folder(root, spec)  # refused before any work
+        _check_folder_name(spec)  # refused before any work
     workers = auto_workers(workers)
     reports, failures = [], []
     for spec in specs:
