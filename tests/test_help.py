@@ -270,3 +270,72 @@ def test_an_empty_value_in_a_list_is_refused(shots):
     code, output = _run("fit", "--shots", shots, "--store", "x.zarr")
     assert code == 2 and "has an empty value" in output
 
+
+
+def _narrow(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args), env={"COLUMNS": "80"}, terminal_width=80)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.mark.parametrize("path, command", COMMANDS, ids=[" ".join(p) for p, _ in COMMANDS])
+def test_help_at_80_columns_shows_every_option_name_and_choice_whole(path, command):
+    """rich folds a cell anywhere: a metavar column once squeezed '--center-flip/--no-center-
+    flip' into '--cen' / 'ter-flip'. Every option name, its negative and its choices must reach
+    the screen on one line."""
+    shown = _narrow(*path, "--help")
+    lines = shown.splitlines()
+    for param in command.params:
+        if not isinstance(param, click.Option):
+            continue
+        names = [*param.opts, *param.secondary_opts]
+        if param.secondary_opts:
+            names.append("/".join([param.opts[0], param.secondary_opts[0]]))
+        choices = list(getattr(param.type, "choices", ()))
+        for name in [*names, *choices]:
+            assert any(name in line for line in lines), (name, shown)
+    assert all(len(line) <= 80 for line in lines), max(lines, key=len)
+
+
+def test_the_listing_commands_fit_80_columns_without_cutting_a_name(tmp_path):
+    from safe_cache.model.backbone import list_architectures
+
+    models = _narrow("models")
+    assert "…" not in models
+    for row in list_architectures():
+        if row["family"] == "unsupported":
+            continue
+        assert all(piece in models for piece in _pieces(row["model"])), row["model"]
+        for tag in row["tags"]:
+            assert all(piece in models for piece in _pieces(tag)), tag
+    card = _narrow("backbone", "RN50", "--pretrained", "none")
+    assert "…" not in card and "model_config_sha256" in card and "fingerprint" in card
+    (tmp_path / "dtd" / "images").mkdir(parents=True)  # present folder, no split file
+    listing = _narrow("datasets", "--root", str(tmp_path))
+    assert "…" not in listing and "no split file" in listing
+    for text in (models, card, listing):
+        assert all(len(line) <= 80 for line in text.splitlines())
+
+
+def test_a_file_given_as_the_store_is_named_as_a_file(tmp_path):
+    not_a_store = tmp_path / "notes.txt"
+    not_a_store.write_text("hello")
+    for args in (["info", str(not_a_store)], ["fit", "--store", str(not_a_store)],
+                 ["verify", str(not_a_store)]):
+        code, output = _run(*args)
+        assert code != 0 and f"{not_a_store} is a file, not a store" in output, (args, output)
+    assert not_a_store.read_text() == "hello"
+
+
+def test_a_study_key_spelt_as_the_cli_option_names_the_field(tmp_path):
+    from safe_cache.errors import ConfigError
+    from safe_cache.study import load_study
+
+    study = tmp_path / "s.toml"
+    study.write_text('name = "s"\ndatasets = ["dtd"]\n'
+                     'backbones = [{model = "RN50", pretrained = "openai"}]\n[fit]\nlr = [0.001]\n')
+    with pytest.raises(ConfigError, match=r"unknown fit key 'lr' \(the CLI's --lr is 'lrs'"):
+        load_study(study)
+    study.write_text(study.read_text().replace("lr =", "iter ="))
+    with pytest.raises(ConfigError, match=r"did you mean 'iters'\?"):
+        load_study(study)

@@ -21,6 +21,7 @@ import rich_click as click
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from .._version import __version__
 from ..errors import SafeCacheError, SafeCacheWarning
@@ -30,6 +31,10 @@ err_console = Console(stderr=True)
 
 click.rich_click.TEXT_MARKUP = "rich"
 click.rich_click.SHOW_ARGUMENTS = True
+# The type goes after the help text, not in a column of its own: at 80 columns a metavar column
+# ("INTEGER RANGE [x>=1]") squeezed the option names until rich folded them mid-word.
+click.rich_click.OPTIONS_TABLE_COLUMN_TYPES = ["required", "opt_long", "opt_short", "help"]
+click.rich_click.OPTIONS_TABLE_HELP_SECTIONS = ["help", "metavar", "required", "envvar", "default"]
 
 
 _REPEATS: dict[tuple[str, int], list] = {}  # (file, line) -> [first message, how many more]
@@ -147,18 +152,22 @@ def main() -> None:
     """
 
 
-SEPARATORS = "/-_.,:@"
+SEPARATORS = "/-_.,:@ "  # a space too: a cell of words wraps between them
 
 
 def break_at_separators(text: str, width: int) -> str:
-    """`text` in lines of at most `width` characters, broken only after a separator (a path's
-    '/', a name's '-', '_' or '.'); a run without one longer than `width` stays whole."""
+    """`text` in lines of at most `width` characters, broken after a list's ', ' where one is
+    near, else only after a separator (a path's '/', a name's '-', '_' or '.'); a run without
+    one longer than `width` stays whole."""
     lines, line = [], ""
-    for piece in re.split(f"(?<=[{re.escape(SEPARATORS)}])", text):
-        if line and len(line) + len(piece) > width:
-            lines.append(line)
-            line = ""
-        line += piece
+    for item in re.split(r"(?<=, )", text):
+        pieces = [item] if len(item.rstrip()) <= width else \
+            re.split(f"(?<=[{re.escape(SEPARATORS)}])", item)
+        for piece in pieces:
+            if line and len(line) + len(piece.rstrip()) > width:
+                lines.append(line.rstrip())
+                line, piece = "", piece.lstrip()
+            line += piece
     return "\n".join([*lines, line])
 
 
@@ -170,12 +179,23 @@ def keep_whole(table: Table, *headers: str, share: float = 0.45) -> Table:
     for column in table.columns:
         if column.header not in headers:
             continue
-        cells = [break_at_separators(str(cell), budget) for cell in column._cells]
+        cells = [_broken(cell, budget) for cell in column._cells]
         column._cells = cells  # rich keeps a column's cells here (Table.add_row appends)
         column.no_wrap = True
         column.min_width = max([len(str(column.header)),
-                                *(len(line) for cell in cells for line in cell.splitlines())])
+                                *(len(line) for cell in cells for line in cell.plain.splitlines())])
     return table
+
+
+def _broken(cell: Any, width: int) -> Text:
+    """A cell (markup or Text) broken at separators by its visible text; a style that covers
+    the whole cell (a status's colour) is kept."""
+    text = cell if isinstance(cell, Text) else Text.from_markup(str(cell))
+    lines = break_at_separators(text.plain, width)
+    if lines == text.plain:
+        return text
+    whole = [span.style for span in text.spans if span.start == 0 and span.end >= len(text.plain)]
+    return Text(lines, style=whole[0] if whole else text.style)
 
 
 def examples(*commands: str) -> str:

@@ -10,6 +10,7 @@ from rich.table import Table
 from .app import (
     console,
     examples,
+    keep_whole,
     main,
     print_json,
 )
@@ -48,12 +49,12 @@ def backbone(
         return
     table = Table(title=f"backbone {card['model']}", show_header=False)
     table.add_column("field", style="bold cyan")
-    table.add_column("value")
+    table.add_column("value", overflow="fold")  # digests fold; --json has them on one line
     for key, value in card.items():
         if key == "pretrained" and value is None:
             value = f"none (random weights, init seed {card.get('init_seed')})"
         table.add_row(key, json.dumps(value) if isinstance(value, (list, dict)) else str(value))
-    console.print(table)
+    console.print(keep_whole(table, "field", share=0.3))
 
 
 @main.command(epilog=examples(
@@ -70,8 +71,9 @@ def models(show_all: bool, as_json: bool) -> None:
         print_json(rows)
         return
     table = Table(title="open_clip architectures")
-    for column in ("model", "family", "image size", "pretrained tags"):
+    for column in ("model", "family", "size", "pretrained tags"):
         table.add_column(column)
     for row in rows:
         table.add_row(row["model"], row["family"], str(row["image_size"]), ", ".join(row["tags"]))
-    console.print(table)
+    keep_whole(table, "family", "size", share=0.1)
+    console.print(keep_whole(keep_whole(table, "model", share=0.3), "pretrained tags", share=0.34))

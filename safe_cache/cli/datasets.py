@@ -74,15 +74,18 @@ def datasets(ctx: click.Context, root: str | None, make_split: str | None,
         table.add_column(column, justify="right" if column == "classes" else "left",
                          no_wrap=column in ("classes", "train/val/test"))
     if root:
-        table.add_column("status", no_wrap=True)
+        table.add_column("status")
     for row in rows:
         sizes = row["split_sizes"]
         status = row["status"]
+        if status.startswith("no ") and status.endswith(".json"):
+            status = "no split file"  # its name is in --json; the folder's column says where
         style = {"present": "green", "missing": "red"}.get(status, "yellow")
         cells = [row["name"], row["folder"] + "/", str(row["classes"]),
                  "/".join(f"{sizes[s]:,}" if s in sizes else "-"
                             for s in ("train", "val", "test"))]
         table.add_row(*cells, *([f"[{style}]{status}[/]"] if root else []))
+    keep_whole(table, "status", "classes", share=0.18)
     console.print(keep_whole(keep_whole(table, "dataset", share=0.2), "folder", share=0.16))
     by_hand = {kind: [r["name"] for r in rows if r["fetch"] == kind] for kind in ("split", "no")}
     console.print(f"`datasets fetch NAME` downloads each of them, except: by hand"

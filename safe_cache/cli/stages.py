@@ -51,7 +51,7 @@ def _count(value: str, option: str) -> int:
               show_envvar=True,
               help="open_clip tag, checkpoint file, or 'none' for random weights.")
 @click.option("--store", default=None,
-              show_default="<store root>/<dataset>/<model>-<pretrained>.zarr",
+              show_default="under --store-root: <dataset>/<model>-<pretrained>.zarr",
               help="Store URL.")
 @STORE_ROOT
 @click.option("--shots", default=listed(ExtractConfig, "shots"), show_default=True,

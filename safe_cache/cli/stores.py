@@ -125,8 +125,8 @@ def verify(store: str | None, storage_options: dict | None, seal: bool, **filter
         if not problems:
             console.print(f"[green]ok[/]: {url}")
         for problem in problems:
-            err_console.print(f"[red]problem[/]: {url}: {problem}" if len(stores) > 1
-                              else f"[red]problem[/]: {problem}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {url}: {problem}" if len(stores) > 1
+                              else f"[bold red]error:[/] {problem}", highlight=False)
         failed = failed or bool(problems)
     if failed:
         sys.exit(1)

@@ -38,6 +38,7 @@ import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -706,6 +707,17 @@ def create_store(
     return store
 
 
+def _refuse_a_file(url: str) -> None:
+    """A local store is a folder: a file in its place is named as such, not as a missing store
+    (open) or an opaque 'File exists' (create)."""
+    if "://" in url and not url.startswith("file://"):
+        return
+    path = Path(url.removeprefix("file://")).expanduser()
+    if path.is_file() or (path.exists() and not path.is_dir()):
+        raise StoreError(f"{url} is a file, not a store: a store is a folder (NAME.zarr). Pass"
+                         f" the store's folder as --store, or a new path to create one there.")
+
+
 def open_store(url: str, mode: str = "r", *, storage_options: dict | None = None,
                takeover: bool = False, job_token: str | None = None,
                cache: str | None = None, check_fingerprint: bool = True) -> FeatureStore:
@@ -722,6 +734,7 @@ def open_store(url: str, mode: str = "r", *, storage_options: dict | None = None
         raise StoreError(f"mode must be 'r' or 'a', not '{mode}'.")
     if cache is not None and mode != "r":
         raise StoreError("A chunk cache is for reading; open the store with mode='r'.")
+    _refuse_a_file(url)
     try:
         group = _open_group(url, "r" if mode == "r" else "r+", storage_options)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:

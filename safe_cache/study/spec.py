@@ -9,6 +9,7 @@ a typo never surfaces hours into a run.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from dataclasses import dataclass, field
@@ -34,6 +35,18 @@ EXTRACT_KEYS = {"views", "center_flip", "batch_size", "workers", "precision", "d
                 "max_pixels", "make_split", "view_seed"}
 FIT_KEYS = {"iters", "lrs", "wds", "batch_size", "eval_every", "beta", "betas", "blend",
             "device", "select_on", "tip_epochs", "test_chunk"}
+
+
+# A study's keys are the config fields (FitConfig.lrs); where the CLI spells one differently
+# (--lr), a key written the CLI's way is pointed at the field.
+CLI_SPELLINGS = {"lr": "lrs", "wd": "wds"}
+
+
+def _did_you_mean(key: str, allowed: set[str]) -> str:
+    if CLI_SPELLINGS.get(key) in allowed:
+        return f" (the CLI's --{key} is '{CLI_SPELLINGS[key]}' here, as in FitConfig)"
+    close = difflib.get_close_matches(key, sorted(allowed), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 @dataclass(frozen=True)
@@ -119,8 +132,8 @@ class _Checker:
     def keys(self, table: dict[str, Any], allowed: set[str], what: str) -> None:
         for key in table:
             if key not in allowed:
-                raise self.fail(key, f"unknown {what} key '{key}'; allowed: "
-                                     f"{', '.join(sorted(allowed))}.")
+                raise self.fail(key, f"unknown {what} key '{key}'{_did_you_mean(key, allowed)};"
+                                     f" allowed: {', '.join(sorted(allowed))}.")
 
     def among(self, values: list[Any], allowed: tuple[str, ...] | list[str], what: str) -> None:
         for value in values:
