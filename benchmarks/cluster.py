@@ -27,14 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from extract import write_dataset
 
 from safe_cache.extract import ExtractConfig, extract
+from safe_cache.runtime.execution import Execution
 
 
 def one_side(root: Path, model: str, batch: int, workers: int, store: Path) -> float:
     config = ExtractConfig(dataset="food101", root=str(root), model=model, pretrained=None,
                            store=str(store), shots=(1,), seeds=(1,), views=0, batch_size=batch,
-                           workers=1, local_workers=workers, task_images=batch)
+                           workers=1, task_images=batch)
     started = time.perf_counter()
-    extract(config)
+    extract(config, execution=Execution(local_workers=workers))
     return time.perf_counter() - started
 
 

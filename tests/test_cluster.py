@@ -22,8 +22,8 @@ from safetensors.numpy import load_file
 
 from safe_cache import SafeCacheError, StoreError
 from safe_cache.cli import main
-from safe_cache.extract import ExtractConfig, distributed, extract
-from safe_cache.extract.distributed import plan_tasks
+from safe_cache.extract import ExtractConfig, extract, tasks
+from safe_cache.extract.tasks import plan_tasks
 from safe_cache.fit import FitConfig, fit, fit_stores
 from safe_cache.runtime import cluster
 from safe_cache.runtime.cluster import ClusterError, connect
@@ -101,7 +101,7 @@ def test_distributed_extraction_equals_in_process(data, reference, client):
     report = extract(config(data, url), client=client)
     assert report.extracted == report.rows  # every row extracted now, by the workers
     assert report.rows["test"] == 4 * COUNTS["test"]
-    loads = client.run(lambda: distributed.worker_backbone.cache_info())  # per worker process
+    loads = client.run(lambda: tasks.worker_backbone.cache_info())  # per worker process
     task_count = sum(len(plan_tasks([(r, None, "", 0) for r in range(n)], 4, 4))
                      for n in report.rows.values())  # rows are contiguous here
     assert all(info.misses == 1 for info in loads.values())  # the backbone loaded once each

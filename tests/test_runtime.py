@@ -45,3 +45,62 @@ def test_tuned_allocator_removes_per_step_page_faults():
     # ... unless the heap keeps them: then a typical step reuses its pages (the median ignores
     # the odd step in which the heap grows to a new peak)
     assert statistics.median(tuned["faults"][-6:]) < gradient_pages // 50
+
+
+# --- one executor: runtime/execution.py -------------------------------------------------------
+
+def test_in_process_tasks_run_in_order_with_the_callers_progress():
+    from safe_cache.runtime.execution import IN_PROCESS, run_tasks
+
+    seen = []
+
+    class Sink:
+        def start(self, description, total, unit=None):
+            return 0
+
+    sink = Sink()
+    out = run_tasks({"b": 2, "a": 1}, lambda task, progress: seen.append((task, progress))
+                    or task * 10, sink, IN_PROCESS, sizes={"b": 1, "a": 1},
+                    description="x", what="A task")
+    assert out == {"b": 20, "a": 10} and list(out) == ["b", "a"]
+    assert seen == [(2, sink), (1, sink)]
+
+
+def test_an_execution_is_checked_and_round_trips():
+    from safe_cache.errors import ClusterError, ConfigError
+    from safe_cache.runtime.execution import Execution
+
+    assert not Execution().distributed and Execution(local_workers=2).distributed
+    assert Execution.from_dict(Execution(scheduler="tcp://h:1").to_dict()).scheduler == "tcp://h:1"
+    with pytest.raises(ClusterError, match="either --scheduler or --local-workers"):
+        Execution(scheduler="tcp://h:1", local_workers=2)
+    for bad in (-1, 2.5, True, 5000):
+        with pytest.raises(ConfigError, match="local_workers"):
+            Execution(local_workers=bad)
+    with pytest.raises(ConfigError, match="'workers' is not an execution setting"):
+        Execution.from_dict({"workers": 2})
+
+
+def test_lent_resources_are_found_in_the_block_only():
+    from safe_cache.runtime.execution import local_resource, local_resources
+
+    made = []
+    with local_resources({("store", "a"): "open-a"}):
+        assert local_resource(("store", "a"), lambda: made.append(1)) == "open-a"
+        with local_resources({("store", "a"): "other"}):  # the outer lender keeps its own
+            assert local_resource(("store", "a"), lambda: "x") == "open-a"
+        assert local_resource(("store", "a"), lambda: "x") == "open-a"
+    assert local_resource(("store", "a"), lambda: "opened") == "opened" and made == []
+
+
+def test_configs_carry_no_execution_and_old_results_still_read():
+    from dataclasses import fields
+
+    from safe_cache.extract.config import ExtractConfig
+    from safe_cache.fit.config import FitConfig
+
+    for config in (ExtractConfig, FitConfig):
+        assert not {"scheduler", "local_workers"} & {f.name for f in fields(config)}
+    recorded = {**FitConfig(store="s.zarr", device="cpu").to_dict(), "scheduler": None,
+                "local_workers": 0}  # as safe-cache 0.1 wrote a result's config
+    assert FitConfig.from_dict(recorded).store == "s.zarr"

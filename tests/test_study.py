@@ -305,3 +305,25 @@ def test_planned_run_paths_are_the_files_fit_writes(tmp_path):
                        out=tmp_path / "out")
     assert [r.status for r in again.runs] == ["done"]
     assert [s.status for s in again.stores] == ["present"]
+
+
+def test_a_studys_tables_take_the_configs_fields_and_defaults():
+    """One source: [fit] / [extract] keys are the configs' fields (less the study's own), and
+    a study's defaults are FitConfig's."""
+    from dataclasses import fields
+
+    from safe_cache.defaults import default_of
+    from safe_cache.extract.config import ExtractConfig
+    from safe_cache.fit.config import FitConfig
+    from safe_cache.study.spec import EXTRACT_KEYS, FIT_KEYS, Study
+
+    assert FIT_KEYS < {f.name for f in fields(FitConfig)}
+    assert EXTRACT_KEYS < {f.name for f in fields(ExtractConfig)}
+    assert {"lrs", "wds", "iters", "cuda_graph", "cache"} <= FIT_KEYS
+    assert not {"store", "out", "force", "shots"} & FIT_KEYS
+    assert {"views", "writer_threads", "decode", "task_images"} <= EXTRACT_KEYS
+    assert not {"takeover", "store", "model"} & EXTRACT_KEYS
+    study = Study(name="s", path=None, datasets=("dtd",), backbones=())
+    assert (study.shots, study.seeds, study.prompts) == (
+        default_of(FitConfig, "shots"), default_of(FitConfig, "seeds"),
+        (default_of(FitConfig, "prompts"),))

@@ -6,7 +6,6 @@ exit status 2, not a traceback; SafeCacheWarnings print as one line.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import itertools
 import json
@@ -234,7 +233,8 @@ STORAGE_OPTIONS = click.option(
 
 
 def cluster_options(command):
-    """--scheduler / --local-workers: where extract and fit send their work (dask)."""
+    """--scheduler / --local-workers: where extract and fit send their work (dask); the
+    command turns them into one runtime.execution.Execution (`execution_of`)."""
     command = click.option("--local-workers", default=0, show_default=True, metavar="N",
                            help="Run on a LocalCluster of N worker processes.")(command)
     return click.option("--scheduler", default=None, metavar="ADDRESS",
@@ -242,11 +242,20 @@ def cluster_options(command):
                         " tcp://10.0.0.5:8786 (see docs/scaling.md).")(command)
 
 
+def execution_of(options: dict[str, Any]) -> Any:
+    """The Execution of a command's --scheduler / --local-workers (taken out of `options`)."""
+    from ..runtime.execution import Execution
+
+    return Execution(scheduler=options.pop("scheduler"),
+                     local_workers=options.pop("local_workers"))
+
+
 def default_of(config: type, name: str) -> Any:
     """A library config's default for `name`: the one source of the CLI's defaults (a test
     checks every option against it and against what --help shows)."""
-    spec = config.__dataclass_fields__[name]
-    return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+    from ..defaults import default_of as library_default
+
+    return library_default(config, name)
 
 
 def listed(config: type, name: str) -> str:

@@ -18,6 +18,7 @@ from .app import (
     default_stores,
     err_console,
     examples,
+    execution_of,
     float_list,
     int_list,
     listed,
@@ -101,10 +102,9 @@ def _count(value: str, option: str) -> int:
 @click.option("--make-split", is_flag=True, help="Generate a seeded split if none is published.")
 @click.option("--takeover", is_flag=True, help="Take over a stale writer lease.")
 @cluster_options
-@click.option("--task-images", "--shard-images", "task_images",
+@click.option("--task-images", "task_images",
               default=default_of(ExtractConfig, "task_images"), show_default=True,
-              help="Images per distributed task, rounded up to whole write units"
-              " (--shard-images: its former name).")
+              help="Images per distributed task, rounded up to whole write units.")
 @STORAGE_OPTIONS
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def extract(as_json: bool, storage_options: dict | None, pretrained: str, **options) -> None:
@@ -112,10 +112,11 @@ def extract(as_json: bool, storage_options: dict | None, pretrained: str, **opti
     from ..extract.job import extract as run_extract
     from ..runtime.progress import RichProgress
 
+    execution = execution_of(options)
     config = ExtractConfig(pretrained=None if pretrained.lower() == "none" else pretrained,
                            storage_options=storage_options, **options)
     with RichProgress() as progress:
-        report = run_extract(config, progress)
+        report = run_extract(config, progress, execution)
     if as_json:
         print_json(report.__dict__)
         return
@@ -298,10 +299,11 @@ def fit(as_json: bool, storage_options: dict | None, stores: tuple[str, ...], da
         stores = tuple(default_stores(dataset, model, pretrained, store_root, storage_options))
         err_console.print(f"fitting {len(stores)} store{'s' * (len(stores) > 1)}: "
                           + ", ".join(stores), highlight=False)
+    execution = execution_of(options)
     configs = [FitConfig(store=store, storage_options=storage_options, recipe=recipe,
                          **options) for store in stores for recipe in chosen]
     with RichProgress(unit="it") as progress:
-        results = fit_stores(configs, progress)
+        results = fit_stores(configs, progress, execution)
     if as_json:
         print_json([result.to_json() for result in results])
         return

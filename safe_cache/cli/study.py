@@ -12,6 +12,7 @@ from .app import (
     console,
     err_console,
     examples,
+    execution_of,
     keep_whole,
     main,
     print_json,
@@ -112,8 +113,10 @@ def run_(study_name: str, root: str | None, store_root: str | None, out: str,
         print_json(plan.as_json()) if as_json else _print_plan(plan)
         raise SystemExit(1 if plan.missing else 0)
     with RichProgress(unit="step") as progress:
-        result = run_study(spec, data_root, stores=store_root, out=out, scheduler=scheduler,
-                           local_workers=local_workers, progress=progress, device=device)
+        result = run_study(spec, data_root, stores=store_root, out=out,
+                           execution=execution_of({"scheduler": scheduler,
+                                                   "local_workers": local_workers}),
+                           progress=progress, device=device)
     summary = {"study": spec.name, "extracted": result.extracted, "fitted": result.fitted,
                "skipped": result.skipped, "seconds": round(result.seconds, 1),
                "report": [str(p) for p in result.pages]}

@@ -43,8 +43,6 @@ class ExtractConfig:
     cache_dir: str | None = None  # where open_clip caches downloaded weights (None: its own)
     storage_options: dict | None = None
     layout: StoreLayout | None = None  # a new store's chunking (None: default_layout(url))
-    scheduler: str | None = None  # a dask scheduler's address: tasks run on its workers
-    local_workers: int = 0  # or a LocalCluster of this many worker processes
     task_images: int = 256  # images per distributed task, rounded up to whole write units
 
     def __post_init__(self) -> None:
@@ -61,9 +59,8 @@ class ExtractConfig:
         checks.at_least("task_images", self.task_images, 1)
         if self.max_pixels is not None:
             checks.at_least("max_pixels", self.max_pixels, 1)
-        checks.at_least("local_workers", self.local_workers, 0)
         checks.whole_numbers(self, ("views", "batch_size", "writer_threads", "task_images",
-                                    "local_workers", "view_seed", "init_seed"))
+                                    "view_seed", "init_seed"))
         checks.at_least("views", self.views, 0, high=1000)
         checks.one_of("precision", self.precision, ("fp32", "fp16", "bf16"))
         checks.one_of("decode", self.decode, ("workers", "device"))

@@ -2,13 +2,12 @@
 
 `extract` opens (or creates) the store under its writer lease, reserves rows for the images not
 yet in it, runs the pipeline (pipeline.py) in this process or its tasks on dask workers
-(distributed.py), and then writes what the store needs besides the maps: the few-shot rows, the
+(tasks.py), and then writes what the store needs besides the maps: the few-shot rows, the
 text classifier and the original head. Everything is resumable: run it again to finish it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +20,13 @@ from ..data.views import ViewRecipe
 from ..errors import ExtractError, SafeCacheError, StoreNotFoundError
 from ..model.backbone import Backbone, load_backbone
 from ..names import plain_name
-from ..runtime.cluster import connect
 from ..runtime.device import resolve_device
+from ..runtime.execution import IN_PROCESS, Execution
 from ..runtime.progress import ProgressSink, null_progress
 from ..store import FeatureStore, check_fingerprint, create_store, default_store_url, open_store
 from .config import ExtractConfig, ExtractReport
-from .distributed import extract_on_cluster
-from .pipeline import extract_items, plan_split, row_index
+from .pipeline import plan_split, row_index
+from .tasks import extract_plans
 
 
 def few_shot_subsets(dataset: Dataset, shots, seeds) -> dict[tuple[int, int], FewShot]:
@@ -50,12 +49,12 @@ def wanted_entries(dataset: Dataset, subsets: dict[tuple[int, int], FewShot]) ->
 
 
 def extract(config: ExtractConfig, progress: ProgressSink = null_progress,
-            client: Any = None) -> ExtractReport:
+            execution: Execution = IN_PROCESS, client: Any = None) -> ExtractReport:
     """Extract (or complete) a store for one dataset and backbone; see the module docstring.
 
-    With a dask `client` (or `config.scheduler` / `config.local_workers`) the trunk runs on the
-    cluster's workers, task by task (distributed.py); this process holds the store's lease, reserves
-    the rows, and writes the classifier, the head and the few-shot rows.
+    With a dask `execution` (or `client`) the trunk runs on the cluster's workers, task by task
+    (tasks.py); this process holds the store's lease, reserves the rows, and writes the
+    classifier, the head and the few-shot rows.
     """
     start = time.perf_counter()
     device = resolve_device(config.device)
@@ -77,17 +76,8 @@ def extract(config: ExtractConfig, progress: ProgressSink = null_progress,
     try:
         plans = {split: plan_split(store, dataset, split, entries, recipe)
                  for split, entries in wanted_entries(dataset, subsets).items()}
-        with connect(config.scheduler, config.local_workers) if client is None \
-                else contextlib.nullcontext(client) as client:
-            if client is None:
-                for split, items in plans.items():
-                    started = time.perf_counter()
-                    report.extracted[split] = extract_items(
-                        store, backbone, split, items, recipe, config, progress, report.skipped)
-                    report.pipeline_seconds[split] = time.perf_counter() - started
-            else:
-                extract_on_cluster(client, store, backbone, plans, recipe, config, progress,
-                                   report)
+        extract_plans(store, backbone, plans, recipe, config, progress, report, execution,
+                      client)
         _write_fewshot(store, dataset, subsets)
         _write_classifier(store, backbone, prompts)
         if not store.has_head():

@@ -20,6 +20,10 @@ DEFAULT_BETAS = tuple(round(0.1 * i, 1) for i in range(11))
 # Bounds of the values fit takes (FitConfig.__post_init__): generous, but finite.
 MAX_SHOTS, MAX_LR, MAX_WD, MAX_BETA = 10_000, 1.0, 10.0, 1e6  # beta 1e6: the original alone
 MAX_GRID, MAX_BETAS, MAX_ITERS, MAX_BATCH, MAX_TIP_EPOCHS = 64, 1001, 10_000_000, 65_536, 10_000
+# Fields results of safe-cache 0.1 recorded that are no longer fit options: where runs execute
+# (scheduler, local_workers) is runtime.execution.Execution's, one for a whole command. Read
+# and dropped: they never changed a number.
+RETIRED_FIELDS = ("scheduler", "local_workers")
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,6 @@ class FitConfig:
     eval_ood: tuple[str, ...] = ()  # ImageNet variants (names or store URLs) to test on
     storage_options: dict | None = None
     cache: str | None = None  # a local folder keeping the feature chunks read from the store
-    scheduler: str | None = None  # a dask scheduler's address: runs go to its workers
-    local_workers: int = 0  # or a LocalCluster of this many worker processes
     cuda_graph: bool = True  # on CUDA, replay the training step as one captured graph (step.py)
     partial: bool = False  # evaluate a test split with unwritten units on the rows it has
 
@@ -68,6 +70,7 @@ class FitConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: the config is not a JSON object.")
         known = {f.name: f for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k not in RETIRED_FIELDS}
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ConfigError(f"{source}: config field '{unknown[0]}' is not a fit option.")
@@ -122,13 +125,11 @@ class FitConfig:
         checks.at_least("eval_every", self.eval_every, 1)
         checks.at_least("beta", self.beta, 0, high=MAX_BETA)
         checks.at_least("test_chunk", self.test_chunk, 1)
-        checks.at_least("local_workers", self.local_workers, 0, high=1024)
         if not self.out:
             raise ConfigError("--out is empty: name the results folder.")
         if self.tip_epochs is not None:
             checks.at_least("tip_epochs", self.tip_epochs, 1, high=MAX_TIP_EPOCHS)
-        checks.whole_numbers(self, ("iters", "batch_size", "eval_every", "test_chunk",
-                                    "local_workers"))
+        checks.whole_numbers(self, ("iters", "batch_size", "eval_every", "test_chunk"))
         checks.one_of("blend", self.blend, ("blend", "each"))
         checks.one_of("select_on", self.select_on, ("val", "test"))
         checks.subset_of("methods", self.methods, OPTIONAL_METHODS)

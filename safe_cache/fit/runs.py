@@ -1,12 +1,12 @@
-"""Stage 2's jobs: every (store, shots, seed) run, in this process or on dask workers, each
-saved as its result record plus the fine-tuned head (and SAFE-A's cache)."""
+"""Stage 2's jobs: every (store, shots, seed) run, each one task of runtime.execution's
+`run_tasks` (in this process or on dask workers), saved as its result record plus the
+fine-tuned head (and SAFE-A's cache)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 from ..atomic import atomic_write_with
 from ..errors import DeviceMemoryError, SafeCacheError
 from ..runtime.allocator import tune_cpu_allocator
-from ..runtime.cluster import JobProgress, WorkerProgress, connect, gather_as_completed
 from ..runtime.device import out_of_memory_reason
+from ..runtime.execution import IN_PROCESS, Execution, local_resource, local_resources, run_tasks
 from ..runtime.progress import ProgressSink, null_progress
 from ..store import FeatureStore, absolute_url, open_store
 from . import identity as run_id
@@ -36,18 +36,29 @@ from .results import (
 )
 from .train import check_store_serves, fit_one, store_block
 
+Key = tuple[int, int, int]  # (config index, shots, seed)
+
 
 def fit(config: FitConfig, progress: ProgressSink = null_progress,
-        client: Any = None) -> list[RunResult]:
+        execution: Execution = IN_PROCESS, client: Any = None) -> list[RunResult]:
     """Every requested (shots, seed); an existing result is kept unless `force`."""
-    return fit_stores([config], progress, client)
+    return fit_stores([config], progress, execution, client)
+
+
+@dataclass(frozen=True)
+class FitRun:
+    """One (store, shots, seed) run as a task carries it: data only (see execution.py)."""
+
+    config: FitConfig
+    shots: int
+    seed: int
 
 
 def fit_stores(configs: list[FitConfig], progress: ProgressSink = null_progress,
-               client: Any = None) -> list[RunResult]:
-    """Every (store, shots, seed) of `configs` (one per store), in this process or, with a dask
-    `client` (or the first config's `scheduler` / `local_workers`), one task per run on the
-    cluster's workers, which write their results into the shared `out` folder."""
+               execution: Execution = IN_PROCESS, client: Any = None) -> list[RunResult]:
+    """Every (store, shots, seed) of `configs` (one per store), one task per run (`execution`:
+    in this process, or on dask workers, which write their results into the shared `out`
+    folder; a dask `client` given here wins)."""
     tune_cpu_allocator()
     stores = [_open_for_fit(config) for config in configs]  # each opened once
     for config, store in zip(configs, stores, strict=True):
@@ -56,9 +67,29 @@ def fit_stores(configs: list[FitConfig], progress: ProgressSink = null_progress,
             store.check_complete("test")
     seals = [ood_seals(c.eval_ood, s.url, s.manifest["backbone"], c.partial)
              for c, s in zip(configs, stores, strict=True)]
-    results: dict[tuple[int, int, int], RunResult] = {}
-    todo: list[tuple[int, int, int]] = []  # (config index, shots, seed) still to run
-    notes: dict[tuple[int, int, int], str] = {}  # why a run that had a result runs again
+    results, todo, notes = _plan_runs(configs, stores, seals)
+    shipped = configs
+    if client is not None or execution.distributed:  # workers may run in another directory
+        shipped = [replace(c, store=absolute_url(c.store), out=os.path.abspath(c.out),
+                           cache=c.cache and os.path.abspath(c.cache)) for c in configs]
+    tasks = {key: FitRun(shipped[key[0]], key[1], key[2]) for key in todo}
+    with local_resources({_store_key(c): s for c, s in zip(configs, stores, strict=True)}):
+        results.update(run_tasks(tasks, fit_task, progress, execution,
+                                 sizes={key: configs[key[0]].iters for key in todo},
+                                 description=f"fit: {len(todo)} runs", what="A fit run",
+                                 client=client))
+    for key, note in notes.items():
+        results[key].note = note
+    return [results[key] for key in sorted(results)]
+
+
+def _plan_runs(configs: list[FitConfig], stores: list[FeatureStore], seals: list
+               ) -> tuple[dict[Key, RunResult], list[Key], dict[Key, str]]:
+    """(results kept, runs to do, why a run that had a result runs again): a result is kept
+    only when its recorded identity is the one this run would record."""
+    results: dict[Key, RunResult] = {}
+    todo: list[Key] = []  # (config index, shots, seed) still to run
+    notes: dict[Key, str] = {}  # why a run that had a result runs again
     owners: dict[Path, str] = {}
     for index, (config, store) in enumerate(zip(configs, stores, strict=True)):
         for shots in config.shots:
@@ -83,18 +114,7 @@ def fit_stores(configs: list[FitConfig], progress: ProgressSink = null_progress,
                     notes[index, shots, seed] = (
                         f"{path.name}: recomputed, the result there was not this run's"
                         f" ({'; '.join(changes[:3]) or 'an older safe-cache'})")
-    first = configs[0]
-    with connect(first.scheduler, first.local_workers) if client is None \
-            else contextlib.nullcontext(client) as client:
-        if client is None:
-            for index, shots, seed in todo:
-                results[index, shots, seed] = fit_and_save(stores[index], shots, seed,
-                                                           configs[index], progress)
-        else:
-            results.update(_fit_on_cluster(client, configs, todo, progress))
-    for key, note in notes.items():
-        results[key].note = note
-    return [results[key] for key in sorted(results)]
+    return results, todo, notes
 
 
 def wanted_identity(config: FitConfig, store: FeatureStore, shots: int, seed: int,
@@ -184,28 +204,13 @@ def _save_atomic(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
                                                         metadata=metadata))
 
 
-def fit_task(config: FitConfig, shots: int, seed: int, progress_job: str,
-             part: str) -> RunResult:
-    """Run on a dask worker: one (shots, seed) run of one store, saved into `config.out`."""
+def fit_task(run: FitRun, progress: ProgressSink) -> RunResult:
+    """One task: the run's store (the calling process's open one, or opened here on a worker),
+    fitted and saved into `run.config.out`."""
     tune_cpu_allocator()
-    return fit_and_save(_open_for_fit(config), shots, seed, config,
-                        WorkerProgress(progress_job, part))
+    store = local_resource(_store_key(run.config), lambda: _open_for_fit(run.config))
+    return fit_and_save(store, run.shots, run.seed, run.config, progress)
 
 
-def _fit_on_cluster(client: Any, configs: list[FitConfig], todo: list[tuple[int, int, int]],
-                    progress: ProgressSink) -> dict[tuple[int, int, int], RunResult]:
-    """One task per (config index, shots, seed) of `todo`; returns the results by that key."""
-    # Workers may run in another working directory: send absolute local paths.
-    remote = [replace(c, store=absolute_url(c.store), out=os.path.abspath(c.out),
-                      cache=c.cache and os.path.abspath(c.cache)) for c in configs]
-    out = {}
-    total = sum(configs[index].iters for index, _, _ in todo)
-    with JobProgress(client, progress, f"fit: {len(todo)} runs", total) as bar:
-        futures = {(index, shots, seed): client.submit(
-            fit_task, remote[index], shots, seed, bar.job, f"{index}/{shots}/{seed}",
-            key=f"safe-cache-fit-{bar.job}-{index}-{shots}-{seed}", pure=False)
-            for index, shots, seed in todo}
-        for key, result in gather_as_completed(client, futures, "A fit run"):
-            bar.update("/".join(map(str, key)), configs[key[0]].iters)
-            out[key] = result
-    return out
+def _store_key(config: FitConfig) -> tuple[str, Any]:
+    return ("fit-store", (config.store, config.cache))

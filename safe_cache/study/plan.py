@@ -183,7 +183,7 @@ def _run_status(path: Path, config, shots: int, seed: int) -> str:
 
 
 def fit_config(study: Study, store: str, dataset: str, recipe: str, prompts: str,
-               out: str | Path, **execution: Any):
+               out: str | Path):
     """The FitConfig of one (store, variant) of the study: what its runs are named by (the
     plan) and run with (the runner). By name: the OOD variant stores lie beside the source
     store, where fit looks for them."""
@@ -195,7 +195,7 @@ def fit_config(study: Study, store: str, dataset: str, recipe: str, prompts: str
     eval_ood = tuple(study.ood) if dataset == "imagenet" else ()
     return FitConfig(store=store, shots=tuple(study.shots), seeds=tuple(study.seeds),
                      prompts=prompts, out=str(out), methods=optional, recipe=PRESETS[recipe],
-                     eval_ood=eval_ood, **execution, **options)
+                     eval_ood=eval_ood, **options)
 
 
 def plan_study(study: Study, root: str | Path, *, stores: str | None = None,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DatasetError
+from ..runtime.execution import IN_PROCESS, Execution
 from ..runtime.progress import ProgressSink, null_progress
 from .plan import StudyPlan, fit_config, plan_study
 from .spec import Study, load_study, resolve_prompts
@@ -32,7 +33,7 @@ class StudyResult:
     pages: list[Path] = field(default_factory=list)
 
 
-def _extract_config(study: Study, item, root: Path, prompts: str, scheduler, workers):
+def _extract_config(study: Study, item, root: Path, prompts: str):
     from ..extract.config import ExtractConfig
 
     return ExtractConfig(dataset=study.dataset_ref(item.dataset), root=str(root),
@@ -40,11 +41,10 @@ def _extract_config(study: Study, item, root: Path, prompts: str, scheduler, wor
                          store=item.url,
                          cut=item.backbone.cut, quick_gelu=item.backbone.quick_gelu,
                          shots=study.shots, seeds=study.seeds,
-                         prompts=prompts, scheduler=scheduler, local_workers=workers,
-                         **study.extract)
+                         prompts=prompts, **study.extract)
 
 
-def _fit_configs(plan: StudyPlan, scheduler, workers) -> list:
+def _fit_configs(plan: StudyPlan) -> list:
     """One FitConfig per (store, variant) that has runs to do."""
     configs, seen = [], set()
     for run in plan.runs:
@@ -53,16 +53,16 @@ def _fit_configs(plan: StudyPlan, scheduler, workers) -> list:
             continue
         seen.add(key)
         configs.append(fit_config(plan.study, run.store, run.dataset, run.recipe, run.prompts,
-                                  plan.out / "results" / run.variant, scheduler=scheduler,
-                                  local_workers=workers))
+                                  plan.out / "results" / run.variant))
     return configs
 
 
 def run(study: Study | str | Path, root: str | Path, *, stores: str | None = None,
-        out: str | Path = "study-out", scheduler: str | None = None, local_workers: int = 0,
+        out: str | Path = "study-out", execution: Execution = IN_PROCESS,
         progress: ProgressSink = null_progress, device: str = "cpu") -> StudyResult:
     """Run `study` (a Study, a shipped name or a file) over the data under `root`; returns what
-    was done and the report's data. Missing data is refused before any work, all of it listed."""
+    was done and the report's data. Missing data is refused before any work, all of it listed.
+    Each extraction is one job of `execution`'s; every fit run of the study one more."""
     from ..extract.job import extract
     from ..fit.runs import fit_stores
     from .page import write_report
@@ -82,13 +82,13 @@ def run(study: Study | str | Path, root: str | Path, *, stores: str | None = Non
         for prompts in study.prompts:  # the first extracts; the others add a classifier
             progress.note(task, f"extract {item.dataset} / {item.backbone.name}")
             prompts = resolve_prompts(prompts, item.dataset, root)
-            extract(_extract_config(study, item, Path(root), prompts, scheduler, local_workers),
-                    progress)
+            extract(_extract_config(study, item, Path(root), prompts), progress, execution)
         result.extracted.append(item.url)
         progress.advance(task, 1)
-    for config in _fit_configs(plan, scheduler, local_workers):
-        progress.note(task, f"fit {Path(config.store).parent.name} / {Path(config.out).name}")
-        runs = fit_stores([config], progress)
+    configs = _fit_configs(plan)
+    if configs:  # one job: on dask every run of every store balances across the workers
+        progress.note(task, f"fit {len(configs)} store x variant(s)")
+        runs = fit_stores(configs, progress, execution)
         done = sum(not r.skipped for r in runs)
         result.fitted += done
         result.skipped += len(runs) - done

@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from ..analysis.report import OOD_COLUMNS
+from ..defaults import default_of, settable
 from ..errors import ConfigError, DatasetError
+from ..extract.config import ExtractConfig
+from ..fit.config import FitConfig
 from ..fit.results import METHODS
 
 try:
@@ -31,10 +34,15 @@ OOD_VARIANTS = OOD_COLUMNS[1:]  # the ImageNet variants (the first column is Ima
 TOP_KEYS = {"name", "description", "datasets", "backbones", "shots", "seeds", "methods",
             "recipes", "prompts", "ood", "extract", "fit", "paper"}
 BACKBONE_KEYS = {"model", "pretrained", "cut", "label", "quick_gelu"}
-EXTRACT_KEYS = {"views", "center_flip", "batch_size", "workers", "precision", "device",
-                "max_pixels", "make_split", "view_seed"}
-FIT_KEYS = {"iters", "lrs", "wds", "batch_size", "eval_every", "beta", "betas", "blend",
-            "device", "select_on", "tip_epochs", "test_chunk"}
+# [extract] and [fit] take the configs' fields, less what a study says its own way (datasets,
+# backbones, shots, seeds, prompts, methods, recipes, ood) or decides itself (where stores and
+# results go) and what no study should set (taking over a lease, forcing, partial test splits).
+EXTRACT_KEYS = settable(ExtractConfig, less={
+    "dataset", "root", "model", "pretrained", "store", "store_root", "shots", "seeds", "prompts",
+    "cut", "quick_gelu", "init_seed", "storage_options", "layout", "takeover"})
+FIT_KEYS = settable(FitConfig, less={
+    "store", "out", "shots", "seeds", "prompts", "methods", "recipe", "eval_ood",
+    "storage_options", "force", "partial"})
 
 
 # A study's keys are the config fields (FitConfig.lrs); where the CLI spells one differently
@@ -72,11 +80,11 @@ class Study:
     path: Path
     datasets: tuple[str, ...]
     backbones: tuple[Backbone, ...]
-    shots: tuple[int, ...] = (1, 2, 4, 8, 16)
-    seeds: tuple[int, ...] = (1, 2, 3)
+    shots: tuple[int, ...] = default_of(FitConfig, "shots")
+    seeds: tuple[int, ...] = default_of(FitConfig, "seeds")
     methods: tuple[str, ...] = METHODS
-    recipes: tuple[str, ...] = ("safe",)
-    prompts: tuple[str, ...] = ("hand",)
+    recipes: tuple[str, ...] = (default_of(FitConfig, "recipe").name,)
+    prompts: tuple[str, ...] = (default_of(FitConfig, "prompts"),)
     ood: tuple[str, ...] = ()
     extract: dict[str, Any] = field(default_factory=dict)
     fit: dict[str, Any] = field(default_factory=dict)
@@ -264,14 +272,14 @@ def parse_study(path: Path) -> Study:
                                      [s.name for s in list_specs()])
     methods = raw.get("methods", list(METHODS))
     check.among(methods, METHODS, "method")
-    recipes = raw.get("recipes", ["safe"])
+    recipes = raw.get("recipes", [default_of(FitConfig, "recipe").name])
     check.among(recipes, sorted(PRESETS), "recipe")
     ood = raw.get("ood", [])
     check.among(ood, OOD_VARIANTS, "OOD variant")
     if ood and "imagenet" not in datasets:
         raise check.fail("ood", "'ood' tests ImageNet runs on its variants: add imagenet to"
                                 " 'datasets'.")
-    prompts = raw.get("prompts", ["hand"])
+    prompts = raw.get("prompts", [default_of(FitConfig, "prompts")])
     for prompt_set in prompts:
         if prompt_set not in BUILTIN_PROMPTS and "{dataset}" not in prompt_set and \
                 not (path.parent / prompt_set).is_file() and not Path(prompt_set).is_file():
@@ -285,8 +293,8 @@ def parse_study(path: Path) -> Study:
         name=raw.get("name", path.stem), path=path, datasets=tuple(datasets),
         spec_files=tuple(sorted(spec_files.items())),
         backbones=_backbones(raw.get("backbones"), check),
-        shots=check.ints(raw.get("shots", [1, 2, 4, 8, 16]), "shots", 1),
-        seeds=check.ints(raw.get("seeds", [1, 2, 3]), "seeds", 0),
+        shots=check.ints(raw.get("shots", list(default_of(FitConfig, "shots"))), "shots", 1),
+        seeds=check.ints(raw.get("seeds", list(default_of(FitConfig, "seeds"))), "seeds", 0),
         methods=tuple(dict.fromkeys(["zero_shot", "safe", *methods])),
         recipes=tuple(dict.fromkeys(recipes)), prompts=tuple(dict.fromkeys(prompts)),
         ood=tuple(ood), extract=dict(raw.get("extract", {})), fit=dict(raw.get("fit", {})),
@@ -306,8 +314,6 @@ def _check_values(study: Study, check: _Checker) -> None:
     range, the right type), now: `beta = nan` is refused with the study's line, not after its
     stores were extracted."""
     from ..errors import RecipeError
-    from ..extract.config import ExtractConfig
-    from ..fit.config import FitConfig
 
     for table, make in (("fit", lambda v: FitConfig(store="<study>", **v)),
                         ("extract", lambda v: ExtractConfig(dataset="<study>", **v))):
