@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import DatasetError, SafeCacheError, SafeCacheWarning, StoreNotFoundError
 from ..store.paths import backbone_label, card_model_name, store_root
-from .spec import Backbone, Study, resolve_prompts
+from .spec import Study, StudyBackbone, resolve_prompts
 
 BYTES_PER_VALUE = 2  # float16 maps
 # Throughput the project measured (docs/performance.md), by (model, device kind); None: unknown.
@@ -30,7 +30,7 @@ MEASURED = {
 @dataclass
 class StoreItem:
     dataset: str
-    backbone: Backbone
+    backbone: StudyBackbone
     url: str
     status: str  # "create", "extend", "present", "no data"
     test_only: bool = False  # an OOD variant: its test split only
@@ -42,7 +42,7 @@ class StoreItem:
 @dataclass
 class RunItem:
     dataset: str
-    backbone: Backbone
+    backbone: StudyBackbone
     recipe: str
     prompts: str
     variant: str
@@ -85,7 +85,7 @@ class StudyPlan:
         }
 
 
-def store_card(backbone: Backbone) -> dict[str, Any]:
+def store_card(backbone: StudyBackbone) -> dict[str, Any]:
     """The backbone card fields that name its stores and results (store.paths.backbone_label),
     known before the model is loaded."""
     from ..identity import file_sha256
@@ -102,7 +102,7 @@ def _default(config_class, study_options: dict[str, Any], name: str) -> Any:
     return study_options.get(name, config_class.__dataclass_fields__[name].default)
 
 
-def _shapes(backbone: Backbone, cache: dict) -> tuple[int, int]:
+def _shapes(backbone: StudyBackbone, cache: dict) -> tuple[int, int]:
     """(T, C) of a backbone's dense map, from its architecture (random weights, no download)."""
     if backbone not in cache:
         from ..model.backbone import load_backbone

@@ -58,8 +58,9 @@ def _did_you_mean(key: str, allowed: set[str]) -> str:
 
 
 @dataclass(frozen=True)
-class Backbone:
-    """One backbone of a study: open_clip model, weights ('none': random), trunk cut."""
+class StudyBackbone:
+    """One backbone as a study names it: open_clip model, weights ('none': random), trunk cut.
+    A name, not a model: model.backbone.Backbone is the loaded one."""
 
     model: str
     pretrained: str | None
@@ -79,7 +80,7 @@ class Study:
     name: str
     path: Path
     datasets: tuple[str, ...]
-    backbones: tuple[Backbone, ...]
+    backbones: tuple[StudyBackbone, ...]
     shots: tuple[int, ...] = default_of(FitConfig, "shots")
     seeds: tuple[int, ...] = default_of(FitConfig, "seeds")
     methods: tuple[str, ...] = METHODS
@@ -158,7 +159,7 @@ class _Checker:
         return tuple(values)
 
 
-def _backbones(raw: Any, check: _Checker) -> tuple[Backbone, ...]:
+def _backbones(raw: Any, check: _Checker) -> tuple[StudyBackbone, ...]:
     from ..model.backbone import config_family
     from ..model.hub import SCHEMAS
 
@@ -185,7 +186,7 @@ def _backbones(raw: Any, check: _Checker) -> tuple[Backbone, ...]:
         if quick_gelu is not None and not isinstance(quick_gelu, bool):
             raise check.fail("quick_gelu", "a backbone's quick_gelu is true or false (leave it"
                                            " out to take it from the weights).")
-        parsed.append(Backbone(model, pretrained, entry.get("cut", "pool"), quick_gelu))
+        parsed.append(StudyBackbone(model, pretrained, entry.get("cut", "pool"), quick_gelu))
     names = [b.name for b in parsed]
     for name in names:
         if names.count(name) > 1:  # the same store twice: one would overwrite the other
