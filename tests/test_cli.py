@@ -120,6 +120,6 @@ def test_bad_storage_options_name_the_option(tmp_path):
     assert result.exit_code == 2 and "--source-options" in result.output
 
 
-def test_task_images_keeps_its_former_name():
-    help_text = CliRunner().invoke(main, ["extract", "--help"]).output
-    assert "--task-images" in help_text and "--shard-images" in help_text
+def test_the_dropped_shard_images_alias_is_refused_by_name():
+    result = CliRunner().invoke(main, ["extract", "--dataset", "dtd", "--shard-images", "8"])
+    assert result.exit_code == 2 and "No such option '--shard-images'" in result.output

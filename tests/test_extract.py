@@ -228,10 +228,14 @@ def test_several_writer_threads_write_the_same_store(tmp_path):
         assert three["complete"][:].all()
 
 
-def test_workers_auto_is_every_core_but_one(monkeypatch):
+def test_workers_auto_is_every_usable_core_but_one(monkeypatch):
+    from safe_cache.runtime import threads
     from safe_cache.runtime.cluster import auto_workers
 
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(threads, "cgroup_quota", lambda: None)
     assert auto_workers("auto") == 15 and auto_workers(3) == 3
-    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    monkeypatch.setattr(threads, "cgroup_quota", lambda: 4.0)  # a container's 4 cores of 16
+    assert auto_workers("auto") == 3
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
     assert auto_workers("auto") == 1

@@ -146,7 +146,10 @@ def test_result_files_and_skip_or_force(fitted, tmp_path):
                 "recipe", "curves"):
         assert key in saved
     assert saved["recipe"]["name"] == "safe" and saved["config"]["recipe"]["warmup"] == 50
-    assert saved["execution"] == {"device": "cpu", "graphed": False}  # graphs: CUDA only
+    execution = saved["execution"]
+    assert {k: execution[k] for k in ("device", "graphed")} == {"device": "cpu", "graphed": False}
+    assert execution["threads"] == "adaptive" and execution["usable_cores"] >= 1
+    assert all(1 <= n <= execution["usable_cores"] for n in execution["thread_counts"])
     assert saved["config"]["cuda_graph"] is True
     assert set(saved["methods"]) == {"zero_shot", "safe", *OPTIONAL_METHODS}
     for name, method in saved["methods"].items():

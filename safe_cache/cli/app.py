@@ -242,6 +242,29 @@ def cluster_options(command):
                         " tcp://10.0.0.5:8786 (see docs/scaling.md).")(command)
 
 
+def _set_threads(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """--threads: checked, then handed on as SAFE_CACHE_THREADS, so this process's thread
+    policies and the LocalCluster workers it starts (they inherit the environment) obey it."""
+    if value is None:
+        return None
+    import os
+
+    from ..runtime.threads import ENV, requested_threads
+
+    try:
+        requested_threads(value)
+    except SafeCacheError as exc:
+        raise click.BadParameter(str(exc).removeprefix(f"--threads {value!r}: ")) from None
+    os.environ[ENV] = value
+    return None
+
+
+THREADS = click.option(
+    "--threads", default=None, metavar="N", callback=_set_threads, expose_value=False,
+    envvar="SAFE_CACHE_THREADS", show_default="auto: the usable cores others leave idle",
+    help="Torch threads; auto re-measures the idle cores every 2 s (docs/performance.md).")
+
+
 def execution_of(options: dict[str, Any]) -> Any:
     """The Execution of a command's --scheduler / --local-workers (taken out of `options`)."""
     from ..runtime.execution import Execution

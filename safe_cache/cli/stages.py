@@ -12,6 +12,7 @@ from ..fit.config import FitConfig
 from .app import (
     STORAGE_OPTIONS,
     STORE_ROOT,
+    THREADS,
     cluster_options,
     console,
     default_of,
@@ -102,6 +103,7 @@ def _count(value: str, option: str) -> int:
 @click.option("--make-split", is_flag=True, help="Generate a seeded split if none is published.")
 @click.option("--takeover", is_flag=True, help="Take over a stale writer lease.")
 @cluster_options
+@THREADS
 @click.option("--task-images", "task_images",
               default=default_of(ExtractConfig, "task_images"), show_default=True,
               help="Images per distributed task, rounded up to whole write units.")
@@ -142,6 +144,7 @@ def extract(as_json: bool, storage_options: dict | None, pretrained: str, **opti
               help="'none' (random weights, offline) or a tag such as openai (needs network).")
 @click.option("--workers", default=1, show_default=True)
 @click.option("--iters", default=300, show_default=True, help="Training iterations per run.")
+@THREADS
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def demo(store_root: str, model: str, pretrained: str, workers: int, iters: int,
          as_json: bool) -> None:
@@ -269,6 +272,7 @@ def demo(store_root: str, model: str, pretrained: str, workers: int, iters: int,
 @click.option("--cache", default=None, metavar="DIR",
               help="Keep the feature chunks read from a remote store in this local folder.")
 @cluster_options
+@THREADS
 @STORAGE_OPTIONS
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def fit(as_json: bool, storage_options: dict | None, stores: tuple[str, ...], dataset: str | None,

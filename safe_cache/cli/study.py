@@ -7,6 +7,7 @@ from rich.table import Table
 
 from .app import (
     STORE_ROOT,
+    THREADS,
     byte_size,
     cluster_options,
     console,
@@ -90,6 +91,7 @@ def _print_plan(plan) -> None:
 @click.option("--out", default="study-out", show_default=True,
               help="Folder for results/, plots/ and the report (study.md, study.html).")
 @cluster_options
+@THREADS
 @click.option("--device", default="cpu", show_default=True,
               help="For the time estimate: which measured throughput applies (cpu, cuda).")
 @click.option("--dry-run", is_flag=True,

@@ -27,6 +27,7 @@ from ..model.backbone import Backbone
 from ..runtime.cluster import auto_workers, decode_workers
 from ..runtime.device import out_of_memory_reason
 from ..runtime.progress import ProgressSink
+from ..runtime.threads import thread_policy
 from ..store import FeatureStore
 from .config import ExtractConfig
 
@@ -80,9 +81,12 @@ def extract_items(store: FeatureStore, backbone: Backbone, split: str, items: li
     loader, make_views = _loader(items, backbone, recipe if views else None, config, unit, workers)
     task = progress.start(f"{store.manifest['dataset']['name']} {split}", len(items),
                           unit="img")
-    with _Writer(store, split, config.writer_threads) as writer:
+    # the decoding workers' cores first: workers + torch threads <= the cores we may use
+    with _Writer(store, split, config.writer_threads) as writer, \
+            thread_policy(reserve=workers) as threads:
         current: dict[str, Any] | None = None
         for batch in loader:
+            threads.tick()
             try:
                 rows, centers, augmented, errors, first, flip = make_views(batch)
                 rows, first, flip = rows.tolist(), int(first[0]), bool(flip[0])

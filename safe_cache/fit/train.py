@@ -34,6 +34,7 @@ from ..model.heads import GridHead
 from ..model.inference import blend_features, tip_logits
 from ..runtime.device import resolve_device
 from ..runtime.progress import ProgressSink, null_progress
+from ..runtime.threads import ThreadPolicy, thread_policy
 from ..store import FeatureStore
 from ..store.paths import backbone_label, extract_command
 from . import adapters
@@ -158,12 +159,14 @@ def evaluation_points(iters: int, every: int, first: bool) -> list[int]:
 
 def train_grid(stacked: StackedHeads, data: RunData, classifier: torch.Tensor, scale: float,
                config: FitConfig, seed: int, device: torch.device,
-               progress: ProgressSink, description: str
+               progress: ProgressSink, description: str, threads: ThreadPolicy | None = None,
                ) -> tuple[BestState, dict[str, list], dict[str, Any]]:
     """Train every configuration of `stacked` on the same minibatches (step.py); returns the
     best states (already restored into `stacked`), the curves (per evaluation: the number of
     updates, every configuration's val accuracy and mean training loss since the last
-    evaluation) and how the step ran (`_capture`)."""
+    evaluation) and how the step ran (`_capture`). `threads` re-measures the machine's idle
+    cores as it trains (runtime/threads.py)."""
+    threads = threads or ThreadPolicy(torch.get_num_threads())  # none given: fixed, as now
     recipe = config.recipe
     best = BestState(stacked.stacked)
     sampler = BatchSampler(len(data.train_labels), config.batch_size, recipe.sampling, seed,
@@ -180,6 +183,7 @@ def train_grid(stacked: StackedHeads, data: RunData, classifier: torch.Tensor, s
     count = 0
     task = progress.start(description, config.iters, unit="it")
     for i in range(config.iters):
+        threads.tick()
         step.step(sampler.next())
         count += 1
         if i in points:
@@ -247,7 +251,19 @@ def backbone_block(card: dict[str, Any]) -> dict[str, Any]:
 def fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
             progress: ProgressSink = null_progress
             ) -> tuple[RunResult, torch.nn.Module, dict[str, torch.Tensor] | None]:
-    """One run: (its result record, the chosen fine-tuned head, SAFE-A's trained cache)."""
+    """One run: (its result record, the chosen fine-tuned head, SAFE-A's trained cache), under
+    a thread policy for a shared machine (runtime/threads.py), recorded in its result."""
+    with thread_policy() as threads:
+        record, head, cache = _fit_one(store, shots, seed, config, progress, threads)
+    record.execution = {**(record.execution or {}), **threads.record()}
+    record.identity = record.run_identity
+    record.identity_sha256 = identity_sha256(record.identity)
+    return record, head, cache
+
+
+def _fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
+             progress: ProgressSink, threads: ThreadPolicy
+             ) -> tuple[RunResult, torch.nn.Module, dict[str, torch.Tensor] | None]:
     started = time.perf_counter()
     device = resolve_device(config.device)
     manifest, recipe = store.manifest, config.recipe
@@ -262,7 +278,7 @@ def fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
     loaded = time.perf_counter()
     best, curves, execution = train_grid(
         stacked, data, classifier, scale, config, seed, device, progress,
-        f"{manifest['dataset']['name']} shots {shots} seed {seed}")
+        f"{manifest['dataset']['name']} shots {shots} seed {seed}", threads)
     chosen = int(torch.argmax(best.accuracy).item())  # first of the best: ties go to larger lr
     head = stacked.config_head(chosen).eval()
     trained = time.perf_counter()
@@ -301,8 +317,6 @@ def fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
         ood=ood, recipe={**recipe.record(), "loss_logit_scale": scale}, curves=curves,
         execution=execution, partial=_partial(store, test_rows) if config.partial else None,
     )
-    record.identity = record.run_identity
-    record.identity_sha256 = identity_sha256(record.identity)
     return record, head, cache
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
-import os
 import threading
 import time
 import uuid
@@ -67,10 +66,13 @@ def connect(scheduler: str | None = None, local_workers: int = 0) -> Iterator[An
 
 
 def auto_workers(workers: int | str | None) -> int:
-    """Worker processes: a number as given; "auto" (or None) = every core but the one feeding
-    the main loop (cores - 1, at least 1)."""
+    """Worker processes: a number as given; "auto" (or None) = every core this process may use
+    (threads.usable_cores: affinity, cgroup quota) but the one feeding the main loop (at least
+    1)."""
     if workers in ("auto", None):
-        return max(1, (os.cpu_count() or 2) - 1)
+        from .threads import usable_cores
+
+        return max(1, usable_cores() - 1)
     return int(workers)
 
 
