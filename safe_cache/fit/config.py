@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import ConfigError, RecipeError
 from ..runtime import checks
+from .compat import without_retired
 from .methods import OPTIONAL_METHODS
 from .recipe import PRESETS, Recipe
 
@@ -20,10 +21,6 @@ DEFAULT_BETAS = tuple(round(0.1 * i, 1) for i in range(11))
 # Bounds of the values fit takes (FitConfig.__post_init__): generous, but finite.
 MAX_SHOTS, MAX_LR, MAX_WD, MAX_BETA = 10_000, 1.0, 10.0, 1e6  # beta 1e6: the original alone
 MAX_GRID, MAX_BETAS, MAX_ITERS, MAX_BATCH, MAX_TIP_EPOCHS = 64, 1001, 10_000_000, 65_536, 10_000
-# Fields results of safe-cache 0.1 recorded that are no longer fit options: where runs execute
-# (scheduler, local_workers) is runtime.execution.Execution's, one for a whole command. Read
-# and dropped: they never changed a number.
-RETIRED_FIELDS = ("scheduler", "local_workers")
 
 
 @dataclass(frozen=True)
@@ -70,7 +67,7 @@ class FitConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: the config is not a JSON object.")
         known = {f.name: f for f in fields(cls)}
-        data = {k: v for k, v in data.items() if k not in RETIRED_FIELDS}
+        data = without_retired(data)  # compat.py: fields results of 0.2.0 still record
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ConfigError(f"{source}: config field '{unknown[0]}' is not a fit option.")
