@@ -1,8 +1,9 @@
 """What `safe-cache fit` takes: one frozen dataclass, defaults the paper's protocol.
 
-`to_dict` is the `config` block a result records; `from_dict` reads one back strictly (an
-unknown field, a wrong type or an out-of-range value is an error naming the file and the field),
-checking the values only: a result fitted on a GPU machine reads on a CPU one.
+`to_dict` is the `config` block a result records; `from_dict` reads one back strictly (a missing
+or unknown field, a wrong type or an out-of-range value is an error naming the file and the
+field; the fields 0.2.0 recorded and fit no longer takes are dropped: compat.py), checking the
+values only: a result fitted on a GPU machine reads on a CPU one.
 """
 
 from __future__ import annotations
@@ -66,15 +67,17 @@ class FitConfig:
         this machine (the device, the output folder)."""
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: the config is not a JSON object.")
-        known = {f.name: f for f in fields(cls)}
+        known = [f.name for f in fields(cls)]
         data = without_retired(data)  # compat.py: fields results of 0.2.0 still record
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ConfigError(f"{source}: config field '{unknown[0]}' is not a fit option.")
+        missing = sorted(set(known) - set(data))
+        if missing:  # every result of this safe-cache records every option
+            raise ConfigError(f"{source}: the config lacks the field '{missing[0]}'.")
         config = cls.__new__(cls)
-        for name, spec in known.items():
-            value = data[name] if name in data else (
-                spec.default_factory() if callable(spec.default_factory) else spec.default)
+        for name in known:
+            value = data[name]
             if name == "recipe" and isinstance(value, dict):
                 try:
                     value = Recipe(**value)
