@@ -77,6 +77,11 @@ class ResultError(SafeCacheError):
     """A fit result file is missing, malformed, or not the shape this safe-cache writes."""
 
 
+class ResultFormatError(ResultError):
+    """A fit result file of a format no longer read (safe-cache 0.1's: no identity or
+    checksums): refused on read; fit recomputes a run over one at its path."""
+
+
 class ModelFolderError(SafeCacheError):
     """A model folder is incomplete, tampered with, or does not fit its backbone."""
 
@@ -108,6 +113,7 @@ __all__ = [
     "ModelFolderError",
     "RecipeError",
     "ResultError",
+    "ResultFormatError",
     "SafeCacheError",
     "SafeCacheWarning",
     "StoreError",

@@ -11,6 +11,7 @@ result record was typed).
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -116,16 +117,20 @@ def build_store(url: str, card: dict[str, Any] = TOY_CARD, *,
 
 
 def result_record(dataset: str, shots: int, seed: int, safe: float, zero: float,
-                  model: str = "RN50", ood: dict | None = None, *, recipe: str | None = "safe",
+                  model: str = "RN50", ood: dict | None = None, *, recipe: str = "safe",
                   pretrained: str | None = "openai", **config: Any) -> dict[str, Any]:
-    """A fit result JSON with every field fit writes: of the `safe` recipe and a default fit's
-    options unless `config` (FitConfig fields) or `recipe` say otherwise; `recipe=None` is the
-    shape of safe-cache 0.1 results (no recipe block: the `views` recipe)."""
+    """A fit result JSON with every field fit writes (write_record adds the backbone's label,
+    the identity and the checksums): of the `recipe` preset and a default fit's options unless
+    `config` (FitConfig fields) says otherwise."""
+    from safe_cache.fit.config import FitConfig
     from safe_cache.fit.recipe import PRESETS
 
     grid = [{"lr": lr, "wd": wd, "val_acc": safe - 0.01 * i, "best_iter": 100}
             for i, (lr, wd) in enumerate([(1e-4, 0.0), (1e-4, 1e-3), (1e-5, 0.0), (1e-5, 1e-3)])]
     label = f"{model}-{pretrained or 'random0'}"
+    url = f"stores/{dataset}/{label}.zarr"
+    settings = FitConfig(store=url, shots=(shots,), seeds=(seed,), device="cpu",
+                         recipe=PRESETS[recipe], **config)
     record = {
         "methods": {"zero_shot": {"val_acc": zero, "test_acc": zero},
                     "safe": {"val_acc": safe, "test_acc": safe, "lr": 1e-4, "wd": 0.0,
@@ -135,37 +140,39 @@ def result_record(dataset: str, shots: int, seed: int, safe: float, zero: float,
         "norm_ratio_finetuned_over_original": 1.0, "test_images": 100, "grid": grid,
         "dataset": dataset, "shots": shots, "seed": seed,
         "backbone": {"model": model, "pretrained": pretrained, "cut": "pool"},
-        "store": {"url": f"stores/{dataset}/{label}.zarr", "fingerprint": "0" * 64},
-        "config": {"store": f"stores/{dataset}/{label}.zarr", "shots": [shots],
-                   "seeds": [seed], "beta": 0.5, "blend": "blend", "prompts": "hand",
-                   **config},
-        "versions": {"safe_cache": "0.1.0", "torch": "2.14.1"},
+        "store": {"url": url, "fingerprint": "0" * 64, "manifest_sha256": "1" * 64,
+                  "store_sha256": "2" * 64, "test_rows": 100,
+                  "fewshot_sha256": f"{seed:064x}", "prompts_sha256": "3" * 64},
+        "config": {**settings.to_dict(), "storage_options": None},
+        "versions": {"safe_cache": "0.2.0", "torch": "2.14.1"},
         "timings": {"load_s": 0.1, "train_s": 1.0, "evaluate_s": 0.1,
                     "train_iters_per_s": 100.0},
         "train_samples": 10 * shots,
+        "recipe": {**PRESETS[recipe].record(), "loss_logit_scale": 54.6},
+        "curves": {"iters": [100], "val_acc": [[g["val_acc"] for g in grid]],
+                   "train_loss": [[1.0] * len(grid)]},
+        "execution": {"device": "cpu", "graphed": False},
+        "run_id": uuid.uuid4().hex,
     }
-    if recipe is not None:
-        record["recipe"] = {**PRESETS[recipe].record(), "loss_logit_scale": 54.6}
     if ood is not None:
         record["ood"] = ood
     return record
 
 
-def write_record(folder: Path, record: dict[str, Any], backbone: str = "RN50-openai", *,
-                 sealed: bool = True) -> Path:
-    """The record where fit would write it (its name by fit's scheme), with the identity and
-    checksums fit writes (`sealed=False`: as an older safe-cache wrote it). `record` gains
-    them too, so a test can edit it and write it again."""
+def write_record(folder: Path, record: dict[str, Any], backbone: str = "RN50-openai") -> Path:
+    """The record where fit would write it (its name by fit's scheme, its folder `backbone`,
+    the record's backbone label unless it has one), with the identity and checksums fit
+    writes. `record` gains them too, so a test can edit it and write it again."""
     from safe_cache.fit.identity import identity_sha256
     from safe_cache.fit.results import CONTENT_FIELD, RunResult, content_sha256, expected_name
 
+    record["backbone"].setdefault("label", backbone)
     known = {k: v for k, v in record.items() if k in RunResult.__dataclass_fields__}
     unchecked = RunResult(**known)  # tests also write broken records
-    if sealed:
-        record["identity"] = unchecked.run_identity
-        record["identity_sha256"] = identity_sha256(record["identity"])
-        record.pop(CONTENT_FIELD, None)
-        record[CONTENT_FIELD] = content_sha256(record)
+    record["identity"] = unchecked.run_identity
+    record["identity_sha256"] = identity_sha256(record["identity"])
+    record.pop(CONTENT_FIELD, None)
+    record[CONTENT_FIELD] = content_sha256(record)
     path = folder / record["dataset"] / backbone / expected_name(unchecked)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record))

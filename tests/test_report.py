@@ -92,17 +92,21 @@ def test_a_malformed_result_file_is_named(tmp_path):
     assert cli.exit_code == 2 and "methods.safe.test_acc" in cli.output
 
 
-def test_a_result_of_the_previous_release_is_read(tmp_path):
-    """A result JSON written by safe-cache 0.1 before the record was typed (tests/data/)."""
+def test_a_result_of_the_previous_release_is_refused_naming_it(tmp_path):
+    """A result JSON written by safe-cache 0.1 (tests/data/): refused in one line naming the
+    file and the fix, by load_results and by report."""
     from pathlib import Path
+
+    from safe_cache import ResultFormatError
 
     source = Path(__file__).parent / "data" / "result_v0_1.json"
     target = tmp_path / "shapes" / "safe-cache-tiny-vit-random0" / "shots1_seed1.json"
     target.parent.mkdir(parents=True)
     target.write_text(source.read_text())
-    (record,) = load_results(tmp_path)
-    assert record.dataset == "shapes" and record.backbone_label == "safe-cache-tiny-vit-random0"
-    assert set(record.methods) == {"zero_shot", "safe", "tip_adapter", "tip_adapter_f",
-                                   "safe_a", "linear_probe"}
-    rows = aggregate([record])
-    assert {r["method"] for r in rows} == set(record.methods)
+    with pytest.raises(ResultFormatError, match=r"safe-cache 0\.1") as info:
+        load_results(tmp_path)
+    assert str(target) in str(info.value) and "--force" in str(info.value)
+    cli = CliRunner().invoke(main, ["report", str(tmp_path)])
+    lines = [line for line in cli.output.splitlines() if line.strip()]
+    assert cli.exit_code == 2 and len(lines) == 1, cli.output
+    assert "shots1_seed1.json" in lines[0] and "fit it again with --force" in lines[0]

@@ -102,5 +102,5 @@ def test_configs_carry_no_execution_and_old_results_still_read():
     for config in (ExtractConfig, FitConfig):
         assert not {"scheduler", "local_workers"} & {f.name for f in fields(config)}
     recorded = {**FitConfig(store="s.zarr", device="cpu").to_dict(), "scheduler": None,
-                "local_workers": 0}  # as safe-cache 0.1 wrote a result's config
+                "local_workers": 0}  # as 0.2.0 wrote a result's config (fit/compat.py)
     assert FitConfig.from_dict(recorded).store == "s.zarr"

@@ -20,7 +20,7 @@ import zarr
 from click.testing import CliRunner
 from factories import extract_miniature, result_record, write_record
 
-from safe_cache import ConfigError, ResultError, SafeCacheWarning, StoreError
+from safe_cache import ConfigError, ResultError, ResultFormatError, SafeCacheWarning, StoreError
 from safe_cache.analysis.report import aggregate, load_results
 from safe_cache.atomic import atomic_write_text, atomic_write_with
 from safe_cache.cli import main
@@ -232,7 +232,6 @@ def test_the_paper_number_stands_beside_the_paper_setting_only(tmp_path):
         (result_record("food101", 16, 1, 0.8, 0.77, pretrained=None), "RN50-random0",
          "weights random"),
         (result_record("food101", 16, 1, 0.8, 0.77, recipe="views"), None, "recipe views"),
-        (result_record("food101", 16, 1, 0.8, 0.77, recipe=None), None, "recipe views"),
         (result_record("food101", 16, 1, 0.8, 0.77, lrs=[1e-3]), None, "lrs"),
         (result_record("food101", 16, 1, 0.8, 0.77, iters=400), None, "iters"),
         (result_record("food101", 16, 1, 0.8, 0.77, select_on="test"), None, "on test"),
@@ -547,8 +546,7 @@ def test_a_prompt_file_of_the_same_name_with_other_sentences_is_refused(store, t
         extract(ExtractConfig(prompts=str(tmp_path / "p2" / "cupl.json"), **base))
 
 
-def test_a_number_edited_in_a_result_is_refused_and_older_results_get_no_paper_number(
-        tmp_path):
+def test_a_number_edited_in_a_result_is_refused_and_a_removed_checksum_too(tmp_path):
     record = result_record("food101", 16, 1, 0.8, 0.77)
     path = write_record(tmp_path, record)
     record["methods"]["safe"]["test_acc"] = 0.99  # in range, the right type: only the digest
@@ -560,18 +558,55 @@ def test_a_number_edited_in_a_result_is_refused_and_older_results_get_no_paper_n
         path = write_record(tmp_path, sealed)
         sealed.pop(field)
         path.write_text(json.dumps(sealed))
-        with pytest.raises(ResultError, match="without the other"):
+        with pytest.raises(ResultFormatError, match=f"lacks {field}"):
             load_result(path)
-    write_record(tmp_path, result_record("food101", 16, 1, 0.8, 0.77), sealed=False)
-    (row,) = [r for r in aggregate(load_results(tmp_path)) if r["method"] == "safe"]
-    assert row["paper"] is None and "without checksums" in row["paper_note"]
+
+
+def _as_0_1(record: dict, *, first: bool = False) -> dict:
+    """A result as safe-cache 0.1 wrote it: no identity or checksums (`first`: nor the recipe
+    block, run id, curves or execution, and fit's later config fields)."""
+    dropped = ["identity", "identity_sha256", "content_sha256"]
+    dropped += ["recipe", "run_id", "curves", "execution"] if first else []
+    old = {k: v for k, v in record.items() if k not in dropped}
+    old["store"] = {k: old["store"][k] for k in ("url", "fingerprint")}
+    return old
+
+
+@pytest.mark.parametrize("first", [False, True])
+def test_a_result_of_safe_cache_0_1_is_refused_in_one_line_naming_it(tmp_path, first):
+    record = result_record("food101", 16, 1, 0.8, 0.77)
+    path = write_record(tmp_path, record)
+    if first:  # named shots<K>_seed<S>.json, without the recipe
+        path.unlink()
+        path = path.with_name("shots16_seed1.json")
+    path.write_text(json.dumps(_as_0_1(record, first=first)))
+    for read in (load_result, lambda p: load_results(tmp_path)):
+        with pytest.raises(ResultFormatError) as info:
+            read(path)
+        message = str(info.value)
+        assert str(path) in message and "safe-cache 0.1" in message
+        assert "lacks" in message and "--force" in message and "\n" not in message
+    code, output = invoke("report", tmp_path)
+    one_line_refusal(code, output, path.name, "safe-cache 0.1", "--force")
+
+
+def test_fit_recomputes_over_a_result_of_safe_cache_0_1_at_its_path(store, tmp_path):
+    config = FitConfig(store=str(store), out=str(tmp_path / "r"), **SMALL)
+    (first,) = fit(config)
+    document = json.loads(first.path.read_text())
+    first.path.write_text(json.dumps(_as_0_1(document)))
+    (again,) = fit(config)
+    assert not again.skipped and again.path == first.path
+    assert "recomputed" in again.note and "safe-cache 0.1" in again.note
+    assert load_result(again.path).run_id == again.run_id != first.run_id  # the new result
+    assert fit(config)[0].skipped  # and that one is this run's
 
 
 def test_minus_zero_is_zero_in_a_run_identity():
-    from safe_cache.fit.identity import options_of, options_suffix
+    from safe_cache.fit.identity import default_options, options_of, options_suffix
 
-    assert options_suffix(options_of({"wds": [-0.0]})) == options_suffix(options_of(
-        {"wds": [0.0]}))
+    assert options_suffix(options_of({**default_options(), "wds": [-0.0]})) == \
+        options_suffix(options_of({**default_options(), "wds": [0.0]}))
 
 
 def test_export_force_replaces_model_folders_only_and_cards_never_name_paths(store, tmp_path):

@@ -91,8 +91,6 @@ def paper_reasons(run: RunResult, models: tuple[str, ...] = ("RN50",)) -> list[s
         reasons.append("selected on test")
     if run.partial:
         reasons.append("a partial test split")
-    if not run.verified:
-        reasons.append("a result of an older safe-cache, without checksums (fit it again)")
     return reasons
 
 

@@ -1,8 +1,9 @@
 """What `safe-cache fit` takes: one frozen dataclass, defaults the paper's protocol.
 
-`to_dict` is the `config` block a result records; `from_dict` reads one back strictly (an
-unknown field, a wrong type or an out-of-range value is an error naming the file and the field),
-checking the values only: a result fitted on a GPU machine reads on a CPU one.
+`to_dict` is the `config` block a result records; `from_dict` reads one back strictly (a missing
+or unknown field, a wrong type or an out-of-range value is an error naming the file and the
+field; the fields 0.2.0 recorded and fit no longer takes are dropped: compat.py), checking the
+values only: a result fitted on a GPU machine reads on a CPU one.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from ..errors import ConfigError, RecipeError
 from ..runtime import checks
+from .compat import without_retired
 from .methods import OPTIONAL_METHODS
 from .recipe import PRESETS, Recipe
 
@@ -20,10 +22,6 @@ DEFAULT_BETAS = tuple(round(0.1 * i, 1) for i in range(11))
 # Bounds of the values fit takes (FitConfig.__post_init__): generous, but finite.
 MAX_SHOTS, MAX_LR, MAX_WD, MAX_BETA = 10_000, 1.0, 10.0, 1e6  # beta 1e6: the original alone
 MAX_GRID, MAX_BETAS, MAX_ITERS, MAX_BATCH, MAX_TIP_EPOCHS = 64, 1001, 10_000_000, 65_536, 10_000
-# Fields results of safe-cache 0.1 recorded that are no longer fit options: where runs execute
-# (scheduler, local_workers) is runtime.execution.Execution's, one for a whole command. Read
-# and dropped: they never changed a number.
-RETIRED_FIELDS = ("scheduler", "local_workers")
 
 
 @dataclass(frozen=True)
@@ -69,15 +67,17 @@ class FitConfig:
         this machine (the device, the output folder)."""
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: the config is not a JSON object.")
-        known = {f.name: f for f in fields(cls)}
-        data = {k: v for k, v in data.items() if k not in RETIRED_FIELDS}
+        known = [f.name for f in fields(cls)]
+        data = without_retired(data)  # compat.py: fields results of 0.2.0 still record
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ConfigError(f"{source}: config field '{unknown[0]}' is not a fit option.")
+        missing = sorted(set(known) - set(data))
+        if missing:  # every result of this safe-cache records every option
+            raise ConfigError(f"{source}: the config lacks the field '{missing[0]}'.")
         config = cls.__new__(cls)
-        for name, spec in known.items():
-            value = data[name] if name in data else (
-                spec.default_factory() if callable(spec.default_factory) else spec.default)
+        for name in known:
+            value = data[name]
             if name == "recipe" and isinstance(value, dict):
                 try:
                     value = Recipe(**value)

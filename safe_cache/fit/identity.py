@@ -10,10 +10,10 @@ stores (by the same digest). Not in it: the device, test-chunk size, cache folde
 CUDA-graph settings, which change where and how fast a run goes, not what it computes (float
 rounding aside), nor the images extract skipped or the manifest's time stamps.
 
-It is computed from what a result records (its `config`, `recipe`, `store` and `ood` blocks), so
-results written before identities existed get one too, and the `identity_sha256` a result
-carries can be checked against its own content. fit compares the identity it is asked for with
-the result's on disk: equal, the run is skipped; different, the old numbers are never returned.
+It is computed from what a result records (its `config`, `recipe`, `store` and `ood` blocks),
+and every result carries it (`identity`, with its `identity_sha256`). fit compares the identity
+it is asked for with the result's on disk: equal, the run is skipped; different, the old
+numbers are never returned.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ OPTION_FIELDS = ("prompts", "lrs", "wds", "iters", "batch_size", "eval_every", "
 # Options the result's file name already says (recipe name, `_test-selected`).
 NAMED_FIELDS = ("select_on",)
 UNORDERED = ("methods", "eval_ood")  # sets: their order changes nothing
-# A result's store block: what the run read (older results lack the digests: None).
+# A result's store block: what the run read (every result records them: results.py checks).
 STORE_FIELDS = ("fingerprint", "store_sha256", "test_rows", "fewshot_sha256",
                 "prompts_sha256")
 
@@ -62,10 +62,9 @@ def normalise(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def options_of(config: dict[str, Any]) -> dict[str, Any]:
-    """The identity options of a recorded config (a result's `config`); options a result of an
-    older safe-cache did not record take the value that version always used (its default)."""
-    defaults = default_options()
-    return normalise({name: config.get(name, defaults[name]) for name in OPTION_FIELDS})
+    """The identity options of a config block (a result's `config`, which records every fit
+    option: FitConfig.from_dict checks), normalised."""
+    return normalise({name: config[name] for name in OPTION_FIELDS})
 
 
 def changed_options(options: dict[str, Any]) -> dict[str, Any]:

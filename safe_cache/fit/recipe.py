@@ -26,7 +26,7 @@ rest is fixed here, with its source:
 SAFE's Algorithm 1 updates only AttnPool_F, so the text classifier stays frozen in every recipe
 (Cross-Modal also trains its text-initialised linear head). Presets: `safe` (the default: the
 paper's stated values, Cross-Modal's for the rest) and `views` (safe-cache 0.1's behaviour, for
-comparison). Old result files without a recipe block were made by `views`.
+comparison).
 """
 
 from __future__ import annotations
@@ -129,9 +129,7 @@ def _short(value: Any) -> str:
 
 
 def recipe_of(record: Any) -> Recipe:
-    """The recipe a result was made with (its `recipe` block; 0.1 results: `views`)."""
-    block = getattr(record, "recipe", None)
-    if not block:
-        return PRESETS["views"]
+    """The recipe a result was made with: its `recipe` block, less what the run adds to it
+    (`loss_logit_scale`, the scale its loss used)."""
     known = {f.name for f in fields(Recipe)}
-    return Recipe(**{k: v for k, v in block.items() if k in known})
+    return Recipe(**{k: v for k, v in record.recipe.items() if k in known})

@@ -4,11 +4,12 @@ one per run, written by fit and read by report, export, attention and the tests.
 `<out>/<dataset>/<model>-<weights>/shots<K>_seed<S>_<recipe>.json` (`..._test-selected` when
 Tip-Adapter-F and SAFE-A chose their epoch on test, then `_o<8 hex>` when other options than a
 default fit's made it: fit/identity.options_suffix), beside it the fine-tuned head
-(`.safetensors`) and SAFE-A's trained cache (`.safe_a.safetensors`). Files of safe-cache 0.1
-(`shots<K>_seed<S>.json`, no recipe block) were made by the `views` recipe and are read as such.
-The JSON is written last and by rename, so a result that exists is whole. `RunResult.from_json`
-checks the shape on every read: a malformed or foreign file is an error naming the file, never a
-KeyError deep in report.
+(`.safetensors`) and SAFE-A's trained cache (`.safe_a.safetensors`). The JSON is written last
+and by rename, so a result that exists is whole. `RunResult.from_json` checks the shape on every
+read: a malformed or foreign file is an error naming the file, never a KeyError deep in report.
+Results of safe-cache 0.1 (never released on its own: no recipe block, run id, identity or
+checksums) are refused with one line (ResultFormatError; fit recomputes a run over one); what
+the 0.2 line wrote differently and is still read lives in compat.py.
 
 Every result carries its run's identity (fit/identity.py) and is checked on read: strict types,
 finite numbers, its name and folders equal to its content. The methods it may hold are listed
@@ -26,25 +27,29 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_text
-from ..errors import ConfigError, ResultError, SafeCacheWarning
+from ..errors import ConfigError, ResultError, ResultFormatError, SafeCacheWarning
 from ..identity import canonical_sha256
 from ..names import plain_name
-from ..store.paths import backbone_label, model_label
+from ..store.paths import backbone_label
 from . import identity as run_id
 from .config import FitConfig
 from .methods import ALWAYS, METHOD_LABELS, METHODS, OPTIONAL_METHODS
-from .recipe import PRESETS
 
 __all__ = ["ALWAYS", "METHODS", "METHOD_LABELS", "OPTIONAL_METHODS", "RunResult",
            "load_result", "load_results", "result_path", "write_result"]
 FILE_PATTERN = "shots*_seed*.json"
-# The names fit writes: shots<K>_seed<S>[_<recipe>][_test-selected][_o<8 hex>].json. A recipe
+# The names fit writes: shots<K>_seed<S>_<recipe>[_test-selected][_o<8 hex>].json. A recipe
 # name holds no dot or space (recipe._short), so a copy such as `... copy.json` or `.bak.json`
-# is not one of them.
+# is not one of them. The plain shots<K>_seed<S>.json (safe-cache 0.1's name) matches too, so
+# such a file is refused by its content (ResultFormatError), never skipped as a copy.
 NAME_SCHEME = re.compile(r"^shots(\d+)_seed(\d+)(?:_([A-Za-z0-9_+=-]+))?\.json$")
-OPTIONAL_FIELDS = ("ood", "recipe", "curves", "run_id", "execution", "identity",
-                   "identity_sha256", "partial", "content_sha256")  # absent in older results
+# Fields a run writes only when there is something to say: OOD variants asked for, a test split
+# evaluated incomplete. Every other field is in every result of this safe-cache.
+OPTIONAL_FIELDS = ("ood", "partial")
 CONTENT_FIELD = "content_sha256"
+# What a result of safe-cache 0.1 lacks (its checksums): a file without them is of a format no
+# longer read (ResultFormatError), not an edited result of this one.
+CHECKSUM_FIELDS = ("identity_sha256", CONTENT_FIELD)
 
 
 @dataclass
@@ -67,11 +72,12 @@ class RunResult:
     train_samples: int
     test_images: int
     norm_ratio_finetuned_over_original: float
+    recipe: dict[str, Any]  # fit.recipe.Recipe.record() and the loss_logit_scale it used
+    curves: dict[str, list]  # per evaluation: iters, val_acc[G], train_loss[G]
+    execution: dict[str, Any]  # device, graphed (CUDA graph), why_eager
     ood: dict[str, dict[str, Any]] | None = None
-    recipe: dict[str, Any] | None = None  # fit.recipe.Recipe.record(); None: safe-cache 0.1
-    curves: dict[str, list] | None = None  # per evaluation: iters, val_acc[G], train_loss[G]
+    # Set once the run is done (fit_one, fit_and_save, write_result): every file has them.
     run_id: str | None = None  # also in the head's and cache's metadata: files of one run
-    execution: dict[str, Any] | None = None  # device, graphed (CUDA graph), why_eager
     identity: dict[str, Any] | None = None  # fit/identity.py: all that changes the numbers
     identity_sha256: str | None = None
     partial: dict[str, int] | None = None  # a test split evaluated incomplete: rows, expected
@@ -84,31 +90,24 @@ class RunResult:
 
     @property
     def recipe_name(self) -> str:
-        """The recipe that made the run (results without a recipe block: `views`)."""
-        return (self.recipe or {}).get("name", "views")
+        """The recipe that made the run (its recipe block's name)."""
+        return self.recipe["name"]
 
     @property
     def selected_on(self) -> str:
         """Where Tip-Adapter-F and SAFE-A chose their epoch: "val", or "test" (reference)."""
-        return self.config.get("select_on", "val")
+        return self.config["select_on"]
 
     @property
     def backbone_label(self) -> str:
         """`<model>-<weights>`: the results folder the run lives in."""
-        return self.path.parent.name if self.path else self.backbone["model"]
-
-    @property
-    def verified(self) -> bool:
-        """Whether the record carries its checksums (results of this safe-cache): older ones are
-        read, but nothing proves their numbers were not edited."""
-        return self.content_sha256 is not None
+        return self.path.parent.name if self.path else self.backbone["label"]
 
     @property
     def run_identity(self) -> dict[str, Any]:
-        """This run's identity, from what the record says (older results too)."""
+        """This run's identity, from what the record says."""
         return run_id.run_identity(self.store, self.dataset, self.shots, self.seed, self.config,
-                                   self.recipe or PRESETS["views"].record(), self.ood,
-                                   self.backbone)
+                                   self.recipe, self.ood, self.backbone)
 
     @property
     def group(self) -> str:
@@ -138,6 +137,11 @@ class RunResult:
         names = {f.name for f in fields(cls)} - {"path", "skipped", "note"}
         required = names - set(OPTIONAL_FIELDS)
         missing = sorted(required - set(data))
+        if set(CHECKSUM_FIELDS) & set(missing):
+            raise ResultFormatError(
+                f"{source} lacks {', '.join(missing)}: a result of safe-cache 0.1 (or edited),"
+                f" which this safe-cache no longer reads; fit it again with --force, or remove"
+                f" it.")
         if missing:
             raise ResultError(f"{source} is not a fit result of this safe-cache: it lacks"
                               f" {', '.join(missing)}. Fit it again (--force) to rewrite it.")
@@ -148,10 +152,7 @@ class RunResult:
         _refuse_non_finite(data, source)
         record = cls(**{name: data[name] for name in names if name in data})
         record._check(source)
-        if (record.identity_sha256 is None) != (record.content_sha256 is None):
-            raise ResultError(f"{source}: it carries one of identity_sha256 and content_sha256"
-                              f" without the other (edited by hand); fit it again (--force).")
-        if record.content_sha256 is not None and record.content_sha256 != content_sha256(data):
+        if record.content_sha256 != content_sha256(data):
             raise ResultError(f"{source}: its content does not match its content_sha256 (a"
                               f" number or field was edited by hand); fit it again (--force).")
         return record
@@ -159,10 +160,22 @@ class RunResult:
     def _check(self, source: str | Path) -> None:
         for name, kind in (("dataset", str), ("backbone", dict), ("store", dict),
                            ("methods", dict), ("beta_curve", list), ("grid", list),
-                           ("config", dict)):
+                           ("config", dict), ("recipe", dict), ("execution", dict),
+                           ("identity", dict), ("run_id", str), ("identity_sha256", str),
+                           ("content_sha256", str)):
             if not isinstance(getattr(self, name), kind):
                 raise ResultError(f"{source}: '{name}' is {getattr(self, name)!r:.60}, not"
                                   f" {'a text' if kind is str else 'a JSON ' + kind.__name__}.")
+        for block, name in (("recipe", "name"), ("backbone", "model"), ("backbone", "label")):
+            if not isinstance(getattr(self, block).get(name), str):
+                raise ResultError(f"{source}: '{block}.{name}' is"
+                                  f" {getattr(self, block).get(name)!r:.60}, not a text.")
+        for name in run_id.STORE_FIELDS:  # what the run read: part of its identity
+            value, kind = self.store.get(name), int if name == "test_rows" else str
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ResultError(f"{source}: 'store.{name}' is {value!r:.60}, not"
+                                  f" {'an integer' if kind is int else 'a text'}; fit it again"
+                                  f" (--force).")
         plain_name(self.dataset, f"{source}: dataset", ResultError)
         for name, low in (("shots", 1), ("seed", 0)):
             value = getattr(self, name)
@@ -192,8 +205,7 @@ class RunResult:
             _accuracy(point.get("val_acc"), f"{source}: grid[{index}].val_acc")
             for key in ("lr", "wd"):
                 _number(point.get(key), f"{source}: grid[{index}].{key}", 0)
-        if self.curves is not None and not (
-                isinstance(self.curves, dict) and all(isinstance(self.curves.get(k), list)
+        if not (isinstance(self.curves, dict) and all(isinstance(self.curves.get(k), list)
                                                       for k in ("iters", "val_acc",
                                                                 "train_loss"))):
             raise ResultError(f"{source}: 'curves' must hold the lists iters, val_acc and"
@@ -202,21 +214,17 @@ class RunResult:
                 isinstance(self.partial, dict) and all(_is_int(self.partial.get(k))
                                                        for k in ("rows", "expected"))):
             raise ResultError(f"{source}: 'partial' must hold the integers rows and expected.")
-        _number(self.config.get("beta", 0.5), f"{source}: config.beta", 0)
         for name, variant in (self.ood or {}).items():
             for method, value in variant.items():
                 if method in self.methods:
                     _accuracy(value, f"{source}: ood.{name}.{method}")
-        if self.identity_sha256 is not None:  # this safe-cache's result: its config whole
-            try:
-                FitConfig.from_dict(self.config, str(source))
-            except ConfigError as exc:
-                raise ResultError(f"{exc}; fit it again (--force).") from None
+        try:  # the config whole: every fit option, each in range
+            FitConfig.from_dict(self.config, str(source))
+        except ConfigError as exc:
+            raise ResultError(f"{exc}; fit it again (--force).") from None
         # The identity as written (a later safe-cache may compute identities with more
         # fields: fit then runs such a result again; here only its own hash is checked).
-        if self.identity_sha256 is not None and (
-                not isinstance(self.identity, dict)
-                or self.identity_sha256 != run_id.identity_sha256(self.identity)):
+        if self.identity_sha256 != run_id.identity_sha256(self.identity):
             raise ResultError(f"{source}: its identity does not match its identity_sha256"
                               f" (edited by hand); fit it again (--force).")
 
@@ -272,9 +280,7 @@ def result_path(out: str | Path, manifest: dict[str, Any], shots: int, seed: int
 
 def expected_name(record: RunResult, *, suffixed: bool = True) -> str:
     """The file name fit gives this record's run (`suffixed=False`: without the options'
-    suffix, as safe-cache named every run before identities)."""
-    if record.recipe is None:  # safe-cache 0.1: shots<K>_seed<S>.json
-        return f"shots{record.shots}_seed{record.seed}.json"
+    suffix, the name runs of other options share)."""
     selected = "" if record.selected_on == "val" else "_test-selected"
     suffix = run_id.options_suffix(record.options) if suffixed else ""
     return f"shots{record.shots}_seed{record.seed}_{record.recipe_name}{selected}{suffix}.json"
@@ -282,20 +288,15 @@ def expected_name(record: RunResult, *, suffixed: bool = True) -> str:
 
 def check_path(record: RunResult, path: Path) -> None:
     """A result is what its path says: shots, seed, recipe, selection and options in its name,
-    its dataset and backbone in its folders. Results older than identities may carry other
-    options under the plain name (fit then refuses to reuse them)."""
+    its dataset and backbone in its folders."""
     name = expected_name(record)
-    legacy = record.identity_sha256 is None and path.name == expected_name(record,
-                                                                            suffixed=False)
-    if path.name != name and not legacy:
+    if path.name != name:
         raise ResultError(f"{path}: its content is the run {name}, not {path.name} (renamed or"
                           f" edited by hand); move it back, or fit it again (--force).")
     dataset, backbone = path.parent.parent.name, path.parent.name
-    label = record.backbone.get("label")
-    model = record.backbone.get("model")
-    if dataset != record.dataset or (label is not None and backbone != label) or \
-            (label is None and not backbone.startswith(model_label(str(model)))):
-        raise ResultError(f"{path}: it holds {record.dataset} / {label or model}, not the"
+    label = record.backbone["label"]
+    if dataset != record.dataset or backbone != label:
+        raise ResultError(f"{path}: it holds {record.dataset} / {label}, not the"
                           f" {dataset} / {backbone} its folders say; move it back, or fit it"
                           f" again.")
 
@@ -321,8 +322,6 @@ def files_problem(record: RunResult) -> str | None:
     for path in wanted:
         if not path.is_file():
             return f"{path.name} is missing"
-        if record.run_id is None:  # safe-cache 0.1 results carry no run id
-            continue
         try:
             with safe_open(str(path), framework="numpy") as handle:
                 run_id = (handle.metadata() or {}).get("run_id")
@@ -364,7 +363,8 @@ def _no_constant(name: str) -> Any:
 
 def whole_result(path: str | Path) -> RunResult | None:
     """The run at `path` when its result and every file it names are there (a run to skip),
-    None when it is still to do; a malformed JSON stays a ResultError."""
+    None when it is still to do; a malformed JSON stays a ResultError (a result of
+    safe-cache 0.1: ResultFormatError, which fit takes for another run's)."""
     path = Path(path)
     existing = load_result(path) if path.is_file() else None
     return existing if existing is not None and files_problem(existing) is None else None

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..atomic import atomic_write_with
-from ..errors import DeviceMemoryError, SafeCacheError
+from ..errors import DeviceMemoryError, ResultFormatError, SafeCacheError
 from ..runtime.allocator import tune_cpu_allocator
 from ..runtime.device import out_of_memory_reason
 from ..runtime.execution import IN_PROCESS, Execution, local_resource, local_resources, run_tasks
@@ -100,20 +100,26 @@ def _plan_runs(configs: list[FitConfig], stores: list[FeatureStore], seals: list
                                          f" and backbone: their results would overwrite each"
                                          f" other in {path.parent}. Fit them with different"
                                          f" --out folders.")
-                existing = None if config.force else whole_result(path)
+                try:
+                    existing = None if config.force else whole_result(path)
+                except ResultFormatError:  # safe-cache 0.1's: not this run's, recompute it
+                    existing = None
+                    notes[index, shots, seed] = (
+                        f"{path.name}: recomputed, the result there was not this run's (a"
+                        f" result of safe-cache 0.1, no longer read)")
                 wanted = None if existing is None else \
                     wanted_identity(config, store, shots, seed, seals[index])
                 if existing is not None and existing.run_identity == wanted:
                     results[index, shots, seed] = replace(existing, skipped=True)
                     continue
                 # new, forced, left half-written by a killed run, or of another identity (the
-                # store changed under it, an older safe-cache's result): run it (again)
+                # store changed under it): run it (again)
                 todo.append((index, shots, seed))
                 if wanted is not None:  # a result was there: say why it runs again
                     changes = run_id.differences(existing.run_identity, wanted)
                     notes[index, shots, seed] = (
                         f"{path.name}: recomputed, the result there was not this run's"
-                        f" ({'; '.join(changes[:3]) or 'an older safe-cache'})")
+                        f" ({'; '.join(changes[:3]) or 'its identity differs'})")
     return results, todo, notes
 
 

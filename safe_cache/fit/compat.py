@@ -1,0 +1,30 @@
+"""Compatibility with earlier result formats: the one module that reads what an earlier
+safe-cache wrote differently from today's results.
+
+Only the 0.2 line is read. safe-cache 0.1.0 was never released on its own (CHANGELOG.md), so no
+0.1 result can exist outside this repository, and nothing here reads one. A result without the
+checksums every 0.2 result carries (0.1's lack `identity`, `identity_sha256` and
+`content_sha256`; its first ones also the `recipe` block and `run_id`, under the plain name
+`shots<K>_seed<S>.json`) is refused on read with one line naming the file and the fix
+(results.py: ResultFormatError), and fit takes such a file at a run's path for another run's:
+it recomputes the run, with a note (runs.py).
+
+What the 0.2 line wrote differently and is still read here, and why each is kept:
+
+- `RETIRED_FIELDS`: `scheduler` and `local_workers` in a result's `config` block. Results
+  written by 0.2.0 before the one executor (runtime/execution.py) recorded them as fit options;
+  where runs execute is now one `Execution` for a whole command, not a `FitConfig` field.
+  `FitConfig.from_dict` drops them: they never changed a number (they are in no run identity),
+  and the result's `content_sha256` still covers them as they were written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+RETIRED_FIELDS = ("scheduler", "local_workers")
+
+
+def without_retired(config: dict[str, Any]) -> dict[str, Any]:
+    """A recorded `config` block less the fields fit no longer takes (RETIRED_FIELDS)."""
+    return {name: value for name, value in config.items() if name not in RETIRED_FIELDS}
