@@ -178,6 +178,39 @@ def test_nan_is_refused_at_write(tmp_path):
         assert not store.arrays("test")["dense"][:].any()  # nothing of the unit was written
 
 
+def test_one_table_holds_the_completion_map():
+    """schema.ARRAYS says which arrays each completion flag covers: every feature array is in
+    one part, each part has one flag, and a part's arrays share its flag's prefix."""
+    from safe_cache.store.schema import ARRAYS, FEATURES, PARTS
+
+    assert sorted(f.name for part in PARTS.values() for f in part.features) == sorted(FEATURES)
+    assert {part.flag.name for part in PARTS.values()} == {
+        spec.name for spec in ARRAYS if spec.role == "bookkeeping"}
+    assert {name: part.prefix for name, part in PARTS.items()} == {
+        "center": "", "views": "aug_", "flip": "flip_"}
+    for part in PARTS.values():
+        assert all(f.name.startswith(part.prefix) for f in part.features), part.name
+        assert all(f.per_view == part.per_view for f in part.features), part.name
+        assert all(f.splits == part.flag.splits and f.optional == part.flag.optional
+                   for f in part.features), part.name
+
+
+def test_a_part_written_in_part_is_refused(tmp_path):
+    """A flag vouches for every array of its part: half a part is refused before any write."""
+    with new_store(str(tmp_path / "p.zarr"), None) as store:
+        store.append_rows("train", ["a.jpg"], [0])
+        whole = features(4)
+        with pytest.raises(StoreError, match="aug_complete` flag covers them all"):
+            store.write_unit("train", 0, {k: v for k, v in whole.items() if k != "aug_pooled"})
+        with pytest.raises(StoreError, match="complete` flag covers"):
+            store.write_unit("train", 0, {"dense": whole["dense"]})
+        with pytest.raises(StoreError, match="no feature array 'flip_dense'"):
+            store.write_parts("train", 0, {"flip_dense": whole["dense"]}, first_view=V)
+        assert store.complete_units("train").size == 0
+        store.write_unit("train", 0, whole)
+        assert store.complete_units("train").tolist() == [0]
+
+
 def test_verify_finds_a_deleted_and_a_truncated_chunk(tmp_path):
     url = str(tmp_path / "v.zarr")
     with new_store(url, None) as store:

@@ -55,13 +55,16 @@ from .chunkcache import cached_group
 from .lease import Lease
 from .paths import OBJECT_STORE_SCHEMES, extract_command
 from .schema import (
+    ARRAYS,
     BOOKKEEPING,
     BY_NAME,
     FEATURES,
     MANIFEST_ATTRIBUTE,
+    PARTS,
     SCHEMA_VERSION,
     SPLITS,
     ArraySpec,
+    UnitPart,
     chunk_keys,
     optional_group,
     split_arrays,
@@ -154,14 +157,14 @@ class FeatureStore:
         return self.group[split]
 
     def complete_units(self, split: str) -> np.ndarray:
-        """Units whose every array (and, for train, every augmented view and the mirrored
-        center view where the store has them) is written."""
+        """Units whose every part (schema.PARTS: the center view, and for train every
+        augmented view and the mirrored center view where the store has them) is written."""
         arrays = self.arrays(split)
-        done = arrays["complete"][:] == 1
-        if "aug_complete" in arrays and arrays["aug_complete"].shape[1]:
-            done &= (arrays["aug_complete"][:] == 1).all(axis=1)
-        if "flip_complete" in arrays:
-            done &= arrays["flip_complete"][:] == 1
+        done = np.ones(arrays["complete"].shape[0], dtype=bool)
+        for part in PARTS.values():
+            if part.flag.name in arrays:
+                written = arrays[part.flag.name][:] == 1
+                done &= written.all(axis=1) if part.per_view else written
         return np.flatnonzero(done)
 
     @property
@@ -462,17 +465,25 @@ class FeatureStore:
         last unit). Non-finite values are refused: a NaN in a store poisons every fit that
         reads it.
         """
+        center = PARTS["center"]
+        missing = [spec.name for spec in center.features if spec.name not in features]
+        if missing:
+            raise StoreError(f"{self.url}: {split} unit {unit} is written without {missing}:"
+                             f" its `{center.flag.name}` flag covers"
+                             f" {[spec.name for spec in center.features]}, so write them"
+                             f" together.")
         self.write_parts(split, unit, features)
         with self._bookkeeping:
-            self.arrays(split)["complete"][unit] = 1  # only after the data is written
+            self.arrays(split)[center.flag.name][unit] = 1  # only after the data is written
 
     def write_parts(self, split: str, unit: int, features: dict[str, np.ndarray],
                     first_view: int = 0) -> None:
         """Write some feature arrays of one unit (what an existing store lacks: views
-        first_view.. of aug_*, the flip_* view) and record each part complete after its data.
-        The center view's `complete` flag is write_unit's."""
+        first_view.. of aug_*, the flip_* view) and record each part (schema.PARTS) complete
+        after its data. The center view's `complete` flag is write_unit's."""
         self._writable()
         group = self.arrays(split)
+        parts = self._parts_of(split, unit, features)
         start = unit * self.layout.unit
         with np.errstate(over="ignore", invalid="ignore"):  # checked just below
             cast = {name: np.asarray(values).astype(group[name].dtype, copy=False)
@@ -485,17 +496,48 @@ class FeatureStore:
             # Every chunk object is written, zeros too (zarr's config is per handle, not
             # stored): readers tell a missing chunk from a written one by its object.
             array = group[name].with_config({"write_empty_chunks": True})
-            if name.startswith("aug_"):
+            if BY_NAME[name].per_view:
                 views = slice(first_view, first_view + values.shape[1])
                 array[start:start + len(values), views] = values
             else:
                 array[start:start + len(values)] = values
         with self._bookkeeping:
-            if "aug_dense" in cast:
-                views = slice(first_view, first_view + cast["aug_dense"].shape[1])
-                group["aug_complete"][unit, views] = 1
-            if "flip_dense" in cast:
-                group["flip_complete"][unit] = 1
+            for part in parts:
+                if part.name == "center":
+                    continue  # write_unit's, once every part it was given is written
+                flag = group[part.flag.name]
+                if part.per_view:
+                    width = cast[part.features[0].name].shape[1]
+                    flag[unit, first_view:first_view + width] = 1
+                else:
+                    flag[unit] = 1
+
+    def _parts_of(self, split: str, unit: int, features: dict[str, np.ndarray]
+                  ) -> list[UnitPart]:
+        """The unit parts `features` write, each whole: an array the split lacks, or one part
+        given only in part (aug_dense without aug_pooled, or another view count), is refused
+        before anything is written, since the part's flag would vouch for arrays never written."""
+        group = self.arrays(split)
+        unknown = [name for name in features if name not in group or name not in FEATURES]
+        if unknown:
+            held = [name for name in FEATURES if name in group]
+            raise StoreError(f"{self.url}: {split} holds no feature array {unknown[0]!r} (it"
+                             f" holds {held}); write the split's own arrays.")
+        parts = []
+        for part in PARTS.values():
+            given = [spec.name for spec in part.features if spec.name in features]
+            if not given:
+                continue
+            names = [spec.name for spec in part.features]
+            if len(given) != len(names):
+                raise StoreError(f"{self.url}: {split} unit {unit} writes {given} without the"
+                                 f" rest of {names}: their `{part.flag.name}` flag covers them"
+                                 f" all, so write them together.")
+            if part.per_view and len({np.shape(features[name])[1] for name in names}) > 1:
+                raise StoreError(f"{self.url}: {split} unit {unit} writes another number of"
+                                 f" views to each of {names}; write the same views to all.")
+            parts.append(part)
+        return parts
 
     def add_center_flip(self) -> None:
         """Add the mirrored center view's arrays to train (unwritten: extract fills them)."""
@@ -521,8 +563,8 @@ class FeatureStore:
             return
         if "train" in self.group:
             group = self.group["train"]
-            for name in ("aug_dense", "aug_pooled", "aug_complete"):
-                array = group[name]
+            for spec in (spec for spec in ARRAYS if spec.per_view and spec.name in group):
+                array = group[spec.name]
                 array.resize((array.shape[0], count, *array.shape[2:]))
         manifest["views"]["count"] = count
         self._write_manifest(manifest)
