@@ -1,5 +1,5 @@
-"""One way to write a file that readers may see at any moment: write a temporary beside it, then
-rename it into place (zarr-python's `_atomic_write`, img2dataset's done markers).
+"""One way to write a file (or a folder) that readers may see at any moment: write a temporary
+beside it, then rename it into place (zarr-python's `_atomic_write`, img2dataset's done markers).
 
 - the temporary name is unique per writer (`.<name>.<random>.part`), so two writers of the same
   file never write into one temporary, and the last rename wins whole;
@@ -10,17 +10,28 @@ rename it into place (zarr-python's `_atomic_write`, img2dataset's done markers)
 
 A kill -9 between the write and the rename can leave a `.part` file; it is never read (readers
 look for final names only) and the next successful write of the same file does not need it.
+
+`atomic_dir` is the same for a folder of files (an exported model): a fresh temporary folder
+beside it, removed whole on failure, renamed in whole. A folder cannot be renamed over a
+folder that holds files, so replacing one moves the old folder aside first (`.<name>.<random>
+.old`, removed once the new one is in): a kill between those two renames leaves the old folder
+beside the name, whole, and nothing at it; never a mix of both.
+
+Not for a download that must resume (data/download.py): its `.part` is kept across failures
+and runs on purpose, under a name keyed by what it is of.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 PART_SUFFIX = ".part"
+OLD_SUFFIX = ".old"
 
 
 def _umask() -> int:
@@ -40,9 +51,14 @@ def file_mode() -> int:
     return 0o666 & ~_umask()
 
 
-def temporary_name(path: Path) -> Path:
+def folder_mode() -> int:
+    """The mode of a new folder under the current umask (0755 under 022)."""
+    return 0o777 & ~_umask()
+
+
+def temporary_name(path: Path, suffix: str = PART_SUFFIX) -> Path:
     """A temporary beside `path`, unique to this writer."""
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{PART_SUFFIX}")
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{suffix}")
 
 
 @contextlib.contextmanager
@@ -79,3 +95,58 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], object]) 
     with atomic_path(path) as temporary:
         write(temporary)
     return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside `path` to fill; on a clean exit it gets the
+    umask's mode and is renamed onto `path`, on any failure it is removed whole.
+
+    An existing `path` is replaced only with `replace` (the caller has checked it is its own
+    to replace): it is moved aside, the new folder renamed in, then the old one removed; if
+    the rename fails the old folder is put back. Without `replace` an existing `path` is a
+    FileExistsError, raised before anything is written (the caller's check should come first:
+    this catches a folder made meanwhile by someone else).
+    """
+    path = Path(path)
+    if path.exists() and not replace:
+        raise FileExistsError(f"{path} already exists; it is replaced only when asked to.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = temporary_name(path)
+    os.mkdir(temporary)
+    try:
+        yield temporary
+        os.chmod(temporary, folder_mode())
+        _rename_folder_in(temporary, path, replace)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def _rename_folder_in(temporary: Path, path: Path, replace: bool) -> None:
+    """Rename a finished folder onto `path`, the old one (if `replace`) moved aside first and
+    removed last, or put back when the new one cannot be renamed in."""
+    old = temporary_name(path, OLD_SUFFIX) if replace and (path.exists() or path.is_symlink()) \
+        else None
+    if old is not None:
+        os.rename(path, old)
+    elif path.exists():
+        raise FileExistsError(f"{path} appeared while it was being written; nothing replaced it.")
+    try:
+        os.rename(temporary, path)
+    except BaseException:
+        if old is not None:
+            os.rename(old, path)
+        raise
+    if old is not None:
+        _remove(old)
+
+
+def _remove(old: Path) -> None:
+    """Remove what was moved aside: a folder whole, a file or a link itself (never what a
+    link points to)."""
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            old.unlink()

@@ -15,7 +15,6 @@ import json
 import math
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_write_text, atomic_write_with
+from .atomic import atomic_dir, atomic_write_with
 from .data.datasets import IMAGE_SUFFIXES
 from .data.prompts import prompt_set_name
 from .data.views import load_image
@@ -56,8 +55,10 @@ def export_model(result_path: str | Path, out: str | Path, *, method: str = "saf
     """Write the model folder of a fit result (`method` safe or safe_a). `merge` also writes
     an open_clip checkpoint, which needs the backbone's weights (its tag, or `weights`).
 
-    The folder is written beside `out` and renamed into place whole: a kill leaves the old
-    folder or the new one, never a mix; an existing folder is replaced only with `force`."""
+    The folder is written beside `out` and renamed into place whole (atomic.atomic_dir): a
+    kill leaves the old folder or the new one, never a mix (the old one moved aside to
+    `.<out>.<random>.old` if the kill falls between its two renames); an existing folder is
+    replaced only with `force`."""
     result = load_result(result_path)
     result_path = result.path
     if method not in ("safe", "safe_a") or method not in result.methods:
@@ -86,20 +87,14 @@ def export_model(result_path: str | Path, out: str | Path, *, method: str = "saf
                                f" {', '.join(changed)} differs); fit it again from this store.")
     _, model_config = store.head_state()
     _check_head_loads(head_file(result_path), model_config, store.manifest["backbone"])
-    staging = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.part")
-    staging.mkdir(parents=True)
-    try:
+    with atomic_dir(out, replace=force) as staging:  # renamed in whole, or removed
         document = _write_folder(staging, result, method, store, model_config)
         if merge:
             _write_merged(staging, document, weights)
             for name in ("open_clip_merged.safetensors", "MERGED.txt"):
                 document["sha256"][name] = file_sha256(staging / name)
         document["card_sha256"] = card_digest(document)  # last: it covers every file
-        atomic_write_text(staging / CARD, json.dumps(document, indent=2, allow_nan=False))
-        _replace_folder(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        (staging / CARD).write_text(json.dumps(document, indent=2, allow_nan=False))
     return out
 
 
@@ -145,16 +140,6 @@ def _write_folder(folder: Path, result, method: str, store, model_config) -> dic
         "sha256": {name: file_sha256(folder / name) for name in files},
     }
     return document
-
-
-def _replace_folder(staging: Path, out: Path) -> None:
-    """Move the finished folder into place; an old one is moved aside first and removed last."""
-    old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old") if out.exists() else None
-    if old is not None:
-        out.rename(old)
-    staging.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_merged(out: Path, document: dict[str, Any], weights) -> None:

@@ -5,7 +5,9 @@ stage 1); `new_store` creates an empty store from a backbone card; `fill` append
 split and writes every write unit they touch, as extract does; `build_store` does both for
 every split and adds the few-shot rows, the text classifier and the original head.
 `result_record` is a fit result JSON in the exact shape fit writes (and wrote before the
-result record was typed).
+result record was typed). A FeatureStore hands out no zarr group: `raw_split` opens one beside
+it, for tests that compare stores array by array (bookkeeping included) or damage one on
+purpose; `whole` reads an array of every reserved row through the store.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zarr
 from miniatures import write_split_zhou
 
 from safe_cache import card_fingerprint
@@ -29,6 +32,20 @@ TOY_CARD = {  # every field a backbone card has (records.BackboneCard); the size
     "interpolation": "bicubic", "resize_mode": "shortest", "cut": "pool", "T": 5, "C": 8,
     "D": 3, "grid": [2, 2], "logit_scale": 100.0, "open_clip_version": "test",
     "torch_version": "test"}
+
+
+def raw_split(url: str | Path, split: str, storage_options: dict | None = None,
+              mode: str = "r") -> zarr.Group:
+    """A split's zarr group opened directly (read-only unless `mode` says): behind the
+    store's back, as only a test may."""
+    kwargs: dict[str, Any] = {"storage_options": storage_options} if storage_options else {}
+    return zarr.open_group(str(url), mode=mode, path=split, zarr_format=3,
+                           use_consolidated=False, **kwargs)
+
+
+def whole(store: FeatureStore, split: str, name: str) -> np.ndarray:
+    """`name` at every reserved row of the split (padding included), read by the store."""
+    return store.read_rows(split, name, np.arange(store.row_count(split)))
 
 
 def toy_card(**changes: Any) -> dict[str, Any]:
@@ -79,7 +96,7 @@ def fill(store: FeatureStore, split: str, labels: int | Sequence[int],
     elif "flip_dense" not in values:  # a stand-in: the center view's map, tokens reversed
         values["flip_dense"], values["flip_pooled"] = values["dense"][:, ::-1], values["pooled"]
     rows = store.append_rows(split, [f"{split}/{i}.jpg" for i in range(len(labels))], labels)
-    unit, total = store.layout.unit, store.arrays(split)["label"].shape[0]
+    unit, total = store.layout.unit, store.row_count(split)
     for u in range(rows[0] // unit, -(-(rows[-1] + 1) // unit)):
         lo, hi = u * unit, min((u + 1) * unit, total)
         inside = rows[(rows >= lo) & (rows < hi)]

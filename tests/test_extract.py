@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from factories import raw_split, whole
 from miniatures import write_split_zhou
 
 from safe_cache import ExtractError, StoreError, load_backbone
@@ -52,10 +53,10 @@ def test_store_holds_the_expected_rows(extracted):
             subset = sample_few_shot([e.label for e in dataset.splits["train"]],
                                      [e.label for e in dataset.splits["val"]], shots, seed)
             train_rows, val_rows = store.fewshot(seed, shots)
-            paths = store.arrays("train")["path"][:]
+            paths = store.row_paths("train")
             assert [paths[r] for r in train_rows] == [dataset.splits["train"][i].path
                                                       for i in subset.train]
-            val_paths = store.arrays("val")["path"][:]
+            val_paths = store.row_paths("val")
             assert [val_paths[r] for r in val_rows] == [dataset.splits["val"][i].path
                                                         for i in subset.val]
     assert report.rows["test"] == len(dataset.splits["test"])
@@ -182,8 +183,9 @@ def test_sigkill_midway_then_resume_gives_identical_arrays(tmp_path):
     assert _run_cli(tmp_path, clean).wait(timeout=300) == 0
     a, b = open_store(str(killed)), open_store(str(clean))
     for split in ("train", "val", "test"):
-        for name in a.arrays(split).array_keys():
-            assert np.array_equal(a.arrays(split)[name][:], b.arrays(split)[name][:]), name
+        raw_a, raw_b = raw_split(killed, split), raw_split(clean, split)
+        for name in raw_a.array_keys():
+            assert np.array_equal(raw_a[name][:], raw_b[name][:]), name
     for seed_shots in ((1, 1), (1, 2)):
         for x, y in zip(a.fewshot(*seed_shots), b.fewshot(*seed_shots), strict=True):
             assert np.array_equal(x, y)
@@ -195,16 +197,16 @@ def test_more_views_later_extract_only_the_new_views(tmp_path):
     write_split_zhou(tmp_path, "food101", classes=3)
     grown, fresh = tmp_path / "grown.zarr", tmp_path / "fresh.zarr"
     extract(config(tmp_path, grown, "safe-cache-tiny-rn", shots=(2,), seeds=(1,), views=2))
-    before = open_store(str(grown)).arrays("train")["aug_dense"][:].copy()
+    before = whole(open_store(str(grown)), "train", "aug_dense")
     report = extract(config(tmp_path, grown, "safe-cache-tiny-rn", shots=(2,), seeds=(1,),
                             views=3))
     assert report.extracted["test"] == 0 and report.extracted["train"] == report.rows["train"]
     extract(config(tmp_path, fresh, "safe-cache-tiny-rn", shots=(2,), seeds=(1,), views=3))
     a, b = open_store(str(grown)), open_store(str(fresh))
     assert a.manifest["views"]["count"] == 3
-    after = a.arrays("train")["aug_dense"][:]
+    after = whole(a, "train", "aug_dense")
     assert np.array_equal(after[:, :2], before)  # existing views untouched
-    np.testing.assert_allclose(after.astype(np.float32), b.arrays("train")["aug_dense"][:]
+    np.testing.assert_allclose(after.astype(np.float32), whole(b, "train", "aug_dense")
                                .astype(np.float32), rtol=2e-3, atol=2e-3)
     assert a.readable_rows("train").tolist() == b.readable_rows("train").tolist()
     from safe_cache.store.verify import verify_store
@@ -220,9 +222,9 @@ def test_several_writer_threads_write_the_same_store(tmp_path):
         url = tmp_path / f"t{threads}.zarr"
         extract(config(tmp_path, url, "safe-cache-tiny-rn", workers=0, batch_size=2,
                        writer_threads=threads, layout=StoreLayout(chunk_images=2)))
-        stores[threads] = open_store(str(url))
+        stores[threads] = url
     for split in ("train", "val", "test"):
-        one, three = stores[1].arrays(split), stores[3].arrays(split)
+        one, three = raw_split(stores[1], split), raw_split(stores[3], split)
         for name in ("dense", "pooled", "complete"):
             assert np.array_equal(one[name][:], three[name][:]), (split, name)
         assert three["complete"][:].all()

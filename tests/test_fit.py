@@ -179,14 +179,12 @@ def test_the_saved_head_is_the_restored_best_state(fitted):
     head = head_from_config(model_config, store.manifest["backbone"])
     head.load_state_dict(load_file(str(result_file(config, result).with_suffix(".safetensors"))))
     _, val_rows = store.fewshot(1, 8)
-    val = store.arrays("val")
     rows = np.sort(val_rows)
     with torch.no_grad():
-        tuned = head(torch.from_numpy(val["dense"].get_orthogonal_selection((rows,))
-                                      .astype(np.float32)))
-    features = blend_features(torch.from_numpy(val["pooled"].get_orthogonal_selection((rows,))),
-                              tuned, config.beta)
-    labels = torch.from_numpy(val["label"].get_orthogonal_selection((rows,)).astype(np.int64))
+        tuned = head(torch.from_numpy(store.read_rows("val", "dense", rows).astype(np.float32)))
+    features = blend_features(torch.from_numpy(store.read_rows("val", "pooled", rows)), tuned,
+                              config.beta)
+    labels = torch.from_numpy(store.read_rows("val", "label", rows).astype(np.int64))
     accuracy = (features @ torch.from_numpy(store.classifier()).T).argmax(-1).eq(labels)
     assert accuracy.float().mean().item() == pytest.approx(result.methods["safe"]["val_acc"])
 
@@ -206,9 +204,8 @@ def test_adapters_run_from_the_store(fitted):
     train_rows, val_rows = (np.sort(r) for r in store.fewshot(1, 8))
 
     def pooled_and_labels(split, rows):
-        arrays = store.arrays(split)
-        x = torch.from_numpy(arrays["pooled"].get_orthogonal_selection((rows,)))
-        y = torch.from_numpy(arrays["label"].get_orthogonal_selection((rows,)).astype(np.int64))
+        x = torch.from_numpy(store.read_rows(split, "pooled", rows))
+        y = torch.from_numpy(store.read_rows(split, "label", rows).astype(np.int64))
         return F.normalize(x, dim=-1), y
 
     (x, y), (vx, vy) = pooled_and_labels("train", train_rows), pooled_and_labels("val", val_rows)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from factories import extract_miniature
+from factories import extract_miniature, raw_split, whole
 from miniatures import write_imagenet
 
 from safe_cache import RecipeError, load_backbone
@@ -166,26 +166,24 @@ def test_center_flip_is_the_trunk_on_the_mirrored_center_crop(food):
     backbone = load_backbone(MODEL)
     store = open_store(str(store_path))
     assert store.center_flip and verify_store(str(store_path)) == []
-    train = store.arrays("train")
     rows = store.readable_rows("train")[:3]
     dataset = open_dataset("food101", root)
     images = torch.stack([backbone.preprocess(load_image(dataset.image_root / str(p)))
-                          for p in train["path"].get_orthogonal_selection((rows,))])
+                          for p in store.read_rows("train", "path", rows)])
     with torch.no_grad():
         center, mirrored = backbone.forward_features(images), backbone.forward_features(
             images.flip(-1))
     for name, expected in (("dense", center), ("flip_dense", mirrored)):
-        stored = torch.from_numpy(train[name].get_orthogonal_selection((rows,))
-                                  .astype(np.float32))
+        stored = torch.from_numpy(store.read_rows("train", name, rows).astype(np.float32))
         assert torch.allclose(stored, expected, atol=2e-3 * expected.abs().max().item()), name
     assert not torch.allclose(center, mirrored)
     data = RunData(store, 2, 1, PRESETS["safe"])  # centers, then their mirrors: 2 per image
     train_rows = data.train_rows
     assert len(data.train_labels) == 2 * len(train_rows)
     assert torch.equal(data.train_dense[:len(train_rows)], torch.from_numpy(
-        train["dense"].get_orthogonal_selection((train_rows,))))
+        store.read_rows("train", "dense", train_rows)))
     assert torch.equal(data.train_dense[len(train_rows):], torch.from_numpy(
-        train["flip_dense"].get_orthogonal_selection((train_rows,))))
+        store.read_rows("train", "flip_dense", train_rows)))
     stored_views = RunData(store, 2, 1, PRESETS["views"])
     assert len(stored_views.train_labels) == 2 * len(train_rows)  # the 2 stored views
     everything = RunData(store, 2, 1, make_recipe("safe", train_views="all"))
@@ -199,7 +197,7 @@ def test_a_store_without_the_flip_gets_it_from_extract(tmp_path, food):
                 store=str(old), shots=(2,), seeds=(1,), views=2, workers=0)
     extract(ExtractConfig(**base, center_flip=False))
     store = open_store(str(old))
-    assert not store.center_flip and "flip_dense" not in store.arrays("train")
+    assert not store.center_flip and "flip_dense" not in raw_split(old, "train")
     out = tmp_path / "results"
     refused = CliRunner().invoke(main, ["fit", "--store", str(old), "--shots", "2", "--seeds",
                                         "1", "--iters", "2", "--out", str(out)])
@@ -207,12 +205,12 @@ def test_a_store_without_the_flip_gets_it_from_extract(tmp_path, food):
     text = " ".join(refused.output.split())
     assert "safe-cache extract --dataset food101" in text and f"--store {old}" in text
     assert not out.exists()  # nothing written
-    before = open_store(str(old)).arrays("train")["dense"][:].copy()
+    before = whole(open_store(str(old)), "train", "dense")
     report = extract(ExtractConfig(**base))  # center_flip by default: adds what is missing
     assert report.extracted["test"] == 0 and report.extracted["train"] == report.rows["train"]
     grown = open_store(str(old))
     assert grown.center_flip and verify_store(str(old)) == []
-    assert np.array_equal(grown.arrays("train")["dense"][:], before)
+    assert np.array_equal(whole(grown, "train", "dense"), before)
     assert grown.readable_rows("train").size == report.rows["train"]
 
 
@@ -266,9 +264,9 @@ def test_imagenet_val_rows_come_from_train_images(tmp_path):
     extract(ExtractConfig(dataset="imagenet", root=str(tmp_path), model=MODEL, pretrained=None,
                           store=str(store), shots=(1,), seeds=(1,), views=0, workers=0))
     opened = open_store(str(store))
-    val_paths = opened.arrays("val")["path"][:]
+    val_paths = opened.row_paths("val")
     assert len(val_paths) and all(str(p).startswith("train/") for p in val_paths if p)
-    assert all(str(p).startswith("val/") for p in opened.arrays("test")["path"][:] if p)
+    assert all(str(p).startswith("val/") for p in opened.row_paths("test") if p)
     config = FitConfig(store=str(store), shots=(1,), seeds=(1,), iters=3, eval_every=1,
                        lrs=(1e-3,), wds=(0.0,), methods=(), out=str(tmp_path / "r"),
                        recipe=replace(PRESETS["safe"], train_views="center+flip"))

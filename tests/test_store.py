@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import xarray as xr
 from factories import TOY_CARD as CARD
-from factories import fill, random_features
+from factories import fill, random_features, raw_split, whole
 from factories import new_store as make_store
 
 from safe_cache import StoreError, StoreLockedError, card_fingerprint
@@ -70,10 +70,10 @@ def test_append_does_not_rewrite_existing_chunks(backend):
     with new_store(url, options) as store:
         first = fill(store, "train", 6)  # units 0 (full) and 1 (rows 4-5 + 2 padding rows)
     with open_store(url, "a", storage_options=options) as store:
-        before = store.arrays("train")["dense"][:8].copy()
+        before = store.read_rows("train", "dense", np.arange(8))
         second = fill(store, "train", 3, seed=1)
         assert second[0] == 8  # the append starts at the next unit boundary
-        np.testing.assert_array_equal(store.arrays("train")["dense"][:8], before)
+        np.testing.assert_array_equal(store.read_rows("train", "dense", np.arange(8)), before)
     reader = open_store(url, storage_options=options)
     assert reader.readable_rows("train").tolist() == [*first.tolist(), *second.tolist()]
     assert reader.split("train")["aug_dense"].shape == (9, V, T, C)
@@ -99,6 +99,37 @@ def test_read_only_refuses_writes(backend):
         new_store(url, options)
 
 
+def test_the_sealed_store_answers_what_extract_asks(backend):
+    """What extract plans from, asked of the store (it hands out no zarr group): which splits
+    it holds, their rows, what of each unit is written, and padding marked through it."""
+    url, options = backend
+    with new_store(url, options) as store:
+        assert not hasattr(store, "group") and not store.has_split("train")
+        assert store.row_count("train") == 0 and store.view_count("train") == 0
+        assert store.lease_holder()["token"] == store.lease_token
+        fill(store, "train", 4)  # unit 0: everything written
+        store.append_rows("train", ["late.jpg"], [1])  # unit 1: reserved, nothing written
+        store.write_parts("train", 1, {k: v[:, :1] if k.startswith("aug") else v for k, v in
+                                       features(4).items() if k.startswith("aug")})
+        assert store.has_split("train") and not store.has_split("fewshot")
+        assert store.row_count("train") == 8 and store.view_count("train") == V
+        assert store.row_paths("train")[4] == "late.jpg" and store.row_labels("train")[5] == -1
+        status = store.unit_status("train")
+        assert status.center.tolist() == [True, False] and status.flip is None
+        assert status.views.tolist() == [[True, True], [True, False]]
+        assert status.whole.tolist() == [True, False]
+        assert status.first_missing_view().tolist() == [V, 0]  # unit 1 needs its center
+        assert status.flip_missing().tolist() == [False, False]
+        store.mark_padding("train", 3)
+        assert store.readable_rows("train").tolist() == [0, 1, 2]
+        with pytest.raises(StoreError, match="row 9 is not a reserved row of train"):
+            store.mark_padding("train", 9)
+    reader = open_store(url, storage_options=options)
+    assert reader.lease_holder() is None
+    with pytest.raises(StoreError, match="read-only"):
+        reader.mark_padding("train", 0)
+
+
 def test_lease_conflict_and_takeover(backend):
     url, options = backend
     writer = new_store(url, options)
@@ -108,7 +139,7 @@ def test_lease_conflict_and_takeover(backend):
     # the writer dies: its heartbeat stops and ages
     writer.lease._stop.set()
     holder = dict(writer.lease.holder, heartbeat=time.time() - 10_000)
-    writer.group["lease"].attrs["holder"] = holder
+    raw_split(url, "lease", options, mode="r+").attrs["holder"] = holder
     with pytest.raises(StoreLockedError, match=r"stale.*--takeover"):
         open_store(url, "a", storage_options=options)
     with open_store(url, "a", storage_options=options, takeover=True) as store:
@@ -138,17 +169,18 @@ def test_chunk_cache_serves_feature_chunks_and_never_stale_metadata(backend, tmp
     writer = new_store(url, options)
     fill(writer, "test", 6)
     cached = open_store(url, storage_options=options, cache=str(cache))
-    first = cached.arrays("test")["dense"][:]
-    assert cached.group.store.misses > 0 and cached.group.store.hits == 0
+    first = whole(cached, "test", "dense")
+    assert cached.cache_counts()["misses"] > 0 and cached.cache_counts()["hits"] == 0
     again = open_store(url, storage_options=options, cache=str(cache))
-    assert np.array_equal(again.arrays("test")["dense"][:], first)
-    assert again.group.store.hits > 0 and again.group.store.misses == 0
+    assert np.array_equal(whole(again, "test", "dense"), first)
+    assert again.cache_counts()["hits"] > 0 and again.cache_counts()["misses"] == 0
+    assert open_store(url, storage_options=options).cache_counts() is None
     fill(writer, "test", 3, seed=1)  # the store grows: new rows, new completion flags
     writer.close()
     grown = open_store(url, storage_options=options, cache=str(cache))
     plain = open_store(url, storage_options=options)
     assert grown.readable_rows("test").tolist() == plain.readable_rows("test").tolist()
-    assert np.array_equal(grown.arrays("test")["dense"][:], plain.arrays("test")["dense"][:])
+    assert np.array_equal(whole(grown, "test", "dense"), whole(plain, "test", "dense"))
     files = [p.relative_to(cache).as_posix() for p in cache.rglob("*") if p.is_file()]
     assert files and all("/test/dense/c/" in f or "/test/pooled/c/" in f for f in files)
     with pytest.raises(StoreError, match="for reading"):
@@ -160,7 +192,7 @@ def test_schema_version_mismatch_is_clear(backend):
     with new_store(url, options) as store:
         card = store.manifest
         card["schema_version"] = SCHEMA_VERSION + 1
-        store.group.attrs["safe_cache"] = card
+        raw_split(url, "", options, mode="r+").attrs["safe_cache"] = card  # behind its back
     with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}"):
         open_store(url, storage_options=options)
 
@@ -175,7 +207,40 @@ def test_nan_is_refused_at_write(tmp_path):
         with pytest.raises(StoreError, match="after the cast to float16"):
             store.write_unit("test", 0, overflow)  # finite in float32, inf in float16
         assert store.complete_units("test").size == 0
-        assert not store.arrays("test")["dense"][:].any()  # nothing of the unit was written
+        assert not whole(store, "test", "dense").any()  # nothing of the unit was written
+
+
+def test_one_table_holds_the_completion_map():
+    """schema.ARRAYS says which arrays each completion flag covers: every feature array is in
+    one part, each part has one flag, and a part's arrays share its flag's prefix."""
+    from safe_cache.store.schema import ARRAYS, FEATURES, PARTS
+
+    assert sorted(f.name for part in PARTS.values() for f in part.features) == sorted(FEATURES)
+    assert {part.flag.name for part in PARTS.values()} == {
+        spec.name for spec in ARRAYS if spec.role == "bookkeeping"}
+    assert {name: part.prefix for name, part in PARTS.items()} == {
+        "center": "", "views": "aug_", "flip": "flip_"}
+    for part in PARTS.values():
+        assert all(f.name.startswith(part.prefix) for f in part.features), part.name
+        assert all(f.per_view == part.per_view for f in part.features), part.name
+        assert all(f.splits == part.flag.splits and f.optional == part.flag.optional
+                   for f in part.features), part.name
+
+
+def test_a_part_written_in_part_is_refused(tmp_path):
+    """A flag vouches for every array of its part: half a part is refused before any write."""
+    with new_store(str(tmp_path / "p.zarr"), None) as store:
+        store.append_rows("train", ["a.jpg"], [0])
+        whole = features(4)
+        with pytest.raises(StoreError, match="aug_complete` flag covers them all"):
+            store.write_unit("train", 0, {k: v for k, v in whole.items() if k != "aug_pooled"})
+        with pytest.raises(StoreError, match="complete` flag covers"):
+            store.write_unit("train", 0, {"dense": whole["dense"]})
+        with pytest.raises(StoreError, match="no feature array 'flip_dense'"):
+            store.write_parts("train", 0, {"flip_dense": whole["dense"]}, first_view=V)
+        assert store.complete_units("train").size == 0
+        store.write_unit("train", 0, whole)
+        assert store.complete_units("train").tolist() == [0]
 
 
 def test_verify_finds_a_deleted_and_a_truncated_chunk(tmp_path):

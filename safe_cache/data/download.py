@@ -11,6 +11,13 @@ checksum, or where none is published the URL and size, it was checked against), 
 only while today's source says the same; an unfinished `.part` is keyed the same way. A local
 source (an absolute path, file://) is copied and checked like a download; the original is
 never moved or removed. Unpacking is data.unpack.
+
+Why the `.part` is not atomic.py's temporary (which every other file write uses): that one is
+unique per writer and removed on any failure, right for a file written in one go; a download's
+part must outlive a failure and be found by the next run to be continued, so its name is keyed
+by what it is of (`<file>.<checksum key>.part`), not random. It is opened O_EXCL|O_NOFOLLOW
+(appended to only when it is a plain file of one link), so a link planted under ROOT/.fetch/
+never leads a write elsewhere; it is renamed to its final name only once its checksum matched.
 """
 
 from __future__ import annotations
@@ -94,7 +101,8 @@ def _part_offset(part: Path) -> int:
 
 def _open_part(part: Path, append: bool):
     """The part file for writing, never through a link: appended to only when `_part_offset`
-    accepted it, else created afresh (O_EXCL)."""
+    accepted it, else created afresh (O_EXCL). Not atomic.atomic_path: the part is kept when
+    the download fails, to be continued (see the module docstring)."""
     if append:
         return open(os.open(part, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW), "ab")
     with contextlib.suppress(FileNotFoundError):

@@ -152,7 +152,7 @@ def _record_skipped(store: FeatureStore, skipped: list[dict[str, str]]) -> None:
 
 def _write_fewshot(store: FeatureStore, dataset: Dataset, subsets) -> None:
     rows = {split: row_index(store, split, readable_only=True) for split in ("train", "val")
-            if split in store.group}
+            if store.has_split(split)}
     for (seed, shots), subset in subsets.items():
         train = [rows["train"][p] for p in (dataset.splits["train"][i].path for i in subset.train)
                  if p in rows["train"]]

@@ -35,9 +35,9 @@ from .config import ExtractConfig
 def row_index(store: FeatureStore, split: str, readable_only: bool = False) -> dict[str, int]:
     """path -> row of every row reserved in the store (padding rows have no path), or only of
     the readable ones (complete and not skipped)."""
-    if split not in store.group:
+    if not store.has_split(split):
         return {}
-    paths = store.arrays(split)["path"][:]
+    paths = store.row_paths(split)
     rows = store.readable_rows(split) if readable_only else range(len(paths))
     return {str(paths[row]): int(row) for row in rows if paths[row]}
 
@@ -53,12 +53,11 @@ def plan_split(store: FeatureStore, dataset: Dataset, split: str, wanted: list[i
     if new:
         store.append_rows(split, [entries[i].path for i in new],
                           [entries[i].label for i in new])
-    group = store.arrays(split)
-    labels, paths = group["label"][:], group["path"][:]
+    labels, paths = store.row_labels(split), store.row_paths(split)
     unit, views = store.layout.unit, recipe.count if split == "train" else 0
-    first_view = _first_missing_view(group, views)  # per unit: 0 = everything to do
-    flip = (group["flip_complete"][:] == 0) if "flip_complete" in group \
-        else np.zeros(len(first_view), dtype=bool)
+    status = store.unit_status(split)
+    first_view = status.first_missing_view()  # per unit: 0 = everything to do
+    flip = status.flip_missing()
     return [(row, dataset.image_root / str(paths[row]), str(paths[row]), int(first_view[u]),
              bool(flip[u]))
             for u in np.flatnonzero((first_view < max(views, 1)) | flip)
@@ -73,8 +72,7 @@ def extract_items(store: FeatureStore, backbone: Backbone, split: str, items: li
     if not items:
         return 0
     unit, views = store.layout.unit, recipe.count if split == "train" else 0
-    group = store.arrays(split)
-    total_rows = group["label"].shape[0]
+    total_rows = store.row_count(split)
     # Starting worker processes costs ~0.3 s: not worth it for a split of a batch or two.
     workers = decode_workers(auto_workers(config.workers)
                              if len(items) > 2 * config.batch_size else 0)
@@ -90,7 +88,7 @@ def extract_items(store: FeatureStore, backbone: Backbone, split: str, items: li
             try:
                 rows, centers, augmented, errors, first, flip = make_views(batch)
                 rows, first, flip = rows.tolist(), int(first[0]), bool(flip[0])
-                _check_errors(split, rows, errors, config, skipped, group)
+                _check_errors(store, split, rows, errors, config, skipped)
                 features = _encode(backbone, centers, augmented, config.precision,
                                    center=first == 0, flip=flip)
             except torch.OutOfMemoryError as exc:
@@ -143,17 +141,6 @@ def _out_of_memory(backbone: Backbone, config: ExtractConfig, split: str,
         f" kept: run the same command again to resume.")
 
 
-def _first_missing_view(group, views: int) -> np.ndarray:
-    """Per unit: 0 when the unit needs everything (center and all views), v when only views
-    v.. are missing (added to the store later), `views` (or 1 without views) when done."""
-    complete = group["complete"][:] == 1
-    if not views:
-        return np.where(complete, 1, 0)
-    written = group["aug_complete"][:] == 1
-    first = np.where(written.all(axis=1), views, written.argmin(axis=1))
-    return np.where(complete, first, 0)
-
-
 def _unit_batches(items, unit: int, batch_size: int) -> Iterator[list[int]]:
     """Batches of item positions that never cross a write unit: identical in every run."""
     batches, current, current_unit = [], [], None
@@ -176,7 +163,7 @@ def _new_unit(index: int, unit: int, total: int, features: dict[str, np.ndarray]
         for name, values in features.items()}}
 
 
-def _check_errors(split, rows, errors, config, skipped, group) -> None:
+def _check_errors(store, split, rows, errors, config, skipped) -> None:
     for row, error in zip(rows, errors, strict=True):
         if not error:
             continue
@@ -184,7 +171,7 @@ def _check_errors(split, rows, errors, config, skipped, group) -> None:
             raise ExtractError(f"Unreadable image in {split}: {error}. Nothing of its write unit"
                                f" was recorded. Fix or remove the image, or pass --skip-bad to"
                                f" record it in the store's card and go on.")
-        group["label"][row] = -1  # the row becomes padding: never readable (its unit's chunk)
+        store.mark_padding(split, row)  # never readable; its unit is written without it
         skipped.append({"split": split, "row": int(row), "error": error})
 
 

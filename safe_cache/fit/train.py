@@ -96,7 +96,6 @@ class RunData:
                 raise StoreError(f"{store.url}: fewshot seed {seed} shots {shots} names {split}"
                                  f" rows whose labels are not classes 0..{classes - 1} (padding"
                                  f" or damage); run `safe-cache verify {store.url}`.")
-        train = store.arrays("train")
         labels = read["train"]
         parts = []  # (dense samples, their labels), in Cross-Modal's order: centers, flips, ...
         if recipe.train_views in ("center+flip", "all"):
@@ -105,7 +104,7 @@ class RunData:
             for name in ("dense", "flip_dense"):
                 parts.append((store.read_rows("train", name, train_rows), labels))
         if recipe.train_views in ("stored", "all"):
-            if "aug_dense" in train and train["aug_dense"].shape[1]:
+            if store.view_count("train"):
                 dense = store.read_rows("train", "aug_dense", train_rows)
                 parts.append((dense.reshape(-1, *dense.shape[2:]),
                               np.repeat(labels, dense.shape[1])))
@@ -350,10 +349,10 @@ def _train_views(store: FeatureStore, head, data: RunData, config: FitConfig, de
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per train image and stored augmented view (Tip-Adapter's cache is built from these,
     whatever SAFE trained on): original pooled and SAFE blended features; center pooled."""
-    train_rows, train = data.train_rows, store.arrays("train")  # rows and labels: read once
+    train_rows = data.train_rows  # rows and labels: read once
     labels = data.image_labels.to(device)
     center = torch.from_numpy(store.read_rows("train", "pooled", train_rows)).to(device)
-    if "aug_pooled" in train and train["aug_pooled"].shape[1]:
+    if store.view_count("train"):
         original = torch.from_numpy(store.read_rows("train", "aug_pooled", train_rows))
         dense = torch.from_numpy(store.read_rows("train", "aug_dense", train_rows))
         dense = dense.flatten(0, 1)

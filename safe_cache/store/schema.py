@@ -26,6 +26,7 @@ MANIFEST_FIELDS = ("schema_version", "backbone", "backbone_fingerprint", "datase
                    "shapes", "layout", "tool_version", "created")
 
 Role = Literal["row", "feature", "bookkeeping"]
+Part = Literal["center", "views", "flip"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,11 @@ class ArraySpec:
     layout's codec, sharded on object stores and cacheable (immutable once their unit is
     complete); "bookkeeping" arrays hold one completion flag per chunk of one element, so
     concurrent writers never share a chunk. `per_view` arrays are cut one chunk per view.
+
+    part: the part of a write unit a feature or bookkeeping array belongs to (the completion
+    map): each part's one bookkeeping array is its flag, set only once every feature array of
+    that part is written for the unit (and view), so parts can be added to a store later. The
+    arrays of a part share the flag's prefix (`aug_` for views, `flip_` for the mirrored view).
     """
 
     name: str
@@ -48,6 +54,8 @@ class ArraySpec:
     per_view: bool = False
     compressed: bool | None = None  # None: zarr's default codec; False: none; True: the layout's
     optional: str | None = None  # the manifest flag that says whether the store has it
+    part: Part | None = None  # feature and bookkeeping arrays: the unit part they belong to
+    about: str = ""  # what it holds, for docs/store.md
 
     def tail(self, shapes: dict[str, int], views: int) -> tuple[int, ...]:
         """The shape after the first axis (image or unit), from the card's sizes."""
@@ -61,27 +69,70 @@ class ArraySpec:
 
 
 ARRAYS: tuple[ArraySpec, ...] = (
-    ArraySpec("path", ("image",), "str", None, "row"),
-    ArraySpec("label", ("image",), "int32", -1, "row", compressed=False),
-    ArraySpec("dense", ("image", "token", "channel"), "float16", 0, "feature", compressed=True),
-    ArraySpec("pooled", ("image", "embed"), "float32", 0, "feature", compressed=True),
+    ArraySpec("path", ("image",), "str", None, "row",
+              about="image path, relative to the dataset's image folder"),
+    ArraySpec("label", ("image",), "int32", -1, "row", compressed=False,
+              about="class index (-1: a padding row)"),
+    ArraySpec("dense", ("image", "token", "channel"), "float16", 0, "feature", compressed=True,
+              part="center", about="the center view's dense map (the trunk's output)"),
+    ArraySpec("pooled", ("image", "embed"), "float32", 0, "feature", compressed=True,
+              part="center", about="the original head's output for the center view"),
     ArraySpec("aug_dense", ("image", "view", "token", "channel"), "float16", 0, "feature",
-              splits=("train",), per_view=True, compressed=True),
+              splits=("train",), per_view=True, compressed=True, part="views",
+              about="the augmented views' dense maps, row-aligned with `dense`"),
     ArraySpec("aug_pooled", ("image", "view", "embed"), "float32", 0, "feature",
-              splits=("train",), per_view=True, compressed=True),
+              splits=("train",), per_view=True, compressed=True, part="views",
+              about="the original head's output for each augmented view"),
     ArraySpec("aug_complete", ("unit", "view"), "uint8", 0, "bookkeeping", splits=("train",),
-              per_view=True),
+              per_view=True, part="views", about="1 once that view of a write unit is written"),
     ArraySpec("flip_dense", ("image", "token", "channel"), "float16", 0, "feature",
-              splits=("train",), compressed=True, optional="center_flip"),
+              splits=("train",), compressed=True, optional="center_flip", part="flip",
+              about="the mirrored center view's dense map"),
     ArraySpec("flip_pooled", ("image", "embed"), "float32", 0, "feature", splits=("train",),
-              compressed=True, optional="center_flip"),
+              compressed=True, optional="center_flip", part="flip",
+              about="the original head's output for the mirrored center view"),
     ArraySpec("flip_complete", ("unit",), "uint8", 0, "bookkeeping", splits=("train",),
-              optional="center_flip"),
-    ArraySpec("complete", ("unit",), "uint8", 0, "bookkeeping"),
+              optional="center_flip", part="flip",
+              about="1 once a write unit's mirrored view is written"),
+    ArraySpec("complete", ("unit",), "uint8", 0, "bookkeeping", part="center",
+              about="1 once a write unit (a chunk of rows) is fully written"),
 )
 BY_NAME = {spec.name: spec for spec in ARRAYS}
 FEATURES = tuple(spec.name for spec in ARRAYS if spec.role == "feature")
 BOOKKEEPING = tuple(spec.name for spec in ARRAYS if spec.role == "bookkeeping")
+
+
+@dataclass(frozen=True)
+class UnitPart:
+    """One part of a write unit, read off ARRAYS: its completion flag and the feature arrays
+    that flag covers. The center part's flag is `complete`; a unit is readable once every part
+    its split holds is written."""
+
+    name: str
+    flag: ArraySpec
+    features: tuple[ArraySpec, ...]
+
+    @property
+    def prefix(self) -> str:
+        """What the names of the part's arrays start with ("" for the center view)."""
+        return self.flag.name.removesuffix("complete")
+
+    @property
+    def per_view(self) -> bool:
+        """Whether the part is written (and flagged) view by view."""
+        return self.flag.per_view
+
+
+def _parts() -> dict[str, UnitPart]:
+    """Each part's flag and feature arrays, in the table's order (the center view first)."""
+    names = dict.fromkeys(spec.part for spec in ARRAYS if spec.part)
+    flags = {spec.part: spec for spec in ARRAYS if spec.role == "bookkeeping"}
+    return {part: UnitPart(part, flags[part], tuple(spec for spec in ARRAYS if spec.part == part
+                                                    and spec.role == "feature"))
+            for part in names}
+
+
+PARTS: dict[str, UnitPart] = _parts()  # the completion map: part -> its flag and arrays
 
 
 def split_arrays(split: str, views: int, flags: dict[str, Any] | None = None) -> list[ArraySpec]:
@@ -132,24 +183,19 @@ GROUP_NODES = (  # the nodes beside the split arrays: (path, what it holds)
 
 def describe_arrays() -> str:
     """The store layout as a markdown table, from ARRAYS and GROUP_NODES (docs/store.md holds
-    it, and a test checks that it is this): the one table of arrays, written once."""
+    it, and a test checks that it is this): the one table of arrays, written once. A flag's
+    row names the arrays it covers (the completion map)."""
     rows = ["| path | dims | dtype | what |", "|---|---|---|---|"]
     for path, what in GROUP_NODES:
         rows.append(f"| `{path}` | | | {what} |")
-    what = {"path": "image path, relative to the dataset's image folder",
-            "label": "class index (-1: a padding row)",
-            "dense": "the center view's dense map (the trunk's output)",
-            "pooled": "the original head's output for the center view",
-            "aug_dense": "the augmented views' dense maps, row-aligned with `dense`",
-            "aug_pooled": "the original head's output for each augmented view",
-            "aug_complete": "1 once that view of a write unit is written",
-            "flip_dense": "the mirrored center view's dense map",
-            "flip_pooled": "the original head's output for the mirrored center view",
-            "flip_complete": "1 once a write unit's mirrored view is written",
-            "complete": "1 once a write unit (a chunk of rows) is fully written"}
     for spec in ARRAYS:
-        extra = f" (only with `{spec.optional}` in the manifest)" if spec.optional else ""
+        notes = []
+        if spec.role == "bookkeeping":
+            covered = ", ".join(f"`{feature.name}`" for feature in PARTS[spec.part].features)
+            notes.append(f"covers {covered}")
+        if spec.optional:
+            notes.append(f"only with `{spec.optional}` in the manifest")
+        what = spec.about + (f" ({'; '.join(notes)})" if notes else "")
         rows.append(f"| `{{{','.join(spec.splits)}}}/{spec.name}` | ({', '.join(spec.dims)}) |"
-                    f" {spec.dtype} | {what[spec.name]}{extra} |".replace("`{train}/", "`train/"))
+                    f" {spec.dtype} | {what} |".replace("`{train}/", "`train/"))
     return "\n".join(rows) + "\n"
-

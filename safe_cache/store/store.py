@@ -51,17 +51,20 @@ from ..errors import StoreError, StoreNotFoundError
 from ..identity import SEAL_FIELD, canonical_sha256, card_fingerprint, manifest_seal
 from ..names import plain_name
 from ..records import StoreManifest
-from .chunkcache import cached_group
-from .lease import Lease
+from .chunkcache import ChunkCache, cached_group
+from .lease import Lease, stored_holder
 from .paths import OBJECT_STORE_SCHEMES, extract_command
 from .schema import (
+    ARRAYS,
     BOOKKEEPING,
     BY_NAME,
     FEATURES,
     MANIFEST_ATTRIBUTE,
+    PARTS,
     SCHEMA_VERSION,
     SPLITS,
     ArraySpec,
+    UnitPart,
     chunk_keys,
     optional_group,
     split_arrays,
@@ -110,12 +113,50 @@ def _quiet():
         yield
 
 
+@dataclass(frozen=True)
+class UnitStatus:
+    """Which parts (schema.PARTS) of each write unit of a split are written: `center` per unit,
+    `views` per unit and view ((unit, 0) without views), `flip` per unit (None for a split
+    without the mirrored view)."""
+
+    center: np.ndarray
+    views: np.ndarray
+    flip: np.ndarray | None
+
+    @property
+    def whole(self) -> np.ndarray:
+        """Per unit: every part the split holds is written (the unit is readable)."""
+        done = self.center & self.views.all(axis=1)
+        return done if self.flip is None else done & self.flip
+
+    def first_missing_view(self) -> np.ndarray:
+        """Per unit: 0 when the unit needs everything (the center view and all views), v when
+        only views v.. are missing (added to the store later), the view count (or 1 without
+        views) when none is."""
+        views = self.views.shape[1]
+        if not views:
+            return np.where(self.center, 1, 0)
+        first = np.where(self.views.all(axis=1), views, self.views.argmin(axis=1))
+        return np.where(self.center, first, 0)
+
+    def flip_missing(self) -> np.ndarray:
+        """Per unit: the mirrored center view is still to write (never, without one)."""
+        return ~self.flip if self.flip is not None else np.zeros(len(self.center), dtype=bool)
+
+
 class FeatureStore:
-    """An open store. `mode="r"` (the default for shared stores) refuses every write."""
+    """An open store. `mode="r"` (the default for shared stores) refuses every write.
+
+    Sealed: its zarr group is its own (`_group`, no public accessor), so the store's invariants
+    (the writer lease, completion flags written after their data, the refusal of a missing
+    chunk, the sealed manifest) cannot be bypassed. Readers and writers call its methods; only
+    verify.py, the store's own auditor in this package, looks at the raw arrays. A test that
+    damages a store on purpose opens the zarr group itself (zarr.open_group).
+    """
 
     def __init__(self, url: str, group: zarr.Group, mode: str,
                  storage_options: dict | None = None) -> None:
-        self.url, self.group, self.mode = url, group, mode
+        self.url, self._group, self.mode = url, group, mode
         self.storage_options = storage_options or {}
         self.lease: Lease | None = None
         # Completion flags of many units share a chunk: writer threads update them one at a time
@@ -125,7 +166,7 @@ class FeatureStore:
     @property
     def manifest(self) -> dict[str, Any]:
         """The store's manifest: backbone card and fingerprint, dataset, views, layout, ..."""
-        return dict(self.group.attrs[MANIFEST_ATTRIBUTE])
+        return dict(self._group.attrs[MANIFEST_ATTRIBUTE])
 
     @property
     def fingerprint(self) -> str:
@@ -146,23 +187,57 @@ class FeatureStore:
         return StoreLayout(**self.manifest["layout"])
 
     def splits(self) -> list[str]:
-        return [name for name in SPLITS if name in self.group]
+        return [name for name in SPLITS if name in self._group]
 
-    def arrays(self, split: str) -> zarr.Group:
-        if split not in self.group:
+    def has_split(self, split: str) -> bool:
+        """Whether the store holds rows (reserved or written) of `split`."""
+        return split in SPLITS and split in self._group
+
+    def _arrays(self, split: str) -> zarr.Group:
+        """The split's zarr group: the store's own, never handed out."""
+        if not self.has_split(split):
             raise StoreError(f"{self.url} has no split '{split}' (it has {self.splits()}).")
-        return self.group[split]
+        return self._group[split]
+
+    def row_count(self, split: str) -> int:
+        """Rows reserved in the split, padding and unwritten units included (0 without it):
+        where the next append starts, rounded up to a unit."""
+        return int(self._arrays(split)["label"].shape[0]) if self.has_split(split) else 0
+
+    def row_paths(self, split: str) -> np.ndarray:
+        """The image path of every reserved row ('' for the padding between appends)."""
+        return self._arrays(split)["path"][:]
+
+    def row_labels(self, split: str) -> np.ndarray:
+        """The label of every reserved row (-1: padding, or an image extract skipped)."""
+        return self._arrays(split)["label"][:]
+
+    def view_count(self, split: str) -> int:
+        """Augmented views the split's per-view arrays hold (0 for a split or store without
+        them): what a reader may ask `read_rows` for along the view axis."""
+        if not self.has_split(split):
+            return 0
+        arrays = self._arrays(split)
+        present = [spec.name for spec in PARTS["views"].features if spec.name in arrays]
+        return int(arrays[present[0]].shape[1]) if present else 0
+
+    def unit_status(self, split: str) -> UnitStatus:
+        """What of each write unit is written, from the split's completion flags: what extract
+        plans from (a unit, a view or the mirrored view still to do)."""
+        arrays = self._arrays(split)
+        units = arrays[PARTS["center"].flag.name].shape[0]
+        written: dict[str, np.ndarray | None] = {}
+        for name, part in PARTS.items():
+            if part.flag.name in arrays:
+                written[name] = arrays[part.flag.name][:] == 1
+            else:  # a part the split (or store) does not hold
+                written[name] = np.zeros((units, 0), dtype=bool) if part.per_view else None
+        return UnitStatus(**written)
 
     def complete_units(self, split: str) -> np.ndarray:
-        """Units whose every array (and, for train, every augmented view and the mirrored
-        center view where the store has them) is written."""
-        arrays = self.arrays(split)
-        done = arrays["complete"][:] == 1
-        if "aug_complete" in arrays and arrays["aug_complete"].shape[1]:
-            done &= (arrays["aug_complete"][:] == 1).all(axis=1)
-        if "flip_complete" in arrays:
-            done &= arrays["flip_complete"][:] == 1
-        return np.flatnonzero(done)
+        """Units whose every part (schema.PARTS: the center view, and for train every
+        augmented view and the mirrored center view where the store has them) is written."""
+        return np.flatnonzero(self.unit_status(split).whole)
 
     @property
     def center_flip(self) -> bool:
@@ -171,7 +246,7 @@ class FeatureStore:
 
     def readable_rows(self, split: str) -> np.ndarray:
         """Rows of complete write units that are not padding: what readers may use."""
-        arrays = self.arrays(split)
+        arrays = self._arrays(split)
         unit = self.layout.unit
         rows = np.concatenate([np.arange(u * unit, min((u + 1) * unit, arrays["label"].shape[0]))
                                for u in self.complete_units(split)] or [np.zeros(0, int)])
@@ -189,7 +264,7 @@ class FeatureStore:
         """Refuse to read `rows` when a chunk object of their write units is missing: zarr
         would silently fill it with zeros (a deleted chunk of test/dense gave a wrong accuracy
         with exit 0). Lists the split's objects once."""
-        arrays = self.arrays(split)
+        arrays = self._arrays(split)
         units = np.unique(np.asarray(rows, dtype=np.int64) // self.layout.unit)
         present = self.object_keys(split)
         for name in (n for n in names if n in arrays):
@@ -226,7 +301,7 @@ class FeatureStore:
         naming the array and its rows' units, not a codec traceback. Feature values are
         checked finite: a NaN written behind the store's back never becomes an accuracy."""
         try:
-            values = self.arrays(split)[name].get_orthogonal_selection((np.asarray(rows),))
+            values = self._arrays(split)[name].get_orthogonal_selection((np.asarray(rows),))
         except (ValueError, RuntimeError, OSError, TypeError) as exc:
             raise StoreError(f"{self.url}: {split}/{name} could not be read for write units"
                              f" {self._units(rows)} ({type(exc).__name__}: {str(exc)[:120]}):"
@@ -261,7 +336,7 @@ class FeatureStore:
         expected = self.expected_rows(split)
         if expected is None or rows.size >= expected:
             return rows
-        arrays = self.arrays(split)
+        arrays = self._arrays(split)
         done = np.zeros(arrays["complete"].shape[0], dtype=bool)
         done[self.complete_units(split)] = True
         incomplete = np.flatnonzero(~done).tolist()
@@ -279,14 +354,14 @@ class FeatureStore:
         """
         import xarray as xr
 
-        dataset = xr.open_zarr(self.group.store, group=name, consolidated=False)
+        dataset = xr.open_zarr(self._group.store, group=name, consolidated=False)
         bookkeeping = [v for v in BOOKKEEPING if v in dataset]
         dataset = dataset.drop_vars(bookkeeping).isel(image=self.readable_rows(name))
         return dataset.set_coords(["path", "label"])
 
     def fewshot(self, seed: int, shots: int) -> tuple[np.ndarray, np.ndarray]:
         key = f"fewshot/seed{seed}/shots{shots}"
-        if key not in self.group:
+        if key not in self._group:
             raise StoreError(f"{self.url} holds no few-shot rows for seed {seed}, {shots} shots;"
                              f" extract them with --seeds {seed} --shots {shots}.")
         return self._small(f"{key}/train_rows"), self._small(f"{key}/val_rows")
@@ -294,9 +369,9 @@ class FeatureStore:
     def fewshot_draws(self) -> tuple[list[int], list[int]]:
         """(shots, seeds) of the few-shot draws the store holds, sorted."""
         shots, seeds = set(), set()
-        if "fewshot" in self.group:
-            for seed_key in self.group["fewshot"].group_keys():
-                for shots_key in self.group[f"fewshot/{seed_key}"].group_keys():
+        if "fewshot" in self._group:
+            for seed_key in self._group["fewshot"].group_keys():
+                for shots_key in self._group[f"fewshot/{seed_key}"].group_keys():
                     seeds.add(int(seed_key.removeprefix("seed")))
                     shots.add(int(shots_key.removeprefix("shots")))
         return sorted(shots), sorted(seeds)
@@ -305,14 +380,14 @@ class FeatureStore:
         """The digest of a (seed, shots) draw's rows: part of a run's identity."""
         self.fewshot(seed, shots)  # checked
         key = f"fewshot/seed{seed}/shots{shots}"
-        return canonical_sha256([self.group[f"{key}/{n}"].attrs[DIGEST]
+        return canonical_sha256([self._group[f"{key}/{n}"].attrs[DIGEST]
                                  for n in ("train_rows", "val_rows")])
 
     def classifier_sha256(self, prompt_set: str = "hand") -> str:
         """The digest of a prompt set's classifier and sentences: part of a run's identity (a
         prompt set is stored by name; its content is what the numbers depend on)."""
         self.classifier(prompt_set)  # checked
-        node = self.group[f"text/{plain_name(prompt_set, 'the prompt set', StoreError)}"]
+        node = self._group[f"text/{plain_name(prompt_set, 'the prompt set', StoreError)}"]
         return canonical_sha256([node["classifier"].attrs[DIGEST], node.attrs["sentences"]])
 
     def classifier(self, prompt_set: str = "hand") -> np.ndarray:
@@ -320,8 +395,8 @@ class FeatureStore:
         normalised sentence embeddings."""
         plain_name(prompt_set, "the prompt set", StoreError)
         key = f"text/{prompt_set}/classifier"
-        if key not in self.group:
-            held = sorted(self.group["text"].keys()) if "text" in self.group else []
+        if key not in self._group:
+            held = sorted(self._group["text"].keys()) if "text" in self._group else []
             shots, seeds = self.fewshot_draws()
             draws = ["--shots", ",".join(map(str, shots)), "--seeds",
                      ",".join(map(str, seeds))] if shots else []
@@ -335,7 +410,7 @@ class FeatureStore:
     def _small(self, key: str) -> np.ndarray:
         """A whole small array (text, head, few-shot rows), checked against the digest written
         with it (a deleted chunk reads as zeros, and would pass any other check) and finite."""
-        problem, values = small_array_problem(self.group[key])
+        problem, values = small_array_problem(self._group[key])
         if problem:
             raise StoreError(f"{self.url}: {key} {problem}. Run `safe-cache verify"
                              f" {self.url}`, or re-extract the store.")
@@ -345,36 +420,36 @@ class FeatureStore:
         """(raw sentence embeddings (sentence, embed), sentences per class): what other ways of
         averaging the templates need."""
         key = f"text/{prompt_set}/embeddings"
-        if key not in self.group:
+        if key not in self._group:
             raise StoreError(f"{self.url} keeps no sentence embeddings for prompt set"
                              f" '{prompt_set}' (stores written before safe-cache 0.2); run"
                              f" extract on it again to add them.")
-        node = self.group[f"text/{prompt_set}"]
+        node = self._group[f"text/{prompt_set}"]
         return self._small(key), [len(group) for group in node.attrs["sentences"]]
 
     def has_prompt_set(self, prompt_set: str) -> bool:
         """Whether the prompt set was written whole (classifier, embeddings, sentences): what
         extract may skip."""
         key = f"text/{prompt_set}"
-        return f"{key}/embeddings" in self.group and "sentences" in self.group[key].attrs and \
-            all(DIGEST in self.group[f"{key}/{n}"].attrs for n in ("classifier", "embeddings"))
+        return f"{key}/embeddings" in self._group and "sentences" in self._group[key].attrs and \
+            all(DIGEST in self._group[f"{key}/{n}"].attrs for n in ("classifier", "embeddings"))
 
     def prompt_sentences(self, prompt_set: str) -> list[list[str]]:
         """The sentences of a stored prompt set, per class."""
-        return [list(group) for group in self.group[f"text/{prompt_set}"].attrs["sentences"]]
+        return [list(group) for group in self._group[f"text/{prompt_set}"].attrs["sentences"]]
 
     def has_head(self) -> bool:
         """Whether the original head was written whole (its config is written last)."""
-        return "head" in self.group and "model_config" in self.group["head"].attrs
+        return "head" in self._group and "model_config" in self._group["head"].attrs
 
     def small_arrays(self) -> list[str]:
         """Every small array's key: the text classifiers and embeddings, the head, the
         few-shot rows (what verify and --seal check as a whole)."""
         keys = []
         for top in ("text", "head", "fewshot"):
-            if top not in self.group:
+            if top not in self._group:
                 continue
-            for path, node in self.group[top].members(max_depth=None):
+            for path, node in self._group[top].members(max_depth=None):
                 if isinstance(node, zarr.Array):
                     keys.append(f"{top}/{path}")
         return sorted(keys)
@@ -383,7 +458,7 @@ class FeatureStore:
         """Sizes and completeness per split (what `safe-cache info` shows)."""
         out = {}
         for split in self.splits():
-            arrays = self.arrays(split)
+            arrays = self._arrays(split)
             units = arrays["complete"].shape[0]
             out[split] = {
                 "rows": int(arrays["label"].shape[0]),
@@ -400,17 +475,18 @@ class FeatureStore:
             raise StoreError(f"{self.url} is open read-only; open it with mode='a' (one writer"
                              f" at a time) to write.")
 
-    def ensure_split(self, split: str) -> zarr.Group:
+    def ensure_split(self, split: str) -> None:
         """Create the split's arrays (empty), as schema.py declares them, if they do not exist."""
         self._writable()
-        if split in self.group:
-            return self.group[split]
+        if split not in SPLITS:
+            raise StoreError(f"{self.url}: '{split}' is not a split (splits: {list(SPLITS)}).")
+        if split in self._group:
+            return
         manifest = self.manifest
-        group = self.group.create_group(split)
+        group = self._group.create_group(split)
         for spec in split_arrays(split, manifest["views"]["count"], manifest):
             self._create_array(group, spec, spec.tail(manifest["shapes"],
                                                       manifest["views"]["count"]))
-        return group
 
     def _create_array(self, group: zarr.Group, spec: ArraySpec, tail: tuple[int, ...]) -> None:
         """An empty array of the schema. Row and feature arrays are chunked along images only
@@ -438,7 +514,8 @@ class FeatureStore:
         Paths and labels are written at once; features are written per unit (`write_unit`).
         """
         self._writable()
-        group = self.ensure_split(split)
+        self.ensure_split(split)
+        group = self._arrays(split)
         unit = self.layout.unit
         start = -(-group["label"].shape[0] // unit) * unit  # round up to a unit boundary
         stop = start + len(paths)
@@ -454,6 +531,17 @@ class FeatureStore:
         self.touch()
         return np.arange(start, stop)
 
+    def mark_padding(self, split: str, row: int) -> None:
+        """Make a reserved row padding (label -1): an image extract could not read, skipped
+        with --skip-bad. Readers never see it, and its unit is written without it; the image
+        is recorded with `record_skipped` by the lease holder."""
+        self._writable()
+        labels = self._arrays(split)["label"]
+        if not 0 <= row < labels.shape[0]:
+            raise StoreError(f"{self.url}: row {row} is not a reserved row of {split} (rows"
+                             f" 0..{labels.shape[0] - 1}); only a reserved row can be padding.")
+        labels[row] = -1
+
     def write_unit(self, split: str, unit: int, features: dict[str, np.ndarray]) -> None:
         """Write every feature array of one write unit, then record it as complete.
 
@@ -462,17 +550,25 @@ class FeatureStore:
         last unit). Non-finite values are refused: a NaN in a store poisons every fit that
         reads it.
         """
+        center = PARTS["center"]
+        missing = [spec.name for spec in center.features if spec.name not in features]
+        if missing:
+            raise StoreError(f"{self.url}: {split} unit {unit} is written without {missing}:"
+                             f" its `{center.flag.name}` flag covers"
+                             f" {[spec.name for spec in center.features]}, so write them"
+                             f" together.")
         self.write_parts(split, unit, features)
         with self._bookkeeping:
-            self.arrays(split)["complete"][unit] = 1  # only after the data is written
+            self._arrays(split)[center.flag.name][unit] = 1  # only after the data is written
 
     def write_parts(self, split: str, unit: int, features: dict[str, np.ndarray],
                     first_view: int = 0) -> None:
         """Write some feature arrays of one unit (what an existing store lacks: views
-        first_view.. of aug_*, the flip_* view) and record each part complete after its data.
-        The center view's `complete` flag is write_unit's."""
+        first_view.. of aug_*, the flip_* view) and record each part (schema.PARTS) complete
+        after its data. The center view's `complete` flag is write_unit's."""
         self._writable()
-        group = self.arrays(split)
+        group = self._arrays(split)
+        parts = self._parts_of(split, unit, features)
         start = unit * self.layout.unit
         with np.errstate(over="ignore", invalid="ignore"):  # checked just below
             cast = {name: np.asarray(values).astype(group[name].dtype, copy=False)
@@ -485,17 +581,48 @@ class FeatureStore:
             # Every chunk object is written, zeros too (zarr's config is per handle, not
             # stored): readers tell a missing chunk from a written one by its object.
             array = group[name].with_config({"write_empty_chunks": True})
-            if name.startswith("aug_"):
+            if BY_NAME[name].per_view:
                 views = slice(first_view, first_view + values.shape[1])
                 array[start:start + len(values), views] = values
             else:
                 array[start:start + len(values)] = values
         with self._bookkeeping:
-            if "aug_dense" in cast:
-                views = slice(first_view, first_view + cast["aug_dense"].shape[1])
-                group["aug_complete"][unit, views] = 1
-            if "flip_dense" in cast:
-                group["flip_complete"][unit] = 1
+            for part in parts:
+                if part.name == "center":
+                    continue  # write_unit's, once every part it was given is written
+                flag = group[part.flag.name]
+                if part.per_view:
+                    width = cast[part.features[0].name].shape[1]
+                    flag[unit, first_view:first_view + width] = 1
+                else:
+                    flag[unit] = 1
+
+    def _parts_of(self, split: str, unit: int, features: dict[str, np.ndarray]
+                  ) -> list[UnitPart]:
+        """The unit parts `features` write, each whole: an array the split lacks, or one part
+        given only in part (aug_dense without aug_pooled, or another view count), is refused
+        before anything is written, since the part's flag would vouch for arrays never written."""
+        group = self._arrays(split)
+        unknown = [name for name in features if name not in group or name not in FEATURES]
+        if unknown:
+            held = [name for name in FEATURES if name in group]
+            raise StoreError(f"{self.url}: {split} holds no feature array {unknown[0]!r} (it"
+                             f" holds {held}); write the split's own arrays.")
+        parts = []
+        for part in PARTS.values():
+            given = [spec.name for spec in part.features if spec.name in features]
+            if not given:
+                continue
+            names = [spec.name for spec in part.features]
+            if len(given) != len(names):
+                raise StoreError(f"{self.url}: {split} unit {unit} writes {given} without the"
+                                 f" rest of {names}: their `{part.flag.name}` flag covers them"
+                                 f" all, so write them together.")
+            if part.per_view and len({np.shape(features[name])[1] for name in names}) > 1:
+                raise StoreError(f"{self.url}: {split} unit {unit} writes another number of"
+                                 f" views to each of {names}; write the same views to all.")
+            parts.append(part)
+        return parts
 
     def add_center_flip(self) -> None:
         """Add the mirrored center view's arrays to train (unwritten: extract fills them)."""
@@ -503,8 +630,8 @@ class FeatureStore:
         manifest = self.manifest
         if manifest.get("center_flip"):
             return
-        if "train" in self.group:
-            group = self.group["train"]
+        if "train" in self._group:
+            group = self._group["train"]
             rows, units = group["label"].shape[0], group["complete"].shape[0]
             for spec in optional_group("center_flip"):
                 tail = spec.tail(manifest["shapes"], manifest["views"]["count"])
@@ -519,10 +646,10 @@ class FeatureStore:
         manifest = self.manifest
         if count <= manifest["views"]["count"]:
             return
-        if "train" in self.group:
-            group = self.group["train"]
-            for name in ("aug_dense", "aug_pooled", "aug_complete"):
-                array = group[name]
+        if "train" in self._group:
+            group = self._group["train"]
+            for spec in (spec for spec in ARRAYS if spec.per_view and spec.name in group):
+                array = group[spec.name]
                 array.resize((array.shape[0], count, *array.shape[2:]))
         manifest["views"]["count"] = count
         self._write_manifest(manifest)
@@ -531,7 +658,7 @@ class FeatureStore:
         """The original pooling head (AttnPool_O): what fit starts from, so fitting needs the
         store alone, not the backbone's weights file. Arrays named by open_clip's keys."""
         self._writable()
-        node = self.group.require_group("head")
+        node = self._group.require_group("head")
         for name, values in state.items():
             write_small(node, name, np.asarray(values), str(values.dtype))
         node.attrs["model_config"] = model_config
@@ -539,16 +666,16 @@ class FeatureStore:
 
     def head_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """(state dict as numpy arrays, open_clip model config) of the original head."""
-        if "head" not in self.group:
+        if "head" not in self._group:
             raise StoreError(f"{self.url} holds no head weights; extract it again with this"
                              f" safe-cache to add them.")
-        node = self.group["head"]
+        node = self._group["head"]
         return {name: self._small(f"head/{name}") for name in node.array_keys()}, dict(
             node.attrs["model_config"])
 
     def write_fewshot(self, seed: int, shots: int, train_rows, val_rows) -> None:
         self._writable()
-        node = self.group.require_group(f"fewshot/seed{seed}/shots{shots}")
+        node = self._group.require_group(f"fewshot/seed{seed}/shots{shots}")
         for name, rows in (("train_rows", train_rows), ("val_rows", val_rows)):
             write_small(node, name, np.asarray(rows, dtype="int64"), "int64", ("sample",))
         self.touch()
@@ -559,7 +686,7 @@ class FeatureStore:
         embedding, in class order."""
         self._writable()
         plain_name(prompt_set, "the prompt set", StoreError)
-        node = self.group.require_group(f"text/{prompt_set}")
+        node = self._group.require_group(f"text/{prompt_set}")
         write_small(node, "classifier", weights.astype("float32"), "float32", ("class", "embed"))
         if embeddings is not None:
             if len(embeddings) != sum(len(group) for group in sentences):
@@ -589,7 +716,18 @@ class FeatureStore:
         self._writable()
         manifest = {**manifest, "updated": _now()}
         manifest[SEAL_FIELD] = manifest_seal(manifest)
-        self.group.attrs[MANIFEST_ATTRIBUTE] = manifest
+        self._group.attrs[MANIFEST_ATTRIBUTE] = manifest
+
+    def lease_holder(self) -> dict[str, Any] | None:
+        """Who holds the writer lease, read afresh from the store (None when nobody does):
+        what a copy checks before publishing a store someone may still be writing."""
+        return stored_holder(self._group)
+
+    def cache_counts(self) -> dict[str, int] | None:
+        """Feature chunks served from the local chunk cache (hits) and fetched into it
+        (misses) since this store was opened with `cache=`; None without a cache."""
+        cache = self._group.store
+        return dict(cache.counts) if isinstance(cache, ChunkCache) else None
 
     @property
     def lease_token(self) -> str | None:
@@ -602,7 +740,7 @@ class FeatureStore:
         Only the lease holder consolidates: a job's workers write chunks, never the root."""
         if self.lease is not None:
             with _quiet():
-                zarr.consolidate_metadata(self.group.store)
+                zarr.consolidate_metadata(self._group.store)
             self.lease.release()
             self.lease = None
 
@@ -806,7 +944,7 @@ def seal_store(store: FeatureStore) -> None:
     that lacks one (verify --seal, after verifying its data): what an older store, or one whose
     manifest a person has checked, needs to be read."""
     for key in store.small_arrays():
-        array = store.group[key]
+        array = store._group[key]
         if DIGEST not in array.attrs:
             array.attrs[DIGEST] = array_sha256(array[...])
     store._write_manifest(store.manifest)

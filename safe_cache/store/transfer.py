@@ -18,7 +18,6 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ..errors import StoreError
 from ..runtime.progress import ProgressSink, null_progress
-from .lease import stored_holder
 from .store import open_store
 from .verify import verify_store
 
@@ -52,7 +51,7 @@ def _objects(fs, root: str) -> dict[str, int]:
 
 def _check_source(source: str, options: dict | None) -> None:
     store = open_store(source, "r", storage_options=options)
-    holder = stored_holder(store.group)
+    holder = store.lease_holder()
     if holder:
         raise StoreError(f"{source} is being written (its lease is held by pid {holder['pid']}"
                          f" on {holder['host']}); copy it once that writer has finished, or"

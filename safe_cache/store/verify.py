@@ -4,6 +4,9 @@ Schema version, manifest fields and backbone fingerprint, array names, shapes an
 the schema table and the manifest, completeness, and for every complete write unit: its chunk
 objects exist and decode, and its values are finite. Returns the list of problems (empty when the
 store is sound).
+
+verify is the store's own auditor: it reads the raw zarr arrays of the store it opened
+(`FeatureStore._group`), which nothing outside safe_cache/store/ may do.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ def seal_verified(url: str, *, storage_options: dict | None = None) -> list[str]
 
 
 def _verify_split(store: FeatureStore, split: str, fs, root: str) -> list[str]:
-    manifest, group = store.manifest, store.arrays(split)
+    manifest, group = store.manifest, store._arrays(split)
     problems = []
     rows = group["label"].shape[0]
     for name, (tail, dtype) in expected_arrays(manifest, split).items():
@@ -136,21 +139,21 @@ def _verify_extras(store: FeatureStore) -> list[str]:
     problems = []
     manifest = store.manifest
     classes = manifest["dataset"].get("num_classes")
-    if "text" in store.group:
-        for name in store.group["text"].group_keys():
-            shape = store.group[f"text/{name}/classifier"].shape
+    if "text" in store._group:
+        for name in store._group["text"].group_keys():
+            shape = store._group[f"text/{name}/classifier"].shape
             if shape != (classes, manifest["backbone"]["D"]):
                 problems.append(f"text/{name}: classifier shape {shape}, expected"
                                 f" {(classes, manifest['backbone']['D'])}")
     for key in store.small_arrays():
-        problem, _ = small_array_problem(store.group[key])
+        problem, _ = small_array_problem(store._group[key])
         if problem:
             problems.append(f"{key}: {problem}")
-    if "fewshot" in store.group:
+    if "fewshot" in store._group:
         readable = {split: set(store.readable_rows(split).tolist()) for split in store.splits()}
-        for seed in store.group["fewshot"].group_keys():
-            for shots in store.group[f"fewshot/{seed}"].group_keys():
-                node = store.group[f"fewshot/{seed}/{shots}"]
+        for seed in store._group["fewshot"].group_keys():
+            for shots in store._group[f"fewshot/{seed}"].group_keys():
+                node = store._group[f"fewshot/{seed}/{shots}"]
                 for split in ("train", "val"):
                     rows = node[f"{split}_rows"][:]
                     lost = [r for r in rows.tolist() if r not in readable.get(split, set())]
