@@ -23,6 +23,7 @@ from safetensors.numpy import load_file
 
 from safe_cache import SafeCacheError, StoreError
 from safe_cache.cli import main
+from safe_cache.data.views import WorkItem
 from safe_cache.extract import ExtractConfig, extract, tasks
 from safe_cache.extract.tasks import plan_tasks
 from safe_cache.fit import FitConfig, fit, fit_stores
@@ -89,7 +90,7 @@ def assert_same_store(url: str, reference: str, options: dict | None = None) -> 
 
 
 def test_tasks_are_whole_write_units():
-    items = [(row, None, str(row), 0) for row in [0, 1, 2, 5, 6, 8, 9, 10, 11, 13]]
+    items = [WorkItem(row, None, str(row), 0, False) for row in [0, 1, 2, 5, 6, 8, 9, 10, 11, 13]]
     tasks = plan_tasks(items, unit=4, task_images=8)  # two units per task
     assert [[i[0] for i in task] for task in tasks] == [[0, 1, 2, 5, 6], [8, 9, 10, 11, 13]]
     units = [{i[0] // 4 for i in task} for task in tasks]
@@ -103,7 +104,7 @@ def test_distributed_extraction_equals_in_process(data, reference, client):
     assert report.extracted == report.rows  # every row extracted now, by the workers
     assert report.rows["test"] == 4 * COUNTS["test"]
     loads = client.run(lambda: tasks.worker_backbone.cache_info())  # per worker process
-    task_count = sum(len(plan_tasks([(r, None, "", 0) for r in range(n)], 4, 4))
+    task_count = sum(len(plan_tasks([WorkItem(r, None, "", 0, False) for r in range(n)], 4, 4))
                      for n in report.rows.values())  # rows are contiguous here
     assert all(info.misses == 1 for info in loads.values())  # the backbone loaded once each
     assert sum(info.hits + info.misses for info in loads.values()) == task_count

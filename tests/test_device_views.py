@@ -19,7 +19,7 @@ from safe_cache.data.device_views import (
     collate_encoded,
     read_encoded,
 )
-from safe_cache.data.views import ViewDataset, ViewRecipe
+from safe_cache.data.views import ViewDataset, ViewRecipe, WorkItem
 from safe_cache.errors import ConfigError, ExtractError
 from safe_cache.store import open_store
 
@@ -42,7 +42,7 @@ def pictures(folder, count: int = 4) -> list:
 
 def both_ways(backbone, paths, first: int = 0, flip: bool = True):
     """(PIL's centers, views), (the device path's centers, views), errors, in grey levels."""
-    items = [(i, p, f"key/{i}", first, flip) for i, p in enumerate(paths)]
+    items = [WorkItem(i, p, f"key/{i}", first, flip) for i, p in enumerate(paths)]
     dataset = ViewDataset(items, backbone.preprocess, backbone.card, RECIPE)
     pil = [dataset[i] for i in range(len(items))]
     batch = collate_encoded([EncodedDataset(items)[i] for i in range(len(items))])
@@ -98,7 +98,7 @@ def test_a_bad_file_is_named_and_the_rest_of_the_batch_decodes(load_cached, tmp_
     paths[1].write_bytes(data[:len(data) // 3])  # a header PIL reads, data cut short
     text = tmp_path / "notes.jpg"
     text.write_text("not an image")
-    items = [(i, p, f"k{i}", 0, False) for i, p in enumerate([*paths, text])]
+    items = [WorkItem(i, p, f"k{i}", 0, False) for i, p in enumerate([*paths, text])]
     batch = collate_encoded([EncodedDataset(items)[i] for i in range(len(items))])
     _, centers, _, errors, _, _ = DeviceViews(backbone.card, backbone.preprocess, RECIPE,
                                               torch.device("cpu"))(batch)
@@ -111,7 +111,7 @@ def test_a_bad_file_is_named_and_the_rest_of_the_batch_decodes(load_cached, tmp_
 
 def test_out_of_memory_while_decoding_is_not_a_bad_image(load_cached, tmp_path, monkeypatch):
     backbone = load_cached("safe-cache-tiny-rn")
-    items = [(0, pictures(tmp_path, 1)[0], "k", 0, False)]
+    items = [WorkItem(0, pictures(tmp_path, 1)[0], "k", 0, False)]
     batch = collate_encoded([EncodedDataset(items)[0]])
 
     def full(*args, **kwargs):

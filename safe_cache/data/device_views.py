@@ -33,7 +33,15 @@ from torchvision.io import decode_jpeg as _torchvision_decode_jpeg
 from torchvision.transforms import CenterCrop, InterpolationMode, Resize
 
 from ..errors import ConfigError, ImageReadError
-from .views import UNREADABLE, ViewRecipe, load_image, refuse_oversized, view_geometry, view_seed
+from .views import (
+    UNREADABLE,
+    ViewRecipe,
+    WorkItem,
+    load_image,
+    refuse_oversized,
+    view_geometry,
+    view_seed,
+)
 
 
 def decode_jpeg(data, **options):
@@ -66,11 +74,11 @@ def read_encoded(path: Path, max_pixels: int | None = None) -> tuple[str, torch.
 
 
 class EncodedDataset(torch.utils.data.Dataset):
-    """Items (row, file, path key, first view, flip) -> what `collate_encoded` gathers: the
+    """WorkItems (views.py) -> what `collate_encoded` gathers: the
     workers' share of `--decode device` (read_encoded). Errors are returned, not raised, as
     ViewDataset does."""
 
-    def __init__(self, items: list[tuple[int, Path, str, int, bool]],
+    def __init__(self, items: list[WorkItem],
                  max_pixels: int | None = None) -> None:
         self.items, self.max_pixels = items, max_pixels
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torchvision.transforms.functional as TF
@@ -113,10 +113,20 @@ def augmented_view(image: Image.Image, size: tuple[int, int], mean, std, seed: i
     return TF.normalize(TF.to_tensor(view), mean, std)
 
 
+class WorkItem(NamedTuple):
+    """One image still to extract (extract/pipeline.plan_split makes them, unit by unit)."""
+
+    row: int  # its row in the split's arrays
+    file: Path  # where the image is read from
+    key: str  # its path in the store (relative to the dataset's image folder)
+    first_view: int  # the first augmented view its unit lacks (0: a new row, the center too)
+    flip: bool  # its unit lacks the mirrored center view
+
+
 class ViewDataset(torch.utils.data.Dataset):
     """Rows to extract -> (row, center view, augmented views, error message, first view, flip).
 
-    Items are (row, file, path key, first view, flip): the center view is built when the row
+    Items are WorkItems: the center view is built when the row
     is new (first view 0) or its mirror is wanted (flip); views first..V-1 are built (all of
     them for a new row; only the missing ones when views were added to a store later). The
     mirrored center view is the center view flipped left-right, made by the caller. Errors are
@@ -124,7 +134,7 @@ class ViewDataset(torch.utils.data.Dataset):
     --skip-bad) without a worker traceback.
     """
 
-    def __init__(self, items: list[tuple[int, Path, str, int, bool]], preprocess,
+    def __init__(self, items: list[WorkItem], preprocess,
                  card: dict[str, Any], recipe: ViewRecipe | None,
                  max_pixels: int | None = None) -> None:
         self.items, self.preprocess, self.recipe = items, preprocess, recipe

@@ -21,7 +21,7 @@ import torch
 
 from ..data.datasets import Dataset
 from ..data.device_views import DeviceViews, EncodedDataset, collate_encoded
-from ..data.views import ViewDataset, ViewRecipe
+from ..data.views import ViewDataset, ViewRecipe, WorkItem
 from ..errors import DeviceMemoryError, ExtractError
 from ..model.backbone import Backbone
 from ..runtime.cluster import auto_workers, decode_workers
@@ -43,10 +43,9 @@ def row_index(store: FeatureStore, split: str, readable_only: bool = False) -> d
 
 
 def plan_split(store: FeatureStore, dataset: Dataset, split: str, wanted: list[int],
-               recipe: ViewRecipe) -> list[tuple]:
+               recipe: ViewRecipe) -> list[WorkItem]:
     """Reserve rows for the wanted entries not yet in the store; return what is still to
-    extract: (row, image file, path in the store, first missing view, mirrored center view
-    missing) per image, unit by unit."""
+    extract, image by image, unit by unit."""
     entries = dataset.splits[split]
     known = row_index(store, split)
     new = [i for i in wanted if entries[i].path not in known]
@@ -58,13 +57,13 @@ def plan_split(store: FeatureStore, dataset: Dataset, split: str, wanted: list[i
     status = store.unit_status(split)
     first_view = status.first_missing_view()  # per unit: 0 = everything to do
     flip = status.flip_missing()
-    return [(row, dataset.image_root / str(paths[row]), str(paths[row]), int(first_view[u]),
-             bool(flip[u]))
+    return [WorkItem(row, dataset.image_root / str(paths[row]), str(paths[row]),
+                     int(first_view[u]), bool(flip[u]))
             for u in np.flatnonzero((first_view < max(views, 1)) | flip)
             for row in range(u * unit, min((u + 1) * unit, len(labels))) if labels[row] >= 0]
 
 
-def extract_items(store: FeatureStore, backbone: Backbone, split: str, items: list[tuple],
+def extract_items(store: FeatureStore, backbone: Backbone, split: str, items: list[WorkItem],
                   recipe: ViewRecipe, config: ExtractConfig, progress: ProgressSink,
                   skipped: list[dict[str, str]]) -> int:
     """Decode, encode and write `items` (whole write units of one split); returns their count.
@@ -144,12 +143,12 @@ def _out_of_memory(backbone: Backbone, config: ExtractConfig, split: str,
 def _unit_batches(items, unit: int, batch_size: int) -> Iterator[list[int]]:
     """Batches of item positions that never cross a write unit: identical in every run."""
     batches, current, current_unit = [], [], None
-    for position, (row, *_) in enumerate(items):
-        if current and (row // unit != current_unit or len(current) == batch_size):
+    for position, item in enumerate(items):
+        if current and (item.row // unit != current_unit or len(current) == batch_size):
             batches.append(current)
             current = []
         current.append(position)
-        current_unit = row // unit
+        current_unit = item.row // unit
     if current:
         batches.append(current)
     return batches

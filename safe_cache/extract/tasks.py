@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data.views import ViewRecipe
+from ..data.views import ViewRecipe, WorkItem
 from ..errors import ExtractError
 from ..model.backbone import Backbone, load_backbone
 from ..runtime.device import resolve_device
@@ -46,21 +46,21 @@ class ExtractJob:
 
 @dataclass(frozen=True)
 class ExtractTask:
-    """Whole write units of one split: (row, image path, ...) items, in row order."""
+    """Whole write units of one split, in row order."""
 
     job: ExtractJob
     split: str
-    items: list[tuple]
+    items: list[WorkItem]
 
 
-def plan_tasks(items: list[tuple], unit: int, task_images: int) -> list[list[tuple]]:
+def plan_tasks(items: list[WorkItem], unit: int, task_images: int) -> list[list[WorkItem]]:
     """Cut a split's items into tasks of whole write units, about `task_images` each."""
     units_per_task = max(1, -(-task_images // unit))
-    tasks: list[list[tuple]] = []
-    current: list[tuple] = []
+    tasks: list[list[WorkItem]] = []
+    current: list[WorkItem] = []
     current_units: set[int] = set()
     for item in items:
-        item_unit = item[0] // unit
+        item_unit = item.row // unit
         if item_unit not in current_units and len(current_units) == units_per_task:
             tasks.append(current)
             current, current_units = [], set()
@@ -103,7 +103,7 @@ def extract_task(task: ExtractTask, progress: ProgressSink) -> dict[str, Any]:
             "seconds": time.perf_counter() - started}
 
 
-def extract_plans(store: FeatureStore, backbone: Backbone, plans: dict[str, list[tuple]],
+def extract_plans(store: FeatureStore, backbone: Backbone, plans: dict[str, list[WorkItem]],
                   recipe: ViewRecipe, config: ExtractConfig, progress: ProgressSink,
                   report: ExtractReport, execution: Execution, client: Any = None) -> None:
     """Every split's planned items as tasks (see the module docstring); counts, skipped images
@@ -114,7 +114,7 @@ def extract_plans(store: FeatureStore, backbone: Backbone, plans: dict[str, list
     tasks: dict[int, ExtractTask] = {}
     for split, items in plans.items():
         if distributed:  # workers may run in another directory
-            items = [(row, Path(image).absolute(), *rest) for row, image, *rest in items]
+            items = [item._replace(file=Path(item.file).absolute()) for item in items]
         size = config.task_images if distributed else max(1, len(items))
         for chunk in plan_tasks(items, store.layout.unit, size):
             tasks[len(tasks)] = ExtractTask(job, split, chunk)
