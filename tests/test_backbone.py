@@ -48,7 +48,7 @@ def test_earlier_cut_is_exact(load_cached, name, cut):
     backbone = load_cached(name, cut)
     assert backbone.card["cut"] == cut
     pool = load_cached(name)
-    if backbone.family == "resnet":  # layer3 output: twice the grid, half the channels
+    if cut == "layer4":  # ResNet: layer3 output, twice the grid, half the channels
         assert backbone.card["T"] == 4 * pool.card["T"]
         assert backbone.card["C"] == pool.card["C"] // 2
     assert_split_exact(backbone)

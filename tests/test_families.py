@@ -118,7 +118,7 @@ def test_local_dir_name_and_its_weights(tmp_path):
     state = _repo_files(folder, "safe-cache-tiny-coca", seed=7)
     backbone = load_backbone(f"local-dir:{folder}", "repo")
     assert backbone.card["model"] == f"local-dir:{folder.resolve()}"
-    assert backbone.card["hub_id"] is None and backbone.family == "coca"
+    assert backbone.card["hub_id"] is None and backbone.card["family"] == "coca"
     assert torch.equal(backbone.model.state_dict()["visual.attn_pool.query"],
                        state["visual.attn_pool.query"])
     with pytest.raises(WeightsUnavailableError, match=r"its weights are in its repository"

@@ -21,7 +21,7 @@ def problem(backbone, samples: int = 16):
     generator = torch.Generator().manual_seed(0)
     shape = (samples, backbone.card["T"], backbone.card["C"])
     dense = torch.randn(shape, generator=generator, dtype=torch.float64)
-    dense = dense.relu() if backbone.family == "resnet" else dense
+    dense = dense.relu() if backbone.family_rules.nonnegative_dense else dense
     labels = torch.randint(0, CLASSES, (samples,), generator=generator)
     text = F.normalize(torch.randn(CLASSES, backbone.card["D"], generator=generator,
                                    dtype=torch.float64), dim=-1)

@@ -29,7 +29,7 @@ def dense_input(backbone, batch: int, dtype: torch.dtype, seed: int = 0) -> torc
     generator = torch.Generator().manual_seed(seed)
     shape = (batch, backbone.card["T"], backbone.card["C"])
     x = torch.randn(shape, generator=generator, dtype=torch.float64)
-    x = x.relu() if backbone.family == "resnet" else x
+    x = x.relu() if backbone.family_rules.nonnegative_dense else x  # post-ReLU maps
     return x.to(dtype)
 
 
@@ -108,7 +108,7 @@ def test_fast_head_never_projects_every_token(load_cached):
 def test_attention_weights_are_a_distribution(tiny):
     x = dense_input(tiny, 2, torch.float32)
     weights = tiny.head.attention(x)
-    tokens = tiny.card["T"] + (1 if tiny.family == "resnet" else 0)  # + the mean-token key
+    tokens = tiny.card["T"] + tiny.family_rules.extra_attention_keys  # ResNet: the mean token
     assert weights.shape[0] == 2 and weights.shape[-1] == tokens
     assert torch.allclose(weights.sum(-1), torch.ones(weights.shape[:-1]), atol=1e-6)
     assert (weights >= 0).all()

@@ -28,7 +28,7 @@ def problem(backbone):
     """float16 samples (as fit keeps them), labels, a classifier, one batch order."""
     generator = torch.Generator().manual_seed(0)
     dense = torch.randn(SAMPLES, backbone.card["T"], backbone.card["C"], generator=generator)
-    dense = (dense.relu() if backbone.family == "resnet" else dense).half()
+    dense = (dense.relu() if backbone.family_rules.nonnegative_dense else dense).half()
     labels = torch.randint(0, CLASSES, (SAMPLES,), generator=generator)
     text = F.normalize(torch.randn(CLASSES, backbone.card["D"], generator=generator), dim=-1)
     batches = [torch.randperm(SAMPLES, generator=generator)[:BATCH] for _ in range(STEPS)]
