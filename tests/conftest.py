@@ -9,11 +9,25 @@ import os
 import pytest
 import torch
 
+from safe_cache.model.families import FAMILIES
+
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-TINY_MODELS = ("safe-cache-tiny-rn", "safe-cache-tiny-vit", "safe-cache-tiny-map",
-               "safe-cache-tiny-map-cls", "safe-cache-tiny-coca")  # one per family and form
+# From the family registry, so a new family file is tested without editing the tests: one tiny
+# config per family and form (fast), and the real architectures each family names (slow).
+TINY_MODELS = tuple(name for f in FAMILIES.values() for name in f.tiny_models)
+REAL_MODELS = tuple(name for f in FAMILIES.values() for name in f.example_models)
+
+
+def tiny_params(fast: tuple[str, ...] = TINY_MODELS) -> list:
+    """Every tiny model as a pytest parameter; those outside `fast` marked slow."""
+    return [name if name in fast else pytest.param(name, marks=pytest.mark.slow)
+            for name in TINY_MODELS]
+
+
+def real_params() -> list:
+    return [pytest.param(name, marks=pytest.mark.slow) for name in REAL_MODELS]
 
 
 @functools.cache

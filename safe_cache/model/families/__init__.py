@@ -11,7 +11,7 @@ from __future__ import annotations
 
 # Each import registers its family; their order is the order messages and listings name them.
 # isort: off
-from . import resnet, vit, map, coca  # noqa: F401
+from . import resnet, vit, map, coca, eva  # noqa: F401
 # isort: on
 from .base import Family, Trunk
 from .registry import (
