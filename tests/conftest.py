@@ -18,6 +18,10 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 # config per family and form (fast), and the real architectures each family names (slow).
 TINY_MODELS = tuple(name for f in FAMILIES.values() for name in f.tiny_models)
 REAL_MODELS = tuple(name for f in FAMILIES.values() for name in f.example_models)
+# The expensive equality tests (fit's step and grid against torch's reference loops) run two
+# families in the fast loop, one pooled by an image-dependent query and one by a learned latent;
+# the others are slow. The heads' own exactness is tests/test_heads.py's, for every family.
+EQUALITY_MODELS = ("safe-cache-tiny-vit", "safe-cache-tiny-coca")  # the cheapest pair (measured)
 
 
 def tiny_params(fast: tuple[str, ...] = TINY_MODELS) -> list:
@@ -40,6 +44,12 @@ def _cached_backbone(name: str, cut: str = "pool"):
 @pytest.fixture(params=TINY_MODELS)
 def tiny(request):
     """A tiny backbone (shared across tests: do not modify it in place)."""
+    return _cached_backbone(request.param)
+
+
+@pytest.fixture(params=tiny_params(EQUALITY_MODELS))
+def tiny_costly(request):
+    """A tiny backbone for the expensive equality tests: two families fast, the rest slow."""
     return _cached_backbone(request.param)
 
 
