@@ -56,7 +56,7 @@ def test_each_family_is_found_by_both_its_rules(name):
 def test_an_eva_tower_outside_the_fast_heads_form_is_refused_with_why():
     visual = copy.deepcopy(load_backbone("safe-cache-tiny-eva").model.visual)
     visual.trunk.blocks[-1].attn.q_norm = torch.nn.LayerNorm(16)
-    with pytest.raises(UnsupportedModelError, match=r"The EVA tower Eva cannot be split for SAFE:"
+    with pytest.raises(UnsupportedModelError, match=r"The timm tower Eva cannot be split for SAFE:"
                                                     r" its attention normalises queries and keys"
                                                     r" \(qk-norm\)\. Supported: resnet"):
         family_of(visual)

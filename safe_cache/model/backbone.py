@@ -130,7 +130,7 @@ def _registry_copy(name: str, config: dict[str, Any]) -> Path:
 
 def family_of(visual: nn.Module) -> str:
     """The family of a supported visual tower; a clear error for anything else."""
-    return families.family_of(visual).name
+    return families.module_family(visual).name
 
 
 @dataclass
@@ -224,7 +224,7 @@ def load_backbone(
         load_weights_into(clip, weights)
     clip.eval().requires_grad_(False)
     clip.to(device)
-    rules = families.family_of(clip.visual)
+    rules = families.module_family(clip.visual)
     stages = rules.head_stages(cut)
     trunk = rules.trunk(clip.visual, stages)
     token_grid = rules.token_grid(clip.visual, stages)
@@ -258,7 +258,7 @@ def head_from_config(model_config: dict[str, Any], card: dict[str, Any]) -> Grid
         vision_only.pop(key, None)
     with torch.random.fork_rng(devices=[]):
         visual = open_clip.model.CLIP(**vision_only).visual.eval()
-    rules = families.family_of(visual)
+    rules = families.module_family(visual)
     stages = rules.head_stages(card["cut"])
     return rules.fast_head(visual, tuple(card["grid"]), stages)
 

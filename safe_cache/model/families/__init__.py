@@ -20,7 +20,7 @@ from .registry import (
     config_family,
     config_refusal,
     family,
-    family_of,
+    module_family,
     register_family,
     supported_text,
 )
@@ -33,7 +33,7 @@ __all__ = [
     "config_family",
     "config_refusal",
     "family",
-    "family_of",
+    "module_family",
     "register_family",
     "supported_text",
 ]

@@ -31,8 +31,15 @@ from timm.models.eva import EvaAttention, EvaBlock, EvaBlockPostNorm
 from torch import nn
 from torch.func import functional_call
 
-from ..heads import GridHead, Params, _Namespace, _per_config_tokens, _project_values, _strip
-from ..heads import _token_pool as token_pool
+from ..heads import (
+    GridHead,
+    Params,
+    _Namespace,
+    _per_config_tokens,
+    _project_values,
+    _strip,
+    _token_pool,
+)
 from ..latent_heads import _call
 from .base import Config, Family, Trunk, last_blocks
 from .registry import register_family
@@ -142,7 +149,7 @@ def eva_block_grid(configs: Sequence[Params], x: torch.Tensor, block: nn.Module,
         q = F.linear(tokens[:, 0], w_q, b_q)
         weights.append(_class_token_scores(q, keys, attn, rope, prefix_tokens).softmax(-1))
     weights = torch.stack(weights)
-    pooled = token_pool(weights, base).unbind(0)  # unbind: see heads.attnpool_grid
+    pooled = _token_pool(weights, base).unbind(0)  # unbind: see heads.attnpool_grid
     outputs = []
     for g, p in enumerate(configs):
         pooled_g = pooled[g] * p["norm1.weight"] + p["norm1.bias"] if pre_norm else pooled[g]
@@ -233,7 +240,7 @@ class Eva(Family):
                 and trunk.attn_pool is None and trunk.global_pool == "token")
 
     def module_label(self, visual: nn.Module) -> str:
-        return f"The EVA tower {type(visual.trunk).__name__}"
+        return f"The timm tower {type(visual.trunk).__name__}"
 
     def module_problems(self, visual: nn.Module) -> list[str]:
         """What eva_block_grid does not reproduce."""

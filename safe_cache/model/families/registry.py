@@ -57,7 +57,7 @@ def config_family(config: Config) -> tuple[str, str]:
     claimed = [f for f in FAMILIES.values() if f.claims_config(config)]
     if not claimed:
         return UNSUPPORTED, _unclaimed_config(config)
-    [owner] = claimed  # the rules are disjoint; two claims is a bug in a family file
+    owner = _only(claimed, "config")
     problem = owner.config_problem(config)
     return (UNSUPPORTED, problem) if problem else (owner.name, "")
 
@@ -67,18 +67,27 @@ def config_refusal(config: Config) -> str:
     return config_family(config)[1]
 
 
-def family_of(visual: nn.Module) -> Family:
+def module_family(visual: nn.Module) -> Family:
     """The family of a built visual tower; a clear error for a tower none can split exactly."""
     claimed = [f for f in FAMILIES.values() if f.claims_module(visual)]
     if not claimed:
         raise UnsupportedModelError(_unclaimed_module(visual))
-    [owner] = claimed
+    owner = _only(claimed, "visual tower")
     problems = owner.module_problems(visual)
     if problems:
         raise UnsupportedModelError(
             f"{owner.module_label(visual)} cannot be split for SAFE: {'; '.join(problems)}."
             f" Supported: {supported_text()}.")
     return owner
+
+
+def _only(claimed: list[Family], what: str) -> Family:
+    """The one family that claims a tower: the rules are meant to be disjoint."""
+    if len(claimed) > 1:
+        names = ", ".join(f.name for f in claimed)
+        raise ModelConfigError(f"The backbone families {names} all claim this {what}: their"
+                               f" rules must not overlap; narrow one family file's claims_*.")
+    return claimed[0]
 
 
 def _unclaimed_config(config: Config) -> str:
