@@ -74,7 +74,7 @@ def bench_model(name: str, batch: int, grid: int, rounds: int, device: torch.dev
     card = backbone.card
     generator = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(batch, card["T"], card["C"], device=device, generator=generator)
-    x = x.relu() if backbone.family == "resnet" else x
+    x = x.relu() if backbone.family_rules.nonnegative_dense else x  # post-ReLU maps
     naive = backbone.naive_head().requires_grad_(True)
     fast = backbone.new_head()
     heavy = device.type == "cpu"

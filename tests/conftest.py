@@ -9,11 +9,29 @@ import os
 import pytest
 import torch
 
+from safe_cache.model.families import FAMILIES
+
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-TINY_MODELS = ("safe-cache-tiny-rn", "safe-cache-tiny-vit", "safe-cache-tiny-map",
-               "safe-cache-tiny-map-cls", "safe-cache-tiny-coca")  # one per family and form
+# From the family registry, so a new family file is tested without editing the tests: one tiny
+# config per family and form (fast), and the real architectures each family names (slow).
+TINY_MODELS = tuple(name for f in FAMILIES.values() for name in f.tiny_models)
+REAL_MODELS = tuple(name for f in FAMILIES.values() for name in f.example_models)
+# The expensive equality tests (fit's step and grid against torch's reference loops) run two
+# families in the fast loop, one pooled by an image-dependent query and one by a learned latent;
+# the others are slow. The heads' own exactness is tests/test_heads.py's, for every family.
+EQUALITY_MODELS = ("safe-cache-tiny-vit", "safe-cache-tiny-coca")  # the cheapest pair (measured)
+
+
+def tiny_params(fast: tuple[str, ...] = TINY_MODELS) -> list:
+    """Every tiny model as a pytest parameter; those outside `fast` marked slow."""
+    return [name if name in fast else pytest.param(name, marks=pytest.mark.slow)
+            for name in TINY_MODELS]
+
+
+def real_params() -> list:
+    return [pytest.param(name, marks=pytest.mark.slow) for name in REAL_MODELS]
 
 
 @functools.cache
@@ -26,6 +44,12 @@ def _cached_backbone(name: str, cut: str = "pool"):
 @pytest.fixture(params=TINY_MODELS)
 def tiny(request):
     """A tiny backbone (shared across tests: do not modify it in place)."""
+    return _cached_backbone(request.param)
+
+
+@pytest.fixture(params=tiny_params(EQUALITY_MODELS))
+def tiny_costly(request):
+    """A tiny backbone for the expensive equality tests: two families fast, the rest slow."""
     return _cached_backbone(request.param)
 
 

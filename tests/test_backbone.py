@@ -9,7 +9,7 @@ import socket
 import open_clip
 import pytest
 import torch
-from conftest import images_for
+from conftest import images_for, real_params
 from safetensors.torch import save_file
 
 from safe_cache import (
@@ -43,26 +43,25 @@ def test_tiny_split_is_exact(tiny):
 
 
 @pytest.mark.parametrize("name, cut", [("safe-cache-tiny-rn", "layer4"),
-                                       ("safe-cache-tiny-vit", "last2")])
+                                       ("safe-cache-tiny-vit", "last2"),
+                                       ("safe-cache-tiny-eva", "last2")])
 def test_earlier_cut_is_exact(load_cached, name, cut):
     backbone = load_cached(name, cut)
     assert backbone.card["cut"] == cut
     pool = load_cached(name)
-    if backbone.family == "resnet":  # layer3 output: twice the grid, half the channels
+    if cut == "layer4":  # ResNet: layer3 output, twice the grid, half the channels
         assert backbone.card["T"] == 4 * pool.card["T"]
         assert backbone.card["C"] == pool.card["C"] // 2
     assert_split_exact(backbone)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["RN50", "ViT-B-16", "PE-Core-B-16", "ViT-B-16-SigLIP2",
-                                  "coca_ViT-B-32"])
+@pytest.mark.parametrize("name", real_params())  # each registered family's real architectures
 def test_real_architectures_split_is_exact(load_cached, name):
     assert_split_exact(load_cached(name), batch=2)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["RN101", "RN50x4", "ViT-B-32", "ViT-L-14"])
+@pytest.mark.parametrize("name", ["RN101", "RN50x4", "ViT-B-32", "ViT-L-14", "EVA02-L-14"])
 def test_more_real_architectures_split_is_exact(name):
     assert_split_exact(load_backbone(name), batch=1)
 
@@ -85,6 +84,9 @@ def test_attention_pool_families_shapes(load_cached):
     assert (siglip["family"], siglip["T"], siglip["C"], siglip["D"]) == ("map", 196, 768, 768)
     assert siglip["logit_bias"] == -10.0 and pe["logit_bias"] is None
     assert (coca["family"], coca["T"], coca["C"], coca["D"]) == ("coca", 50, 768, 512)
+    eva = load_cached("EVA02-B-16").card  # the class token first, as open_clip's ViTs
+    assert (eva["family"], eva["T"], eva["C"], eva["D"], eva["grid"]) == \
+        ("eva", 197, 768, 512, [14, 14])
 
 
 def test_model_is_frozen_and_in_eval_mode(tiny):
@@ -287,7 +289,7 @@ def test_offline_uses_a_cached_tag_without_network(tmp_path):
 
 # --- models ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["convnext_base", "ViT-L-14-CLIPA", "EVA02-B-16"])
+@pytest.mark.parametrize("name", ["convnext_base", "ViT-L-14-CLIPA", "MobileCLIP-B"])
 def test_unsupported_architectures_are_refused(name):
     with pytest.raises(UnsupportedModelError, match=r"ModifiedResNet.*VisionTransformer"):
         load_backbone(name)
@@ -321,6 +323,9 @@ def test_architecture_listing_classifies_families():
     assert families["convnext_base"] == "unsupported"
     assert families["PE-Core-B-16"] == families["ViT-B-16-SigLIP2"] == "map"
     assert families["coca_ViT-B-32"] == families["safe-cache-tiny-coca"] == "coca"
+    assert families["EVA02-B-16"] == families["EVA02-L-14"] == families["EVA02-E-14"] == "eva"
+    assert families["EVA01-g-14"] == families["safe-cache-tiny-eva"] == "eva"
+    assert families["MobileCLIP-B"] == "unsupported"  # a class-token timm ViT, but not an Eva
 
 
 def test_model_config_file(tmp_path):

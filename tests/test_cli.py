@@ -68,9 +68,9 @@ def test_errors_are_messages_not_tracebacks():
 def test_models_lists_supported_families_only_by_default():
     result = CliRunner().invoke(main, ["models", "--json"])
     rows = json.loads(result.output)
-    assert {row["family"] for row in rows} == {"resnet", "vit", "map", "coca"}
+    assert {row["family"] for row in rows} == {"resnet", "vit", "map", "coca", "eva"}
     names = {row["model"] for row in rows}
-    assert {"PE-Core-B-16", "ViT-B-16-SigLIP2", "coca_ViT-B-32"} <= names
+    assert {"PE-Core-B-16", "ViT-B-16-SigLIP2", "coca_ViT-B-32", "EVA02-B-16"} <= names
     everything = json.loads(CliRunner().invoke(main, ["models", "--all", "--json"]).output)
     assert len(everything) > len(rows)
 

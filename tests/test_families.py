@@ -1,29 +1,88 @@
-"""The attention-pool families beyond 2021's CLIP (SigLIP / PE-Core MAP heads, CoCa's pooler)
+"""The family registry (one file per family, every file registered, the config and module rules
+agreeing), and the families beyond 2021's CLIP (SigLIP / PE-Core MAP heads, CoCa's pooler, EVA)
 through the whole pipeline: extract a miniature, fit SAFE, put the head back into open_clip."""
 
 from __future__ import annotations
 
+import copy
+import pkgutil
+
+import open_clip
 import pytest
 import torch
 from factories import extract_miniature
 from miniatures import write_split_zhou
 from safetensors.torch import load_file
 
-from safe_cache import load_backbone
+from safe_cache import UnsupportedModelError, load_backbone
 from safe_cache.data.prompts import text_classifier
 from safe_cache.extract import ExtractConfig, extract
 from safe_cache.fit import FitConfig, fit
+from safe_cache.model import families
+from safe_cache.model.backbone import config_family, family_of
 from safe_cache.store import open_store
 
-FAMILIES = ["safe-cache-tiny-map", "safe-cache-tiny-map-cls", "safe-cache-tiny-coca",
-            pytest.param("PE-Core-B-16", marks=pytest.mark.slow)]
+NEWER = ["safe-cache-tiny-map", "safe-cache-tiny-map-cls", "safe-cache-tiny-coca",
+         "safe-cache-tiny-eva", pytest.param("PE-Core-B-16", marks=pytest.mark.slow),
+         pytest.param("EVA02-B-16", marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("model", FAMILIES)
+# --- the registry ------------------------------------------------------------------------------
+
+def test_every_module_of_the_families_folder_is_a_registered_family():
+    """A family is one file: a module of families/ that is not registered (or registered under
+    another module's name) would be a family no rule reaches."""
+    modules = {info.name for info in pkgutil.iter_modules(families.__path__)} - {"base",
+                                                                                 "registry"}
+    registered = {type(f).__module__.rsplit(".", 1)[1]: name
+                  for name, f in families.FAMILIES.items()}
+    assert set(registered) == modules
+    assert all(registered[m] == m for m in modules)  # module resnet.py registers 'resnet'
+    assert list(families.FAMILIES)[:4] == ["resnet", "vit", "map", "coca"]  # stores name them
+
+
+@pytest.mark.parametrize("name", list(families.FAMILIES))
+def test_each_family_is_found_by_both_its_rules(name):
+    """The config rule (before building) and the module rule (after) name the same family for
+    its tiny configs, and the family names real architectures for the slow tests."""
+    rules = families.FAMILIES[name]
+    assert rules.tiny_models and rules.example_models and rules.description
+    for model in (*rules.tiny_models, *rules.example_models):
+        assert config_family(open_clip.get_model_config(model)) == (name, ""), model
+    for model in rules.tiny_models:
+        assert family_of(load_backbone(model).model.visual) == name
+
+
+def test_an_eva_tower_outside_the_fast_heads_form_is_refused_with_why():
+    visual = copy.deepcopy(load_backbone("safe-cache-tiny-eva").model.visual)
+    visual.trunk.blocks[-1].attn.q_norm = torch.nn.LayerNorm(16)
+    with pytest.raises(UnsupportedModelError, match=r"The timm tower Eva cannot be split for SAFE:"
+                                                    r" its attention normalises queries and keys"
+                                                    r" \(qk-norm\)\. Supported: resnet"):
+        family_of(visual)
+
+
+def test_a_class_token_timm_tower_of_no_family_says_so():
+    with pytest.raises(UnsupportedModelError, match=r"MobileCLIP-B cannot be split for SAFE"
+                                                    r" \(timm tower vit_base_mci_224 pools by its"
+                                                    r" class token, but it is not one of the timm"
+                                                    r" towers a family of safe-cache splits\)"):
+        load_backbone("MobileCLIP-B")
+
+
+def test_a_card_of_an_unknown_family_names_the_fix():
+    with pytest.raises(UnsupportedModelError, match=r"Backbone family 'hyena' is not one this"
+                                                    r" safe-cache knows \(resnet, vit, .*upgrade"):
+        families.family("hyena")
+
+
+# --- the pipeline ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model", NEWER)
 def test_extract_fit_and_put_the_head_back(tmp_path, model):
     store = str(extract_miniature(tmp_path, model, tmp_path / "store.zarr"))
     card = open_store(store).manifest["backbone"]
-    assert card["family"] in ("map", "coca")
+    assert card["family"] in ("map", "coca", "eva")
     [result] = fit(FitConfig(store=store, shots=(1,), seeds=(1,), iters=20, eval_every=10,
                              lrs=(1e-3,), wds=(0.0,), device="cpu", out=str(tmp_path / "res"),
                              methods=()))
@@ -118,7 +177,7 @@ def test_local_dir_name_and_its_weights(tmp_path):
     state = _repo_files(folder, "safe-cache-tiny-coca", seed=7)
     backbone = load_backbone(f"local-dir:{folder}", "repo")
     assert backbone.card["model"] == f"local-dir:{folder.resolve()}"
-    assert backbone.card["hub_id"] is None and backbone.family == "coca"
+    assert backbone.card["hub_id"] is None and backbone.card["family"] == "coca"
     assert torch.equal(backbone.model.state_dict()["visual.attn_pool.query"],
                        state["visual.attn_pool.query"])
     with pytest.raises(WeightsUnavailableError, match=r"its weights are in its repository"

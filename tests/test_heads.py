@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import images_for, real_params, tiny_params
 
-TINY = ["safe-cache-tiny-rn", "safe-cache-tiny-vit", "safe-cache-tiny-map",
-        "safe-cache-tiny-map-cls", "safe-cache-tiny-coca"]
-REAL = ["RN50", "ViT-B-16", "PE-Core-B-16", "ViT-B-16-SigLIP2", "coca_ViT-B-32"]
-ARCHITECTURES = [*TINY, *(pytest.param(name, marks=pytest.mark.slow) for name in REAL)]
+from safe_cache import load_backbone
+
+# Every registered family's tiny configs (fast) and real architectures (slow): a new family
+# file is checked here without an edit.
+ARCHITECTURES = [*tiny_params(), *real_params()]
 
 
 def perturbed(fast: torch.nn.Module, naive: torch.nn.Module, seed: int = 2) -> None:
@@ -29,7 +31,7 @@ def dense_input(backbone, batch: int, dtype: torch.dtype, seed: int = 0) -> torc
     generator = torch.Generator().manual_seed(seed)
     shape = (batch, backbone.card["T"], backbone.card["C"])
     x = torch.randn(shape, generator=generator, dtype=torch.float64)
-    x = x.relu() if backbone.family == "resnet" else x
+    x = x.relu() if backbone.family_rules.nonnegative_dense else x  # post-ReLU maps
     return x.to(dtype)
 
 
@@ -74,8 +76,38 @@ def test_fast_head_matches_open_clip_module(load_cached, name, dtype):
             assert close(grads_fast[key], grad), key
 
 
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_head_gradients_equal_open_clips_own(name):
+    """Through the whole open_clip model: d(probe . encode_image)/d(each head parameter) equals
+    the fast head's on the trunk's map, in float64 (the contract fit relies on)."""
+    backbone = load_backbone(name)
+    backbone.model.double()
+    visual = backbone.model.visual
+    generator = torch.Generator().manual_seed(3)
+    head_keys = list(backbone.head.state_dict())
+    with torch.no_grad():  # off timm's zero initialisations (see perturbed)
+        for key in head_keys:
+            parameter = visual.get_parameter(key)
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator,
+                                              dtype=parameter.dtype))
+            parameter.requires_grad_(True)
+    head = backbone.family_rules.fast_head(visual, backbone.token_grid,
+                                           backbone.stages_in_head).requires_grad_(True)
+    images = images_for(backbone).double()
+    probe = torch.randn(images.shape[0], backbone.card["D"], generator=generator,
+                        dtype=torch.float64)
+    (backbone.model.encode_image(images, normalize=False) * probe).sum().backward()
+    (head(backbone.trunk(images)) * probe).sum().backward()
+    expected = {key: visual.get_parameter(key).grad for key, _ in head.named_parameters()}
+    # One scale for all: the key bias's gradient is analytically zero (rounding noise only).
+    scale = max(grad.abs().max().item() for grad in expected.values())
+    for key, parameter in head.named_parameters():
+        assert (parameter.grad - expected[key]).abs().max() <= 1e-10 * scale, key
+
+
 @pytest.mark.parametrize("name, cut", [("safe-cache-tiny-rn", "layer4"),
-                                       ("safe-cache-tiny-vit", "last2")])
+                                       ("safe-cache-tiny-vit", "last2"),
+                                       ("safe-cache-tiny-eva", "last2")])
 def test_fast_head_with_earlier_cut(load_cached, name, cut):
     backbone = load_cached(name, cut)
     fast = backbone.new_head().double()
@@ -108,7 +140,7 @@ def test_fast_head_never_projects_every_token(load_cached):
 def test_attention_weights_are_a_distribution(tiny):
     x = dense_input(tiny, 2, torch.float32)
     weights = tiny.head.attention(x)
-    tokens = tiny.card["T"] + (1 if tiny.family == "resnet" else 0)  # + the mean-token key
+    tokens = tiny.card["T"] + tiny.family_rules.extra_attention_keys  # ResNet: the mean token
     assert weights.shape[0] == 2 and weights.shape[-1] == tokens
     assert torch.allclose(weights.sum(-1), torch.ones(weights.shape[:-1]), atol=1e-6)
     assert (weights >= 0).all()

@@ -28,7 +28,7 @@ def problem(backbone):
     """float16 samples (as fit keeps them), labels, a classifier, one batch order."""
     generator = torch.Generator().manual_seed(0)
     dense = torch.randn(SAMPLES, backbone.card["T"], backbone.card["C"], generator=generator)
-    dense = (dense.relu() if backbone.family == "resnet" else dense).half()
+    dense = (dense.relu() if backbone.family_rules.nonnegative_dense else dense).half()
     labels = torch.randint(0, CLASSES, (SAMPLES,), generator=generator)
     text = F.normalize(torch.randn(CLASSES, backbone.card["D"], generator=generator), dim=-1)
     batches = [torch.randperm(SAMPLES, generator=generator)[:BATCH] for _ in range(STEPS)]
@@ -60,10 +60,10 @@ def reference_loop(backbone, dense, labels, text, batches) -> tuple[StackedHeads
     return stacked, running
 
 
-def test_step_equals_the_reference_loop(tiny):
-    dense, labels, text, batches = problem(tiny)
-    reference, reference_loss = reference_loop(tiny, dense, labels, text, batches)
-    step = new_step(tiny, dense, labels, text)
+def test_step_equals_the_reference_loop(tiny_costly):
+    dense, labels, text, batches = problem(tiny_costly)
+    reference, reference_loss = reference_loop(tiny_costly, dense, labels, text, batches)
+    step = new_step(tiny_costly, dense, labels, text)
     for rows in batches:
         step.step(rows)
     # Outputs, not raw parameters: the key bias has an exactly-zero gradient (softmax ignores a
@@ -76,7 +76,7 @@ def test_step_equals_the_reference_loop(tiny):
     assert step.running.abs().sum() == 0  # taken
     assert int(step.counter) == STEPS
     moved = [not torch.equal(a, b.detach()) for a, b in
-             zip(step.stacked.stacked, StackedHeads(tiny.new_head(), 1).stacked,
+             zip(step.stacked.stacked, StackedHeads(tiny_costly.new_head(), 1).stacked,
                  strict=True)]
     assert any(moved)  # it trained
 
@@ -96,16 +96,16 @@ def test_schedule_table_is_lambdalrs(recipe: Recipe):
         scheduler.step()
 
 
-def test_reset_returns_exactly_to_the_start(tiny):
+def test_reset_returns_exactly_to_the_start(tiny_costly):
     """A capture's warm-up steps, then reset: training from there is bit-identical to a fresh
     step's (parameters, AdamW's moments and counts, the schedule's position, the loss)."""
-    dense, labels, text, batches = problem(tiny)
-    warmed = new_step(tiny, dense, labels, text)
+    dense, labels, text, batches = problem(tiny_costly)
+    warmed = new_step(tiny_costly, dense, labels, text)
     saved = [p.detach().clone() for p in warmed.stacked.stacked]
     for rows in batches[:3]:
         warmed.step(rows[torch.randperm(BATCH)])  # other batches than the run's
     warmed.reset(saved)
-    fresh = new_step(tiny, dense, labels, text)
+    fresh = new_step(tiny_costly, dense, labels, text)
     for rows in batches:
         warmed.step(rows)
         fresh.step(rows)

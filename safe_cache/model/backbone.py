@@ -4,6 +4,10 @@
 pre-pooling map (B, T, C) and whose `head` maps that map to the pooled embedding (B, D), with
 `head(trunk(x)) == model.encode_image(x)`. Stage 1 (extract) runs only the trunk; stage 2 (fit)
 trains only copies of the head. The split follows timm's `forward_features` / `forward_head`.
+
+What differs between towers (where the trunk ends, the heads, the dense map's shape, which
+towers are supported at all) is asked of the tower's family (families/); this module resolves
+names, loads weights and writes the backbone card, the same way for every family.
 """
 
 from __future__ import annotations
@@ -19,35 +23,24 @@ from typing import Any
 
 import open_clip
 import torch
-from open_clip.modified_resnet import ModifiedResNet
-from open_clip.timm_model import TimmModel
 from open_clip.transform import PreprocessCfg, image_transform_v2
-from open_clip.transformer import AttentionalPooler, ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
 from ..errors import ModelConfigError, UnsupportedModelError
 from ..identity import card_fingerprint
 from ..records import BackboneCard
-from . import tiny_timm  # noqa: F401  (registers the tiny timm MAP towers)
-from .heads import GridHead, OpenClipHead, ResNetPoolHead, ViTPoolHead
+from . import families
+from .families import FAMILIES, Family, Trunk, config_family, supported_text
+from .heads import GridHead
 from .hub import ModelSource, parse_source, source_config
-from .latent_heads import CocaPoolHead, CocaReferenceHead, MapPoolHead, MapReferenceHead
 from .weights import ResolvedWeights, load_weights_into, resolve_weights
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)  # the shipped tiny configs become open_clip names
 
 CARD_SCHEMA = 1
-SUPPORTED_FAMILIES = {
-    "resnet": "ModifiedResNet with attention pooling (RN50, RN101, RN50x4, RN50x16, RN50x64)",
-    "vit": "VisionTransformer with class-token pooling "
-    "(ViT-B-32, ViT-B-16, ViT-L-14, ViT-L-14-336, ViT-H-14, ...)",
-    "map": "timm towers pooled by a MAP head, timm's AttentionPoolLatent (SigLIP, SigLIP 2,"
-    " PE-Core: ViT-B-16-SigLIP2, ViT-SO400M-14-SigLIP2, PE-Core-B-16, ...)",
-    "coca": "CoCa's VisionTransformer with an attentional pooler (coca_ViT-B-32, coca_ViT-L-14)",
-}
-def _supported_text() -> str:
-    return "; ".join(f"{k}: {v}" for k, v in SUPPORTED_FAMILIES.items())
+# What each family covers (families/): the card's `family` values, in the registry's order.
+SUPPORTED_FAMILIES = {name: f.description for name, f in FAMILIES.items()}
 
 
 @dataclass(frozen=True)
@@ -137,138 +130,7 @@ def _registry_copy(name: str, config: dict[str, Any]) -> Path:
 
 def family_of(visual: nn.Module) -> str:
     """The family of a supported visual tower; a clear error for anything else."""
-    if isinstance(visual, ModifiedResNet):
-        return "resnet"
-    if isinstance(visual, TimmModel):
-        return _timm_family(visual)
-    if isinstance(visual, VisionTransformer):
-        problems = []
-        coca = getattr(visual, "attn_pool", None) is not None
-        if coca and not isinstance(visual.attn_pool, AttentionalPooler):
-            problems.append(f"its attention pool is a {type(visual.attn_pool).__name__}")
-        if coca and getattr(visual, "attn_pool_contrastive", None) is not None:
-            problems.append("it pools with a second (contrastive) attentional pooler")
-        if getattr(visual, "pool_type", "tok") != "tok":
-            problems.append(f"it pools by '{visual.pool_type}', not by the class token")
-        if visual.proj is None:
-            problems.append("it has no output projection")
-        if not all(isinstance(b, ResidualAttentionBlock) for b in visual.transformer.resblocks):
-            problems.append("its blocks are custom (qk-norm / scaled attention)")
-        if not getattr(visual.transformer, "batch_first", True):
-            problems.append("its transformer is not batch-first")
-        if not problems:
-            return "coca" if coca else "vit"
-        reason = "; ".join(problems)
-        raise UnsupportedModelError(
-            f"This VisionTransformer cannot be split for SAFE: {reason}. Supported: "
-            f"{_supported_text()}."
-        )
-    raise UnsupportedModelError(
-        f"Visual tower {type(visual).__name__} is not supported (SAFE fine-tunes CLIP's attention"
-        f" pooling). Supported: {_supported_text()}."
-    )
-
-
-def _timm_family(visual: nn.Module) -> str:
-    """'map' for a timm trunk pooled by AttentionPoolLatent in the form the fast head covers."""
-    from timm.layers import AttentionPoolLatent
-
-    trunk = visual.trunk
-    pool = getattr(trunk, "attn_pool", None)
-    name = type(trunk).__name__
-    if not isinstance(pool, AttentionPoolLatent):
-        how = getattr(trunk, "global_pool", "") or "its own head"
-        raise UnsupportedModelError(
-            f"The timm tower {name} pools by '{how}', not with attention: SAFE fine-tunes an"
-            f" attention-pooling layer (the query that decides which tokens matter), and a"
-            f" parameter-free pool has none. Supported: {_supported_text()}.")
-    problems = []
-    if pool.pos_embed is not None:
-        problems.append("its pool adds its own position embedding")
-    if not isinstance(pool.q_norm, nn.Identity) or not isinstance(pool.k_norm, nn.Identity):
-        problems.append("its pool normalises queries and keys (qk-norm)")
-    if pool.latent_len > 1 and pool.pool != "token":
-        problems.append(f"its pool averages {pool.latent_len} latent queries")
-    if pool.mlp is not None and not isinstance(pool.mlp.norm, nn.Identity):
-        problems.append("its pool's MLP has an inner norm")
-    if visual.head is not None and any(isinstance(m, AttentionPoolLatent)
-                                       for m in visual.head.modules()):
-        problems.append("open_clip adds another attention pool after it")
-    if problems:
-        raise UnsupportedModelError(f"The MAP head of {name} cannot be split for SAFE:"
-                                    f" {'; '.join(problems)}. Supported: {_supported_text()}.")
-    return "map"
-
-
-def head_stages(family: str, cut: str) -> int:
-    """How many stages the head owns: 'pool' -> 1; ResNet 'layer4' -> 2; ViT 'lastN' -> N."""
-    if cut == "pool":
-        return 1
-    if family == "resnet" and cut == "layer4":
-        return 2
-    if family == "vit" and cut.startswith("last") and cut[4:].isdigit() and int(cut[4:]) >= 1:
-        return int(cut[4:])
-    allowed = {"resnet": "'pool' or 'layer4'", "vit": "'pool' or 'lastN' (N blocks)"}.get(
-        family, "'pool' (the attention pool and what follows it)")
-    raise ModelConfigError(f"Unknown cut '{cut}' for a {family} backbone: use {allowed}.")
-
-
-class Trunk(nn.Module):
-    """The frozen part of the visual tower: images (B, 3, H, W) -> dense tokens (B, T, C).
-
-    Holds references to the model's own modules (no copies). Always runs without gradients.
-    """
-
-    def __init__(self, visual: nn.Module, family: str, stages_in_head: int) -> None:
-        super().__init__()
-        self.family = family
-        if family == "map":
-            self.timm = visual.trunk  # forward_features: everything before attn_pool
-            return
-        if family == "coca":
-            stages_in_head = 0  # the pooler follows the last block: every block is trunk
-        if family == "resnet":
-            stem = ["conv1", "bn1", "act1", "conv2", "bn2", "act2", "conv3", "bn3", "act3"]
-            layers = ["layer1", "layer2", "layer3", "layer4"][: 5 - stages_in_head]
-            self.stages = nn.ModuleList(
-                [getattr(visual, n) for n in [*stem, "avgpool", *layers]]
-            )
-        else:
-            self.visual = _ViTEmbed(visual)
-            blocks = visual.transformer.resblocks
-            self.stages = nn.ModuleList(list(blocks[: len(blocks) - stages_in_head]))
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.family == "resnet":
-            x = images
-            for stage in self.stages:
-                x = stage(x)
-            return x.flatten(2).transpose(1, 2)  # NCHW -> (N, H*W, C), channel-last
-        if self.family == "map":
-            return self.timm.forward_features(images)
-        x = self.visual(images)
-        for block in self.stages:
-            x = block(x)
-        return x
-
-
-class _ViTEmbed(nn.Module):
-    """Patch embedding + class token + positional embedding + ln_pre, as open_clip computes it."""
-
-    def __init__(self, visual: VisionTransformer) -> None:
-        super().__init__()
-        self.conv1 = visual.conv1
-        self.class_embedding = visual.class_embedding
-        self.positional_embedding = visual.positional_embedding
-        self.patch_dropout = visual.patch_dropout
-        self.ln_pre = visual.ln_pre
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(images.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)
-        cls = self.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        return self.ln_pre(self.patch_dropout(x))
+    return families.module_family(visual).name
 
 
 @dataclass
@@ -314,16 +176,15 @@ class Backbone:
         """open_clip's tokenizer for this model (for text classifiers)."""
         return open_clip.get_tokenizer(self.open_clip_name or self.card["model"])
 
+    @property
+    def family_rules(self) -> Family:
+        """The family's rules (families/): what its dense map and heads look like."""
+        return families.family(self.family)
+
     def naive_head(self) -> nn.Module:
         """open_clip's own modules composed as a head: the slow reference, same state-dict keys."""
-        if self.family == "map":
-            return MapReferenceHead(self.model.visual)
-        if self.family == "coca":
-            return CocaReferenceHead(self.model.visual)
-        return OpenClipHead(
-            self.model.visual, self.family, token_grid=self.token_grid,
-            head_stages=self.stages_in_head,
-        )
+        return self.family_rules.reference_head(self.model.visual, self.token_grid,
+                                                self.stages_in_head)
 
 
 def load_backbone(
@@ -363,15 +224,15 @@ def load_backbone(
         load_weights_into(clip, weights)
     clip.eval().requires_grad_(False)
     clip.to(device)
-    family = family_of(clip.visual)
-    stages = head_stages(family, cut)
-    trunk = Trunk(clip.visual, family, stages)
-    token_grid = _token_grid(clip.visual, family, stages)
-    head = _make_head(clip.visual, family, token_grid, stages).requires_grad_(False)
-    card = _make_card(spec, weights, clip, family, cut, token_grid, head, init_seed)
+    rules = families.module_family(clip.visual)
+    stages = rules.head_stages(cut)
+    trunk = rules.trunk(clip.visual, stages)
+    token_grid = rules.token_grid(clip.visual, stages)
+    head = rules.fast_head(clip.visual, token_grid, stages).requires_grad_(False)
+    card = _make_card(spec, weights, clip, rules, cut, stages, token_grid, head, init_seed)
     pp_cfg = open_clip.get_model_preprocess_cfg(clip)
     preprocess = image_transform_v2(PreprocessCfg(**pp_cfg), is_train=False)
-    return Backbone(clip, preprocess, card, trunk, head, family, token_grid, stages,
+    return Backbone(clip, preprocess, card, trunk, head, rules.name, token_grid, stages,
                     spec.config, spec.name)
 
 
@@ -386,41 +247,6 @@ def _quiet_open_clip():
         logging.disable(previous)
 
 
-_CUSTOM_BLOCK_FLAGS = (
-    "qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc",
-)
-
-
-def config_family(config: dict[str, Any]) -> tuple[str, str]:
-    """(family, reason) from an open_clip model config, without building the model.
-
-    family is 'resnet', 'vit' or 'unsupported'; reason says why a config is unsupported.
-    """
-    vision = config.get("vision_cfg", {})
-    if "timm_model_name" in vision:
-        pool = vision.get("timm_pool", "avg")
-        if pool == "map":
-            return "map", ""
-        if pool == "token":
-            return "unsupported", (f"timm tower {vision['timm_model_name']} pools by its class"
-                                   f" token; safe-cache splits class-token ViTs of open_clip's"
-                                   f" own VisionTransformer, not timm's (EVA) yet")
-        return "unsupported", (f"timm tower {vision['timm_model_name']} pools by"
-                               f" '{pool or 'its own head'}', without attention: SAFE fine-tunes"
-                               f" an attention-pooling layer, and this tower has none")
-    if isinstance(vision.get("layers"), (list, tuple)):
-        return "resnet", ""
-    if vision.get("attentional_pool"):
-        if isinstance(vision["attentional_pool"], str):  # 'parallel' / 'cascade'
-            return "unsupported", "a second (contrastive) attentional pooler"
-        return "coca", ""
-    if vision.get("pool_type", "tok") != "tok":
-        return "unsupported", f"'{vision['pool_type']}' pooling, not the class token"
-    if vision.get("block_type") == "custom" or any(vision.get(f) for f in _CUSTOM_BLOCK_FLAGS):
-        return "unsupported", "custom attention blocks"
-    return "vit", ""
-
-
 def head_from_config(model_config: dict[str, Any], card: dict[str, Any]) -> GridHead:
     """The head module of a backbone card's architecture, built without its weights or text
     tower: fit rebuilds the original head from the weights a store keeps, export from a model
@@ -432,28 +258,17 @@ def head_from_config(model_config: dict[str, Any], card: dict[str, Any]) -> Grid
         vision_only.pop(key, None)
     with torch.random.fork_rng(devices=[]):
         visual = open_clip.model.CLIP(**vision_only).visual.eval()
-    family = family_of(visual)
-    return _make_head(visual, family, tuple(card["grid"]), head_stages(family, card["cut"]))
-
-
-def _make_head(visual: nn.Module, family: str, token_grid: tuple[int, int],
-               stages: int) -> GridHead:
-    """The fast head of a family (see heads.py and latent_heads.py)."""
-    if family == "resnet":
-        return ResNetPoolHead(visual, token_grid, stages)
-    if family == "map":
-        return MapPoolHead(visual)
-    if family == "coca":
-        return CocaPoolHead(visual)
-    return ViTPoolHead(visual, stages)
+    rules = families.module_family(visual)
+    stages = rules.head_stages(card["cut"])
+    return rules.fast_head(visual, tuple(card["grid"]), stages)
 
 
 def _check_config_family(spec: ModelSpec) -> None:
     """Refuse unsupported towers before building (and downloading) anything."""
-    family, reason = config_family(spec.config)
-    if family == "unsupported":
+    reason = families.config_refusal(spec.config)
+    if reason:
         raise UnsupportedModelError(
-            f"{spec.name} cannot be split for SAFE ({reason}). Supported: {_supported_text()}."
+            f"{spec.name} cannot be split for SAFE ({reason}). Supported: {supported_text()}."
         )
 
 
@@ -472,30 +287,21 @@ def list_architectures() -> list[dict[str, Any]]:
     return rows
 
 
-def _token_grid(visual: nn.Module, family: str, stages: int) -> tuple[int, int]:
-    """Spatial grid (H, W) of the dense map; for ViTs the patch grid (prefix tokens are extra)."""
-    if family in ("vit", "coca"):
-        return tuple(visual.grid_size)
-    if family == "map":
-        return tuple(visual.trunk.patch_embed.grid_size)
-    side = visual.image_size // (32 if stages == 1 else 16)
-    return (side, side)
-
-
 def _make_card(
     spec: ModelSpec,
     weights: ResolvedWeights,
     clip: nn.Module,
-    family: str,
+    rules: Family,
     cut: str,
+    stages: int,
     token_grid: tuple[int, int],
     head: nn.Module,
     init_seed: int,
 ) -> dict[str, Any]:
     pp = open_clip.get_model_preprocess_cfg(clip)
     size = pp["size"]
-    tokens = token_grid[0] * token_grid[1] + _prefix_tokens(clip.visual, family)
-    channels = _dense_channels(clip.visual, family, cut)
+    tokens = token_grid[0] * token_grid[1] + rules.prefix_tokens(clip.visual)
+    channels = rules.dense_channels(clip.visual, stages)
     with torch.no_grad():
         out_dim = head(torch.zeros(1, tokens, channels, device=_device_of(head))).shape[-1]
     card = {
@@ -503,7 +309,7 @@ def _make_card(
         "model": spec.label,
         "hub_id": spec.source.ident if spec.source and spec.source.schema == "hf-hub" else None,
         "model_config_sha256": spec.config_sha256,
-        "family": family,
+        "family": rules.name,
         "pretrained": weights.label,
         "weights_sha256": weights.sha256,
         "init_seed": None if weights.path is not None else init_seed,
@@ -545,24 +351,9 @@ def card_problems(card: dict[str, Any]) -> list[str]:
     return []
 
 
-def _prefix_tokens(visual: nn.Module, family: str) -> int:
-    """Tokens of the dense map before the patch grid: class token, registers (timm)."""
-    if family == "map":
-        return int(getattr(visual.trunk, "num_prefix_tokens", 0))
-    return 1 if family in ("vit", "coca") else 0
-
-
 def _logit_bias(clip: nn.Module) -> float | None:
     bias = getattr(clip, "logit_bias", None)
     return None if bias is None else float(bias.detach().reshape(-1)[0].item())
-
-
-def _dense_channels(visual: nn.Module, family: str, cut: str) -> int:
-    if family in ("vit", "coca"):
-        return visual.transformer.width
-    if family == "map":
-        return int(visual.trunk.num_features)
-    return visual.attnpool.k_proj.in_features // (2 if cut == "layer4" else 1)
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -15,7 +15,8 @@ keys are relative to `model.visual` (`attnpool.q_proj.weight`, `ln_post.weight`,
 `transformer.resblocks.11.ln_1.weight`), so
 `model.visual.load_state_dict(head.state_dict(), strict=False)` puts a fine-tuned head back into
 an open_clip model, and a state dict moves between the fast head and the naive reference head
-(`OpenClipHead`) unchanged.
+(`ResNetReferenceHead`, `ViTReferenceHead`) unchanged. Which head a tower gets is its family's
+choice (model/families/).
 
 Every fast head also evaluates a whole grid of configurations at once: `forward_grid(configs, x)`
 takes one parameter dict per configuration (see `fit.grid.StackedHeads`) and the shared dense map
@@ -359,25 +360,35 @@ class ViTPoolHead(GridHead):
         return torch.stack(pooled), weights
 
 
-class OpenClipHead(nn.Module):
-    """The naive reference head: open_clip's own modules, copied, applied to every token.
+class ResNetReferenceHead(nn.Module):
+    """The naive reference for ResNetPoolHead: open_clip's layer4 (cut 'layer4') and attnpool,
+    copied, applied to every token: the full (T x C x C) projections the fast head avoids.
 
-    Same state-dict keys as the fast heads. Used by the exactness tests and the benchmarks; it
-    computes the full (T x C x C) projections that the fast heads avoid.
+    Same state-dict keys as the fast head; used by the exactness tests and the benchmarks.
     """
 
-    def __init__(
-        self, visual: nn.Module, family: str, *, token_grid: tuple[int, int],
-        head_stages: int = 1,
-    ) -> None:
+    def __init__(self, visual: nn.Module, token_grid: tuple[int, int],
+                 head_stages: int = 1) -> None:
         super().__init__()
-        self.family = family
         self.token_grid = token_grid
-        if family == "resnet":
-            if head_stages == 2:
-                self.layer4 = copy.deepcopy(visual.layer4)
-            self.attnpool = copy.deepcopy(visual.attnpool)
-            return
+        if head_stages == 2:
+            self.layer4 = copy.deepcopy(visual.layer4)
+        self.attnpool = copy.deepcopy(visual.attnpool)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, _, channels = x.shape
+        fmap = x.transpose(1, 2).reshape(batch, channels, *self.token_grid)
+        if hasattr(self, "layer4"):
+            fmap = self.layer4(fmap)
+        return self.attnpool(fmap)
+
+
+class ViTReferenceHead(nn.Module):
+    """The naive reference for ViTPoolHead: open_clip's last `head_stages` blocks, ln_post and
+    proj, copied, every token through every block. Same state-dict keys as the fast head."""
+
+    def __init__(self, visual: nn.Module, head_stages: int = 1) -> None:
+        super().__init__()
         blocks = visual.transformer.resblocks
         self.transformer = _Namespace()
         first = len(blocks) - head_stages
@@ -389,12 +400,6 @@ class OpenClipHead(nn.Module):
         self.final_ln_after_pool = visual.final_ln_after_pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.family == "resnet":
-            batch, _, channels = x.shape
-            fmap = x.transpose(1, 2).reshape(batch, channels, *self.token_grid)
-            if hasattr(self, "layer4"):
-                fmap = self.layer4(fmap)
-            return self.attnpool(fmap)
         for block in self.transformer.resblocks.values():
             x = block(x)
         # open_clip applies ln_post to all tokens, or (final_ln_after_pool) to the pooled one.

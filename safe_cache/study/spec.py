@@ -160,7 +160,7 @@ class _Checker:
 
 
 def _backbones(raw: Any, check: _Checker) -> tuple[StudyBackbone, ...]:
-    from ..model.backbone import config_family
+    from ..model.families import config_refusal
     from ..model.hub import SCHEMAS
 
     if not isinstance(raw, list) or not raw:
@@ -176,7 +176,7 @@ def _backbones(raw: Any, check: _Checker) -> tuple[StudyBackbone, ...]:
         if not isinstance(model, str):
             raise check.fail("backbones", "each backbone needs a model name.")
         if not model.startswith(tuple(f"{s}:" for s in SCHEMAS)) and not Path(model).is_file():
-            _check_model(model, check, config_family)
+            _check_model(model, check, config_refusal)
         pretrained = entry.get("pretrained", "openai")
         if not isinstance(pretrained, str) or not isinstance(entry.get("cut", "pool"), str):
             raise check.fail("pretrained", "a backbone's pretrained and cut are texts"
@@ -195,7 +195,7 @@ def _backbones(raw: Any, check: _Checker) -> tuple[StudyBackbone, ...]:
     return tuple(parsed)
 
 
-def _check_model(model: str, check: _Checker, config_family) -> None:
+def _check_model(model: str, check: _Checker, config_refusal) -> None:
     import open_clip
 
     from ..model.backbone import MODEL_CONFIG_DIR  # noqa: F401  (registers the tiny configs)
@@ -203,12 +203,12 @@ def _check_model(model: str, check: _Checker, config_family) -> None:
     config = open_clip.get_model_config(model.replace("/", "-"))
     if config is None:
         known = [m for m in open_clip.list_models()
-                 if config_family(open_clip.get_model_config(m))[0] != "unsupported"]
+                 if not config_refusal(open_clip.get_model_config(m))]
         raise check.fail(model, f"unknown model '{model}'; allowed: open_clip names SAFE can"
                                 f" split ({', '.join(known[:12])}, ...: `safe-cache models`),"
                                 f" a config JSON, hf-hub:ORG/NAME or local-dir:PATH.")
-    family, reason = config_family(config)
-    if family == "unsupported":
+    reason = config_refusal(config)
+    if reason:
         raise check.fail(model, f"{model} cannot be split for SAFE ({reason}).")
 
 
