@@ -60,9 +60,9 @@ def _fit_rn50(work: Path) -> float:
 
     backbone = load_backbone("RN50", None)
     card, generator = backbone.card, torch.Generator().manual_seed(0)
-    pool = torch.randn(64, card["T"], card["C"], generator=generator).relu().half()
+    pool = torch.randn(64, card["tokens"], card["channels"], generator=generator).relu().half()
     labels = torch.randint(0, 101, (64,), generator=generator)
-    text = F.normalize(torch.randn(101, card["D"], generator=generator), dim=-1)
+    text = F.normalize(torch.randn(101, card["embed_dim"], generator=generator), dim=-1)
     grid = [(lr, wd) for lr in (1e-4, 1e-5, 1e-6, 1e-7) for wd in (0.0, 1e-3, 1e-5)]
     stacked = StackedHeads(backbone.new_head(), len(grid))
     step = GridStep(stacked, pool, labels, text, card["logit_scale"], [g[0] for g in grid],

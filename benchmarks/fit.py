@@ -80,7 +80,7 @@ def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
 def step_bytes(stacked: torch.nn.Module, card: dict) -> int:
     """The bytes one stacked step must move at least (see the module docstring)."""
     parameters = sum(p.numel() for p in stacked.parameters())
-    return 40 * parameters + BATCH * card["T"] * card["C"] * 2
+    return 40 * parameters + BATCH * card["tokens"] * card["channels"] * 2
 
 
 def trust_checks(head_module: torch.nn.Module, pool: torch.Tensor, classes: int, test_images: int,
@@ -109,11 +109,11 @@ def bench(model: str, classes: int, rounds: int, test_images: int = 30_300) -> d
     backbone = load_backbone(model)
     card = backbone.card
     generator = torch.Generator().manual_seed(0)
-    pool = torch.randn(256, card["T"], card["C"], generator=generator).relu().half()
+    pool = torch.randn(256, card["tokens"], card["channels"], generator=generator).relu().half()
     labels = torch.randint(0, classes, (256,), generator=generator)
     val_count = 4 * classes
-    val = torch.randn(val_count, card["T"], card["C"], generator=generator).relu()
-    text = F.normalize(torch.randn(classes, card["D"], generator=generator), dim=-1)
+    val = torch.randn(val_count, card["tokens"], card["channels"], generator=generator).relu()
+    text = F.normalize(torch.randn(classes, card["embed_dim"], generator=generator), dim=-1)
     scale = card["logit_scale"]
     height, width = card["image_size"]
     images = torch.randn(BATCH, 3, height, width, generator=generator)
@@ -164,7 +164,7 @@ def bench(model: str, classes: int, rounds: int, test_images: int = 30_300) -> d
         times["reencode"].append(len(GRID) * reencode)
     per_iter = {k: statistics.median(v) for k, v in times.items()}
     return {
-        "model": model, "T": card["T"], "C": card["C"], "classes": classes,
+        "model": model, "tokens": card["tokens"], "channels": card["channels"], "classes": classes,
         "seconds_per_protocol_iteration": {k: round(v, 4) for k, v in per_iter.items()},
         "naive_cached_over_ours": round(per_iter["naive"] / per_iter["ours"], 2),
         "reencode_over_ours": round(per_iter["reencode"] / per_iter["ours"], 2),

@@ -130,8 +130,8 @@ def head_checks(model: str, device: torch.device) -> dict:
     backbone = load_backbone(model, device=device)
     card = backbone.card
     generator = torch.Generator().manual_seed(1)
-    x = torch.randn(8, card["T"], card["C"], generator=generator).relu().to(device)
-    probe = torch.randn(8, card["D"], generator=generator).to(device)
+    x = torch.randn(8, card["tokens"], card["channels"], generator=generator).relu().to(device)
+    probe = torch.randn(8, card["embed_dim"], generator=generator).to(device)
     results = {}
     for name, head in (("fast", backbone.new_head()), ("naive", backbone.naive_head())):
         head = head.to(device).requires_grad_(True)
@@ -152,7 +152,7 @@ def head_speed(model: str, device: torch.device, rounds: int) -> dict:
     """Forward + backward of one head, batch 8: fast vs naive, interleaved, median ms."""
     backbone = load_backbone(model, device=device)
     card = backbone.card
-    x = torch.randn(8, card["T"], card["C"], device=device).relu()
+    x = torch.randn(8, card["tokens"], card["channels"], device=device).relu()
     heads = {"fast": backbone.new_head().to(device), "naive": backbone.naive_head().to(device)
              .requires_grad_(True)}
     times: dict[str, list[float]] = {name: [] for name in heads}
@@ -195,15 +195,15 @@ def protocol_store(folder: Path, model: str, classes: int, shots: int) -> str:
             unit = store.layout.unit
             for start in range(0, len(labels), unit):
                 n = min(unit, len(labels) - start)
-                maps = rng.random((n, card["T"], card["C"]), dtype=np.float32)
-                pooled = rng.random((n, card["D"]), dtype=np.float32)
+                maps = rng.random((n, card["tokens"], card["channels"]), dtype=np.float32)
+                pooled = rng.random((n, card["embed_dim"]), dtype=np.float32)
                 features = {"dense": maps, "pooled": pooled}
                 if split == "train":
                     features.update(flip_dense=maps[:, ::-1], flip_pooled=pooled,
                                     aug_dense=maps[:, None], aug_pooled=pooled[:, None])
                 store.write_unit(split, start // unit, features)
         store.write_fewshot(1, shots, rows["train"], rows["val"])
-        classifier = F.normalize(torch.randn(classes, card["D"]), dim=-1).numpy()
+        classifier = F.normalize(torch.randn(classes, card["embed_dim"]), dim=-1).numpy()
         store.write_classifier("hand", classifier, [[str(c)] for c in range(classes)])
         store.write_head({k: v.numpy() for k, v in backbone.head.state_dict().items()},
                          backbone.model_config)
@@ -266,9 +266,11 @@ def step_agreement(device: torch.device, settings: dict) -> dict:
     backbone = load_backbone(settings["fit_model"], device=device)
     card, classes, steps = backbone.card, settings["classes"], 200
     generator = torch.Generator().manual_seed(0)
-    dense = torch.randn(64, card["T"], card["C"], generator=generator).relu().half().to(device)
+    dense = torch.randn(64, card["tokens"], card["channels"], generator=generator)
+    dense = dense.relu().half().to(device)
     labels = torch.randint(0, classes, (64,), generator=generator).to(device)
-    text = F.normalize(torch.randn(classes, card["D"], generator=generator), dim=-1).to(device)
+    text = F.normalize(torch.randn(classes, card["embed_dim"], generator=generator), dim=-1)
+    text = text.to(device)
     batches = [torch.randint(0, 64, (8,), generator=generator).to(device) for _ in range(steps)]
     grid = FitConfig(store="unused").grid  # the paper's 12 (lr, wd) configurations
     lrs, wds = [lr for lr, _ in grid], [wd for _, wd in grid]

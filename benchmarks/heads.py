@@ -73,7 +73,7 @@ def bench_model(name: str, batch: int, grid: int, rounds: int, device: torch.dev
     backbone = load_backbone(name, device=device)
     card = backbone.card
     generator = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(batch, card["T"], card["C"], device=device, generator=generator)
+    x = torch.randn(batch, card["tokens"], card["channels"], device=device, generator=generator)
     x = x.relu() if backbone.family_rules.nonnegative_dense else x  # post-ReLU maps
     naive = backbone.naive_head().requires_grad_(True)
     fast = backbone.new_head()
@@ -94,7 +94,8 @@ def bench_model(name: str, batch: int, grid: int, rounds: int, device: torch.dev
     optim = bench_optimizers(stacked, sequential, grid, rounds, device)
     return {
         "model": name,
-        "T": card["T"], "C": card["C"], "D": card["D"],
+        "tokens": card["tokens"], "channels": card["channels"],
+        "embed_dim": card["embed_dim"],
         "fwd_bwd_samples_per_s": {
             "naive": batch / single["naive"],
             "fast": batch / single["fast"],

@@ -49,7 +49,7 @@ def write(url: str, layout: StoreLayout, maps: np.ndarray, card: dict) -> float:
                       "classnames": ["bench"]}, views=ViewRecipe(count=0).describe(),
                       layout=layout) as store:
         store.append_rows("test", [f"{i}.jpg" for i in range(len(maps))], [0] * len(maps))
-        pooled = np.zeros((layout.unit, card["D"]), dtype=np.float32)
+        pooled = np.zeros((layout.unit, card["embed_dim"]), dtype=np.float32)
         for unit in range(-(-len(maps) // layout.unit)):
             rows = maps[unit * layout.unit:(unit + 1) * layout.unit]
             store.write_unit("test", unit, {"dense": rows, "pooled": pooled[:len(rows)]})

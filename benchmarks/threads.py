@@ -39,9 +39,9 @@ def timed(fn, repeats: int) -> float:
 def sides(model: str):
     backbone = load_backbone(model, None)
     card, generator = backbone.card, torch.Generator().manual_seed(0)
-    pool = torch.randn(64, card["T"], card["C"], generator=generator).relu().half()
+    pool = torch.randn(64, card["tokens"], card["channels"], generator=generator).relu().half()
     labels = torch.randint(0, 101, (64,), generator=generator)
-    text = F.normalize(torch.randn(101, card["D"], generator=generator), dim=-1)
+    text = F.normalize(torch.randn(101, card["embed_dim"], generator=generator), dim=-1)
     stacked = StackedHeads(backbone.new_head(), len(GRID))
     step = GridStep(stacked, pool, labels, text, card["logit_scale"], [g[0] for g in GRID],
                     [g[1] for g in GRID], 12_800, PRESETS["safe"], 8)
@@ -54,7 +54,7 @@ def sides(model: str):
         with torch.no_grad():
             backbone.trunk(images)
 
-    repeats = 50 if card["C"] * card["T"] < 100_000 else 5
+    repeats = 50 if card["channels"] * card["tokens"] < 100_000 else 5
     return {"fit_step": (fit_step, repeats), "trunk_batch8": (trunk, max(1, repeats // 5))}
 
 

@@ -96,10 +96,10 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "writer",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "model": args.model, "map": [card["T"], card["C"]], "images": args.images,
+        "model": args.model, "map": [card["tokens"], card["channels"]], "images": args.images,
         "layout": "32-image chunks, blosc zstd (default local layout)",
         "images_per_s": {str(n): round(r, 1) for n, r in rates.items()},
-        "mb_per_s_in": {str(n): round(r * card["T"] * card["C"] * 2 / 1e6, 1)
+        "mb_per_s_in": {str(n): round(r * card["tokens"] * card["channels"] * 2 / 1e6, 1)
                         for n, r in rates.items()},
         "scaling_vs_1_thread": {str(n): round(rates[n] / rates[counts[0]], 2) for n in counts},
         "trunk_rate": args.trunk_rate,

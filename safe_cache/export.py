@@ -37,6 +37,7 @@ from .model.backbone import Backbone, head_from_config, load_backbone
 from .model.inference import blend_features, tip_logits
 from .names import plain_name
 from .store import open_store
+from .store.compat import current_card
 
 CARD = "card.json"
 FORMAT_VERSION = 1
@@ -258,7 +259,9 @@ def load_model(folder: str | Path, *, weights: str | Path | None = None,
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelFolderError(f"{folder}/{CARD} is not readable JSON ({exc}); export the"
                                f" model again.") from exc
-    check_card(folder, card)
+    check_card(folder, card)  # its digest is over the card as written
+    if isinstance(card.get("backbone"), dict):  # exported from a schema-1 store
+        card = {**card, "backbone": current_card(card["backbone"])}
     backbone = _backbone_for(card, weights, device)
     head = head_from_config(card["model_config"], card["backbone"])
     try:
@@ -267,7 +270,7 @@ def load_model(folder: str | Path, *, weights: str | Path | None = None,
         raise ModelFolderError(f"{folder}: head.safetensors does not fit"
                                f" {card['backbone']['model']}: {str(exc)[:300]}") from exc
     classifier = load_file(str(folder / "classifier.safetensors"))["classifier"]
-    if classifier.shape != (len(card["classnames"]), card["backbone"]["D"]):
+    if classifier.shape != (len(card["classnames"]), card["backbone"]["embed_dim"]):
         raise ModelFolderError(f"{folder}: classifier shape {tuple(classifier.shape)} does not"
                                f" match {len(card['classnames'])} classes x D.")
     cache = load_file(str(folder / "cache.safetensors")) if card["method"] == "safe_a" else None

@@ -18,11 +18,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-# Backbone-card fields that identify the features; versions and labels are informative only.
-FINGERPRINT_FIELDS = (
-    "family", "model_config_sha256", "weights_sha256", "init_seed", "quick_gelu", "image_size",
-    "mean", "std", "interpolation", "resize_mode", "cut", "T", "C", "D", "grid",
-)
+# Backbone-card fields that identify the features (versions and labels are informative only),
+# each hashed under a frozen label: the card's keys were renamed in store schema 2 (T ->
+# tokens, ...; store/compat.py), and a renamed key must not change any store's fingerprint.
+FINGERPRINT_FIELDS = {
+    "family": "family", "model_config_sha256": "model_config_sha256",
+    "weights_sha256": "weights_sha256", "init_seed": "init_seed", "quick_gelu": "quick_gelu",
+    "image_size": "image_size", "mean": "mean", "std": "std", "interpolation": "interpolation",
+    "resize_mode": "resize_mode", "cut": "cut", "tokens": "T", "channels": "C",
+    "embed_dim": "D", "token_grid": "grid",
+}
 _BLOCK = 1 << 22
 _MEMO: dict[tuple[str, int, int], str] = {}
 
@@ -30,7 +35,7 @@ _MEMO: dict[tuple[str, int, int], str] = {}
 def card_fingerprint(card: dict[str, Any]) -> str:
     """sha256 of the backbone-card fields that decide whether two feature sets are
     interchangeable."""
-    identity = {key: card.get(key) for key in FINGERPRINT_FIELDS}
+    identity = {label: card.get(key) for key, label in FINGERPRINT_FIELDS.items()}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 

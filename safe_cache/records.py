@@ -157,10 +157,10 @@ class BackboneCard(Record):
     interpolation: str
     resize_mode: str
     cut: str
-    T: int
-    C: int
-    D: int
-    grid: list[int]
+    tokens: int  # tokens of the dense map (prefix tokens, then the token grid's)
+    channels: int  # channels of each token
+    embed_dim: int  # the pooled (and text) embedding's size
+    token_grid: list[int]  # (H, W) of the spatial tokens
     logit_scale: float
     open_clip_version: str
     torch_version: str
@@ -168,7 +168,7 @@ class BackboneCard(Record):
     logit_bias: float | None = None
 
     def check(self, source: str, error: type[Exception]) -> None:
-        for name in ("T", "C", "D"):
+        for name in ("tokens", "channels", "embed_dim"):
             if getattr(self, name) < 1:
                 raise error(f"{source}: backbone.{name} {getattr(self, name)} must be >= 1.")
         if not 0 < self.logit_scale <= 1e4:

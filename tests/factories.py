@@ -29,8 +29,9 @@ TOY_CARD = {  # every field a backbone card has (records.BackboneCard); the size
     "schema": 1, "model": "tiny", "model_config_sha256": None, "family": "resnet",
     "pretrained": None, "weights_sha256": None, "init_seed": 0, "quick_gelu": False,
     "image_size": [32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
-    "interpolation": "bicubic", "resize_mode": "shortest", "cut": "pool", "T": 5, "C": 8,
-    "D": 3, "grid": [2, 2], "logit_scale": 100.0, "open_clip_version": "test",
+    "interpolation": "bicubic", "resize_mode": "shortest", "cut": "pool", "tokens": 5,
+    "channels": 8, "embed_dim": 3, "token_grid": [2, 2], "logit_scale": 100.0,
+    "open_clip_version": "test",
     "torch_version": "test"}
 
 
@@ -75,7 +76,7 @@ def random_features(rows: int, card: dict[str, Any], views: int, seed: int = 0
                     ) -> dict[str, np.ndarray]:
     """Uniform noise for every feature array (views too), drawn in a fixed order."""
     rng = np.random.default_rng(seed)
-    t, c, d = card["T"], card["C"], card["D"]
+    t, c, d = card["tokens"], card["channels"], card["embed_dim"]
     return {"dense": rng.random((rows, t, c)), "pooled": rng.random((rows, d)),
             "aug_dense": rng.random((rows, views, t, c)),
             "aug_pooled": rng.random((rows, views, d))}

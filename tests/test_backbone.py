@@ -32,9 +32,9 @@ def assert_split_exact(backbone, batch: int = 2) -> None:
     with torch.no_grad():
         expected = backbone.model.encode_image(images, normalize=False)
     dense = backbone.trunk(images)
-    assert dense.shape == (batch, backbone.card["T"], backbone.card["C"])
+    assert dense.shape == (batch, backbone.card["tokens"], backbone.card["channels"])
     actual = backbone.head(dense)
-    assert actual.shape == (batch, backbone.card["D"])
+    assert actual.shape == (batch, backbone.card["embed_dim"])
     assert relative_error(actual, expected) <= 1e-4
 
 
@@ -50,8 +50,8 @@ def test_earlier_cut_is_exact(load_cached, name, cut):
     assert backbone.card["cut"] == cut
     pool = load_cached(name)
     if cut == "layer4":  # ResNet: layer3 output, twice the grid, half the channels
-        assert backbone.card["T"] == 4 * pool.card["T"]
-        assert backbone.card["C"] == pool.card["C"] // 2
+        assert backbone.card["tokens"] == 4 * pool.card["tokens"]
+        assert backbone.card["channels"] == pool.card["channels"] // 2
     assert_split_exact(backbone)
 
 
@@ -69,9 +69,11 @@ def test_more_real_architectures_split_is_exact(name):
 @pytest.mark.slow
 def test_dense_shapes_match_paper(load_cached):
     card = load_cached("RN50").card
-    assert (card["T"], card["C"], card["D"], card["grid"]) == (49, 2048, 1024, [7, 7])
+    assert (card["tokens"], card["channels"], card["embed_dim"], card["token_grid"]) == \
+        (49, 2048, 1024, [7, 7])
     card = load_cached("ViT-B-16").card
-    assert (card["T"], card["C"], card["D"], card["grid"]) == (197, 768, 512, [14, 14])
+    assert (card["tokens"], card["channels"], card["embed_dim"], card["token_grid"]) == \
+        (197, 768, 512, [14, 14])
 
 
 @pytest.mark.slow
@@ -80,12 +82,14 @@ def test_attention_pool_families_shapes(load_cached):
     reads the class token too; SigLIP carries a logit bias."""
     pe, siglip, coca = (load_cached(n).card for n in ("PE-Core-B-16", "ViT-B-16-SigLIP2",
                                                       "coca_ViT-B-32"))
-    assert (pe["family"], pe["T"], pe["C"], pe["D"]) == ("map", 197, 768, 1024)
-    assert (siglip["family"], siglip["T"], siglip["C"], siglip["D"]) == ("map", 196, 768, 768)
+    assert (pe["family"], pe["tokens"], pe["channels"], pe["embed_dim"]) == ("map", 197, 768, 1024)
+    assert (siglip["family"], siglip["tokens"], siglip["channels"], siglip["embed_dim"]) == \
+        ("map", 196, 768, 768)
     assert siglip["logit_bias"] == -10.0 and pe["logit_bias"] is None
-    assert (coca["family"], coca["T"], coca["C"], coca["D"]) == ("coca", 50, 768, 512)
+    assert (coca["family"], coca["tokens"], coca["channels"], coca["embed_dim"]) == \
+        ("coca", 50, 768, 512)
     eva = load_cached("EVA02-B-16").card  # the class token first, as open_clip's ViTs
-    assert (eva["family"], eva["T"], eva["C"], eva["D"], eva["grid"]) == \
+    assert (eva["family"], eva["tokens"], eva["channels"], eva["embed_dim"], eva["token_grid"]) == \
         ("eva", 197, 768, 512, [14, 14])
 
 
@@ -145,7 +149,8 @@ def test_card_is_json_and_stable(tiny):
     assert again.card == card
     assert again.fingerprint == tiny.fingerprint
     for key in ("model", "pretrained", "weights_sha256", "image_size", "mean", "std",
-                "interpolation", "resize_mode", "cut", "T", "C", "D", "logit_scale",
+                "interpolation", "resize_mode", "cut", "tokens", "channels", "embed_dim",
+                "logit_scale",
                 "open_clip_version", "torch_version"):
         assert key in card
     assert card["open_clip_version"] == open_clip.__version__

@@ -49,7 +49,7 @@ def test_backbone_card_as_json():
     result = CliRunner().invoke(main, ["backbone", "safe-cache-tiny-vit", "--json"])
     assert result.exit_code == 0, result.output
     card = json.loads(result.output)
-    assert card["family"] == "vit" and card["T"] == 65 and len(card["fingerprint"]) == 64
+    assert card["family"] == "vit" and card["tokens"] == 65 and len(card["fingerprint"]) == 64
 
 
 def test_backbone_table():

@@ -7,8 +7,9 @@ import numpy as np
 from safe_cache.analysis.correspond import correspond, plot_correspondence
 from safe_cache.store import StoreLayout
 
-CARD = {"model": "toy", "pretrained": None, "family": "resnet", "T": 16, "C": 8, "D": 4,
-        "grid": [4, 4], "image_size": [64, 64]}
+CARD = {"model": "toy", "pretrained": None, "family": "resnet", "tokens": 16, "channels": 8,
+        "embed_dim": 4,
+        "token_grid": [4, 4], "image_size": [64, 64]}
 
 
 def test_a_planted_pattern_is_found(tmp_path, store_factory):
@@ -44,4 +45,4 @@ def test_image_files_through_the_trunk_at_two_cuts(tmp_path):
         # an image matched against itself: the similarity peaks (at 1) at the source point
         assert result["maps"][0][40, 50] == result["maps"][0].max()
         assert abs(result["maps"][0][40, 50] - 1) < 1e-5
-        assert len(result["paths"]) == 3 and result["card"]["grid"] == [cells, cells]
+        assert len(result["paths"]) == 3 and result["card"]["token_grid"] == [cells, cells]

@@ -19,7 +19,7 @@ def test_demo_builds_a_sound_store(tmp_path):
     assert dataset.classnames == sorted(CLASSES)  # sorted folders, underscores -> spaces
     store = open_store(result["store"])
     assert result["rows"]["test"] == len(dataset.splits["test"]) > 0
-    assert store.classifier("hand").shape == (len(CLASSES), store.manifest["backbone"]["D"])
+    assert store.classifier("hand").shape == (len(CLASSES), store.manifest["backbone"]["embed_dim"])
     assert store.fewshot(2, 4)[0].size == 4 * len(CLASSES)
     fitted = {(r.shots, r.seed): r.methods for r in result["results"]}
     assert set(fitted) == {(k, s) for k in (1, 2, 4) for s in (1, 2)}

@@ -141,7 +141,7 @@ def test_attention_maps_before_and_after_fine_tuning(demo, tmp_path):
 
     _, result, path = demo
     maps = attention_maps(result["store"], path, [0, 5])
-    grid = open_store(result["store"]).manifest["backbone"]["grid"]
+    grid = open_store(result["store"]).manifest["backbone"]["token_grid"]
     for name in ("original", "finetuned"):
         values = maps[name]
         assert values.shape[0] == 2 and values.shape[2:] == tuple(grid)

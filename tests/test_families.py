@@ -107,7 +107,7 @@ def test_text_classifier_of_a_map_model_uses_open_clips_tokenizer():
     backbone = load_backbone("safe-cache-tiny-map")
     sentences = [["a photo of a cat."], ["a photo of a dog."]]
     weights = text_classifier(backbone.model, backbone.tokenizer(), sentences)
-    assert weights.shape == (2, backbone.card["D"])
+    assert weights.shape == (2, backbone.card["embed_dim"])
     assert torch.allclose(weights.norm(dim=-1), torch.ones(2), atol=1e-5)
 
 

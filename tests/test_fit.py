@@ -32,12 +32,12 @@ def synthetic_store(path: str) -> str:
     backbone = load_backbone("safe-cache-tiny-rn", init_seed=3)
     card = backbone.card
     rng = np.random.default_rng(0)
-    patterns = rng.standard_normal((CLASSES, card["C"])).astype(np.float32) * 3
-    classifier = F.normalize(torch.randn(CLASSES, card["D"], generator=torch.Generator()
+    patterns = rng.standard_normal((CLASSES, card["channels"])).astype(np.float32) * 3
+    classifier = F.normalize(torch.randn(CLASSES, card["embed_dim"], generator=torch.Generator()
                                          .manual_seed(1)), dim=-1).numpy()
 
     def maps(labels: np.ndarray) -> np.ndarray:
-        dense = np.abs(rng.standard_normal((len(labels), card["T"], card["C"]))).astype(
+        dense = np.abs(rng.standard_normal((len(labels), card["tokens"], card["channels"]))).astype(
             np.float32)
         dense[:, 4] += np.maximum(patterns[labels], 0)
         return dense

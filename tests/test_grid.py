@@ -19,11 +19,11 @@ STEPS, BATCH, CLASSES = 25, 4, 5
 def problem(backbone, samples: int = 16):
     """Dense maps, labels, a fixed text classifier and one minibatch order shared by all runs."""
     generator = torch.Generator().manual_seed(0)
-    shape = (samples, backbone.card["T"], backbone.card["C"])
+    shape = (samples, backbone.card["tokens"], backbone.card["channels"])
     dense = torch.randn(shape, generator=generator, dtype=torch.float64)
     dense = dense.relu() if backbone.family_rules.nonnegative_dense else dense
     labels = torch.randint(0, CLASSES, (samples,), generator=generator)
-    text = F.normalize(torch.randn(CLASSES, backbone.card["D"], generator=generator,
+    text = F.normalize(torch.randn(CLASSES, backbone.card["embed_dim"], generator=generator,
                                    dtype=torch.float64), dim=-1)
     batches = [torch.randperm(samples, generator=generator)[:BATCH] for _ in range(STEPS)]
     return dense, labels, text, batches
@@ -59,7 +59,7 @@ def stacked_run(backbone, dense, labels, text, batches) -> StackedHeads:
     for rows in batches:
         optimizer.zero_grad()
         pooled = stacked(dense[rows])
-        assert pooled.shape == (len(GRID), BATCH, backbone.card["D"])
+        assert pooled.shape == (len(GRID), BATCH, backbone.card["embed_dim"])
         loss_of(pooled, labels[rows], text).backward()
         optimizer.step()
         scheduler.step()
@@ -91,7 +91,8 @@ def test_config_head_is_a_working_standalone_head(tiny):
         noise = torch.randn(stacked.stacked[0][1].shape, generator=torch.Generator().manual_seed(0))
         stacked.stacked[0][1].add_(0.5 * noise)  # storage edits are seen by the leaves
     assert torch.equal(stacked.configs[1][stacked.names[0]], stacked.stacked[0][1])
-    x = torch.randn(2, tiny.card["T"], tiny.card["C"], generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, tiny.card["tokens"], tiny.card["channels"],
+                    generator=torch.Generator().manual_seed(1))
     together = stacked(x)
     for index in range(3):
         assert torch.allclose(stacked.config_head(index)(x), together[index], atol=1e-5)

@@ -29,7 +29,7 @@ def perturbed(fast: torch.nn.Module, naive: torch.nn.Module, seed: int = 2) -> N
 def dense_input(backbone, batch: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
     """Realistic dense maps: non-negative for ResNets (post-ReLU), signed tokens for ViTs."""
     generator = torch.Generator().manual_seed(seed)
-    shape = (batch, backbone.card["T"], backbone.card["C"])
+    shape = (batch, backbone.card["tokens"], backbone.card["channels"])
     x = torch.randn(shape, generator=generator, dtype=torch.float64)
     x = x.relu() if backbone.family_rules.nonnegative_dense else x  # post-ReLU maps
     return x.to(dtype)
@@ -53,7 +53,7 @@ def test_fast_head_matches_open_clip_module(load_cached, name, dtype):
     assert fast.state_dict().keys() == naive.state_dict().keys()
     perturbed(fast, naive)
     x = dense_input(backbone, batch=3, dtype=dtype)
-    probe = torch.randn(3, backbone.card["D"], generator=torch.Generator().manual_seed(1),
+    probe = torch.randn(3, backbone.card["embed_dim"], generator=torch.Generator().manual_seed(1),
                         dtype=dtype)
     out_fast, dx_fast, grads_fast = forward_backward(fast, x, probe)
     out_naive, dx_naive, grads_naive = forward_backward(naive, x, probe)
@@ -94,7 +94,7 @@ def test_head_gradients_equal_open_clips_own(name):
     head = backbone.family_rules.fast_head(visual, backbone.token_grid,
                                            backbone.stages_in_head).requires_grad_(True)
     images = images_for(backbone).double()
-    probe = torch.randn(images.shape[0], backbone.card["D"], generator=generator,
+    probe = torch.randn(images.shape[0], backbone.card["embed_dim"], generator=generator,
                         dtype=torch.float64)
     (backbone.model.encode_image(images, normalize=False) * probe).sum().backward()
     (head(backbone.trunk(images)) * probe).sum().backward()
@@ -113,7 +113,7 @@ def test_fast_head_with_earlier_cut(load_cached, name, cut):
     fast = backbone.new_head().double()
     naive = backbone.naive_head().double().requires_grad_(True)
     x = dense_input(backbone, 2, torch.float64)
-    probe = torch.randn(2, backbone.card["D"], dtype=torch.float64)
+    probe = torch.randn(2, backbone.card["embed_dim"], dtype=torch.float64)
     out_fast, dx_fast, _ = forward_backward(fast, x, probe)
     out_naive, dx_naive, _ = forward_backward(naive, x, probe)
     assert (out_fast - out_naive).abs().max() <= 1e-10
@@ -132,7 +132,7 @@ def test_fast_head_never_projects_every_token(load_cached):
         fast(x)
     with FlopCounterMode(display=False) as naive_count:
         naive(x)
-    t, c = backbone.card["T"], backbone.card["C"]
+    t, c = backbone.card["tokens"], backbone.card["channels"]
     assert fast_count.get_total_flops() < 2 * t * c * c  # less than ONE token-wise projection
     assert naive_count.get_total_flops() / fast_count.get_total_flops() > 10
 
@@ -140,7 +140,7 @@ def test_fast_head_never_projects_every_token(load_cached):
 def test_attention_weights_are_a_distribution(tiny):
     x = dense_input(tiny, 2, torch.float32)
     weights = tiny.head.attention(x)
-    tokens = tiny.card["T"] + tiny.family_rules.extra_attention_keys  # ResNet: the mean token
+    tokens = tiny.card["tokens"] + tiny.family_rules.extra_attention_keys  # ResNet: the mean token
     assert weights.shape[0] == 2 and weights.shape[-1] == tokens
     assert torch.allclose(weights.sum(-1), torch.ones(weights.shape[:-1]), atol=1e-6)
     assert (weights >= 0).all()

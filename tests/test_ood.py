@@ -23,7 +23,8 @@ CLASSES = 4
 def variant_store(url: str, backbone, subset, labels) -> np.ndarray:
     card = backbone.card
     rng = np.random.default_rng(len(labels))
-    dense = np.abs(rng.standard_normal((len(labels), card["T"], card["C"]))).astype(np.float32)
+    dense = np.abs(rng.standard_normal((len(labels), card["tokens"], card["channels"])))
+    dense = dense.astype(np.float32)
     with torch.no_grad():
         pooled = backbone.head(torch.from_numpy(dense)).numpy()
     dataset = {"name": "variant", "num_classes": len(subset or range(CLASSES)),
@@ -40,7 +41,7 @@ def test_subset_variants_use_the_matching_classifier_rows(tmp_path):
     with torch.no_grad():
         for p in head.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    classifier = F.normalize(torch.randn(CLASSES, backbone.card["D"]), dim=-1)
+    classifier = F.normalize(torch.randn(CLASSES, backbone.card["embed_dim"]), dim=-1)
     labels = [0, 1, 1, 0, 1, 0]
     dense = variant_store(str(tmp_path / "a.zarr"), backbone, [1, 3], labels)
     variant_store(str(tmp_path / "v2.zarr"), backbone, None, [0, 1, 2, 3])

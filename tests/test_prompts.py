@@ -51,7 +51,7 @@ def test_text_classifier_matches_direct_computation(load_cached):
             embedded = F.normalize(backbone.model.encode_text(tokenizer(group)), dim=-1)
             rows.append(F.normalize(embedded.mean(0), dim=-1))
     expected = torch.stack(rows)
-    assert ours.shape == (3, backbone.card["D"]) and ours.dtype == torch.float32
+    assert ours.shape == (3, backbone.card["embed_dim"]) and ours.dtype == torch.float32
     assert torch.allclose(ours, expected, atol=1e-6)
     assert torch.allclose(ours.norm(dim=-1), torch.ones(3), atol=1e-6)
     # batching across class boundaries changes nothing

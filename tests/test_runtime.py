@@ -17,7 +17,7 @@ from safe_cache.runtime.allocator import tune_cpu_allocator
 tuned = tune_cpu_allocator() if sys.argv[1] == "tune" else False
 backbone = load_backbone("RN50")
 head = backbone.new_head()
-x = torch.randn(8, backbone.card["T"], backbone.card["C"]).relu()
+x = torch.randn(8, backbone.card["tokens"], backbone.card["channels"]).relu()
 faults = []
 for _ in range(10):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -27,10 +27,12 @@ STEPS, BATCH, CLASSES, SAMPLES, SCALE = 30, 4, 5, 16, 30.0
 def problem(backbone):
     """float16 samples (as fit keeps them), labels, a classifier, one batch order."""
     generator = torch.Generator().manual_seed(0)
-    dense = torch.randn(SAMPLES, backbone.card["T"], backbone.card["C"], generator=generator)
+    dense = torch.randn(SAMPLES, backbone.card["tokens"], backbone.card["channels"],
+                        generator=generator)
     dense = (dense.relu() if backbone.family_rules.nonnegative_dense else dense).half()
     labels = torch.randint(0, CLASSES, (SAMPLES,), generator=generator)
-    text = F.normalize(torch.randn(CLASSES, backbone.card["D"], generator=generator), dim=-1)
+    text = F.normalize(torch.randn(CLASSES, backbone.card["embed_dim"], generator=generator),
+                       dim=-1)
     batches = [torch.randperm(SAMPLES, generator=generator)[:BATCH] for _ in range(STEPS)]
     return dense, labels, text, batches
 

@@ -18,7 +18,7 @@ from safe_cache import StoreError, StoreLockedError, card_fingerprint
 from safe_cache.store import SCHEMA_VERSION, StoreLayout, open_store
 from safe_cache.store.verify import verify_store
 
-T, C, D, V = CARD["T"], CARD["C"], CARD["D"], 2
+T, C, D, V = CARD["tokens"], CARD["channels"], CARD["embed_dim"], 2
 
 
 @pytest.fixture(params=["local", "memory", pytest.param("s3", marks=pytest.mark.slow)])
@@ -255,7 +255,7 @@ def test_verify_finds_a_deleted_and_a_truncated_chunk(tmp_path):
     assert any("test/pooled: chunk of unit 2 is unreadable" in p for p in problems), problems
 
 
-@pytest.mark.parametrize("field, value", [("T", T + 1), ("C", C * 2)])
+@pytest.mark.parametrize("field, value", [("tokens", T + 1), ("channels", C * 2)])
 def test_verify_finds_a_hand_edited_card(tmp_path, field, value):
     url = str(tmp_path / "e.zarr")
     with new_store(url, None) as store:
@@ -333,3 +333,59 @@ def test_reading_a_store_never_imports_torch(tmp_path):
             f"assert verify_store({url!r}) == []; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _as_schema_1(manifest: dict) -> dict:
+    """A manifest as safe-cache 0.2.0 first wrote it: T/C/D/grid keys, schema 1, sealed."""
+    from safe_cache.identity import SEAL_FIELD, manifest_seal
+
+    old = {"tokens": "T", "channels": "C", "embed_dim": "D", "token_grid": "grid"}
+    backbone = {old.get(k, k): v for k, v in manifest["backbone"].items()}
+    backbone["schema"] = 1
+    shapes = {old.get(k, k): v for k, v in manifest["shapes"].items()}
+    stored = {**manifest, "schema_version": 1, "backbone": backbone, "shapes": shapes}
+    stored[SEAL_FIELD] = manifest_seal(stored)
+    return stored
+
+
+def test_a_schema_1_store_reads_with_todays_keys_and_the_same_fingerprint(tmp_path):
+    """store/compat.py: the card's keys were renamed in schema 2; a schema-1 store reads (its
+    seal checked on the stored form), keeps its fingerprint, and is written as schema 2."""
+    import hashlib
+
+    url = str(tmp_path / "old.zarr")
+    with make_store(url) as store:
+        fill(store, "test", 3)
+        fingerprint = store.fingerprint
+        raw_split(url, "", None, mode="r+").attrs["safe_cache"] = _as_schema_1(store.manifest)
+    assert raw_split(url, "", None).attrs["safe_cache"]["backbone"]["T"] == CARD["tokens"]
+    old_labels = {"T": CARD["tokens"], "C": CARD["channels"], "D": CARD["embed_dim"],
+                  "grid": CARD["token_grid"]}
+    fields = ("family", "model_config_sha256", "weights_sha256", "init_seed", "quick_gelu",
+              "image_size", "mean", "std", "interpolation", "resize_mode", "cut")
+    by_hand = {**{k: CARD.get(k) for k in fields}, **old_labels}  # the hash as 0.2.0 took it
+    assert fingerprint == hashlib.sha256(json.dumps(by_hand, sort_keys=True).encode()).hexdigest()
+    store = open_store(url)
+    card = store.manifest["backbone"]
+    assert store.manifest["schema_version"] == SCHEMA_VERSION == 2
+    assert (card["tokens"], card["channels"], card["embed_dim"], card["token_grid"]) == \
+        (CARD["tokens"], CARD["channels"], CARD["embed_dim"], CARD["token_grid"])
+    assert "T" not in card and store.fingerprint == fingerprint == card_fingerprint(card)
+    assert verify_store(url) == []
+    assert whole(store, "test", "pooled").shape[1] == CARD["embed_dim"]
+    with open_store(url, "a") as writer:  # a manifest write stores today's schema
+        writer.record_skipped([{"split": "test", "path": "x.jpg", "error": "unreadable"}])
+    stored = raw_split(url, "", None).attrs["safe_cache"]
+    assert stored["schema_version"] == 2 and stored["backbone"]["tokens"] == CARD["tokens"]
+    assert verify_store(url) == []
+
+
+def test_an_edited_schema_1_manifest_is_still_refused(tmp_path):
+    url = str(tmp_path / "old.zarr")
+    with make_store(url) as store:
+        fill(store, "test", 3)
+        old = _as_schema_1(store.manifest)
+    old["backbone"]["C"] = old["backbone"]["C"] * 2  # edited after sealing
+    raw_split(url, "", None, mode="r+").attrs["safe_cache"] = old
+    with pytest.raises(StoreError, match=r"seal|edited"):
+        open_store(url)

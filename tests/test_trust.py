@@ -316,7 +316,7 @@ def test_nan_in_the_stored_head_is_refused(store, tmp_path):
     (lambda m: m["dataset"].update(name="food101x"), "manifest_sha256"),
     (lambda m: m["dataset"]["classnames"].reverse(), "manifest_sha256"),
     (lambda m: m.pop("manifest_sha256"), "carries no manifest_sha256"),
-    (lambda m: m["backbone"].update(T="5"), "field 'T'"),
+    (lambda m: m["backbone"].update(tokens="5"), "field 'tokens'"),
     (lambda m: m.update(extra=1), "field 'extra'"),
     (lambda m: m["backbone"].pop("logit_scale"), "field 'logit_scale' is missing"),
 ])

@@ -37,7 +37,7 @@ def attention_maps(store_url: str, result_path: str | Path, rows: list[int],
     finetuned.load_state_dict(load_file(str(result.path.with_suffix(".safetensors"))))
     order = store.readable_row_ids(split, rows)
     dense = torch.from_numpy(store.read_rows(split, "dense", order).astype(np.float32))
-    height, width = card["grid"]
+    height, width = card["token_grid"]
     maps = {}
     with torch.no_grad():
         for name, head in (("original", original), ("finetuned", finetuned)):

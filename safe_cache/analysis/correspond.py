@@ -23,7 +23,7 @@ from ..store import open_store
 
 def _feature_image(dense: np.ndarray, card: dict[str, Any]) -> torch.Tensor:
     """(T, C) stored tokens -> (C, H_img, W_img) upsampled feature image."""
-    height, width = card["grid"]
+    height, width = card["token_grid"]
     tokens = torch.from_numpy(dense.astype(np.float32))
     tokens = tokens[-height * width:]  # the patch grid: drop a class token / registers
     grid = tokens.T.reshape(1, -1, height, width)

@@ -51,7 +51,8 @@ def info(store: str | None, storage_options: dict | None, as_json: bool, **filte
         ("dataset", f"{dataset.get('name')} ({dataset.get('num_classes')} classes)"),
         ("backbone", f"{backbone.get('model')} / {weights}"),
         ("fingerprint", manifest["backbone_fingerprint"][:16]),
-        ("dense map", f"T={backbone['T']} C={backbone['C']} D={backbone['D']}"),
+        ("dense map", f"tokens={backbone['tokens']} channels={backbone['channels']}"
+                      f" embed_dim={backbone['embed_dim']}"),
         ("views", f"{manifest['views'].get('count')} (decoded by"
                   f" {manifest['views'].get('decode', 'pil')})"),
         ("layout", json.dumps(manifest["layout"])),

@@ -38,7 +38,7 @@ from .weights import ResolvedWeights, load_weights_into, resolve_weights
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)  # the shipped tiny configs become open_clip names
 
-CARD_SCHEMA = 1
+CARD_SCHEMA = 2  # 2: tokens/channels/embed_dim/token_grid, not T/C/D/grid (store/compat.py)
 # What each family covers (families/): the card's `family` values, in the registry's order.
 SUPPORTED_FAMILIES = {name: f.description for name, f in FAMILIES.items()}
 
@@ -147,7 +147,7 @@ class Backbone:
     trunk: Trunk
     head: nn.Module
     family: str
-    token_grid: tuple[int, int]  # (H, W) of the dense map's spatial tokens (card key 'grid')
+    token_grid: tuple[int, int]  # (H, W) of the dense map's spatial tokens (card key 'token_grid')
     stages_in_head: int
     model_config: dict[str, Any] | None = None  # the open_clip architecture (for stores)
     open_clip_name: str | None = None  # the name open_clip's registry knows (tokenizer)
@@ -260,7 +260,7 @@ def head_from_config(model_config: dict[str, Any], card: dict[str, Any]) -> Grid
         visual = open_clip.model.CLIP(**vision_only).visual.eval()
     rules = families.module_family(visual)
     stages = rules.head_stages(card["cut"])
-    return rules.fast_head(visual, tuple(card["grid"]), stages)
+    return rules.fast_head(visual, tuple(card["token_grid"]), stages)
 
 
 def _check_config_family(spec: ModelSpec) -> None:
@@ -320,10 +320,10 @@ def _make_card(
         "interpolation": pp["interpolation"],
         "resize_mode": pp["resize_mode"],
         "cut": cut,
-        "T": tokens,
-        "C": channels,
-        "D": int(out_dim),
-        "grid": list(token_grid),  # the token grid (H, W); the key predates the name
+        "tokens": tokens,
+        "channels": channels,
+        "embed_dim": int(out_dim),
+        "token_grid": list(token_grid),
         "logit_scale": float(clip.logit_scale.detach().exp().item()),
         # sigmoid-trained models (SigLIP): a constant added to every class's logit, so it cancels
         # in softmax and argmax (zero-shot, Tip-Adapter, SAFE's loss); recorded, not used

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the card says tokens/channels/embed_dim/token_grid (compat.py)
 SPLITS = ("train", "val", "test")
 MANIFEST_ATTRIBUTE = "safe_cache"  # the root zarr.json attribute holding the store manifest
 MANIFEST_FIELDS = ("schema_version", "backbone", "backbone_fingerprint", "dataset", "views",
@@ -59,7 +59,8 @@ class ArraySpec:
 
     def tail(self, shapes: dict[str, int], views: int) -> tuple[int, ...]:
         """The shape after the first axis (image or unit), from the card's sizes."""
-        sizes = {"token": shapes["T"], "channel": shapes["C"], "embed": shapes["D"],
+        sizes = {"token": shapes["tokens"], "channel": shapes["channels"],
+                 "embed": shapes["embed_dim"],
                  "view": views}
         return tuple(sizes[dim] for dim in self.dims[1:])
 

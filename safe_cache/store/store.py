@@ -52,6 +52,7 @@ from ..identity import SEAL_FIELD, canonical_sha256, card_fingerprint, manifest_
 from ..names import plain_name
 from ..records import StoreManifest
 from .chunkcache import ChunkCache, cached_group
+from .compat import READABLE_VERSIONS, current_manifest
 from .lease import Lease, stored_holder
 from .paths import OBJECT_STORE_SCHEMES, extract_command
 from .schema import (
@@ -165,7 +166,12 @@ class FeatureStore:
     # --- reading ------------------------------------------------------------------------------
     @property
     def manifest(self) -> dict[str, Any]:
-        """The store's manifest: backbone card and fingerprint, dataset, views, layout, ..."""
+        """The store's manifest: backbone card and fingerprint, dataset, views, layout, ...
+        (in today's schema: an earlier one is read through compat.py)."""
+        return current_manifest(dict(self._group.attrs[MANIFEST_ATTRIBUTE]))
+
+    def stored_manifest(self) -> dict[str, Any]:
+        """The manifest as stored, in its own schema: what its seal was computed over."""
         return dict(self._group.attrs[MANIFEST_ATTRIBUTE])
 
     @property
@@ -831,7 +837,7 @@ def create_store(
         "dataset": dataset,
         "views": views,
         "dtype": {"dense": "float16", "pooled": "float32"},
-        "shapes": {k: backbone_card[k] for k in ("T", "C", "D")},
+        "shapes": {k: backbone_card[k] for k in ("tokens", "channels", "embed_dim")},
         "layout": asdict(layout),
         "tool_version": __version__,
         "created": _now(),
@@ -891,7 +897,7 @@ def open_store(url: str, mode: str = "r", *, storage_options: dict | None = None
                          f" attribute).")
     manifest = group.attrs[MANIFEST_ATTRIBUTE]
     version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise StoreError(
             f"{url} has store schema version {version}; this safe-cache ({__version__}) reads"
             f" version {SCHEMA_VERSION}. Use a matching safe-cache, or re-extract the store."
@@ -909,14 +915,16 @@ def open_store(url: str, mode: str = "r", *, storage_options: dict | None = None
 
 
 def manifest_problems(url: str, manifest: Any) -> list[str]:
-    """Why a manifest cannot be trusted (empty when it can): its typed form (records.py), its
-    card's fingerprint, and its seal over every other field."""
+    """Why a manifest as stored cannot be trusted (empty when it can): its typed form
+    (records.py, in today's schema: compat.py), its card's fingerprint, and its seal over every
+    other field of the stored form."""
+    current = current_manifest(manifest) if isinstance(manifest, dict) else manifest
     try:
-        StoreManifest.from_dict(manifest, "manifest")
+        StoreManifest.from_dict(current, "manifest")
     except StoreError as exc:
         return [str(exc)]
     problems = []
-    if card_fingerprint(manifest["backbone"]) != manifest["backbone_fingerprint"]:
+    if card_fingerprint(current["backbone"]) != manifest["backbone_fingerprint"]:
         problems.append("manifest: the backbone card does not match its fingerprint (edited by"
                         " hand?)")
     seal = manifest.get(SEAL_FIELD)

@@ -51,8 +51,9 @@ def verify_store(url: str, *, storage_options: dict | None = None) -> list[str]:
         StoreManifest.from_dict(manifest, "manifest")
     except StoreError as exc:
         return [str(exc)]  # malformed: its sizes cannot be used to check the data
-    problems = manifest_problems(url, manifest)  # edited or unsealed: reported, data checked
-    for key in ("T", "C", "D"):
+    # edited or unsealed: reported, data checked (the seal is over the stored schema's form)
+    problems = manifest_problems(url, store.stored_manifest())
+    for key in ("tokens", "channels", "embed_dim"):
         if manifest["shapes"].get(key) != manifest["backbone"].get(key):
             problems.append(f"card: shapes.{key}={manifest['shapes'].get(key)} but backbone."
                             f"{key}={manifest['backbone'].get(key)}")
@@ -142,9 +143,9 @@ def _verify_extras(store: FeatureStore) -> list[str]:
     if "text" in store._group:
         for name in store._group["text"].group_keys():
             shape = store._group[f"text/{name}/classifier"].shape
-            if shape != (classes, manifest["backbone"]["D"]):
+            if shape != (classes, manifest["backbone"]["embed_dim"]):
                 problems.append(f"text/{name}: classifier shape {shape}, expected"
-                                f" {(classes, manifest['backbone']['D'])}")
+                                f" {(classes, manifest['backbone']['embed_dim'])}")
     for key in store.small_arrays():
         problem, _ = small_array_problem(store._group[key])
         if problem:

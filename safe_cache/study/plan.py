@@ -108,7 +108,7 @@ def _shapes(backbone: StudyBackbone, cache: dict) -> tuple[int, int]:
         from ..model.backbone import load_backbone
 
         card = load_backbone(backbone.model, None, cut=backbone.cut).card
-        cache[backbone] = (card["T"], card["C"])
+        cache[backbone] = (card["tokens"], card["channels"])
     return cache[backbone]
 
 
