@@ -73,7 +73,7 @@ class RunResult:
     test_images: int
     norm_ratio_finetuned_over_original: float
     recipe: dict[str, Any]  # fit.recipe.Recipe.record() and the loss_logit_scale it used
-    curves: dict[str, list]  # per evaluation: iters, val_acc[G], train_loss[G]
+    curves: dict[str, list[Any]]  # per evaluation: iters, val_acc[G], train_loss[G]
     execution: dict[str, Any]  # device, graphed (CUDA graph), why_eager
     ood: dict[str, dict[str, Any]] | None = None
     # Set once the run is done (fit_one, fit_and_save, write_result): every file has them.
@@ -91,12 +91,14 @@ class RunResult:
     @property
     def recipe_name(self) -> str:
         """The recipe that made the run (its recipe block's name)."""
-        return self.recipe["name"]
+        name: str = self.recipe["name"]  # checked a text on reading
+        return name
 
     @property
     def selected_on(self) -> str:
         """Where Tip-Adapter-F and SAFE-A chose their epoch: "val", or "test" (reference)."""
-        return self.config["select_on"]
+        select_on: str = self.config["select_on"]  # checked by FitConfig.from_dict on reading
+        return select_on
 
     @property
     def backbone_label(self) -> str:
@@ -171,10 +173,11 @@ class RunResult:
                 raise ResultError(f"{source}: '{block}.{name}' is"
                                   f" {getattr(self, block).get(name)!r:.60}, not a text.")
         for name in run_id.STORE_FIELDS:  # what the run read: part of its identity
-            value, kind = self.store.get(name), int if name == "test_rows" else str
-            if not isinstance(value, kind) or isinstance(value, bool):
+            value = self.store.get(name)
+            wanted: type[int] | type[str] = int if name == "test_rows" else str
+            if not isinstance(value, wanted) or isinstance(value, bool):
                 raise ResultError(f"{source}: 'store.{name}' is {value!r:.60}, not"
-                                  f" {'an integer' if kind is int else 'a text'}; fit it again"
+                                  f" {'an integer' if wanted is int else 'a text'}; fit it again"
                                   f" (--force).")
         plain_name(self.dataset, f"{source}: dataset", ResultError)
         for name, low in (("shots", 1), ("seed", 0)):
@@ -224,6 +227,7 @@ class RunResult:
             raise ResultError(f"{exc}; fit it again (--force).") from None
         # The identity as written (a later safe-cache may compute identities with more
         # fields: fit then runs such a result again; here only its own hash is checked).
+        assert isinstance(self.identity, dict)  # checked above
         if self.identity_sha256 != run_id.identity_sha256(self.identity):
             raise ResultError(f"{source}: its identity does not match its identity_sha256"
                               f" (edited by hand); fit it again (--force).")
@@ -317,6 +321,7 @@ def files_problem(record: RunResult) -> str | None:
     each file carries the run's id."""
     from safetensors import safe_open
 
+    assert record.path is not None, "a record read from a file"
     wanted = [head_file(record.path)] + ([cache_file(record.path)] if "safe_a" in
                                          record.methods else [])
     for path in wanted:
@@ -383,7 +388,9 @@ def load_results(folder: str | Path) -> list[RunResult]:
         record = load_result(path)
         key = run_id.identity_sha256(record.run_identity)
         if key in records:
-            warnings.warn(f"{path} is the same run as {records[key].path.name}: counted once.",
+            first = records[key].path
+            assert first is not None  # set by load_result
+            warnings.warn(f"{path} is the same run as {first.name}: counted once.",
                           SafeCacheWarning, stacklevel=2)
             continue
         records[key] = record

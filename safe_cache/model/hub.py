@@ -118,7 +118,8 @@ def _hub_file(source: ModelSource, filename: str, cache_dir: str | Path | None) 
     raise _unavailable(source, filename, reason, where)
 
 
-def _unavailable(source: ModelSource, filename: str, reason: str, where: str):
+def _unavailable(source: ModelSource, filename: str, reason: str, where: str
+                 ) -> WeightsUnavailableError | ModelConfigError:
     error = WeightsUnavailableError if filename in WEIGHT_FILES else ModelConfigError
     return error(
         f"Could not fetch {filename} of {source.label} ({reason}). The hub cache is {where}, and"

@@ -14,7 +14,8 @@ from .paths import STORE_ROOT_ENV, backbone_label, card_model_name, store_root_s
 from .store import open_store
 
 
-def find_stores(root: str, *, storage_options: dict | None = None) -> list[dict[str, Any]]:
+def find_stores(root: str, *, storage_options: dict[str, Any] | None = None
+                ) -> list[dict[str, Any]]:
     """Every store directly under `root` or one level down (stores/<dataset>/<name>.zarr).
     A local root that does not exist is an error (an empty listing would hide a typo)."""
     if "://" not in root and not Path(root).is_dir():
@@ -54,7 +55,7 @@ def _weights_match(stored: str | None, wanted: str) -> bool:
 
 def select_stores(root: str | None = None, *, dataset: str | None = None,
                   model: str | None = None, pretrained: str | None = None,
-                  storage_options: dict | None = None) -> list[str]:
+                  storage_options: dict[str, Any] | None = None) -> list[str]:
     """The URLs of the stores under the store root (see paths.store_root) holding `dataset`,
     `model` and `pretrained` where given; none is an error listing what is there and the
     extract command that would make one."""

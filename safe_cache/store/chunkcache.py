@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import zarr
-from zarr.abc.store import ByteRequest
+from zarr.abc.store import ByteRequest, Store
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.storage import LocalStore, WrapperStore
 
@@ -29,10 +29,10 @@ from ..atomic import atomic_write_bytes
 from .schema import is_cacheable
 
 
-class ChunkCache(WrapperStore):
+class ChunkCache(WrapperStore[Store]):
     """Serves feature chunks from a local folder, fetching each whole object once."""
 
-    def __init__(self, store: Any, folder: str | os.PathLike,
+    def __init__(self, store: Any, folder: str | os.PathLike[str],
                  counts: dict[str, int] | None = None) -> None:
         super().__init__(store)
         self.folder = Path(folder)

@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import zarr
 
@@ -50,7 +50,8 @@ def stored_holder(root: zarr.Group) -> dict[str, Any] | None:
         node = zarr.open_group(root.store, path="lease", mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         return None
-    return dict(node.attrs).get("holder") or None
+    holder = dict(node.attrs).get("holder")
+    return cast("dict[str, Any]", holder) if holder else None  # a holder is written whole
 
 
 class Lease:
@@ -68,7 +69,7 @@ class Lease:
                 stale_after: float = STALE_AFTER_S, interval: float = HEARTBEAT_S) -> Lease:
         node = root.require_group("lease")
         now = time.time()
-        current = node.attrs.get("holder")
+        current = cast("dict[str, Any] | None", node.attrs.get("holder"))
         if current:
             age = now - current["heartbeat"]
             if _dead_here(current):
@@ -82,7 +83,7 @@ class Lease:
                 raise StoreLockedError(
                     f"{root.store} has a stale writer lease: {_describe(current, now)}. If that"
                     f" writer is dead, take the lease over with --takeover (takeover=True).")
-        holder = {"host": socket.gethostname(), "pid": os.getpid(),
+        holder: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(),
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "heartbeat": now,
                   "token": uuid.uuid4().hex}
         node.attrs["holder"] = holder
@@ -110,6 +111,6 @@ class Lease:
     def release(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        current = self.node.attrs.get("holder")
+        current = cast("dict[str, Any] | None", self.node.attrs.get("holder"))
         if current and current.get("token") == self.holder["token"]:
             self.node.attrs["holder"] = None

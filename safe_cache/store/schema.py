@@ -192,6 +192,7 @@ def describe_arrays() -> str:
     for spec in ARRAYS:
         notes = []
         if spec.role == "bookkeeping":
+            assert spec.part is not None  # every flag covers a part
             covered = ", ".join(f"`{feature.name}`" for feature in PARTS[spec.part].features)
             notes.append(f"covers {covered}")
         if spec.optional:

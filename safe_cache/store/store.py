@@ -39,7 +39,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import fsspec
 import numpy as np
@@ -758,6 +758,23 @@ class FeatureStore:
 
 
 DIGEST = "sha256"  # the attribute of a small array holding its content's digest
+
+
+def array_at(group: zarr.Group, key: str) -> zarr.Array[Any]:
+    """The array at `key` under `group`, where the store's schema puts an array (zarr types
+    `group[key]` as an array or a group)."""
+    return cast("zarr.Array[Any]", group[key])
+
+
+def group_at(group: zarr.Group, key: str) -> zarr.Group:
+    """The group at `key` under `group`, where the store's schema puts a group."""
+    return cast(zarr.Group, group[key])
+
+
+def read(array: zarr.Array[Any], selection: Any = slice(None)) -> np.ndarray:
+    """`array[selection]` (all of it by default): an ndarray for a slice or rows of a stored
+    array (zarr types it as any of its scalars too)."""
+    return cast(np.ndarray, array[selection])
 
 
 def array_sha256(values: np.ndarray) -> str:

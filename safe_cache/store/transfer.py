@@ -35,21 +35,21 @@ class CopyReport:
     problems: list[str] = field(default_factory=list)
 
 
-def _filesystem(url: str, options: dict | None):
+def _filesystem(url: str, options: dict[str, Any] | None) -> tuple[Any, str]:
     if "://" not in url:
         return LocalFileSystem(auto_mkdir=True), str(LocalFileSystem._strip_protocol(url))
     fs, path = fsspec.core.url_to_fs(url, **(options or {}))
     return fs, path.rstrip("/")
 
 
-def _objects(fs, root: str) -> dict[str, int]:
+def _objects(fs: Any, root: str) -> dict[str, int]:
     """Relative key -> size of every object under root."""
     found = fs.find(root, detail=True)
     return {path[len(root):].lstrip("/"): int(info.get("size") or 0)
             for path, info in found.items() if info.get("type", "file") == "file"}
 
 
-def _check_source(source: str, options: dict | None) -> None:
+def _check_source(source: str, options: dict[str, Any] | None) -> None:
     store = open_store(source, "r", storage_options=options)
     holder = store.lease_holder()
     if holder:
@@ -58,7 +58,7 @@ def _check_source(source: str, options: dict | None) -> None:
                          f" finish it with `safe-cache extract --takeover` if the writer died.")
 
 
-def _check_destination(fs, root: str, destination: str) -> None:
+def _check_destination(fs: Any, root: str, destination: str) -> None:
     if fs.exists(root) and not fs.isdir(root):
         raise StoreError(f"{destination} is a file, not a folder or prefix: choose another"
                          f" destination (nothing was copied).")
@@ -67,8 +67,8 @@ def _check_destination(fs, root: str, destination: str) -> None:
                          f" delete it first (nothing was copied).")
 
 
-def copy_store(source: str, destination: str, *, source_options: dict | None = None,
-               destination_options: dict | None = None, verify: bool = True,
+def copy_store(source: str, destination: str, *, source_options: dict[str, Any] | None = None,
+               destination_options: dict[str, Any] | None = None, verify: bool = True,
                progress: ProgressSink = null_progress) -> CopyReport:
     """Copy a complete store from `source` to `destination` (see the module docstring)."""
     started = time.perf_counter()
@@ -96,7 +96,9 @@ def copy_store(source: str, destination: str, *, source_options: dict | None = N
 
 
 def _batches(keys: list[str], sizes: dict[str, int]) -> list[list[str]]:
-    batches, current, total = [], [], 0
+    batches: list[list[str]] = []
+    current: list[str] = []
+    total = 0
     for key in keys:
         if current and total + sizes[key] > BATCH_BYTES:
             batches.append(current)
@@ -106,7 +108,7 @@ def _batches(keys: list[str], sizes: dict[str, int]) -> list[list[str]]:
     return batches + ([current] if current else [])
 
 
-def _send(src_fs, src_root: str, dst_fs, dst_root: str, keys: list[str],
+def _send(src_fs: Any, src_root: str, dst_fs: Any, dst_root: str, keys: list[str],
           progress: ProgressSink, task: int, sizes: dict[str, int], report: CopyReport) -> None:
     data = src_fs.cat([f"{src_root}/{key}" for key in keys])
     dst_fs.pipe({f"{dst_root}/{key}": data[f"{src_root}/{key}"] for key in keys})

@@ -15,20 +15,25 @@ from typing import Any
 
 import fsspec
 import numpy as np
+import zarr
 
 from ..errors import StoreError
 from ..records import StoreManifest
 from .schema import BY_NAME, FEATURES, MANIFEST_FIELDS, chunk_keys, split_arrays
 from .store import (
     FeatureStore,
+    array_at,
+    group_at,
     manifest_problems,
     open_store,
+    read,
     seal_store,
     small_array_problem,
 )
 
 
-def expected_arrays(manifest: dict[str, Any], split: str) -> dict[str, tuple[tuple, str | None]]:
+def expected_arrays(manifest: dict[str, Any], split: str
+                    ) -> dict[str, tuple[tuple[int, ...], str | None]]:
     """Row and feature array name -> (shape after the image axis, dtype) that the schema and the
     manifest imply (None: a string dtype, whose name differs between zarr versions)."""
     views = manifest["views"].get("count", 0)
@@ -37,7 +42,7 @@ def expected_arrays(manifest: dict[str, Any], split: str) -> dict[str, tuple[tup
             for spec in split_arrays(split, views, manifest) if spec.role != "bookkeeping"}
 
 
-def verify_store(url: str, *, storage_options: dict | None = None) -> list[str]:
+def verify_store(url: str, *, storage_options: dict[str, Any] | None = None) -> list[str]:
     try:
         store = open_store(url, "r", storage_options=storage_options, check_fingerprint=False)
     except StoreError as exc:
@@ -64,7 +69,7 @@ def verify_store(url: str, *, storage_options: dict | None = None) -> list[str]:
     return problems
 
 
-def seal_verified(url: str, *, storage_options: dict | None = None) -> list[str]:
+def seal_verified(url: str, *, storage_options: dict[str, Any] | None = None) -> list[str]:
     """verify, then seal the manifest of a store whose only problem is that it carries no seal
     (a store of an older safe-cache): the person asking has checked what it names."""
     problems = verify_store(url, storage_options=storage_options)
@@ -76,15 +81,15 @@ def seal_verified(url: str, *, storage_options: dict | None = None) -> list[str]
     return []
 
 
-def _verify_split(store: FeatureStore, split: str, fs, root: str) -> list[str]:
+def _verify_split(store: FeatureStore, split: str, fs: Any, root: str) -> list[str]:
     manifest, group = store.manifest, store._arrays(split)
     problems = []
-    rows = group["label"].shape[0]
+    rows = array_at(group, "label").shape[0]
     for name, (tail, dtype) in expected_arrays(manifest, split).items():
         if name not in group:
             problems.append(f"{split}/{name}: missing")
             continue
-        array = group[name]
+        array = array_at(group, name)
         if tuple(array.shape) != (rows, *tail):
             problems.append(f"{split}/{name}: shape {tuple(array.shape)}, card implies"
                             f" {(rows, *tail)}")
@@ -93,7 +98,7 @@ def _verify_split(store: FeatureStore, split: str, fs, root: str) -> list[str]:
     if problems:
         return problems
     unit = store.layout.unit
-    complete = np.zeros(group["complete"].shape[0], dtype=bool)
+    complete = np.zeros(array_at(group, "complete").shape[0], dtype=bool)
     complete[store.complete_units(split)] = True
     missing = np.flatnonzero(~complete)
     if missing.size:
@@ -106,11 +111,12 @@ def _verify_split(store: FeatureStore, split: str, fs, root: str) -> list[str]:
     return problems
 
 
-def _verify_unit(group, split: str, unit: int, rows_per_unit: int, keys: set[str],
+def _verify_unit(group: zarr.Group, split: str, unit: int, rows_per_unit: int, keys: set[str],
                  prefix: str, classes: int) -> list[str]:
     problems = []
-    start, stop = unit * rows_per_unit, min((unit + 1) * rows_per_unit, group["label"].shape[0])
-    labels = group["label"][start:stop]
+    start, stop = unit * rows_per_unit, min((unit + 1) * rows_per_unit,
+                                            array_at(group, "label").shape[0])
+    labels = read(array_at(group, "label"), slice(start, stop))
     valid = labels >= 0
     if (labels < -1).any() or (labels >= classes).any():
         problems.append(f"{split}/label: unit {unit} holds labels outside -1..{classes - 1}"
@@ -118,7 +124,7 @@ def _verify_unit(group, split: str, unit: int, rows_per_unit: int, keys: set[str
     for name in FEATURES:
         if name not in group:
             continue
-        array = group[name]
+        array = array_at(group, name)
         spec = BY_NAME[name]
         views = array.shape[1] if spec.per_view else 0
         expected = [f"{prefix}/{name}/{key}" for key in chunk_keys(spec, unit, views, array.ndim)]
@@ -127,7 +133,7 @@ def _verify_unit(group, split: str, unit: int, rows_per_unit: int, keys: set[str
             problems.append(f"{split}/{name}: chunk of unit {unit} is missing ({absent[0]})")
             continue
         try:
-            values = array[start:stop]
+            values = read(array, slice(start, stop))
         except Exception as exc:  # a truncated or corrupt chunk fails in its codec
             problems.append(f"{split}/{name}: chunk of unit {unit} is unreadable ({exc!r:.120})")
             continue
@@ -137,26 +143,26 @@ def _verify_unit(group, split: str, unit: int, rows_per_unit: int, keys: set[str
 
 
 def _verify_extras(store: FeatureStore) -> list[str]:
-    problems = []
+    problems: list[str] = []
     manifest = store.manifest
     classes = manifest["dataset"].get("num_classes")
     if "text" in store._group:
-        for name in store._group["text"].group_keys():
-            shape = store._group[f"text/{name}/classifier"].shape
+        for name in group_at(store._group, "text").group_keys():
+            shape = array_at(store._group, f"text/{name}/classifier").shape
             if shape != (classes, manifest["backbone"]["embed_dim"]):
                 problems.append(f"text/{name}: classifier shape {shape}, expected"
                                 f" {(classes, manifest['backbone']['embed_dim'])}")
     for key in store.small_arrays():
-        problem, _ = small_array_problem(store._group[key])
+        problem, _ = small_array_problem(array_at(store._group, key))
         if problem:
             problems.append(f"{key}: {problem}")
     if "fewshot" in store._group:
         readable = {split: set(store.readable_rows(split).tolist()) for split in store.splits()}
-        for seed in store._group["fewshot"].group_keys():
-            for shots in store._group[f"fewshot/{seed}"].group_keys():
-                node = store._group[f"fewshot/{seed}/{shots}"]
+        for seed in group_at(store._group, "fewshot").group_keys():
+            for shots in group_at(store._group, f"fewshot/{seed}").group_keys():
+                node = group_at(store._group, f"fewshot/{seed}/{shots}")
                 for split in ("train", "val"):
-                    rows = node[f"{split}_rows"][:]
+                    rows = read(array_at(node, f"{split}_rows"))
                     lost = [r for r in rows.tolist() if r not in readable.get(split, set())]
                     if lost:
                         problems.append(f"fewshot/{seed}/{shots}: {len(lost)} {split} rows are"

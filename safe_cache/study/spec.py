@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,9 @@ from ..extract.config import ExtractConfig
 from ..fit.config import FitConfig
 from ..fit.results import METHODS
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ImportError:  # Python 3.10
+else:  # Python 3.10
     import tomli as tomllib
 
 STUDY_DIR = Path(__file__).parent / "studies"
