@@ -327,3 +327,14 @@ def test_a_studys_tables_take_the_configs_fields_and_defaults():
     assert (study.shots, study.seeds, study.prompts) == (
         default_of(FitConfig, "shots"), default_of(FitConfig, "seeds"),
         (default_of(FitConfig, "prompts"),))
+
+
+def test_execution_settings_in_a_study_point_at_study_runs_options(tmp_path):
+    from safe_cache.errors import ConfigError
+
+    study = tmp_path / "s.toml"
+    study.write_text('name = "s"\ndatasets = ["dtd"]\n'
+                     'backbones = [{model = "RN50", pretrained = "openai"}]\n'
+                     '[fit]\nlocal_workers = 2\n')
+    with pytest.raises(ConfigError, match=r"`study run --scheduler ADDRESS` or `--local-workers"):
+        load_study(study)

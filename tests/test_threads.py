@@ -119,3 +119,16 @@ def test_fit_records_the_thread_policy(monkeypatch, tmp_path):
                              lrs=(1e-3,), wds=(0.0,), device="cpu", out=str(tmp_path / "r"),
                              methods=()))
     assert result.execution["threads"] == "fixed" and result.execution["thread_counts"] == [1]
+
+
+def test_a_bad_thread_count_names_where_it_came_from_on_the_cli(monkeypatch):
+    from click.testing import CliRunner
+
+    from safe_cache.cli import main
+
+    result = CliRunner().invoke(main, ["fit", "--threads", "0", "--store", "x.zarr"])
+    assert result.exit_code == 2 and "whole number of threads >= 1" in result.output
+    assert "SAFE_CACHE_THREADS" not in result.output
+    result = CliRunner().invoke(main, ["fit", "--store", "x.zarr"],
+                                env={"SAFE_CACHE_THREADS": "abc"})
+    assert result.exit_code == 2 and "SAFE_CACHE_THREADS='abc'" in result.output

@@ -249,12 +249,17 @@ def _set_threads(ctx: click.Context, param: click.Parameter, value: str | None) 
         return None
     import os
 
+    from click.core import ParameterSource
+
     from ..runtime.threads import ENV, requested_threads
 
     try:
         requested_threads(value)
     except SafeCacheError as exc:
-        raise click.BadParameter(str(exc).removeprefix(f"--threads {value!r}: ")) from None
+        reason = str(exc).removeprefix(f"--threads {value!r}: ")
+        if ctx.get_parameter_source("threads") == ParameterSource.ENVIRONMENT:
+            reason = f"{ENV}={value!r}: {reason}"
+        raise click.BadParameter(reason) from None
     os.environ[ENV] = value
     return None
 

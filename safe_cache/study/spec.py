@@ -52,6 +52,9 @@ CLI_SPELLINGS = {"lr": "lrs", "wd": "wds"}
 
 
 def _did_you_mean(key: str, allowed: set[str]) -> str:
+    if key in ("scheduler", "local_workers"):
+        return (" (where runs execute is not the study's: `study run --scheduler ADDRESS` or"
+                " `--local-workers N`)")
     if CLI_SPELLINGS.get(key) in allowed:
         return f" (the CLI's --{key} is '{CLI_SPELLINGS[key]}' here, as in FitConfig)"
     close = difflib.get_close_matches(key, sorted(allowed), n=1)
