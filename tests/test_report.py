@@ -66,8 +66,9 @@ def test_formats_and_plots(tmp_path):
     assert json.loads(render(rows, "json"))[0]["dataset"] == "dtd"
     written = write_plots(rows, load_results(tmp_path / "results"), tmp_path / "plots")
     names = sorted(p.name for p in written)
-    assert names == ["accuracy_vs_shots_dtd.png", "beta_curve_dtd.png", "grid_dtd_shots1.png",
-                     "grid_dtd_shots2.png"]
+    curves = [f"curves_dtd_RN50-openai_shots{k}_seed{s}_safe.png" for k in (1, 2) for s in (1, 2)]
+    assert names == sorted(["accuracy_vs_shots_dtd.png", "beta_curve_dtd.png", *curves,
+                            "grid_dtd_shots1.png", "grid_dtd_shots2.png"])  # runs keep curves
     for path in written:
         data = path.read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000
@@ -75,7 +76,7 @@ def test_formats_and_plots(tmp_path):
                                     str(tmp_path / "cli-plots")])
     assert cli.exit_code == 0, cli.output
     assert "dtd / RN50-openai" in cli.output and "± " in cli.output
-    assert len(list((tmp_path / "cli-plots").glob("*.png"))) == 4
+    assert len(list((tmp_path / "cli-plots").glob("*.png"))) == len(names)
 
 
 def test_a_malformed_result_file_is_named(tmp_path):

@@ -132,3 +132,17 @@ def test_a_bad_thread_count_names_where_it_came_from_on_the_cli(monkeypatch):
     result = CliRunner().invoke(main, ["fit", "--store", "x.zarr"],
                                 env={"SAFE_CACHE_THREADS": "abc"})
     assert result.exit_code == 2 and "SAFE_CACHE_THREADS='abc'" in result.output
+
+
+def test_extracts_policy_never_follows_the_load(monkeypatch):
+    """Stored maps must not depend on a neighbour's load: extract's count is the usable cores
+    less its workers, fixed for the run, however busy the machine is."""
+    monkeypatch.delenv(threads.ENV, raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 4)
+    policy = ThreadPolicy(reserve=1, adapt=False)
+    assert policy.sampler is None  # nothing measures the load
+    policy.sampler = FakeSampler(3.5)  # and were it measured, it is not consulted
+    assert policy._choose() == 3
+    policy.checked = 0.0
+    policy.tick()
+    assert policy.history == []  # tick does nothing for a fixed count

@@ -78,9 +78,12 @@ def extract_items(store: FeatureStore, backbone: Backbone, split: str, items: li
     loader, make_views = _loader(items, backbone, recipe if views else None, config, unit, workers)
     task = progress.start(f"{store.manifest['dataset']['name']} {split}", len(items),
                           unit="img")
-    # the decoding workers' cores first: workers + torch threads <= the cores we may use
+    # The configured decoding workers' cores first (workers + torch threads <= the cores we
+    # may use), one count for the whole run and never from the load: a convolution's float
+    # sums depend on the thread count, and a resumed or distributed extraction must store
+    # bitwise the maps an uninterrupted one stores (tests/test_extract.py kills one midway).
     with _Writer(store, split, config.writer_threads) as writer, \
-            thread_policy(reserve=workers) as threads:
+            thread_policy(reserve=auto_workers(config.workers), adapt=False) as threads:
         current: dict[str, Any] | None = None
         for batch in loader:
             threads.tick()

@@ -12,10 +12,14 @@ The policy (`ThreadPolicy`):
   cgroup CPU quota (containers, SLURM's cgroup plugin), at least 1 (`usable_cores`);
 - of those, the ones other processes leave idle, measured from /proc/stat over the last few
   seconds (our own CPU time, spinning included, does not count against us); re-measured every
-  `TICK_S` seconds by the long loops (a fit's iterations, extract's batches), so a fit started
+  `TICK_S` seconds by a fit's training loop, so a fit started
   beside a busy job widens again when the job ends;
 - DataLoader workers a stage starts are subtracted first (`reserve`): workers plus torch threads
   never exceed the usable cores;
+- extract does not adapt: it keeps the usable cores less its configured workers for the whole
+  run, since the maps it stores must be bitwise the same whether a run was resumed, or ran
+  beside a busy job (a convolution's sums depend on the thread count); fit adapts, and its
+  numbers may differ in the last bits between runs under different loads;
 - `--threads N` / SAFE_CACHE_THREADS=N fixes the count (a benchmark, or bitwise-reproducible
   numbers: a reduction's float sum order depends on the thread count, so results of runs with
   different counts may differ in the last bits).
@@ -130,12 +134,17 @@ def _affinity() -> set[int]:
 
 class ThreadPolicy:
     """Sets torch's intra-op thread count now and, on `tick()`, as the machine's load changes
-    (see the module docstring). `reserve`: cores kept for DataLoader workers."""
+    (see the module docstring). `reserve`: cores kept for DataLoader workers. `adapt=False`:
+    the usable cores less `reserve`, whatever the load, for the whole run (extract: its stored
+    maps must not depend on a neighbour's load)."""
 
-    def __init__(self, threads: int | str | None = None, *, reserve: int = 0) -> None:
+    def __init__(self, threads: int | str | None = None, *, reserve: int = 0,
+                 adapt: bool = True) -> None:
         self.fixed = requested_threads(threads)
         self.cores = usable_cores()
         self.reserve = min(max(0, reserve), self.cores - 1)
+        if self.fixed is None and not adapt:
+            self.fixed = self.cores - self.reserve
         self.sampler = None if self.fixed else _CpuSampler()
         self.checked = time.monotonic()
         self.history: list[int] = []
@@ -177,13 +186,13 @@ class ThreadPolicy:
 
 
 @contextlib.contextmanager
-def thread_policy(threads: int | str | None = None, *, reserve: int = 0
+def thread_policy(threads: int | str | None = None, *, reserve: int = 0, adapt: bool = True
                   ) -> Iterator[ThreadPolicy]:
     """A policy for the block; torch's previous count is restored after it."""
     import torch
 
     before = torch.get_num_threads()
-    policy = ThreadPolicy(threads, reserve=reserve)
+    policy = ThreadPolicy(threads, reserve=reserve, adapt=adapt)
     policy.start()
     try:
         yield policy
