@@ -21,13 +21,12 @@ from typing import Any
 # Backbone-card fields that identify the features (versions and labels are informative only),
 # each hashed under a frozen label: the card's keys were renamed in store schema 2 (T ->
 # tokens, ...; store/compat.py), and a renamed key must not change any store's fingerprint.
-FINGERPRINT_FIELDS = {
-    "family": "family", "model_config_sha256": "model_config_sha256",
-    "weights_sha256": "weights_sha256", "init_seed": "init_seed", "quick_gelu": "quick_gelu",
-    "image_size": "image_size", "mean": "mean", "std": "std", "interpolation": "interpolation",
-    "resize_mode": "resize_mode", "cut": "cut", "tokens": "T", "channels": "C",
-    "embed_dim": "D", "token_grid": "grid",
-}
+CARD_KEY_RENAMES = {"T": "tokens", "C": "channels", "D": "embed_dim", "grid": "token_grid"}
+_FROZEN_LABELS = {new: old for old, new in CARD_KEY_RENAMES.items()}
+FINGERPRINT_FIELDS = {key: _FROZEN_LABELS.get(key, key) for key in (
+    "family", "model_config_sha256", "weights_sha256", "init_seed", "quick_gelu", "image_size",
+    "mean", "std", "interpolation", "resize_mode", "cut", "tokens", "channels", "embed_dim",
+    "token_grid")}
 _BLOCK = 1 << 22
 _MEMO: dict[tuple[str, int, int], str] = {}
 

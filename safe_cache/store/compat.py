@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..identity import CARD_KEY_RENAMES as RENAMED_CARD_KEYS  # the fingerprint's labels too
 from .schema import SCHEMA_VERSION
 
-RENAMED_CARD_KEYS = {"T": "tokens", "C": "channels", "D": "embed_dim", "grid": "token_grid"}
 READABLE_VERSIONS = (1, SCHEMA_VERSION)
 
 
