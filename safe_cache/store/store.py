@@ -235,7 +235,14 @@ class FeatureStore:
         written: dict[str, np.ndarray | None] = {}
         for name, part in PARTS.items():
             if part.flag.name in arrays:
-                written[name] = arrays[part.flag.name][:] == 1
+                flags = arrays[part.flag.name][:] == 1
+                if flags.shape[0] != units:  # read while a writer grows the split's arrays
+                    # one by one: rows not yet there are not written
+                    grown = np.zeros((units, *flags.shape[1:]), dtype=bool)
+                    rows = min(units, flags.shape[0])
+                    grown[:rows] = flags[:rows]
+                    flags = grown
+                written[name] = flags
             else:  # a part the split (or store) does not hold
                 written[name] = np.zeros((units, 0), dtype=bool) if part.per_view else None
         return UnitStatus(**written)
