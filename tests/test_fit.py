@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from safe_cache import load_backbone
 from safe_cache.fit import FitConfig, fit
-from safe_cache.fit.results import OPTIONAL_METHODS
+from safe_cache.fit.methods import DEFAULT_METHODS
 from safe_cache.model.inference import blend_features
 from safe_cache.store import StoreLayout, open_store
 
@@ -151,7 +151,8 @@ def test_result_files_and_skip_or_force(fitted, tmp_path):
     assert execution["threads"] == "adaptive" and execution["usable_cores"] >= 1
     assert all(1 <= n <= execution["usable_cores"] for n in execution["thread_counts"])
     assert saved["config"]["cuda_graph"] is True
-    assert set(saved["methods"]) == {"zero_shot", "safe", *OPTIONAL_METHODS}
+    assert set(saved["timings"]["methods_s"]) == set(DEFAULT_METHODS)
+    assert set(saved["methods"]) == {"zero_shot", "safe", *DEFAULT_METHODS}
     for name, method in saved["methods"].items():
         assert 0 <= method["val_acc"] <= 1 and 0 <= method["test_acc"] <= 1, name
     assert saved["store"]["fingerprint"] == open_store(config.store).fingerprint

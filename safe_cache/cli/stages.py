@@ -9,6 +9,7 @@ from rich.table import Table
 
 from ..extract.config import ExtractConfig
 from ..fit.config import FitConfig
+from ..fit.methods import expand_methods
 from .app import (
     STORAGE_OPTIONS,
     STORE_ROOT,
@@ -217,9 +218,10 @@ def demo(store_root: str, model: str, pretrained: str, workers: int, iters: int,
 @click.option("--prompts", default=default_of(FitConfig, "prompts"), show_default=True,
               help="Stored prompt set.")
 @click.option("--methods", default=listed(FitConfig, "methods"),
-              show_default=True, callback=lambda c, p, v: tuple(
-                  m for m in v.split(",") if m and m not in ("none", "zero_shot", "safe")),
-              help="Methods besides zero-shot and SAFE, which always run ('none' for none).")
+              show_default=True, callback=lambda c, p, v: expand_methods(v.split(",")),
+              help="Methods besides zero-shot and SAFE, which always run: 'workbench' adds"
+              " gda,lp_pp,clap,prolip,cross_modal_lp,clip_adapter, 'all' every method, 'none'"
+              " none.")
 @click.option("--eval-ood", default="", callback=lambda c, p, v: tuple(
                   n for n in v.split(",") if n),
               help="After training on ImageNet, test on these variants' stores (names such as "

@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import ConfigError, RecipeError
 from ..runtime import checks
 from .compat import without_retired
-from .methods import OPTIONAL_METHODS
+from .methods import DEFAULT_METHODS, OPTIONAL_METHODS
 from .recipe import PRESETS, Recipe
 
 DEFAULT_BETAS = tuple(round(0.1 * i, 1) for i in range(11))
@@ -42,7 +42,7 @@ class FitConfig:
     out: str = "results"
     force: bool = False
     test_chunk: int = 256
-    methods: tuple[str, ...] = OPTIONAL_METHODS  # besides zero-shot and SAFE, which always run
+    methods: tuple[str, ...] = DEFAULT_METHODS  # besides zero-shot and SAFE, which always run
     tip_epochs: int | None = None  # Tip-Adapter-F / SAFE-A epochs (None: the dataset spec's)
     select_on: str = "val"  # where Tip-Adapter-F / SAFE-A choose their epoch ("test": reference)
     recipe: Recipe = field(default_factory=lambda: PRESETS["safe"])  # the unstated choices

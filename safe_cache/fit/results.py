@@ -68,7 +68,7 @@ class RunResult:
     grid: list[dict[str, float]]
     config: dict[str, Any]
     versions: dict[str, str]
-    timings: dict[str, float]
+    timings: dict[str, Any]  # seconds; methods_s: {method: seconds}
     train_samples: int
     test_images: int
     norm_ratio_finetuned_over_original: float

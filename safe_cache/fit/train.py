@@ -15,29 +15,25 @@ normalises each branch first). The adapters (adapters.py) then run on the same f
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .._version import __version__
-from ..data.datasets import load_spec
 from ..data.prompts import class_average, prompt_set_name
-from ..errors import DatasetError, RecipeError, SafeCacheError, StoreError
+from ..errors import RecipeError, SafeCacheError, StoreError
 from ..identity import SEAL_FIELD
 from ..model.backbone import head_from_config
 from ..model.heads import GridHead
-from ..model.inference import blend_features, tip_logits
+from ..model.inference import blend_features
 from ..runtime.device import resolve_device
 from ..runtime.progress import ProgressSink, null_progress
 from ..runtime.threads import ThreadPolicy, thread_policy
 from ..store import FeatureStore
 from ..store.paths import backbone_label, extract_command
-from . import adapters
+from .baselines import RunRows, run_methods
 from .config import FitConfig
 from .evaluate import evaluate_safe, pooled_split
 from .grid import BestState, StackedHeads
@@ -113,6 +109,7 @@ class RunData:
         self.train_dense = torch.from_numpy(np.concatenate([p[0] for p in parts]))
         self.train_labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
         self.train_rows, self.image_labels = train_rows, torch.from_numpy(labels)
+        self.val_rows = val_rows
         self.val_dense = torch.from_numpy(store.read_rows("val", "dense", val_rows))
         self.val_pooled = torch.from_numpy(store.read_rows("val", "pooled", val_rows))
         self.val_labels = torch.from_numpy(read["val"])
@@ -286,9 +283,11 @@ def _fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
     test = pooled_split(store, "test", head, config.test_chunk, device, checked=True)
     summary = evaluate_safe(val, test, classifier, config.beta, config.betas, config.blend)
     methods = summary.pop("methods")
-    extra, predictors, cache = _adapters(store, head, data, {"val": val, "test": test},
-                                         classifier, clip_scale, config, seed, device)
-    methods.update(extra)
+    rows = RunRows(data.train_rows, data.image_labels, data.val_rows, test_rows)
+    extra = run_methods(store, head, rows, {"val": val, "test": test}, classifier, clip_scale,
+                        config, seed, device)
+    methods.update(extra.results)
+    predictors, cache = extra.predictors, extra.cache
     lr, wd = grid[chosen]
     methods["safe"].update({"lr": lr, "wd": wd, "beta": config.beta,
                             "best_iter": int(best.step[chosen].item())})
@@ -309,7 +308,7 @@ def _fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
         config={**config.to_dict(), "storage_options": None},
         versions={"safe_cache": __version__, "torch": torch.__version__},
         timings={"load_s": loaded - started, "train_s": trained - loaded,
-                 "evaluate_s": time.perf_counter() - trained,
+                 "evaluate_s": time.perf_counter() - trained, "methods_s": extra.seconds,
                  "train_iters_per_s": config.iters / max(trained - loaded, 1e-9)},
         train_samples=len(data.train_labels), test_images=summary["test_images"],
         norm_ratio_finetuned_over_original=summary["norm_ratio_finetuned_over_original"],
@@ -329,98 +328,3 @@ def _partial(store: FeatureStore, rows) -> dict[str, int] | None:
 @torch.no_grad()
 def _no_grad(head, dense: torch.Tensor) -> torch.Tensor:
     return head(dense)
-
-
-def tip_settings(manifest: dict[str, Any]) -> dict[str, Any]:
-    """Tip-Adapter's settings for the store's dataset (search ranges, init, epochs): its spec's,
-    as the store recorded them. A store written before specs carried `epochs` takes them from
-    the shipped spec of the same name."""
-    recorded = manifest["dataset"].get("tip_adapter") or {}
-    tip = {**adapters.DEFAULT_TIP, **recorded}
-    if "epochs" not in recorded:
-        with contextlib.suppress(DatasetError):  # a user dataset without a shipped spec
-            tip["epochs"] = load_spec(manifest["dataset"]["name"]).tip_adapter.get(
-                "epochs", tip["epochs"])
-    return tip
-
-
-@torch.no_grad()
-def _train_views(store: FeatureStore, head, data: RunData, config: FitConfig, device
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per train image and stored augmented view (Tip-Adapter's cache is built from these,
-    whatever SAFE trained on): original pooled and SAFE blended features; center pooled."""
-    train_rows = data.train_rows  # rows and labels: read once
-    labels = data.image_labels.to(device)
-    center = torch.from_numpy(store.read_rows("train", "pooled", train_rows)).to(device)
-    if store.view_count("train"):
-        original = torch.from_numpy(store.read_rows("train", "aug_pooled", train_rows))
-        dense = torch.from_numpy(store.read_rows("train", "aug_dense", train_rows))
-        dense = dense.flatten(0, 1)
-    else:
-        original = center.cpu()[:, None]
-        dense = torch.from_numpy(store.read_rows("train", "dense", train_rows))
-    original = original.to(device)
-    tuned = torch.cat([head(dense[i:i + 256].to(device).float())
-                       for i in range(0, len(dense), 256)])
-    tuned = tuned.reshape(original.shape)
-    blended = blend_features(original, tuned, config.beta, config.blend)
-    return original, blended, center, labels
-
-
-Predictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _adapters(store, head, data: RunData, features, classifier, scale, config: FitConfig,
-              seed: int, device) -> tuple[dict[str, Any], dict[str, Predictor],
-                                          dict[str, torch.Tensor] | None]:
-    """Tip-Adapter, Tip-Adapter-F, SAFE-A and the linear probe on this run's features; returns
-    their results, every method's predictor (original pooled, fine-tuned pooled) -> logits over
-    all classes (what the OOD evaluation applies to other stores), and SAFE-A's trained cache
-    (keys, values) for export."""
-    def blend(original, tuned):
-        return blend_features(original, tuned, config.beta, config.blend)
-
-    predictors: dict[str, Predictor] = {
-        "zero_shot": lambda o, t: o @ classifier.T,
-        "safe": lambda o, t: blend(o, t) @ classifier.T,
-    }
-    if not config.methods:
-        return {}, predictors, None
-    tip = tip_settings(store.manifest)
-    epochs = config.tip_epochs or tip["epochs"]
-    original, blended, center, labels = _train_views(store, head, data, config, device)
-    split = {name: (adapters.Split(F.normalize(o, dim=-1), y), adapters.Split(blend(o, t), y))
-             for name, (o, t, y) in features.items()}
-    out: dict[str, Any] = {}
-    cache = None
-    if "tip_adapter" in config.methods:
-        out["tip_adapter"] = adapters.tip_adapter(original, labels, split["val"][0],
-                                                  split["test"][0], classifier, scale, tip)
-    for name, train, index in (("tip_adapter_f", original, 0), ("safe_a", blended, 1)):
-        if name not in config.methods:
-            continue
-        out[name], (keys, values) = adapters.tip_adapter_f(
-            train, labels, split["val"][index], split["test"][index], classifier, scale, tip,
-            epochs=epochs, seed=seed, return_cache=True, select_on=config.select_on)
-        predictors[name] = _tip_predictor(keys.detach(), values, out[name], classifier, scale,
-                                          blend if index else None)
-        if name == "safe_a":
-            cache = {"keys": keys.detach().cpu(), "values": values.cpu()}
-    if "linear_probe" in config.methods:
-        train = adapters.Split(F.normalize(center, dim=-1), labels)
-        out["linear_probe"], weight = adapters.linear_probe(
-            train, split["val"][0], split["test"][0], classifier.shape[0], return_weight=True)
-        predictors["linear_probe"] = lambda o, t: F.normalize(o, dim=-1) @ weight[:-1] \
-            + weight[-1]
-    return out, predictors, cache
-
-
-def _tip_predictor(keys, values, summary, classifier, scale, blend) -> Predictor:
-    """Tip-Adapter's logits with a trained cache, on original (or, for SAFE-A, blended)
-    features."""
-    def predict(original: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
-        query = blend(original, tuned) if blend else F.normalize(original, dim=-1)
-        return tip_logits(query, classifier, keys, values, summary["alpha"], summary["gamma"],
-                          scale)
-
-    return predict

@@ -22,7 +22,7 @@ from ..defaults import default_of, settable
 from ..errors import ConfigError, DatasetError
 from ..extract.config import ExtractConfig
 from ..fit.config import FitConfig
-from ..fit.results import METHODS
+from ..fit.methods import ALWAYS, DEFAULT_METHODS, GROUPS, METHODS, expand_methods
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -87,7 +87,7 @@ class Study:
     backbones: tuple[StudyBackbone, ...]
     shots: tuple[int, ...] = default_of(FitConfig, "shots")
     seeds: tuple[int, ...] = default_of(FitConfig, "seeds")
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = (*ALWAYS, *DEFAULT_METHODS)
     recipes: tuple[str, ...] = (default_of(FitConfig, "recipe").name,)
     prompts: tuple[str, ...] = (default_of(FitConfig, "prompts"),)
     ood: tuple[str, ...] = ()
@@ -275,8 +275,9 @@ def parse_study(path: Path) -> Study:
             raise check.fail(key, f"every value of '{key}' must be a text.")
     datasets, spec_files = _datasets(raw.get("datasets"), path, check,
                                      [s.name for s in list_specs()])
-    methods = raw.get("methods", list(METHODS))
-    check.among(methods, METHODS, "method")
+    methods = raw.get("methods", [*ALWAYS, *DEFAULT_METHODS])
+    check.among(methods, [*METHODS, *GROUPS], "method")
+    methods = expand_methods(methods)
     recipes = raw.get("recipes", [default_of(FitConfig, "recipe").name])
     check.among(recipes, sorted(PRESETS), "recipe")
     ood = raw.get("ood", [])

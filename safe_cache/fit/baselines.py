@@ -1,0 +1,167 @@
+"""The methods a run holds beside zero-shot and SAFE, on the same features: Tip-Adapter(-F),
+SAFE-A and the linear probe (adapters.py), and the workbench's (workbench/). The seconds each
+took are recorded: what the workbench study reports as a method's cost."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data.datasets import load_spec
+from ..errors import DatasetError
+from ..model.inference import blend_features, tip_logits
+from ..store import FeatureStore
+from . import adapters
+from .config import FitConfig
+from .methods import WORKBENCH_METHODS
+
+Predictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def tip_settings(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Tip-Adapter's settings for the store's dataset (search ranges, init, epochs): its spec's,
+    as the store recorded them. A store written before specs carried `epochs` takes them from
+    the shipped spec of the same name."""
+    recorded = manifest["dataset"].get("tip_adapter") or {}
+    tip = {**adapters.DEFAULT_TIP, **recorded}
+    if "epochs" not in recorded:
+        with contextlib.suppress(DatasetError):  # a user dataset without a shipped spec
+            tip["epochs"] = load_spec(manifest["dataset"]["name"]).tip_adapter.get(
+                "epochs", tip["epochs"])
+    return tip
+
+
+class RunRows:
+    """Which rows a run reads: its K-shot train images (and their labels), its val set and the
+    test rows it evaluates."""
+
+    def __init__(self, train: np.ndarray, labels: torch.Tensor, val: np.ndarray,
+                 test: np.ndarray) -> None:
+        self.train, self.labels, self.val, self.test = train, labels, val, test
+
+
+@torch.no_grad()
+def train_views(store: FeatureStore, head: torch.nn.Module, rows: RunRows, config: FitConfig,
+                device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per train image and stored augmented view (Tip-Adapter's cache is built from these,
+    whatever SAFE trained on): original pooled and SAFE blended features; center pooled."""
+    labels = rows.labels.to(device)
+    center = torch.from_numpy(store.read_rows("train", "pooled", rows.train)).to(device)
+    if store.view_count("train"):
+        original = torch.from_numpy(store.read_rows("train", "aug_pooled", rows.train))
+        dense = torch.from_numpy(store.read_rows("train", "aug_dense", rows.train))
+        dense = dense.flatten(0, 1)
+    else:
+        original = center.cpu()[:, None]
+        dense = torch.from_numpy(store.read_rows("train", "dense", rows.train))
+    original = original.to(device)
+    tuned = torch.cat([head(dense[i:i + 256].to(device).float())
+                       for i in range(0, len(dense), 256)])
+    tuned = tuned.reshape(original.shape)
+    blended = blend_features(original, tuned, config.beta, config.blend)
+    return original, blended, center, labels
+
+
+@dataclass
+class MethodsRun:
+    """What the optional methods gave: each one's result, every method's predictor (original
+    pooled, fine-tuned pooled) -> logits over all classes (what the OOD evaluation applies to
+    other stores), SAFE-A's trained cache (keys, values) for export, and each method's seconds
+    (the result's `timings.methods_s`: kept out of `methods`, whose numbers are reproducible)."""
+
+    results: dict[str, Any]
+    predictors: dict[str, Predictor]
+    cache: dict[str, torch.Tensor] | None
+    seconds: dict[str, float]
+
+
+def run_methods(store: FeatureStore, head: torch.nn.Module, rows: RunRows,
+                features: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                classifier: torch.Tensor, scale: float, config: FitConfig, seed: int,
+                device: torch.device) -> MethodsRun:
+    """The run's optional methods on its features (`features[split]`: original pooled,
+    fine-tuned pooled, labels)."""
+    def blend(original: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
+        return blend_features(original, tuned, config.beta, config.blend)
+
+    predictors: dict[str, Predictor] = {
+        "zero_shot": lambda o, t: o @ classifier.T,
+        "safe": lambda o, t: blend(o, t) @ classifier.T,
+    }
+    if not config.methods:
+        return MethodsRun({}, predictors, None, {})
+    original, blended, center, labels = train_views(store, head, rows, config, device)
+    split = {name: (adapters.Split(F.normalize(o, dim=-1), y), adapters.Split(blend(o, t), y))
+             for name, (o, t, y) in features.items()}
+    out: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    cache = None
+    started = time.perf_counter()
+
+    def timed(name: str, summary: dict[str, Any]) -> None:
+        nonlocal started
+        out[name], seconds[name] = summary, time.perf_counter() - started
+        started = time.perf_counter()
+
+    tip = tip_settings(store.manifest)
+    epochs = config.tip_epochs or tip["epochs"]
+    if "tip_adapter" in config.methods:
+        timed("tip_adapter", adapters.tip_adapter(original, labels, split["val"][0],
+                                                  split["test"][0], classifier, scale, tip))
+    for name, train, index in (("tip_adapter_f", original, 0), ("safe_a", blended, 1)):
+        if name not in config.methods:
+            continue
+        summary, (keys, values) = adapters.tip_adapter_f(
+            train, labels, split["val"][index], split["test"][index], classifier, scale, tip,
+            epochs=epochs, seed=seed, return_cache=True, select_on=config.select_on)
+        timed(name, summary)
+        predictors[name] = _tip_predictor(keys.detach(), values, summary, classifier, scale,
+                                          blend if index else None)
+        if name == "safe_a":
+            cache = {"keys": keys.detach().cpu(), "values": values.cpu()}
+    if "linear_probe" in config.methods:
+        train = adapters.Split(F.normalize(center, dim=-1), labels)
+        summary, weight = adapters.linear_probe(
+            train, split["val"][0], split["test"][0], classifier.shape[0], return_weight=True)
+        timed("linear_probe", summary)
+        predictors["linear_probe"] = lambda o, t: F.normalize(o, dim=-1) @ weight[:-1] \
+            + weight[-1]
+    wanted = [m for m in WORKBENCH_METHODS if m in config.methods]
+    if wanted:
+        from .workbench import MethodInputs, registry
+
+        methods = registry()
+        inputs = MethodInputs(
+            train_views=original, center=center, labels=labels, val=split["val"][0],
+            test=split["test"][0], classifier=classifier, scale=scale, seed=seed,
+            device=device, store=store, prompts=config.prompts, train_rows=rows.train,
+            val_rows=rows.val, test_rows=rows.test, test_chunk=config.test_chunk)
+        started = time.perf_counter()
+        for name in wanted:
+            outcome = methods[name](inputs)
+            timed(name, outcome.summary)
+            if outcome.predictor is not None:
+                predictors[name] = outcome.predictor
+    return MethodsRun(out, predictors, cache, seconds)
+
+
+def _tip_predictor(keys: torch.Tensor, values: torch.Tensor, summary: dict[str, Any],
+                   classifier: torch.Tensor, scale: float,
+                   blend: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
+                   ) -> Predictor:
+    """Tip-Adapter's logits with a trained cache, on original (or, for SAFE-A, blended)
+    features."""
+    def predict(original: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
+        query = blend(original, tuned) if blend else F.normalize(original, dim=-1)
+        return tip_logits(query, classifier, keys, values, summary["alpha"], summary["gamma"],
+                          scale)
+
+    return predict
