@@ -21,6 +21,7 @@ from typing import Any
 
 from ..fit.identity import changed_options
 from ..fit.results import METHODS, RunResult, load_results
+from .literature import published_number, published_rows, safe_paper
 
 ELEVEN = ("fgvc_aircraft", "imagenet", "dtd", "eurosat", "caltech101", "food101",
           "oxford_flowers", "oxford_pets", "stanford_cars", "sun397", "ucf101")
@@ -29,7 +30,8 @@ __all__ = ["aggregate", "footnotes", "load_results", "ood_rows", "paper_reasons"
 
 
 def published() -> dict[str, Any]:
-    return json.loads((Path(__file__).parent / "published" / "safe_paper.json").read_text())
+    """The SAFE paper's tables (literature.py holds every published number and its source)."""
+    return safe_paper()
 
 
 TEST_SELECTED = " (test-selected)"
@@ -120,9 +122,11 @@ def aggregate(runs: list[RunResult]) -> list[dict[str, Any]]:
                      "group": group[:12], "shots": shots, "method": method,
                      "mean": statistics.fmean(values),
                      "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                     "seeds": len(values), "reasons": paper_reasons(run)})
+                     "seeds": len(values), "reasons": paper_reasons(run),
+                     "protocol_reasons": paper_reasons(run, (run.backbone["model"],))})
     rows += _averages(rows)
-    return _with_paper(rows)
+    rows = _with_paper(rows)
+    return rows + published_rows(rows)
 
 
 def _setting_labels(first: dict[tuple, RunResult]) -> dict[tuple, str]:
@@ -147,35 +151,41 @@ def _averages(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if all(name in datasets for name in ELEVEN):
             means = [datasets[name]["mean"] for name in ELEVEN]
             reasons = sorted({r for name in ELEVEN for r in datasets[name]["reasons"]})
+            protocol = sorted({r for name in ELEVEN
+                               for r in datasets[name]["protocol_reasons"]})
             averages.append({"dataset": "average", "backbone": backbone, "model": model,
                              "recipe": datasets[ELEVEN[0]]["recipe"], "setting": setting,
                              "group": None, "shots": shots, "method": method,
                              "mean": statistics.fmean(means), "std": 0.0,
                              "seeds": min(datasets[n]["seeds"] for n in ELEVEN),
-                             "reasons": reasons})
+                             "reasons": reasons, "protocol_reasons": protocol})
     return averages
 
 
 def _with_paper(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Add the paper's Table I number and our delta, beside rows of the paper's setting only;
-    elsewhere the reason it is left out (`paper_note`, report's footnotes)."""
-    table = published()["table_1"]["methods"]
+    """Add the published number (Table I, or the method's own paper for the row's backbone)
+    and our delta, beside rows of the source's protocol only; elsewhere the reason it is left
+    out (`paper_note`, report's footnotes). A row of a backbone no source reports notes the
+    Table I number it does not stand beside."""
     for row in rows:
-        shots = "0" if row["method"] == "zero_shot" else str(row["shots"])
         method = row["method"].removesuffix(TEST_SELECTED)
-        paper = table.get(method, {}).get(row["dataset"], {}).get(shots)
-        row["paper"] = row["delta"] = row["paper_note"] = None
-        if paper is not None and not row["reasons"]:
-            row["paper"], row["delta"] = paper, row["mean"] - paper
-        elif paper is not None:
-            row["paper_note"] = "; ".join(row["reasons"])
+        found = published_number(method, row["model"], row["dataset"], row["shots"])
+        reasons = row["protocol_reasons"]
+        if found is None:  # Table I reports RN50 only
+            found, reasons = published_number(method, "RN50", row["dataset"], row["shots"]), \
+                row["reasons"]
+        row["paper"] = row["delta"] = row["paper_note"] = row["source"] = None
+        if found is not None and not reasons:
+            row["paper"], row["delta"], row["source"] = found[0], row["mean"] - found[0], found[1]
+        elif found is not None:
+            row["paper_note"] = "; ".join(reasons)
     return rows
 
 
 def footnotes(rows: list[dict[str, Any]]) -> list[str]:
     """One line per reason a paper number was left out, in the order first met."""
-    return list(dict.fromkeys(f"paper '-': {reason}" for row in rows
-                              for reason in row.get("reasons", []) if row.get("paper_note")))
+    return list(dict.fromkeys(f"paper '-': {reason}" for row in rows if row.get("paper_note")
+                              for reason in row["paper_note"].split("; ")))
 
 
 OOD_COLUMNS = ("imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
@@ -260,15 +270,17 @@ def write_plots(rows: list[dict[str, Any]], runs: list[RunResult], folder: str |
     for dataset in sorted({r["dataset"] for r in rows}):
         figure, axis = plt.subplots(figsize=(6, 4))
         mine = [r for r in rows if r["dataset"] == dataset]
-        recipes = sorted({r["setting"] for r in mine})
-        methods = [m for m in METHODS if any(r["method"] == m for r in mine)]
+        ours = [r for r in mine if not r.get("published")]
+        recipes = sorted({r["setting"] for r in ours})
+        methods = [m for m in METHODS if any(r["method"] == m for r in ours)]
         for recipe, method in ((r, m) for r in recipes for m in methods):
-            points = sorted((r["shots"], r["mean"], r["std"]) for r in mine
+            points = sorted((r["shots"], r["mean"], r["std"]) for r in ours
                             if r["method"] == method and r["setting"] == recipe)
             if points:
                 shots, means, stds = zip(*points, strict=True)
                 label = method if len(recipes) == 1 else f"{method} [{recipe}]"
                 axis.errorbar(shots, means, yerr=stds, marker="o", capsize=3, label=label)
+        _published_lines(axis, mine)
         axis.set(xscale="log", xlabel="shots per class", ylabel="test accuracy (%)",
                  title=f"{dataset}: accuracy vs shots")
         axis.set_xticks(sorted({r["shots"] for r in rows}), minor=False)
@@ -292,6 +304,23 @@ def write_plots(rows: list[dict[str, Any]], runs: list[RunResult], folder: str |
                                           folder / f"grid_{dataset}_shots{shots}{suffix}.png"))
     plt.close("all")
     return written
+
+
+def _published_lines(axis: Any, rows: list[dict[str, Any]]) -> None:
+    """Published numbers as dashed lines, one per method and backbone: the published-only rows
+    and the paper's numbers beside ours (zero-shot methods, one number for every shot count,
+    are left to the solid lines)."""
+    lines: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
+    for row in rows:
+        method = row["method"].removesuffix(TEST_SELECTED)
+        if row.get("paper") is not None and method not in ("zero_shot", "cupl"):
+            lines[method, row["backbone"]][row["shots"]] = row["paper"]
+    several = len({backbone for _, backbone in lines}) > 1
+    for (method, backbone), points in sorted(lines.items()):
+        shots = sorted(points)
+        label = f"{method} (published" + (f", {backbone})" if several else ")")
+        axis.plot(shots, [points[k] for k in shots], linestyle="--", marker="x", linewidth=1,
+                  label=label)
 
 
 def shots_text(shots: int) -> str:

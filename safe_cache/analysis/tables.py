@@ -8,6 +8,7 @@ from typing import Any
 from rich.table import Table
 
 from ..fit.results import METHOD_LABELS, METHODS, RunResult
+from .literature import LABELS
 from .report import OOD_COLUMNS, TEST_SELECTED, cell, footnotes, ood_rows
 
 
@@ -31,18 +32,18 @@ def runs_table(results: list[RunResult]) -> Table:
 
 def _label(method: str) -> str:
     base = method.removesuffix(TEST_SELECTED)
-    return METHOD_LABELS.get(base, base) + (" (test-sel.)" if base != method else "")
+    return LABELS.get(base, base) + (" (test-sel.)" if base != method else "")
 
 
 def report_tables(rows: list[dict[str, Any]]) -> list[Table]:
     """One table per dataset and backbone: shots x method (x setting, side by side when there
     are several), ours beside the paper's where the row is the paper's setting (footnotes say
-    why not elsewhere)."""
+    why not elsewhere), and the published-only rows (methods a store cannot run)."""
     order = {m: i for i, m in enumerate(METHODS)}
     tables = []
     for dataset, backbone in sorted({(r["dataset"], r["backbone"]) for r in rows}):
         mine = [r for r in rows if (r["dataset"], r["backbone"]) == (dataset, backbone)]
-        recipes = sorted({r["setting"] for r in mine})
+        recipes = sorted({r["setting"] for r in mine if not r.get("published")})
         notes = footnotes(mine)
         table = Table(title=f"{dataset} / {backbone}: test accuracy (%), mean ± std over seeds"
                       + (f", {recipes[0]}" if len(recipes) == 1 else ""),
@@ -58,6 +59,7 @@ def report_tables(rows: list[dict[str, Any]]) -> list[Table]:
             style = "green" if delta.startswith("+") else "red" if delta != "-" else ""
             table.add_row(str(row["shots"]), _label(row["method"]),
                           *([row["setting"]] if len(recipes) > 1 else []),
+                          "published" if row.get("published") else
                           f"{row['mean']:.2f} ± {row['std']:.2f}", str(row["seeds"]),
                           cell(row, "paper"), f"[{style}]{delta}[/]" if style else delta)
         tables.append(table)

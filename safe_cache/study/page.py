@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
+from ..analysis.literature import FULL_ENCODER_METHODS
 from ..analysis.report import OOD_COLUMNS, footnotes
 from ..atomic import atomic_write_text
 from ..fit.results import METHODS
@@ -31,6 +32,8 @@ def _cell_text(row: dict[str, Any] | None) -> tuple[str, str]:
     """(ours, paper and delta) texts of one cell."""
     if row is None:
         return "-", ""
+    if row.get("published"):
+        return "-", f"published {row['paper']:.2f}"
     ours = f"{row['mean']:.2f} ± {row['std']:.2f}"
     if row.get("paper") is None:
         return ours, ""
@@ -41,7 +44,13 @@ def _tables(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Group aggregated rows into paper-shaped tables: (backbone, recipe, shots) -> cells."""
     groups: dict[tuple, dict[tuple[str, str], dict]] = defaultdict(dict)
     for row in rows:
-        groups[row["backbone"], row["setting"], row["shots"]][row["method"], row["dataset"]] = row
+        if not row.get("published"):
+            groups[row["backbone"], row["setting"], row["shots"]][row["method"],
+                                                                 row["dataset"]] = row
+    for row in rows:  # a published-only row joins every table of its backbone and shots
+        for (backbone, _, shots), cells in groups.items():
+            if row.get("published") and (backbone, shots) == (row["backbone"], row["shots"]):
+                cells[row["method"], row["dataset"]] = row
     tables = []
     for (backbone, recipe, shots), cells in sorted(groups.items()):
         datasets = sorted({d for _, d in cells if d != ELEVEN_LAST})
@@ -55,7 +64,10 @@ def _tables(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _method_order(key: tuple[str, str]) -> int:
+    """Ours in METHODS' order; Table I's published-only rows first, in the paper's order."""
     method = key[0].split(" ")[0]
+    if method in FULL_ENCODER_METHODS:
+        return FULL_ENCODER_METHODS.index(method) - len(FULL_ENCODER_METHODS)
     return METHODS.index(method) if method in METHODS else len(METHODS)
 
 
