@@ -111,3 +111,18 @@ def test_a_result_of_the_previous_release_is_refused_naming_it(tmp_path):
     lines = [line for line in cli.output.splitlines() if line.strip()]
     assert cli.exit_code == 2 and len(lines) == 1, cli.output
     assert "shots1_seed1.json" in lines[0] and "fit it again with --force" in lines[0]
+
+
+def test_costs_are_each_methods_mean_seconds_per_run(tmp_path):
+    from safe_cache.analysis.costs import cost_rows
+
+    for seed, seconds in ((1, 2.0), (2, 4.0)):
+        record = run("dtd", 4, seed, 0.6, 0.4)
+        record["methods"]["gda"] = {"val_acc": 0.5, "test_acc": 0.5}
+        record["timings"]["methods_s"] = {"gda": seconds, "clap": 9.0}  # clap: not in methods
+        record["timings"]["train_s"] = 10.0 * seed
+        write(tmp_path, record)
+    costs = {c["method"]: c for c in cost_rows(load_results(tmp_path))}
+    assert set(costs) == {"safe", "gda"}
+    assert costs["gda"]["seconds"] == 3.0 and costs["gda"]["max_seconds"] == 4.0
+    assert costs["safe"]["seconds"] == 15.0 and costs["safe"]["runs"] == 2

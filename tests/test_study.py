@@ -20,6 +20,7 @@ from miniatures import write_every_layout, write_split_zhou
 
 from safe_cache import ConfigError, DatasetError
 from safe_cache.cli import main
+from safe_cache.fit.methods import METHODS
 from safe_cache.study import list_studies, load_study, plan_study, run
 
 ELEVEN = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
@@ -96,6 +97,10 @@ def test_whole_study_runs_end_to_end(whole_study):
     assert sum(p.startswith("curves_") for p in plots) == 11  # one training-curve plot each
     markdown = (folder / "out" / "study.md").read_text()
     assert "safe-cache fit --store" in markdown and "| safe_a |" in markdown
+    costs = {(c["method"], c["shots"]): c for c in report["costs"]}  # what each method cost
+    assert {m for m, _ in costs} >= {"safe", "safe_a", "linear_probe", "tip_adapter"}
+    assert all(c["runs"] == 11 and 0 <= c["seconds"] <= c["max_seconds"] for c in costs.values())
+    assert "## Seconds per run" in markdown
 
 
 @pytest.mark.slow
@@ -227,13 +232,16 @@ def test_two_variants_writing_one_result_folder_are_refused(tmp_path):
 def test_shipped_studies_parse_and_list():
     names = {s.name for s in list_studies()}
     assert names == {"table1-rn50", "table1-vitb16", "table3-ood", "ablation-beta",
-                     "ablation-layer4", "ablation-prompts", "recipes"}
+                     "ablation-layer4", "ablation-prompts", "recipes", "workbench"}
     table1 = load_study("table1-rn50")
     assert len(table1.datasets) == 11 and table1.shots == (1, 2, 4, 8, 16)
     assert table1.seeds == (1, 2, 3) and "safe_a" in table1.methods
     assert load_study("table3-ood").ood == ("imagenet_v2", "imagenet_sketch", "imagenet_a",
                                            "imagenet_r")
     assert [b.cut for b in load_study("ablation-layer4").backbones] == ["pool", "layer4"]
+    bench = load_study("workbench")
+    assert set(bench.methods) == {*METHODS} and len(bench.datasets) == 11
+    assert [b.model for b in bench.backbones] == ["RN50", "ViT-B-16"] and bench.seeds == (1, 2, 3)
     result = CliRunner().invoke(main, ["study", "list", "--json"])
     assert {row["name"] for row in json.loads(result.stdout)} == names
     with pytest.raises(ConfigError, match=r"No study 'table2'.*ablation-beta"):

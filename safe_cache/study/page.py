@@ -105,6 +105,7 @@ def _load_runs(plan: StudyPlan) -> list:
 
 def write_report(plan: StudyPlan) -> tuple[dict[str, Any], list[Path]]:
     """Write study.md, study.html and study.json under the study's out folder."""
+    from ..analysis.costs import cost_rows
     from ..analysis.report import aggregate, ood_rows
 
     runs = _load_runs(plan)
@@ -113,6 +114,7 @@ def write_report(plan: StudyPlan) -> tuple[dict[str, Any], list[Path]]:
               "safe_cache": __version__,
               "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "tables": _tables(rows), "ood": ood_rows(runs) if runs else [],
+              "costs": cost_rows(runs),
               "sources": _sources(plan), "runs": len(runs)}
     plots = _plots(plan, rows, runs) if runs else []
     plan.out.mkdir(parents=True, exist_ok=True)
@@ -162,6 +164,13 @@ def _markdown(report: dict[str, Any], plots: list[Path], out: Path) -> str:
                       OOD_COLUMNS]
             lines.append(f"| {row['backbone']} | {row['recipe']} | {row['method']} | "
                          + " | ".join(values) + " |")
+        lines.append("")
+    if report["costs"]:
+        lines += ["## Seconds per run (mean over runs; max)", "",
+                  "| backbone | method | shots | seconds | max | runs |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {c['backbone']} | {c['method']} | {c['shots']} | {c['seconds']:.2f} |"
+                  f" {c['max_seconds']:.2f} | {c['runs']} |" for c in report["costs"]]
         lines.append("")
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(out)})" for p in plots] + [""]
     lines += ["## Where each cell comes from", ""]
@@ -214,6 +223,14 @@ def _html(report: dict[str, Any], plots: list[Path]) -> str:
                          f"<td>{e(row['method'])}</td>" + "".join(
                              f"<td>{row[c]:.2f}</td>" if row[c] is not None else "<td>-</td>"
                              for c in columns) + "</tr>")
+        parts.append("</table>")
+    if report["costs"]:
+        parts.append("<h2>Seconds per run (mean over runs; max)</h2><table><tr>"
+                     + "".join(f"<th>{c}</th>" for c in ("backbone", "method", "shots",
+                                                        "seconds", "max", "runs")) + "</tr>")
+        parts += [f"<tr><td>{e(c['backbone'])}</td><td>{e(c['method'])}</td><td>{c['shots']}"
+                  f"</td><td>{c['seconds']:.2f}</td><td>{c['max_seconds']:.2f}</td>"
+                  f"<td>{c['runs']}</td></tr>" for c in report["costs"]]
         parts.append("</table>")
     parts.append("<h2>Plots</h2>" + "".join(_image(p) for p in plots))
     parts.append("<h2>Where each cell comes from</h2><ul>")
