@@ -131,6 +131,7 @@ def test_a_resize_mode_tensors_cannot_take_is_refused():
     assert len(center_steps(squash)) == 1
 
 
+@pytest.mark.slow  # seconds: outside the fast loop (CI runs it)
 def test_extract_on_the_device_and_a_store_keeps_one_way(tmp_path):
     model = "safe-cache-tiny-rn"
     device = extract_miniature(tmp_path / "data", model, tmp_path / "device.zarr",

@@ -112,6 +112,7 @@ def test_text_classifier_is_stored(extracted):
     np.testing.assert_allclose(stored, expected.numpy(), atol=1e-6)
 
 
+@pytest.mark.slow  # seconds: outside the fast loop (CI runs it)
 def test_more_seeds_extract_only_what_is_missing(tmp_path):
     write_split_zhou(tmp_path, "food101", classes=3)
     store = tmp_path / "s.zarr"
@@ -125,6 +126,7 @@ def test_more_seeds_extract_only_what_is_missing(tmp_path):
     assert second.rows["train"] == union
 
 
+@pytest.mark.slow  # seconds: outside the fast loop (CI runs it)
 def test_another_backbone_is_refused(tmp_path):
     write_split_zhou(tmp_path, "food101", classes=2)
     store = tmp_path / "s.zarr"
@@ -133,6 +135,7 @@ def test_another_backbone_is_refused(tmp_path):
         extract(config(tmp_path, store, "safe-cache-tiny-vit", shots=(1,), seeds=(1,)))
 
 
+@pytest.mark.slow  # seconds: outside the fast loop (CI runs it)
 def test_a_corrupt_image_stops_with_its_path_or_is_skipped(tmp_path):
     split = write_split_zhou(tmp_path, "food101", classes=2)
     bad = split["test"][1][0]
@@ -214,6 +217,7 @@ def test_more_views_later_extract_only_the_new_views(tmp_path):
     assert verify_store(str(grown)) == []
 
 
+@pytest.mark.slow  # seconds: outside the fast loop (CI runs it)
 def test_several_writer_threads_write_the_same_store(tmp_path):
     """Units written by 3 threads at once: the same arrays and completion flags as by one."""
     write_split_zhou(tmp_path, "food101", classes=4)

@@ -22,9 +22,11 @@ from safe_cache.model import families
 from safe_cache.model.backbone import config_family, family_of
 from safe_cache.store import open_store
 
-NEWER = ["safe-cache-tiny-map", "safe-cache-tiny-map-cls", "safe-cache-tiny-coca",
-         "safe-cache-tiny-eva", pytest.param("PE-Core-B-16", marks=pytest.mark.slow),
-         pytest.param("EVA02-B-16", marks=pytest.mark.slow)]
+_SLOW = pytest.mark.slow
+NEWER = ["safe-cache-tiny-map", pytest.param("safe-cache-tiny-map-cls", marks=_SLOW),
+         pytest.param("safe-cache-tiny-coca", marks=_SLOW),
+         pytest.param("safe-cache-tiny-eva", marks=_SLOW),
+         pytest.param("PE-Core-B-16", marks=_SLOW), pytest.param("EVA02-B-16", marks=_SLOW)]
 
 
 # --- the registry ------------------------------------------------------------------------------
@@ -187,6 +189,7 @@ def test_local_dir_name_and_its_weights(tmp_path):
         load_backbone("safe-cache-tiny-map", "repo")
 
 
+@pytest.mark.slow  # seconds: outside the fast loop (CI runs it)
 def test_an_hf_hub_store_is_named_and_found_by_its_hub_id(tmp_path, monkeypatch):
     from huggingface_hub import constants
 

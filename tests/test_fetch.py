@@ -65,6 +65,7 @@ def test_fetch_lays_out_what_the_reader_takes(mirror, tmp_path, name):
     assert not (tmp_path / WORK_DIR).exists()  # nothing in flight is left behind
 
 
+@pytest.mark.slow  # seconds: outside the fast loop (CI runs it)
 def test_fetched_folder_extracts(mirror, tmp_path):
     from safe_cache.extract import ExtractConfig, extract
     from safe_cache.store import open_store

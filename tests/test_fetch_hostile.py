@@ -266,6 +266,7 @@ def _zeros_zip(size: int) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.slow  # seconds: outside the fast loop (CI runs it)
 def test_a_zip_bomb_is_refused_in_one_line_before_it_is_written(mirror, tmp_path):
     bomb = _zeros_zip(300 << 20)
     assert len(bomb) < 400_000
@@ -278,6 +279,7 @@ def test_a_zip_bomb_is_refused_in_one_line_before_it_is_written(mirror, tmp_path
     assert not list((root / WORK_DIR / "eurosat").rglob("zeros.bin"))
 
 
+@pytest.mark.slow  # seconds: outside the fast loop (CI runs it)
 def test_bombs_of_members_and_of_tar_bytes_are_refused(tmp_path):
     many = tmp_path / "many.zip"
     with zipfile.ZipFile(many, "w") as archive:

@@ -89,6 +89,7 @@ def test_an_edited_fingerprint_and_a_broken_manifest_are_refused(store, tmp_path
         assert "Traceback" not in text
 
 
+@pytest.mark.slow  # seconds: outside the fast loop (CI runs it)
 def test_a_half_written_result_is_run_again_and_never_exported(source, tmp_path):
     _, store = source
     config = FitConfig(store=str(store), shots=(1,), seeds=(1,), iters=4, eval_every=2,
@@ -247,6 +248,7 @@ def _disk_full(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device", "/full/disk/chunk")
 
 
+@pytest.mark.slow  # seconds: outside the fast loop (CI runs it)
 def test_a_full_disk_in_extract_and_fit_is_one_line_and_resumable(source, tmp_path,
                                                                    monkeypatch):
     from safe_cache.fit import runs
@@ -274,6 +276,7 @@ def test_a_full_disk_in_extract_and_fit_is_one_line_and_resumable(source, tmp_pa
     assert len(list(out.rglob("*.json"))) == 1
 
 
+@pytest.mark.slow  # seconds: outside the fast loop (CI runs it)
 def test_out_of_memory_in_extract_is_one_line_and_resumes(tmp_path, monkeypatch):
     """An OOM on the device mid-split: one line with the fixes; the store resumes."""
     import torch

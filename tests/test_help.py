@@ -184,6 +184,7 @@ def test_extract_checks_the_dataset_then_the_prompts_before_the_weights(tmp_path
     assert not (tmp_path / "s.zarr").exists()  # refused before any work
 
 
+@pytest.mark.slow  # seconds: outside the fast loop (CI runs it)
 def test_quick_gelu_reaches_the_card_from_extract(tmp_path):
     from factories import extract_miniature
 
@@ -196,6 +197,7 @@ def test_quick_gelu_reaches_the_card_from_extract(tmp_path):
         assert open_store(str(url)).manifest["backbone"]["quick_gelu"] is flag
 
 
+@pytest.mark.slow  # seconds: outside the fast loop (CI runs it)
 def test_fit_on_a_store_without_the_prompt_set_names_the_extract_command(tmp_path):
     from factories import extract_miniature
 
@@ -297,6 +299,7 @@ def test_help_at_80_columns_shows_every_option_name_and_choice_whole(path, comma
     assert all(len(line) <= 80 for line in lines), max(lines, key=len)
 
 
+@pytest.mark.slow  # seconds: outside the fast loop (CI runs it)
 def test_the_listing_commands_fit_80_columns_without_cutting_a_name(tmp_path):
     from safe_cache.model.backbone import list_architectures
 

@@ -35,6 +35,7 @@ def variant_store(url: str, backbone, subset, labels) -> np.ndarray:
     return dense
 
 
+@pytest.mark.slow  # seconds: outside the fast loop (CI runs it)
 def test_subset_variants_use_the_matching_classifier_rows(tmp_path):
     backbone = load_backbone("safe-cache-tiny-rn", init_seed=2)
     head = backbone.new_head().eval()

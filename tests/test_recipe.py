@@ -69,6 +69,7 @@ def reference_lrs(base: float, iters: int) -> list[float]:
     return lrs
 
 
+@pytest.mark.slow  # seconds: outside the fast loop (CI runs it)
 def test_warmup_then_cosine_is_cross_modals_schedule():
     iters, bases = 12_800, (1e-4, 1e-7)
     head = load_backbone(MODEL).new_head()
@@ -190,6 +191,7 @@ def test_center_flip_is_the_trunk_on_the_mirrored_center_crop(food):
     assert len(everything.train_labels) == 4 * len(train_rows)
 
 
+@pytest.mark.slow  # seconds: outside the fast loop (CI runs it)
 def test_a_store_without_the_flip_gets_it_from_extract(tmp_path, food):
     root, _ = food
     old = tmp_path / "old.zarr"

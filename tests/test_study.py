@@ -291,6 +291,7 @@ def test_report_page_renders_in_a_headless_browser(whole_study):
     assert high - low > 100  # text and plots on the page, not a blank render
 
 
+@pytest.mark.slow  # seconds: outside the fast loop (CI runs it)
 def test_planned_run_paths_are_the_files_fit_writes(tmp_path):
     """Run paths come from fit's own naming, select_on included (a test-selected run's file
     is named so); store names are extract's, with an ablation cut."""

@@ -82,10 +82,15 @@ def edit_manifest(store: Path, change, *, reseal: bool = False) -> None:
 
 # --- run identity ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("change", [
-    {"beta": 0.9}, {"lrs": (1e-2,)}, {"iters": 6}, {"betas": (0.0, 0.25, 1.0)},
-    {"blend": "each"}, {"methods": ()}, {"select_on": "test", "methods": ("tip_adapter_f",)},
-    {"eval_every": 1}, {"batch_size": 2},
+def _slow(change: dict) -> object:
+    return pytest.param(change, marks=pytest.mark.slow)
+
+
+@pytest.mark.parametrize("change", [  # two in the fast loop, every one in CI
+    {"beta": 0.9}, {"methods": ()}, _slow({"lrs": (1e-2,)}), _slow({"iters": 6}),
+    _slow({"betas": (0.0, 0.25, 1.0)}), _slow({"blend": "each"}),
+    _slow({"select_on": "test", "methods": ("tip_adapter_f",)}), _slow({"eval_every": 1}),
+    _slow({"batch_size": 2}),
 ])
 def test_a_changed_option_never_returns_the_old_numbers(store, tmp_path, change):
     base = FitConfig(store=str(store), out=str(tmp_path / "r"), **SMALL)
@@ -103,6 +108,7 @@ def test_a_changed_option_never_returns_the_old_numbers(store, tmp_path, change)
     assert again.skipped and again.path == second.path
 
 
+@pytest.mark.slow  # seconds: outside the fast loop (CI runs it)
 def test_a_run_whose_store_changed_under_it_is_recomputed_and_says_why(store, tmp_path):
     config = FitConfig(store=str(store), out=str(tmp_path / "r"), **SMALL)
     (first,) = fit(config)
@@ -662,6 +668,7 @@ def test_labels_outside_the_classes_and_padding_few_shot_rows_are_refused(store,
         fit(FitConfig(store=str(store), out=str(tmp_path / "r"), **SMALL))
 
 
+@pytest.mark.slow  # seconds: outside the fast loop (CI runs it)
 def test_the_seeds_of_one_setting_are_averaged_together(tmp_path):
     store = extract_miniature(tmp_path, MODEL, tmp_path / "two.zarr", seeds=(1, 2),
                               counts={"train": 2, "val": 2, "test": 4})
