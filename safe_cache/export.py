@@ -61,6 +61,7 @@ def export_model(result_path: str | Path, out: str | Path, *, method: str = "saf
     `.<out>.<random>.old` if the kill falls between its two renames); an existing folder is
     replaced only with `force`."""
     result = load_result(result_path)
+    assert result.path is not None, "a record read from a file"
     result_path = result.path
     if method not in ("safe", "safe_a") or method not in result.methods:
         raise ModelFolderError(f"{result_path} has no '{method}' result to export (it has"
@@ -147,7 +148,8 @@ def _write_merged(out: Path, document: dict[str, Any], weights) -> None:
     """A plain open_clip checkpoint whose pooling layer is the fine-tuned one (beta = 0: the
     blend with the original pooling is lost). The rest is the backbone's own weights."""
     backbone = _backbone_for(document, weights, "cpu")
-    backbone.model.visual.load_state_dict(load_file(str(out / "head.safetensors")), strict=False)
+    visual = backbone.model.get_submodule("visual")  # `.visual` types as Tensor | Module
+    visual.load_state_dict(load_file(str(out / "head.safetensors")), strict=False)
     state = {k: v.contiguous() for k, v in backbone.model.state_dict().items()}
     atomic_write_with(out / "open_clip_merged.safetensors",
                       lambda temporary: save_file(state, str(temporary)))
@@ -325,17 +327,23 @@ def _check_card_values(folder: Path, card: dict[str, Any]) -> None:
         raise ModelFolderError(f"{folder}/{CARD}: blend {card.get('blend')!r} is not blend or"
                                f" each; export the model again.")
     if card["method"] == "safe_a":
-        tip = card.get("tip") if isinstance(card.get("tip"), dict) else {}
+        tip = _block(card, "tip")
         number(tip.get("alpha"), "tip.alpha", 0, 1e4)
         number(tip.get("gamma"), "tip.gamma", 0, 1e4)
     names = card.get("classnames")
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise ModelFolderError(f"{folder}/{CARD}: classnames must be a list of texts; export"
                                f" the model again.")
-    backbone = card.get("backbone") if isinstance(card.get("backbone"), dict) else {}
+    backbone = _block(card, "backbone")
     model = str(backbone.get("model", ""))
     if not model.startswith(("hf-hub:", "local-dir:")):
         plain_name(model, f"{folder}/{CARD}: backbone.model", ModelFolderError)
+
+
+def _block(card: dict[str, Any], key: str) -> dict[str, Any]:
+    """`card[key]` where it is a JSON object, else {} (its fields are then refused one by one)."""
+    block = card.get(key)
+    return block if isinstance(block, dict) else {}
 
 
 def _backbone_for(card: dict[str, Any], weights, device) -> Backbone:

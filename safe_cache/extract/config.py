@@ -53,8 +53,8 @@ class ExtractConfig:
         checks.each("seeds", self.seeds, 0, example="1,2,3")
         checks.at_least("views", self.views, 0)
         checks.at_least("batch_size", self.batch_size, 1)
-        if self.workers != "auto":
-            checks.at_least("workers", self.workers, 0)
+        if self.workers != "auto":  # another text is refused by checks.number
+            checks.at_least("workers", checks.number("workers", self.workers), 0)
         checks.at_least("writer_threads", self.writer_threads, 1)
         checks.at_least("task_images", self.task_images, 1)
         if self.max_pixels is not None:

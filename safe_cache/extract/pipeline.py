@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -59,7 +59,7 @@ def plan_split(store: FeatureStore, dataset: Dataset, split: str, wanted: list[i
     flip = status.flip_missing()
     return [WorkItem(row, dataset.image_root / str(paths[row]), str(paths[row]),
                      int(first_view[u]), bool(flip[u]))
-            for u in np.flatnonzero((first_view < max(views, 1)) | flip)
+            for u in np.flatnonzero((first_view < max(views, 1)) | flip).tolist()
             for row in range(u * unit, min((u + 1) * unit, len(labels))) if labels[row] >= 0]
 
 
@@ -109,14 +109,24 @@ def extract_items(store: FeatureStore, backbone: Backbone, split: str, items: li
     return len(items)
 
 
-def _loader(items: list[tuple], backbone: Backbone, recipe: ViewRecipe | None,
-            config: ExtractConfig, unit: int, workers: int):
+class _LoaderOptions(TypedDict):
+    """What both readers' DataLoaders share."""
+
+    batch_sampler: list[list[int]]
+    num_workers: int
+    persistent_workers: bool
+    pin_memory: bool
+
+
+def _loader(items: list[WorkItem], backbone: Backbone, recipe: ViewRecipe | None,
+            config: ExtractConfig, unit: int, workers: int
+            ) -> tuple[torch.utils.data.DataLoader[Any], Callable[[Any], Any]]:
     """The reader: (DataLoader, batch -> views). `--decode workers`: the workers decode with
     PIL and build every view (ViewDataset); `--decode device`: they read the files' bytes, and
     the views are decoded and cut on the trunk's device (device_views.py)."""
-    common = {"batch_sampler": _unit_batches(items, unit, config.batch_size),
-              "num_workers": workers, "persistent_workers": False,
-              "pin_memory": backbone.device.type == "cuda"}
+    common: _LoaderOptions = {"batch_sampler": _unit_batches(items, unit, config.batch_size),
+                              "num_workers": workers, "persistent_workers": False,
+                              "pin_memory": backbone.device.type == "cuda"}
     if config.decode == "device":
         decoder = DeviceViews(backbone.card, backbone.preprocess, recipe, backbone.device)
         return torch.utils.data.DataLoader(EncodedDataset(items, config.max_pixels),
@@ -143,9 +153,11 @@ def _out_of_memory(backbone: Backbone, config: ExtractConfig, split: str,
         f" kept: run the same command again to resume.")
 
 
-def _unit_batches(items, unit: int, batch_size: int) -> Iterator[list[int]]:
+def _unit_batches(items: list[WorkItem], unit: int, batch_size: int) -> list[list[int]]:
     """Batches of item positions that never cross a write unit: identical in every run."""
-    batches, current, current_unit = [], [], None
+    batches: list[list[int]] = []
+    current: list[int] = []
+    current_unit: int | None = None
     for position, item in enumerate(items):
         if current and (item.row // unit != current_unit or len(current) == batch_size):
             batches.append(current)
@@ -252,8 +264,8 @@ class _Writer:
             thread.start()
         return self
 
-    def __exit__(self, exc_type, *_) -> None:
-        for _ in self.threads:
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        for _thread in self.threads:
             self.queue.put(None)
         for thread in self.threads:
             thread.join()

@@ -37,7 +37,7 @@ class ExtractJob:
     """What every task of one extraction shares (small: sent with each task)."""
 
     url: str
-    storage_options: dict | None
+    storage_options: dict[str, Any] | None
     lease_token: str
     fingerprint: str
     config: ExtractConfig
@@ -90,13 +90,28 @@ def _task_backbone(job: ExtractJob) -> Backbone:
     return backbone
 
 
+def _store_key(job: ExtractJob) -> tuple[str, tuple[str, str]]:
+    """What the lease holder lends its open store under, and a task looks it up by."""
+    return "extract-store", (job.url, job.lease_token)
+
+
+def _job(store: FeatureStore, backbone: Backbone, recipe: ViewRecipe,
+         config: ExtractConfig) -> ExtractJob:
+    """What every task shares: the store by URL and the lease token its workers write under."""
+    token = store.lease_token
+    assert token is not None, "job.py creates or opens the store with mode='a': it holds the lease"
+    return ExtractJob(absolute_url(store.url), store.storage_options or None, token,
+                      backbone.fingerprint, config, recipe)
+
+
 def extract_task(task: ExtractTask, progress: ProgressSink) -> dict[str, Any]:
     """One task: its units decoded, encoded and written; returns counts and skipped images."""
     job = task.job
     backbone = local_resource(("backbone", job.fingerprint), lambda: _task_backbone(job))
-    store = local_resource(("extract-store", job.url, job.lease_token), lambda: open_store(
+    store = local_resource(_store_key(job), lambda: open_store(
         job.url, "a", storage_options=job.storage_options, job_token=job.lease_token))
-    started, skipped = time.perf_counter(), []
+    started = time.perf_counter()
+    skipped: list[dict[str, str]] = []
     done = extract_items(store, backbone, task.split, task.items, job.recipe, job.config,
                          progress, skipped)
     return {"split": task.split, "extracted": done, "skipped": skipped,
@@ -109,8 +124,7 @@ def extract_plans(store: FeatureStore, backbone: Backbone, plans: dict[str, list
     """Every split's planned items as tasks (see the module docstring); counts, skipped images
     and each split's pipeline seconds (summed over its tasks) go into `report`."""
     distributed = client is not None or execution.distributed
-    job = ExtractJob(absolute_url(store.url), store.storage_options or None, store.lease_token,
-                     backbone.fingerprint, config, recipe)
+    job = _job(store, backbone, recipe, config)
     tasks: dict[int, ExtractTask] = {}
     for split, items in plans.items():
         if distributed:  # workers may run in another directory
@@ -119,8 +133,8 @@ def extract_plans(store: FeatureStore, backbone: Backbone, plans: dict[str, list
         for chunk in plan_tasks(items, store.layout.unit, size):
             tasks[len(tasks)] = ExtractTask(job, split, chunk)
     report.extracted.update({split: 0 for split in plans})
-    lent = {("extract-store", job.url, job.lease_token): store,
-            ("backbone", backbone.fingerprint): backbone}
+    lent: dict[tuple[str, Any], object] = {_store_key(job): store,
+                                           ("backbone", backbone.fingerprint): backbone}
     with local_resources(lent):
         results = run_tasks(tasks, extract_task, progress, execution,
                             sizes={index: len(task.items) for index, task in tasks.items()},

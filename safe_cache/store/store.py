@@ -36,14 +36,16 @@ import datetime as dt
 import hashlib
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import fsspec
 import numpy as np
+import numpy.typing as npt
 import zarr
+from numpy.typing import NDArray
 from zarr.codecs import BloscCodec
 
 from .._version import __version__
@@ -71,6 +73,13 @@ from .schema import (
     split_arrays,
 )
 
+if TYPE_CHECKING:
+    import xarray as xr
+    from zarr.core.indexing import Selection
+
+T = TypeVar("T")
+OpenMode = Literal["r", "r+", "w"]  # how the store opens its root group
+
 
 @dataclass(frozen=True)
 class StoreLayout:
@@ -85,7 +94,7 @@ class StoreLayout:
         """Rows per write unit: what one writer writes at once and completion is recorded for."""
         return self.shard_images or self.chunk_images
 
-    def compressors(self) -> list:
+    def compressors(self) -> list[BloscCodec]:
         if self.compression == "none":
             return []
         if self.compression == "blosc-zstd-1":
@@ -107,7 +116,7 @@ def _now() -> str:
 
 
 @contextlib.contextmanager
-def _quiet():
+def _quiet() -> Iterator[None]:
     """zarr warns that consolidated metadata is not in the v3 spec: known and intended."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
@@ -120,17 +129,17 @@ class UnitStatus:
     `views` per unit and view ((unit, 0) without views), `flip` per unit (None for a split
     without the mirrored view)."""
 
-    center: np.ndarray
-    views: np.ndarray
-    flip: np.ndarray | None
+    center: NDArray[np.bool_]
+    views: NDArray[np.bool_]
+    flip: NDArray[np.bool_] | None
 
     @property
-    def whole(self) -> np.ndarray:
+    def whole(self) -> NDArray[np.bool_]:
         """Per unit: every part the split holds is written (the unit is readable)."""
         done = self.center & self.views.all(axis=1)
         return done if self.flip is None else done & self.flip
 
-    def first_missing_view(self) -> np.ndarray:
+    def first_missing_view(self) -> NDArray[np.intp]:
         """Per unit: 0 when the unit needs everything (the center view and all views), v when
         only views v.. are missing (added to the store later), the view count (or 1 without
         views) when none is."""
@@ -140,9 +149,24 @@ class UnitStatus:
         first = np.where(self.views.all(axis=1), views, self.views.argmin(axis=1))
         return np.where(self.center, first, 0)
 
-    def flip_missing(self) -> np.ndarray:
+    def flip_missing(self) -> NDArray[np.bool_]:
         """Per unit: the mirrored center view is still to write (never, without one)."""
         return ~self.flip if self.flip is not None else np.zeros(len(self.center), dtype=bool)
+
+
+def _part_flags(arrays: zarr.Group, part: UnitPart, units: int) -> NDArray[np.bool_] | None:
+    """Per unit (and view): whether `part` is written; None for a part the split (or store)
+    does not hold, but (units, 0) for a per-view one."""
+    if part.flag.name not in arrays:
+        return np.zeros((units, 0), dtype=bool) if part.per_view else None
+    flags: NDArray[np.bool_] = read(array_at(arrays, part.flag.name)) == 1
+    if flags.shape[0] != units:  # read while a writer grows the split's arrays one by one:
+        # rows not yet there are not written
+        grown = np.zeros((units, *flags.shape[1:]), dtype=bool)
+        rows = min(units, flags.shape[0])
+        grown[:rows] = flags[:rows]
+        flags = grown
+    return flags
 
 
 class FeatureStore:
@@ -156,7 +180,7 @@ class FeatureStore:
     """
 
     def __init__(self, url: str, group: zarr.Group, mode: str,
-                 storage_options: dict | None = None) -> None:
+                 storage_options: dict[str, Any] | None = None) -> None:
         self.url, self._group, self.mode = url, group, mode
         self.storage_options = storage_options or {}
         self.lease: Lease | None = None
@@ -168,15 +192,16 @@ class FeatureStore:
     def manifest(self) -> dict[str, Any]:
         """The store's manifest: backbone card and fingerprint, dataset, views, layout, ...
         (in today's schema: an earlier one is read through compat.py)."""
-        return current_manifest(dict(self._group.attrs[MANIFEST_ATTRIBUTE]))
+        return current_manifest(dict(attribute(self._group, MANIFEST_ATTRIBUTE, dict)))
 
     def stored_manifest(self) -> dict[str, Any]:
         """The manifest as stored, in its own schema: what its seal was computed over."""
-        return dict(self._group.attrs[MANIFEST_ATTRIBUTE])
+        return dict(attribute(self._group, MANIFEST_ATTRIBUTE, dict))
 
     @property
     def fingerprint(self) -> str:
-        return self.manifest["backbone_fingerprint"]
+        fingerprint: str = self.manifest["backbone_fingerprint"]  # a text (records.py)
+        return fingerprint
 
     @property
     def content_sha256(self) -> str:
@@ -203,20 +228,22 @@ class FeatureStore:
         """The split's zarr group: the store's own, never handed out."""
         if not self.has_split(split):
             raise StoreError(f"{self.url} has no split '{split}' (it has {self.splits()}).")
-        return self._group[split]
+        return group_at(self._group, split)
 
     def row_count(self, split: str) -> int:
         """Rows reserved in the split, padding and unwritten units included (0 without it):
         where the next append starts, rounded up to a unit."""
-        return int(self._arrays(split)["label"].shape[0]) if self.has_split(split) else 0
+        if not self.has_split(split):
+            return 0
+        return int(array_at(self._arrays(split), "label").shape[0])
 
-    def row_paths(self, split: str) -> np.ndarray:
+    def row_paths(self, split: str) -> NDArray[Any]:
         """The image path of every reserved row ('' for the padding between appends)."""
-        return self._arrays(split)["path"][:]
+        return read(array_at(self._arrays(split), "path"))
 
-    def row_labels(self, split: str) -> np.ndarray:
+    def row_labels(self, split: str) -> NDArray[np.int32]:
         """The label of every reserved row (-1: padding, or an image extract skipped)."""
-        return self._arrays(split)["label"][:]
+        return read(array_at(self._arrays(split), "label"))
 
     def view_count(self, split: str) -> int:
         """Augmented views the split's per-view arrays hold (0 for a split or store without
@@ -225,29 +252,20 @@ class FeatureStore:
             return 0
         arrays = self._arrays(split)
         present = [spec.name for spec in PARTS["views"].features if spec.name in arrays]
-        return int(arrays[present[0]].shape[1]) if present else 0
+        return int(array_at(arrays, present[0]).shape[1]) if present else 0
 
     def unit_status(self, split: str) -> UnitStatus:
         """What of each write unit is written, from the split's completion flags: what extract
         plans from (a unit, a view or the mirrored view still to do)."""
         arrays = self._arrays(split)
-        units = arrays[PARTS["center"].flag.name].shape[0]
-        written: dict[str, np.ndarray | None] = {}
-        for name, part in PARTS.items():
-            if part.flag.name in arrays:
-                flags = arrays[part.flag.name][:] == 1
-                if flags.shape[0] != units:  # read while a writer grows the split's arrays
-                    # one by one: rows not yet there are not written
-                    grown = np.zeros((units, *flags.shape[1:]), dtype=bool)
-                    rows = min(units, flags.shape[0])
-                    grown[:rows] = flags[:rows]
-                    flags = grown
-                written[name] = flags
-            else:  # a part the split (or store) does not hold
-                written[name] = np.zeros((units, 0), dtype=bool) if part.per_view else None
-        return UnitStatus(**written)
+        units = array_at(arrays, PARTS["center"].flag.name).shape[0]
+        written = {name: _part_flags(arrays, part, units) for name, part in PARTS.items()}
+        center, views = written["center"], written["views"]
+        # never None: the center's flag is the one just read, a per-view part's is (units, 0)
+        assert center is not None and views is not None
+        return UnitStatus(center, views, written["flip"])
 
-    def complete_units(self, split: str) -> np.ndarray:
+    def complete_units(self, split: str) -> NDArray[np.intp]:
         """Units whose every part (schema.PARTS: the center view, and for train every
         augmented view and the mirrored center view where the store has them) is written."""
         return np.flatnonzero(self.unit_status(split).whole)
@@ -257,13 +275,14 @@ class FeatureStore:
         """Whether the store holds the mirrored center view of its train images."""
         return bool(self.manifest.get("center_flip"))
 
-    def readable_rows(self, split: str) -> np.ndarray:
+    def readable_rows(self, split: str) -> NDArray[np.int64]:
         """Rows of complete write units that are not padding: what readers may use."""
         arrays = self._arrays(split)
         unit = self.layout.unit
-        rows = np.concatenate([np.arange(u * unit, min((u + 1) * unit, arrays["label"].shape[0]))
+        rows = np.concatenate([np.arange(u * unit, min((u + 1) * unit,
+                                                       array_at(arrays, "label").shape[0]))
                                for u in self.complete_units(split)] or [np.zeros(0, int)])
-        labels = arrays["label"][:]
+        labels = read(array_at(arrays, "label"))
         return rows[labels[rows] >= 0] if rows.size else rows
 
     def object_keys(self, split: str) -> set[str]:
@@ -273,7 +292,8 @@ class FeatureStore:
         prefix = f"{root.rstrip('/')}/{split}/"
         return {key[len(prefix):] for key in fs.find(prefix.rstrip("/"))}
 
-    def check_rows(self, split: str, rows: np.ndarray, names: Sequence[str] = FEATURES) -> None:
+    def check_rows(self, split: str, rows: npt.ArrayLike, names: Sequence[str] = FEATURES
+                   ) -> None:
         """Refuse to read `rows` when a chunk object of their write units is missing: zarr
         would silently fill it with zeros (a deleted chunk of test/dense gave a wrong accuracy
         with exit 0). Lists the split's objects once."""
@@ -281,7 +301,7 @@ class FeatureStore:
         units = np.unique(np.asarray(rows, dtype=np.int64) // self.layout.unit)
         present = self.object_keys(split)
         for name in (n for n in names if n in arrays):
-            spec, array = BY_NAME[name], arrays[name]
+            spec, array = BY_NAME[name], array_at(arrays, name)
             views = array.shape[1] if spec.per_view else 0
             for unit in units.tolist():
                 for key in chunk_keys(spec, unit, views, array.ndim):
@@ -292,7 +312,7 @@ class FeatureStore:
                             f" {self.url}`, then extract into the store again after removing"
                             f" the damaged units, or restore the store from a copy.")
 
-    def readable_row_ids(self, split: str, rows: Sequence[int]) -> np.ndarray:
+    def readable_row_ids(self, split: str, rows: Sequence[int]) -> NDArray[np.int64]:
         """`rows` (ids a user typed) checked: each a readable row of the split, and their
         chunks present; an error names the bad id and the valid range."""
         readable = self.readable_rows(split)
@@ -309,12 +329,13 @@ class FeatureStore:
         self.check_rows(split, order)
         return order
 
-    def read_rows(self, split: str, name: str, rows: np.ndarray) -> np.ndarray:
+    def read_rows(self, split: str, name: str, rows: npt.ArrayLike) -> NDArray[Any]:
         """`name`'s values at `rows` (sorted or not); a chunk that fails to decode is an error
         naming the array and its rows' units, not a codec traceback. Feature values are
         checked finite: a NaN written behind the store's back never becomes an accuracy."""
         try:
-            values = self._arrays(split)[name].get_orthogonal_selection((np.asarray(rows),))
+            array = array_at(self._arrays(split), name)
+            values = _as_ndarray(array.get_orthogonal_selection((np.asarray(rows),)), array)
         except (ValueError, RuntimeError, OSError, TypeError) as exc:
             raise StoreError(f"{self.url}: {split}/{name} could not be read for write units"
                              f" {self._units(rows)} ({type(exc).__name__}: {str(exc)[:120]}):"
@@ -326,7 +347,7 @@ class FeatureStore:
                              f" Run `safe-cache verify {self.url}`, then re-extract those units.")
         return values
 
-    def _units(self, rows: np.ndarray) -> list[int]:
+    def _units(self, rows: npt.ArrayLike) -> list[int]:
         """The write units of `rows`, the first ten (for error messages)."""
         return sorted({int(r) // self.layout.unit for r in np.asarray(rows)})[:10]
 
@@ -334,14 +355,14 @@ class FeatureStore:
         """Rows the split must hold to be whole: its dataset size less the images extract
         skipped (None for a store that records no split sizes)."""
         dataset = self.manifest["dataset"]
-        size = (dataset.get("split_sizes") or {}).get(split)
+        size: int | None = (dataset.get("split_sizes") or {}).get(split)  # ints (records.py)
         if size is None:
             return None
         skipped = {e["error"] for e in self.manifest.get("skipped_images", [])
                    if e.get("split") == split}
         return size - len(skipped)
 
-    def check_complete(self, split: str) -> np.ndarray:
+    def check_complete(self, split: str) -> NDArray[np.int64]:
         """The split's readable rows, refused when fewer than the dataset holds: a test split
         with an unwritten unit would be evaluated on the rows that exist. The error names the
         incomplete units and the extract command that finishes them."""
@@ -350,7 +371,7 @@ class FeatureStore:
         if expected is None or rows.size >= expected:
             return rows
         arrays = self._arrays(split)
-        done = np.zeros(arrays["complete"].shape[0], dtype=bool)
+        done = np.zeros(array_at(arrays, "complete").shape[0], dtype=bool)
         done[self.complete_units(split)] = True
         incomplete = np.flatnonzero(~done).tolist()
         raise StoreError(
@@ -360,19 +381,20 @@ class FeatureStore:
             f" `{extract_command(self.manifest, self.url)}` (with the dataset's --root), or"
             f" evaluate on what is there with --partial (results are then labelled partial).")
 
-    def split(self, name: str):
+    def split(self, name: str) -> xr.Dataset:
         """The split as a labelled xarray.Dataset backed by dask, complete rows only.
 
         Dims image, token, channel, embed (and view for train); coords path and label.
         """
         import xarray as xr
 
-        dataset = xr.open_zarr(self._group.store, group=name, consolidated=False)
+        # open_zarr carries no return type in xarray: it returns a Dataset
+        dataset: xr.Dataset = xr.open_zarr(self._group.store, group=name, consolidated=False)
         bookkeeping = [v for v in BOOKKEEPING if v in dataset]
         dataset = dataset.drop_vars(bookkeeping).isel(image=self.readable_rows(name))
         return dataset.set_coords(["path", "label"])
 
-    def fewshot(self, seed: int, shots: int) -> tuple[np.ndarray, np.ndarray]:
+    def fewshot(self, seed: int, shots: int) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
         key = f"fewshot/seed{seed}/shots{shots}"
         if key not in self._group:
             raise StoreError(f"{self.url} holds no few-shot rows for seed {seed}, {shots} shots;"
@@ -381,10 +403,11 @@ class FeatureStore:
 
     def fewshot_draws(self) -> tuple[list[int], list[int]]:
         """(shots, seeds) of the few-shot draws the store holds, sorted."""
-        shots, seeds = set(), set()
+        shots: set[int] = set()
+        seeds: set[int] = set()
         if "fewshot" in self._group:
-            for seed_key in self._group["fewshot"].group_keys():
-                for shots_key in self._group[f"fewshot/{seed_key}"].group_keys():
+            for seed_key in group_at(self._group, "fewshot").group_keys():
+                for shots_key in group_at(self._group, f"fewshot/{seed_key}").group_keys():
                     seeds.add(int(seed_key.removeprefix("seed")))
                     shots.add(int(shots_key.removeprefix("shots")))
         return sorted(shots), sorted(seeds)
@@ -400,16 +423,17 @@ class FeatureStore:
         """The digest of a prompt set's classifier and sentences: part of a run's identity (a
         prompt set is stored by name; its content is what the numbers depend on)."""
         self.classifier(prompt_set)  # checked
-        node = self._group[f"text/{plain_name(prompt_set, 'the prompt set', StoreError)}"]
+        node = group_at(self._group,
+                        f"text/{plain_name(prompt_set, 'the prompt set', StoreError)}")
         return canonical_sha256([node["classifier"].attrs[DIGEST], node.attrs["sentences"]])
 
-    def classifier(self, prompt_set: str = "hand") -> np.ndarray:
+    def classifier(self, prompt_set: str = "hand") -> NDArray[np.float32]:
         """The zero-shot classifier (class, embed): per class, the normalised mean of the
         normalised sentence embeddings."""
         plain_name(prompt_set, "the prompt set", StoreError)
         key = f"text/{prompt_set}/classifier"
         if key not in self._group:
-            held = sorted(self._group["text"].keys()) if "text" in self._group else []
+            held = sorted(group_at(self._group, "text").keys()) if "text" in self._group else []
             shots, seeds = self.fewshot_draws()
             draws = ["--shots", ",".join(map(str, shots)), "--seeds",
                      ",".join(map(str, seeds))] if shots else []
@@ -420,16 +444,17 @@ class FeatureStore:
                 f" are already there): `{command}`.")
         return self._small(key)
 
-    def _small(self, key: str) -> np.ndarray:
+    def _small(self, key: str) -> NDArray[Any]:
         """A whole small array (text, head, few-shot rows), checked against the digest written
         with it (a deleted chunk reads as zeros, and would pass any other check) and finite."""
-        problem, values = small_array_problem(self._group[key])
+        problem, values = small_array_problem(array_at(self._group, key))
         if problem:
             raise StoreError(f"{self.url}: {key} {problem}. Run `safe-cache verify"
                              f" {self.url}`, or re-extract the store.")
         return values
 
-    def sentence_embeddings(self, prompt_set: str = "hand") -> tuple[np.ndarray, list[int]]:
+    def sentence_embeddings(self, prompt_set: str = "hand"
+                            ) -> tuple[NDArray[np.float32], list[int]]:
         """(raw sentence embeddings (sentence, embed), sentences per class): what other ways of
         averaging the templates need."""
         key = f"text/{prompt_set}/embeddings"
@@ -438,7 +463,7 @@ class FeatureStore:
                              f" '{prompt_set}' (stores written before safe-cache 0.2); run"
                              f" extract on it again to add them.")
         node = self._group[f"text/{prompt_set}"]
-        return self._small(key), [len(group) for group in node.attrs["sentences"]]
+        return self._small(key), [len(group) for group in attribute(node, "sentences", list)]
 
     def has_prompt_set(self, prompt_set: str) -> bool:
         """Whether the prompt set was written whole (classifier, embeddings, sentences): what
@@ -449,7 +474,8 @@ class FeatureStore:
 
     def prompt_sentences(self, prompt_set: str) -> list[list[str]]:
         """The sentences of a stored prompt set, per class."""
-        return [list(group) for group in self._group[f"text/{prompt_set}"].attrs["sentences"]]
+        sentences = attribute(self._group[f"text/{prompt_set}"], "sentences", list)
+        return [list(group) for group in sentences]
 
     def has_head(self) -> bool:
         """Whether the original head was written whole (its config is written last)."""
@@ -462,23 +488,24 @@ class FeatureStore:
         for top in ("text", "head", "fewshot"):
             if top not in self._group:
                 continue
-            for path, node in self._group[top].members(max_depth=None):
+            for path, node in group_at(self._group, top).members(max_depth=None):
                 if isinstance(node, zarr.Array):
                     keys.append(f"{top}/{path}")
         return sorted(keys)
 
     def summary(self) -> dict[str, Any]:
         """Sizes and completeness per split (what `safe-cache info` shows)."""
-        out = {}
+        out: dict[str, Any] = {}
         for split in self.splits():
             arrays = self._arrays(split)
-            units = arrays["complete"].shape[0]
+            units = array_at(arrays, "complete").shape[0]
             out[split] = {
-                "rows": int(arrays["label"].shape[0]),
+                "rows": int(array_at(arrays, "label").shape[0]),
                 "readable_rows": int(self.readable_rows(split).size),
                 "units": int(units),
                 "complete_units": int(self.complete_units(split).size),
-                "arrays": {name: list(arrays[name].shape) for name in arrays.array_keys()},
+                "arrays": {name: list(array_at(arrays, name).shape)
+                           for name in arrays.array_keys()},
             }
         return out
 
@@ -521,7 +548,8 @@ class FeatureStore:
         group.create_array(spec.name, shape=(0, *tail), dtype=dtype, fill_value=spec.fill,
                            **kwargs)
 
-    def append_rows(self, split: str, paths: Sequence[str], labels: Sequence[int]) -> np.ndarray:
+    def append_rows(self, split: str, paths: Sequence[str], labels: Sequence[int]
+                    ) -> NDArray[np.int64]:
         """Reserve rows for new images at the next write-unit boundary; returns their indices.
 
         Paths and labels are written at once; features are written per unit (`write_unit`).
@@ -530,17 +558,17 @@ class FeatureStore:
         self.ensure_split(split)
         group = self._arrays(split)
         unit = self.layout.unit
-        start = -(-group["label"].shape[0] // unit) * unit  # round up to a unit boundary
+        start = -(-array_at(group, "label").shape[0] // unit) * unit  # round up to a unit boundary
         stop = start + len(paths)
         units = -(-stop // unit)
         for name in group.array_keys():
-            array = group[name]
+            array = array_at(group, name)
             if name in BOOKKEEPING:
                 array.resize((units, *array.shape[1:]))
             else:
                 array.resize((units * unit, *array.shape[1:]))
-        group["path"][start:stop] = np.asarray(list(paths), dtype=object).astype(str)
-        group["label"][start:stop] = np.asarray(labels, dtype="int32")
+        array_at(group, "path")[start:stop] = np.asarray(list(paths), dtype=object).astype(str)
+        array_at(group, "label")[start:stop] = np.asarray(labels, dtype="int32")
         self.touch()
         return np.arange(start, stop)
 
@@ -549,13 +577,13 @@ class FeatureStore:
         with --skip-bad. Readers never see it, and its unit is written without it; the image
         is recorded with `record_skipped` by the lease holder."""
         self._writable()
-        labels = self._arrays(split)["label"]
+        labels = array_at(self._arrays(split), "label")
         if not 0 <= row < labels.shape[0]:
             raise StoreError(f"{self.url}: row {row} is not a reserved row of {split} (rows"
                              f" 0..{labels.shape[0] - 1}); only a reserved row can be padding.")
         labels[row] = -1
 
-    def write_unit(self, split: str, unit: int, features: dict[str, np.ndarray]) -> None:
+    def write_unit(self, split: str, unit: int, features: dict[str, NDArray[Any]]) -> None:
         """Write every feature array of one write unit, then record it as complete.
 
         `features` maps array names (dense, pooled, aug_dense, aug_pooled, flip_dense,
@@ -572,9 +600,9 @@ class FeatureStore:
                              f" together.")
         self.write_parts(split, unit, features)
         with self._bookkeeping:
-            self._arrays(split)[center.flag.name][unit] = 1  # only after the data is written
+            array_at(self._arrays(split), center.flag.name)[unit] = 1  # after the data is written
 
-    def write_parts(self, split: str, unit: int, features: dict[str, np.ndarray],
+    def write_parts(self, split: str, unit: int, features: dict[str, NDArray[Any]],
                     first_view: int = 0) -> None:
         """Write some feature arrays of one unit (what an existing store lacks: views
         first_view.. of aug_*, the flip_* view) and record each part (schema.PARTS) complete
@@ -584,7 +612,7 @@ class FeatureStore:
         parts = self._parts_of(split, unit, features)
         start = unit * self.layout.unit
         with np.errstate(over="ignore", invalid="ignore"):  # checked just below
-            cast = {name: np.asarray(values).astype(group[name].dtype, copy=False)
+            cast = {name: np.asarray(values).astype(array_at(group, name).dtype, copy=False)
                     for name, values in features.items()}
         for name, values in cast.items():  # after the cast: float16 overflows to inf
             if not np.isfinite(values).all():
@@ -593,7 +621,7 @@ class FeatureStore:
         for name, values in cast.items():
             # Every chunk object is written, zeros too (zarr's config is per handle, not
             # stored): readers tell a missing chunk from a written one by its object.
-            array = group[name].with_config({"write_empty_chunks": True})
+            array = array_at(group, name).with_config({"write_empty_chunks": True})
             if BY_NAME[name].per_view:
                 views = slice(first_view, first_view + values.shape[1])
                 array[start:start + len(values), views] = values
@@ -603,14 +631,14 @@ class FeatureStore:
             for part in parts:
                 if part.name == "center":
                     continue  # write_unit's, once every part it was given is written
-                flag = group[part.flag.name]
+                flag = array_at(group, part.flag.name)
                 if part.per_view:
                     width = cast[part.features[0].name].shape[1]
                     flag[unit, first_view:first_view + width] = 1
                 else:
                     flag[unit] = 1
 
-    def _parts_of(self, split: str, unit: int, features: dict[str, np.ndarray]
+    def _parts_of(self, split: str, unit: int, features: dict[str, NDArray[Any]]
                   ) -> list[UnitPart]:
         """The unit parts `features` write, each whole: an array the split lacks, or one part
         given only in part (aug_dense without aug_pooled, or another view count), is refused
@@ -621,7 +649,7 @@ class FeatureStore:
             held = [name for name in FEATURES if name in group]
             raise StoreError(f"{self.url}: {split} holds no feature array {unknown[0]!r} (it"
                              f" holds {held}); write the split's own arrays.")
-        parts = []
+        parts: list[UnitPart] = []
         for part in PARTS.values():
             given = [spec.name for spec in part.features if spec.name in features]
             if not given:
@@ -644,12 +672,13 @@ class FeatureStore:
         if manifest.get("center_flip"):
             return
         if "train" in self._group:
-            group = self._group["train"]
-            rows, units = group["label"].shape[0], group["complete"].shape[0]
+            group = group_at(self._group, "train")
+            rows, units = array_at(group, "label").shape[0], array_at(group, "complete").shape[0]
             for spec in optional_group("center_flip"):
                 tail = spec.tail(manifest["shapes"], manifest["views"]["count"])
                 self._create_array(group, spec, tail)
-                group[spec.name].resize((units if spec.role == "bookkeeping" else rows, *tail))
+                array_at(group, spec.name).resize((units if spec.role == "bookkeeping" else rows,
+                                                   *tail))
         manifest["center_flip"] = True
         self._write_manifest(manifest)
 
@@ -660,14 +689,14 @@ class FeatureStore:
         if count <= manifest["views"]["count"]:
             return
         if "train" in self._group:
-            group = self._group["train"]
+            group = group_at(self._group, "train")
             for spec in (spec for spec in ARRAYS if spec.per_view and spec.name in group):
-                array = group[spec.name]
+                array = array_at(group, spec.name)
                 array.resize((array.shape[0], count, *array.shape[2:]))
         manifest["views"]["count"] = count
         self._write_manifest(manifest)
 
-    def write_head(self, state: dict[str, np.ndarray], model_config: dict[str, Any]) -> None:
+    def write_head(self, state: dict[str, NDArray[Any]], model_config: dict[str, Any]) -> None:
         """The original pooling head (AttnPool_O): what fit starts from, so fitting needs the
         store alone, not the backbone's weights file. Arrays named by open_clip's keys."""
         self._writable()
@@ -677,24 +706,26 @@ class FeatureStore:
         node.attrs["model_config"] = model_config
         self.touch()
 
-    def head_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def head_state(self) -> tuple[dict[str, NDArray[Any]], dict[str, Any]]:
         """(state dict as numpy arrays, open_clip model config) of the original head."""
         if "head" not in self._group:
             raise StoreError(f"{self.url} holds no head weights; extract it again with this"
                              f" safe-cache to add them.")
-        node = self._group["head"]
+        node = group_at(self._group, "head")
         return {name: self._small(f"head/{name}") for name in node.array_keys()}, dict(
-            node.attrs["model_config"])
+            attribute(node, "model_config", dict))
 
-    def write_fewshot(self, seed: int, shots: int, train_rows, val_rows) -> None:
+    def write_fewshot(self, seed: int, shots: int, train_rows: npt.ArrayLike,
+                      val_rows: npt.ArrayLike) -> None:
         self._writable()
         node = self._group.require_group(f"fewshot/seed{seed}/shots{shots}")
         for name, rows in (("train_rows", train_rows), ("val_rows", val_rows)):
             write_small(node, name, np.asarray(rows, dtype="int64"), "int64", ("sample",))
         self.touch()
 
-    def write_classifier(self, prompt_set: str, weights: np.ndarray,
-                         sentences: list[list[str]], embeddings: np.ndarray | None = None) -> None:
+    def write_classifier(self, prompt_set: str, weights: NDArray[Any],
+                         sentences: list[list[str]], embeddings: NDArray[Any] | None = None
+                         ) -> None:
         """The classifier of a prompt set, its sentences, and (optionally) every sentence's raw
         embedding, in class order."""
         self._writable()
@@ -760,51 +791,86 @@ class FeatureStore:
     def __enter__(self) -> FeatureStore:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
 DIGEST = "sha256"  # the attribute of a small array holding its content's digest
 
 
+def _where(node: zarr.Group | zarr.Array[Any], key: str = "") -> str:
+    """A node's path in the store, for error messages ("the root group" for the root)."""
+    return "/".join(part for part in (node.path, key) if part) or "the root group"
+
+
 def array_at(group: zarr.Group, key: str) -> zarr.Array[Any]:
     """The array at `key` under `group`, where the store's schema puts an array (zarr types
-    `group[key]` as an array or a group)."""
-    return cast("zarr.Array[Any]", group[key])
+    `group[key]` as an array or a group; a group there is a damaged store)."""
+    node = group[key]
+    if not isinstance(node, zarr.Array):
+        raise StoreError(f"{_where(group, key)} is a group where the store keeps an array: the"
+                         f" store is damaged. Run `safe-cache verify`, or re-extract it.")
+    return node
 
 
 def group_at(group: zarr.Group, key: str) -> zarr.Group:
     """The group at `key` under `group`, where the store's schema puts a group."""
-    return cast(zarr.Group, group[key])
+    node = group[key]
+    if not isinstance(node, zarr.Group):
+        raise StoreError(f"{_where(group, key)} is an array where the store keeps a group: the"
+                         f" store is damaged. Run `safe-cache verify`, or re-extract it.")
+    return node
 
 
-def read(array: zarr.Array[Any], selection: Any = slice(None)) -> np.ndarray:
+def read(array: zarr.Array[Any], selection: Selection = slice(None)) -> NDArray[Any]:
     """`array[selection]` (all of it by default): an ndarray for a slice or rows of a stored
     array (zarr types it as any of its scalars too)."""
-    return cast(np.ndarray, array[selection])
+    return _as_ndarray(array[selection], array)
 
 
-def array_sha256(values: np.ndarray) -> str:
+def _as_ndarray(values: object, array: zarr.Array[Any]) -> NDArray[Any]:
+    """What a read of `array` returned, as the ndarray it is: zarr types a read as an ndarray
+    or any scalar; a 0-d array's whole value comes back as a numpy scalar (made a 0-d ndarray,
+    which hashes the same)."""
+    if isinstance(values, np.ndarray):
+        return values
+    if isinstance(values, np.generic):
+        return np.asarray(values)
+    raise StoreError(f"{_where(array)}: a read gave a {type(values).__name__}, not an array.")
+
+
+def attribute(node: zarr.Group | zarr.Array[Any], key: str, kind: type[T]) -> T:
+    """`node.attrs[key]` where the store writes a `kind` (zarr types an attribute as any JSON
+    value; another is a hand-edited or damaged store)."""
+    value = node.attrs[key]
+    if not isinstance(value, kind):
+        raise StoreError(f"{_where(node)}: attribute {key!r} is a {type(value).__name__}, not a"
+                         f" {kind.__name__} (edited by hand?). Run `safe-cache verify`, or"
+                         f" re-extract the store.")
+    return value
+
+
+def array_sha256(values: npt.ArrayLike) -> str:
     """sha256 of an array's dtype, shape and bytes."""
     values = np.ascontiguousarray(values)
     head = f"{values.dtype.str}{values.shape}".encode()
     return hashlib.sha256(head + values.tobytes()).hexdigest()
 
 
-def write_small(node: zarr.Group, name: str, values: np.ndarray, dtype: str,
+def write_small(node: zarr.Group, name: str, values: NDArray[Any], dtype: str,
                 dims: tuple[str, ...] | None = None) -> None:
     """A small array written whole (one chunk object, zeros too) with its digest."""
     kwargs: dict[str, Any] = {"dimension_names": dims} if dims else {}
     array = node.create_array(name, shape=values.shape, dtype=dtype, overwrite=True,
                               config={"write_empty_chunks": True}, **kwargs)
     array[...] = values
-    array.attrs[DIGEST] = array_sha256(array[...])
+    array.attrs[DIGEST] = array_sha256(read(array, ...))
 
 
-def small_array_problem(array: zarr.Array) -> tuple[str | None, np.ndarray]:
+def small_array_problem(array: zarr.Array[Any]) -> tuple[str | None, NDArray[Any]]:
     """(why a small array cannot be trusted or None, its values): its digest must be there and
     match (a missing chunk reads as zeros), its values finite."""
-    values = array[...]
+    values = read(array, ...)
     if not finite(values):
         return "holds NaN or Inf (its logits would be NaN)", values
     digest = array.attrs.get(DIGEST)
@@ -817,13 +883,14 @@ def small_array_problem(array: zarr.Array) -> tuple[str | None, np.ndarray]:
     return None, values
 
 
-def finite(values: np.ndarray) -> bool:
+def finite(values: npt.ArrayLike) -> bool:
     """Whether every value is finite (strings and integers always are)."""
     values = np.asarray(values)
     return not np.issubdtype(values.dtype, np.inexact) or bool(np.isfinite(values).all())
 
 
-def _open_group(url: str, mode: str, storage_options: dict | None) -> zarr.Group:
+def _open_group(url: str, mode: OpenMode, storage_options: dict[str, Any] | None
+                ) -> zarr.Group:
     kwargs: dict[str, Any] = {"zarr_format": 3}
     if storage_options and "://" in url:
         kwargs["storage_options"] = storage_options
@@ -839,7 +906,7 @@ def create_store(
     *,
     views: dict[str, Any],
     layout: StoreLayout | None = None,
-    storage_options: dict | None = None,
+    storage_options: dict[str, Any] | None = None,
     takeover: bool = False,
     center_flip: bool = False,
 ) -> FeatureStore:
@@ -886,7 +953,7 @@ def _refuse_a_file(url: str) -> None:
                          f" the store's folder as --store, or a new path to create one there.")
 
 
-def open_store(url: str, mode: str = "r", *, storage_options: dict | None = None,
+def open_store(url: str, mode: str = "r", *, storage_options: dict[str, Any] | None = None,
                takeover: bool = False, job_token: str | None = None,
                cache: str | None = None, check_fingerprint: bool = True) -> FeatureStore:
     """Open an existing store: read-only by default; mode='a' takes the writer lease.
@@ -919,7 +986,7 @@ def open_store(url: str, mode: str = "r", *, storage_options: dict | None = None
                                      f" that was interrupted).")
         raise StoreError(f"{url} is a Zarr group but not a safe-cache store (no 'safe_cache'"
                          f" attribute).")
-    manifest = group.attrs[MANIFEST_ATTRIBUTE]
+    manifest = attribute(group, MANIFEST_ATTRIBUTE, dict)
     version = manifest.get("schema_version")
     if version not in READABLE_VERSIONS:
         raise StoreError(
@@ -976,9 +1043,9 @@ def seal_store(store: FeatureStore) -> None:
     that lacks one (verify --seal, after verifying its data): what an older store, or one whose
     manifest a person has checked, needs to be read."""
     for key in store.small_arrays():
-        array = store._group[key]
+        array = array_at(store._group, key)
         if DIGEST not in array.attrs:
-            array.attrs[DIGEST] = array_sha256(array[...])
+            array.attrs[DIGEST] = array_sha256(read(array, ...))
     store._write_manifest(store.manifest)
 
 
