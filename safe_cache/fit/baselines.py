@@ -128,9 +128,9 @@ def run_methods(store: FeatureStore, head: torch.nn.Module, rows: RunRows,
         if name == "safe_a":
             cache = {"keys": keys.detach().cpu(), "values": values.cpu()}
     if "linear_probe" in config.methods:
-        train = adapters.Split(F.normalize(center, dim=-1), labels)
+        probe = adapters.Split(F.normalize(center, dim=-1), labels)
         summary, weight = adapters.linear_probe(
-            train, split["val"][0], split["test"][0], classifier.shape[0], return_weight=True)
+            probe, split["val"][0], split["test"][0], classifier.shape[0], return_weight=True)
         timed("linear_probe", summary)
         predictors["linear_probe"] = lambda o, t: F.normalize(o, dim=-1) @ weight[:-1] \
             + weight[-1]
