@@ -44,10 +44,21 @@ PAPER_OPTIONS = ("lrs", "wds", "iters", "batch_size", "eval_every", "beta", "ble
 UNLABELLED = ("methods", "eval_ood")
 
 
+REFERENCE = " (reference)"
+
+
 def method_label(method: str, values: dict[str, Any]) -> str:
-    """The method's row name: an epoch chosen on test (the reference code's way) is labelled,
-    so its numbers are never averaged with val-selected ones."""
+    """The method's row name: a method run as its authors' code runs it (fit --protocol
+    reference), or with an epoch chosen on test, is labelled, so its numbers are never
+    averaged with ours."""
+    if values.get("protocol") == "reference":
+        return method + REFERENCE
     return method + (TEST_SELECTED if values.get("selected_on") == "test" else "")
+
+
+def base_method(label: str) -> str:
+    """The method a row label names (its protocol suffix removed)."""
+    return label.removesuffix(REFERENCE).removesuffix(TEST_SELECTED)
 
 
 def setting_label(run: RunResult) -> str:
@@ -168,7 +179,7 @@ def _with_paper(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out (`paper_note`, report's footnotes). A row of a backbone no source reports notes the
     Table I number it does not stand beside."""
     for row in rows:
-        method = row["method"].removesuffix(TEST_SELECTED)
+        method = base_method(row["method"])
         found = published_number(method, row["model"], row["dataset"], row["shots"])
         reasons = row["protocol_reasons"]
         if found is None:  # Table I reports RN50 only
@@ -215,7 +226,7 @@ def ood_rows(runs: list[RunResult]) -> list[dict[str, Any]]:
         run, method = first[key], key[2]
         reasons = paper_reasons(run, tuple(paper))
         published_row = {} if reasons else paper.get(run.backbone["model"], {}).get(
-            method.removesuffix(TEST_SELECTED), {})
+            base_method(method), {})
         rows.append({"backbone": key[0], "recipe": run.recipe_name,
                      "setting": setting_label(run), "method": method,
                      **{c: statistics.fmean(columns[c]) if columns.get(c) else None
@@ -312,7 +323,7 @@ def _published_lines(axis: Any, rows: list[dict[str, Any]]) -> None:
     are left to the solid lines)."""
     lines: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
     for row in rows:
-        method = row["method"].removesuffix(TEST_SELECTED)
+        method = base_method(row["method"])
         if row.get("paper") is not None and method not in ("zero_shot", "cupl"):
             lines[method, row["backbone"]][row["shots"]] = row["paper"]
     several = len({backbone for _, backbone in lines}) > 1

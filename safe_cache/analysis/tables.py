@@ -9,7 +9,7 @@ from rich.table import Table
 
 from ..fit.results import METHOD_LABELS, METHODS, RunResult
 from .literature import LABELS
-from .report import OOD_COLUMNS, TEST_SELECTED, cell, footnotes, ood_rows
+from .report import OOD_COLUMNS, REFERENCE, TEST_SELECTED, base_method, cell, footnotes, ood_rows
 
 
 def runs_table(results: list[RunResult]) -> Table:
@@ -31,8 +31,10 @@ def runs_table(results: list[RunResult]) -> Table:
 
 
 def _label(method: str) -> str:
-    base = method.removesuffix(TEST_SELECTED)
-    return LABELS.get(base, base) + (" (test-sel.)" if base != method else "")
+    base = base_method(method)
+    suffix = " (reference)" if method.endswith(REFERENCE) else \
+        " (test-sel.)" if method.endswith(TEST_SELECTED) else ""
+    return LABELS.get(base, base) + suffix
 
 
 def report_tables(rows: list[dict[str, Any]]) -> list[Table]:
@@ -54,7 +56,7 @@ def report_tables(rows: list[dict[str, Any]]) -> list[Table]:
             table.add_column(column, justify="left" if column in ("method", "setting")
                              else "right")
         for row in sorted(mine, key=lambda r: (r["shots"], order.get(
-                r["method"].removesuffix(TEST_SELECTED), 99), r["method"], r["setting"])):
+                base_method(r["method"]), 99), r["method"], r["setting"])):
             delta = cell(row, "delta")
             style = "green" if delta.startswith("+") else "red" if delta != "-" else ""
             table.add_row(str(row["shots"]), _label(row["method"]),

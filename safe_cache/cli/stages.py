@@ -67,6 +67,9 @@ def _count(value: str, option: str) -> int:
               show_default=True,
               help="Also store the mirrored center view of train images (the safe fit recipe's"
               " second sample); added to an existing store that lacks it.")
+@click.option("--full-val", is_flag=True,
+              help="Store the whole val split, not only the few-shot val rows (what fit"
+              " --protocol reference searches on).")
 @click.option("--prompts", default=default_of(ExtractConfig, "prompts"), show_default=True,
               help="hand, classname, vanilla, or a CuPL JSON file.")
 @click.option("--device", default=default_of(ExtractConfig, "device"), show_default=True,
@@ -248,6 +251,11 @@ def demo(store_root: str, model: str, pretrained: str, workers: int, iters: int,
               show_default=recipe_defaults("text_average"),
               help="Average the templates' embeddings normalised (Tip-Adapter) or raw"
               " (Cross-Modal).")
+@click.option("--protocol", type=click.Choice(["ours", "reference"]),
+              default=default_of(FitConfig, "protocol"), show_default=True,
+              help="reference: Tip-Adapter(-F) and GDA as their authors' code runs them (keys"
+              " averaged raw, Tip-F's epoch on test, searches on the whole val split, ImageNet's"
+              " on test); results labelled, never averaged with ours.")
 @click.option("--select-on", default=default_of(FitConfig, "select_on"), show_default=True,
               type=click.Choice(["val", "test"]),
               help="Where Tip-Adapter-F and SAFE-A choose their epoch; 'test' reproduces the"

@@ -25,6 +25,8 @@ class ExtractConfig:
     seeds: tuple[int, ...] = (1, 2, 3)
     views: int = 10
     center_flip: bool = True  # also the mirrored center view (the `safe` fit recipe trains on it)
+    full_val: bool = False  # the whole val split, not only the few-shot val rows (fit's
+    # --protocol reference searches on it, as the reference code of Tip-Adapter and GDA do)
     view_seed: int = 0
     prompts: str = "hand"
     device: str = "auto"

@@ -38,12 +38,16 @@ def few_shot_subsets(dataset: Dataset, shots, seeds) -> dict[tuple[int, int], Fe
             for seed in seeds for k in shots}
 
 
-def wanted_entries(dataset: Dataset, subsets: dict[tuple[int, int], FewShot]) -> dict:
-    """Entry indices to extract per split: all of test, the few-shot union of train and val."""
+def wanted_entries(dataset: Dataset, subsets: dict[tuple[int, int], FewShot],
+                   full_val: bool = False) -> dict:
+    """Entry indices to extract per split: all of test, the few-shot union of train and val
+    (`full_val`: all of val)."""
     wanted = {"test": list(range(len(dataset.splits["test"])))}
     if subsets:
         wanted["train"] = sorted({i for s in subsets.values() for i in s.train})
         wanted["val"] = sorted({i for s in subsets.values() for i in s.val})
+    if full_val and "val" in dataset.splits:
+        wanted["val"] = list(range(len(dataset.splits["val"])))
     return wanted
 
 
@@ -75,7 +79,8 @@ def extract(config: ExtractConfig, progress: ProgressSink = null_progress,
     report = ExtractReport(store=url)
     try:
         plans = {split: plan_split(store, dataset, split, entries, recipe)
-                 for split, entries in wanted_entries(dataset, subsets).items()}
+                 for split, entries in wanted_entries(dataset, subsets,
+                                                      config.full_val).items()}
         extract_plans(store, backbone, plans, recipe, config, progress, report, execution,
                       client)
         _write_fewshot(store, dataset, subsets)

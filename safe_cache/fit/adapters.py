@@ -58,16 +58,24 @@ def search_alpha_gamma(val: Split, classifier, keys, values, scale: float,
 
 
 def cache_model(train_features: torch.Tensor, train_labels: torch.Tensor,
-                classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys: per image, the normalised mean of its (normalised) view features; values: one-hot."""
-    keys = F.normalize(F.normalize(train_features, dim=-1).mean(dim=1), dim=-1)
+                classes: int, keys_average: str = "normalised"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys: per image, the normalised mean of its (normalised) view features; values: one-hot.
+    `keys_average="raw"` averages the raw view features before normalising, as Tip-Adapter's
+    code does (build_cache_model: the encoder's unnormalised features, mean over the augment
+    epochs, then normalised): fit's --protocol reference."""
+    if keys_average not in ("normalised", "raw"):
+        raise ValueError(f"keys_average must be 'normalised' or 'raw', not {keys_average!r}")
+    views = F.normalize(train_features, dim=-1) if keys_average == "normalised" \
+        else train_features
+    keys = F.normalize(views.mean(dim=1), dim=-1)
     return keys, F.one_hot(train_labels, classes).float()
 
 
 def tip_adapter(train_features, train_labels, val: Split, test: Split, classifier,
-                scale: float, tip: dict) -> dict:
+                scale: float, tip: dict, keys_average: str = "normalised") -> dict:
     """Training-free Tip-Adapter: cache from the train views, alpha/gamma searched on val."""
-    keys, values = cache_model(train_features, train_labels, classifier.shape[0])
+    keys, values = cache_model(train_features, train_labels, classifier.shape[0], keys_average)
     alpha, gamma, val_acc = search_alpha_gamma(val, classifier, keys, values, scale, tip)
     test_acc = accuracy(tip_logits(test.features, classifier, keys, values, alpha, gamma, scale),
                         test.labels)
@@ -77,7 +85,7 @@ def tip_adapter(train_features, train_labels, val: Split, test: Split, classifie
 def tip_adapter_f(train_features, train_labels, val: Split, test: Split, classifier,
                   scale: float, tip: dict, *, epochs: int = 20, lr: float = 1e-3,
                   batch_size: int = 256, seed: int = 1, return_cache: bool = False,
-                  select_on: str = "val"):
+                  select_on: str = "val", keys_average: str = "normalised"):
     """Tip-Adapter-F: train the keys (AdamW lr 1e-3, eps 1e-4, wd 0.01, cosine), one epoch per
     augmented view in turn; the epoch is chosen on val (`select_on="test"` reproduces the
     reference code, which chose it on test: such numbers are labelled test-selected); then
@@ -86,7 +94,7 @@ def tip_adapter_f(train_features, train_labels, val: Split, test: Split, classif
         raise ValueError(f"select_on must be 'val' or 'test', not {select_on!r}")
     selection = val if select_on == "val" else test
     images, views, _ = train_features.shape
-    keys, values = cache_model(train_features, train_labels, classifier.shape[0])
+    keys, values = cache_model(train_features, train_labels, classifier.shape[0], keys_average)
     keys = torch.nn.Parameter(keys.clone())
     optimizer = torch.optim.AdamW([keys], lr=lr, eps=1e-4, weight_decay=0.01)
     steps = epochs * math.ceil(images / batch_size)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from ..data.datasets import load_spec
-from ..errors import DatasetError
+from ..errors import DatasetError, RecipeError
 from ..model.inference import blend_features, tip_logits
 from ..store import FeatureStore
+from ..store.paths import extract_command
 from . import adapters
 from .config import FitConfig
 from .methods import WORKBENCH_METHODS
@@ -113,16 +114,24 @@ def run_methods(store: FeatureStore, head: torch.nn.Module, rows: RunRows,
 
     tip = tip_settings(store.manifest)
     epochs = config.tip_epochs or tip["epochs"]
+    reference = config.protocol == "reference"
+    search = reference_search(store, device, split["test"][0]) \
+        if needs_reference_search(config) else split["val"][0]
+    keys_average = "raw" if reference else "normalised"
     if "tip_adapter" in config.methods:
-        timed("tip_adapter", adapters.tip_adapter(original, labels, split["val"][0],
-                                                  split["test"][0], classifier, scale, tip))
+        timed("tip_adapter", _marked(adapters.tip_adapter(
+            original, labels, search, split["test"][0], classifier, scale, tip, keys_average),
+            reference))
     for name, train, index in (("tip_adapter_f", original, 0), ("safe_a", blended, 1)):
         if name not in config.methods:
             continue
+        mine = reference and name in REFERENCE_METHODS  # SAFE-A is ours either way
         summary, (keys, values) = adapters.tip_adapter_f(
-            train, labels, split["val"][index], split["test"][index], classifier, scale, tip,
-            epochs=epochs, seed=seed, return_cache=True, select_on=config.select_on)
-        timed(name, summary)
+            train, labels, search if mine else split["val"][index], split["test"][index],
+            classifier, scale, tip, epochs=epochs, seed=seed, return_cache=True,
+            select_on="test" if mine else config.select_on,
+            keys_average=keys_average if mine else "normalised")
+        timed(name, _marked(summary, mine))
         predictors[name] = _tip_predictor(keys.detach(), values, summary, classifier, scale,
                                           blend if index else None)
         if name == "safe_a":
@@ -146,11 +155,59 @@ def run_methods(store: FeatureStore, head: torch.nn.Module, rows: RunRows,
             val_rows=rows.val, test_rows=rows.test, test_chunk=config.test_chunk)
         started = time.perf_counter()
         for name in wanted:
-            outcome = methods[name](inputs)
-            timed(name, outcome.summary)
+            mine = reference and name in REFERENCE_METHODS
+            outcome = methods[name](replace(inputs, val=search) if mine else inputs)
+            timed(name, _marked(outcome.summary, mine))
             if outcome.predictor is not None:
                 predictors[name] = outcome.predictor
     return MethodsRun(out, predictors, cache, seconds)
+
+
+# The methods whose authors' code selects differently from our protocol in a way that moves
+# numbers; --protocol reference runs them that way (the others run as ours either way).
+REFERENCE_METHODS = ("tip_adapter", "tip_adapter_f", "gda")
+
+
+def needs_reference_search(config: FitConfig) -> bool:
+    return config.protocol == "reference" and any(m in config.methods
+                                                  for m in REFERENCE_METHODS)
+
+
+def check_reference_serves(store: FeatureStore) -> np.ndarray | None:
+    """The val rows --protocol reference searches on (None: the test split, on ImageNet, CoOp's
+    ImageNet val being its test); a store holding only the few-shot val rows is refused before
+    anything runs: extract --full-val adds the rest."""
+    if store.manifest["dataset"]["name"] == "imagenet":
+        return None
+    rows = store.readable_rows("val")
+    expected = store.expected_rows("val")
+    if expected is None or len(rows) < expected:
+        raise RecipeError(
+            f"fit --protocol reference searches on the whole val split, and {store.url} holds"
+            f" {len(rows)} of its {expected if expected is not None else 'unknown number of'}"
+            f" rows (extract stores the few-shot val rows unless told otherwise). Add them with"
+            f" `{extract_command(store.manifest, store.url)} --full-val` (with the dataset's"
+            f" --root). Nothing was written.")
+    return rows
+
+
+def reference_search(store: FeatureStore, device: torch.device,
+                     test: adapters.Split) -> adapters.Split:
+    """Where the reference code searches its hyperparameters: the whole val split, original
+    pooled, normalised (ImageNet: the test split)."""
+    rows = check_reference_serves(store)
+    if rows is None:
+        return test
+    store.check_rows("val", rows, ("pooled",))
+    pooled = torch.from_numpy(store.read_rows("val", "pooled", rows)).to(device)
+    labels = torch.from_numpy(store.read_rows("val", "label", rows).astype(np.int64))
+    return adapters.Split(F.normalize(pooled.float(), dim=-1), labels.to(device))
+
+
+def _marked(summary: dict[str, Any], reference: bool) -> dict[str, Any]:
+    """A method's summary, marked when it ran the reference protocol (report labels it and
+    never averages it with ours)."""
+    return {**summary, "protocol": "reference"} if reference else summary
 
 
 def _tip_predictor(keys: torch.Tensor, values: torch.Tensor, summary: dict[str, Any],

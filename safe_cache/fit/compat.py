@@ -16,6 +16,10 @@ What the 0.2 line wrote differently and is still read here, and why each is kept
   where runs execute is now one `Execution` for a whole command, not a `FitConfig` field.
   `FitConfig.from_dict` drops them: they never changed a number (they are in no run identity),
   and the result's `content_sha256` still covers them as they were written.
+- `ADDED_FIELDS`: fit options added after 0.2.0, with the value every 0.2.0 run had
+  (`protocol`: "ours"). `FitConfig.from_dict` fills them in, and a run's identity holds such
+  an option only when it differs from that value (identity.py), so a 0.2.0 result keeps its
+  identity and is neither refused nor recomputed.
 """
 
 from __future__ import annotations
@@ -28,3 +32,11 @@ RETIRED_FIELDS = ("scheduler", "local_workers")
 def without_retired(config: dict[str, Any]) -> dict[str, Any]:
     """A recorded `config` block less the fields fit no longer takes (RETIRED_FIELDS)."""
     return {name: value for name, value in config.items() if name not in RETIRED_FIELDS}
+
+
+ADDED_FIELDS: dict[str, Any] = {"protocol": "ours"}
+
+
+def with_added(config: dict[str, Any]) -> dict[str, Any]:
+    """A recorded `config` block with the options added since 0.2.0 at their 0.2.0 value."""
+    return {**ADDED_FIELDS, **config}

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import ConfigError, RecipeError
 from ..runtime import checks
-from .compat import without_retired
+from .compat import with_added, without_retired
 from .methods import DEFAULT_METHODS, OPTIONAL_METHODS
 from .recipe import PRESETS, Recipe
 
@@ -45,6 +45,7 @@ class FitConfig:
     methods: tuple[str, ...] = DEFAULT_METHODS  # besides zero-shot and SAFE, which always run
     tip_epochs: int | None = None  # Tip-Adapter-F / SAFE-A epochs (None: the dataset spec's)
     select_on: str = "val"  # where Tip-Adapter-F / SAFE-A choose their epoch ("test": reference)
+    protocol: str = "ours"  # "reference": Tip-Adapter(-F) and GDA as their code runs (baselines)
     recipe: Recipe = field(default_factory=lambda: PRESETS["safe"])  # the unstated choices
     eval_ood: tuple[str, ...] = ()  # ImageNet variants (names or store URLs) to test on
     storage_options: dict | None = None
@@ -68,7 +69,7 @@ class FitConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: the config is not a JSON object.")
         known = [f.name for f in fields(cls)]
-        data = without_retired(data)  # compat.py: fields results of 0.2.0 still record
+        data = with_added(without_retired(data))  # compat.py: results of 0.2.0
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ConfigError(f"{source}: config field '{unknown[0]}' is not a fit option.")
@@ -132,6 +133,7 @@ class FitConfig:
         checks.whole_numbers(self, ("iters", "batch_size", "eval_every", "test_chunk"))
         checks.one_of("blend", self.blend, ("blend", "each"))
         checks.one_of("select_on", self.select_on, ("val", "test"))
+        checks.one_of("protocol", self.protocol, ("ours", "reference"))
         checks.subset_of("methods", self.methods, OPTIONAL_METHODS)
         for name in ("force", "cuda_graph", "partial"):
             if not isinstance(getattr(self, name), bool):

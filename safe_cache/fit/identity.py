@@ -23,10 +23,11 @@ from typing import Any
 
 from ..data.prompts import prompt_set_name
 from ..identity import canonical_sha256
+from .compat import ADDED_FIELDS
 
 # FitConfig fields that change a run's numbers (besides store, shots, seed and recipe).
 OPTION_FIELDS = ("prompts", "lrs", "wds", "iters", "batch_size", "eval_every", "beta", "betas",
-                 "blend", "methods", "tip_epochs", "select_on", "eval_ood")
+                 "blend", "methods", "tip_epochs", "select_on", "eval_ood", "protocol")
 # (--partial is not one: the test rows a run evaluated are in its store block.)
 # Options the result's file name already says (recipe name, `_test-selected`).
 NAMED_FIELDS = ("select_on",)
@@ -41,7 +42,7 @@ def default_options() -> dict[str, Any]:
     from .config import FitConfig
 
     defaults = {f.name: f.default for f in fields(FitConfig) if f.name in OPTION_FIELDS}
-    return normalise(defaults)
+    return normalise(defaults)  # the added options' defaults are their ADDED_FIELDS values
 
 
 def normalise(options: dict[str, Any]) -> dict[str, Any]:
@@ -63,15 +64,20 @@ def normalise(options: dict[str, Any]) -> dict[str, Any]:
 
 def options_of(config: dict[str, Any]) -> dict[str, Any]:
     """The identity options of a config block (a result's `config`, which records every fit
-    option: FitConfig.from_dict checks), normalised."""
-    return normalise({name: config[name] for name in OPTION_FIELDS})
+    option: FitConfig.from_dict checks), normalised. An option added after 0.2.0 counts only
+    where it differs from the value every earlier run had (compat.ADDED_FIELDS): an earlier
+    result keeps its identity."""
+    return normalise({name: config[name] if name in config else ADDED_FIELDS[name]
+                      for name in OPTION_FIELDS
+                      if name not in ADDED_FIELDS or config.get(name, ADDED_FIELDS[name])
+                      != ADDED_FIELDS[name]})
 
 
 def changed_options(options: dict[str, Any]) -> dict[str, Any]:
     """The options that differ from a default fit, minus those the file name says."""
     defaults = default_options()
     return {name: value for name, value in options.items()
-            if value != defaults[name] and name not in NAMED_FIELDS}
+            if value != defaults.get(name) and name not in NAMED_FIELDS}
 
 
 def options_suffix(options: dict[str, Any]) -> str:

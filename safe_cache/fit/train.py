@@ -33,7 +33,7 @@ from ..runtime.progress import ProgressSink, null_progress
 from ..runtime.threads import ThreadPolicy, thread_policy
 from ..store import FeatureStore
 from ..store.paths import backbone_label, extract_command
-from .baselines import RunRows, run_methods
+from .baselines import RunRows, check_reference_serves, needs_reference_search, run_methods
 from .config import FitConfig
 from .evaluate import evaluate_safe, pooled_split
 from .grid import BestState, StackedHeads
@@ -64,6 +64,8 @@ def check_store_serves(store: FeatureStore, config: FitConfig) -> None:
     """Refuse, before anything runs, a recipe the store cannot serve (a view or the sentence
     embeddings it lacks)."""
     recipe = config.recipe
+    if needs_reference_search(config):
+        check_reference_serves(store)
     if recipe.train_views in ("center+flip", "all") and not store.center_flip:
         raise _recipe_error(store, recipe, "mirrored center views (flip_dense)")
     if recipe.text_average == "raw":
