@@ -17,9 +17,10 @@ import copy
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import open_clip
 import torch
@@ -29,7 +30,7 @@ from torch import nn
 from ..errors import ModelConfigError, UnsupportedModelError
 from ..identity import card_fingerprint
 from ..records import BackboneCard
-from . import families
+from . import families, towers
 from .families import FAMILIES, Family, Trunk, config_family, supported_text
 from .heads import GridHead
 from .hub import ModelSource, parse_source, source_config
@@ -161,10 +162,12 @@ class Backbone:
         return next(self.trunk.parameters()).device
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.trunk(images)
+        dense: torch.Tensor = self.trunk(images)
+        return dense
 
     def forward_head(self, dense: torch.Tensor) -> torch.Tensor:
-        return self.head(dense)
+        pooled: torch.Tensor = self.head(dense)
+        return pooled
 
     def new_head(self) -> nn.Module:
         """A trainable copy of the original head (same names, shapes and values)."""
@@ -172,9 +175,11 @@ class Backbone:
         head.requires_grad_(True)
         return head
 
-    def tokenizer(self):
+    def tokenizer(self) -> Callable[[list[str]], torch.Tensor]:
         """open_clip's tokenizer for this model (for text classifiers)."""
-        return open_clip.get_tokenizer(self.open_clip_name or self.card["model"])
+        tokenize: Callable[[list[str]], torch.Tensor] = open_clip.get_tokenizer(
+            self.open_clip_name or self.card["model"])
+        return tokenize
 
     @property
     def family_rules(self) -> Family:
@@ -183,8 +188,8 @@ class Backbone:
 
     def naive_head(self) -> nn.Module:
         """open_clip's own modules composed as a head: the slow reference, same state-dict keys."""
-        return self.family_rules.reference_head(self.model.visual, self.token_grid,
-                                                self.stages_in_head)
+        visual = cast(towers.Clip, self.model).visual
+        return self.family_rules.reference_head(visual, self.token_grid, self.stages_in_head)
 
 
 def load_backbone(
@@ -237,7 +242,7 @@ def load_backbone(
 
 
 @contextlib.contextmanager
-def _quiet_open_clip():
+def _quiet_open_clip() -> Iterator[None]:
     """Silence open_clip's "initialized randomly" warning: safe-cache loads the weights itself."""
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
@@ -290,7 +295,7 @@ def list_architectures() -> list[dict[str, Any]]:
 def _make_card(
     spec: ModelSpec,
     weights: ResolvedWeights,
-    clip: nn.Module,
+    clip: towers.Clip,
     rules: Family,
     cut: str,
     stages: int,
@@ -351,7 +356,7 @@ def card_problems(card: dict[str, Any]) -> list[str]:
     return []
 
 
-def _logit_bias(clip: nn.Module) -> float | None:
+def _logit_bias(clip: towers.Clip) -> float | None:
     bias = getattr(clip, "logit_bias", None)
     return None if bias is None else float(bias.detach().reshape(-1)[0].item())
 

@@ -32,11 +32,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+
+from . import towers
 
 Params = dict[str, torch.Tensor]  # one configuration: open_clip names and shapes
 
@@ -86,7 +89,9 @@ def _query_keys(q: torch.Tensor, w_k: torch.Tensor, num_heads: int) -> torch.Ten
     width, channels = w_k.shape
     head_dim = width // num_heads
     q_heads = q.view(batch, num_heads, head_dim).transpose(0, 1)
-    return torch.bmm(q_heads, w_k.view(num_heads, head_dim, channels)) * head_dim**-0.5
+    query_keys: torch.Tensor = (torch.bmm(q_heads, w_k.view(num_heads, head_dim, channels))
+                                * head_dim**-0.5)
+    return query_keys
 
 
 class _HeadwiseProjection(torch.autograd.Function):
@@ -98,12 +103,12 @@ class _HeadwiseProjection(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, pooled: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, pooled: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(pooled, weight)
         return torch.bmm(pooled, weight.transpose(1, 2))
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         pooled, weight = ctx.saved_tensors
         grad_pooled = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
         grad_weight = torch.bmm(grad.transpose(1, 2), pooled) if ctx.needs_input_grad[1] else None
@@ -116,7 +121,7 @@ def _project_values(
     """Per-head value projection of the pooled tokens: (H, B, C) -> (B, E), w_v (E, C)."""
     heads, batch, channels = pooled.shape
     width = w_v.shape[0]
-    out = _HeadwiseProjection.apply(pooled, w_v.view(heads, width // heads, channels))
+    out: torch.Tensor = _HeadwiseProjection.apply(pooled, w_v.view(heads, width // heads, channels))
     out = out.transpose(0, 1).reshape(batch, width)
     return out if b_v is None else out + b_v
 
@@ -129,7 +134,8 @@ def _key_bias_score(q: torch.Tensor, b_k: torch.Tensor | None, num_heads: int) -
         return q.new_zeros(num_heads, batch, 1)
     head_dim = channels // num_heads
     dot = (q.view(batch, num_heads, head_dim) * b_k.view(num_heads, head_dim)).sum(-1)
-    return dot.transpose(0, 1).unsqueeze(-1) * head_dim**-0.5
+    score: torch.Tensor = dot.transpose(0, 1).unsqueeze(-1) * head_dim**-0.5
+    return score
 
 
 def _layer_norm(x: torch.Tensor, params: Params, prefix: str, eps: float) -> torch.Tensor:
@@ -146,7 +152,8 @@ def _strip(configs: Sequence[Params], prefix: str) -> list[Params]:
     return [{k[len(prefix):]: v for k, v in c.items() if k.startswith(prefix)} for c in configs]
 
 
-def attnpool_grid(configs: Sequence[Params], x: torch.Tensor, num_heads: int, prefix: str = ""):
+def attnpool_grid(configs: Sequence[Params], x: torch.Tensor, num_heads: int,
+                  prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """AttentionPool2d for its mean-token query, for every configuration in `configs`.
 
     x: the channel-last map, shared (B, T, C) or per configuration (G, B, T, C).
@@ -181,7 +188,7 @@ def attnpool_grid(configs: Sequence[Params], x: torch.Tensor, num_heads: int, pr
 
 
 def class_token_block_grid(
-    configs: Sequence[Params], x: torch.Tensor, block: nn.Module, prefix: str
+    configs: Sequence[Params], x: torch.Tensor, block: towers.ResidualAttentionBlock, prefix: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A ResidualAttentionBlock evaluated for the class token only, for every configuration.
 
@@ -196,7 +203,7 @@ def class_token_block_grid(
     per_config = _per_config_tokens(x)
     scaled_keys, extra, queries = [], [], []
     for g, p in enumerate(configs):
-        w_q, w_k, _ = p["attn.in_proj_weight"].split(channels)
+        w_q, w_k, _ = torch.split(p["attn.in_proj_weight"], channels)
         b_q, b_k, _ = _split_bias(p.get("attn.in_proj_bias"), channels)
         ln_w, ln_b = p["ln_1.weight"], p["ln_1.bias"]
         first = normed[g, :, 0] if per_config else normed[:, 0]
@@ -210,7 +217,7 @@ def class_token_block_grid(
     pooled = _token_pool(weights, normed).unbind(0)  # unbind: see attnpool_grid
     outputs = []
     for g, p in enumerate(configs):
-        _, _, w_v = p["attn.in_proj_weight"].split(channels)
+        _, _, w_v = torch.split(p["attn.in_proj_weight"], channels)
         _, _, b_v = _split_bias(p.get("attn.in_proj_bias"), channels)
         # sum_j a_j (w * x_j + b) = w * (sum_j a_j x_j) + b, because the weights sum to one.
         pooled_g = pooled[g] * p["ln_1.weight"] + p["ln_1.bias"]
@@ -225,8 +232,8 @@ def class_token_block_grid(
     return torch.stack(outputs), weights
 
 
-def _split_bias(bias: torch.Tensor | None, channels: int):
-    return bias.split(channels) if bias is not None else (None, None, None)
+def _split_bias(bias: torch.Tensor | None, channels: int) -> tuple[torch.Tensor | None, ...]:
+    return torch.split(bias, channels) if bias is not None else (None, None, None)
 
 
 def _run_per_config(
@@ -246,13 +253,19 @@ class _Namespace(nn.Module):
     """An empty module used only to reproduce open_clip's key prefixes (`transformer.resblocks`)."""
 
 
+class _Transformer(_Namespace):
+    """`transformer.`: the head's blocks, under their index in the tower (`resblocks.11.`)."""
+
+    resblocks: nn.ModuleDict
+
+
 class FastAttentionPool(nn.Module):
     """open_clip's `AttentionPool2d` (ModifiedResNet) evaluated for its mean-token query only.
 
     Same parameter names as AttentionPool2d. Input: the channel-last map (B, H*W, C).
     """
 
-    def __init__(self, source: nn.Module) -> None:
+    def __init__(self, source: towers.AttentionPool2d) -> None:
         super().__init__()
         self.positional_embedding = nn.Parameter(source.positional_embedding.detach().clone())
         self.k_proj = copy.deepcopy(source.k_proj)
@@ -270,6 +283,13 @@ class FastClassTokenBlock(nn.Module):
 
     Children keep the block's names (`ln_1`, `attn`, `ls_1`, `ln_2`, `mlp`, `ls_2`).
     """
+
+    ln_1: nn.LayerNorm
+    attn: nn.MultiheadAttention
+    ls_1: nn.Module
+    ln_2: nn.LayerNorm
+    mlp: towers.BlockMlp
+    ls_2: nn.Module
 
     def __init__(self, source: nn.Module) -> None:
         super().__init__()
@@ -299,7 +319,9 @@ class GridHead(nn.Module):
         """(G, heads, B, keys) attention weights of each configuration's query."""
         return self._grid(configs, x)[1]
 
-    def _grid(self, configs: Sequence[Params], x: torch.Tensor):
+    def _grid(self, configs: Sequence[Params],
+              x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(outputs (G, B, D), attention weights (G, heads, B, keys)) of every configuration."""
         raise NotImplementedError
 
 
@@ -310,7 +332,7 @@ class ResNetPoolHead(GridHead):
     Attention keys: index 0 is the mean token, then the H*W spatial positions.
     """
 
-    def __init__(self, visual: nn.Module, token_grid: tuple[int, int],
+    def __init__(self, visual: towers.ModifiedResNet, token_grid: tuple[int, int],
                  head_stages: int = 1) -> None:
         super().__init__()
         self.token_grid = token_grid
@@ -318,7 +340,8 @@ class ResNetPoolHead(GridHead):
             self.layer4 = copy.deepcopy(visual.layer4)
         self.attnpool = FastAttentionPool(visual.attnpool)
 
-    def _grid(self, configs: Sequence[Params], x: torch.Tensor):
+    def _grid(self, configs: Sequence[Params],
+              x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.to(self.attnpool.positional_embedding.dtype)
         if hasattr(self, "layer4"):
             batch, _, channels = x.shape
@@ -335,11 +358,11 @@ class ViTPoolHead(GridHead):
     whole, once per configuration. Attention keys: index 0 is the class token.
     """
 
-    def __init__(self, visual: nn.Module, head_stages: int = 1) -> None:
+    def __init__(self, visual: towers.VisionTransformer, head_stages: int = 1) -> None:
         super().__init__()
         blocks = visual.transformer.resblocks
         first = len(blocks) - head_stages
-        self.transformer = _Namespace()
+        self.transformer = _Transformer()
         self.transformer.resblocks = nn.ModuleDict()
         for index in range(first, len(blocks) - 1):
             self.transformer.resblocks[str(index)] = copy.deepcopy(blocks[index])
@@ -347,14 +370,15 @@ class ViTPoolHead(GridHead):
         self.ln_post = copy.deepcopy(visual.ln_post)
         self.proj = nn.Parameter(visual.proj.detach().clone())
 
-    def _grid(self, configs: Sequence[Params], x: torch.Tensor):
+    def _grid(self, configs: Sequence[Params],
+              x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.to(self.proj.dtype)
         *earlier, (last_name, last) = self.transformer.resblocks.items()
         for position, (name, block) in enumerate(earlier):
             prefix = f"transformer.resblocks.{name}."
             x = _run_per_config(block, configs, prefix, x, shared=position == 0)
         prefix = f"transformer.resblocks.{last_name}."
-        cls, weights = class_token_block_grid(configs, x, last, prefix)
+        cls, weights = class_token_block_grid(configs, x, cast(FastClassTokenBlock, last), prefix)
         pooled = [_layer_norm(cls_g, p, "ln_post.", self.ln_post.eps) @ p["proj"]
                   for cls_g, p in zip(cls.unbind(0), configs, strict=True)]
         return torch.stack(pooled), weights
@@ -367,7 +391,7 @@ class ResNetReferenceHead(nn.Module):
     Same state-dict keys as the fast head; used by the exactness tests and the benchmarks.
     """
 
-    def __init__(self, visual: nn.Module, token_grid: tuple[int, int],
+    def __init__(self, visual: towers.ModifiedResNet, token_grid: tuple[int, int],
                  head_stages: int = 1) -> None:
         super().__init__()
         self.token_grid = token_grid
@@ -387,10 +411,10 @@ class ViTReferenceHead(nn.Module):
     """The naive reference for ViTPoolHead: open_clip's last `head_stages` blocks, ln_post and
     proj, copied, every token through every block. Same state-dict keys as the fast head."""
 
-    def __init__(self, visual: nn.Module, head_stages: int = 1) -> None:
+    def __init__(self, visual: towers.VisionTransformer, head_stages: int = 1) -> None:
         super().__init__()
         blocks = visual.transformer.resblocks
-        self.transformer = _Namespace()
+        self.transformer = _Transformer()
         first = len(blocks) - head_stages
         self.transformer.resblocks = nn.ModuleDict(
             {str(i): copy.deepcopy(blocks[i]) for i in range(first, len(blocks))}
@@ -403,5 +427,6 @@ class ViTReferenceHead(nn.Module):
         for block in self.transformer.resblocks.values():
             x = block(x)
         # open_clip applies ln_post to all tokens, or (final_ln_after_pool) to the pooled one.
-        pooled = self.ln_post(x[:, 0]) if self.final_ln_after_pool else self.ln_post(x)[:, 0]
+        pooled: torch.Tensor = (self.ln_post(x[:, 0]) if self.final_ln_after_pool
+                                else self.ln_post(x)[:, 0])
         return pooled @ self.proj

@@ -26,9 +26,12 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.layers import AttentionPoolLatent
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.func import functional_call
 
+from . import towers
 from .heads import (
     GridHead,
     Params,
@@ -42,11 +45,14 @@ from .heads import (
     _token_scores,
 )
 
+MapTower = towers.TimmModel[VisionTransformer]  # open_clip's TimmModel around a timm ViT
+
 
 def _call(module: nn.Module, params: Params, prefix: str, x: torch.Tensor) -> torch.Tensor:
     """Run `module` with the configuration's parameters under `prefix` (none for Identity)."""
     [own] = _strip([params], prefix)
-    return functional_call(module, own, (x,)) if own else module(x)
+    out: torch.Tensor = functional_call(module, own, (x,)) if own else module(x)
+    return out
 
 
 def _latent_attention(query_keys: list[torch.Tensor], extra: list[torch.Tensor],
@@ -60,7 +66,8 @@ def _latent_attention(query_keys: list[torch.Tensor], extra: list[torch.Tensor],
     return weights, _token_pool(weights, keys).unbind(0)  # unbind: see heads.attnpool_grid
 
 
-def map_pool_grid(configs: Sequence[Params], x: torch.Tensor, pool: nn.Module, prefix: str):
+def map_pool_grid(configs: Sequence[Params], x: torch.Tensor, pool: AttentionPoolLatent,
+                  prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
     """timm's AttentionPoolLatent (first latent, `pool='token'`) for every configuration.
 
     `pool` supplies the structure (heads, norm, MLP); x (B, T, C) or (G, B, T, C).
@@ -73,15 +80,15 @@ def map_pool_grid(configs: Sequence[Params], x: torch.Tensor, pool: nn.Module, p
     for p in configs:
         latent = p["latent"][:, 0]  # (1, latent_dim): the first latent is the pooled one
         q = F.linear(latent, p["q.weight"], p.get("q.bias")) if "q.weight" in p else latent
-        w_k, _ = p["kv.weight"].split(channels)
-        b_k = p["kv.bias"].split(channels)[0] if "kv.bias" in p else None
+        w_k, _ = torch.split(p["kv.weight"], channels)
+        b_k = torch.split(p["kv.bias"], channels)[0] if "kv.bias" in p else None
         query_keys.append(_query_keys(q, w_k, heads))  # (H, 1, C): once per step, not per image
         extra.append(_key_bias_score(q, b_k, heads))
     weights, pooled = _latent_attention(query_keys, extra, x)
     outputs = []
     for p, pooled_g in zip(configs, pooled, strict=True):
-        _, w_v = p["kv.weight"].split(channels)
-        b_v = p["kv.bias"].split(channels)[1] if "kv.bias" in p else None
+        _, w_v = torch.split(p["kv.weight"], channels)
+        b_v = torch.split(p["kv.bias"], channels)[1] if "kv.bias" in p else None
         y = _call(pool.proj, p, "proj.", _project_values(pooled_g, w_v, b_v))
         if pool.mlp is not None:
             y = y + _call(pool.mlp, p, "mlp.", _call(pool.norm, p, "norm.", y))
@@ -89,7 +96,9 @@ def map_pool_grid(configs: Sequence[Params], x: torch.Tensor, pool: nn.Module, p
     return torch.stack(outputs), weights
 
 
-def coca_pool_grid(configs: Sequence[Params], x: torch.Tensor, pooler: nn.Module, prefix: str):
+def coca_pool_grid(configs: Sequence[Params], x: torch.Tensor,
+                   pooler: towers.AttentionalPooler,
+                   prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
     """open_clip's AttentionalPooler for its first query only (the one CoCa's contrastive
     embedding keeps), every configuration. Returns ((G, B, width), weights (G, H, B, T))."""
     configs = _strip(configs, prefix)
@@ -118,11 +127,19 @@ def coca_pool_grid(configs: Sequence[Params], x: torch.Tensor, pooler: nn.Module
     return torch.stack(outputs), weights
 
 
-def _mha_weights(p: Params, width: int):
+def _mha_weights(p: Params, width: int) -> tuple[torch.Tensor, ...]:
     """(Wq, Wk, Wv) of nn.MultiheadAttention, packed (same widths) or separate (kdim != width)."""
     if "attn.in_proj_weight" in p:
-        return p["attn.in_proj_weight"].split(width)
+        return torch.split(p["attn.in_proj_weight"], width)
     return p["attn.q_proj_weight"], p["attn.k_proj_weight"], p["attn.v_proj_weight"]
+
+
+class _MapTrunkModules(_Namespace):
+    """`trunk.`: the modules of timm's forward_head, under timm's names."""
+
+    attn_pool: AttentionPoolLatent
+    fc_norm: nn.Module
+    head: nn.Module
 
 
 class MapPoolHead(GridHead):
@@ -133,17 +150,18 @@ class MapPoolHead(GridHead):
     timm drops them (`pool_include_prefix=False`). Attention keys: the pooled tokens.
     """
 
-    def __init__(self, visual: nn.Module) -> None:
+    def __init__(self, visual: MapTower) -> None:
         super().__init__()
         trunk = visual.trunk
         self.skip_tokens = 0 if getattr(trunk, "pool_include_prefix", True) \
             else int(getattr(trunk, "num_prefix_tokens", 0))
-        self.trunk = _Namespace()
+        self.trunk = _MapTrunkModules()
         for name in ("attn_pool", "fc_norm", "head"):
             setattr(self.trunk, name, copy.deepcopy(getattr(trunk, name)))
         self.head = copy.deepcopy(visual.head)
 
-    def _grid(self, configs: Sequence[Params], x: torch.Tensor):
+    def _grid(self, configs: Sequence[Params],
+              x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x[..., self.skip_tokens:, :]
         pooled, weights = map_pool_grid(configs, x, self.trunk.attn_pool, "trunk.attn_pool.")
         outputs = []
@@ -158,13 +176,14 @@ class CocaPoolHead(GridHead):
     """Head of CoCa's VisionTransformer: attn_pool (first query), ln_post, proj. Input: all
     tokens (B, T, C) leaving the transformer; attention keys: those tokens (class token first)."""
 
-    def __init__(self, visual: nn.Module) -> None:
+    def __init__(self, visual: towers.CocaVisionTransformer) -> None:
         super().__init__()
         self.attn_pool = copy.deepcopy(visual.attn_pool)
         self.ln_post = copy.deepcopy(visual.ln_post)
         self.proj = nn.Parameter(visual.proj.detach().clone())
 
-    def _grid(self, configs: Sequence[Params], x: torch.Tensor):
+    def _grid(self, configs: Sequence[Params],
+              x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pooled, weights = coca_pool_grid(configs, x, self.attn_pool, "attn_pool.")
         outputs = [_call(self.ln_post, p, "ln_post.", y) @ p["proj"]
                    for p, y in zip(configs, pooled.unbind(0), strict=True)]
@@ -174,24 +193,26 @@ class CocaPoolHead(GridHead):
 class MapReferenceHead(nn.Module):
     """The naive reference for MapPoolHead: timm's forward_head and open_clip's head, copied."""
 
-    def __init__(self, visual: nn.Module) -> None:
+    def __init__(self, visual: MapTower) -> None:
         super().__init__()
         fast = MapPoolHead(visual)
         self.skip_tokens, self.trunk, self.head = fast.skip_tokens, fast.trunk, fast.head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.trunk.attn_pool(x[:, self.skip_tokens:])
-        return self.head(self.trunk.head(self.trunk.fc_norm(x)))
+        embedding: torch.Tensor = self.head(self.trunk.head(self.trunk.fc_norm(x)))
+        return embedding
 
 
 class CocaReferenceHead(nn.Module):
     """The naive reference for CocaPoolHead: all 256 queries, ln_post, the first one, proj."""
 
-    def __init__(self, visual: nn.Module) -> None:
+    def __init__(self, visual: towers.CocaVisionTransformer) -> None:
         super().__init__()
         self.attn_pool = copy.deepcopy(visual.attn_pool)
         self.ln_post = copy.deepcopy(visual.ln_post)
         self.proj = nn.Parameter(visual.proj.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ln_post(self.attn_pool(x))[:, 0] @ self.proj
+        first: torch.Tensor = self.ln_post(self.attn_pool(x))[:, 0]
+        return first @ self.proj

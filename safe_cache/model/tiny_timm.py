@@ -10,6 +10,8 @@ model_configs/safe-cache-tiny-map*.json.
 
 from __future__ import annotations
 
+from typing import Any
+
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
@@ -17,18 +19,18 @@ _TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_
 _FACTORY_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")  # timm's, not the model's
 
 
-def _build(**kwargs) -> VisionTransformer:
+def _build(**kwargs: Any) -> VisionTransformer:
     return VisionTransformer(**{k: v for k, v in kwargs.items() if k not in _FACTORY_ONLY})
 
 
 @register_model
-def safe_cache_tiny_map_siglip(pretrained: bool = False, **kwargs) -> VisionTransformer:
+def safe_cache_tiny_map_siglip(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """SigLIP's form: patch tokens only, the MAP head's output is the embedding."""
     return _build(**{**_TINY, "class_token": False, "global_pool": "map", **kwargs})
 
 
 @register_model
-def safe_cache_tiny_map_cls(pretrained: bool = False, **kwargs) -> VisionTransformer:
+def safe_cache_tiny_map_cls(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """PE-Core's form: a class token the MAP head attends to as well, then a linear head."""
     return _build(**{**_TINY, "class_token": True, "pool_include_prefix": True,
                      "global_pool": "map", **kwargs})

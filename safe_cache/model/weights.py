@@ -204,7 +204,9 @@ def load_weights_into(clip: nn.Module, weights: ResolvedWeights) -> None:
         if weights.torchscript:
             with warnings.catch_warnings():  # deprecated, but the only reader of these archives
                 warnings.simplefilter("ignore", FutureWarning)
-                state = torch.jit.load(str(path), map_location="cpu").state_dict()
+                # torch.jit.load is unannotated in torch
+                archive = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
+                state = archive.state_dict()
             for key in _OPENAI_EXTRA_KEYS:
                 state.pop(key, None)
             clip.load_state_dict(state, strict=True)

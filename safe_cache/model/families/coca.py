@@ -6,14 +6,22 @@ query), ln_post and proj, and every transformer block belongs to the trunk.
 
 from __future__ import annotations
 
+from typing import cast
+
 from open_clip.transformer import AttentionalPooler, VisionTransformer
 from torch import nn
 
+from .. import towers
 from ..heads import GridHead
 from ..latent_heads import CocaPoolHead, CocaReferenceHead
 from .base import Config, Family, Trunk
 from .registry import register_family
 from .vit import ViTTrunk, transformer_config, transformer_problems
+
+
+def _tower(visual: nn.Module) -> towers.CocaVisionTransformer:
+    """The typed view of a tower this family claims (open_clip ships no types)."""
+    return cast(towers.CocaVisionTransformer, visual)
 
 
 @register_family
@@ -45,20 +53,20 @@ class Coca(Family):
         return problems + transformer_problems(visual)
 
     def trunk(self, visual: nn.Module, stages: int) -> Trunk:
-        return ViTTrunk(visual, blocks_in_head=0)  # the pooler follows the last block
+        return ViTTrunk(_tower(visual), blocks_in_head=0)  # the pooler follows the last block
 
     def token_grid(self, visual: nn.Module, stages: int) -> tuple[int, int]:
-        return tuple(visual.grid_size)
+        return _tower(visual).grid_size
 
     def prefix_tokens(self, visual: nn.Module) -> int:
         return 1  # the class token, which the pooler reads too
 
     def dense_channels(self, visual: nn.Module, stages: int) -> int:
-        return visual.transformer.width
+        return _tower(visual).transformer.width
 
     def fast_head(self, visual: nn.Module, token_grid: tuple[int, int], stages: int) -> GridHead:
-        return CocaPoolHead(visual)
+        return CocaPoolHead(_tower(visual))
 
     def reference_head(self, visual: nn.Module, token_grid: tuple[int, int],
                        stages: int) -> nn.Module:
-        return CocaReferenceHead(visual)
+        return CocaReferenceHead(_tower(visual))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ from timm.models.eva import EvaAttention, EvaBlock, EvaBlockPostNorm
 from torch import nn
 from torch.func import functional_call
 
+from .. import towers
 from ..heads import (
     GridHead,
     Params,
@@ -47,19 +49,33 @@ from .registry import register_family
 # Modules whose timm entrypoints build an Eva: timm's, and this file (the tiny towers below).
 _EVA_MODULES = ("timm.models.eva", __name__)
 
+EvaTower = towers.TimmModel[TimmEva]  # open_clip's TimmModel around a timm Eva
+
+
+def _tower(visual: nn.Module) -> EvaTower:
+    """The typed view of a tower this family claims (open_clip ships no types)."""
+    return cast(EvaTower, visual)
+
+
+class _Rope(Protocol):
+    """timm's rotary embeddings (RotaryEmbeddingCat, ...), as timm's `_pos_embed` calls them."""
+
+    def get_embed(self, shape: list[int] | None = None) -> torch.Tensor: ...
+
 
 # --- the trunk ----------------------------------------------------------------------------------
 
 class EvaTrunk(Trunk):
     """timm's forward_features, stopped before the head's blocks (and before the final norm)."""
 
-    def __init__(self, visual: nn.Module, blocks_in_head: int) -> None:
+    def __init__(self, visual: EvaTower, blocks_in_head: int) -> None:
         super().__init__()
         self.timm = visual.trunk
         self.depth = len(visual.trunk.blocks) - blocks_in_head
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         trunk = self.timm
+        x: torch.Tensor  # the blocks' outputs (a module's call types as Any)
         x, rope = trunk._pos_embed(trunk.patch_embed(images))  # timm's own: tokens and RoPE
         x = trunk.norm_pre(x)
         for block in trunk.blocks[: self.depth]:
@@ -67,10 +83,10 @@ class EvaTrunk(Trunk):
         return x
 
 
-def _rope_embed(trunk: nn.Module) -> torch.Tensor | None:
+def _rope_embed(trunk: TimmEva) -> torch.Tensor | None:
     """The rotary embedding timm's `_pos_embed` hands every block, for the tower's fixed grid
     (eval mode: no coordinate augmentation). A constant, so the head keeps it as a buffer."""
-    rope = trunk.rope
+    rope = cast("_Rope | None", trunk.rope)  # timm types it nn.Module (create_rope_embed)
     if rope is None:
         return None
     if hasattr(rope, "feat_shape"):
@@ -80,7 +96,11 @@ def _rope_embed(trunk: nn.Module) -> torch.Tensor | None:
 
 # --- the single-query last block ----------------------------------------------------------------
 
-def _qkv(p: Params, attn: nn.Module):
+_QKV = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor,
+             torch.Tensor | None]
+
+
+def _qkv(p: Params, attn: EvaAttention) -> _QKV:
     """(Wq, bq, Wk, bk, Wv, bv) of EvaAttention: one fused weight with q/v biases and a zero
     key-bias buffer (EVA01, EVA02-E), or three projections (EVA02-B/L)."""
     if attn.qkv is not None:
@@ -92,7 +112,7 @@ def _qkv(p: Params, attn: nn.Module):
             p.get("attn.k_proj.bias"), p["attn.v_proj.weight"], p.get("attn.v_proj.bias"))
 
 
-def _class_token_scores(q: torch.Tensor, keys: torch.Tensor, attn: nn.Module,
+def _class_token_scores(q: torch.Tensor, keys: torch.Tensor, attn: EvaAttention,
                         rope: torch.Tensor | None, prefix: int) -> torch.Tensor:
     """Scaled scores of the class token's query (B, A) against every key (B, T, A) -> (H, B, T).
 
@@ -106,7 +126,8 @@ def _class_token_scores(q: torch.Tensor, keys: torch.Tensor, attn: nn.Module,
         rotated = apply_rot_embed_cat(k[:, :, prefix:], rope, half=attn.rotate_half)
         k = torch.cat([k[:, :, :prefix], rotated], dim=2).type_as(keys)
     query = (q * attn.scale).view(batch, heads, 1, width // heads)
-    return (query @ k.transpose(-2, -1))[:, :, 0].transpose(0, 1)
+    scores: torch.Tensor = (query @ k.transpose(-2, -1))[:, :, 0].transpose(0, 1)
+    return scores
 
 
 def _scaled(x: torch.Tensor, p: Params, name: str) -> torch.Tensor:
@@ -114,7 +135,7 @@ def _scaled(x: torch.Tensor, p: Params, name: str) -> torch.Tensor:
     return x if gamma is None else gamma * x
 
 
-def _block_rest(block: nn.Module, p: Params, cls: torch.Tensor,
+def _block_rest(block: EvaBlock | EvaBlockPostNorm, p: Params, cls: torch.Tensor,
                 attended: torch.Tensor) -> torch.Tensor:
     """The block after its attention, on the class token: residuals, norms and the MLP."""
     if isinstance(block, EvaBlock):  # pre-norm: x + ls(attn(norm1 x)), then x + ls(mlp(norm2 x))
@@ -125,8 +146,9 @@ def _block_rest(block: nn.Module, p: Params, cls: torch.Tensor,
     return cls + _call(block.norm2, p, "norm2.", _call(block.mlp, p, "mlp.", cls))
 
 
-def eva_block_grid(configs: Sequence[Params], x: torch.Tensor, block: nn.Module, prefix: str,
-                   rope: torch.Tensor | None, prefix_tokens: int):
+def eva_block_grid(configs: Sequence[Params], x: torch.Tensor,
+                   block: EvaBlock | EvaBlockPostNorm, prefix: str, rope: torch.Tensor | None,
+                   prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """An EvaBlock / EvaBlockPostNorm for the class token only, for every configuration.
 
     `block` supplies the structure (heads, eps, MLP); its own parameters are not used.
@@ -134,12 +156,13 @@ def eva_block_grid(configs: Sequence[Params], x: torch.Tensor, block: nn.Module,
     Returns (class token leaving the block (G, B, C), attention weights (G, H, B, T)).
     """
     configs = _strip(configs, prefix)
-    attn, pre_norm = block.attn, isinstance(block, EvaBlock)
+    # timm types a block's attn as any of its attentions; module_problems refuses all but this.
+    attn, pre_norm = cast(EvaAttention, block.attn), isinstance(block, EvaBlock)
     per_config = _per_config_tokens(x)
     # Pre-norm blocks attend over norm1(x): its normalisation is shared by every configuration,
     # its affine is each one's (on the keys, and on the pooled sum, as the ViT head does).
     base = F.layer_norm(x, x.shape[-1:], eps=block.norm1.eps) if pre_norm else x
-    weights = []
+    each: list[torch.Tensor] = []
     for g, p in enumerate(configs):
         tokens = base[g] if per_config else base
         if pre_norm:
@@ -147,8 +170,8 @@ def eva_block_grid(configs: Sequence[Params], x: torch.Tensor, block: nn.Module,
         w_q, b_q, w_k, b_k, _, _ = _qkv(p, attn)
         keys = F.linear(tokens, w_k, b_k)  # per token: RoPE rotates each key by its position
         q = F.linear(tokens[:, 0], w_q, b_q)
-        weights.append(_class_token_scores(q, keys, attn, rope, prefix_tokens).softmax(-1))
-    weights = torch.stack(weights)
+        each.append(_class_token_scores(q, keys, attn, rope, prefix_tokens).softmax(-1))
+    weights = torch.stack(each)
     pooled = _token_pool(weights, base).unbind(0)  # unbind: see heads.attnpool_grid
     outputs = []
     for g, p in enumerate(configs):
@@ -163,16 +186,28 @@ def eva_block_grid(configs: Sequence[Params], x: torch.Tensor, block: nn.Module,
 
 # --- the heads ------------------------------------------------------------------------------------
 
+class _EvaTrunkModules(_Namespace):
+    """`trunk.`: the head's blocks (under their index in the tower), timm's norm, fc_norm and
+    head."""
+
+    blocks: nn.ModuleDict
+    norm: nn.Module
+    fc_norm: nn.Module
+    head: nn.Module
+
+
 class _EvaHeadModules(nn.Module):
     """The modules both heads copy, under `model.visual`'s names: the head's blocks, timm's
     norm, fc_norm and head, open_clip's head; and the RoPE embedding as a buffer (not a
     parameter, not in the state dict)."""
 
-    def __init__(self, visual: nn.Module, head_stages: int) -> None:
+    rope: torch.Tensor | None  # a buffer (register_buffer)
+
+    def __init__(self, visual: EvaTower, head_stages: int) -> None:
         super().__init__()
         trunk = visual.trunk
         blocks = trunk.blocks
-        self.trunk = _Namespace()
+        self.trunk = _EvaTrunkModules()
         self.trunk.blocks = nn.ModuleDict({str(i): copy.deepcopy(blocks[i])
                                            for i in range(len(blocks) - head_stages, len(blocks))})
         for name in ("norm", "fc_norm", "head"):
@@ -186,15 +221,16 @@ class EvaPoolHead(_EvaHeadModules, GridHead):
     """Head of an EVA tower: earlier head blocks (cut 'lastN') whole, once per configuration,
     the last block for the class token only, then everything after it on that one token."""
 
-    def _grid(self, configs: Sequence[Params], x: torch.Tensor):
+    def _grid(self, configs: Sequence[Params],
+              x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.to(next(iter(configs[0].values())).dtype)
         *earlier, (last_name, last) = self.trunk.blocks.items()
         for position, (name, block) in enumerate(earlier):
             own = _strip(configs, f"trunk.blocks.{name}.")
             x = torch.stack([functional_call(block, p, (x if position == 0 else x[g],),
                                              {"rope": self.rope}) for g, p in enumerate(own)])
-        cls, weights = eva_block_grid(configs, x, last, f"trunk.blocks.{last_name}.", self.rope,
-                                      self.prefix_tokens)
+        cls, weights = eva_block_grid(configs, x, cast("EvaBlock | EvaBlockPostNorm", last),
+                                      f"trunk.blocks.{last_name}.", self.rope, self.prefix_tokens)
         outputs = []
         for p, y in zip(configs, cls.unbind(0), strict=True):
             y = _call(self.trunk.norm, p, "trunk.norm.", y)  # per token: norm(x)[:, 0] == norm(x0)
@@ -213,7 +249,8 @@ class EvaReferenceHead(_EvaHeadModules):
             x = block(x, rope=self.rope)
         x = global_pool_nlc(self.trunk.norm(x), pool_type="token",
                             num_prefix_tokens=self.prefix_tokens)
-        return self.head(self.trunk.head(self.trunk.fc_norm(x)))
+        embedding: torch.Tensor = self.head(self.trunk.head(self.trunk.fc_norm(x)))
+        return embedding
 
 
 # --- the family -----------------------------------------------------------------------------------
@@ -240,11 +277,11 @@ class Eva(Family):
                 and trunk.attn_pool is None and trunk.global_pool == "token")
 
     def module_label(self, visual: nn.Module) -> str:
-        return f"The timm tower {type(visual.trunk).__name__}"
+        return f"The timm tower {type(_tower(visual).trunk).__name__}"
 
     def module_problems(self, visual: nn.Module) -> list[str]:
         """What eva_block_grid does not reproduce."""
-        trunk, problems = visual.trunk, []
+        trunk, problems = _tower(visual).trunk, []
         block = trunk.blocks[-1]
         if not isinstance(block, EvaBlock | EvaBlockPostNorm):
             problems.append(f"its last block is a {type(block).__name__}")
@@ -265,23 +302,23 @@ class Eva(Family):
         return last_blocks(cut)
 
     def trunk(self, visual: nn.Module, stages: int) -> Trunk:
-        return EvaTrunk(visual, stages)
+        return EvaTrunk(_tower(visual), stages)
 
     def token_grid(self, visual: nn.Module, stages: int) -> tuple[int, int]:
-        return tuple(visual.trunk.patch_embed.grid_size)
+        return tuple(_tower(visual).trunk.patch_embed.grid_size)
 
     def prefix_tokens(self, visual: nn.Module) -> int:
-        return int(visual.trunk.num_prefix_tokens)  # the class token, registers
+        return int(_tower(visual).trunk.num_prefix_tokens)  # the class token, registers
 
     def dense_channels(self, visual: nn.Module, stages: int) -> int:
-        return int(visual.trunk.embed_dim)
+        return int(_tower(visual).trunk.embed_dim)
 
     def fast_head(self, visual: nn.Module, token_grid: tuple[int, int], stages: int) -> GridHead:
-        return EvaPoolHead(visual, stages)
+        return EvaPoolHead(_tower(visual), stages)
 
     def reference_head(self, visual: nn.Module, token_grid: tuple[int, int],
                        stages: int) -> nn.Module:
-        return EvaReferenceHead(visual, stages)
+        return EvaReferenceHead(_tower(visual), stages)
 
 
 # --- tiny towers for the tests (model_configs/safe-cache-tiny-eva*.json name them) ---------------
@@ -290,14 +327,16 @@ _TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 _FACTORY_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")  # timm's, not Eva's
 
 
-def _tiny(**kwargs) -> TimmEva:
+def _tiny(**kwargs: Any) -> TimmEva:
     model = TimmEva(**{k: v for k, v in kwargs.items() if k not in _FACTORY_ONLY})
-    model.pretrained_cfg = model.default_cfg = {}  # as timm's builder sets (open_clip reads it)
+    # as timm's builder sets (open_clip reads it); torch types Module.__setattr__'s value
+    # as Tensor | Module, though it takes any value
+    model.pretrained_cfg = model.default_cfg = {}  # type: ignore[assignment]
     return model
 
 
 @register_model
-def safe_cache_tiny_eva(pretrained: bool = False, **kwargs) -> TimmEva:
+def safe_cache_tiny_eva(pretrained: bool = False, **kwargs: Any) -> TimmEva:
     """EVA02-B/L's form (separate q/k/v, RoPE on the patch tokens, an attention inner norm,
     SwiGLU with its inner norm), plus a register token and layer scale, so the fast tests
     also cover those."""
@@ -307,7 +346,7 @@ def safe_cache_tiny_eva(pretrained: bool = False, **kwargs) -> TimmEva:
 
 
 @register_model
-def safe_cache_tiny_eva_post(pretrained: bool = False, **kwargs) -> TimmEva:
+def safe_cache_tiny_eva_post(pretrained: bool = False, **kwargs: Any) -> TimmEva:
     """EVA02-E's form: post-norm blocks, fused q/k/v with q and v biases, a GELU MLP, no RoPE."""
     return _tiny(**{**_TINY, "use_post_norm": True, "mlp_ratio": 2.0, "global_pool": "token",
                     **kwargs})

@@ -6,6 +6,8 @@ final norm), the head timm's `forward_head` (attn_pool, fc_norm, head) and open_
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from open_clip.timm_model import TimmModel
 from timm.layers import AttentionPoolLatent
@@ -13,15 +15,20 @@ from torch import nn
 
 from .. import tiny_timm  # noqa: F401  (registers the tiny timm MAP towers)
 from ..heads import GridHead
-from ..latent_heads import MapPoolHead, MapReferenceHead
+from ..latent_heads import MapPoolHead, MapReferenceHead, MapTower
 from .base import Config, Family, Trunk
 from .registry import register_family
+
+
+def _tower(visual: nn.Module) -> MapTower:
+    """The typed view of a tower this family claims (open_clip ships no types)."""
+    return cast(MapTower, visual)
 
 
 class MapTrunk(Trunk):
     """timm's forward_features: everything before attn_pool."""
 
-    def __init__(self, visual: nn.Module) -> None:
+    def __init__(self, visual: MapTower) -> None:
         super().__init__()
         self.timm = visual.trunk
 
@@ -47,11 +54,12 @@ class Map(Family):
                 and isinstance(getattr(visual.trunk, "attn_pool", None), AttentionPoolLatent))
 
     def module_label(self, visual: nn.Module) -> str:
-        return f"The MAP head of {type(visual.trunk).__name__}"
+        return f"The MAP head of {type(_tower(visual).trunk).__name__}"
 
     def module_problems(self, visual: nn.Module) -> list[str]:
         """What map_pool_grid's single latent query form does not cover."""
-        pool = visual.trunk.attn_pool
+        tower = _tower(visual)
+        pool = tower.trunk.attn_pool
         problems = []
         if pool.pos_embed is not None:
             problems.append("its pool adds its own position embedding")
@@ -61,26 +69,26 @@ class Map(Family):
             problems.append(f"its pool averages {pool.latent_len} latent queries")
         if pool.mlp is not None and not isinstance(pool.mlp.norm, nn.Identity):
             problems.append("its pool's MLP has an inner norm")
-        if visual.head is not None and any(isinstance(m, AttentionPoolLatent)
-                                           for m in visual.head.modules()):
+        if tower.head is not None and any(isinstance(m, AttentionPoolLatent)
+                                          for m in tower.head.modules()):
             problems.append("open_clip adds another attention pool after it")
         return problems
 
     def trunk(self, visual: nn.Module, stages: int) -> Trunk:
-        return MapTrunk(visual)
+        return MapTrunk(_tower(visual))
 
     def token_grid(self, visual: nn.Module, stages: int) -> tuple[int, int]:
-        return tuple(visual.trunk.patch_embed.grid_size)
+        return tuple(_tower(visual).trunk.patch_embed.grid_size)
 
     def prefix_tokens(self, visual: nn.Module) -> int:
         return int(getattr(visual.trunk, "num_prefix_tokens", 0))  # class token, registers
 
     def dense_channels(self, visual: nn.Module, stages: int) -> int:
-        return int(visual.trunk.num_features)
+        return int(_tower(visual).trunk.num_features)
 
     def fast_head(self, visual: nn.Module, token_grid: tuple[int, int], stages: int) -> GridHead:
-        return MapPoolHead(visual)
+        return MapPoolHead(_tower(visual))
 
     def reference_head(self, visual: nn.Module, token_grid: tuple[int, int],
                        stages: int) -> nn.Module:
-        return MapReferenceHead(visual)
+        return MapReferenceHead(_tower(visual))

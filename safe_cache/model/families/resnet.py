@@ -6,10 +6,13 @@ too, the paper's "fine-tune layer4 + pooling" ablation), flattened channel-last.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from open_clip.modified_resnet import ModifiedResNet
 from torch import nn
 
+from .. import towers
 from ..heads import GridHead, ResNetPoolHead, ResNetReferenceHead
 from .base import Config, Family, Trunk
 from .registry import register_family
@@ -31,6 +34,11 @@ class ResNetTrunk(Trunk):
         for stage in self.stages:
             x = stage(x)
         return x.flatten(2).transpose(1, 2)  # NCHW -> (N, H*W, C)
+
+
+def _tower(visual: nn.Module) -> towers.ModifiedResNet:
+    """The typed view of a tower this family claims (open_clip ships no types)."""
+    return cast(towers.ModifiedResNet, visual)
 
 
 @register_family
@@ -57,15 +65,15 @@ class ResNet(Family):
         return ResNetTrunk(visual, stages)
 
     def token_grid(self, visual: nn.Module, stages: int) -> tuple[int, int]:
-        side = visual.image_size // (32 if stages == 1 else 16)
+        side = _tower(visual).image_size // (32 if stages == 1 else 16)
         return (side, side)
 
     def dense_channels(self, visual: nn.Module, stages: int) -> int:
-        return visual.attnpool.k_proj.in_features // (2 if stages == 2 else 1)
+        return _tower(visual).attnpool.k_proj.in_features // (2 if stages == 2 else 1)
 
     def fast_head(self, visual: nn.Module, token_grid: tuple[int, int], stages: int) -> GridHead:
-        return ResNetPoolHead(visual, token_grid, stages)
+        return ResNetPoolHead(_tower(visual), token_grid, stages)
 
     def reference_head(self, visual: nn.Module, token_grid: tuple[int, int],
                        stages: int) -> nn.Module:
-        return ResNetReferenceHead(visual, token_grid, stages)
+        return ResNetReferenceHead(_tower(visual), token_grid, stages)

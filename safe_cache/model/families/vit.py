@@ -7,10 +7,13 @@ attentional pooler after the blocks (families/coca.py reuses this file's trunk a
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
+from .. import towers
 from ..heads import GridHead, ViTPoolHead, ViTReferenceHead
 from .base import Config, Family, Trunk, last_blocks
 from .registry import register_family
@@ -26,6 +29,11 @@ def transformer_config(config: Config) -> bool:
     return "timm_model_name" not in vision and not isinstance(vision.get("layers"), list | tuple)
 
 
+def _tower(visual: nn.Module) -> towers.VisionTransformer:
+    """The typed view of a tower this family claims (open_clip ships no types)."""
+    return cast(towers.VisionTransformer, visual)
+
+
 def transformer_problems(visual: nn.Module) -> list[str]:
     """What the single-query heads of open_clip's VisionTransformer cannot reproduce."""
     problems = []
@@ -33,7 +41,7 @@ def transformer_problems(visual: nn.Module) -> list[str]:
         problems.append(f"it pools by '{visual.pool_type}', not by the class token")
     if visual.proj is None:
         problems.append("it has no output projection")
-    if not all(isinstance(b, ResidualAttentionBlock) for b in visual.transformer.resblocks):
+    if not all(isinstance(b, ResidualAttentionBlock) for b in _tower(visual).transformer.resblocks):
         problems.append("its blocks are custom (qk-norm / scaled attention)")
     if not getattr(visual.transformer, "batch_first", True):
         problems.append("its transformer is not batch-first")
@@ -43,7 +51,7 @@ def transformer_problems(visual: nn.Module) -> list[str]:
 class _ViTEmbed(nn.Module):
     """Patch embedding + class token + positional embedding + ln_pre, as open_clip computes it."""
 
-    def __init__(self, visual: VisionTransformer) -> None:
+    def __init__(self, visual: towers.VisionTransformer) -> None:
         super().__init__()
         self.conv1 = visual.conv1
         self.class_embedding = visual.class_embedding
@@ -55,20 +63,21 @@ class _ViTEmbed(nn.Module):
         x = self.conv1(images.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        return self.ln_pre(self.patch_dropout(x))
+        tokens: torch.Tensor = self.ln_pre(self.patch_dropout(x))
+        return tokens
 
 
 class ViTTrunk(Trunk):
     """The embedding and every block but the last `blocks_in_head`; tokens (B, 1 + HW, C)."""
 
-    def __init__(self, visual: nn.Module, blocks_in_head: int) -> None:
+    def __init__(self, visual: towers.VisionTransformer, blocks_in_head: int) -> None:
         super().__init__()
         self.visual = _ViTEmbed(visual)
         blocks = visual.transformer.resblocks
         self.stages = nn.ModuleList(list(blocks[: len(blocks) - blocks_in_head]))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.visual(images)
+        x: torch.Tensor = self.visual(images)
         for block in self.stages:
             x = block(x)
         return x
@@ -104,20 +113,20 @@ class ViT(Family):
         return last_blocks(cut)
 
     def trunk(self, visual: nn.Module, stages: int) -> Trunk:
-        return ViTTrunk(visual, stages)
+        return ViTTrunk(_tower(visual), stages)
 
     def token_grid(self, visual: nn.Module, stages: int) -> tuple[int, int]:
-        return tuple(visual.grid_size)
+        return _tower(visual).grid_size
 
     def prefix_tokens(self, visual: nn.Module) -> int:
         return 1  # the class token
 
     def dense_channels(self, visual: nn.Module, stages: int) -> int:
-        return visual.transformer.width
+        return _tower(visual).transformer.width
 
     def fast_head(self, visual: nn.Module, token_grid: tuple[int, int], stages: int) -> GridHead:
-        return ViTPoolHead(visual, stages)
+        return ViTPoolHead(_tower(visual), stages)
 
     def reference_head(self, visual: nn.Module, token_grid: tuple[int, int],
                        stages: int) -> nn.Module:
-        return ViTReferenceHead(visual, stages)
+        return ViTReferenceHead(_tower(visual), stages)
