@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 
 import numpy as np
 import pytest
@@ -125,9 +126,7 @@ def test_full_val_extracts_every_val_entry():
         train: list[int]
         val: list[int]
 
-    class Dataset:
-        splits = {"test": [0] * 5, "train": [0] * 6, "val": [0] * 4}
-
+    dataset = types.SimpleNamespace(splits={"test": [0] * 5, "train": [0] * 6, "val": [0] * 4})
     subsets = {(1, 1): Subset([0, 2], [1])}
-    assert wanted_entries(Dataset(), subsets)["val"] == [1]
-    assert wanted_entries(Dataset(), subsets, full_val=True)["val"] == [0, 1, 2, 3]
+    assert wanted_entries(dataset, subsets)["val"] == [1]
+    assert wanted_entries(dataset, subsets, full_val=True)["val"] == [0, 1, 2, 3]
