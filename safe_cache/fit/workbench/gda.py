@@ -20,7 +20,8 @@ Where we differ, and why:
 - alpha is chosen on OUR val set (MethodInputs.val, the min(K, 4)-shot val images), never on
   test. Their code searches the whole val split (on ImageNet its test split): a val set larger
   than the K-shot train set is not few-shot, and test is never a selection set (the
-  workbench's one protocol, workbench/__init__.py).
+  workbench's one protocol, workbench/__init__.py). `fit --protocol reference` hands this
+  function their selection set as MethodInputs.val instead (fit/baselines.py), and marks it.
 - precision: their features are CLIP's fp16 and the pinv runs in float32; ours are the stored
   float32 features, the scatter is summed in float32 and inverted in float64. The matrix is
   positive definite whenever the samples vary (its least eigenvalue is at least tr(cov) > 0),
