@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from ..errors import UnsupportedModelError
 from . import towers
 
 Params = dict[str, torch.Tensor]  # one configuration: open_clip names and shapes
@@ -158,6 +159,7 @@ def attnpool_grid(configs: Sequence[Params], x: torch.Tensor, num_heads: int,
 
     x: the channel-last map, shared (B, T, C) or per configuration (G, B, T, C).
     Returns (pooled (G, B, D), attention weights (G, H, B, 1 + T); key 0 is the mean token).
+    A configuration without `c_proj.weight` pools to the values c_proj would project (B, E).
     """
     configs = _strip(configs, prefix)
     x = x.to(configs[0]["positional_embedding"].dtype)
@@ -183,7 +185,8 @@ def attnpool_grid(configs: Sequence[Params], x: torch.Tensor, num_heads: int,
     for p, weights_g, pooled_g in zip(configs, weights.unbind(0), pooled, strict=True):
         pooled_g = pooled_g + torch.matmul(weights_g, p["positional_embedding"])
         values = _project_values(pooled_g, p["v_proj.weight"], p.get("v_proj.bias"))
-        outputs.append(F.linear(values, p["c_proj.weight"], p.get("c_proj.bias")))
+        outputs.append(F.linear(values, p["c_proj.weight"], p.get("c_proj.bias"))
+                       if "c_proj.weight" in p else values)
     return torch.stack(outputs), weights
 
 
@@ -324,6 +327,53 @@ class GridHead(nn.Module):
         """(outputs (G, B, D), attention weights (G, heads, B, keys)) of every configuration."""
         raise NotImplementedError
 
+    # --- the final projection, what ProLIP fine-tunes ------------------------------------------
+
+    def projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The head's last op when it is a linear map, `out = pre @ weight.T + bias`: (weight
+        (D, P), bias (D,) or None), the head's own tensors (a ViT's `proj` (P, D) transposed).
+        A head that ends otherwise (an MLP, a norm, the pool itself) raises
+        UnsupportedModelError: there is no projection to fine-tune apart from the pooling."""
+        final = self._linear_tail()[1]
+        return final.weight, final.bias
+
+    def pre_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """What the final projection takes, from the dense map (B, T, C): (B, P), so that
+        `pre_projection(x) @ weight.T + bias` is `self(x)` (eval mode: dropout is the identity).
+        Computed once, it lets a method train the projection without the pooling."""
+        before, _ = self._linear_tail()
+        pooled = self._tail_input(x)
+        for module in before:
+            pooled = module(pooled)
+        return pooled
+
+    def _tail(self) -> list[nn.Module]:
+        """Modules applied in turn to the one pooled vector at the head's end (timm towers:
+        norms, timm's classifier, open_clip's head); empty for heads whose projection is a
+        parameter of their own (they override projection and pre_projection)."""
+        return []
+
+    def _tail_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled vector entering `_tail()`, (B, C), with the head's own parameters."""
+        raise NotImplementedError
+
+    def _linear_tail(self) -> tuple[list[nn.Module], nn.Linear]:
+        """`_tail()` split at its last op, which must be a linear map: (the ops before, it)."""
+        ops = [m for m in _leaves(self._tail()) if not isinstance(m, nn.Identity | nn.Dropout)]
+        if not ops or not isinstance(ops[-1], nn.Linear):
+            last = type(ops[-1]).__name__ if ops else "its pooling"
+            raise UnsupportedModelError(f"{type(self).__name__} does not end in a linear"
+                                        f" projection (its last op is {last}).")
+        return ops[:-1], ops[-1]
+
+
+def _leaves(modules: Sequence[nn.Module]) -> list[nn.Module]:
+    """The modules, nn.Sequential containers flattened into the modules they run in turn."""
+    out: list[nn.Module] = []
+    for module in modules:
+        out.extend(_leaves(list(module)) if isinstance(module, nn.Sequential) else [module])
+    return out
+
 
 class ResNetPoolHead(GridHead):
     """Head of a ModifiedResNet: attnpool (head_stages=1) or layer4 + attnpool (head_stages=2).
@@ -349,6 +399,18 @@ class ResNetPoolHead(GridHead):
             x = _run_per_config(self.layer4, configs, "layer4.", fmap, shared=True)
             x = x.flatten(3).transpose(2, 3)
         return attnpool_grid(configs, x, self.attnpool.num_heads, "attnpool.")
+
+    def projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """attnpool's output projection c_proj (D, E) and its bias: the pool's last op."""
+        c_proj: nn.Linear = self.attnpool.c_proj
+        return c_proj.weight, c_proj.bias
+
+    def pre_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled values (B, E) that c_proj projects: the head without c_proj."""
+        own: Params = {k: v for k, v in self.named_parameters()
+                       if not k.startswith("attnpool.c_proj.")}
+        values: torch.Tensor = self._grid([own], x)[0][0]
+        return values
 
 
 class ViTPoolHead(GridHead):
@@ -382,6 +444,23 @@ class ViTPoolHead(GridHead):
         pooled = [_layer_norm(cls_g, p, "ln_post.", self.ln_post.eps) @ p["proj"]
                   for cls_g, p in zip(cls.unbind(0), configs, strict=True)]
         return torch.stack(pooled), weights
+
+    def projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """proj (width, D) as a linear map's weight (D, width), a view; no bias."""
+        return self.proj.T, None
+
+    def pre_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """ln_post of the class token leaving the last block (B, width), what proj projects:
+        `_grid`'s path for this head's own parameters, stopped before proj."""
+        x = x.to(self.proj.dtype)
+        *earlier, (last_name, last) = self.transformer.resblocks.items()
+        for _, block in earlier:  # an ablation cut's whole blocks
+            x = block(x)
+        assert isinstance(last, FastClassTokenBlock)  # the head's own last block
+        cls = class_token_block_grid([dict(self.named_parameters())], x, last,
+                                     f"transformer.resblocks.{last_name}.")[0][0]
+        normed: torch.Tensor = self.ln_post(cls)
+        return normed
 
 
 class ResNetReferenceHead(nn.Module):

@@ -171,6 +171,16 @@ class MapPoolHead(GridHead):
             outputs.append(_call(self.head, p, "head.", y))
         return torch.stack(outputs), weights
 
+    def _tail(self) -> list[nn.Module]:
+        return [self.trunk.fc_norm, self.trunk.head, self.head]
+
+    def _tail_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The MAP pool's output (B, C), before fc_norm and the heads."""
+        pooled: torch.Tensor = map_pool_grid([dict(self.named_parameters())],
+                                             x[..., self.skip_tokens:, :], self.trunk.attn_pool,
+                                             "trunk.attn_pool.")[0][0]
+        return pooled
+
 
 class CocaPoolHead(GridHead):
     """Head of CoCa's VisionTransformer: attn_pool (first query), ln_post, proj. Input: all
@@ -188,6 +198,17 @@ class CocaPoolHead(GridHead):
         outputs = [_call(self.ln_post, p, "ln_post.", y) @ p["proj"]
                    for p, y in zip(configs, pooled.unbind(0), strict=True)]
         return torch.stack(outputs), weights
+
+    def projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """proj (width, D) as a linear map's weight (D, width), a view; no bias."""
+        return self.proj.T, None
+
+    def pre_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """ln_post of the pooler's first query (B, width): what proj projects."""
+        pooled = coca_pool_grid([dict(self.named_parameters())], x, self.attn_pool,
+                                "attn_pool.")[0][0]
+        normed: torch.Tensor = self.ln_post(pooled)
+        return normed
 
 
 class MapReferenceHead(nn.Module):

@@ -239,6 +239,21 @@ class EvaPoolHead(_EvaHeadModules, GridHead):
             outputs.append(_call(self.head, p, "head.", y))
         return torch.stack(outputs), weights
 
+    def _tail(self) -> list[nn.Module]:
+        return [self.trunk.norm, self.trunk.fc_norm, self.trunk.head, self.head]
+
+    def _tail_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The class token leaving the last block (B, C), before timm's norms and heads."""
+        x = x.to(next(self.parameters()).dtype)
+        *earlier, (last_name, last) = self.trunk.blocks.items()
+        for _, block in earlier:
+            x = block(x, rope=self.rope)
+        assert isinstance(last, EvaBlock | EvaBlockPostNorm)  # the tower's own last block
+        cls: torch.Tensor = eva_block_grid([dict(self.named_parameters())], x, last,
+                                           f"trunk.blocks.{last_name}.", self.rope,
+                                           self.prefix_tokens)[0][0]
+        return cls
+
 
 class EvaReferenceHead(_EvaHeadModules):
     """The naive reference: timm's blocks whole on every token, then timm's forward_head
