@@ -8,7 +8,14 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from test_workbench_prolip import SEED, SHOTS, method_inputs, tiny_store, zero_shot
+from test_workbench_prolip import (  # noqa: F401  (one_thread: the same autouse fixture)
+    SEED,
+    SHOTS,
+    method_inputs,
+    one_thread,
+    tiny_store,
+    zero_shot,
+)
 from torch import nn
 
 from safe_cache.fit.adapters import Split
