@@ -45,10 +45,12 @@ TEMPLATES = 7  # sentence embeddings per class (Tip-Adapter's ImageNet ensemble 
 
 class TextOnlyStore:
     """What the workbench methods read from a store beyond features: the prompt set's raw
-    sentence embeddings (cross_modal_lp). A benchmark stand-in, not a FeatureStore."""
+    sentence embeddings (cross_modal_lp), the dataset's name (clip_adapter: CoOp's epochs). A
+    benchmark stand-in, not a FeatureStore."""
 
     def __init__(self, embeddings: np.ndarray, counts: list[int]) -> None:
         self.embeddings, self.counts = embeddings, counts
+        self.manifest = {"dataset": {"name": "synthetic"}}
 
     def sentence_embeddings(self, prompt_set: str = "hand") -> tuple[np.ndarray, list[int]]:
         return self.embeddings, self.counts
