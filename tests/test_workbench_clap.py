@@ -237,3 +237,36 @@ def test_clap_is_registered_and_runs_its_recipe(inputs):
     assert (summary["lr"], summary["epochs"], summary["batch_size"]) == (0.1, 300, 256)
     assert summary["views"] == inputs.train_views.shape[1]
     assert 0 <= summary["val_acc"] <= 1 and 0 <= summary["test_acc"] <= 1
+
+
+@pytest.mark.slow  # a whole fit: SAFE's grid, then Cross-Modal's 12,800 iterations x 6 heads
+def test_fit_runs_clap_and_cross_modal_lp(tmp_path):
+    """`fit --methods clap,cross_modal_lp` through fit_one on a tiny real store (test_fit's,
+    with three sentences per class): both land in the result's methods, with their seconds."""
+    from test_fit import CLASSES, synthetic_store
+
+    from safe_cache.data.prompts import class_average
+    from safe_cache.fit import FitConfig, fit
+    from safe_cache.fit.results import load_result
+    from safe_cache.store import open_store
+
+    url = synthetic_store(str(tmp_path / "spots.zarr"))
+    with open_store(url, "a") as store:
+        classifier = store.classifier("hand")
+        rng = np.random.default_rng(0)
+        raw = (np.repeat(classifier, 3, axis=0) * 4
+               + rng.standard_normal((3 * CLASSES, classifier.shape[1]))).astype(np.float32)
+        average = class_average(torch.from_numpy(raw), [3] * CLASSES).numpy()
+        store.write_classifier("hand", average, [[f"{c} {t}" for t in range(3)]
+                                                 for c in range(CLASSES)], raw)
+    config = FitConfig(store=url, shots=(8,), seeds=(1,), lrs=(1e-3,), wds=(0.0,), iters=50,
+                       eval_every=25, methods=("clap", "cross_modal_lp"),
+                       out=str(tmp_path / "results"))
+    result = fit(config)[0]
+    assert {"clap", "cross_modal_lp"} <= set(result.methods)
+    assert set(result.timings["methods_s"]) == {"clap", "cross_modal_lp"}
+    assert result.methods["clap"]["views"] == 2 and result.methods["clap"]["epochs"] == 300
+    assert result.methods["cross_modal_lp"]["image_views"] == "center+flip"
+    assert result.methods["cross_modal_lp"]["configurations"] == 6  # batch 32: 16 texts > 12
+    saved = sorted((tmp_path / "results").rglob("*.json"))
+    assert saved and load_result(saved[0]).methods == result.methods
