@@ -15,11 +15,11 @@ from safe_cache import load_backbone
 from safe_cache.errors import RecipeError, UnsupportedModelError
 from safe_cache.fit.adapters import Split
 from safe_cache.fit.evaluate import accuracy
+from safe_cache.fit.original import original_head
 from safe_cache.fit.workbench import MethodInputs, registry
 from safe_cache.fit.workbench.prolip import (
     ADAM_EPS,
     LOGIT_SCALE,
-    _original_head,
     fit_prolip,
     pre_projection_rows,
 )
@@ -158,7 +158,7 @@ def test_pre_projection_reproduces_the_stored_pooled_features(store_url):
     """The pre-projection features prolip computes from the stored maps (train views, val,
     test), through the original projection, are the store's pooled features."""
     inputs = method_inputs(store_url)
-    head = _original_head(inputs.store).eval()
+    head = original_head(inputs.store).eval()
     weight, bias = head.projection()
     store = inputs.store
     train = pre_projection_rows(store, "train", inputs.train_rows, head, 5, inputs.device)
@@ -194,7 +194,7 @@ def test_an_infinite_pull_leaves_the_projection_as_it_was(rn_url):
     the projection ends where it began and ProLIP is zero-shot CLIP."""
     inputs = method_inputs(rn_url)
     outcome, weight = fit_prolip(inputs, lam=1e12, lrs=(1e-3,))
-    weight0 = _original_head(inputs.store).projection()[0]
+    weight0 = original_head(inputs.store).projection()[0]
     torch.testing.assert_close(weight, weight0.detach(), rtol=0, atol=1e-6)
     assert outcome.summary["test_acc"] == zero_shot(inputs)
 
@@ -206,7 +206,7 @@ def test_no_pull_is_an_unconstrained_fit(store_url):
     inputs = method_inputs(store_url)
     epochs, lr = 12, 1e-2
     _, weight = fit_prolip(inputs, lam=0.0, lrs=(lr,), epochs=epochs)
-    head = _original_head(inputs.store).eval()
+    head = original_head(inputs.store).eval()
     w0, b0 = head.projection()
     train = pre_projection_rows(inputs.store, "train", inputs.train_rows, head,
                                 inputs.test_chunk, inputs.device)  # the same features
@@ -244,3 +244,18 @@ def test_prolip_refuses_a_family_without_a_linear_projection(tmp_path):
     inputs = method_inputs(tiny_store(str(tmp_path / "siglip.zarr"), "safe-cache-tiny-map"))
     with pytest.raises(RecipeError, match=r"prolip does not support the map family"):
         fit_prolip(inputs)
+
+
+def test_fit_refuses_prolip_on_such_a_family_before_safe_trains(tmp_path, monkeypatch):
+    from safe_cache.fit import FitConfig, fit
+    from safe_cache.fit import train as train_module
+
+    store = tiny_store(str(tmp_path / "siglip.zarr"), "safe-cache-tiny-map")
+    trained = []
+    monkeypatch.setattr(train_module, "train_grid", lambda *a, **k: trained.append(1))
+    config = FitConfig(store=store, shots=(SHOTS,), seeds=(SEED,), iters=2, eval_every=1,
+                       lrs=(1e-3,), wds=(0.0,), device="cpu", methods=("prolip",),
+                       out=str(tmp_path / "results"))
+    with pytest.raises(RecipeError, match=r"prolip does not support the map family"):
+        fit(config)
+    assert not trained and not (tmp_path / "results").exists()

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from ..data.views import model_view
+from ..fit.original import original_head
 from ..fit.results import load_result
-from ..fit.train import original_head
 from ..store import open_store
 
 

@@ -25,8 +25,6 @@ from .._version import __version__
 from ..data.prompts import class_average, prompt_set_name
 from ..errors import RecipeError, SafeCacheError, StoreError
 from ..identity import SEAL_FIELD
-from ..model.backbone import head_from_config
-from ..model.heads import GridHead
 from ..model.inference import blend_features
 from ..runtime.device import resolve_device
 from ..runtime.progress import ProgressSink, null_progress
@@ -38,18 +36,10 @@ from .config import FitConfig
 from .evaluate import evaluate_safe, pooled_split
 from .grid import BestState, StackedHeads
 from .identity import identity_sha256
+from .original import original_head
 from .recipe import Recipe
 from .results import RunResult
 from .step import GridStep
-
-
-def original_head(store: FeatureStore) -> GridHead:
-    """The original pooling head (AttnPool_O), rebuilt from the weights the store keeps in
-    `head/`: fitting needs the store alone, not the backbone's weights file."""
-    state, model_config = store.head_state()
-    head = head_from_config(model_config, store.manifest["backbone"])
-    head.load_state_dict({name: torch.from_numpy(values) for name, values in state.items()})
-    return head
 
 
 def _recipe_error(store: FeatureStore, recipe: Recipe, missing: str) -> RecipeError:
@@ -66,6 +56,10 @@ def check_store_serves(store: FeatureStore, config: FitConfig) -> None:
     recipe = config.recipe
     if needs_reference_search(config):
         check_reference_serves(store)
+    if "prolip" in config.methods:
+        from .workbench.prolip import check_store_serves as prolip_serves
+
+        prolip_serves(store)  # a family without a final linear projection: before SAFE trains
     if recipe.train_views in ("center+flip", "all") and not store.center_flip:
         raise _recipe_error(store, recipe, "mirrored center views (flip_dense)")
     if recipe.text_average == "raw":

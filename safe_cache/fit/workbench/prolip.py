@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import RecipeError, UnsupportedModelError
-from ...model.backbone import head_from_config
 from ...model.heads import GridHead
 from ...store import FeatureStore
 from ..evaluate import accuracy, stream_split
+from ..original import original_head
 from . import MethodInputs, MethodOutcome, register_method
 
 LOGIT_SCALE = 100.0  # their `100. * image_features @ text_weights`, whatever the backbone's
@@ -68,7 +68,7 @@ def fit_prolip(inputs: MethodInputs, *, lrs: tuple[float, ...] = LRS,
     if len(inputs.val.labels) != len(inputs.val_rows):  # its features come from val_rows
         raise RecipeError(f"prolip reads the val rows' dense maps: {len(inputs.val_rows)} rows,"
                           f" but the val set holds {len(inputs.val.labels)} labels.")
-    head = _original_head(inputs.store).to(inputs.device).eval()
+    head = original_head(inputs.store).to(inputs.device).eval()
     weight0, bias = _projection(head, inputs.store)
     shots = int(torch.bincount(inputs.labels).max().item())
     lam = 1.0 / shots if lam is None else lam
@@ -88,13 +88,10 @@ def fit_prolip(inputs: MethodInputs, *, lrs: tuple[float, ...] = LRS,
     return MethodOutcome(summary, predictor=None), weights[chosen]
 
 
-def _original_head(store: FeatureStore) -> GridHead:
-    """The store's original pooling head (fit/train.py's original_head, which this package
-    cannot import: train imports the workbench through baselines)."""
-    state, model_config = store.head_state()
-    head = head_from_config(model_config, store.manifest["backbone"])
-    head.load_state_dict({name: torch.from_numpy(values) for name, values in state.items()})
-    return head
+def check_store_serves(store: FeatureStore) -> None:
+    """Refuse, before anything runs, a store whose family's head ends in no linear
+    projection (fit calls it with the other checks, so SAFE never trains for nothing)."""
+    _projection(original_head(store), store)
 
 
 def _projection(head: GridHead, store: FeatureStore) -> tuple[torch.Tensor, torch.Tensor | None]:
