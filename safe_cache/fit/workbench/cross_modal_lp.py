@@ -255,8 +255,8 @@ def train_heads(samples: Samples, init: torch.Tensor, val_features: torch.Tensor
     for i in range(recipe.iterations):
         for members, plan in groups:
             picked = plan[i]
-            loss_gradient(features[picked], labels[picked], heads.weights[members], scale,
-                          out=heads.gradient[members])
+            loss_gradient(features.index_select(0, picked), labels[picked],
+                          heads.weights[members], scale, out=heads.gradient[members])
         heads.step()
         if i % recipe.eval_every == 0:
             acc = val_accuracies(heads.weights, val_features, val_labels)
