@@ -37,6 +37,11 @@ Where this differs from their code, and why:
   embeddings: the norm is part of their parametrisation (SGD on w moves w/|w| by lr/|w|, and the
   penalty is in those units), so it is kept. With one template per class the two coincide.
 - Shuffling: a torch.Generator seeded from the run's seed, not numpy's global state.
+
+Their trainer itself (AdapterMethod, run_epoch, forward_backward with Dassl's SGD and scheduler),
+run on the same features with the same permutations, gave prototypes within 3e-7 and the same
+predictions. Cost: a 16-shot RN50-sized run (100 classes, 10 views: 1,800 steps of two
+256 x 1024 x 100 matmuls) takes about 5 s on one thread of a shared 2-core machine.
 """
 
 from __future__ import annotations

@@ -32,8 +32,11 @@ own, one after another from one global seed), and all twelve heads are one (G, C
 one matmul gives every configuration's logits, the gradient is written in closed form,
 s/B (softmax - onehot)^T x (no autograd graph), and torch's fused AdamW kernel steps the stack,
 once per (lr, wd) pair (tests check all of it against 12 runs of their loop). Cost: 12,800
-iterations of 12 heads, about 1.3 TFLOP for RN50-sized features with 100 classes, plus 128 val
-evaluations of 12 heads: about a minute or two on 2 CPU cores, seconds on a GPU.
+iterations of 12 heads, about 1.3 TFLOP for RN50-sized features with 100 classes (16 shots),
+plus 128 val evaluations of 12 heads: 66 s measured on one thread of a shared 2-core machine
+(their 12 runs in turn, on the same thread: 301 s). Their train.py itself, run on the same
+features and minibatches, gave every configuration's best head within 3e-7, the same best
+iterations, val accuracies, choice and test accuracy.
 
 Where this differs from their code, and why:
 - Selection: their rule, on the workbench's min(K, 4)-shot val set (theirs is the few-shot val
