@@ -37,6 +37,9 @@ Where this differs from their code, and why:
   embeddings: the norm is part of their parametrisation (SGD on w moves w/|w| by lr/|w|, and the
   penalty is in those units), so it is kept. With one template per class the two coincide.
 - Shuffling: a torch.Generator seeded from the run's seed, not numpy's global state.
+- Nothing else: their temperature is fixed too (CLIP's `logit_scale` is an attribute of their
+  adapter, so in its optimizer, but build_model freezes it by name: CustomCLIP registers it
+  first), and their val split is never read in training either.
 
 Their trainer itself (AdapterMethod, run_epoch, forward_backward with Dassl's SGD and scheduler),
 run on the same features with the same permutations, gave prototypes within 3e-7 and the same

@@ -50,7 +50,7 @@ Where this differs from their code, and why:
   (100 for OpenAI's CLIP, so the same there).
 - Shuffling: torch.Generators seeded from the run's seed: per batch size one image and one text
   stream, shared by that batch size's six configurations.
-- A grid with no valid batch size (under 5 sentences or images in all) fails, as theirs does.
+- A grid with no valid batch size (fewer than 5 sentences or image samples) fails, as theirs does.
 """
 
 from __future__ import annotations
