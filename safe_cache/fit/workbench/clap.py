@@ -37,6 +37,14 @@ Where this differs from their code, and why:
   embeddings: the norm is part of their parametrisation (SGD on w moves w/|w| by lr/|w|, and the
   penalty is in those units), so it is kept. With one template per class the two coincide.
 - Shuffling: a torch.Generator seeded from the run's seed, not numpy's global state.
+- Nothing else: their temperature is fixed too (CLIP's `logit_scale` is an attribute of their
+  adapter, so in its optimizer, but build_model freezes it by name: CustomCLIP registers it
+  first), and their val split is never read in training either.
+
+Their trainer itself (AdapterMethod, run_epoch, forward_backward with Dassl's SGD and scheduler),
+run on the same features with the same permutations, gave prototypes within 3e-7 and the same
+predictions. Cost: a 16-shot RN50-sized run (100 classes, 10 views: 1,800 steps of two
+256 x 1024 x 100 matmuls) takes about 5 s on one thread of a shared 2-core machine.
 """
 
 from __future__ import annotations
@@ -108,15 +116,16 @@ def penalised_gradient(prototypes: torch.Tensor, features: torch.Tensor, labels:
     closed form (two matmuls, no autograd graph: a 16-shot RN50 run is 1,800 steps): with
     G = scale / B (softmax - onehot)^T x, the cross-entropy's is (G_c - u_c <u_c, G_c>) / |w_c|
     (u_c = w_c / |w_c|), the penalty's 2 weight lambda_c (w_c - t_c) / C."""
-    norms = prototypes.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # F.normalize's eps
+    norms = prototypes.norm(dim=-1, keepdim=True).clamp_(min=1e-12)  # F.normalize's eps
     units = prototypes / norms
-    delta = torch.softmax(scale * features @ units.T, dim=-1)
+    delta = torch.softmax((features @ units.T).mul_(scale), dim=-1)
     delta[torch.arange(len(labels), device=labels.device), labels] -= 1
-    outer = delta.T @ features * (scale / len(labels))
-    gradient = (outer - units * (units * outer).sum(-1, keepdim=True)) / norms
+    outer = (delta.T @ features).mul_(scale / len(labels))
+    radial = (units * outer).sum(-1, keepdim=True)
+    gradient = outer.sub_(units.mul_(radial)).div_(norms)
     if weight:
-        penalty = multipliers[:, None] * (prototypes - anchors)
-        gradient = gradient + penalty * (2 * weight / len(prototypes))
+        pull = multipliers[:, None] * (2 * weight / len(prototypes))
+        gradient.add_((prototypes - anchors).mul_(pull))
     return gradient
 
 
@@ -140,8 +149,9 @@ def train_prototypes(features: torch.Tensor, labels: torch.Tensor, images: int,
         order = torch.randperm(len(features), generator=generator).to(features.device)
         for index in range(batches):
             batch = order[index * recipe.batch_size:(index + 1) * recipe.batch_size]
-            gradient = penalised_gradient(prototypes, features[batch], labels[batch], anchors,
-                                          multipliers, scale, recipe.constraint)
+            gradient = penalised_gradient(prototypes, features.index_select(0, batch),
+                                          labels[batch], anchors, multipliers, scale,
+                                          recipe.constraint)
             first = epoch == 0 and index == 0
             momentum = gradient if first else momentum.mul_(recipe.momentum).add_(gradient)
             prototypes.add_(momentum, alpha=-lr)

@@ -32,8 +32,11 @@ own, one after another from one global seed), and all twelve heads are one (G, C
 one matmul gives every configuration's logits, the gradient is written in closed form,
 s/B (softmax - onehot)^T x (no autograd graph), and torch's fused AdamW kernel steps the stack,
 once per (lr, wd) pair (tests check all of it against 12 runs of their loop). Cost: 12,800
-iterations of 12 heads, about 1.3 TFLOP for RN50-sized features with 100 classes, plus 128 val
-evaluations of 12 heads: about a minute or two on 2 CPU cores, seconds on a GPU.
+iterations of 12 heads, about 1.3 TFLOP for RN50-sized features with 100 classes (16 shots),
+plus 128 val evaluations of 12 heads: 66 s measured on one thread of a shared 2-core machine
+(their 12 runs in turn, on the same thread: 301 s). Their train.py itself, run on the same
+features and minibatches, gave every configuration's best head within 3e-7, the same best
+iterations, val accuracies, choice and test accuracy.
 
 Where this differs from their code, and why:
 - Selection: their rule, on the workbench's min(K, 4)-shot val set (theirs is the few-shot val
@@ -47,7 +50,7 @@ Where this differs from their code, and why:
   (100 for OpenAI's CLIP, so the same there).
 - Shuffling: torch.Generators seeded from the run's seed: per batch size one image and one text
   stream, shared by that batch size's six configurations.
-- A grid with no valid batch size (under 5 sentences or images in all) fails, as theirs does.
+- A grid with no valid batch size (fewer than 5 sentences or image samples) fails, as theirs does.
 """
 
 from __future__ import annotations
@@ -255,8 +258,8 @@ def train_heads(samples: Samples, init: torch.Tensor, val_features: torch.Tensor
     for i in range(recipe.iterations):
         for members, plan in groups:
             picked = plan[i]
-            loss_gradient(features[picked], labels[picked], heads.weights[members], scale,
-                          out=heads.gradient[members])
+            loss_gradient(features.index_select(0, picked), labels[picked],
+                          heads.weights[members], scale, out=heads.gradient[members])
         heads.step()
         if i % recipe.eval_every == 0:
             acc = val_accuracies(heads.weights, val_features, val_labels)
