@@ -46,17 +46,30 @@ def test_a_workbench_method_stands_beside_its_own_papers_number(tmp_path, monkey
         "source": {"paper": "Wang et al., ICLR 2024", "table": "Table 9"},
         "numbers": {"dtd": {"4": 60.5}}}}}}
     monkeypatch.setattr(literature, "workbench_papers", lambda: papers)
+
+    def rows_of(folder, record):
+        return {r["method"]: r for r in _rows(tmp_path / folder, record, "ViT-B-16-openai")}
+
     record = result_record("dtd", 4, 1, 0.6, 0.4, model="ViT-B-16")
-    record["methods"]["gda"] = {"val_acc": 0.5, "test_acc": 0.625}
-    rows = {r["method"]: r for r in _rows(tmp_path, record, "ViT-B-16-openai")}
-    assert rows["gda"]["paper"] == 60.5 and rows["gda"]["delta"] == pytest.approx(2.0)
-    assert rows["gda"]["source"] == "Wang et al., ICLR 2024, Table 9"
+    record["methods"]["gda"] = {"val_acc": 0.5, "test_acc": 0.625, "protocol": "reference"}
+    rows = rows_of("reference", record)  # GDA's paper searched as --protocol reference does
+    gda = rows["gda (reference)"]
+    assert gda["paper"] == 60.5 and gda["delta"] == pytest.approx(2.0)
+    assert gda["source"] == "Wang et al., ICLR 2024, Table 9"
     assert rows["safe"]["paper"] is None and "RN50" in rows["safe"]["paper_note"]
+    record["methods"]["gda"] = {"val_acc": 0.5, "test_acc": 0.625}  # ours: min(K, 4)-shot val
+    ours = rows_of("ours", record)["gda"]
+    assert ours["paper"] is None and "--protocol reference" in ours["paper_note"]
     off = result_record("dtd", 4, 1, 0.6, 0.4, model="ViT-B-16", prompts="cupl.json")
-    off["methods"]["gda"] = {"val_acc": 0.5, "test_acc": 0.625}
-    rows = {r["method"]: r for r in _rows(tmp_path / "off", off, "ViT-B-16-openai")}
-    assert rows["gda"]["paper"] is None and "prompts" in rows["gda"]["paper_note"]
-    assert "RN50" not in rows["gda"]["paper_note"]  # its own paper reports ViT-B-16
+    off["methods"]["gda"] = {"val_acc": 0.5, "test_acc": 0.625, "protocol": "reference"}
+    note = rows_of("off", off)["gda (reference)"]["paper_note"]
+    assert "prompts" in note and "RN50" not in note  # its own paper reports ViT-B-16
+
+
+def test_every_published_block_says_under_which_protocol_it_stands():
+    blocks = {(m, b) for m, per in literature.workbench_papers()["methods"].items() for b in per}
+    assert blocks == set(literature.PUBLISHED_PROTOCOL)
+    assert set(literature.PUBLISHED_PROTOCOL.values()) <= {"reference", "ours", None}
 
 
 def test_the_plot_draws_published_numbers_dashed(tmp_path):

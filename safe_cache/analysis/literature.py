@@ -41,16 +41,32 @@ def workbench_papers() -> dict[str, Any]:
     return _load("workbench.json") if (_FOLDER / "workbench.json").is_file() else {}
 
 
+# Which of our protocols a method's own published numbers were made under (each block's
+# `protocol` text says how): "reference", their selection as `fit --protocol reference` runs it
+# (Tip-Adapter's and GDA's searches on the whole val split, Tip-F's epoch on test); "ours",
+# nothing chosen on val or test either way (CLAP is validation-free, as ours is); None, neither
+# (ProLIP's published average is over four learning rates, CLIP-Adapter's and GDA's ViT run of
+# Tip-Adapter state no selection). A number stands beside our row only under the same protocol;
+# elsewhere the row notes why it is left out.
+PUBLISHED_PROTOCOL: dict[tuple[str, str], str | None] = {
+    ("gda", "RN50"): "reference", ("gda", "ViT-B-16"): "reference",
+    ("tip_adapter", "RN50"): "reference", ("tip_adapter", "ViT-B-16"): None,
+    ("tip_adapter_f", "RN50"): "reference", ("clip_adapter", "RN50"): None,
+    ("clap", "RN50"): "ours", ("prolip", "RN50"): None}
+TABLE_I = "table_1"  # Table I's numbers stand beside the paper's setting (report.paper_reasons)
+
+
 def published_number(method: str, model: str, dataset: str,
-                     shots: int) -> tuple[float, str] | None:
-    """(number %, its source) a paper reports for the method on the backbone, dataset and
-    shots, or None. Table I (RN50) first; then the method's own paper."""
+                     shots: int) -> tuple[float, str, str | None] | None:
+    """(number %, its source, the protocol it was made under: TABLE_I or PUBLISHED_PROTOCOL's)
+    a paper reports for the method on the backbone, dataset and shots, or None. Table I (RN50)
+    first; then the method's own paper."""
     table = safe_paper()["table_1"]
     key = "0" if method in ZERO_SHOT_METHODS else str(shots)
     if model == table["backbone"]:
         value = table["methods"].get(method, {}).get(dataset, {}).get(key)
         if value is not None:
-            return float(value), f"{safe_paper()['source']}, Table I"
+            return float(value), f"{safe_paper()['source']}, Table I", TABLE_I
     block = workbench_papers().get("methods", {}).get(method, {}).get(model)
     if not block:
         return None
@@ -58,7 +74,8 @@ def published_number(method: str, model: str, dataset: str,
     if value is None:
         return None
     source = block["source"]
-    return float(value), f"{source.get('paper', method)}, {source.get('table', '')}".rstrip(", ")
+    text = f"{source.get('paper', method)}, {source.get('table', '')}".rstrip(", ")
+    return float(value), text, PUBLISHED_PROTOCOL.get((method, model))
 
 
 def published_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..fit.identity import changed_options
 from ..fit.results import METHODS, RunResult, load_results
-from .literature import published_number, published_rows, safe_paper
+from .literature import TABLE_I, published_number, published_rows, safe_paper
 
 ELEVEN = ("fgvc_aircraft", "imagenet", "dtd", "eurosat", "caltech101", "food101",
           "oxford_flowers", "oxford_pets", "stanford_cars", "sun397", "ucf101")
@@ -181,16 +181,30 @@ def _with_paper(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for row in rows:
         method = base_method(row["method"])
         found = published_number(method, row["model"], row["dataset"], row["shots"])
-        reasons = row["protocol_reasons"]
+        reasons = list(row["protocol_reasons"])
         if found is None:  # Table I reports RN50 only
             found, reasons = published_number(method, "RN50", row["dataset"], row["shots"]), \
-                row["reasons"]
+                list(row["reasons"])
+        if found is not None and found[2] != TABLE_I and found[2] != row_protocol(row):
+            reasons.append(_protocol_reason(found[2]))
         row["paper"] = row["delta"] = row["paper_note"] = row["source"] = None
         if found is not None and not reasons:
             row["paper"], row["delta"], row["source"] = found[0], row["mean"] - found[0], found[1]
         elif found is not None:
             row["paper_note"] = "; ".join(reasons)
     return rows
+
+
+def row_protocol(row: dict[str, Any]) -> str:
+    """The protocol a row's runs followed: reference (fit --protocol reference), or ours."""
+    return "reference" if row["method"].endswith(REFERENCE) else "ours"
+
+
+def _protocol_reason(published: str | None) -> str:
+    if published is None:
+        return "published under a protocol no fit runs (its source says how)"
+    return ("published under the authors' protocol (fit --protocol reference)"
+            if published == "reference" else "published without the reference protocol")
 
 
 def footnotes(rows: list[dict[str, Any]]) -> list[str]:
