@@ -91,3 +91,13 @@ def s3_endpoint():
     s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}).mkdir("stores")
     yield endpoint
     server.stop()
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: the workbench's tests step tiny tensors thousands of
+    times, and a second thread only waits on the first (on a shared machine, long)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -210,3 +210,39 @@ def extract_miniature(root: Path, model: str, store: Path, *, dataset: str = "fo
     extract(ExtractConfig(dataset=dataset, root=str(root), model=model, pretrained=None,
                           store=str(store), **settings))
     return store
+
+
+def permute_test_labels(inputs: Any, seed: int = 5) -> Any:
+    """A workbench run's MethodInputs with the test labels shuffled: what a method chooses
+    must not change (only test_acc may)."""
+    import dataclasses
+
+    import torch
+
+    from safe_cache.fit.adapters import Split
+
+    order = torch.randperm(len(inputs.test.labels), generator=torch.Generator().manual_seed(seed))
+    return dataclasses.replace(inputs, test=Split(inputs.test.features,
+                                                  inputs.test.labels[order]))
+
+
+def check_workbench_contract(run: Any, inputs: Any) -> Any:
+    """What every workbench method owes the protocol, checked on one run (`run(inputs)` ->
+    MethodOutcome): nothing it chooses depends on the test labels (only test_acc moves with
+    them), its OOD predictor on unnormalised features gives its test_acc, and it is
+    deterministic given the seed. Returns the outcome."""
+    import torch
+
+    outcome = run(inputs)
+    shuffled = run(permute_test_labels(inputs, seed=1))
+    chosen = {k: v for k, v in outcome.summary.items() if k != "test_acc"}
+    assert chosen == {k: v for k, v in shuffled.summary.items() if k != "test_acc"}
+    assert outcome.predictor is not None and shuffled.predictor is not None
+    scale = torch.rand(len(inputs.test.labels), 1, generator=torch.Generator().manual_seed(0))
+    raw = inputs.test.features * scale * 5  # unnormalised, as the OOD evaluation reads them
+    torch.testing.assert_close(outcome.predictor(raw, raw), shuffled.predictor(raw, raw))
+    predicted = outcome.predictor(raw, raw).argmax(-1)
+    assert predicted.eq(inputs.test.labels).float().mean().item() == \
+        outcome.summary["test_acc"]
+    assert run(inputs).summary == outcome.summary
+    return outcome

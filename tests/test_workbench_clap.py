@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from factories import check_workbench_contract
 from textstore import synthetic_inputs, text_store
 
-from safe_cache.fit.adapters import Split
 from safe_cache.fit.workbench import MethodInputs, registry
 from safe_cache.fit.workbench.clap import (
     ClapRecipe,
@@ -25,15 +25,7 @@ from safe_cache.fit.workbench.clap import (
     zero_shot_prototypes,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors of a few dozen rows: a second thread only adds its synchronisation (on a shared
-    2-core machine, most of a step's time)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -214,20 +206,7 @@ def test_the_lr_schedule_is_dasslss():
 
 def test_test_labels_never_matter_and_the_predictor_reproduces_test_acc(inputs):
     recipe = ClapRecipe(epochs=20)
-    outcome = fit_clap(inputs, recipe)
-    permuted = inputs.test.labels[torch.randperm(len(inputs.test.labels),
-                                                 generator=torch.Generator().manual_seed(1))]
-    shuffled = fit_clap(MethodInputs(**{**inputs.__dict__,
-                                        "test": Split(inputs.test.features, permuted)}), recipe)
-    chosen = {k: v for k, v in outcome.summary.items() if k != "test_acc"}
-    assert chosen == {k: v for k, v in shuffled.summary.items() if k != "test_acc"}
-    assert outcome.predictor is not None and shuffled.predictor is not None
-    raw = inputs.test.features * torch.rand(len(permuted), 1) * 5  # unnormalised, as OOD reads
-    torch.testing.assert_close(outcome.predictor(raw, raw), shuffled.predictor(raw, raw))
-    predicted = outcome.predictor(raw, raw).argmax(-1)
-    assert predicted.eq(inputs.test.labels).float().mean().item() == \
-        pytest.approx(outcome.summary["test_acc"])
-    assert fit_clap(inputs, recipe).summary == outcome.summary  # deterministic given the seed
+    check_workbench_contract(lambda i: fit_clap(i, recipe), inputs)
 
 
 def test_clap_is_registered_and_runs_its_recipe(inputs):

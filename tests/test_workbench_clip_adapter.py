@@ -8,11 +8,10 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from test_workbench_prolip import (  # noqa: F401  (one_thread: the same autouse fixture)
+from test_workbench_prolip import (
     SEED,
     SHOTS,
     method_inputs,
-    one_thread,
     tiny_store,
     zero_shot,
 )
@@ -31,6 +30,8 @@ from safe_cache.fit.workbench.clip_adapter import (
     epoch_lr,
     fit_clip_adapter,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

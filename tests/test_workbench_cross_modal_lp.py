@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from factories import check_workbench_contract
 from textstore import synthetic_inputs, zero_shot_accuracy
 
 from safe_cache.fit.adapters import Split
@@ -31,13 +32,7 @@ from safe_cache.fit.workbench.cross_modal_lp import (
 SHORT = CrossModalRecipe(iterations=230)  # evaluated after the updates of 0, 100 and 200
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors of a few dozen rows: a second thread only adds its synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -176,21 +171,7 @@ def test_the_batch_sizes_they_keep():
 
 
 def test_test_labels_never_matter_and_the_predictor_reproduces_test_acc(inputs):
-    outcome = fit_cross_modal(inputs, SHORT)
-    permuted = inputs.test.labels[torch.randperm(len(inputs.test.labels),
-                                                 generator=torch.Generator().manual_seed(1))]
-    shuffled = fit_cross_modal(
-        MethodInputs(**{**inputs.__dict__, "test": Split(inputs.test.features, permuted)}),
-        SHORT)
-    chosen = {k: v for k, v in outcome.summary.items() if k != "test_acc"}
-    assert chosen == {k: v for k, v in shuffled.summary.items() if k != "test_acc"}
-    assert outcome.predictor is not None and shuffled.predictor is not None
-    raw = inputs.test.features * torch.rand(len(permuted), 1) * 5  # unnormalised, as OOD reads
-    torch.testing.assert_close(outcome.predictor(raw, raw), shuffled.predictor(raw, raw))
-    predicted = outcome.predictor(raw, raw).argmax(-1)
-    assert predicted.eq(inputs.test.labels).float().mean().item() == \
-        pytest.approx(outcome.summary["test_acc"])
-    assert fit_cross_modal(inputs, SHORT).summary == outcome.summary  # deterministic
+    check_workbench_contract(lambda i: fit_cross_modal(i, SHORT), inputs)
 
 
 def test_a_store_without_flips_trains_on_the_centers(tmp_path):

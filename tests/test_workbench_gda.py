@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from factories import permute_test_labels
 
 from safe_cache.fit.adapters import Split
 from safe_cache.fit.workbench import MethodInputs, registry
@@ -117,10 +118,7 @@ def test_alpha_is_their_rule_on_our_val_set():
 def test_test_labels_choose_nothing():
     inputs, _ = problem(1, noise=2.5)
     before = gda(inputs).summary
-    g = torch.Generator().manual_seed(5)
-    permuted = inputs.test.labels[torch.randperm(len(inputs.test.labels), generator=g)]
-    after = gda(MethodInputs(**{**vars(inputs), "test": Split(inputs.test.features, permuted)})
-                ).summary
+    after = gda(permute_test_labels(inputs)).summary
     assert {k: v for k, v in after.items() if k != "test_acc"} == \
         {k: v for k, v in before.items() if k != "test_acc"}
     assert after["test_acc"] != before["test_acc"]  # the labels did change what test measures

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from factories import permute_test_labels
 
 from safe_cache.fit.adapters import Split
 from safe_cache.fit.workbench import MethodInputs, registry
@@ -31,14 +32,7 @@ from safe_cache.store import FeatureStore
 CLASSES, D = 4, 10
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """300 epochs of tiny matrices: one thread (a second only waits on the first, and on a
-    shared machine waits long)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def problem(seed: int = 0, shots: int = 8, views: int = 2, spread: float = 1.0,
@@ -186,10 +180,7 @@ def test_with_alpha_frozen_the_probe_reaches_the_stationary_point():
 def test_test_labels_choose_nothing():
     inputs, _ = problem(4, noise=2.0)
     before = registry()["lp_pp"](inputs).summary
-    g = torch.Generator().manual_seed(5)
-    permuted = inputs.test.labels[torch.randperm(len(inputs.test.labels), generator=g)]
-    after = lp_pp(MethodInputs(**{**vars(inputs), "test": Split(inputs.test.features, permuted)})
-                  ).summary
+    after = lp_pp(permute_test_labels(inputs)).summary
     assert {k: v for k, v in after.items() if k != "test_acc"} == \
         {k: v for k, v in before.items() if k != "test_acc"}
     assert after["test_acc"] != before["test_acc"]

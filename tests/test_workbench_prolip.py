@@ -92,14 +92,7 @@ def method_inputs(url: str, shots: int = SHOTS, seed: int = SEED, chunk: int = 6
         val_rows=val, test_rows=test, test_chunk=chunk)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors, thousands of steps: one thread. Two wait on each other at every op when
-    the machine is shared (the 300-epoch runs took 20x longer)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["safe-cache-tiny-rn", "safe-cache-tiny-vit"])
