@@ -83,6 +83,7 @@ def test_raw_keys_average_the_unnormalised_views():
         cache_model(views, labels, 2, "median")
 
 
+@pytest.mark.slow  # seconds: outside the fast loop (CI runs it)
 def test_reference_needs_the_whole_val_split_and_says_how(tmp_path):
     store = _store(str(tmp_path / "few.zarr"), whole_val=False)
     with pytest.raises(RecipeError, match=r"whole val split.*holds 3 of its 9 rows.*--full-val"):

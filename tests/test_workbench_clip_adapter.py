@@ -141,6 +141,7 @@ def test_deterministic_and_never_from_test_labels(inputs):
                            Adapters.init(dim, (0.5,), SEED + 1, inputs.device).down)
 
 
+@pytest.mark.slow  # seconds: outside the fast loop (CI runs it)
 def test_fit_one_runs_both_beside_safe(tmp_path):
     """Through fit: both methods land in the result's methods, with their seconds in
     timings.methods_s; CLIP-Adapter's predictor is what the OOD evaluation would apply."""

@@ -120,6 +120,7 @@ def reference_run(samples, rows: torch.Tensor, init: torch.Tensor, val: Split, s
     return best
 
 
+@pytest.mark.slow  # seconds: outside the fast loop (CI runs it)
 def test_every_configuration_is_their_training_loop(inputs):
     """The stacked, closed-form, fused training equals 12 independent runs of theirs on the
     same minibatches, and the choice is eval.py's (the first best in lr, wd, batch order)."""

@@ -10,6 +10,7 @@ from safe_cache.fit.train import fit_one
 from safe_cache.store import open_store
 
 
+@pytest.mark.slow  # seconds: outside the fast loop (CI runs it)
 def test_fit_one_runs_gda_and_lp_pp(tmp_path):
     path = synthetic_store(str(tmp_path / "spots.zarr"))
     config = FitConfig(store=path, shots=(8,), seeds=(1,), lrs=(1e-2,), wds=(0.0,), iters=20,

@@ -171,6 +171,7 @@ def test_pre_projection_reproduces_the_stored_pooled_features(store_url):
 
 # --- ProLIP ------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # seconds: outside the fast loop (CI runs it)
 def test_prolip_is_registered_and_reports_what_it_chose(rn_url):
     outcome = registry()["prolip"](method_inputs(rn_url))
     summary = outcome.summary
@@ -239,6 +240,7 @@ def test_prolip_refuses_a_family_without_a_linear_projection(tmp_path):
         fit_prolip(inputs)
 
 
+@pytest.mark.slow  # seconds: outside the fast loop (CI runs it)
 def test_fit_refuses_prolip_on_such_a_family_before_safe_trains(tmp_path, monkeypatch):
     from safe_cache.fit import FitConfig, fit
     from safe_cache.fit import train as train_module
