@@ -3,6 +3,7 @@ workbench methods beside SAFE and records each one's result and seconds."""
 
 from __future__ import annotations
 
+import pytest
 from test_fit import CLASSES, COUNTS, synthetic_store
 
 from safe_cache.fit import FitConfig
