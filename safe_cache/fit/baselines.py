@@ -84,6 +84,28 @@ class MethodsRun:
     seconds: dict[str, float]
 
 
+class _Results:
+    """The methods' summaries, predictors and seconds as they come (each method's seconds
+    from the end of the previous one's, or from `restart`)."""
+
+    def __init__(self, predictors: dict[str, Predictor]) -> None:
+        self.summaries: dict[str, Any] = {}
+        self.seconds: dict[str, float] = {}
+        self.predictors = predictors
+        self.started = time.perf_counter()
+
+    def restart(self) -> None:
+        self.started = time.perf_counter()
+
+    def add(self, name: str, summary: dict[str, Any], reference: bool,
+            predictor: Predictor | None = None) -> None:
+        self.summaries[name] = _marked(summary, reference)
+        self.seconds[name] = time.perf_counter() - self.started
+        if predictor is not None:
+            self.predictors[name] = predictor
+        self.restart()
+
+
 def run_methods(store: FeatureStore, head: torch.nn.Module, rows: RunRows,
                 features: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                 classifier: torch.Tensor, scale: float, config: FitConfig, seed: int,
@@ -93,35 +115,53 @@ def run_methods(store: FeatureStore, head: torch.nn.Module, rows: RunRows,
     def blend(original: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
         return blend_features(original, tuned, config.beta, config.blend)
 
-    predictors: dict[str, Predictor] = {
-        "zero_shot": lambda o, t: o @ classifier.T,
-        "safe": lambda o, t: blend(o, t) @ classifier.T,
-    }
+    results = _Results({"zero_shot": lambda o, t: o @ classifier.T,
+                        "safe": lambda o, t: blend(o, t) @ classifier.T})
     if not config.methods:
-        return MethodsRun({}, predictors, None, {})
+        return MethodsRun({}, results.predictors, None, {})
     original, blended, center, labels = train_views(store, head, rows, config, device)
     split = {name: (adapters.Split(F.normalize(o, dim=-1), y), adapters.Split(blend(o, t), y))
              for name, (o, t, y) in features.items()}
-    out: dict[str, Any] = {}
-    seconds: dict[str, float] = {}
-    cache = None
-    started = time.perf_counter()
+    search = reference_search(store, device, split["test"][0]) \
+        if needs_reference_search(config) else split["val"][0]
+    results.restart()
+    cache = _tip_methods(results, store, original, blended, labels, split, search, classifier,
+                         scale, config, seed, blend)
+    if "linear_probe" in config.methods:
+        probe = adapters.Split(F.normalize(center, dim=-1), labels)
+        summary, weight = adapters.linear_probe(
+            probe, split["val"][0], split["test"][0], classifier.shape[0], return_weight=True)
+        results.add("linear_probe", summary, False,
+                    lambda o, t: F.normalize(o, dim=-1) @ weight[:-1] + weight[-1])
+    if any(m in config.methods for m in WORKBENCH_METHODS):
+        from .workbench import MethodInputs
 
-    def timed(name: str, summary: dict[str, Any]) -> None:
-        nonlocal started
-        out[name], seconds[name] = summary, time.perf_counter() - started
-        started = time.perf_counter()
+        inputs = MethodInputs(
+            train_views=original, center=center, labels=labels, val=split["val"][0],
+            test=split["test"][0], classifier=classifier, scale=scale, seed=seed,
+            device=device, store=store, prompts=config.prompts, train_rows=rows.train,
+            val_rows=rows.val, test_rows=rows.test, test_chunk=config.test_chunk)
+        _workbench_methods(results, inputs, search, config)
+    return MethodsRun(results.summaries, results.predictors, cache, results.seconds)
 
+
+def _tip_methods(results: _Results, store: FeatureStore, original: torch.Tensor,
+                 blended: torch.Tensor, labels: torch.Tensor,
+                 split: dict[str, tuple[adapters.Split, adapters.Split]], search: adapters.Split,
+                 classifier: torch.Tensor, scale: float, config: FitConfig, seed: int,
+                 blend: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                 ) -> dict[str, torch.Tensor] | None:
+    """Tip-Adapter, Tip-Adapter-F and SAFE-A (as the reference code runs the first two under
+    --protocol reference); returns SAFE-A's trained cache for export."""
     tip = tip_settings(store.manifest)
     epochs = config.tip_epochs or tip["epochs"]
     reference = config.protocol == "reference"
-    search = reference_search(store, device, split["test"][0]) \
-        if needs_reference_search(config) else split["val"][0]
     keys_average = "raw" if reference else "normalised"
     if "tip_adapter" in config.methods:
-        timed("tip_adapter", _marked(adapters.tip_adapter(
+        results.add("tip_adapter", adapters.tip_adapter(
             original, labels, search, split["test"][0], classifier, scale, tip, keys_average),
-            reference))
+            reference)
+    cache = None
     for name, train, index in (("tip_adapter_f", original, 0), ("safe_a", blended, 1)):
         if name not in config.methods:
             continue
@@ -131,36 +171,24 @@ def run_methods(store: FeatureStore, head: torch.nn.Module, rows: RunRows,
             classifier, scale, tip, epochs=epochs, seed=seed, return_cache=True,
             select_on="test" if mine else config.select_on,
             keys_average=keys_average if mine else "normalised")
-        timed(name, _marked(summary, mine))
-        predictors[name] = _tip_predictor(keys.detach(), values, summary, classifier, scale,
-                                          blend if index else None)
+        results.add(name, summary, mine, _tip_predictor(
+            keys.detach(), values, summary, classifier, scale, blend if index else None))
         if name == "safe_a":
             cache = {"keys": keys.detach().cpu(), "values": values.cpu()}
-    if "linear_probe" in config.methods:
-        probe = adapters.Split(F.normalize(center, dim=-1), labels)
-        summary, weight = adapters.linear_probe(
-            probe, split["val"][0], split["test"][0], classifier.shape[0], return_weight=True)
-        timed("linear_probe", summary)
-        predictors["linear_probe"] = lambda o, t: F.normalize(o, dim=-1) @ weight[:-1] \
-            + weight[-1]
-    wanted = [m for m in WORKBENCH_METHODS if m in config.methods]
-    if wanted:
-        from .workbench import MethodInputs, registry
+    return cache
 
-        methods = registry()
-        inputs = MethodInputs(
-            train_views=original, center=center, labels=labels, val=split["val"][0],
-            test=split["test"][0], classifier=classifier, scale=scale, seed=seed,
-            device=device, store=store, prompts=config.prompts, train_rows=rows.train,
-            val_rows=rows.val, test_rows=rows.test, test_chunk=config.test_chunk)
-        started = time.perf_counter()
-        for name in wanted:
-            mine = reference and name in REFERENCE_METHODS
-            outcome = methods[name](replace(inputs, val=search) if mine else inputs)
-            timed(name, _marked(outcome.summary, mine))
-            if outcome.predictor is not None:
-                predictors[name] = outcome.predictor
-    return MethodsRun(out, predictors, cache, seconds)
+
+def _workbench_methods(results: _Results, inputs: Any, search: adapters.Split,
+                       config: FitConfig) -> None:
+    """The workbench's methods the config names, in WORKBENCH_METHODS' order (GDA with the
+    reference search set under --protocol reference)."""
+    from .workbench import registry
+
+    methods = registry()
+    for name in (m for m in WORKBENCH_METHODS if m in config.methods):
+        mine = config.protocol == "reference" and name in REFERENCE_METHODS
+        outcome = methods[name](replace(inputs, val=search) if mine else inputs)
+        results.add(name, outcome.summary, mine, outcome.predictor)
 
 
 # The methods whose authors' code selects differently from our protocol in a way that moves
