@@ -180,6 +180,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20, help="SAFE steps timed per round")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--only", default=None,
+                        help="Comma-separated methods to time beside SAFE (default: all)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -188,7 +190,11 @@ def main() -> None:
     runs = {**adapter_runs(inputs),
             **{name: (lambda m=workbench[name]: m(inputs)) for name in WORKBENCH_METHODS
                if name in workbench and name != "prolip"}}
-    prolip = prolip_run(inputs, args.test) if "prolip" in workbench else None
+    only = set(args.only.split(",")) if args.only else None
+    if only is not None:
+        runs = {name: run for name, run in runs.items() if name in only}
+    timed_prolip = "prolip" in workbench and (only is None or "prolip" in only)
+    prolip = prolip_run(inputs, args.test) if timed_prolip else None
     times: dict[str, list[float]] = {name: [] for name in ("safe", *runs)}
     if prolip is not None:
         times["prolip"] = []

@@ -28,7 +28,7 @@ CLASSES = 3
 COUNTS = {"train": 4, "val": 3, "test": 6}  # per class
 
 
-def _store(path: str, whole_val: bool) -> str:
+def _store(path: str, whole_val: bool, embeddings: bool = False) -> str:
     """A tiny-rn store (random maps, the head's own pooled features); the few-shot val rows
     are one per class, the split holds three (`whole_val`) or only those."""
     backbone = load_backbone("safe-cache-tiny-rn", init_seed=3)
@@ -58,15 +58,16 @@ def _store(path: str, whole_val: bool) -> str:
         dataset={"name": "spots", "num_classes": CLASSES, "classnames": list("abc"),
                  "split_sizes": sizes},
         layout=StoreLayout(chunk_images=8), classifier=classifier,
+        sentence_embeddings=classifier if embeddings else None,
         fewshot={(1, 4): (np.arange(len(labels["train"])), few_val)},
         head=({k: v.numpy() for k, v in backbone.head.state_dict().items()},
               backbone.model_config))
 
 
 def _config(store: str, out: str, **changes) -> FitConfig:
+    settings = {"methods": ("tip_adapter", "tip_adapter_f"), **changes}
     return FitConfig(store=store, shots=(4,), seeds=(1,), lrs=(1e-3,), wds=(0.0,), iters=4,
-                     eval_every=2, out=out, device="cpu",
-                     methods=("tip_adapter", "tip_adapter_f"), tip_epochs=2, **changes)
+                     eval_every=2, out=out, device="cpu", tip_epochs=2, **settings)
 
 
 def test_raw_keys_average_the_unnormalised_views():

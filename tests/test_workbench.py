@@ -35,3 +35,40 @@ def test_method_groups_expand_and_the_default_stays_the_adapters():
         ("gda", "tip_adapter")
     with pytest.raises(ConfigError, match="methods"):
         FitConfig(store="s", methods=("gdaa",))
+
+
+@pytest.mark.parametrize("methods, needle", [
+    (("clap",), r"keeps no sentence embeddings.*--methods clap"),
+    (("gda", "cross_modal_lp"), r"keeps no sentence embeddings.*--methods cross_modal_lp"),
+])
+def test_a_store_a_method_cannot_serve_is_refused_before_safe_trains(tmp_path, monkeypatch,
+                                                                     methods, needle):
+    from test_protocol import _config, _store
+
+    from safe_cache import RecipeError
+    from safe_cache.fit import fit
+    from safe_cache.fit import train as train_module
+
+    store = _store(str(tmp_path / "s.zarr"), whole_val=False)  # sentences, no embeddings
+    trained: list[int] = []
+    monkeypatch.setattr(train_module, "train_grid", lambda *a, **k: trained.append(1))
+    config = _config(store, str(tmp_path / "r"), methods=methods)
+    with pytest.raises(RecipeError, match=needle):
+        fit(config)
+    assert not trained and not (tmp_path / "r").exists()
+
+
+def test_too_few_samples_for_cross_modal_lp_are_refused_before_safe_trains(tmp_path,
+                                                                           monkeypatch):
+    from test_protocol import _config, _store
+
+    from safe_cache import RecipeError
+    from safe_cache.fit import fit
+    from safe_cache.fit import train as train_module
+
+    store = _store(str(tmp_path / "s.zarr"), whole_val=False, embeddings=True)  # 3 sentences
+    trained: list[int] = []
+    monkeypatch.setattr(train_module, "train_grid", lambda *a, **k: trained.append(1))
+    with pytest.raises(RecipeError, match=r"cross_modal_lp: no valid batch size.*3 text"):
+        fit(_config(store, str(tmp_path / "r"), methods=("cross_modal_lp",)))
+    assert not trained and not (tmp_path / "r").exists()

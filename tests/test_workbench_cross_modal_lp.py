@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from factories import check_workbench_contract
 from textstore import synthetic_inputs, zero_shot_accuracy
 
+from safe_cache.errors import RecipeError
 from safe_cache.fit.adapters import Split
 from safe_cache.fit.workbench import MethodInputs, registry
 from safe_cache.fit.workbench.cross_modal_lp import (
@@ -167,7 +168,7 @@ def test_the_batch_sizes_they_keep():
     assert {b for *_, b in recipe.grid(texts=16, images=100)} == {8}  # 16 texts: not < 16
     assert {b for *_, b in recipe.grid(texts=100, images=16)} == {8}
     assert len(recipe.grid(texts=100, images=100)) == 12
-    with pytest.raises(ValueError, match="no valid batch size"):
+    with pytest.raises(RecipeError, match="no valid batch size"):
         recipe.grid(texts=4, images=100)
 
 

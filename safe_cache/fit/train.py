@@ -62,12 +62,18 @@ def check_store_serves(store: FeatureStore, config: FitConfig) -> None:
         prolip_serves(store)  # a family without a final linear projection: before SAFE trains
     if recipe.train_views in ("center+flip", "all") and not store.center_flip:
         raise _recipe_error(store, recipe, "mirrored center views (flip_dense)")
-    if recipe.text_average == "raw":
+    readers = [name for name in ("clap", "cross_modal_lp") if name in config.methods]
+    if recipe.text_average == "raw" or readers:
         try:
             store.sentence_embeddings(prompt_set_name(config.prompts))
         except StoreError as exc:
-            raise RecipeError(f"{exc} (--text-average raw needs them). Nothing was"
-                              f" written.") from exc
+            needs = "--text-average raw" if recipe.text_average == "raw" else \
+                f"--methods {','.join(readers)}"
+            raise RecipeError(f"{exc} ({needs} needs them). Nothing was written.") from exc
+    if "cross_modal_lp" in config.methods:
+        from .workbench.cross_modal_lp import check_store_serves as cross_modal_serves
+
+        cross_modal_serves(store, config.prompts, config.shots, config.seeds)
 
 
 class RunData:

@@ -62,6 +62,8 @@ import torch
 import torch.nn.functional as F
 
 from ...data.prompts import prompt_set_name
+from ...errors import RecipeError
+from ...store import FeatureStore
 from ..evaluate import accuracy
 from ..recipe import Recipe
 from . import MethodInputs, MethodOutcome, Predictor, register_method
@@ -84,8 +86,11 @@ class CrossModalRecipe:
         """(lr, wd, batch) in their loop order, the batch sizes `get_valid_batch_sizes` keeps."""
         batches = [b for b in self.batch_sizes if self.valid_batch(b, texts, images)]
         if not batches:
-            raise ValueError(f"no valid batch size in {self.batch_sizes} for {texts} text and"
-                             f" {images} image samples (each part must be smaller than its set)")
+            raise RecipeError(f"cross_modal_lp: no valid batch size in {self.batch_sizes} for"
+                              f" {texts} text and {images} image samples (each half of a batch"
+                              f" must be smaller than its set, as their code requires); use"
+                              f" more shots or a prompt set of more sentences, or fit without"
+                              f" cross_modal_lp in --methods.")
         return [(lr, wd, b) for lr in self.lrs for wd in self.weight_decays for b in batches]
 
     def split(self, batch: int) -> tuple[int, int]:
@@ -271,6 +276,18 @@ def train_heads(samples: Samples, init: torch.Tensor, val_features: torch.Tensor
         best_acc = val_accuracies(best, val_features, val_labels)
     back = torch.tensor(order, device=best.device).argsort()  # grid order from the stack's
     return Trained(best[back], best_acc[back], best_iter[back])
+
+
+def check_store_serves(store: FeatureStore, prompts: str, shots: tuple[int, ...],
+                       seeds: tuple[int, ...]) -> None:
+    """Refuse, before anything runs, a store whose runs have too few samples for any of
+    their batch sizes (training_samples counts them the same way)."""
+    _, counts = store.sentence_embeddings(prompt_set_name(prompts))
+    per_image = 2 if store.center_flip else 1
+    for seed in seeds:
+        for k in shots:
+            train_rows, _ = store.fewshot(seed, k)
+            CrossModalRecipe().grid(sum(counts), per_image * len(train_rows))
 
 
 def choose(trained: Trained) -> int:
