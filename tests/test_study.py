@@ -347,3 +347,19 @@ def test_execution_settings_in_a_study_point_at_study_runs_options(tmp_path):
                      '[fit]\nlocal_workers = 2\n')
     with pytest.raises(ConfigError, match=r"`study run --scheduler ADDRESS` or `--local-workers"):
         load_study(study)
+
+
+def test_a_study_asking_for_the_whole_val_split_plans_its_rows(tmp_path):
+    """[extract] full_val = true: the plan counts every val row, so a store holding only the
+    few-shot ones is extended (fit --protocol reference searches on them all)."""
+    from safe_cache.study.plan import _wanted_rows
+
+    write_split_zhou(tmp_path / "data", "dtd", classes=3)
+    few = load_study(study_file(tmp_path, ["dtd"], shots=(1,)))
+    whole = load_study(study_file(tmp_path, ["dtd"], shots=(1,), name="whole"))
+    whole.extract["full_val"] = True  # as `[extract] full_val = true` sets it
+    rows_few = _wanted_rows(few, "dtd", tmp_path / "data", test_only=False)
+    rows_whole = _wanted_rows(whole, "dtd", tmp_path / "data", test_only=False)
+    assert rows_few["val"] == 3 and rows_whole["val"] > rows_few["val"]  # 1 shot x 3 classes
+    assert {k: v for k, v in rows_whole.items() if k != "val"} == \
+        {k: v for k, v in rows_few.items() if k != "val"}

@@ -128,7 +128,9 @@ def _wanted_rows(study: Study, dataset_name: str, root: Path, test_only: bool):
         hint = f"`safe-cache datasets fetch {dataset_name} --root {root}`" \
             if "datasets fetch" in str(exc) else "see `safe-cache datasets`"
         return f"{first} ({hint})"
-    return {split: len(rows) for split, rows in wanted_entries(dataset, subsets).items()}
+    full_val = bool(study.extract.get("full_val")) and not test_only
+    return {split: len(rows) for split, rows in
+            wanted_entries(dataset, subsets, full_val).items()}
 
 
 def _store_status(url: str, rows: dict[str, int], study: Study, dataset: str,
