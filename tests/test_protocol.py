@@ -132,3 +132,10 @@ def test_full_val_extracts_every_val_entry():
     subsets = {(1, 1): Subset([0, 2], [1])}
     assert wanted_entries(dataset, subsets)["val"] == [1]
     assert wanted_entries(dataset, subsets, full_val=True)["val"] == [0, 1, 2, 3]
+
+
+def test_the_note_names_ours_not_none():
+    from safe_cache.fit.identity import differences
+
+    assert differences({"options": {}}, {"options": {"protocol": "reference"}}) == \
+        ["protocol ours -> reference"]

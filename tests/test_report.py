@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 
 import pytest
@@ -18,6 +19,7 @@ from safe_cache.analysis.report import (
     write_plots,
 )
 from safe_cache.cli import main
+from safe_cache.fit.results import load_result
 
 
 def run(dataset: str, shots: int, seed: int, safe: float, zero: float, model: str = "RN50"):
@@ -122,7 +124,33 @@ def test_costs_are_each_methods_mean_seconds_per_run(tmp_path):
         record["timings"]["methods_s"] = {"gda": seconds, "clap": 9.0}  # clap: not in methods
         record["timings"]["train_s"] = 10.0 * seed
         write(tmp_path, record)
-    costs = {c["method"]: c for c in cost_rows(load_results(tmp_path))}
-    assert set(costs) == {"safe", "gda"}
-    assert costs["gda"]["seconds"] == 3.0 and costs["gda"]["max_seconds"] == 4.0
-    assert costs["safe"]["seconds"] == 15.0 and costs["safe"]["runs"] == 2
+    reference = result_record("dtd", 4, 1, 0.6, 0.4, protocol="reference")
+    reference["methods"]["gda"] = {"val_acc": 0.5, "test_acc": 0.5, "protocol": "reference"}
+    reference["timings"]["methods_s"] = {"gda": 100.0}
+    write(tmp_path, reference)
+    costs = {(c["method"], c["setting"]): c for c in cost_rows(load_results(tmp_path))}
+    assert costs["gda", "safe"]["seconds"] == 3.0 and costs["gda", "safe"]["max_seconds"] == 4.0
+    assert costs["safe", "safe"]["seconds"] == 15.0 and costs["safe", "safe"]["runs"] == 2
+    apart = costs["gda (reference)", "safe, protocol reference"]  # never averaged with ours
+    assert apart["seconds"] == 100.0 and apart["runs"] == 1
+    assert not [m for m, _ in costs if m == "clap"]
+
+
+@pytest.mark.parametrize("timings, needle", [
+    ({"train_s": -1.0}, "timings.train_s is -1.0"),
+    ({"train_s": None}, "timings.train_s is None"),
+    ({"methods_s": {"gda": "fast"}}, "timings.methods_s.gda is 'fast'"),
+    ({"methods_s": [1, 2]}, "timings.methods_s is not an object"),
+])
+def test_edited_timings_are_refused_naming_the_file(tmp_path, timings, needle):
+    from safe_cache.fit.results import ResultError
+
+    record = run("dtd", 4, 1, 0.6, 0.4)
+    record["timings"].update(timings)
+    path = write_record(tmp_path, record)  # sealed as fit seals it: only the check can refuse
+    with pytest.raises(ResultError, match=re.escape(needle)):
+        load_result(path)
+    record["timings"] = "x"
+    path = write_record(tmp_path / "x", record)
+    with pytest.raises(ResultError, match="'timings' is not an object"):
+        load_result(path)

@@ -10,6 +10,7 @@ from collections import defaultdict
 from typing import Any
 
 from ..fit.results import METHODS, RunResult
+from .report import base_method, method_label, setting_label
 
 
 def method_seconds(run: RunResult) -> dict[str, float]:
@@ -22,15 +23,19 @@ def method_seconds(run: RunResult) -> dict[str, float]:
 
 
 def cost_rows(runs: list[RunResult]) -> list[dict[str, Any]]:
-    """One row per backbone x method x shots: mean and max seconds per run, and how many."""
-    groups: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+    """One row per backbone x setting x method x shots: mean and max seconds per run, and how
+    many. Settings and protocols stay apart, as in the accuracy tables (report.py's labels)."""
+    groups: dict[tuple[str, str, str, int], list[float]] = defaultdict(list)
     for run in runs:
+        setting = setting_label(run)
         for method, seconds in method_seconds(run).items():
-            groups[run.backbone_label, method, run.shots].append(seconds)
+            label = method_label(method, run.methods[method])
+            groups[run.backbone_label, setting, label, run.shots].append(seconds)
     order = {m: i for i, m in enumerate(METHODS)}
-    return [{"backbone": backbone, "method": method, "shots": shots,
+    return [{"backbone": backbone, "setting": setting, "method": method, "shots": shots,
              "seconds": statistics.fmean(values), "max_seconds": max(values),
              "runs": len(values)}
-            for (backbone, method, shots), values in sorted(
-                groups.items(), key=lambda item: (item[0][0], order.get(item[0][1], 99),
-                                                  item[0][2]))]
+            for (backbone, setting, method, shots), values in sorted(
+                groups.items(), key=lambda item: (item[0][0], item[0][1],
+                                                  order.get(base_method(item[0][2]), 99),
+                                                  item[0][2], item[0][3]))]

@@ -126,7 +126,8 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     out = []
     for block in ("options", "recipe"):
         for name in sorted(set(old.get(block, {})) | set(new.get(block, {}))):
-            a, b = old.get(block, {}).get(name), new.get(block, {}).get(name)
+            unset = ADDED_FIELDS.get(name) if block == "options" else None  # an added option
+            a, b = old.get(block, {}).get(name, unset), new.get(block, {}).get(name, unset)
             if a != b:
                 out.append(f"{name} {_short(a)} -> {_short(b)}")
     for name in STORE_FIELDS:

@@ -200,6 +200,7 @@ class RunResult:
             _number(point.get("beta"), f"{where}.beta", 0)
             for key in ("val_acc", "test_acc"):
                 _accuracy(point.get(key), f"{where}.{key}")
+        _check_timing_block(self.timings, source)
         if not self.grid:
             raise ResultError(f"{source}: 'grid' holds no configuration.")
         for index, point in enumerate(self.grid):
@@ -236,6 +237,21 @@ class RunResult:
 def content_sha256(data: dict[str, Any]) -> str:
     """The digest of a result's JSON form, all but this digest itself."""
     return canonical_sha256({k: v for k, v in data.items() if k != CONTENT_FIELD})
+
+
+def _check_timing_block(timings: Any, source: str | Path) -> None:
+    """Seconds as the study page's cost table reads them: an object of finite numbers >= 0,
+    `methods_s` an object of such numbers per method."""
+    if not isinstance(timings, dict):
+        raise ResultError(f"{source}: 'timings' is not an object.")
+    for key, value in timings.items():
+        if key == "methods_s":
+            if not isinstance(value, dict):
+                raise ResultError(f"{source}: timings.methods_s is not an object.")
+            for method, seconds in value.items():
+                _number(seconds, f"{source}: timings.methods_s.{method}", 0)
+        else:
+            _number(value, f"{source}: timings.{key}", 0)
 
 
 def _is_int(value: Any) -> bool:

@@ -167,10 +167,11 @@ def _markdown(report: dict[str, Any], plots: list[Path], out: Path) -> str:
         lines.append("")
     if report["costs"]:
         lines += ["## Seconds per run (mean over runs; max)", "",
-                  "| backbone | method | shots | seconds | max | runs |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {c['backbone']} | {c['method']} | {c['shots']} | {c['seconds']:.2f} |"
-                  f" {c['max_seconds']:.2f} | {c['runs']} |" for c in report["costs"]]
+                  "| backbone | setting | method | shots | seconds | max | runs |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {c['backbone']} | {c['setting']} | {c['method']} | {c['shots']} |"
+                  f" {c['seconds']:.2f} | {c['max_seconds']:.2f} | {c['runs']} |"
+                  for c in report["costs"]]
         lines.append("")
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(out)})" for p in plots] + [""]
     lines += ["## Where each cell comes from", ""]
@@ -226,11 +227,13 @@ def _html(report: dict[str, Any], plots: list[Path]) -> str:
         parts.append("</table>")
     if report["costs"]:
         parts.append("<h2>Seconds per run (mean over runs; max)</h2><table><tr>"
-                     + "".join(f"<th>{c}</th>" for c in ("backbone", "method", "shots",
-                                                        "seconds", "max", "runs")) + "</tr>")
-        parts += [f"<tr><td>{e(c['backbone'])}</td><td>{e(c['method'])}</td><td>{c['shots']}"
-                  f"</td><td>{c['seconds']:.2f}</td><td>{c['max_seconds']:.2f}</td>"
-                  f"<td>{c['runs']}</td></tr>" for c in report["costs"]]
+                     + "".join(f"<th>{c}</th>" for c in ("backbone", "setting", "method",
+                                                        "shots", "seconds", "max", "runs"))
+                     + "</tr>")
+        parts += [f"<tr><td>{e(c['backbone'])}</td><td>{e(c['setting'])}</td>"
+                  f"<td>{e(c['method'])}</td><td>{c['shots']}</td><td>{c['seconds']:.2f}</td>"
+                  f"<td>{c['max_seconds']:.2f}</td><td>{c['runs']}</td></tr>"
+                  for c in report["costs"]]
         parts.append("</table>")
     parts.append("<h2>Plots</h2>" + "".join(_image(p) for p in plots))
     parts.append("<h2>Where each cell comes from</h2><ul>")
