@@ -363,3 +363,24 @@ def test_a_study_asking_for_the_whole_val_split_plans_its_rows(tmp_path):
     assert rows_few["val"] == 3 and rows_whole["val"] > rows_few["val"]  # 1 shot x 3 classes
     assert {k: v for k, v in rows_whole.items() if k != "val"} == \
         {k: v for k, v in rows_few.items() if k != "val"}
+
+
+def test_each_cells_command_is_the_fit_the_study_runs(tmp_path):
+    """The page's "where each cell comes from" command, parsed by fit's own CLI, names the
+    methods and every [fit] option the study's runs used."""
+    import shlex
+
+    from safe_cache.study.page import _fit_flags
+    from safe_cache.study.plan import fit_config
+
+    path = study_file(tmp_path, ["dtd"], shots=(1,), methods=["zero_shot", "safe", "workbench"])
+    study = load_study(path)
+    study.fit.update(protocol="reference", betas=[0.0, 0.5], cuda_graph=False)  # as [fit] sets
+    flags = _fit_flags(study, "dtd")
+    command = main.commands["fit"]
+    params = command.make_context("fit", ["--store", "s.zarr", *shlex.split(shlex.join(flags))]
+                                  ).params
+    wanted = fit_config(study, "s.zarr", "dtd", "safe", "hand", tmp_path / "out")
+    for name in ("methods", "lrs", "wds", "iters", "eval_every", "tip_epochs", "protocol",
+                 "betas", "cuda_graph", "device"):
+        assert params[name] == getattr(wanted, name), name

@@ -256,6 +256,8 @@ def demo(store_root: str, model: str, pretrained: str, workers: int, iters: int,
               help="reference: Tip-Adapter(-F) and GDA as their authors' code runs them (keys"
               " averaged raw, Tip-F's epoch on test, searches on the whole val split, ImageNet's"
               " on test); results labelled, never averaged with ours.")
+@click.option("--tip-epochs", default=None, type=click.IntRange(1),
+              help="Tip-Adapter-F and SAFE-A epochs (default: the dataset spec's, 20 for most).")
 @click.option("--select-on", default=default_of(FitConfig, "select_on"), show_default=True,
               type=click.Choice(["val", "test"]),
               help="Where Tip-Adapter-F and SAFE-A choose their epoch; 'test' reproduces the"

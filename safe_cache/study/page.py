@@ -81,11 +81,34 @@ def _sources(plan: StudyPlan) -> list[dict[str, Any]]:
         first = runs[0]
         command = ["safe-cache", "fit", "--store", first.store, "--shots", str(shots),
                    "--seeds", ",".join(str(r.seed) for r in runs), "--recipe", first.recipe,
-                   "--prompts", first.prompts, "--out", str(plan.out / "results" / variant)]
+                   "--prompts", first.prompts, "--out", str(plan.out / "results" / variant),
+                   *_fit_flags(plan.study, dataset)]
         sources.append({"dataset": dataset, "backbone": backbone, "variant": variant,
                         "shots": shots, "command": shlex.join(command),
                         "files": [str(r.path) for r in runs if r.path.is_file()]})
     return sources
+
+
+def _fit_flags(study: Any, dataset: str) -> list[str]:
+    """The study's methods and [fit] options as fit's command line (fit/config's field names,
+    spelt as the CLI spells them), so a cell's command reproduces its results."""
+    from .spec import CLI_SPELLINGS
+
+    spelt = {field: option for option, field in CLI_SPELLINGS.items()}
+    optional = [m for m in study.methods if m not in ("zero_shot", "safe")]
+    flags = ["--methods", ",".join(optional) or "none"]
+    if dataset == "imagenet" and study.ood:
+        flags += ["--eval-ood", ",".join(study.ood)]
+    for key, value in sorted(study.fit.items()):
+        flag = "--" + spelt.get(key, key).replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (list, tuple)):
+            flags += [flag, ",".join(f"{v:g}" if isinstance(v, float) else str(v)
+                                     for v in value)]
+        else:
+            flags += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    return flags
 
 
 def _plots(plan: StudyPlan, rows, runs) -> list[Path]:
