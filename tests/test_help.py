@@ -130,7 +130,10 @@ def _message_texts():
         if path.name == "examples.py":  # a developer's script with its own argparse options
             continue
         tree = ast.parse(path.read_text())
+        docstring = ast.get_docstring(tree, clean=False)  # a module's docstring is never printed
         for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and node.value == docstring:
+                continue  # (it may cite another tool's options: cross_modal_lp's their train.py)
             if isinstance(node, ast.JoinedStr):
                 yield path.name, node.lineno, "".join(
                     v.value if isinstance(v, ast.Constant) else "X" for v in node.values)
