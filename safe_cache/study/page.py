@@ -102,7 +102,7 @@ def _fit_flags(study: Any, dataset: str) -> list[str]:
     for key, value in sorted(study.fit.items()):
         flag = "--" + spelt.get(key, key).replace("_", "-")
         if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + flag[2:])
+            flags.append(flag if value else "--" + "no-" + flag[2:])  # --cuda-graph's negative
         elif isinstance(value, (list, tuple)):
             flags += [flag, ",".join(f"{v:g}" if isinstance(v, float) else str(v)
                                      for v in value)]
