@@ -26,7 +26,11 @@ def test_table_one_methods_a_store_cannot_run_are_published_only_rows(tmp_path):
     for row in published.values():
         assert row["mean"] is None and row["delta"] is None and row["shots"] == 4
         assert "Table I" in row["source"]
-    assert "| dtd | RN50-openai | published | 4 | coop | - |" in render(rows, "md")
+    assert "| dtd | RN50-openai | safe | 4 | coop | - |" in render(rows, "md")
+    write_record(tmp_path, result_record("dtd", 4, 1, 0.6, 0.4, iters=400))  # another setting
+    rows = aggregate(load_results(tmp_path))
+    settings = {r["setting"] for r in rows if r.get("published")}
+    assert settings == {"safe"}  # never in the table of a setting off the paper's protocol
     assert any("CoOp" in str(t.columns[1]._cells) for t in report_tables(rows))
 
 

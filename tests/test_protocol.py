@@ -139,3 +139,11 @@ def test_the_note_names_ours_not_none():
 
     assert differences({"options": {}}, {"options": {"protocol": "reference"}}) == \
         ["protocol ours -> reference"]
+
+
+def test_reference_without_a_method_it_changes_is_refused():
+    from safe_cache import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--protocol reference changes only .*gda"):
+        FitConfig(store="s", protocol="reference", methods=("linear_probe", "clap"))
+    assert FitConfig(store="s", protocol="reference", methods=("gda",)).protocol == "reference"

@@ -79,18 +79,19 @@ def published_number(method: str, model: str, dataset: str,
 
 
 def published_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Published-only rows (the full-encoder methods of Table I) for each dataset, backbone and
-    shots among `rows` whose runs are the papers' protocol apart from the backbone."""
-    keys = sorted({(r["dataset"], r["backbone"], r["model"], r["shots"]) for r in rows
-                   if not r.get("protocol_reasons") and not r.get("published")})
+    """Published-only rows (the full-encoder methods of Table I) for each dataset, backbone,
+    setting and shots among `rows` whose runs are the papers' protocol apart from the backbone
+    (each row stands in its setting's table, as the paper's numbers beside ours do)."""
+    keys = sorted({(r["dataset"], r["backbone"], r["model"], r["setting"], r["shots"])
+                   for r in rows if not r.get("protocol_reasons") and not r.get("published")})
     out = []
-    for dataset, backbone, model, shots in keys:
+    for dataset, backbone, model, setting, shots in keys:
         for method in FULL_ENCODER_METHODS:
             found = published_number(method, model, dataset, shots)
             if found is None:
                 continue
             out.append({"dataset": dataset, "backbone": backbone, "model": model,
-                        "recipe": "published", "setting": "published", "group": None,
+                        "recipe": "published", "setting": setting, "group": None,
                         "shots": shots, "method": method, "mean": None, "std": None,
                         "seeds": 0, "reasons": [], "protocol_reasons": [],
                         "paper": found[0], "delta": None, "paper_note": None,

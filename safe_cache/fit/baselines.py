@@ -21,7 +21,7 @@ from ..store import FeatureStore
 from ..store.paths import extract_command
 from . import adapters
 from .config import FitConfig
-from .methods import WORKBENCH_METHODS
+from .methods import REFERENCE_METHODS, WORKBENCH_METHODS
 
 Predictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -189,11 +189,6 @@ def _workbench_methods(results: _Results, inputs: Any, search: adapters.Split,
         mine = config.protocol == "reference" and name in REFERENCE_METHODS
         outcome = methods[name](replace(inputs, val=search) if mine else inputs)
         results.add(name, outcome.summary, mine, outcome.predictor)
-
-
-# The methods whose authors' code selects differently from our protocol in a way that moves
-# numbers; --protocol reference runs them that way (the others run as ours either way).
-REFERENCE_METHODS = ("tip_adapter", "tip_adapter_f", "gda")
 
 
 def needs_reference_search(config: FitConfig) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import ConfigError, RecipeError
 from ..runtime import checks
 from .compat import with_added, without_retired
-from .methods import DEFAULT_METHODS, OPTIONAL_METHODS
+from .methods import DEFAULT_METHODS, OPTIONAL_METHODS, REFERENCE_METHODS
 from .recipe import PRESETS, Recipe
 
 DEFAULT_BETAS = tuple(round(0.1 * i, 1) for i in range(11))
@@ -134,6 +134,10 @@ class FitConfig:
         checks.one_of("blend", self.blend, ("blend", "each"))
         checks.one_of("select_on", self.select_on, ("val", "test"))
         checks.one_of("protocol", self.protocol, ("ours", "reference"))
+        if self.protocol == "reference" and not set(REFERENCE_METHODS) & set(self.methods):
+            raise ConfigError(f"--protocol reference changes only {', '.join(REFERENCE_METHODS)},"
+                              f" and --methods names none of them: add one, or drop"
+                              f" --protocol (the run would be ours under another name).")
         checks.subset_of("methods", self.methods, OPTIONAL_METHODS)
         for name in ("force", "cuda_graph", "partial"):
             if not isinstance(getattr(self, name), bool):

@@ -67,10 +67,9 @@ def options_of(config: dict[str, Any]) -> dict[str, Any]:
     option: FitConfig.from_dict checks), normalised. An option added after 0.2.0 counts only
     where it differs from the value every earlier run had (compat.ADDED_FIELDS): an earlier
     result keeps its identity."""
-    return normalise({name: config[name] if name in config else ADDED_FIELDS[name]
-                      for name in OPTION_FIELDS
-                      if name not in ADDED_FIELDS or config.get(name, ADDED_FIELDS[name])
-                      != ADDED_FIELDS[name]})
+    return normalise({name: config[name] for name in OPTION_FIELDS
+                      if name not in ADDED_FIELDS
+                      or config.get(name, ADDED_FIELDS[name]) != ADDED_FIELDS[name]})
 
 
 def changed_options(options: dict[str, Any]) -> dict[str, Any]:

@@ -43,14 +43,8 @@ def _cell_text(row: dict[str, Any] | None) -> tuple[str, str]:
 def _tables(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Group aggregated rows into paper-shaped tables: (backbone, recipe, shots) -> cells."""
     groups: dict[tuple, dict[tuple[str, str], dict]] = defaultdict(dict)
-    for row in rows:
-        if not row.get("published"):
-            groups[row["backbone"], row["setting"], row["shots"]][row["method"],
-                                                                 row["dataset"]] = row
-    for row in rows:  # a published-only row joins every table of its backbone and shots
-        for (backbone, _, shots), cells in groups.items():
-            if row.get("published") and (backbone, shots) == (row["backbone"], row["shots"]):
-                cells[row["method"], row["dataset"]] = row
+    for row in rows:  # a published-only row stands in its setting's table (literature.py)
+        groups[row["backbone"], row["setting"], row["shots"]][row["method"], row["dataset"]] = row
     tables = []
     for (backbone, recipe, shots), cells in sorted(groups.items()):
         datasets = sorted({d for _, d in cells if d != ELEVEN_LAST})

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...data.prompts import prompt_set_name
+from ...errors import StoreError
 from ...store import FeatureStore
 from ..adapters import Split
 
@@ -65,6 +67,20 @@ class MethodInputs:
 class MethodOutcome:
     summary: dict[str, Any]  # val_acc, test_acc (fractions) and what the method chose
     predictor: Predictor | None = None  # None: the method has no OOD predictor
+
+
+def sentences(inputs: MethodInputs) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The run's prompt set as samples: (raw sentence embeddings (S, D) float32 on the CPU,
+    each one's class (S,), sentences per class); a store whose sentences are not one group per
+    class is refused in one line."""
+    embeddings, counts = inputs.store.sentence_embeddings(prompt_set_name(inputs.prompts))
+    if len(counts) != inputs.classes:
+        raise StoreError(f"{inputs.store.url}: the prompt set '{inputs.prompts}' holds"
+                         f" sentences of {len(counts)} classes for {inputs.classes} classes;"
+                         f" run `safe-cache verify {inputs.store.url}`.")
+    raw = torch.from_numpy(np.asarray(embeddings, dtype=np.float32))
+    labels = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    return raw, labels, list(counts)
 
 
 WorkbenchMethod = Callable[[MethodInputs], MethodOutcome]

@@ -52,13 +52,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...data.prompts import prompt_set_name
 from ..evaluate import accuracy
-from . import MethodInputs, MethodOutcome, Predictor, register_method
+from . import MethodInputs, MethodOutcome, Predictor, register_method, sentences
 
 
 @dataclass(frozen=True)
@@ -83,11 +81,7 @@ class ClapRecipe:
 def zero_shot_prototypes(inputs: MethodInputs) -> torch.Tensor:
     """(C, D): the run's classifier, each row at the norm of its class's raw mean sentence
     embedding (their `base_text_features` when a class has one template)."""
-    embeddings, counts = inputs.store.sentence_embeddings(prompt_set_name(inputs.prompts))
-    if len(counts) != inputs.classes:
-        raise ValueError(f"{len(counts)} classes of sentences for {inputs.classes} classes")
-    raw = torch.from_numpy(np.asarray(embeddings, dtype=np.float32))
-    labels = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    raw, labels, counts = sentences(inputs)
     means = torch.zeros(len(counts), raw.shape[1]).index_add_(0, labels, raw)
     norms = means.norm(dim=-1) / torch.tensor(counts, dtype=torch.float32)
     return inputs.classifier.float() * norms.to(inputs.classifier.device)[:, None]

@@ -66,7 +66,7 @@ from ...errors import RecipeError
 from ...store import FeatureStore
 from ..evaluate import accuracy
 from ..recipe import Recipe
-from . import MethodInputs, MethodOutcome, Predictor, register_method
+from . import MethodInputs, MethodOutcome, Predictor, register_method, sentences
 
 
 @dataclass(frozen=True)
@@ -124,11 +124,8 @@ def training_samples(inputs: MethodInputs) -> Samples:
         views = "center+flip"
     images = F.normalize(torch.cat(parts), dim=-1)
     image_labels = inputs.labels.repeat(len(parts))
-    embeddings, counts = inputs.store.sentence_embeddings(prompt_set_name(inputs.prompts))
-    if len(counts) != inputs.classes:
-        raise ValueError(f"{len(counts)} classes of sentences for {inputs.classes} classes")
-    texts = F.normalize(torch.from_numpy(np.asarray(embeddings, dtype=np.float32)), dim=-1)
-    text_labels = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    raw, text_labels, _ = sentences(inputs)
+    texts = F.normalize(raw, dim=-1)
     return Samples(images, image_labels, texts.to(device), text_labels.to(device), views)
 
 
@@ -202,7 +199,7 @@ def batch_indices(size: int, batch: int, count: int, generator: torch.Generator
     batches, the next permutation drawn when they run out."""
     per = size // batch
     if not per:
-        raise ValueError(f"a batch of {batch} from {size} samples")
+        raise RecipeError(f"cross_modal_lp: a batch of {batch} from {size} samples")
     perms = [torch.randperm(size, generator=generator)[:per * batch]
              for _ in range(-(-count // per))]
     return torch.cat(perms or [torch.zeros(0, dtype=torch.int64)]).reshape(-1, batch)[:count]
