@@ -67,7 +67,9 @@ def _handler(mirror: Mirror) -> type[BaseHTTPRequestHandler]:
 def serve(mirror: Mirror) -> ThreadingHTTPServer:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(mirror))
     mirror.url = f"http://127.0.0.1:{server.server_address[1]}"
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # shutdown() waits for the loop's next poll: 0.5 s by default, at every module's end
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02},
+                     daemon=True).start()
     return server
 
 

@@ -57,8 +57,17 @@ def test_tip_logits_match_the_formula():
     assert torch.allclose(keys, mean_view) and values.sum(1).eq(1).all()
 
 
-def test_alpha_gamma_search_matches_a_direct_loop():
-    train, labels, val, _, classifier = problem(1)
+@pytest.mark.parametrize("alphas_per_op", [None, 2])
+@pytest.mark.parametrize("n_eval", [40, 8])  # 8: many alphas tie, the first must win
+def test_alpha_gamma_search_matches_a_direct_loop(alphas_per_op, n_eval, monkeypatch):
+    """Tip-Adapter's loop, one (alpha, gamma) at a time; the search batches the alphas (in blocks
+    of 2 here too, as it does where the logits are large)."""
+    import safe_cache.fit.adapters as adapters
+
+    train, labels, val, _, classifier = problem(1, n_eval=n_eval)
+    if alphas_per_op:
+        monkeypatch.setattr(adapters, "_SEARCH_ELEMENTS", alphas_per_op * len(val.labels)
+                            * CLASSES)
     keys, values = cache_model(train, labels, CLASSES)
     tip = {**DEFAULT_TIP, "search_step": [12, 5]}
     gammas, alphas = search_grid(tip["search_scale"], tip["search_step"])

@@ -180,6 +180,7 @@ def _source_model(seed: int):
     return load_backbone("safe-cache-tiny-rn", init_seed=seed).model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["pt", "safetensors"])
 def test_local_checkpoint_file(tmp_path, fmt):
     source = _source_model(seed=7)
@@ -199,6 +200,7 @@ def test_local_checkpoint_file(tmp_path, fmt):
     assert relative_error(backbone.head(backbone.trunk(images)), expected) <= 1e-5
 
 
+@pytest.mark.slow
 def test_openai_torchscript_archive(tmp_path):
     """OpenAI's .pt files are TorchScript archives with three extra non-tensor entries."""
     source = _source_model(seed=3)
@@ -231,6 +233,7 @@ def test_openai_torchscript_archive(tmp_path):
     assert relative_error(backbone.head(backbone.trunk(images)), expected) <= 1e-5
 
 
+@pytest.mark.slow
 def test_local_file_warns_about_quick_gelu(tmp_path):
     config = open_clip.get_model_config("safe-cache-tiny-vit")
     config.pop("quick_gelu")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from safe_cache.analysis.correspond import correspond, plot_correspondence
 from safe_cache.store import StoreLayout
@@ -12,6 +13,7 @@ CARD = {"model": "toy", "pretrained": None, "family": "resnet", "tokens": 16, "c
         "token_grid": [4, 4], "image_size": [64, 64]}
 
 
+@pytest.mark.slow
 def test_a_planted_pattern_is_found(tmp_path, store_factory):
     rng = np.random.default_rng(0)
     dense = np.abs(rng.standard_normal((2, 16, 8))).astype(np.float32) * 0.3
@@ -32,6 +34,7 @@ def test_a_planted_pattern_is_found(tmp_path, store_factory):
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in written)
 
 
+@pytest.mark.slow
 def test_image_files_through_the_trunk_at_two_cuts(tmp_path):
     from safe_cache.analysis.correspond import correspond_images
     from safe_cache.demo import make_shapes_dataset

@@ -56,6 +56,7 @@ def test_extract_then_fit_as_typed(fresh):
     assert [row["dataset"] for row in json.loads(listed.stdout)] == ["food101"]
 
 
+@pytest.mark.slow
 def test_the_data_root_from_the_environment(fresh, monkeypatch):
     elsewhere = fresh / "datasets-on-a-shared-disk"
     write_split_zhou(elsewhere, "food101", classes=3, counts=SMALL)
@@ -82,6 +83,7 @@ def test_a_missing_dataset_names_every_place_looked(fresh, monkeypatch):
     assert "Traceback" not in text
 
 
+@pytest.mark.slow
 def test_fit_without_a_store_lists_what_is_there(fresh):
     nothing = invoke("fit", "--shots", "1")
     assert nothing.exit_code == 2

@@ -152,6 +152,7 @@ def test_extract_on_the_device_and_a_store_keeps_one_way(tmp_path):
         extract_miniature(tmp_path / "data", model, workers, decode="device")
 
 
+@pytest.mark.slow
 def test_skip_bad_passes_over_an_undecodable_jpeg(tmp_path):
     from miniatures import write_split_zhou
 

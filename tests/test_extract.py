@@ -33,12 +33,16 @@ def config(root: Path, store: Path, model: str, **overrides) -> ExtractConfig:
     return ExtractConfig(**values)
 
 
-@pytest.fixture(scope="module", params=["safe-cache-tiny-rn", "safe-cache-tiny-vit"])
+@pytest.fixture(scope="module", params=["safe-cache-tiny-rn", pytest.param(
+    "safe-cache-tiny-vit", marks=pytest.mark.slow)])
 def extracted(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     write_split_zhou(root, "food101", classes=4)
     store = root / "store.zarr"
-    report = extract(config(root, store, request.param, workers=1))
+    # The slow family through a decoding process (the real reader path), the fast one
+    # in-process: a worker's start costs about a second, and the reader is the family's own
+    workers = 0 if request.param == "safe-cache-tiny-rn" else 1
+    report = extract(config(root, store, request.param, workers=workers))
     return root, store, request.param, report
 
 

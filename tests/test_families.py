@@ -80,6 +80,7 @@ def test_a_card_of_an_unknown_family_names_the_fix():
 
 # --- the pipeline ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", NEWER)
 def test_extract_fit_and_put_the_head_back(tmp_path, model):
     store = str(extract_miniature(tmp_path, model, tmp_path / "store.zarr"))
@@ -142,6 +143,7 @@ def _hub_cache(root, repo: str):
     return base / "snapshots" / "0123abcd"
 
 
+@pytest.mark.slow
 def test_hf_hub_name_loads_offline_from_a_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     state = _repo_files(_hub_cache(tmp_path, "safe-cache/tiny-map"))

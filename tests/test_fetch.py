@@ -116,6 +116,7 @@ def test_interrupted_download_resumes(mirror, tmp_path):
     assert mirror.asked(archive)[asked:] == [None, f"bytes={have}-"]  # continued, not restarted
 
 
+@pytest.mark.slow
 def test_ucf101_frames_are_the_videos_middle_frames(mirror, tmp_path):
     [report] = fetch(["ucf101"], tmp_path, sources=mirror.sources, workers=2)
     assert report.status == "fetched"

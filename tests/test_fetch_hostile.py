@@ -324,6 +324,7 @@ def test_archive_members_with_links_or_escapes_are_refused(tmp_path):
 
 # --- repair -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_repair_restores_deleted_images_and_a_truncated_split_leaving_the_rest(mirror,
                                                                               tmp_path):
     root = tmp_path / "data"

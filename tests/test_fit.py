@@ -77,8 +77,8 @@ def synthetic_store(path: str) -> str:
 def fitted(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fit")
     store = synthetic_store(str(folder / "spots.zarr"))
-    config = FitConfig(store=store, shots=(8,), seeds=(1,), lrs=(1e-2, 1e-3, 1e-6),
-                       wds=(0.0, 1e-3), iters=120, eval_every=20, betas=(0.0, 0.5, 1.0, 1e6),
+    config = FitConfig(store=store, shots=(8,), seeds=(1,), lrs=(1e-2, 1e-6),
+                       wds=(0.0, 1e-3), iters=40, eval_every=20, betas=(0.0, 0.5, 1.0, 1e6),
                        out=str(folder / "results"))
     return config, fit(config)[0]
 
@@ -88,7 +88,7 @@ def test_safe_beats_zero_shot(fitted):
     zero_shot, safe = result.methods["zero_shot"], result.methods["safe"]
     assert zero_shot["test_acc"] < 0.5
     assert safe["test_acc"] > zero_shot["test_acc"] + 0.3
-    assert safe["lr"] in (1e-2, 1e-3) and safe["beta"] == 0.5
+    assert safe["lr"] == 1e-2 and safe["beta"] == 0.5
 
 
 def test_selection_is_by_validation_and_best_states_are_kept(fitted):
@@ -97,7 +97,7 @@ def test_selection_is_by_validation_and_best_states_are_kept(fitted):
     assert result.methods["safe"]["val_acc"] == pytest.approx(best["val_acc"])
     assert (result.methods["safe"]["lr"], result.methods["safe"]["wd"]) == \
         (best["lr"], best["wd"])
-    assert all(0 < g["best_iter"] <= 120 for g in result.grid)
+    assert all(0 < g["best_iter"] <= 40 for g in result.grid)
     tiny_lr = [g for g in result.grid if g["lr"] == 1e-6]
     assert all(g["val_acc"] < best["val_acc"] for g in tiny_lr)
 
@@ -132,6 +132,7 @@ def result_file(config, result):
     return run_path(config, open_store(config.store), result.shots, result.seed)
 
 
+@pytest.mark.slow
 def test_result_files_and_skip_or_force(fitted, tmp_path):
     import shutil
     from dataclasses import replace
@@ -164,7 +165,7 @@ def test_result_files_and_skip_or_force(fitted, tmp_path):
     assert again.skipped and path.stat().st_mtime_ns == before
     other = fit(replace(copy, iters=20, eval_every=10))[0]  # other options: a new file beside
     assert not other.skipped and other.path != path and path.stat().st_mtime_ns == before
-    assert "iters 120 -> 20" in other.note and path.name in other.note
+    assert "iters 40 -> 20" in other.note and path.name in other.note
     forced = fit(replace(copy, force=True))[0]
     assert not forced.skipped and forced.path == path and path.stat().st_mtime_ns != before
 

@@ -10,10 +10,12 @@ import torch.nn.functional as F
 
 from safe_cache.fit.grid import BestState, StackedHeads, grid_optimizer
 
-LRS = [1e-2, 1e-3, 1e-4, 1e-5]
-WDS = [0.0, 1e-3, 1e-1]
+# Each configuration its own lr and weight decay (two of each: the stacking is the same for the
+# paper's 4 x 3; 12 configurations of 25 steps through open_clip's module cost 4.6 s a family)
+LRS = [1e-2, 1e-4]
+WDS = [0.0, 1e-1]
 GRID = list(itertools.product(LRS, WDS))
-STEPS, BATCH, CLASSES = 25, 4, 5
+STEPS, BATCH, CLASSES = 15, 4, 5
 
 
 def problem(backbone, samples: int = 16):

@@ -25,7 +25,7 @@ from safe_cache.fit import FitConfig, fit
 from safe_cache.fit.results import head_file, load_result
 from safe_cache.store import open_store
 
-MODEL = "safe-cache-tiny-vit"
+MODEL = "safe-cache-tiny-rn"
 FIT = ["--shots", "1", "--seeds", "1", "--iters", "4", "--eval-every", "2", "--lr", "1e-3",
        "--wd", "0"]
 
@@ -73,6 +73,7 @@ def test_a_corrupt_chunk_is_named(store, tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.slow
 def test_an_edited_fingerprint_and_a_broken_manifest_are_refused(store, tmp_path):
     metadata = store / "zarr.json"
     document = json.loads(metadata.read_text())
@@ -105,6 +106,7 @@ def test_a_half_written_result_is_run_again_and_never_exported(source, tmp_path)
     assert not rerun.skipped and rerun.run_id != first.run_id
 
 
+@pytest.mark.slow
 def test_export_refuses_overwrites_broken_heads_and_edited_cards(source, tmp_path):
     _, store = source
     config = FitConfig(store=str(store), shots=(1,), seeds=(1,), iters=4, eval_every=2,
@@ -128,6 +130,7 @@ def test_export_refuses_overwrites_broken_heads_and_edited_cards(source, tmp_pat
     assert code == 2 and not (tmp_path / "other").exists()
 
 
+@pytest.mark.slow
 def test_predict_needs_images_and_a_positive_top_k(source, tmp_path):
     _, store = source
     (record,) = fit(FitConfig(store=str(store), shots=(1,), seeds=(1,), iters=2, eval_every=1,
@@ -172,6 +175,7 @@ def test_extract_arguments_are_one_line_errors(source, tmp_path, args, expected)
     assert not (tmp_path / "s.zarr").exists()
 
 
+@pytest.mark.slow
 def test_row_point_and_file_arguments(source, tmp_path):
     store = source[1]
     (record,) = fit(FitConfig(store=str(store), shots=(1,), seeds=(1,), iters=2, eval_every=1,
@@ -330,6 +334,7 @@ def test_out_of_memory_in_fit_is_one_line_with_the_fixes(monkeypatch):
         runs.fit_and_save(store, 16, 2, config)
 
 
+@pytest.mark.slow
 def test_a_store_whose_creation_was_killed_is_created_anew(tmp_path):
     """SIGKILL between the group's zarr.json and its manifest leaves an empty Zarr group:
     extract creates the store there anew (a group holding anything else is never touched)."""

@@ -147,6 +147,7 @@ COMMAND_SPAN = re.compile(r"`(?:safe-cache |python cli\.py )?(datasets fetch|stu
                           r"copy|ls|backbone|models|demo|datasets)\b([^`]*)`")
 
 
+@pytest.mark.slow
 def test_every_option_a_message_names_exists():
     options = _options()
     every = set().union(*options.values()) | {"--help"}
@@ -155,6 +156,7 @@ def test_every_option_a_message_names_exists():
     assert unknown == [], unknown
 
 
+@pytest.mark.slow
 def test_a_command_a_message_names_has_the_options_it_names():
     options = _options()
     wrong = []
@@ -248,6 +250,7 @@ def _pieces(name: str) -> list[str]:
     return [p for p in re.split(r"[/\-_.,:]", name) if len(p) > 1]
 
 
+@pytest.mark.slow
 def test_names_and_paths_are_never_split_mid_word_at_80_columns(tmp_path):
     from factories import build_store
 

@@ -94,6 +94,7 @@ def test_reference_needs_the_whole_val_split_and_says_how(tmp_path):
     assert "protocol" not in ours.methods["tip_adapter"]
 
 
+@pytest.mark.slow
 def test_reference_runs_are_labelled_and_kept_apart(tmp_path):
     store = _store(str(tmp_path / "whole.zarr"), whole_val=True)
     out = str(tmp_path / "r")

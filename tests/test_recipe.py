@@ -162,6 +162,7 @@ def food(tmp_path_factory):
     return root, store
 
 
+@pytest.mark.slow
 def test_center_flip_is_the_trunk_on_the_mirrored_center_crop(food):
     root, store_path = food
     backbone = load_backbone(MODEL)
@@ -260,6 +261,7 @@ def test_raw_template_average_from_the_stored_sentence_embeddings(food):
                           torch.from_numpy(store.classifier("hand")), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_imagenet_val_rows_come_from_train_images(tmp_path):
     write_imagenet(tmp_path)
     store = tmp_path / "imagenet.zarr"

@@ -21,7 +21,9 @@ from safe_cache.store.verify import verify_store
 T, C, D, V = CARD["tokens"], CARD["channels"], CARD["embed_dim"], 2
 
 
-@pytest.fixture(params=["local", "memory", pytest.param("s3", marks=pytest.mark.slow)])
+# The fast loop keeps the local disk; fsspec's memory store and moto's S3 (the remote path) in CI
+@pytest.fixture(params=["local", pytest.param("memory", marks=pytest.mark.slow),
+                        pytest.param("s3", marks=pytest.mark.slow)])
 def backend(request, tmp_path):
     """(url, storage_options) of an empty location on each backend."""
     name = uuid.uuid4().hex[:8]
@@ -163,6 +165,7 @@ def test_job_workers_write_under_the_jobs_lease_only(backend):
         open_store(url, "a", storage_options=options, job_token=job.lease_token or "x")
 
 
+@pytest.mark.slow
 def test_chunk_cache_serves_feature_chunks_and_never_stale_metadata(backend, tmp_path):
     url, options = backend
     cache = tmp_path / "cache"
@@ -227,6 +230,7 @@ def test_one_table_holds_the_completion_map():
                    for f in part.features), part.name
 
 
+@pytest.mark.slow
 def test_a_part_written_in_part_is_refused(tmp_path):
     """A flag vouches for every array of its part: half a part is refused before any write."""
     with new_store(str(tmp_path / "p.zarr"), None) as store:
@@ -277,6 +281,7 @@ def test_plain_xarray_opens_a_store(tmp_path):
     assert dataset["dense"].dims == ("image", "token", "channel")
 
 
+@pytest.mark.slow
 def test_sharded_layout_for_object_stores(tmp_path):
     url = str(tmp_path / "sh.zarr")
     with new_store(url, None, StoreLayout(chunk_images=2, shard_images=4)) as store:
@@ -287,6 +292,7 @@ def test_sharded_layout_for_object_stores(tmp_path):
     assert open_store(url).split("test")["dense"].shape == (8, T, C)
 
 
+@pytest.mark.slow
 def test_no_pickles_in_a_store(tmp_path):
     url = tmp_path / "p.zarr"
     with new_store(str(url), None) as store:
@@ -296,6 +302,7 @@ def test_no_pickles_in_a_store(tmp_path):
             assert not path.read_bytes().startswith(b"\x80"), path  # pickle protocol marker
 
 
+@pytest.mark.slow
 def test_cli_info_ls_verify(tmp_path):
     from click.testing import CliRunner
 
@@ -348,6 +355,7 @@ def _as_schema_1(manifest: dict) -> dict:
     return stored
 
 
+@pytest.mark.slow
 def test_a_schema_1_store_reads_with_todays_keys_and_the_same_fingerprint(tmp_path):
     """store/compat.py: the card's keys were renamed in schema 2; a schema-1 store reads (its
     seal checked on the stored form), keeps its fingerprint, and is written as schema 2."""

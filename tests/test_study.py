@@ -156,6 +156,7 @@ def test_killed_in_extract_and_in_fit_finishes_with_the_same_results(tmp_path):
     assert result_accuracies(tmp_path / "out") == result_accuracies(tmp_path / "ref")
 
 
+@pytest.mark.slow
 def test_dry_run_lists_stores_runs_and_every_missing_folder(tmp_path):
     write_split_zhou(tmp_path / "data", "dtd", classes=3)
     path = study_file(tmp_path, ["dtd", "eurosat", "food101"], shots=(1,))
@@ -182,6 +183,7 @@ def test_dry_run_lists_stores_runs_and_every_missing_folder(tmp_path):
     assert not (tmp_path / "stores").exists()
 
 
+@pytest.mark.slow
 def test_dry_run_estimates_time_from_measured_throughput(tmp_path):
     write_split_zhou(tmp_path / "data", "dtd", classes=3)
     path = study_file(tmp_path, ["dtd"], shots=(1,))

@@ -108,6 +108,7 @@ def test_the_sampler_does_not_count_our_own_cpu_time():
     assert busy is not None and 0.0 <= busy <= len(threads._affinity() or {0}) + 0.5
 
 
+@pytest.mark.slow
 def test_fit_records_the_thread_policy(monkeypatch, tmp_path):
     from test_fit import synthetic_store
 

@@ -41,6 +41,7 @@ def test_method_groups_expand_and_the_default_stays_the_adapters():
     (("clap",), r"keeps no sentence embeddings.*--methods clap"),
     (("gda", "cross_modal_lp"), r"keeps no sentence embeddings.*--methods cross_modal_lp"),
 ])
+@pytest.mark.slow
 def test_a_store_a_method_cannot_serve_is_refused_before_safe_trains(tmp_path, monkeypatch,
                                                                      methods, needle):
     from test_protocol import _config, _store
@@ -58,6 +59,7 @@ def test_a_store_a_method_cannot_serve_is_refused_before_safe_trains(tmp_path, m
     assert not trained and not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_too_few_samples_for_cross_modal_lp_are_refused_before_safe_trains(tmp_path,
                                                                            monkeypatch):
     from test_protocol import _config, _store

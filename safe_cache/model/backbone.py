@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -177,9 +178,7 @@ class Backbone:
 
     def tokenizer(self) -> Callable[[list[str]], torch.Tensor]:
         """open_clip's tokenizer for this model (for text classifiers)."""
-        tokenize: Callable[[list[str]], torch.Tensor] = open_clip.get_tokenizer(
-            self.open_clip_name or self.card["model"])
-        return tokenize
+        return _tokenizer(self.open_clip_name or self.card["model"])
 
     @property
     def family_rules(self) -> Family:
@@ -190,6 +189,14 @@ class Backbone:
         """open_clip's own modules composed as a head: the slow reference, same state-dict keys."""
         visual = cast(towers.Clip, self.model).visual
         return self.family_rules.reference_head(visual, self.token_grid, self.stages_in_head)
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(name: str) -> Callable[[list[str]], torch.Tensor]:
+    """One tokenizer per model name and process: building open_clip's BPE tables takes about
+    0.2 s, and a tokenizer keeps no state between calls that changes what it returns."""
+    tokenize: Callable[[list[str]], torch.Tensor] = open_clip.get_tokenizer(name)
+    return tokenize
 
 
 def load_backbone(

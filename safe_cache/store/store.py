@@ -226,9 +226,12 @@ class FeatureStore:
 
     def _arrays(self, split: str) -> zarr.Group:
         """The split's zarr group: the store's own, never handed out."""
-        if not self.has_split(split):
-            raise StoreError(f"{self.url} has no split '{split}' (it has {self.splits()}).")
-        return group_at(self._group, split)
+        try:  # one lookup, not a membership test and then the lookup: each is a round trip
+            if split in SPLITS:
+                return group_at(self._group, split)
+        except KeyError:
+            pass
+        raise StoreError(f"{self.url} has no split '{split}' (it has {self.splits()}).")
 
     def row_count(self, split: str) -> int:
         """Rows reserved in the split, padding and unwritten units included (0 without it):
@@ -277,12 +280,10 @@ class FeatureStore:
 
     def readable_rows(self, split: str) -> NDArray[np.int64]:
         """Rows of complete write units that are not padding: what readers may use."""
-        arrays = self._arrays(split)
-        unit = self.layout.unit
-        rows = np.concatenate([np.arange(u * unit, min((u + 1) * unit,
-                                                       array_at(arrays, "label").shape[0]))
-                               for u in self.complete_units(split)] or [np.zeros(0, int)])
-        labels = read(array_at(arrays, "label"))
+        unit, complete = self.layout.unit, self.complete_units(split)
+        labels = read(array_at(self._arrays(split), "label"))  # after the flags
+        rows = np.concatenate([np.arange(u * unit, min((u + 1) * unit, len(labels)))
+                               for u in complete] or [np.zeros(0, int)])
         return rows[labels[rows] >= 0] if rows.size else rows
 
     def object_keys(self, split: str) -> set[str]:
