@@ -23,9 +23,11 @@ takes one parameter dict per configuration (see `fit.grid.StackedHeads`) and the
 and returns (G, B, D); the single head is the G = 1 case of the same code. Everything that touches
 tokens is batched over all configurations: the ResNet positional embedding and the ViT ln_1
 affine are folded into each configuration's query (`q.(w*x+b) = (q*w).x + q.b`), so the per-token
-work is one product of the shared map with all G x heads queries. Weight products stay per
-configuration, in the orientation whose gradients torch writes without copies (on a 2-core CPU
-a transposed bmm or a copied C x C gradient costs more than the product itself, measured).
+work is one product of the shared map with all G x heads queries. The ResNet pool's weight
+products are one batched op over the configurations' stacked storage (model/stacked.py: 13%
+off a 12-configuration RN50 step on 2 cores, measured beside the per-configuration products);
+elsewhere they stay per configuration, in the orientation whose gradients torch writes without
+copies (a copied C x C gradient costs more than the product itself on a 2-core CPU, measured).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from torch.func import functional_call
 
 from ..errors import UnsupportedModelError
 from . import towers
+from .stacked import stacked_product
 
 Params = dict[str, torch.Tensor]  # one configuration: open_clip names and shapes
 
@@ -160,34 +163,49 @@ def attnpool_grid(configs: Sequence[Params], x: torch.Tensor, num_heads: int,
     x: the channel-last map, shared (B, T, C) or per configuration (G, B, T, C).
     Returns (pooled (G, B, D), attention weights (G, H, B, 1 + T); key 0 is the mean token).
     A configuration without `c_proj.weight` pools to the values c_proj would project (B, E).
+    Each weight product is one batched op over the configurations (model/stacked.py).
     """
     configs = _strip(configs, prefix)
     x = x.to(configs[0]["positional_embedding"].dtype)
+    grid, heads = len(configs), num_heads
+
+    def leaves(name: str) -> list[torch.Tensor]:
+        return [p[name] for p in configs]
+
+    def biases(name: str) -> torch.Tensor | None:
+        return torch.stack(leaves(name))[:, None] if name in configs[0] else None
+
     # Keys before the positional embedding: the mean token, then the spatial tokens; shared
     # across configurations unless the map itself is per configuration.
     keys = torch.cat([x.mean(dim=-2, keepdim=True), x], dim=-2)
-    queries, query_keys, pos_scores = [], [], []
-    for g, p in enumerate(configs):
-        pos = p["positional_embedding"]
-        base = keys[g, :, 0] if _per_config_tokens(keys) else keys[:, 0]
-        q = F.linear(base + pos[0], p["q_proj.weight"], p.get("q_proj.bias"))
-        q_k = _query_keys(q, p["k_proj.weight"], num_heads)  # (H, B, C)
-        bias = _key_bias_score(q, p.get("k_proj.bias"), num_heads)
-        pos_scores.append(torch.matmul(q_k, pos.T) + bias)  # the positional part of each key
-        queries.append(q)
-        query_keys.append(q_k)
-    scores = _token_scores(query_keys, keys) + torch.stack(pos_scores)
-    weights = scores.softmax(dim=-1)
+    pos = torch.stack(leaves("positional_embedding"))  # (G, 1 + T, C)
+    base = keys[..., 0, :]  # (B, C) or (G, B, C)
+    q = stacked_product(base + pos[:, :1], leaves("q_proj.weight"))  # (G, B, E)
+    q = q if (b_q := biases("q_proj.bias")) is None else q + b_q
+    batch, width = q.shape[1:]
+    head_dim = width // heads
+    q_heads = q.view(grid, batch, heads, head_dim).transpose(1, 2).reshape(-1, batch, head_dim)
+    query_keys = stacked_product(q_heads * head_dim**-0.5, leaves("k_proj.weight"),
+                                 transposed=False, groups=heads).view(grid, heads, batch, -1)
     # unbind, not [g]: indexing one configuration at a time would make autograd zero-fill a
-    # whole (G, H, B, C) gradient per configuration.
-    pooled = _token_pool(weights, keys).unbind(0)
-    outputs = []
-    for p, weights_g, pooled_g in zip(configs, weights.unbind(0), pooled, strict=True):
-        pooled_g = pooled_g + torch.matmul(weights_g, p["positional_embedding"])
-        values = _project_values(pooled_g, p["v_proj.weight"], p.get("v_proj.bias"))
-        outputs.append(F.linear(values, p["c_proj.weight"], p.get("c_proj.bias"))
-                       if "c_proj.weight" in p else values)
-    return torch.stack(outputs), weights
+    # whole (G, ...) gradient per configuration.
+    bias = torch.stack([_key_bias_score(q_g, p.get("k_proj.bias"), heads)
+                        for q_g, p in zip(q.unbind(0), configs, strict=True)])
+    # The positional part of each key and of the pooled token: one product per configuration
+    # over its H x B queries (a broadcast matmul would copy pos once per head)
+    pos_scores = torch.bmm(query_keys.flatten(1, 2), pos.transpose(1, 2)).view(
+        grid, heads, batch, -1) + bias
+    scores = _token_scores(query_keys.unbind(0), keys) + pos_scores
+    weights = scores.softmax(dim=-1)
+    pooled = _token_pool(weights, keys) + torch.bmm(weights.flatten(1, 2), pos).view(
+        grid, heads, batch, -1)  # (G, H, B, C)
+    values = stacked_product(pooled.flatten(0, 1), leaves("v_proj.weight"), groups=heads)
+    values = values.view(grid, heads, batch, head_dim).transpose(1, 2).reshape(grid, batch, -1)
+    values = values if (b_v := biases("v_proj.bias")) is None else values + b_v
+    if "c_proj.weight" not in configs[0]:
+        return values, weights
+    out = stacked_product(values, leaves("c_proj.weight"))
+    return (out if (b_c := biases("c_proj.bias")) is None else out + b_c), weights
 
 
 def class_token_block_grid(
