@@ -233,3 +233,11 @@ def test_eval_ood_adds_an_ood_section(fitted, tmp_path):
     # the generator is seeded, so the variant's test split is the source's own: same accuracy
     for method in ("zero_shot", "safe", "tip_adapter_f", "safe_a", "linear_probe"):
         assert ood[method] == pytest.approx(result.methods[method]["test_acc"]), method
+    # SAFE's beta curve on the variant: at the trained beta it is SAFE's OOD accuracy, at a
+    # huge beta zero-shot's; on this variant (the source's test split) the source's own curve
+    curve = {p["beta"]: p["test_acc"] for p in ood["beta_curve"]["points"]}
+    assert sorted(curve) == sorted(config.betas) and config.beta in curve
+    assert curve[config.beta] == ood["safe"] and curve[1e6] == pytest.approx(ood["zero_shot"])
+    assert curve == {p["beta"]: pytest.approx(p["test_acc"]) for p in result.beta_curve}
+    assert "post hoc" in ood["beta_curve"]["made"] and f"beta = {config.beta}" in \
+        ood["beta_curve"]["made"]

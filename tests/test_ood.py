@@ -12,7 +12,8 @@ from factories import build_store, result_record, write_record
 from safe_cache import StoreError, load_backbone
 from safe_cache.analysis.report import ood_rows
 from safe_cache.cli import main
-from safe_cache.fit.ood import evaluate_ood, resolve_ood_stores
+from safe_cache.errors import ResultError
+from safe_cache.fit.ood import BetaCurve, evaluate_ood, resolve_ood_stores
 from safe_cache.fit.results import load_result, load_results
 from safe_cache.model.inference import blend_features
 from safe_cache.store import StoreLayout
@@ -52,15 +53,23 @@ def test_subset_variants_use_the_matching_classifier_rows(tmp_path):
 
     predictors = {"zero_shot": lambda o, t: o @ classifier.T,
                   "safe": lambda o, t: blend(o, t) @ classifier.T}
+    curve = BetaCurve(classifier, (0.0, 0.5, 2.0), "blend", trained_at=0.5)
     out = evaluate_ood(head, predictors,
                        {"a": str(tmp_path / "a.zarr"), "v2": str(tmp_path / "v2.zarr")},
-                       backbone.fingerprint, backbone.card)
+                       backbone.fingerprint, backbone.card, curve=curve)
     assert out["a"]["classes"] == 2 and out["v2"]["classes"] == CLASSES
     with torch.no_grad():
         x = torch.from_numpy(dense)
         features = blend(backbone.head(x), head(x))
     expected = (features @ classifier[[1, 3]].T).argmax(-1).eq(torch.tensor(labels)).float()
     assert out["a"]["safe"] == expected.mean().item()
+    # the beta curve, on the subset's columns too; at the trained beta it is SAFE's accuracy
+    points = {p["beta"]: p["test_acc"] for p in out["a"]["beta_curve"]["points"]}
+    assert points[0.5] == out["a"]["safe"]
+    with torch.no_grad():
+        at_two = blend_features(backbone.head(x), head(x), 2.0)
+    assert points[2.0] == (at_two @ classifier[[1, 3]].T).argmax(-1).eq(
+        torch.tensor(labels)).float().mean().item()
     other = load_backbone("safe-cache-tiny-rn", init_seed=9)
     with pytest.raises(StoreError, match="fingerprint"):
         evaluate_ood(head, predictors, {"a": str(tmp_path / "a.zarr")},
@@ -106,3 +115,22 @@ def test_variant_store_urls_in_the_default_layout_are_named_by_their_folder():
     assert resolved == {"imagenet_a": urls[0], "imagenet_r": urls[1], "my_sketch": urls[2]}
     by_name = resolve_ood_stores(("imagenet_v2",), "stores/imagenet/RN50-openai.zarr", card)
     assert by_name == {"imagenet_v2": "stores/imagenet_v2/RN50-openai.zarr"}
+
+
+@pytest.mark.parametrize("point, needle", [
+    ({"beta": 0.5, "test_acc": "0.9"}, "test_acc"),
+    ({"beta": True, "test_acc": 0.5}, "beta"),
+    ({"beta": -1.0, "test_acc": 0.5}, "beta"),
+    ({"beta": 0.5, "test_acc": 1.5}, "test_acc"),
+])
+def test_an_edited_ood_beta_curve_is_refused(tmp_path, point, needle):
+    """A curve point read back is an accuracy at a finite beta, or the result is refused."""
+    good = {"beta": 0.5, "test_acc": 0.6}
+    ood = {"imagenet_v2": {"zero_shot": 0.5, "safe": 0.6, "images": 10, "classes": 1000,
+                           "beta_curve": {"made": "post hoc", "points": [good]}}}
+    path = write_record(tmp_path, result_record("imagenet", 16, 1, 0.7, 0.6, ood=ood))
+    assert load_result(path).ood["imagenet_v2"]["beta_curve"]["points"] == [good]
+    ood["imagenet_v2"]["beta_curve"]["points"] = [point]
+    path = write_record(tmp_path, result_record("imagenet", 16, 2, 0.7, 0.6, ood=ood))
+    with pytest.raises(ResultError, match=needle):
+        load_result(path)

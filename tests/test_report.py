@@ -13,6 +13,7 @@ from factories import result_record, write_record
 from safe_cache.analysis.report import (
     ELEVEN,
     aggregate,
+    beta_change_lines,
     load_results,
     published,
     render,
@@ -69,7 +70,8 @@ def test_formats_and_plots(tmp_path):
     written = write_plots(rows, load_results(tmp_path / "results"), tmp_path / "plots")
     names = sorted(p.name for p in written)
     curves = [f"curves_dtd_RN50-openai_shots{k}_seed{s}_safe.png" for k in (1, 2) for s in (1, 2)]
-    assert names == sorted(["accuracy_vs_shots_dtd.png", "beta_curve_dtd.png", *curves,
+    assert names == sorted(["accuracy_vs_shots_dtd.png", "beta_curve_dtd.png",
+                            "beta_change_dtd.png", *curves,
                             "grid_dtd_shots1.png", "grid_dtd_shots2.png"])  # runs keep curves
     for path in written:
         data = path.read_bytes()
@@ -154,3 +156,20 @@ def test_edited_timings_are_refused_naming_the_file(tmp_path, timings, needle):
     path = write_record(tmp_path / "x", record)
     with pytest.raises(ResultError, match="'timings' is not an object"):
         load_result(path)
+
+
+def test_the_change_from_beta_zero_is_per_split_and_setting(tmp_path):
+    """Fig. 5's lines: the source test set and each OOD variant, mean over seeds of
+    acc(beta) - acc(0)."""
+    for seed, safe in ((1, 0.6), (2, 0.8)):
+        curve = [{"beta": b, "test_acc": 0.5 + 0.1 * b * seed} for b in (0.0, 0.5, 1.0)]
+        ood = {"imagenet_v2": {"zero_shot": 0.4, "safe": 0.5, "images": 10, "classes": 1000,
+                               "beta_curve": {"made": "post hoc", "points": curve}}}
+        write(tmp_path / "results", result_record("imagenet", 16, seed, safe, 0.4, ood=ood))
+    lines = beta_change_lines(load_results(tmp_path / "results"))
+    assert set(lines) == {"test, 16 shots", "imagenet_v2, 16 shots"}
+    betas, change = lines["imagenet_v2, 16 shots"]
+    assert betas == [0.0, 0.5, 1.0]
+    assert change == pytest.approx([0.0, 100 * 0.05 * 3 / 2, 100 * 0.1 * 3 / 2])
+    # result_record's source curve falls by 0.1 per unit of beta, whatever the seed
+    assert lines["test, 16 shots"][1] == pytest.approx([0.0, -5.0, -10.0])

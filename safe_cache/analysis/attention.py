@@ -1,5 +1,7 @@
-"""`safe-cache attention`: where the pooling looks, before and after fine-tuning (the paper's
-Fig. 3 and 7), from a store and a fit result; no trunk needed.
+"""`safe-cache attention`: where the pooling looks, before and after fine-tuning, from a store
+and a fit result; no trunk needed. These are the pooling query's attention weights of the
+original head and of the fine-tuned head alone (not the blend): not the paper's Fig. 7, which
+is Grad-CAM (`safe-cache gradcam`, analysis/gradcam.py, for the three heads).
 
 The pooling query (the mean token for ResNets, the class token for ViTs) attends over the query
 token itself and every spatial position; the maps show the weights of the spatial positions on
@@ -87,6 +89,8 @@ def plot_attention(maps: dict[str, Any], image_root: str | Path | None, out: str
                 axis.axis("off")
                 figure.colorbar(shown, ax=axis, fraction=0.046, label="attention weight")
         target = out / f"attention_{index:03d}_{Path(path).stem}.png"
+        figure.suptitle("pooling attention weights of the query over the positions (each head"
+                        " alone, not the blend; Grad-CAM: safe-cache gradcam)", fontsize=8)
         figure.tight_layout()
         figure.savefig(target, dpi=100)
         plt.close(figure)

@@ -1,4 +1,4 @@
-"""What fits give: `report`, `export`, `predict`, `attention`, `correspond`."""
+"""What fits give: `report`, `export`, `predict`, `attention`, `gradcam`, `correspond`."""
 
 from __future__ import annotations
 
@@ -146,6 +146,57 @@ def attention(store: str | None, dataset: str | None, model: str | None, pretrai
     maps = attention_maps(store, result, list(rows), split)
     written = plot_attention(maps, image_root, out, per_head)
     console.print(f"{len(written)} attention maps written to {out}")
+
+
+@main.command(epilog=examples(
+    "safe-cache gradcam --store stores/shapes/safe-cache-tiny-vit-random0.zarr "
+    "--head stores/demo-data/results/shapes/safe-cache-tiny-vit-"
+    "random0/shots4_seed1_safe_o52e6f092.json --images 0,13 --out cams/",
+    "safe-cache gradcam --dataset food101 --head RESULT.json --image-root "
+    "~/data/food-101/images --method gradcam++ --smooth 16 --out cams/"))
+@click.option("--store", default=None,
+              show_default="the one store under the store root matching --dataset / --model / "
+                           "--pretrained",
+              help="Store URL (the one the result was fitted on).")
+@store_filters
+@click.option("--head", "result", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="A fit result (.json; its .safetensors head is used).")
+@click.option("--images", "rows", default="0,1,2,3", show_default=True, callback=int_list,
+              help="Row ids in the split.")
+@click.option("--split", default="test", show_default=True)
+@click.option("--method", type=click.Choice(["gradcam", "gradcam++"]), default="gradcam",
+              show_default=True)
+@click.option("--target", type=click.Choice(["true", "predicted"]), default="true",
+              show_default=True, help="The class each map explains: the label, or what the "
+                                      "head predicts.")
+@click.option("--image-root", default=None, type=click.Path(file_okay=False),
+              help="The dataset's image folder, to draw the maps over the images.")
+@click.option("--smooth", "samples", default=0, show_default=True,
+              type=click.IntRange(0, 256), help="SmoothGrad: average the maps of this many "
+              "noisy copies of each image through the live trunk (needs --image-root).")
+@click.option("--noise", default=0.15, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True),
+              help="SmoothGrad's noise, a fraction of each image's value range.")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+def gradcam(store: str | None, dataset: str | None, model: str | None, pretrained: str | None,
+            store_root: str | None, result: str, rows: tuple[int, ...], split: str,
+            method: str, target: str, image_root: str | None, samples: int, noise: float,
+            out: str) -> None:
+    """Grad-CAM at the dense map for the original pooling, SAFE's and the blend (PNG, JSON)."""
+    from ..analysis.gradcam import gradcam_maps, plot_gradcam, smooth_gradcam_maps
+
+    if samples and image_root is None:
+        raise click.UsageError("--smooth runs the trunk on the images: name their folder with"
+                               " --image-root.")
+    store = store or one_store(dataset=dataset, model=model, pretrained=pretrained,
+                                store_root=store_root)
+    if samples:
+        maps = smooth_gradcam_maps(store, result, list(rows), image_root, split, method,
+                                   target, samples, noise)
+    else:
+        maps = gradcam_maps(store, result, list(rows), split, method, target)
+    written = plot_gradcam(maps, image_root, out)
+    console.print(f"{len(written)} {method} maps written to {out} (and gradcam.json)")
 
 
 @main.command(epilog=examples(

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..identity import SEAL_FIELD, card_fingerprint
+from ..model.inference import blend_features
 from ..store import check_fingerprint, default_store_url, open_store
 from ..store.paths import backbone_label
 from .evaluate import accuracy, stream_split
@@ -54,19 +55,29 @@ def ood_seals(names: tuple[str, ...], source_url: str, card: dict[str, Any],
     return out
 
 
+# How an OOD beta curve is made, written beside it in every result (the paper's Fig. 5 does
+# not say; a curve over heads trained at each beta would differ)
+CURVE_MADE = ("post hoc: the one head fit trained, early-stopped and chose at beta = {beta},"
+              " evaluated at each beta on the variant's test split")
+
+
 @torch.no_grad()
 def evaluate_ood(head, predictors: dict[str, Callable], stores: dict[str, str],
                  fingerprint: str, card: dict[str, Any], chunk: int = 256,
-                 device: torch.device | str = "cpu") -> dict[str, dict[str, Any]]:
-    """Every method's test accuracy on each variant store. `predictors[method](original pooled,
-    fine-tuned pooled)` gives logits over the source's classes; a variant with a class subset
-    (A, R) is scored on its classes' columns only."""
+                 device: torch.device | str = "cpu",
+                 curve: BetaCurve | None = None) -> dict[str, dict[str, Any]]:
+    """Every method's test accuracy on each variant store, and SAFE's beta curve there
+    (`curve`). `predictors[method](original pooled, fine-tuned pooled)` gives logits over the
+    source's classes; a variant with a class subset (A, R) is scored on its classes' columns
+    only. The curve comes from the same chunks: one pass over each variant's maps."""
     results = {}
+    betas = curve.betas if curve else ()
     for name, url in stores.items():
         store = open_store(url)
         check_fingerprint(store, fingerprint, card)
         subset = store.manifest["dataset"].get("class_subset")
         hits = dict.fromkeys(predictors, 0.0)
+        curve_hits = [0.0] * len(betas)
         images, classes = 0, None
         for dense, original, labels in stream_split(store, "test", chunk):
             original, labels = original.to(device), labels.to(device)
@@ -76,10 +87,33 @@ def evaluate_ood(head, predictors: dict[str, Callable], stores: dict[str, str],
                 logits = logits[:, subset] if subset else logits
                 classes = logits.shape[1]
                 hits[method] += accuracy(logits, labels) * len(labels)
+            for index, beta in enumerate(betas):
+                assert curve is not None
+                logits = curve.logits(original, tuned, beta)
+                logits = logits[:, subset] if subset else logits
+                curve_hits[index] += accuracy(logits, labels) * len(labels)
             images += len(labels)
         results[name] = {"store": url, "store_sha256": store.content_sha256,
                          "manifest_sha256": store.manifest[SEAL_FIELD],
                          "images": images,
                          "classes": classes if classes is not None else len(subset or []),
                          **{k: v / max(images, 1) for k, v in hits.items()}}
+        if curve:
+            results[name]["beta_curve"] = {
+                "made": CURVE_MADE.format(beta=curve.trained_at),
+                "points": [{"beta": b, "test_acc": h / max(images, 1)}
+                           for b, h in zip(betas, curve_hits, strict=True)]}
     return results
+
+
+class BetaCurve:
+    """SAFE's logits at any beta (the blend of original and fine-tuned pooled features, as fit's
+    own beta curve), the betas to evaluate and the beta the head was trained and chosen at."""
+
+    def __init__(self, classifier: torch.Tensor, betas: tuple[float, ...], blend: str,
+                 trained_at: float) -> None:
+        self.classifier, self.betas, self.blend = classifier, tuple(betas), blend
+        self.trained_at = trained_at
+
+    def logits(self, original: torch.Tensor, tuned: torch.Tensor, beta: float) -> torch.Tensor:
+        return blend_features(original, tuned, beta, self.blend) @ self.classifier.T

@@ -222,6 +222,7 @@ class RunResult:
             for method, value in variant.items():
                 if method in self.methods:
                     _accuracy(value, f"{source}: ood.{name}.{method}")
+            _check_ood_curve(variant.get("beta_curve"), f"{source}: ood.{name}.beta_curve")
         try:  # the config whole: every fit option, each in range
             FitConfig.from_dict(self.config, str(source))
         except ConfigError as exc:
@@ -252,6 +253,21 @@ def _check_timing_block(timings: Any, source: str | Path) -> None:
                 _number(seconds, f"{source}: timings.methods_s.{method}", 0)
         else:
             _number(value, f"{source}: timings.{key}", 0)
+
+
+def _check_ood_curve(curve: Any, where: str) -> None:
+    """An OOD variant's beta curve (absent in results of 0.2): how it was made, and points of
+    a finite beta and an accuracy each."""
+    if curve is None:
+        return
+    if not (isinstance(curve, dict) and isinstance(curve.get("made"), str)
+            and isinstance(curve.get("points"), list)):
+        raise ResultError(f"{where} must hold 'made' (text) and 'points' (a list).")
+    for index, point in enumerate(curve["points"]):
+        if not isinstance(point, dict):
+            raise ResultError(f"{where}.points[{index}] must be an object.")
+        _number(point.get("beta"), f"{where}.points[{index}].beta", 0)
+        _accuracy(point.get("test_acc"), f"{where}.points[{index}].test_acc")
 
 
 def _is_int(value: Any) -> bool:

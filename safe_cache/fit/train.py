@@ -295,11 +295,12 @@ def _fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
                             "best_iter": int(best.step[chosen].item())})
     ood = None
     if config.eval_ood:
-        from .ood import evaluate_ood, resolve_ood_stores
+        from .ood import BetaCurve, evaluate_ood, resolve_ood_stores
 
         stores = resolve_ood_stores(config.eval_ood, store.url, manifest["backbone"])
+        curve = BetaCurve(classifier, config.betas, config.blend, config.beta)
         ood = evaluate_ood(head, predictors, stores, store.fingerprint, manifest["backbone"],
-                           config.test_chunk, device)
+                           config.test_chunk, device, curve)
     record = RunResult(
         dataset=manifest["dataset"]["name"], shots=shots, seed=seed,
         backbone=backbone_block(manifest["backbone"]),
