@@ -67,11 +67,10 @@ def class_maps(dense: torch.Tensor, feature: Feature, classifier: torch.Tensor, 
     return cam.view(-1, height, width), chosen
 
 
-def head_features(store: FeatureStore, result_path: str | Path) -> tuple[dict[str, Feature],
-                                                                          Any]:
-    """The three features to explain: original, finetuned (SAFE's head), blend; and the result.
-    Refuses a result fitted on another store (its fingerprint) or a head with a non-finite
-    weight: a map must come from the head the result describes."""
+def result_heads(store: FeatureStore, result_path: str | Path) -> tuple[Any, Any, Any]:
+    """(the original head, SAFE's head, the result). Refuses a result fitted on another store
+    (its fingerprint), files of another run beside it, or a head with a non-finite weight: an
+    explanation must come from the head the result describes."""
     result = load_result(result_path)
     if result.store.get("fingerprint") != store.fingerprint:
         raise StoreError(f"{result_path} was fitted on a store with another backbone"
@@ -88,6 +87,14 @@ def head_features(store: FeatureStore, result_path: str | Path) -> tuple[dict[st
     original = original_head(store).eval()
     finetuned = copy.deepcopy(original)
     finetuned.load_state_dict(state)
+    return original, finetuned, result
+
+
+def head_features(store: FeatureStore, result_path: str | Path) -> tuple[dict[str, Feature],
+                                                                          Any]:
+    """The three features to explain: original, finetuned (SAFE's head), blend (beta and the
+    blend mode from the result); and the result (see result_heads)."""
+    original, finetuned, result = result_heads(store, result_path)
     beta, mode = float(result.config["beta"]), str(result.config.get("blend", "blend"))
     return {"original": original, "finetuned": finetuned,
             "blend": lambda x: blend_features(original(x), finetuned(x), beta, mode)}, result

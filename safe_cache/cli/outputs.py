@@ -1,4 +1,5 @@
-"""What fits give: `report`, `export`, `predict`, `attention`, `gradcam`, `correspond`."""
+"""What fits give: `report`, `export`, `predict`, `attention`, `gradcam`, `shapley`,
+`correspond`."""
 
 from __future__ import annotations
 
@@ -197,6 +198,41 @@ def gradcam(store: str | None, dataset: str | None, model: str | None, pretraine
         maps = gradcam_maps(store, result, list(rows), split, method, target)
     written = plot_gradcam(maps, image_root, out)
     console.print(f"{len(written)} {method} maps written to {out} (and gradcam.json)")
+
+
+@main.command(epilog=examples(
+    "safe-cache shapley --store stores/imagenet/RN50-openai.zarr --head RESULT.json "
+    "--parts ~/data/parts --images 0,1 --image-root ~/data/imagenet/images --out shapley/"))
+@click.option("--store", default=None,
+              show_default="the one store under the store root matching --dataset / --model / "
+                           "--pretrained",
+              help="Store URL (the one the result was fitted on).")
+@store_filters
+@click.option("--head", "result", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="A fit result (.json; its .safetensors head is used).")
+@click.option("--parts", "parts_dir", required=True, type=click.Path(file_okay=False,
+                                                                        exists=True),
+              help="Part masks: parts.json with the part names and, per image, a PNG at the "
+                   "image's path (value k: the k-th part, 0: none).")
+@click.option("--images", "rows", default="0,1,2,3", show_default=True, callback=int_list,
+              help="Row ids in the split.")
+@click.option("--split", default="test", show_default=True)
+@click.option("--orders", default=200, show_default=True, type=click.IntRange(2, 100_000),
+              help="Monte Carlo's random orders, for more than 8 parts.")
+@click.option("--image-root", default=None, type=click.Path(file_okay=False),
+              help="The dataset's image folder, to draw the parts over the images.")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+def shapley(store: str | None, dataset: str | None, model: str | None, pretrained: str | None,
+            store_root: str | None, result: str, parts_dir: str, rows: tuple[int, ...],
+            split: str, orders: int, image_root: str | None, out: str) -> None:
+    """Each part's Shapley value for the original pooling, SAFE's and the blend (PNG, JSON)."""
+    from ..analysis.shapley import plot_shapley, shapley_values
+
+    store = store or one_store(dataset=dataset, model=model, pretrained=pretrained,
+                                store_root=store_root)
+    values = shapley_values(store, result, list(rows), parts_dir, split, orders)
+    written = plot_shapley(values, image_root, out)
+    console.print(f"{len(written)} images' part values written to {out} (and shapley.json)")
 
 
 @main.command(epilog=examples(

@@ -157,13 +157,17 @@ def _strip(configs: Sequence[Params], prefix: str) -> list[Params]:
 
 
 def attnpool_grid(configs: Sequence[Params], x: torch.Tensor, num_heads: int,
-                  prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+                  prefix: str = "", keep: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """AttentionPool2d for its mean-token query, for every configuration in `configs`.
 
     x: the channel-last map, shared (B, T, C) or per configuration (G, B, T, C).
     Returns (pooled (G, B, D), attention weights (G, H, B, 1 + T); key 0 is the mean token).
     A configuration without `c_proj.weight` pools to the values c_proj would project (B, E).
     Each weight product is one batched op over the configurations (model/stacked.py).
+    `keep` (B, T) bool: the pool over the kept tokens only, as open_clip's pool on that subset
+    (the mean token their mean, a zero vector when none is kept; the others neither keys nor
+    values): what Shapley's coalitions evaluate (analysis/shapley.py).
     """
     configs = _strip(configs, prefix)
     x = x.to(configs[0]["positional_embedding"].dtype)
@@ -177,7 +181,12 @@ def attnpool_grid(configs: Sequence[Params], x: torch.Tensor, num_heads: int,
 
     # Keys before the positional embedding: the mean token, then the spatial tokens; shared
     # across configurations unless the map itself is per configuration.
-    keys = torch.cat([x.mean(dim=-2, keepdim=True), x], dim=-2)
+    if keep is None:
+        mean = x.mean(dim=-2, keepdim=True)
+    else:
+        weight = keep.to(x.dtype)[..., None]  # (B, T, 1)
+        mean = (x * weight).sum(-2, keepdim=True) / weight.sum(-2, keepdim=True).clamp(min=1)
+    keys = torch.cat([mean, x], dim=-2)
     pos = torch.stack(leaves("positional_embedding"))  # (G, 1 + T, C)
     base = keys[..., 0, :]  # (B, C) or (G, B, C)
     q = stacked_product(base + pos[:, :1], leaves("q_proj.weight"))  # (G, B, E)
@@ -196,6 +205,8 @@ def attnpool_grid(configs: Sequence[Params], x: torch.Tensor, num_heads: int,
     pos_scores = torch.bmm(query_keys.flatten(1, 2), pos.transpose(1, 2)).view(
         grid, heads, batch, -1) + bias
     scores = _token_scores(query_keys.unbind(0), keys) + pos_scores
+    if keep is not None:  # the mean token (key 0) always attends
+        scores = _masked(scores, torch.cat([torch.ones_like(keep[:, :1]), keep], dim=1))
     weights = scores.softmax(dim=-1)
     pooled = _token_pool(weights, keys) + torch.bmm(weights.flatten(1, 2), pos).view(
         grid, heads, batch, -1)  # (G, H, B, C)
@@ -208,14 +219,22 @@ def attnpool_grid(configs: Sequence[Params], x: torch.Tensor, num_heads: int,
     return (out if (b_c := biases("c_proj.bias")) is None else out + b_c), weights
 
 
+def _masked(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Scores (G, H, B, K) with the keys not kept ((B, K) False) at -inf: softmax gives them no
+    weight, as if they were not there."""
+    return scores.masked_fill(~keep.bool()[None, None], float("-inf"))
+
+
 def class_token_block_grid(
-    configs: Sequence[Params], x: torch.Tensor, block: towers.ResidualAttentionBlock, prefix: str
+    configs: Sequence[Params], x: torch.Tensor, block: towers.ResidualAttentionBlock, prefix: str,
+    keep: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A ResidualAttentionBlock evaluated for the class token only, for every configuration.
 
     `block` supplies the structure (heads, eps, activation); its own parameters are not used.
     x: tokens entering the block, shared (B, T, C) or per configuration (G, B, T, C).
     Returns (class token leaving the block (G, B, C), attention weights (G, H, B, T)).
+    `keep` (B, T) bool: the block on the kept tokens only (the class token must be kept).
     """
     configs = _strip(configs, prefix)
     x = x.to(configs[0]["attn.in_proj_weight"].dtype)
@@ -234,7 +253,8 @@ def class_token_block_grid(
         scaled_keys.append(q_k * ln_w)
         extra.append(torch.matmul(q_k, ln_b).unsqueeze(-1) + _key_bias_score(q, b_k, heads))
         queries.append(q)
-    weights = (_token_scores(scaled_keys, normed) + torch.stack(extra)).softmax(-1)
+    scores = _token_scores(scaled_keys, normed) + torch.stack(extra)
+    weights = (scores if keep is None else _masked(scores, keep)).softmax(-1)
     pooled = _token_pool(weights, normed).unbind(0)  # unbind: see attnpool_grid
     outputs = []
     for g, p in enumerate(configs):
@@ -345,6 +365,13 @@ class GridHead(nn.Module):
         """(outputs (G, B, D), attention weights (G, heads, B, keys)) of every configuration."""
         raise NotImplementedError
 
+    def masked(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The head's output (B, D) with only the kept spatial tokens ((B, H*W) bool over the
+        map's last H*W tokens) as the pooling's keys and values: parts removed for Shapley's
+        coalitions. Heads whose pooling reads the tokens otherwise refuse."""
+        raise UnsupportedModelError(f"{type(self).__name__} cannot pool a subset of its tokens"
+                                    f" yet (ResNet attention pools and class-token ViTs can).")
+
     # --- the final projection, what ProLIP fine-tunes ------------------------------------------
 
     def projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -418,6 +445,14 @@ class ResNetPoolHead(GridHead):
             x = x.flatten(3).transpose(2, 3)
         return attnpool_grid(configs, x, self.attnpool.num_heads, "attnpool.")
 
+    def masked(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "layer4"):
+            return super().masked(x, keep)  # layer4's convolutions mix the tokens first
+        x = x.to(self.attnpool.positional_embedding.dtype)
+        out, _ = attnpool_grid([dict(self.named_parameters())], x, self.attnpool.num_heads,
+                               "attnpool.", keep=keep)
+        return out[0]
+
     def projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """attnpool's output projection c_proj (D, E) and its bias: the pool's last op."""
         c_proj: nn.Linear = self.attnpool.c_proj
@@ -462,6 +497,19 @@ class ViTPoolHead(GridHead):
         pooled = [_layer_norm(cls_g, p, "ln_post.", self.ln_post.eps) @ p["proj"]
                   for cls_g, p in zip(cls.unbind(0), configs, strict=True)]
         return torch.stack(pooled), weights
+
+    def masked(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        *earlier, (last_name, last) = self.transformer.resblocks.items()
+        if earlier:
+            return super().masked(x, keep)  # earlier blocks mix the tokens first
+        x = x.to(self.proj.dtype)
+        prefixed = torch.ones(keep.shape[0], x.shape[1] - keep.shape[1], dtype=torch.bool,
+                              device=keep.device)  # the class token (and any prefix) stays
+        params: Params = dict(self.named_parameters())
+        cls, _ = class_token_block_grid([params], x, cast(FastClassTokenBlock, last),
+                                        f"transformer.resblocks.{last_name}.",
+                                        keep=torch.cat([prefixed, keep.bool()], dim=1))
+        return _layer_norm(cls[0], params, "ln_post.", self.ln_post.eps) @ params["proj"]
 
     def projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """proj (width, D) as a linear map's weight (D, width), a view; no bias."""
