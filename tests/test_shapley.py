@@ -197,3 +197,16 @@ def test_the_informative_part_is_worth_most_to_safes_head(tmp_path):
     assert len(list((tmp_path / "out").glob("shapley_*.png"))) == 2
     record = json.loads((tmp_path / "out" / "shapley.json").read_text())
     assert record["parts"] == ["center", "top", "bottom"] and len(record["images"]) == 2
+
+
+def test_parts_without_tokens_are_dummies_left_out_of_the_game():
+    from safe_cache.analysis.shapley import shapley
+
+    value = game([0.3, 0.0, 0.6, 0.1])
+    # part 1 owns no token here (token 1 is no part's): phi 0, and three players, exact
+    tokens = torch.tensor([0, -1, 2, 3, -1])
+    result = shapley(value, tokens, 4)
+    assert result["absent"] == [1] and result["exact"] and result["coalitions"] == 8
+    assert result["phi"] == pytest.approx([0.3, 0.0, 0.6, 0.1])
+    nobody = shapley(value, torch.full((5,), -1), 4)
+    assert nobody["phi"] == [0.0] * 4 and nobody["v_all"] == nobody["v_none"]

@@ -49,7 +49,8 @@ def exact_shapley(value: Value, part_of_token: torch.Tensor, parts: int,
     """Every coalition's value and each part's Shapley value, exactly (2^parts evaluations)."""
     if parts > 16:
         raise ConfigError(f"{parts} parts make 2^{parts} coalitions: use Monte Carlo.")
-    coalitions = torch.tensor(list(itertools.product([False, True], repeat=parts)))
+    coalitions = torch.tensor(list(itertools.product([False, True], repeat=parts)),
+                              dtype=torch.bool)
     coalitions = coalitions.flip(1)  # row k holds part i when bit i of k is set
     keep = coalition_keep(part_of_token, coalitions)
     values = torch.cat([value(keep[lo:lo + chunk]) for lo in range(0, len(keep), chunk)])
@@ -101,10 +102,26 @@ def monte_carlo_shapley(value: Value, part_of_token: torch.Tensor, parts: int,
 
 def shapley(value: Value, part_of_token: torch.Tensor, parts: int, *, orders: int = 200,
             seed: int = 0) -> dict[str, Any]:
-    """Exact for at most EXACT_PARTS parts, Monte Carlo beyond."""
-    if parts <= EXACT_PARTS:
-        return exact_shapley(value, part_of_token, parts)
-    return monte_carlo_shapley(value, part_of_token, parts, orders, seed)
+    """Exact for at most EXACT_PARTS parts that own a token, Monte Carlo beyond. A part owning
+    no token changes no coalition's value: its Shapley value is 0 (the dummy axiom), and it
+    is left out of the game (`absent` lists such parts)."""
+    present = sorted({int(p) for p in part_of_token.tolist() if p >= 0})
+    renumber = torch.full((parts + 1,), -1, dtype=torch.long)
+    renumber[torch.tensor(present, dtype=torch.long) + 1] = torch.arange(len(present))
+    tokens = renumber[part_of_token + 1]
+    if not present:  # no part owns a token: one coalition, everyone's value 0
+        alone = value(torch.ones(1, len(part_of_token), dtype=torch.bool)).item()
+        return {"phi": [0.0] * parts, "stderr": [0.0] * parts, "v_all": alone, "v_none": alone,
+                "coalitions": 1, "exact": True, "absent": list(range(parts))}
+    if len(present) <= EXACT_PARTS:
+        game = exact_shapley(value, tokens, len(present))
+    else:
+        game = monte_carlo_shapley(value, tokens, len(present), orders, seed)
+    phi, stderr = [0.0] * parts, [0.0] * parts
+    for index, part in enumerate(present):
+        phi[part], stderr[part] = game["phi"][index], game["stderr"][index]
+    return {**game, "phi": phi, "stderr": stderr,
+            "absent": [p for p in range(parts) if p not in present]}
 
 
 def class_probability(feature: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -149,10 +166,12 @@ def read_parts(folder: str | Path) -> list[str]:
     return names
 
 
-def part_mask(folder: str | Path, image_path: str, card: dict[str, Any], parts: int
-              ) -> np.ndarray:
+def part_mask(folder: str | Path, image_path: str, card: dict[str, Any], parts: int,
+              image_root: str | Path | None = None) -> np.ndarray:
     """The mask of a store row's image (<folder>/<image path>.png, aligned with the image),
-    put through the model's resize and center crop (nearest), in the model's input frame."""
+    put through the model's resize and center crop (nearest), in the model's input frame.
+    With the images at hand (`image_root`), a mask of another size than its image is refused:
+    it could not be aligned with it."""
     from PIL import Image
 
     path = (Path(folder) / image_path).with_suffix(".png")
@@ -166,6 +185,14 @@ def part_mask(folder: str | Path, image_path: str, card: dict[str, Any], parts: 
     if labels.ndim != 2 or labels.dtype != np.uint8 or labels.max() > parts:
         raise ConfigError(f"{path}: a part mask is one 8-bit channel of values 0..{parts} (0: no"
                           f" part), not {labels.shape} {labels.dtype} up to {labels.max()}.")
+    image = Path(image_root) / image_path if image_root is not None else None
+    if image is not None and image.is_file():
+        with Image.open(image) as opened:
+            size = opened.size
+        if size != mask.size:
+            raise ConfigError(f"{path} is {mask.size[0]} x {mask.size[1]} pixels and its image"
+                              f" {image} {size[0]} x {size[1]}: a part mask must be aligned"
+                              f" with its image, at its size.")
     return np.asarray(mask_view(mask, card))
 
 
@@ -187,14 +214,13 @@ def mask_view(mask: Any, card: dict[str, Any]) -> Any:
         step = copying.copy(step)
         if hasattr(step, "interpolation"):
             step.interpolation = InterpolationMode.NEAREST
-        if hasattr(step, "antialias"):
-            step.antialias = False
         mask = step(mask)
     return mask
 
 
 def shapley_values(store_url: str, result_path: str | Path, rows: list[int], parts_dir: str,
-                   split: str = "test", orders: int = 200) -> dict[str, Any]:
+                   split: str = "test", orders: int = 200,
+                   image_root: str | Path | None = None) -> dict[str, Any]:
     """Each part's Shapley value for the original head, SAFE's and the blend, per store row."""
     from ..model.inference import blend_features
     from ..store import open_store
@@ -220,7 +246,7 @@ def shapley_values(store_url: str, result_path: str | Path, rows: list[int], par
     grid = tuple(card["token_grid"])
     images = []
     for index, path in enumerate(paths):
-        tokens = token_parts(part_mask(parts_dir, path, card, len(names)), grid)
+        tokens = token_parts(part_mask(parts_dir, path, card, len(names), image_root), grid)
         entry: dict[str, Any] = {"path": path, "label": int(labels[index]),
                                  "token_parts": tokens.tolist()}
         for name, feature in masked.items():

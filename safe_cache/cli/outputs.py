@@ -230,7 +230,7 @@ def shapley(store: str | None, dataset: str | None, model: str | None, pretraine
 
     store = store or one_store(dataset=dataset, model=model, pretrained=pretrained,
                                 store_root=store_root)
-    values = shapley_values(store, result, list(rows), parts_dir, split, orders)
+    values = shapley_values(store, result, list(rows), parts_dir, split, orders, image_root)
     written = plot_shapley(values, image_root, out)
     console.print(f"{len(written)} images' part values written to {out} (and shapley.json)")
 
