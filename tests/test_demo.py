@@ -29,7 +29,8 @@ def test_demo_builds_a_sound_store(tmp_path):
     again = run_demo(str(tmp_path), workers=0, iters=150)  # a rerun finds everything done
     assert again["extracted"] == {"test": 0, "train": 0, "val": 0}
     assert all(r.skipped for r in again["results"])
-    assert len(result["plots"]) == 1 + 1 + 3 + 6  # accuracy vs shots, beta curve, 3 grids, curves
+    # accuracy vs shots, beta curve, its change from beta = 0, 3 grids, training curves
+    assert len(result["plots"]) == 1 + 1 + 1 + 3 + 6
 
 
 def test_fit_cli_on_the_demo_store_with_the_default_grid(tmp_path):
