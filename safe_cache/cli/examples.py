@@ -1,7 +1,7 @@
 """The examples README and docs/ show, made by one script from one demo run.
 
 `python -m safe_cache.cli.examples --docs docs --work /tmp/examples` runs the commands the README
-tours (demo, report, attention, correspond) in a fresh folder, as a user would type them, at a
+tours (demo, report, attention, gradcam, correspond) in a fresh folder, as a user would type them, at a
 fixed terminal width; writes each command's output to docs/examples/<name>.txt and copies the
 images the docs show into docs/. tests/test_docs.py checks that every snippet marked
 `<!-- example: NAME -->` in README.md and docs/*.md is that file, and (slow) that running this
@@ -34,6 +34,8 @@ COMMANDS = {
     "report": f"report {RESULTS}",
     "attention": f"attention --store {STORE} --head {HEAD} --images 0,13,30 --image-root"
                  f" {IMAGES} --out maps/",
+    "gradcam": f"gradcam --store {STORE} --head {HEAD} --images 13 --image-root {IMAGES}"
+               f" --out cams/",
     "correspond": f"correspond --store {STORE} --source 13 --point 40,30 --targets 14,15,16"
                   f" --image-root {IMAGES} --out corr/",
 }
@@ -44,6 +46,7 @@ IMAGES_SHOWN = {
     "curves_shapes.png": f"stores/demo-data/plots/curves_shapes_safe-cache-tiny-vit-random0_"
                          f"{RUN}.png",
     "attention_shapes.png": "maps/attention_001_034.png",  # row 13, a blue square
+    "gradcam_shapes.png": "cams/gradcam_000_034.png",  # the same image
     "correspond_shapes.png": "corr/correspond_grid.png",
 }
 TIMING = re.compile(r"\d[\d,]*(\.\d+)?(?= ?(s|ms|min)\b)")

@@ -197,7 +197,9 @@ def gradcam(store: str | None, dataset: str | None, model: str | None, pretraine
     else:
         maps = gradcam_maps(store, result, list(rows), split, method, target)
     written = plot_gradcam(maps, image_root, out)
-    console.print(f"{len(written)} {method} maps written to {out} (and gradcam.json)")
+    label = "Grad-CAM++" if method == "gradcam++" else "Grad-CAM"
+    console.print(f"{len(written)} {label} figure{'s' if len(written) != 1 else ''} written to"
+                  f" {out} (and gradcam.json)")
 
 
 @main.command(epilog=examples(
