@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from miniatures import write_every_layout, write_split_zhou
 
 from safe_cache import ConfigError, DatasetError
+from safe_cache.analysis.report import ELEVEN as PAPER_ORDER
 from safe_cache.cli import main
 from safe_cache.fit.methods import METHODS
 from safe_cache.study import list_studies, load_study, plan_study, run
@@ -86,7 +87,9 @@ def test_whole_study_runs_end_to_end(whole_study):
     assert result.fitted == 11 * 2 and result.skipped == 0
     report = json.loads((folder / "out" / "study.json").read_text())
     sixteen = next(t for t in report["tables"] if t["shots"] == 16)
-    assert sixteen["datasets"] == [*sorted(ELEVEN), "average"]  # the 11-dataset average too
+    # the paper's Table I order (Aircraft, ImageNet, DTD, ...), the 11-dataset average last
+    assert sixteen["datasets"] == [*PAPER_ORDER, "average"] and sorted(PAPER_ORDER) == \
+        sorted(ELEVEN) and PAPER_ORDER[:3] == ("fgvc_aircraft", "imagenet", "dtd")
     assert {m for m in sixteen["methods"]} >= {"zero_shot", "safe", "safe_a", "linear_probe"}
     assert report["ood"] and report["ood"][0]["imagenet_r"] is not None
     assert all(s["files"] for s in report["sources"])  # every cell names its result files

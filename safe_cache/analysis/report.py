@@ -23,6 +23,7 @@ from ..fit.identity import changed_options
 from ..fit.results import METHODS, RunResult, load_results
 from .literature import TABLE_I, published_number, published_rows, safe_paper
 
+# The 11 datasets in the order of the paper's Table I columns (Aircraft, ImageNet, DTD, ...)
 ELEVEN = ("fgvc_aircraft", "imagenet", "dtd", "eurosat", "caltech101", "food101",
           "oxford_flowers", "oxford_pets", "stanford_cars", "sun397", "ucf101")
 __all__ = ["aggregate", "footnotes", "load_results", "ood_rows", "paper_reasons", "published",

@@ -1,9 +1,9 @@
 """The examples README and docs/ show, made by one script from one demo run.
 
 `python -m safe_cache.cli.examples --docs docs --work /tmp/examples` runs the commands the README
-tours (demo, report, attention, gradcam, correspond) in a fresh folder, as a user would type them, at a
-fixed terminal width; writes each command's output to docs/examples/<name>.txt and copies the
-images the docs show into docs/. tests/test_docs.py checks that every snippet marked
+tours (demo, report, attention, gradcam, correspond) in a fresh folder, as a user would type
+them, at a fixed terminal width; writes each command's output to docs/examples/<name>.txt and
+copies the images the docs show into docs/. tests/test_docs.py checks that every snippet marked
 `<!-- example: NAME -->` in README.md and docs/*.md is that file, and (slow) that running this
 script again today prints the same, timings aside; so no example can go stale unnoticed.
 """

@@ -20,7 +20,7 @@ from typing import Any
 
 from .._version import __version__
 from ..analysis.literature import FULL_ENCODER_METHODS
-from ..analysis.report import OOD_COLUMNS, footnotes
+from ..analysis.report import ELEVEN, OOD_COLUMNS, footnotes
 from ..atomic import atomic_write_text
 from ..fit.results import METHODS
 from .plan import StudyPlan
@@ -47,7 +47,9 @@ def _tables(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups[row["backbone"], row["setting"], row["shots"]][row["method"], row["dataset"]] = row
     tables = []
     for (backbone, recipe, shots), cells in sorted(groups.items()):
-        datasets = sorted({d for _, d in cells if d != ELEVEN_LAST})
+        # the paper's column order (Table I: report.ELEVEN), other datasets after it
+        datasets = sorted({d for _, d in cells if d != ELEVEN_LAST}, key=lambda d: (
+            ELEVEN.index(d) if d in ELEVEN else len(ELEVEN), d))
         if any(d == ELEVEN_LAST for _, d in cells):
             datasets.append(ELEVEN_LAST)
         methods = list(dict.fromkeys(m for m, _ in sorted(cells, key=_method_order)))
