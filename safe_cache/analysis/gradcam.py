@@ -100,6 +100,20 @@ def head_features(store: FeatureStore, result_path: str | Path) -> tuple[dict[st
             "blend": lambda x: blend_features(original(x), finetuned(x), beta, mode)}, result
 
 
+def checked_rows(store: FeatureStore, split: str, rows: list[int]
+                 ) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    """(dense maps float32, labels, image paths) of rows a user named: each a readable row, its
+    chunks present, its maps finite (a damaged store explains nothing)."""
+    order = store.readable_row_ids(split, rows)
+    store.check_rows(split, order, ("dense",))
+    dense = torch.from_numpy(store.read_rows(split, "dense", order).astype(np.float32))
+    if not torch.isfinite(dense).all():
+        raise StoreError(f"{store.url}: the dense maps of {split} rows {list(order)} hold NaN or"
+                         f" inf; run `safe-cache verify {store.url}`.")
+    labels = store.read_rows(split, "label", order).astype(np.int64)
+    return dense, labels, [str(p) for p in store.read_rows(split, "path", order)]
+
+
 def gradcam_maps(store_url: str, result_path: str | Path, rows: list[int], split: str = "test",
                  method: str = "gradcam", target: str = "true") -> dict[str, Any]:
     """Grad-CAM (or Grad-CAM++) of the original head, SAFE's head and the blend for store rows.
@@ -111,17 +125,11 @@ def gradcam_maps(store_url: str, result_path: str | Path, rows: list[int], split
     store = open_store(store_url)
     features, result = head_features(store, result_path)
     card = store.manifest["backbone"]
-    order = store.readable_row_ids(split, rows)
-    store.check_rows(split, order, ("dense",))
-    dense = torch.from_numpy(store.read_rows(split, "dense", order).astype(np.float32))
-    if not torch.isfinite(dense).all():
-        raise StoreError(f"{store.url}: the dense maps of {split} rows {list(order)} hold NaN or"
-                         f" inf; run `safe-cache verify {store.url}`.")
-    labels = store.read_rows(split, "label", order).astype(np.int64)
+    dense, labels, paths = checked_rows(store, split, rows)
     classifier = torch.from_numpy(store.classifier())
     wanted = torch.from_numpy(labels) if target == "true" else None
     out: dict[str, Any] = {
-        "paths": [str(p) for p in store.read_rows(split, "path", order)],
+        "paths": paths,
         "labels": labels.tolist(), "classnames": store.manifest["dataset"]["classnames"],
         "card": card, "method": method, "target": target, "beta": result.config["beta"]}
     for name, feature in features.items():

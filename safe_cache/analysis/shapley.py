@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError, StoreError
+from ..errors import ConfigError
 
 EXACT_PARTS = 8  # up to here all 2^P coalitions; beyond, Monte Carlo over orders
 Value = Callable[[torch.Tensor], torch.Tensor]  # keep (N, T) bool -> value (N,)
@@ -224,7 +224,7 @@ def shapley_values(store_url: str, result_path: str | Path, rows: list[int], par
     """Each part's Shapley value for the original head, SAFE's and the blend, per store row."""
     from ..model.inference import blend_features
     from ..store import open_store
-    from .gradcam import result_heads
+    from .gradcam import checked_rows, result_heads
 
     store = open_store(store_url)
     original, tuned, result = result_heads(store, result_path)
@@ -234,14 +234,7 @@ def shapley_values(store_url: str, result_path: str | Path, rows: list[int], par
                                                       tuned.masked(x, keep), beta, mode)}
     names = read_parts(parts_dir)
     card = store.manifest["backbone"]
-    order = store.readable_row_ids(split, rows)
-    store.check_rows(split, order, ("dense",))
-    dense = torch.from_numpy(store.read_rows(split, "dense", order).astype(np.float32))
-    if not torch.isfinite(dense).all():
-        raise StoreError(f"{store.url}: the dense maps of {split} rows {list(order)} hold NaN or"
-                         f" inf; run `safe-cache verify {store.url}`.")
-    labels = store.read_rows(split, "label", order).astype(np.int64)
-    paths = [str(p) for p in store.read_rows(split, "path", order)]
+    dense, labels, paths = checked_rows(store, split, rows)
     classifier = torch.from_numpy(store.classifier())
     grid = tuple(card["token_grid"])
     images = []
