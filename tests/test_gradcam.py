@@ -120,6 +120,7 @@ def fitted(tmp_path_factory):
     return root, store, result
 
 
+@pytest.mark.slow
 def test_the_blends_map_is_the_two_stored_heads_blended(fitted):
     """From the store: the blend's map is Grad-CAM of beta * original + SAFE's head, the two
     heads built here from the store's head and the result's safetensors."""

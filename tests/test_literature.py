@@ -76,6 +76,7 @@ def test_every_published_block_says_under_which_protocol_it_stands():
     assert set(literature.PUBLISHED_PROTOCOL.values()) <= {"reference", "ours", None}
 
 
+@pytest.mark.slow
 def test_the_plot_draws_published_numbers_dashed(tmp_path):
     import matplotlib
 

@@ -67,6 +67,7 @@ def test_round_trip(backend):
     assert verify_store(url, storage_options=options) == []
 
 
+@pytest.mark.slow
 def test_append_does_not_rewrite_existing_chunks(backend):
     url, options = backend
     with new_store(url, options) as store:
@@ -247,6 +248,7 @@ def test_a_part_written_in_part_is_refused(tmp_path):
         assert store.complete_units("train").tolist() == [0]
 
 
+@pytest.mark.slow
 def test_verify_finds_a_deleted_and_a_truncated_chunk(tmp_path):
     url = str(tmp_path / "v.zarr")
     with new_store(url, None) as store:
@@ -259,6 +261,7 @@ def test_verify_finds_a_deleted_and_a_truncated_chunk(tmp_path):
     assert any("test/pooled: chunk of unit 2 is unreadable" in p for p in problems), problems
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("field, value", [("tokens", T + 1), ("channels", C * 2)])
 def test_verify_finds_a_hand_edited_card(tmp_path, field, value):
     url = str(tmp_path / "e.zarr")

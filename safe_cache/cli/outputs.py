@@ -204,7 +204,9 @@ def gradcam(store: str | None, dataset: str | None, model: str | None, pretraine
 
 @main.command(epilog=examples(
     "safe-cache shapley --store stores/imagenet/RN50-openai.zarr --head RESULT.json "
-    "--parts ~/data/parts --images 0,1 --image-root ~/data/imagenet/images --out shapley/"))
+    "--parts ~/data/parts --images 0,1 --image-root ~/data/imagenet/images --out shapley/",
+    "safe-cache shapley --dataset imagenet --head RESULT.json --parts ~/data/parts "
+    "--images 4 --orders 500 --out shapley/"))
 @click.option("--store", default=None,
               show_default="the one store under the store root matching --dataset / --model / "
                            "--pretrained",
