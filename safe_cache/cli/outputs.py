@@ -22,6 +22,26 @@ from .app import (
 )
 
 
+def result_rows(command):
+    """--store (and the filters that find one), --head, --images, --split: the store rows a fit
+    result's heads are looked at on (attention, gradcam, shapley)."""
+    for decorator in reversed((
+        click.option("--store", default=None,
+                     show_default="the one store under the store root matching --dataset /"
+                                  " --model / --pretrained",
+                     help="Store URL (the one the result was fitted on)."),
+        store_filters,
+        click.option("--head", "result", required=True,
+                     type=click.Path(exists=True, dir_okay=False),
+                     help="A fit result (.json; its .safetensors head is used)."),
+        click.option("--images", "rows", default="0,1,2,3", show_default=True,
+                     callback=int_list, help="Row ids in the split."),
+        click.option("--split", default="test", show_default=True),
+    )):
+        command = decorator(command)
+    return command
+
+
 @main.command(epilog=examples(
     "safe-cache report results/",
     "safe-cache report results/ --format md --plots plots/"))
@@ -122,16 +142,7 @@ def predict(model_dir: str, images: tuple[str, ...], top_k: int, batch_size: int
     "random0/shots4_seed1_safe_o52e6f092.json --images 0,13 --out maps/",
     "safe-cache attention --dataset food101 --head RESULT.json --image-root "
     "~/data/food-101/images --out maps/ --per-head"))
-@click.option("--store", default=None,
-              show_default="the one store under the store root matching --dataset / --model / "
-                           "--pretrained",
-              help="Store URL.")
-@store_filters
-@click.option("--head", "result", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="A fit result (.json; its .safetensors head is used).")
-@click.option("--images", "rows", default="0,1,2,3", show_default=True, callback=int_list,
-              help="Row ids in the split.")
-@click.option("--split", default="test", show_default=True)
+@result_rows
 @click.option("--image-root", default=None, type=click.Path(file_okay=False),
               help="The dataset's image folder, to draw the maps over the images.")
 @click.option("--per-head", is_flag=True, help="One row of maps per attention head.")
@@ -155,16 +166,7 @@ def attention(store: str | None, dataset: str | None, model: str | None, pretrai
     "random0/shots4_seed1_safe_o52e6f092.json --images 0,13 --out cams/",
     "safe-cache gradcam --dataset food101 --head RESULT.json --image-root "
     "~/data/food-101/images --method gradcam++ --smooth 16 --out cams/"))
-@click.option("--store", default=None,
-              show_default="the one store under the store root matching --dataset / --model / "
-                           "--pretrained",
-              help="Store URL (the one the result was fitted on).")
-@store_filters
-@click.option("--head", "result", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="A fit result (.json; its .safetensors head is used).")
-@click.option("--images", "rows", default="0,1,2,3", show_default=True, callback=int_list,
-              help="Row ids in the split.")
-@click.option("--split", default="test", show_default=True)
+@result_rows
 @click.option("--method", type=click.Choice(["gradcam", "gradcam++"]), default="gradcam",
               show_default=True)
 @click.option("--target", type=click.Choice(["true", "predicted"]), default="true",
@@ -207,20 +209,11 @@ def gradcam(store: str | None, dataset: str | None, model: str | None, pretraine
     "--parts ~/data/parts --images 0,1 --image-root ~/data/imagenet/images --out shapley/",
     "safe-cache shapley --dataset imagenet --head RESULT.json --parts ~/data/parts "
     "--images 4 --orders 500 --out shapley/"))
-@click.option("--store", default=None,
-              show_default="the one store under the store root matching --dataset / --model / "
-                           "--pretrained",
-              help="Store URL (the one the result was fitted on).")
-@store_filters
-@click.option("--head", "result", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="A fit result (.json; its .safetensors head is used).")
+@result_rows
 @click.option("--parts", "parts_dir", required=True, type=click.Path(file_okay=False,
                                                                         exists=True),
               help="Part masks: parts.json with the part names and, per image, a PNG at the "
                    "image's path (value k: the k-th part, 0: none).")
-@click.option("--images", "rows", default="0,1,2,3", show_default=True, callback=int_list,
-              help="Row ids in the split.")
-@click.option("--split", default="test", show_default=True)
 @click.option("--orders", default=200, show_default=True, type=click.IntRange(2, 100_000),
               help="Monte Carlo's random orders, for more than 8 parts.")
 @click.option("--image-root", default=None, type=click.Path(file_okay=False),
