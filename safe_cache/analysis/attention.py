@@ -22,6 +22,7 @@ from ..data.views import model_view
 from ..fit.original import original_head
 from ..fit.results import load_result
 from ..store import open_store
+from .overlay import draw_map
 
 
 def attention_maps(store_url: str, result_path: str | Path, rows: list[int],
@@ -78,13 +79,7 @@ def plot_attention(maps: dict[str, Any], image_root: str | Path | None, out: str
             for column, (title, values) in enumerate(panels, start=1):
                 values = values[row] if per_head else values.mean(axis=0)
                 axis = axes[row][column]
-                if image is not None:
-                    axis.imshow(image)
-                    extent = (0, image.shape[1], image.shape[0], 0)
-                    shown = axis.imshow(values, cmap="inferno", alpha=0.6, extent=extent,
-                                        interpolation="bilinear")
-                else:
-                    shown = axis.imshow(values, cmap="inferno", interpolation="nearest")
+                shown = draw_map(axis, image, values, "inferno", 0.6)
                 axis.set_title(title + (f", head {row}" if per_head else ""), fontsize=9)
                 axis.axis("off")
                 figure.colorbar(shown, ax=axis, fraction=0.046, label="attention weight")

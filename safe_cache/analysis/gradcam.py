@@ -228,6 +228,7 @@ def plot_gradcam(maps: dict[str, Any], image_root: str | Path | None, out: str |
 
     from ..atomic import atomic_write_text
     from ..data.views import model_view
+    from .overlay import draw_map
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -247,13 +248,7 @@ def plot_gradcam(maps: dict[str, Any], image_root: str | Path | None, out: str |
         for axis, (name, title) in zip(axes[1:], PANELS, strict=True):
             values = maps[name]["maps"][index]
             explained = maps["classnames"][maps[name]["classes"][index]]
-            if image is not None:
-                axis.imshow(image)
-                extent = (0, image.shape[1], image.shape[0], 0)
-                shown = axis.imshow(values, cmap="jet", alpha=0.5, extent=extent,
-                                    interpolation="bilinear")
-            else:
-                shown = axis.imshow(values, cmap="jet", interpolation="nearest")
+            shown = draw_map(axis, image, values, "jet", 0.5)
             axis.set_title(f"{label}, {title}\nfor '{explained}'", fontsize=9)
             axis.axis("off")
             figure.colorbar(shown, ax=axis, fraction=0.046)
