@@ -62,6 +62,7 @@ def test_two_writers_of_one_file_never_share_a_temporary(tmp_path):
     assert target.read_text() == "first" and names(tmp_path) == ["shared.txt"]  # last wins
 
 
+@pytest.mark.slow
 def test_concurrent_writers_and_a_reader_see_only_whole_files(tmp_path):
     target = tmp_path / "shared.bin"
     size, seen, stop = 256 * 1024, set(), threading.Event()

@@ -170,6 +170,7 @@ def synthetic_inputs_like(inputs: MethodInputs, shots: int) -> MethodInputs:
                            "train_rows": np.arange(len(labels))})
 
 
+@pytest.mark.slow
 def test_the_solution_meets_the_first_order_conditions(inputs):
     """Full-batch (fewer samples than a batch): after training twice as long on a small problem the
     gradient of the penalised objective (independent autograd, float64), for the fixed

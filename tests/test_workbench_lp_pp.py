@@ -188,6 +188,7 @@ def test_test_labels_choose_nothing():
     assert after["test_acc"] != before["test_acc"]
 
 
+@pytest.mark.slow
 def test_a_separable_task_is_solved_and_the_predictor_gives_test_acc():
     inputs, _ = problem(5, spread=3.0, noise=0.3, text_noise=30.0)
     zero_shot = (inputs.test.features @ inputs.classifier.T).argmax(-1).eq(inputs.test.labels)
