@@ -26,12 +26,11 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_dir, atomic_write_with
 from .data.datasets import IMAGE_SUFFIXES
-from .data.prompts import prompt_set_name
+from .data.prompts import stored_prompt_set
 from .data.views import load_image
 from .errors import ConfigError, ImageReadError, ModelFolderError
-from .fit.recipe import recipe_of
 from .fit.results import cache_file, files_problem, head_file, load_result
-from .fit.train import run_classifier
+from .fit.text import result_classifier
 from .identity import card_fingerprint, file_sha256
 from .model.backbone import Backbone, head_from_config, load_backbone
 from .model.inference import blend_features, tip_logits
@@ -82,7 +81,7 @@ def export_model(result_path: str | Path, out: str | Path, *, method: str = "saf
                                f" --out.")
     store = open_store(result.store["url"], storage_options=storage_options)
     now = {"fingerprint": store.fingerprint, "store_sha256": store.content_sha256,
-           "prompts_sha256": store.classifier_sha256(prompt_set_name(result.config["prompts"]))}
+           "prompts_sha256": store.classifier_sha256(stored_prompt_set(result.config["prompts"]))}
     changed = [k for k, v in now.items() if result.store.get(k, v) != v]
     if changed:
         raise ModelFolderError(f"{store.url} is not the store {result_path} was fitted on (its"
@@ -121,7 +120,7 @@ def _write_folder(folder: Path, result, method: str, store, model_config) -> dic
     once every file it covers is there)."""
     config = result.config
     shutil.copyfile(head_file(result.path), folder / "head.safetensors")
-    classifier = run_classifier(store, config["prompts"], recipe_of(result))
+    classifier = result_classifier(result, store)
     atomic_write_with(folder / "classifier.safetensors", lambda temporary: save_file(
         {"classifier": classifier.contiguous()}, str(temporary)))
     files = ["head.safetensors", "classifier.safetensors"]

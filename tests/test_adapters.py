@@ -52,7 +52,9 @@ def test_tip_logits_match_the_formula():
                     for n in range(len(keys)))
         expected[i, j] = zero_shot + 1.5 * cache
     actual = tip_logits(f, classifier, keys, values, alpha=1.5, gamma=2.0, scale=SCALE)
-    np.testing.assert_allclose(actual.numpy(), expected, rtol=1e-5)
+    # float32 sums of terms ~60 in size: a logit near 0 (they cancel) keeps their rounding,
+    # ~1e-6, so an absolute bound beside the relative one (one such logit failed rtol alone)
+    np.testing.assert_allclose(actual.numpy(), expected, rtol=1e-5, atol=1e-4)
     mean_view = F.normalize(F.normalize(train, dim=-1).mean(1), dim=-1)
     assert torch.allclose(keys, mean_view) and values.sum(1).eq(1).all()
 

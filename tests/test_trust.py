@@ -546,13 +546,14 @@ def test_adding_to_a_store_from_another_split_file_is_refused(store, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_prompt_file_of_the_same_name_with_other_sentences_is_refused(store, tmp_path):
+def test_a_prompt_file_of_the_same_name_with_other_sentences_is_refused(source, store,
+                                                                        tmp_path):
     from safe_cache.errors import ExtractError
     from safe_cache.extract import ExtractConfig, extract
 
     manifest = open_store(str(store)).manifest
     classes = manifest["dataset"]["classnames"]
-    root = next(p for p in store.parent.parent.rglob("split_zhou_Food101.json")).parent.parent
+    root = source.parent  # the miniature's data root (extract_miniature writes it there)
     for folder, word in (("p1", "photo"), ("p2", "drawing")):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "cupl.json").write_text(json.dumps(

@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 from ..errors import ConfigError, StoreError
 from ..fit.original import original_head
 from ..fit.results import files_problem, head_file, load_result
+from ..fit.text import result_classifier
 from ..model.inference import blend_features
 from ..store import FeatureStore, open_store
 
@@ -126,7 +127,7 @@ def gradcam_maps(store_url: str, result_path: str | Path, rows: list[int], split
     features, result = head_features(store, result_path)
     card = store.manifest["backbone"]
     dense, labels, paths = checked_rows(store, split, rows)
-    classifier = torch.from_numpy(store.classifier())
+    classifier = result_classifier(result, store)
     wanted = torch.from_numpy(labels) if target == "true" else None
     out: dict[str, Any] = {
         "paths": paths,
@@ -194,7 +195,7 @@ def smooth_gradcam_maps(store_url: str, result_path: str | Path, rows: list[int]
 
     maps = gradcam_maps(store_url, result_path, rows, split, method, target)
     store = open_store(store_url)
-    features, _ = head_features(store, result_path)
+    features, result = head_features(store, result_path)
     backbone = store_backbone(store)
     missing = [p for p in maps["paths"] if not (Path(image_root) / p).is_file()]
     if missing:
@@ -202,7 +203,7 @@ def smooth_gradcam_maps(store_url: str, result_path: str | Path, rows: list[int]
                           f" a file (--image-root is the dataset's image folder).")
     images = torch.stack([backbone.preprocess(load_image(Path(image_root) / p))
                           for p in maps["paths"]])
-    card, classifier = maps["card"], torch.from_numpy(store.classifier())
+    card, classifier = maps["card"], result_classifier(result, store)
     for name, feature in features.items():
         fixed = torch.tensor(maps[name]["classes"])  # the class the store's map explains
         maps[name]["maps"] = smooth_maps(

@@ -83,8 +83,9 @@ def _text(value: Any) -> str:
 
 def paper_reasons(run: RunResult, models: tuple[str, ...] = ("RN50",)) -> list[str]:
     """Why a run is not the paper's setting (empty when it is): the paper's number stands only
-    beside runs of its backbone with OpenAI weights, the attention-pool cut, hand prompts, the
-    `safe` recipe with the paper's grid, iterations, batch and beta, selected on val, whole."""
+    beside runs of its backbone with OpenAI weights, the attention-pool cut, hand prompts and
+    their frozen classifier, the `safe` recipe with the paper's grid, iterations, batch and
+    beta, selected on val, whole."""
     reasons = []
     model, pretrained = run.backbone.get("model"), run.backbone.get("pretrained")
     if model not in models:
@@ -96,6 +97,8 @@ def paper_reasons(run: RunResult, models: tuple[str, ...] = ("RN50",)) -> list[s
     options = run.options
     if options["prompts"] != "hand":
         reasons.append(f"prompts {options['prompts']}, not the hand templates")
+    if options.get("classifier", "text") != "text":
+        reasons.append(f"classifier {options['classifier']}, not the frozen text classifier")
     if run.recipe_name != "safe":
         reasons.append(f"recipe {run.recipe_name}, not the paper's (safe)")
     changed = [n for n in PAPER_OPTIONS if n in changed_options(options)]

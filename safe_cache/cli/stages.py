@@ -71,7 +71,8 @@ def _count(value: str, option: str) -> int:
               help="Store the whole val split, not only the few-shot val rows (what fit"
               " --protocol reference searches on).")
 @click.option("--prompts", default=default_of(ExtractConfig, "prompts"), show_default=True,
-              help="hand, classname, vanilla, or a CuPL JSON file.")
+              help="hand, classname, vanilla, pool (Cross-Modal's 180 templates; also what"
+              " mined needs), mined, or a CuPL JSON file.")
 @click.option("--device", default=default_of(ExtractConfig, "device"), show_default=True,
               help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps.")
 @click.option("--batch-size", default=default_of(ExtractConfig, "batch_size"), show_default=True,
@@ -219,7 +220,13 @@ def demo(store_root: str, model: str, pretrained: str, workers: int, iters: int,
               default=default_of(FitConfig, "blend"), show_default=True,
               help="blend then normalise (the paper), or normalise each branch first.")
 @click.option("--prompts", default=default_of(FitConfig, "prompts"), show_default=True,
-              help="Stored prompt set.")
+              help="Stored prompt set; mined: the 21 of the stored pool's 180 templates with the"
+              " best zero-shot accuracy on the run's val set (Template Mining).")
+@click.option("--classifier", type=click.Choice(["text", "linear"]),
+              default=default_of(FitConfig, "classifier"), show_default=True,
+              help="linear: fine-tune the prompt set's classifier on the few-shot images first"
+              " (Cross-Modal's linear probe from the text, chosen on val); SAFE and every method"
+              " then use it (Linear Fine-tuning).")
 @click.option("--methods", default=listed(FitConfig, "methods"),
               show_default=True, callback=lambda c, p, v: expand_methods(v.split(",")),
               help="Methods besides zero-shot and SAFE, which always run: 'workbench' adds"

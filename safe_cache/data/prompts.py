@@ -1,15 +1,19 @@
 """Prompt sets and the zero-shot text classifier.
 
 A prompt set turns class names into sentences: `hand` (the dataset's hand-engineered templates,
-the default), `classname` (the bare class name), `vanilla` (`a photo of a {}.`), or the path of a
-JSON file mapping each class name to its own sentences (CuPL's format). The classifier row of a
-class is the L2-normalised mean of its L2-normalised sentence embeddings (Tip-Adapter, SAFE).
+the default), `classname` (the bare class name), `vanilla` (`a photo of a {}.`), `pool`
+(Cross-Modal Fine-tuning's 180 templates, template_pool.json with its source), `mined` (the 21
+of the pool that mining picks, per run: fit/text.py; a store holds the pool's sentences for it),
+or the path of a JSON file mapping each class name to its own sentences (CuPL's format). The
+classifier row of a class is the L2-normalised mean of its L2-normalised sentence embeddings
+(Tip-Adapter, SAFE).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -17,8 +21,18 @@ import torch.nn.functional as F
 
 from ..errors import DatasetError
 
-BUILTIN_PROMPT_SETS = ("hand", "classname", "vanilla")
+BUILTIN_PROMPT_SETS = ("hand", "classname", "vanilla", "pool", "mined")
 VANILLA_TEMPLATE = "a photo of a {}."
+POOL_FILE = Path(__file__).with_name("template_pool.json")
+# Sets a store holds under another set's name: `mined` is chosen from the pool's sentences at fit.
+STORED_AS = {"mined": "pool"}
+
+
+@cache
+def template_pool() -> tuple[str, ...]:
+    """Cross-Modal Fine-tuning's 180 templates, in the order template_pool.json gives."""
+    templates = json.loads(POOL_FILE.read_text())["templates"]
+    return tuple(str(t) for t in templates)
 
 
 def class_sentences(
@@ -31,6 +45,8 @@ def class_sentences(
         return [[name] for name in classnames]
     if prompt_set == "vanilla":
         return [[VANILLA_TEMPLATE.format(name)] for name in classnames]
+    if prompt_set in ("pool", "mined"):
+        return [[t.format(name) for t in template_pool()] for name in classnames]
     path = Path(prompt_set)
     if not path.is_file():
         raise DatasetError(f"Unknown prompt set '{prompt_set}': use one of "
@@ -60,8 +76,15 @@ def _key(name: str) -> str:
 
 
 def prompt_set_name(prompt_set: str) -> str:
-    """The name a store uses for a prompt set (a file is named by its stem)."""
+    """The name a prompt set goes by in results and identities (a file by its stem)."""
     return prompt_set if prompt_set in BUILTIN_PROMPT_SETS else Path(prompt_set).stem
+
+
+def stored_prompt_set(prompt_set: str) -> str:
+    """The name of the set a store holds for a prompt set: its own name, or for `mined` the
+    pool it is chosen from."""
+    name = prompt_set_name(prompt_set)
+    return STORED_AS.get(name, name)
 
 
 @torch.no_grad()

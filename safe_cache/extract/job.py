@@ -15,7 +15,7 @@ from typing import Any
 
 from ..data.datasets import Dataset, open_dataset
 from ..data.fewshot import FewShot, sample_few_shot
-from ..data.prompts import class_average, class_sentences, encode_sentences, prompt_set_name
+from ..data.prompts import class_average, class_sentences, encode_sentences, stored_prompt_set
 from ..data.views import ViewRecipe
 from ..errors import ExtractError, SafeCacheError, StoreNotFoundError
 from ..model.backbone import Backbone, load_backbone
@@ -177,7 +177,7 @@ class PromptSet:
 
     @classmethod
     def of(cls, prompts: str, dataset: Dataset) -> PromptSet:
-        name = plain_name(prompt_set_name(prompts), "the prompt set's name", ExtractError)
+        name = plain_name(stored_prompt_set(prompts), "the prompt set's name", ExtractError)
         return cls(name, class_sentences(prompts, dataset.classnames, dataset.spec.templates),
                    prompts)
 

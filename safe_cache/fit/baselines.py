@@ -22,6 +22,7 @@ from ..store.paths import extract_command
 from . import adapters
 from .config import FitConfig
 from .methods import REFERENCE_METHODS, WORKBENCH_METHODS
+from .text import RunText
 
 Predictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -109,9 +110,9 @@ class _Results:
 def run_methods(store: FeatureStore, head: torch.nn.Module, rows: RunRows,
                 features: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                 classifier: torch.Tensor, scale: float, config: FitConfig, seed: int,
-                device: torch.device) -> MethodsRun:
+                device: torch.device, text: RunText | None = None) -> MethodsRun:
     """The run's optional methods on its features (`features[split]`: original pooled,
-    fine-tuned pooled, labels)."""
+    fine-tuned pooled, labels); `text` the run's sentences where it mined its own."""
     def blend(original: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
         return blend_features(original, tuned, config.beta, config.blend)
 
@@ -140,7 +141,8 @@ def run_methods(store: FeatureStore, head: torch.nn.Module, rows: RunRows,
             train_views=original, center=center, labels=labels, val=split["val"][0],
             test=split["test"][0], classifier=classifier, scale=scale, seed=seed,
             device=device, store=store, prompts=config.prompts, train_rows=rows.train,
-            val_rows=rows.val, test_rows=rows.test, test_chunk=config.test_chunk)
+            val_rows=rows.val, test_rows=rows.test, test_chunk=config.test_chunk,
+            run_sentences=text.own_sentences if text is not None else None)
         _workbench_methods(results, inputs, search, config)
     return MethodsRun(results.summaries, results.predictors, cache, results.seconds)
 

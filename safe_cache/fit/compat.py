@@ -17,8 +17,9 @@ What the 0.2 line wrote differently and is still read here, and why each is kept
   `FitConfig.from_dict` drops them: they never changed a number (they are in no run identity),
   and the result's `content_sha256` still covers them as they were written.
 - `ADDED_FIELDS`: fit options added after 0.2.0, with the value every 0.2.0 run had
-  (`protocol`: "ours"). `FitConfig.from_dict` fills them in, and a run's identity holds such
-  an option only when it differs from that value (identity.py), so a 0.2.0 result keeps its
+  (`protocol`: "ours"; `classifier`: "text", the prompt set's frozen classifier, from before
+  Linear Fine-tuning). `FitConfig.from_dict` fills them in, and a run's identity holds such an
+  option only when it differs from that value (identity.py), so an earlier result keeps its
   identity and is neither refused nor recomputed.
 """
 
@@ -34,7 +35,7 @@ def without_retired(config: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in config.items() if name not in RETIRED_FIELDS}
 
 
-ADDED_FIELDS: dict[str, Any] = {"protocol": "ours"}
+ADDED_FIELDS: dict[str, Any] = {"protocol": "ours", "classifier": "text"}
 
 
 def with_added(config: dict[str, Any]) -> dict[str, Any]:

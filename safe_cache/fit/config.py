@@ -38,6 +38,7 @@ class FitConfig:
     betas: tuple[float, ...] = DEFAULT_BETAS
     blend: str = "blend"  # or "each": normalise each branch, then blend
     prompts: str = "hand"
+    classifier: str = "text"  # "linear": fine-tuned on the few-shot images first (fit/text.py)
     device: str = "auto"
     out: str = "results"
     force: bool = False
@@ -106,7 +107,7 @@ class FitConfig:
     def _check_values(self) -> None:
         """Types and ranges. The upper bounds are far beyond any sensible value: they catch
         typos (`--lr 1e308`) and runs that would never end (`--betas 0:1:1e-7`)."""
-        for name in ("store", "prompts", "device", "out"):
+        for name in ("store", "prompts", "classifier", "device", "out"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{checks.option(name)} {getattr(self, name)!r}: must be a"
                                   f" text.")
@@ -132,6 +133,7 @@ class FitConfig:
             checks.at_least("tip_epochs", self.tip_epochs, 1, high=MAX_TIP_EPOCHS)
         checks.whole_numbers(self, ("iters", "batch_size", "eval_every", "test_chunk"))
         checks.one_of("blend", self.blend, ("blend", "each"))
+        checks.one_of("classifier", self.classifier, ("text", "linear"))
         checks.one_of("select_on", self.select_on, ("val", "test"))
         checks.one_of("protocol", self.protocol, ("ours", "reference"))
         if self.protocol == "reference" and not set(REFERENCE_METHODS) & set(self.methods):

@@ -26,8 +26,9 @@ from ..identity import canonical_sha256
 from .compat import ADDED_FIELDS
 
 # FitConfig fields that change a run's numbers (besides store, shots, seed and recipe).
-OPTION_FIELDS = ("prompts", "lrs", "wds", "iters", "batch_size", "eval_every", "beta", "betas",
-                 "blend", "methods", "tip_epochs", "select_on", "eval_ood", "protocol")
+OPTION_FIELDS = ("prompts", "classifier", "lrs", "wds", "iters", "batch_size", "eval_every",
+                 "beta", "betas", "blend", "methods", "tip_epochs", "select_on", "eval_ood",
+                 "protocol")
 # (--partial is not one: the test rows a run evaluated are in its store block.)
 # Options the result's file name already says (recipe name, `_test-selected`).
 NAMED_FIELDS = ("select_on",)

@@ -45,8 +45,9 @@ FILE_PATTERN = "shots*_seed*.json"
 NAME_SCHEME = re.compile(r"^shots(\d+)_seed(\d+)(?:_([A-Za-z0-9_+=-]+))?\.json$")
 # Fields a run writes only when there is something to say: OOD variants asked for, a test split
 # evaluated incomplete. Every other field is in every result of this safe-cache.
-OPTIONAL_FIELDS = ("ood", "partial")
+OPTIONAL_FIELDS = ("ood", "partial", "text")
 CONTENT_FIELD = "content_sha256"
+TRANSIENT_FIELDS = ("path", "skipped", "note", "classifier_weights")  # never written
 # What a result of safe-cache 0.1 lacks (its checksums): a file without them is of a format no
 # longer read (ResultFormatError), not an edited result of this one.
 CHECKSUM_FIELDS = ("identity_sha256", CONTENT_FIELD)
@@ -82,11 +83,15 @@ class RunResult:
     identity_sha256: str | None = None
     partial: dict[str, int] | None = None  # a test split evaluated incomplete: rows, expected
     content_sha256: str | None = None  # every other field: a number edited by hand is refused
+    # A classifier made by the run (mined templates, --classifier linear: fit/text.py), saved
+    # beside the result (classifier_file); None: the prompt set's, as the store holds it.
+    text: dict[str, Any] | None = None
     # Not written: where the record was read from, whether fit found it already done, and what
     # fit says about it (a new result beside one of other options).
     path: Path | None = field(default=None, compare=False)
     skipped: bool = field(default=False, compare=False)
     note: str | None = field(default=None, compare=False)
+    classifier_weights: Any = field(default=None, compare=False, repr=False)  # fit to runs.py
 
     @property
     def recipe_name(self) -> str:
@@ -123,7 +128,8 @@ class RunResult:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        data.pop("path"), data.pop("skipped"), data.pop("note")
+        for transient in TRANSIENT_FIELDS:
+            data.pop(transient)
         for optional in OPTIONAL_FIELDS:
             if data[optional] is None:
                 data.pop(optional)
@@ -136,7 +142,7 @@ class RunResult:
         the identity it carries equal to the one its content gives."""
         if not isinstance(data, dict):
             raise ResultError(f"{source} is not a fit result (a JSON object is expected).")
-        names = {f.name for f in fields(cls)} - {"path", "skipped", "note"}
+        names = {f.name for f in fields(cls)} - set(TRANSIENT_FIELDS)
         required = names - set(OPTIONAL_FIELDS)
         missing = sorted(required - set(data))
         if set(CHECKSUM_FIELDS) & set(missing):
@@ -218,6 +224,7 @@ class RunResult:
                 isinstance(self.partial, dict) and all(_is_int(self.partial.get(k))
                                                        for k in ("rows", "expected"))):
             raise ResultError(f"{source}: 'partial' must hold the integers rows and expected.")
+        _check_text_block(self.text, source)
         for name, variant in (self.ood or {}).items():
             for method, value in variant.items():
                 if method in self.methods:
@@ -238,6 +245,25 @@ class RunResult:
 def content_sha256(data: dict[str, Any]) -> str:
     """The digest of a result's JSON form, all but this digest itself."""
     return canonical_sha256({k: v for k, v in data.items() if k != CONTENT_FIELD})
+
+
+def _check_text_block(text: Any, source: str | Path) -> None:
+    """A run-made classifier's record: the mined templates (texts) and their val accuracies,
+    the linear head's choice and its val accuracy."""
+    if text is None:
+        return
+    if not isinstance(text, dict) or not ({"templates", "linear"} & set(text)):
+        raise ResultError(f"{source}: 'text' must say how the run made its classifier (mined"
+                          f" templates or a linear head); fit it again (--force).")
+    if "templates" in text and not (isinstance(text["templates"], list) and text["templates"]
+                                    and all(isinstance(t, str) for t in text["templates"])):
+        raise ResultError(f"{source}: text.templates must list the mined templates.")
+    for index, value in enumerate(text.get("val_acc", [])):
+        _accuracy(value, f"{source}: text.val_acc[{index}]")
+    if "linear" in text:
+        linear = text["linear"]
+        _accuracy(linear.get("val_acc") if isinstance(linear, dict) else None,
+                  f"{source}: text.linear.val_acc")
 
 
 def _check_timing_block(timings: Any, source: str | Path) -> None:
@@ -347,6 +373,11 @@ def cache_file(path: Path) -> Path:
     return path.with_suffix(".safe_a.safetensors")
 
 
+def classifier_file(path: Path) -> Path:
+    """The classifier a run made (mined templates, a fine-tuned linear head), beside its JSON."""
+    return path.with_suffix(".classifier.safetensors")
+
+
 def files_problem(record: RunResult) -> str | None:
     """Why the files beside a result are not the ones its run wrote (None when they are): a
     run killed between writing its head and its JSON leaves a new head beside an old JSON;
@@ -355,7 +386,8 @@ def files_problem(record: RunResult) -> str | None:
 
     assert record.path is not None, "a record read from a file"
     wanted = [head_file(record.path)] + ([cache_file(record.path)] if "safe_a" in
-                                         record.methods else [])
+                                         record.methods else []) \
+        + ([classifier_file(record.path)] if record.text is not None else [])
     for path in wanted:
         if not path.is_file():
             return f"{path.name} is missing"

@@ -27,6 +27,7 @@ from .results import (
     NAME_SCHEME,
     RunResult,
     cache_file,
+    classifier_file,
     expected_name,
     head_file,
     load_result,
@@ -200,6 +201,9 @@ def fit_and_save(store: FeatureStore, shots: int, seed: int, config: FitConfig,
                  head_file(path), metadata)
     if cache is not None:  # SAFE-A's trained cache, for export
         _save_atomic({k: v.contiguous() for k, v in cache.items()}, cache_file(path), metadata)
+    if record.text is not None:  # the classifier the run made (fit/text.py), for export
+        _save_atomic({"classifier": record.classifier_weights.contiguous()},
+                     classifier_file(path), metadata)
     write_result(record, path)  # last: a result whose JSON exists is whole
     record.note = beside_note(record, path)
     return record

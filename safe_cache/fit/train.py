@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .._version import __version__
-from ..data.prompts import class_average, prompt_set_name
+from ..data.prompts import prompt_set_name, stored_prompt_set
 from ..errors import RecipeError, SafeCacheError, StoreError
 from ..identity import SEAL_FIELD
 from ..model.inference import blend_features
@@ -40,6 +40,7 @@ from .original import original_head
 from .recipe import Recipe
 from .results import RunResult
 from .step import GridStep
+from .text import check_linear_serves, pool_embeddings, run_text, stored_text
 
 
 def _recipe_error(store: FeatureStore, recipe: Recipe, missing: str) -> RecipeError:
@@ -62,10 +63,18 @@ def check_store_serves(store: FeatureStore, config: FitConfig) -> None:
         prolip_serves(store)  # a family without a final linear projection: before SAFE trains
     if recipe.train_views in ("center+flip", "all") and not store.center_flip:
         raise _recipe_error(store, recipe, "mirrored center views (flip_dense)")
+    if stored_prompt_set(config.prompts) != prompt_set_name(config.prompts):  # mined
+        try:
+            pool_embeddings(store)
+        except StoreError as exc:
+            raise RecipeError(f"{exc} (--prompts mined chooses its templates from the pool's"
+                              f" sentences). Nothing was written.") from exc
+    if config.classifier == "linear":
+        check_linear_serves(store, config.shots, config.seeds)
     readers = [name for name in ("clap", "cross_modal_lp") if name in config.methods]
     if recipe.text_average == "raw" or readers:
         try:
-            store.sentence_embeddings(prompt_set_name(config.prompts))
+            store.sentence_embeddings(stored_prompt_set(config.prompts))
         except StoreError as exc:
             needs = "--text-average raw" if recipe.text_average == "raw" else \
                 f"--methods {','.join(readers)}"
@@ -219,13 +228,10 @@ def _capture(step: GridStep, config: FitConfig, device: torch.device) -> dict[st
 
 
 def run_classifier(store: FeatureStore, prompts: str, recipe: Recipe) -> torch.Tensor:
-    """The frozen text classifier of the prompt set, its templates averaged as the recipe
-    says (the stored classifier is the normalised average)."""
-    prompts = prompt_set_name(prompts)  # a prompt file is stored under its stem
-    if recipe.text_average == "normalised":
-        return torch.from_numpy(store.classifier(prompts)).float()
-    embeddings, counts = store.sentence_embeddings(prompts)
-    return class_average(torch.from_numpy(embeddings), counts, recipe.text_average)
+    """The frozen text classifier of a stored prompt set, its templates averaged as the recipe
+    says (the stored classifier is the normalised average); a run that mined its templates or
+    fine-tuned its classifier saved its own (result_classifier)."""
+    return stored_text(store, prompts, recipe).classifier
 
 
 def store_block(store: FeatureStore, prompts: str, shots: int, seed: int) -> dict[str, Any]:
@@ -237,7 +243,7 @@ def store_block(store: FeatureStore, prompts: str, shots: int, seed: int) -> dic
             "manifest_sha256": store.manifest[SEAL_FIELD], "store_sha256": store.content_sha256,
             "test_rows": int(store.readable_rows("test").size),
             "fewshot_sha256": store.fewshot_sha256(seed, shots),
-            "prompts_sha256": store.classifier_sha256(prompt_set_name(prompts))}
+            "prompts_sha256": store.classifier_sha256(stored_prompt_set(prompts))}
 
 
 def backbone_block(card: dict[str, Any]) -> dict[str, Any]:
@@ -269,8 +275,12 @@ def _fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
     store.check_rows("test", test_rows, ("dense", "pooled"))  # before training
     clip_scale = float(manifest["backbone"]["logit_scale"])  # zero-shot CLIP, Tip-Adapter
     scale = recipe.logit_scale or clip_scale  # SAFE's training loss
-    classifier = run_classifier(store, config.prompts, recipe).to(device)
     data = RunData(store, shots, seed, recipe)
+    text = run_text(store, config.prompts, config.classifier, recipe,
+                    train_rows=data.train_rows, train_labels=data.image_labels,
+                    val_features=data.val_pooled, val_labels=data.val_labels, scale=clip_scale,
+                    seed=seed, device=device)
+    classifier = text.classifier
     grid = config.grid
     stacked = StackedHeads(original_head(store).to(device), len(grid))
     loaded = time.perf_counter()
@@ -287,7 +297,7 @@ def _fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
     methods = summary.pop("methods")
     rows = RunRows(data.train_rows, data.image_labels, data.val_rows, test_rows)
     extra = run_methods(store, head, rows, {"val": val, "test": test}, classifier, clip_scale,
-                        config, seed, device)
+                        config, seed, device, text=text)
     methods.update(extra.results)
     predictors, cache = extra.predictors, extra.cache
     lr, wd = grid[chosen]
@@ -317,7 +327,10 @@ def _fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
         norm_ratio_finetuned_over_original=summary["norm_ratio_finetuned_over_original"],
         ood=ood, recipe={**recipe.record(), "loss_logit_scale": scale}, curves=curves,
         execution=execution, partial=_partial(store, test_rows) if config.partial else None,
+        text=text.record,
     )
+    if text.record is not None:  # saved beside the result (runs.py): export reads it back
+        record.classifier_weights = classifier.detach().cpu()
     return record, head, cache
 
 

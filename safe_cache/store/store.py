@@ -459,6 +459,8 @@ class FeatureStore:
         """(raw sentence embeddings (sentence, embed), sentences per class): what other ways of
         averaging the templates need."""
         key = f"text/{prompt_set}/embeddings"
+        if f"text/{prompt_set}/classifier" not in self._group:
+            self.classifier(prompt_set)  # the set is absent: its error names the command
         if key not in self._group:
             raise StoreError(f"{self.url} keeps no sentence embeddings for prompt set"
                              f" '{prompt_set}' (stores written before safe-cache 0.2); run"

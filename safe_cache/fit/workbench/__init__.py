@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...data.prompts import prompt_set_name
+from ...data.prompts import stored_prompt_set
 from ...errors import StoreError
 from ...store import FeatureStore
 from ..adapters import Split
@@ -57,6 +57,8 @@ class MethodInputs:
     val_rows: np.ndarray
     test_rows: np.ndarray  # the test rows evaluated (all of them unless fit --partial)
     test_chunk: int  # rows per read when a method streams the test split's dense maps
+    # the run's own sentences (raw embeddings, per class) where it mined them (fit/text.py)
+    run_sentences: tuple[np.ndarray, list[int]] | None = None
 
     @property
     def classes(self) -> int:
@@ -73,7 +75,10 @@ def sentences(inputs: MethodInputs) -> tuple[torch.Tensor, torch.Tensor, list[in
     """The run's prompt set as samples: (raw sentence embeddings (S, D) float32 on the CPU,
     each one's class (S,), sentences per class); a store whose sentences are not one group per
     class is refused in one line."""
-    embeddings, counts = inputs.store.sentence_embeddings(prompt_set_name(inputs.prompts))
+    if inputs.run_sentences is not None:
+        embeddings, counts = inputs.run_sentences
+    else:
+        embeddings, counts = inputs.store.sentence_embeddings(stored_prompt_set(inputs.prompts))
     if len(counts) != inputs.classes:
         raise StoreError(f"{inputs.store.url}: the prompt set '{inputs.prompts}' holds"
                          f" sentences of {len(counts)} classes for {inputs.classes} classes;"

@@ -61,7 +61,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...data.prompts import prompt_set_name
+from ...data.prompts import stored_prompt_set
 from ...errors import RecipeError
 from ...store import FeatureStore
 from ..evaluate import accuracy
@@ -279,7 +279,7 @@ def check_store_serves(store: FeatureStore, prompts: str, shots: tuple[int, ...]
                        seeds: tuple[int, ...]) -> None:
     """Refuse, before anything runs, a store whose runs have too few samples for any of
     their batch sizes (training_samples counts them the same way)."""
-    _, counts = store.sentence_embeddings(prompt_set_name(prompts))
+    _, counts = store.sentence_embeddings(stored_prompt_set(prompts))
     per_image = 2 if store.center_flip else 1
     for seed in seeds:
         for k in shots:
