@@ -23,6 +23,7 @@ from ..analysis.literature import FULL_ENCODER_METHODS
 from ..analysis.report import ELEVEN, OOD_COLUMNS, footnotes
 from ..atomic import atomic_write_text
 from ..fit.results import METHODS
+from .figures import FIGURES, figure_html, figure_markdown, figure_rows
 from .plan import StudyPlan
 
 ELEVEN_LAST = "average"
@@ -78,6 +79,7 @@ def _sources(plan: StudyPlan) -> list[dict[str, Any]]:
         command = ["safe-cache", "fit", "--store", first.store, "--shots", str(shots),
                    "--seeds", ",".join(str(r.seed) for r in runs), "--recipe", first.recipe,
                    "--prompts", first.prompts, "--out", str(plan.out / "results" / variant),
+                   *(["--classifier", first.classifier] if first.classifier != "text" else []),
                    *_fit_flags(plan.study, dataset)]
         sources.append({"dataset": dataset, "backbone": backbone, "variant": variant,
                         "shots": shots, "command": shlex.join(command),
@@ -134,6 +136,8 @@ def write_report(plan: StudyPlan) -> tuple[dict[str, Any], list[Path]]:
               "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "tables": _tables(rows), "ood": ood_rows(runs) if runs else [],
               "costs": cost_rows(runs),
+              "figure": (plan.study.paper, figure_rows(rows, plan.study.paper))
+              if plan.study.paper in FIGURES else None,
               "sources": _sources(plan), "runs": len(runs)}
     plots = _plots(plan, rows, runs) if runs else []
     plan.out.mkdir(parents=True, exist_ok=True)
@@ -153,7 +157,8 @@ def _variant_settings(rows: list[dict[str, Any]], runs: list) -> list[dict[str, 
     variant = {run.group[:12]: run.path.parents[2].name for run in runs}
     for row in rows:
         if row["group"] in variant:
-            extra = [p for p in row["setting"].split(", ")[1:] if not p.startswith("prompts ")]
+            extra = [p for p in row["setting"].split(", ")[1:]
+                     if not p.startswith(("prompts ", "classifier "))]
             row["setting"] = ", ".join([variant[row["group"]], *extra])
     return rows
 
@@ -174,6 +179,8 @@ def _markdown(report: dict[str, Any], plots: list[Path], out: Path) -> str:
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines += ["", *(f"- {note}" for note in table["notes"])]
         lines.append("")
+    if report.get("figure"):
+        lines += figure_markdown(*report["figure"])
     if report["ood"]:
         lines += ["## ImageNet and its variants (16 shots)", "",
                   "| backbone | recipe | method | imagenet | -v2 | -sketch | -a | -r |",
@@ -233,6 +240,8 @@ def _html(report: dict[str, Any], plots: list[Path]) -> str:
             parts.append(f"<tr><td>{e(method)}</td>{''.join(cells)}</tr>")
         parts.append("</table>" + "".join(f"<p class='paper'>{e(note)}</p>"
                                           for note in table["notes"]))
+    if report.get("figure"):
+        parts.append(figure_html(*report["figure"]))
     if report["ood"]:
         columns = OOD_COLUMNS
         parts.append("<h2>ImageNet and its variants (16 shots)</h2><table><tr><th>backbone</th>"

@@ -51,6 +51,7 @@ class RunItem:
     path: Path
     status: str  # "todo" or "done"
     store: str = ""
+    classifier: str = "text"  # "linear": fit --classifier linear
 
 
 @dataclass
@@ -159,8 +160,10 @@ def _store_status(url: str, rows: dict[str, int], study: Study, dataset: str,
 
 
 def _has_classifier(store, prompts: str) -> bool:
+    from ..data.prompts import stored_prompt_set
+
     try:
-        store.classifier(prompts)
+        store.classifier(stored_prompt_set(prompts))
     except (SafeCacheError, KeyError):
         return False
     return True
@@ -185,7 +188,7 @@ def _run_status(path: Path, config, shots: int, seed: int) -> str:
 
 
 def fit_config(study: Study, store: str, dataset: str, recipe: str, prompts: str,
-               out: str | Path):
+               out: str | Path, classifier: str = "text"):
     """The FitConfig of one (store, variant) of the study: what its runs are named by (the
     plan) and run with (the runner). By name: the OOD variant stores lie beside the source
     store, where fit looks for them."""
@@ -197,7 +200,7 @@ def fit_config(study: Study, store: str, dataset: str, recipe: str, prompts: str
     eval_ood = tuple(study.ood) if dataset == "imagenet" else ()
     return FitConfig(store=store, shots=tuple(study.shots), seeds=tuple(study.seeds),
                      prompts=prompts, out=str(out), methods=optional, recipe=PRESETS[recipe],
-                     eval_ood=eval_ood, **options)
+                     eval_ood=eval_ood, classifier=classifier, **options)
 
 
 def plan_study(study: Study, root: str | Path, *, stores: str | None = None,
@@ -236,18 +239,19 @@ def plan_study(study: Study, root: str | Path, *, stores: str | None = None,
     for item in plan.stores:
         if item.test_only:
             continue
-        for recipe, prompts in study.variants:
-            variant = study.variant_name(recipe, prompts)
+        for recipe, prompts, classifier in study.variants:
+            variant = study.variant_name(recipe, prompts, classifier)
             resolved = resolve_prompts(prompts, item.dataset, root)
             config = fit_config(study, item.url, item.dataset, recipe, resolved,
-                                plan.out / "results" / variant)
+                                plan.out / "results" / variant, classifier)
             manifest = {"dataset": {"name": item.dataset}, "backbone": item.card}
             for shots in study.shots:
                 for seed in study.seeds:
                     path = config_result_path(config, manifest, shots, seed)
                     plan.runs.append(RunItem(item.dataset, item.backbone, recipe, resolved,
                                              variant, shots, seed, path,
-                                             _run_status(path, config, shots, seed), item.url))
+                                             _run_status(path, config, shots, seed), item.url,
+                                             classifier))
     plan.seconds, plan.estimate_note = _estimate(plan, device)
     return plan
 

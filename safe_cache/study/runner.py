@@ -53,7 +53,7 @@ def _fit_configs(plan: StudyPlan) -> list:
             continue
         seen.add(key)
         configs.append(fit_config(plan.study, run.store, run.dataset, run.recipe, run.prompts,
-                                  plan.out / "results" / run.variant))
+                                  plan.out / "results" / run.variant, run.classifier))
     return configs
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..analysis.report import OOD_COLUMNS
+from ..data.prompts import BUILTIN_PROMPT_SETS
 from ..defaults import default_of, settable
 from ..errors import ConfigError, DatasetError
 from ..extract.config import ExtractConfig
@@ -30,19 +31,20 @@ else:  # Python 3.10
     import tomli as tomllib
 
 STUDY_DIR = Path(__file__).parent / "studies"
-BUILTIN_PROMPTS = ("hand", "classname", "vanilla")
+BUILTIN_PROMPTS = BUILTIN_PROMPT_SETS  # hand, classname, vanilla, pool, mined
 OOD_VARIANTS = OOD_COLUMNS[1:]  # the ImageNet variants (the first column is ImageNet)
 TOP_KEYS = {"name", "description", "datasets", "backbones", "shots", "seeds", "methods",
-            "recipes", "prompts", "ood", "extract", "fit", "paper"}
+            "recipes", "prompts", "linear", "ood", "extract", "fit", "paper"}
 BACKBONE_KEYS = {"model", "pretrained", "cut", "label", "quick_gelu"}
 # [extract] and [fit] take the configs' fields, less what a study says its own way (datasets,
-# backbones, shots, seeds, prompts, methods, recipes, ood) or decides itself (where stores and
-# results go) and what no study should set (taking over a lease, forcing, partial test splits).
+# backbones, shots, seeds, prompts, linear (fit's classifier), methods, recipes, ood) or decides
+# itself (where stores and results go) and what no study should set (taking over a lease,
+# forcing, partial test splits).
 EXTRACT_KEYS = settable(ExtractConfig, less={
     "dataset", "root", "model", "pretrained", "store", "store_root", "shots", "seeds", "prompts",
     "cut", "quick_gelu", "init_seed", "storage_options", "layout", "takeover"})
 FIT_KEYS = settable(FitConfig, less={
-    "store", "out", "shots", "seeds", "prompts", "methods", "recipe", "eval_ood",
+    "store", "out", "shots", "seeds", "prompts", "classifier", "methods", "recipe", "eval_ood",
     "storage_options", "force", "partial"})
 
 
@@ -90,6 +92,7 @@ class Study:
     methods: tuple[str, ...] = (*ALWAYS, *DEFAULT_METHODS)
     recipes: tuple[str, ...] = (default_of(FitConfig, "recipe").name,)
     prompts: tuple[str, ...] = (default_of(FitConfig, "prompts"),)
+    linear: tuple[str, ...] = ()  # prompt sets also run with their classifier fine-tuned
     ood: tuple[str, ...] = ()
     extract: dict[str, Any] = field(default_factory=dict)
     fit: dict[str, Any] = field(default_factory=dict)
@@ -103,16 +106,21 @@ class Study:
         return dict(self.spec_files).get(name, name)
 
     @property
-    def variants(self) -> list[tuple[str, str]]:
-        """(recipe, prompt set) pairs: each writes its own results folder."""
-        return [(r, p) for r in self.recipes for p in self.prompts]
+    def variants(self) -> list[tuple[str, str, str]]:
+        """(recipe, prompt set, classifier) triples: each writes its own results folder. Every
+        prompt set runs with its frozen text classifier ("text"), those of `linear` also with
+        the classifier fine-tuned first (fit --classifier linear: the paper's Fig. 8)."""
+        return [(r, p, c) for r in self.recipes for p in self.prompts
+                for c in ("text", "linear") if c == "text" or p in self.linear]
 
-    def variant_name(self, recipe: str, prompts: str) -> str:
-        """A variant's folder: the recipe, plus the prompt set where the study varies it."""
+    def variant_name(self, recipe: str, prompts: str, classifier: str = "text") -> str:
+        """A variant's folder: the recipe, plus the prompt set where the study varies it, plus
+        `-linear` for a fine-tuned classifier."""
+        suffix = "" if classifier == "text" else f"-{classifier}"
         if len(self.prompts) == 1:
-            return recipe
+            return recipe + suffix
         name = Path(prompts).parent.name if "{dataset}" in prompts else Path(prompts).stem
-        return f"{recipe}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}"
+        return f"{recipe}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}{suffix}"
 
 
 def resolve_prompts(prompts: str, dataset: str, root: str | Path) -> str:
@@ -267,10 +275,11 @@ def parse_study(path: Path) -> Study:
         if not isinstance(raw.get(table, {}), dict):
             raise check.fail(table, f"'{table}' must be a table: [{table}].")
         check.keys(raw.get(table, {}), allowed, table)
-    for key in ("methods", "recipes", "prompts", "ood", "shots", "seeds", "backbones"):
+    for key in ("methods", "recipes", "prompts", "linear", "ood", "shots", "seeds",
+                "backbones"):
         if key in raw and not isinstance(raw[key], list):
             raise check.fail(key, f"'{key}' must be a list (e.g. {key} = [...]).")
-    for key in ("methods", "recipes", "prompts", "ood"):
+    for key in ("methods", "recipes", "prompts", "linear", "ood"):
         if not all(isinstance(v, str) for v in raw.get(key, [])):
             raise check.fail(key, f"every value of '{key}' must be a text.")
     datasets, spec_files = _datasets(raw.get("datasets"), path, check,
@@ -289,12 +298,22 @@ def parse_study(path: Path) -> Study:
     for prompt_set in prompts:
         if prompt_set not in BUILTIN_PROMPTS and "{dataset}" not in prompt_set and \
                 not (path.parent / prompt_set).is_file() and not Path(prompt_set).is_file():
-            raise check.fail(prompt_set, f"unknown prompt set '{prompt_set}'; allowed: hand,"
-                                         f" classname, vanilla, a CuPL JSON file, or a file per"
-                                         f" dataset ('cupl/{{dataset}}.json' under the data"
-                                         f" root).")
-    prompts = [p if p in BUILTIN_PROMPTS or "{dataset}" in p or Path(p).is_file()
-               else str(path.parent / p) for p in prompts]
+            raise check.fail(prompt_set, f"unknown prompt set '{prompt_set}'; allowed:"
+                                         f" {', '.join(BUILTIN_PROMPTS)}, a CuPL JSON file, or"
+                                         f" a file per dataset ('cupl/{{dataset}}.json' under"
+                                         f" the data root).")
+    linear = raw.get("linear", [])
+    for prompt_set in linear:
+        if prompt_set not in prompts:
+            raise check.fail(prompt_set, f"'linear' names prompt sets of 'prompts' whose"
+                                         f" classifier is also fine-tuned; '{prompt_set}' is"
+                                         f" not one of {prompts}.")
+
+    def located(p: str) -> str:
+        return p if p in BUILTIN_PROMPTS or "{dataset}" in p or Path(p).is_file() \
+            else str(path.parent / p)
+
+    prompts, linear = [located(p) for p in prompts], [located(p) for p in linear]
     study = Study(
         name=raw.get("name", path.stem), path=path, datasets=tuple(datasets),
         spec_files=tuple(sorted(spec_files.items())),
@@ -303,10 +322,11 @@ def parse_study(path: Path) -> Study:
         seeds=check.ints(raw.get("seeds", list(default_of(FitConfig, "seeds"))), "seeds", 0),
         methods=tuple(dict.fromkeys(["zero_shot", "safe", *methods])),
         recipes=tuple(dict.fromkeys(recipes)), prompts=tuple(dict.fromkeys(prompts)),
+        linear=tuple(dict.fromkeys(linear)),
         ood=tuple(ood), extract=dict(raw.get("extract", {})), fit=dict(raw.get("fit", {})),
         description=raw.get("description", ""), paper=raw.get("paper", ""))
     _check_values(study, check)
-    folders = [study.variant_name(r, p) for r, p in study.variants]
+    folders = [study.variant_name(r, p, c) for r, p, c in study.variants]
     for folder in folders:
         if folders.count(folder) > 1:  # two variants would write the same result files
             raise check.fail("prompts", f"two recipe x prompt-set variants write the same"
