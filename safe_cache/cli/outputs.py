@@ -1,5 +1,5 @@
-"""What fits give: `report`, `export`, `predict`, `attention`, `gradcam`, `shapley`,
-`correspond`."""
+"""What fits give: `report`, `export`, `predict`, `attention`, `gradcam`, `shapley` (and
+`parts`, its masks), `correspond`."""
 
 from __future__ import annotations
 
@@ -230,6 +230,52 @@ def shapley(store: str | None, dataset: str | None, model: str | None, pretraine
     values = shapley_values(store, result, list(rows), parts_dir, split, orders, image_root)
     written = plot_shapley(values, image_root, out)
     console.print(f"{len(written)} images' part values written to {out} (and shapley.json)")
+
+
+@main.group(epilog=examples(
+    "safe-cache parts partimagenet --annotations ~/data/PartImageNet/annotations/train/"
+    "train.json --out ~/data/parts",
+    "safe-cache parts partimagenet --annotations ~/data/PartImageNet/annotations/test/ "
+    "--store stores/imagenet/RN50-openai.zarr --only-in-store --out ~/data/parts"))
+def parts() -> None:
+    """Part masks for `shapley --parts` from a dataset's part annotations."""
+
+
+@parts.command("partimagenet", epilog=examples(
+    "safe-cache parts partimagenet --annotations ~/data/PartImageNet/annotations/train/"
+    "train.json --out ~/data/parts",
+    "safe-cache parts partimagenet --annotations ~/data/PartImageNet/annotations/test/ "
+    "--store stores/imagenet/RN50-openai.zarr --only-in-store --out ~/data/parts"))
+@click.option("--annotations", required=True, type=click.Path(exists=True),
+              help="A split's COCO-style JSON (annotations/<split>/<split>.json), or the folder "
+                   "of its segmentation PNGs (PartImageNet_Seg).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="The parts folder to write (parts.json and a PNG per image).")
+@click.option("--classnames", default=None, type=click.Path(dir_okay=False),
+              show_default="<data root>/imagenet/classnames.txt",
+              help="ImageNet's classnames.txt: a synset's line is its label.")
+@click.option("--root", default=None, type=click.Path(file_okay=False),
+              help="The data root, for the default --classnames ($SAFE_CACHE_DATA or ./data "
+                   "when not given).")
+@click.option("--store", default=None, help="An ImageNet store: put each mask at its row's "
+              "path, check the row's label, and list the rows (for shapley --images).")
+@click.option("--only-in-store", is_flag=True, help="With --store: skip the images it does "
+              "not hold (else they are an error).")
+def partimagenet(annotations: str, out: str, classnames: str | None, root: str | None,
+                 store: str | None, only_in_store: bool) -> None:
+    """Convert PartImageNet's part annotations (polygons, RLE or PNGs) into a parts folder:
+    its 40 part categories as the part names, each image's class from its file name's
+    synset."""
+    from ..analysis.partimagenet import convert
+
+    if only_in_store and store is None:
+        raise click.UsageError("--only-in-store needs --store.")
+    record = convert(annotations, out, classnames, store, only_in_store, root)
+    console.print(f"{len(record['images'])} part masks written to {out} (and parts.json)")
+    if record["skipped"]:
+        err_console.print(f"{len(record['skipped'])} images not in {store} skipped")
+    for split, rows in record.get("rows", {}).items():
+        console.print(f"{split} rows: {','.join(map(str, rows))}")
 
 
 @main.command(epilog=examples(
