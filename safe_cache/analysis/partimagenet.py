@@ -223,12 +223,19 @@ def png_masks(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def store_rows(store: Any) -> dict[str, tuple[str, int, str, int]]:
-    """file name -> (split, row, path, label) of every row of a store."""
-    found = {}
-    for split in store.splits:
+    """file name -> (split, row, path, label) of the store's rows (padding rows left out); a
+    name at several paths takes the one at ImageNet's train/<synset>/ layout, where
+    PartImageNet's images come from."""
+    found: dict[str, tuple[str, int, str, int]] = {}
+    for split in store.splits():
         labels = store.row_labels(split)
-        for row, path in enumerate(store.row_paths(split)):
-            found.setdefault(Path(str(path)).name, (split, row, str(path), int(labels[row])))
+        for row, path in enumerate(str(p) for p in store.row_paths(split)):
+            name = Path(path).name
+            if not path or labels[row] < 0:
+                continue
+            own = SYNSET.match(name) is not None and path == f"train/{synset_of(name)}/{name}"
+            if name not in found or own:
+                found[name] = (split, row, path, int(labels[row]))
     return found
 
 
@@ -257,7 +264,8 @@ def convert(annotations: str | Path, out: str | Path, classnames: str | Path | N
                           f" (annotations/<split>/<split>.json) or its PNG folder.")
     wnids = read_wnids(classnames)
     label_of = {wnid: index for index, wnid in enumerate(wnids)}
-    rows, classes = None, None
+    rows: dict[str, tuple[str, int, str, int]] | None = None
+    classes: list[str] = []
     if store_url is not None:
         from ..store import open_store
 
@@ -274,7 +282,7 @@ def convert(annotations: str | Path, out: str | Path, classnames: str | Path | N
         if wnid not in label_of:
             raise ConfigError(f"{file_name}: synset {wnid} is not in {classnames}, ImageNet's"
                               f" 1000 classes.")
-        entry = {"file_name": name, "synset": wnid, "label": label_of[wnid],
+        entry: dict[str, Any] = {"file_name": name, "synset": wnid, "label": label_of[wnid],
                  "path": f"train/{wnid}/{name}",
                  "parts": [PARTS[int(v) - 1] for v in np.unique(mask) if v]}
         if rows is not None:
