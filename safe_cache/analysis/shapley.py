@@ -248,7 +248,8 @@ def shapley_values(store_url: str, result_path: str | Path, rows: list[int], par
             entry[name] = shapley(value, tokens, len(names), orders=orders)
         images.append(entry)
     return {"parts": names, "images": images, "classnames": store.manifest["dataset"][
-        "classnames"], "card": card, "beta": beta, "value": "true-class probability"}
+        "classnames"], "card": card, "beta": beta, "mode": "tokens",
+        "value": "true-class probability"}
 
 
 HEADS = (("original", "original pooling"), ("finetuned", "SAFE's pooling"),
@@ -297,6 +298,7 @@ def plot_shapley(values: dict[str, Any], image_root: str | Path | None, out: str
         right.axhline(0, color="grey", linewidth=0.8)
         how = "exact" if entry["original"]["exact"] else \
             f"Monte Carlo, {entry['original']['orders']} orders"
+        how += ", pixels through the trunk" if values.get("mode") == "pixels" else ""
         right.set(ylabel="Shapley value (true-class probability)",
                   title=f"each part's share ({how})")
         right.title.set_fontsize(9)
@@ -307,5 +309,6 @@ def plot_shapley(values: dict[str, Any], image_root: str | Path | None, out: str
         plt.close(figure)
         written.append(target)
     record = {key: values[key] for key in ("parts", "images", "beta", "value")}
+    record["mode"] = values.get("mode", "tokens")
     atomic_write_text(out / "shapley.json", json.dumps(record, indent=1))
     return written

@@ -1,5 +1,5 @@
-"""What fits give: `report`, `export`, `predict`, `attention`, `gradcam`, `shapley`,
-`correspond`."""
+"""What fits give: `report`, `export`, `predict`, `attention`, `gradcam`, `shapley` (and
+`parts`, its masks), `correspond`."""
 
 from __future__ import annotations
 
@@ -208,7 +208,9 @@ def gradcam(store: str | None, dataset: str | None, model: str | None, pretraine
     "safe-cache shapley --store stores/imagenet/RN50-openai.zarr --head RESULT.json "
     "--parts ~/data/parts --images 0,1 --image-root ~/data/imagenet/images --out shapley/",
     "safe-cache shapley --dataset imagenet --head RESULT.json --parts ~/data/parts "
-    "--images 4 --orders 500 --out shapley/"))
+    "--images 4 --orders 500 --out shapley/",
+    "safe-cache shapley --dataset imagenet --head RESULT.json --parts ~/data/parts "
+    "--images 4 --mode pixels --image-root ~/data/imagenet/images --out shapley/"))
 @result_rows
 @click.option("--parts", "parts_dir", required=True, type=click.Path(file_okay=False,
                                                                         exists=True),
@@ -216,20 +218,80 @@ def gradcam(store: str | None, dataset: str | None, model: str | None, pretraine
                    "image's path (value k: the k-th part, 0: none).")
 @click.option("--orders", default=200, show_default=True, type=click.IntRange(2, 100_000),
               help="Monte Carlo's random orders, for more than 8 parts.")
+@click.option("--mode", type=click.Choice(["tokens", "pixels"]), default="tokens",
+              show_default=True, help="tokens: drop absent parts' tokens from the stored maps' "
+              "pool; pixels: set their pixels to the preprocessing mean and run the whole model "
+              "live, a trunk pass per coalition (needs --image-root).")
 @click.option("--image-root", default=None, type=click.Path(file_okay=False),
               help="The dataset's image folder, to draw the parts over the images.")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 def shapley(store: str | None, dataset: str | None, model: str | None, pretrained: str | None,
             store_root: str | None, result: str, parts_dir: str, rows: tuple[int, ...],
-            split: str, orders: int, image_root: str | None, out: str) -> None:
+            split: str, orders: int, mode: str, image_root: str | None, out: str) -> None:
     """Each part's Shapley value for the original pooling, SAFE's and the blend (PNG, JSON)."""
     from ..analysis.shapley import plot_shapley, shapley_values
 
+    if mode == "pixels" and image_root is None:
+        raise click.UsageError("--mode pixels runs the model on the images: name their folder"
+                               " with --image-root.")
     store = store or one_store(dataset=dataset, model=model, pretrained=pretrained,
                                 store_root=store_root)
-    values = shapley_values(store, result, list(rows), parts_dir, split, orders, image_root)
+    if mode == "pixels":
+        from ..analysis.shapley_pixels import pixel_shapley_values
+
+        values = pixel_shapley_values(store, result, list(rows), parts_dir, str(image_root),
+                                      split, orders)
+    else:
+        values = shapley_values(store, result, list(rows), parts_dir, split, orders,
+                                image_root)
     written = plot_shapley(values, image_root, out)
     console.print(f"{len(written)} images' part values written to {out} (and shapley.json)")
+
+
+@main.group(epilog=examples(
+    "safe-cache parts partimagenet --annotations ~/data/PartImageNet/annotations/train/"
+    "train.json --out ~/data/parts",
+    "safe-cache parts partimagenet --annotations ~/data/PartImageNet/annotations/test/ "
+    "--store stores/imagenet/RN50-openai.zarr --only-in-store --out ~/data/parts"))
+def parts() -> None:
+    """Part masks for `shapley --parts` from a dataset's part annotations."""
+
+
+@parts.command("partimagenet", epilog=examples(
+    "safe-cache parts partimagenet --annotations ~/data/PartImageNet/annotations/train/"
+    "train.json --out ~/data/parts",
+    "safe-cache parts partimagenet --annotations ~/data/PartImageNet/annotations/test/ "
+    "--store stores/imagenet/RN50-openai.zarr --only-in-store --out ~/data/parts"))
+@click.option("--annotations", required=True, type=click.Path(exists=True),
+              help="A split's COCO-style JSON (annotations/<split>/<split>.json), or the folder "
+                   "of its segmentation PNGs (PartImageNet_Seg).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="The parts folder to write (parts.json and a PNG per image).")
+@click.option("--classnames", default=None, type=click.Path(dir_okay=False),
+              show_default="<data root>/imagenet/classnames.txt",
+              help="ImageNet's classnames.txt: a synset's line is its label.")
+@click.option("--root", default=None, type=click.Path(file_okay=False),
+              help="The data root, for the default --classnames ($SAFE_CACHE_DATA or ./data "
+                   "when not given).")
+@click.option("--store", default=None, help="An ImageNet store: put each mask at its row's "
+              "path, check the row's label, and list the rows (for shapley --images).")
+@click.option("--only-in-store", is_flag=True, help="With --store: skip the images it does "
+              "not hold (else they are an error).")
+def partimagenet(annotations: str, out: str, classnames: str | None, root: str | None,
+                 store: str | None, only_in_store: bool) -> None:
+    """Convert PartImageNet's part annotations (polygons, RLE or PNGs) into a parts folder:
+    its 40 part categories as the part names, each image's class from its file name's
+    synset."""
+    from ..analysis.partimagenet import convert
+
+    if only_in_store and store is None:
+        raise click.UsageError("--only-in-store needs --store.")
+    record = convert(annotations, out, classnames, store, only_in_store, root)
+    console.print(f"{len(record['images'])} part masks written to {out} (and parts.json)")
+    if record["skipped"]:
+        err_console.print(f"{len(record['skipped'])} images not in {store} skipped")
+    for split, rows in record.get("rows", {}).items():
+        console.print(f"{split} rows: {','.join(map(str, rows))}")
 
 
 @main.command(epilog=examples(

@@ -1,0 +1,313 @@
+"""PartImageNet (He et al., 2021) annotations -> the parts folder `safe-cache shapley` reads.
+
+PartImageNet annotates the parts of ~24k ImageNet train images of 158 classes in 11
+supercategories (Quadruped: Head, Body, Foot, Tail; ...; Bottle: Mouth, Body): 40 part
+categories. It comes in two forms, both read here:
+
+- COCO-style JSON (`annotations/<split>/<split>.json` of the OOD release): `images` (id,
+  file_name, width, height), `annotations` (image_id, category_id, segmentation: polygons
+  `[[x1, y1, x2, y2, ...], ...]` or RLE `{"counts", "size"}`) and `categories` (id, name like
+  "Quadruped Head", supercategory);
+- segmentation PNGs (`PartImageNet_Seg`: `annotations/<split>/<image stem>.png`), one byte per
+  pixel holding the part's category id 0..39, 40 for the background.
+
+A parts folder holds parts.json with the part names (mask value k is names[k - 1]) and an 8-bit
+mask per image at the image's path with .png. The names are the dataset's 40 categories in id
+order, so masks of every supercategory share one folder; an image shows the parts of its own
+supercategory only, and shapley leaves a part without a token out of the game (its value 0).
+
+An image's class is its file name's ImageNet synset (n01440764_10026.JPEG -> n01440764), looked
+up in the imagenet pipeline's classnames.txt (`n01440764 tench` per line; the line's index is
+the label, as the datasets code numbers ImageNet's classes). Given a store, each image is found
+among its rows by file name, its mask goes at the row's path, and the row's label must be the
+synset's class; without one the mask goes at ImageNet's own layout, `train/<synset>/<file>`.
+
+Polygons are rasterised here (no pycocotools): a pixel belongs to a polygon when its center
+(x + 0.5, y + 0.5) lies inside by the even-odd rule; the union of an annotation's polygons is
+its part, and where two annotations overlap the later one in the file wins.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+
+PARTS = (
+    "Quadruped Head", "Quadruped Body", "Quadruped Foot", "Quadruped Tail",
+    "Biped Head", "Biped Body", "Biped Hand", "Biped Foot", "Biped Tail",
+    "Fish Head", "Fish Body", "Fish Fin", "Fish Tail",
+    "Bird Head", "Bird Body", "Bird Wing", "Bird Foot", "Bird Tail",
+    "Snake Head", "Snake Body",
+    "Reptile Head", "Reptile Body", "Reptile Foot", "Reptile Tail",
+    "Car Body", "Car Tier", "Car Side Mirror",
+    "Bicycle Body", "Bicycle Head", "Bicycle Seat", "Bicycle Tier",
+    "Boat Body", "Boat Sail",
+    "Aeroplane Head", "Aeroplane Body", "Aeroplane Engine", "Aeroplane Wing", "Aeroplane Tail",
+    "Bottle Mouth", "Bottle Body",
+)  # the category ids 0..39 of both releases (the PNGs' pixel values)
+PNG_BACKGROUND = len(PARTS)  # 40: the segmentation PNGs' background value
+SLACK = 1.0  # pixels a polygon vertex may lie beyond the image (annotation tools round)
+SYNSET = re.compile(r"^(n\d{8})_")
+
+
+def synset_of(file_name: str) -> str:
+    """The ImageNet synset an image's file name starts with (n01440764_10026.JPEG)."""
+    match = SYNSET.match(Path(file_name).name)
+    if match is None:
+        raise ConfigError(f"{file_name}: a PartImageNet image's file name starts with its"
+                          f" ImageNet synset (n01440764_10026.JPEG); this one does not.")
+    return match.group(1)
+
+
+def read_wnids(path: str | Path) -> list[str]:
+    """The synsets of ImageNet's classnames.txt in label order (`n01440764 tench` per line)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"No readable class list {path} ({exc!s:.80}): name ImageNet's"
+                          f" classnames.txt (`n01440764 tench` per line) with --classnames.")\
+            from None
+    wnids = [line.split()[0] for line in lines if line.strip()]
+    if not wnids or not all(SYNSET.match(w + "_") for w in wnids):
+        raise ConfigError(f"{path} is not ImageNet's classnames.txt: each line starts with a"
+                          f" synset (n01440764 tench).")
+    return wnids
+
+
+def rasterise(polygon: list[float], height: int, width: int) -> np.ndarray:
+    """(height, width) bool: the pixels whose centers lie inside the polygon (even-odd)."""
+    points = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
+    x1, y1 = points[:, 0], points[:, 1]
+    x2, y2 = np.roll(x1, -1), np.roll(y1, -1)
+    centers = np.arange(height) + 0.5  # each row's center line
+    crosses = (y1[None] <= centers[:, None]) != (y2[None] <= centers[:, None])  # (H, E)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        at = x1 + (centers[:, None] - y1) * (x2 - x1) / (y2 - y1)  # where each edge crosses
+    rows, edges = np.nonzero(crosses)
+    # the first pixel whose center lies right of the crossing toggles inside/outside
+    first = np.clip(np.floor(at[rows, edges] - 0.5).astype(np.int64) + 1, 0, width)
+    toggles = np.zeros((height, width + 1), dtype=np.int64)
+    np.add.at(toggles, (rows, first), 1)
+    return (np.cumsum(toggles, axis=1)[:, :width] % 2).astype(bool)
+
+
+def rle_counts(counts: str) -> list[int]:
+    """COCO's compressed RLE string (pycocotools' rleToString) as its run lengths."""
+    runs: list[int] = []
+    position = 0
+    while position < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if position >= len(counts):
+                raise ValueError("the RLE string ends inside a number")
+            char = ord(counts[position]) - 48
+            value |= (char & 0x1F) << (5 * shift)
+            more = bool(char & 0x20)
+            position, shift = position + 1, shift + 1
+            if not more and char & 0x10:
+                value |= -1 << (5 * shift)
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
+
+
+def decode_rle(rle: dict[str, Any], height: int, width: int) -> np.ndarray:
+    """(height, width) bool of a COCO RLE (runs of 0, then 1, ..., in column-major order)."""
+    runs = rle_counts(rle["counts"]) if isinstance(rle["counts"], str) else list(rle["counts"])
+    if list(rle.get("size", [height, width])) != [height, width]:
+        raise ValueError(f"its size {rle.get('size')} is not the image's [{height}, {width}]")
+    if any(r < 0 for r in runs) or sum(runs) != height * width:
+        raise ValueError(f"its runs cover {sum(runs)} pixels, not {height} x {width}")
+    values = np.arange(len(runs)) % 2 == 1
+    return np.repeat(values, runs).reshape(width, height).T
+
+
+def _segment(annotation: dict[str, Any], image: dict[str, Any], where: str) -> np.ndarray:
+    """One annotation's pixels; polygons beyond the image by more than SLACK are refused."""
+    height, width = int(image["height"]), int(image["width"])
+    segmentation = annotation.get("segmentation")
+    try:
+        if isinstance(segmentation, dict):
+            return decode_rle(segmentation, height, width)
+        if not isinstance(segmentation, list) or not segmentation:
+            raise ValueError("it is neither polygons ([[x1, y1, ...], ...]) nor RLE")
+        mask = np.zeros((height, width), dtype=bool)
+        for polygon in segmentation:
+            points = np.asarray(polygon, dtype=np.float64)
+            if points.ndim != 1 or len(points) < 6 or len(points) % 2:
+                raise ValueError("a polygon is a flat list of at least 3 x, y pairs")
+            xs, ys = points[0::2], points[1::2]
+            if xs.min() < -SLACK or ys.min() < -SLACK or xs.max() > width + SLACK or \
+                    ys.max() > height + SLACK:
+                raise ValueError(f"a polygon reaches ({xs.min():g}..{xs.max():g},"
+                                 f" {ys.min():g}..{ys.max():g}), beyond the image's"
+                                 f" {width} x {height} pixels (file_name, width and height"
+                                 f" must be the annotated image's)")
+            mask |= rasterise(polygon, height, width)
+        return mask
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"{where}: annotation {annotation.get('id')} of image"
+                          f" {image.get('file_name')}: {exc}.") from None
+
+
+def _field(record: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(record, dict) or not isinstance(record.get(key), kind):
+        raise ConfigError(f"{where}: not PartImageNet's COCO-style JSON: each record needs"
+                          f" {key!r} ({record!s:.80}). Name a split's file (annotations/"
+                          f"<split>/<split>.json), or the folder of its segmentation PNGs.")
+    return record[key]
+
+
+def json_masks(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """(file name, label mask: 0 none, k = the part PARTS[k - 1]) per annotated image."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path} is not a readable JSON file ({exc!s:.80}).") from None
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data, dict) or not isinstance(data.get(key), list):
+            raise ConfigError(f"{path}: not PartImageNet's COCO-style JSON (no {key!r} list):"
+                              f" name a split's file, annotations/<split>/<split>.json.")
+    value = {}
+    for category in data["categories"]:
+        name = _field(category, "name", str, str(path))
+        if name not in PARTS:
+            raise ConfigError(f"{path}: category {name!r} is none of PartImageNet's 40 parts"
+                              f" ({PARTS[0]!r}, ...): is this PartImageNet's file?")
+        value[_field(category, "id", int, str(path))] = PARTS.index(name) + 1
+    images = {_field(i, "id", int, str(path)): i for i in data["images"]}
+    by_image: dict[int, list[dict[str, Any]]] = {key: [] for key in images}
+    for annotation in data["annotations"]:
+        image_id = _field(annotation, "image_id", int, str(path))
+        if image_id not in images or annotation.get("category_id") not in value:
+            raise ConfigError(f"{path}: annotation {annotation.get('id')} names image"
+                              f" {image_id} or category {annotation.get('category_id')},"
+                              f" which the file does not list.")
+        by_image[image_id].append(annotation)
+    for image_id, image in images.items():
+        name = _field(image, "file_name", str, str(path))
+        for key in ("height", "width"):
+            _field(image, key, int, str(path))
+        mask = np.zeros((image["height"], image["width"]), dtype=np.uint8)
+        for annotation in by_image[image_id]:
+            mask[_segment(annotation, image, str(path))] = value[annotation["category_id"]]
+        yield name, mask
+
+
+def png_masks(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """(file name, label mask) per segmentation PNG of a PartImageNet_Seg split folder."""
+    from PIL import Image
+
+    files = sorted(p for p in folder.glob("*.png") if SYNSET.match(p.name))
+    if not files:
+        raise ConfigError(f"{folder} holds no PartImageNet segmentation PNG (n01440764_*.png):"
+                          f" name annotations/<split>/ of PartImageNet_Seg, or a split's"
+                          f" JSON file.")
+    for file in files:
+        with Image.open(file) as opened:
+            raw = np.asarray(opened)
+        if raw.ndim != 2 or raw.dtype != np.uint8 or raw.max() > PNG_BACKGROUND:
+            raise ConfigError(f"{file}: a PartImageNet part PNG is one 8-bit channel of"
+                              f" category ids 0..39 and {PNG_BACKGROUND} for the background"
+                              f" (not the *_whole folders' 158 classes).")
+        mask = np.where(raw == PNG_BACKGROUND, 0, raw.astype(np.int64) + 1).astype(np.uint8)
+        yield f"{file.stem}.JPEG", mask
+
+
+def store_rows(store: Any) -> dict[str, tuple[str, int, str, int]]:
+    """file name -> (split, row, path, label) of the store's rows (padding rows left out); a
+    name at several paths takes the one at ImageNet's train/<synset>/ layout, where
+    PartImageNet's images come from."""
+    found: dict[str, tuple[str, int, str, int]] = {}
+    for split in store.splits():
+        labels = store.row_labels(split)
+        for row, path in enumerate(str(p) for p in store.row_paths(split)):
+            name = Path(path).name
+            if not path or labels[row] < 0:
+                continue
+            own = SYNSET.match(name) is not None and path == f"train/{synset_of(name)}/{name}"
+            if name not in found or own:
+                found[name] = (split, row, path, int(labels[row]))
+    return found
+
+
+def convert(annotations: str | Path, out: str | Path, classnames: str | Path | None = None,
+            store_url: str | None = None, only_in_store: bool = False,
+            root: str | Path | None = None) -> dict[str, Any]:
+    """Write the parts folder `out` from a PartImageNet JSON file or PNG folder; returns
+    parts.json's record (names, and per image its mask, synset, label and store row).
+    `classnames`: ImageNet's classnames.txt, by default the imagenet pipeline's own
+    (<data root>/imagenet/classnames.txt, the data root `root`, $SAFE_CACHE_DATA or ./data)."""
+    from PIL import Image
+
+    from ..atomic import atomic_write_text
+    from ..data.datasets import resolve_data_root
+
+    if classnames is None:
+        classnames = resolve_data_root(root).path / "imagenet" / "classnames.txt"
+
+    source = Path(annotations)
+    if source.is_dir():
+        masks = png_masks(source)
+    elif source.is_file():
+        masks = json_masks(source)
+    else:
+        raise ConfigError(f"No PartImageNet annotations at {source}: name a split's JSON"
+                          f" (annotations/<split>/<split>.json) or its PNG folder.")
+    wnids = read_wnids(classnames)
+    label_of = {wnid: index for index, wnid in enumerate(wnids)}
+    rows: dict[str, tuple[str, int, str, int]] | None = None
+    classes: list[str] = []
+    if store_url is not None:
+        from ..store import open_store
+
+        store = open_store(store_url)
+        rows, classes = store_rows(store), store.manifest["dataset"]["classnames"]
+        if len(classes) != len(wnids):
+            raise ConfigError(f"{store_url} has {len(classes)} classes and {classnames}"
+                              f" {len(wnids)}: PartImageNet's images need an ImageNet store.")
+    out = Path(out)
+    images: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    for file_name, mask in masks:
+        name, wnid = Path(file_name).name, synset_of(file_name)
+        if wnid not in label_of:
+            raise ConfigError(f"{file_name}: synset {wnid} is not in {classnames}, ImageNet's"
+                              f" 1000 classes.")
+        entry: dict[str, Any] = {"file_name": name, "synset": wnid, "label": label_of[wnid],
+                 "path": f"train/{wnid}/{name}",
+                 "parts": [PARTS[int(v) - 1] for v in np.unique(mask) if v]}
+        if rows is not None:
+            if name not in rows:
+                if only_in_store:
+                    skipped.append(name)
+                    continue
+                raise ConfigError(f"{name} is not in {store_url}: extract a store holding"
+                                  f" PartImageNet's images, pass --only-in-store to convert"
+                                  f" only those it holds, or leave --store out.")
+            split, row, path, label = rows[name]
+            if label != label_of[wnid]:
+                raise ConfigError(f"{store_url} labels {path} {label} ({classes[label]}), but"
+                                  f" {classnames} puts {wnid} at {label_of[wnid]}: the store's"
+                                  f" classes are not in that file's order.")
+            entry.update(path=path, split=split, row=row, classname=classes[label])
+        target = (out / entry["path"]).with_suffix(".png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask).save(target)
+        images.append(entry)
+    record: dict[str, Any] = {"names": list(PARTS), "source": f"PartImageNet: {source}",
+                              "images": images, "skipped": skipped}
+    if rows is not None:
+        record["rows"] = {split: sorted(e["row"] for e in images if e["split"] == split)
+                          for split in sorted({e["split"] for e in images})}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "parts.json", json.dumps(record, indent=1))
+    return record

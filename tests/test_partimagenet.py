@@ -1,0 +1,173 @@
+"""PartImageNet's annotations -> shapley's parts folder (analysis/partimagenet.py): polygons and
+RLE rasterised pixel-exactly, PNG masks renumbered, classes from the synsets, bad input named."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from safe_cache.analysis.partimagenet import PARTS, convert, decode_rle, rasterise, rle_counts
+from safe_cache.cli import main
+from safe_cache.errors import ConfigError
+
+WNIDS = [f"n0{i:07d}" for i in range(6)]  # tests/miniatures.py's ImageNet
+
+
+def rle_string(counts: list[int]) -> str:
+    """pycocotools' rleToString: each run minus the run two before (from the third on), in
+    5-bit groups, low first, 0x20 for more to come, offset by 48."""
+    out = []
+    for index, run in enumerate(counts):
+        value = run - counts[index - 2] if index > 2 else run
+        more = True
+        while more:
+            char, value = value & 0x1F, value >> 5
+            more = value != -1 if char & 0x10 else value != 0
+            out.append(chr(char + 48 + (0x20 if more else 0)))
+    return "".join(out)
+
+
+def runs_of(mask: np.ndarray) -> list[int]:
+    """COCO's runs of a bool mask: column-major, starting with a run of 0."""
+    flat = mask.T.ravel().astype(np.int8)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])))
+    return np.diff(np.concatenate([[0], edges])).tolist()
+
+
+def test_polygons_cover_the_pixels_whose_centers_they_hold():
+    rectangle = rasterise([1, 1, 4, 1, 4, 3, 1, 3], 5, 6)
+    expected = np.zeros((5, 6), dtype=bool)
+    expected[1:3, 1:4] = True
+    assert (rectangle == expected).all()
+    triangle = rasterise([20, 0, 36.5, 0, 20, 16.5], 40, 48)  # no center on its long edge
+    ys, xs = np.mgrid[:40, :48]
+    assert (triangle == ((xs >= 20) & (xs + ys <= 35))).all()
+    clockwise = rasterise([20, 0, 20, 16.5, 36.5, 0], 40, 48)
+    assert (clockwise == triangle).all()
+    ring = rasterise([0, 0, 8, 0, 8, 8, 0, 8, 0, 0, 2, 2, 2, 6, 6, 6, 6, 2, 2, 2], 8, 8)
+    assert ring.sum() == 64 - 16 and not ring[2:6, 2:6].any()  # even-odd: a hole
+
+
+def test_both_rle_forms_decode_to_their_mask():
+    rng = np.random.default_rng(0)
+    mask = rng.random((7, 9)) < 0.4
+    mask[0, 0] = True  # the first run of 0 is empty
+    runs = runs_of(mask)
+    assert runs[0] == 0 and sum(runs) == 63
+    assert rle_counts(rle_string(runs)) == runs
+    for counts in (runs, rle_string(runs)):
+        assert (decode_rle({"counts": counts, "size": [7, 9]}, 7, 9) == mask).all()
+    long = [3000, 70000, 1, 2, 40000]  # runs of many groups, and negative differences
+    assert rle_counts(rle_string(long)) == long
+
+
+def head_and_body(image_id: int = 1) -> list[dict]:
+    """Fish Head a rectangle (polygon), Fish Body a triangle over part of it (later: wins),
+    Fish Fin as RLE, Fish Tail as compressed RLE; the image is 48 x 40."""
+    fin = np.zeros((40, 48), dtype=bool)
+    fin[30:35, 40:44] = True
+    tail = np.zeros((40, 48), dtype=bool)
+    tail[36:, :5] = True
+    return [
+        {"id": 10, "image_id": image_id, "category_id": 9, "iscrowd": 0,
+         "segmentation": [[0, 0, 24, 0, 24, 20, 0, 20]], "area": 480, "bbox": [0, 0, 24, 20]},
+        {"id": 11, "image_id": image_id, "category_id": 10, "iscrowd": 0,
+         "segmentation": [[20, 0, 36.5, 0, 20, 16.5]], "area": 130, "bbox": [20, 0, 16, 16]},
+        {"id": 12, "image_id": image_id, "category_id": 11, "iscrowd": 1,
+         "segmentation": {"counts": runs_of(fin), "size": [40, 48]}},
+        {"id": 13, "image_id": image_id, "category_id": 12, "iscrowd": 1,
+         "segmentation": {"counts": rle_string(runs_of(tail)), "size": [40, 48]}}]
+
+
+def annotation_file(tmp_path, images=None, annotations=None):
+    """A split's JSON as PartImageNet ships it: every category, ids 0..39, supercategories."""
+    data = {
+        "info": {"description": "PartImageNet"}, "licenses": [],
+        "images": images or [{"id": 1, "file_name": f"{WNIDS[1]}_0.JPEG", "width": 48,
+                              "height": 40},
+                             {"id": 2, "file_name": f"{WNIDS[4]}_1.JPEG", "width": 48,
+                              "height": 40}],
+        "annotations": head_and_body() if annotations is None else annotations,
+        "categories": [{"id": i, "name": name, "supercategory": name.split()[0]}
+                       for i, name in enumerate(PARTS)]}
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def classnames(tmp_path):
+    path = tmp_path / "classnames.txt"
+    path.write_text("".join(f"{w} class {i}\n" for i, w in enumerate(WNIDS)))
+    return path
+
+
+def expected_mask() -> np.ndarray:
+    ys, xs = np.mgrid[:40, :48]
+    mask = np.zeros((40, 48), dtype=np.uint8)
+    mask[:20, :24] = PARTS.index("Fish Head") + 1
+    mask[(xs >= 20) & (xs + ys <= 35)] = PARTS.index("Fish Body") + 1
+    mask[30:35, 40:44] = PARTS.index("Fish Fin") + 1
+    mask[36:, :5] = PARTS.index("Fish Tail") + 1
+    return mask
+
+
+def test_a_json_split_becomes_a_parts_folder(tmp_path):
+    out = tmp_path / "parts"
+    record = convert(annotation_file(tmp_path), out, classnames(tmp_path))
+    names = json.loads((out / "parts.json").read_text())["names"]
+    assert names == list(PARTS) and len(names) == 40 and names[9] == "Fish Head"
+    first, second = record["images"]
+    assert first == {"file_name": f"{WNIDS[1]}_0.JPEG", "synset": WNIDS[1], "label": 1,
+                     "path": f"train/{WNIDS[1]}/{WNIDS[1]}_0.JPEG",
+                     "parts": ["Fish Head", "Fish Body", "Fish Fin", "Fish Tail"]}
+    mask = np.asarray(Image.open(out / "train" / WNIDS[1] / f"{WNIDS[1]}_0.png"))
+    assert mask.dtype == np.uint8 and (mask == expected_mask()).all()
+    assert second["label"] == 4 and second["parts"] == []  # listed, nothing annotated
+    assert not np.asarray(Image.open(out / second["path"].replace(".JPEG", ".png"))).any()
+
+
+def test_segmentation_pngs_become_a_parts_folder(tmp_path):
+    folder = tmp_path / "annotations" / "test"
+    folder.mkdir(parents=True)
+    raw = np.full((40, 48), 40, dtype=np.uint8)  # 40: background
+    raw[:10, :10], raw[20:, 30:] = 0, 3  # Quadruped Head, Quadruped Tail
+    Image.fromarray(raw).save(folder / f"{WNIDS[2]}_7.png")
+    record = convert(folder, tmp_path / "parts", classnames(tmp_path))
+    (entry,) = record["images"]
+    assert entry["label"] == 2 and entry["parts"] == ["Quadruped Head", "Quadruped Tail"]
+    mask = np.asarray(Image.open(tmp_path / "parts" / "train" / WNIDS[2] / f"{WNIDS[2]}_7.png"))
+    assert (mask == np.where(raw == 40, 0, raw + 1)).all()
+    whole = np.full((40, 48), 158, dtype=np.uint8)  # a *_whole folder's classes
+    Image.fromarray(whole).save(folder / f"{WNIDS[2]}_7.png")
+    with pytest.raises(ConfigError, match=r"category ids 0\.\.39 and 40 for the background"):
+        convert(folder, tmp_path / "p2", classnames(tmp_path))
+
+
+def test_bad_input_is_named_with_its_fix(tmp_path):
+    names = classnames(tmp_path)
+    with pytest.raises(ConfigError, match=r"No PartImageNet annotations at .*nothere\.json"):
+        convert(tmp_path / "nothere.json", tmp_path / "p", names)
+    shape = tmp_path / "list.json"
+    shape.write_text(json.dumps([{"file_name": "x"}]))
+    with pytest.raises(ConfigError, match=r"no 'images' list.*annotations/<split>/<split>\.json"):
+        convert(shape, tmp_path / "p", names)
+    beyond = [{**head_and_body()[0], "segmentation": [[0, 0, 60, 0, 60, 20, 0, 20]]}]
+    with pytest.raises(ConfigError, match=r"annotation 10 of image n00000001_0\.JPEG: a polygon"
+                                          r" reaches \(0\.\.60.*beyond the image's 48 x 40"):
+        convert(annotation_file(tmp_path, annotations=beyond), tmp_path / "p", names)
+    stray = [{"id": 1, "file_name": "n09999999_1.JPEG", "width": 48, "height": 40}]
+    with pytest.raises(ConfigError, match=r"synset n09999999 is not in .*classnames\.txt"):
+        convert(annotation_file(tmp_path, images=stray, annotations=[]), tmp_path / "p", names)
+    unnamed = [{"id": 1, "file_name": "fish.JPEG", "width": 48, "height": 40}]
+    with pytest.raises(ConfigError, match="starts with its ImageNet synset"):
+        convert(annotation_file(tmp_path, images=unnamed, annotations=[]), tmp_path / "p", names)
+    with pytest.raises(ConfigError, match="--classnames"):
+        convert(annotation_file(tmp_path), tmp_path / "p", tmp_path / "none.txt")
+    run = CliRunner().invoke(main, ["parts", "partimagenet", "--annotations",
+                                    str(annotation_file(tmp_path)), "--out", str(tmp_path / "q"),
+                                    "--root", str(tmp_path / "empty")])
+    assert run.exit_code != 0 and "--classnames" in " ".join(run.output.split())
