@@ -90,6 +90,22 @@ def test_tip_adapter_beats_zero_shot_here():
     assert result["test_acc"] >= zero_shot and set(result) >= {"alpha", "gamma", "val_acc"}
 
 
+@pytest.mark.parametrize("keys_average", ["normalised", "raw"])
+def test_tip_adapter_returns_the_cache_its_test_accuracy_was_made_with(keys_average):
+    """The OOD predictor's model: the cache as built from the train views and the alpha/gamma
+    the search chose give the reported test accuracy again; the summary is unchanged."""
+    train, labels, val, test, classifier = problem(5)
+    summary, (keys, values) = tip_adapter(train, labels, val, test, classifier, SCALE,
+                                          DEFAULT_TIP, keys_average, return_cache=True)
+    assert summary == tip_adapter(train, labels, val, test, classifier, SCALE, DEFAULT_TIP,
+                                  keys_average)
+    built = cache_model(train, labels, CLASSES, keys_average)
+    assert torch.equal(keys, built[0]) and torch.equal(values, built[1])
+    logits = tip_logits(test.features, classifier, keys, values, summary["alpha"],
+                        summary["gamma"], SCALE)
+    assert logits.argmax(-1).eq(test.labels).float().mean().item() == summary["test_acc"]
+
+
 def test_tip_adapter_f_chooses_its_epoch_on_val_not_test(monkeypatch):
     """Make val and test disagree: test labels are val's mirror image, so the epoch that is best
     on test is not the one that is best on val; the chosen epoch must follow val."""
