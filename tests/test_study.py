@@ -389,3 +389,37 @@ def test_each_cells_command_is_the_fit_the_study_runs(tmp_path):
     for name in ("methods", "lrs", "wds", "iters", "eval_every", "tip_epochs", "protocol",
                  "betas", "cuda_graph", "device"):
         assert params[name] == getattr(wanted, name), name
+
+
+def test_the_pages_ood_table_stands_beside_table_iii(tmp_path):
+    """The study page's OOD cells are laid out as its Table I cells: our mean +- std, then the
+    paper's Table III number of the same method and backbone with our delta; a method absent
+    from Table III (Tip-Adapter) shows ours alone; Table III's full-encoder methods are
+    published-only rows; a run off the paper's setting gets a footnote, no number."""
+    from factories import ood_record, write_record
+
+    from safe_cache.analysis.ood_table import ood_rows
+    from safe_cache.fit.results import load_results
+    from safe_cache.study.page import _html, _markdown
+
+    write_record(tmp_path / "paper", ood_record(1))
+    write_record(tmp_path / "off", ood_record(1, iters=400))
+    for folder in ("paper", "off"):
+        report = {"study": "t", "description": "d", "safe_cache": "0", "written": "now",
+                  "runs": 1, "tables": [], "costs": [], "sources": [],
+                  "ood": ood_rows(load_results(tmp_path / folder))}
+        markdown, page = _markdown(report, [], tmp_path), _html(report, [])
+        lines = {line.split(" | ")[2]: line for line in markdown.splitlines()
+                 if line.startswith("| RN50-openai |")}
+        if folder == "paper":  # SAFE: 66 % on ImageNet, 61 % on -V2; the paper's 65.9, 57.7
+            assert "| 66.00 ± 0.00<br>paper 65.9 (+0.10) | 61.00 ± 0.00<br>paper 57.7 (+3.30) |" \
+                in lines["safe"]
+            assert "paper" not in lines["tip_adapter"] and "62.00 ± 0.00" in lines["tip_adapter"]
+            assert "| published | coop_m4 | -<br>published 63.0 |" in lines["coop_m4"]
+            assert "<td>66.00 ± 0.00<br><span class='paper'>paper 65.9 (+0.10)</span></td>" \
+                in page
+            assert "paper '-'" not in markdown
+        else:
+            assert "coop_m4" not in lines and "paper" not in lines["safe"]
+            assert "- paper '-': iters not the paper's" in markdown
+            assert "<p class='paper'>paper &#x27;-&#x27;: iters not the paper&#x27;s</p>" in page

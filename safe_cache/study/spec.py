@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..analysis.report import OOD_COLUMNS
+from ..analysis.ood_table import OOD_COLUMNS
 from ..defaults import default_of, settable
 from ..errors import ConfigError, DatasetError
 from ..extract.config import ExtractConfig
