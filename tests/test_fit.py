@@ -220,18 +220,20 @@ def test_adapters_run_from_the_store(fitted):
 @pytest.mark.slow  # a second fit on a second store
 def test_eval_ood_adds_an_ood_section(fitted, tmp_path):
     """fit --eval-ood tests the chosen head and every adapter on another store of the same
-    backbone (Table III has zero-shot, the linear probe, Tip-Adapter-F, SAFE and SAFE-A)."""
+    backbone (Table III has zero-shot, the linear probe, Tip-Adapter-F, SAFE and SAFE-A; the
+    training-free Tip-Adapter's cache and chosen alpha/gamma are its predictor)."""
     from dataclasses import replace
 
     config, _ = fitted
     variant = synthetic_store(str(tmp_path / "variant.zarr"))
     result = fit(replace(config, eval_ood=(variant,), iters=50, eval_every=25,
-                         methods=("tip_adapter_f", "safe_a", "linear_probe"), force=True,
+                         methods=("tip_adapter", "tip_adapter_f", "safe_a", "linear_probe"),
+                         force=True,
                          out=str(tmp_path / "results")))[0]
     ood = result.ood["variant"]
     assert ood["images"] == CLASSES * COUNTS["test"] and ood["classes"] == CLASSES
     # the generator is seeded, so the variant's test split is the source's own: same accuracy
-    for method in ("zero_shot", "safe", "tip_adapter_f", "safe_a", "linear_probe"):
+    for method in ("zero_shot", "safe", "tip_adapter", "tip_adapter_f", "safe_a", "linear_probe"):
         assert ood[method] == pytest.approx(result.methods[method]["test_acc"]), method
     # SAFE's beta curve on the variant: at the trained beta it is SAFE's OOD accuracy, at a
     # huge beta zero-shot's; on this variant (the source's test split) the source's own curve

@@ -1,18 +1,24 @@
-"""Out-of-distribution evaluation: class-subset mapping onto ImageNet's classifier rows."""
+"""Out-of-distribution evaluation: class-subset mapping onto ImageNet's classifier rows; Table
+III's rows beside the paper's, each method beside its own published entry."""
 
 from __future__ import annotations
+
+import statistics
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from factories import build_store, result_record, write_record
+from factories import build_store, ood_record, result_record, write_record
 
 from safe_cache import StoreError, load_backbone
-from safe_cache.analysis.report import ood_rows
+from safe_cache.analysis import literature
+from safe_cache.analysis.ood_table import OOD_COLUMNS, ood_rows
+from safe_cache.analysis.report import footnotes
 from safe_cache.cli import main
 from safe_cache.errors import ResultError
+from safe_cache.fit.methods import METHODS
 from safe_cache.fit.ood import BetaCurve, evaluate_ood, resolve_ood_stores
 from safe_cache.fit.results import load_result, load_results
 from safe_cache.model.inference import blend_features
@@ -134,3 +140,61 @@ def test_an_edited_ood_beta_curve_is_refused(tmp_path, point, needle):
     path = write_record(tmp_path, result_record("imagenet", 16, 2, 0.7, 0.6, ood=ood))
     with pytest.raises(ResultError, match=needle):
         load_result(path)
+
+
+def test_table_iii_rows_stand_beside_their_own_published_entry(tmp_path):
+    """Each method's OOD row gets the paper's Table III entry of the same method and backbone
+    (means and std over seeds, the delta ours - paper per column); Tip-Adapter, absent from
+    Table III, gets none (never Tip-Adapter-F's); ViT-B/16's table has no Tip-Adapter-F."""
+    paper = literature.safe_paper()["table_3"]["backbones"]
+    for seed, shift in ((1, 0.0), (2, 0.02)):
+        write_record(tmp_path, ood_record(seed, shift=shift))
+        write_record(tmp_path, ood_record(seed, "ViT-B-16", shift), "ViT-B-16-openai")
+    rows = {(r["backbone"], r["method"]): r for r in ood_rows(load_results(tmp_path))}
+    safe = rows["RN50-openai", "safe"]
+    assert safe["imagenet"] == pytest.approx(67.0) and safe["seeds"] == 2
+    assert safe["std"]["imagenet"] == pytest.approx(statistics.stdev([66.0, 68.0]))
+    for column in OOD_COLUMNS:
+        for method in ("zero_shot", "linear_probe", "tip_adapter_f", "safe", "safe_a"):
+            row = rows["RN50-openai", method]
+            assert row["paper"][column] == paper["RN50"][method][column], (method, column)
+            assert row["delta"][column] == pytest.approx(row[column] - row["paper"][column])
+        assert rows["RN50-openai", "tip_adapter"]["paper"][column] is None
+        assert rows["RN50-openai", "tip_adapter"]["delta"][column] is None
+        assert rows["ViT-B-16-openai", "tip_adapter_f"]["paper"][column] is None
+        assert rows["ViT-B-16-openai", "safe"]["paper"][column] == paper["ViT-B-16"]["safe"][
+            column]
+    assert rows["RN50-openai", "safe_a"]["imagenet_r"] == pytest.approx(67.0 - 20.0)
+    assert not any(r["paper_note"] for r in rows.values())
+
+
+def test_table_iii_methods_a_store_cannot_run_are_published_only_rows(tmp_path):
+    """CoOp, CoCoOp, WiSE-FT, Cross-Modal FT and CALIP-FS appear as published-only rows, in the
+    paper's order, of the backbone the paper lists them for; beside a run off the paper's
+    setting neither they nor a paper number stand, and the reason is a footnote."""
+    paper = literature.safe_paper()["table_3"]["backbones"]
+    ours = set(METHODS)
+    for model, methods in paper.items():  # every Table III row is ours or published-only
+        assert set(methods) <= ours | set(literature.TABLE_III_FULL_ENCODER_METHODS), model
+    write_record(tmp_path, ood_record(1))
+    write_record(tmp_path, ood_record(1, "ViT-B-16"), "ViT-B-16-openai")
+    rows = ood_rows(load_results(tmp_path))
+    for model, backbone in (("RN50", "RN50-openai"), ("ViT-B-16", "ViT-B-16-openai")):
+        published = [r for r in rows if r["published"] and r["backbone"] == backbone]
+        assert [r["method"] for r in published] == [
+            m for m in literature.TABLE_III_FULL_ENCODER_METHODS if m in paper[model]]
+        for row in published:
+            assert row["paper"] == paper[model][row["method"]]
+            assert all(row[c] is None for c in OOD_COLUMNS) and "Table III" in row["source"]
+    assert {r["method"] for r in rows if r["published"] and r["model"] == "RN50"} \
+        .isdisjoint({"cocoop"})  # Table III lists CoCoOp with ViT-B/16 only
+    off = tmp_path / "off"
+    write_record(off, ood_record(1, iters=400))
+    rows = ood_rows(load_results(off))
+    assert not [r for r in rows if r["published"]]
+    assert all(v is None for r in rows for v in r["paper"].values())
+    notes = footnotes(rows)
+    assert notes == ["paper '-': iters not the paper's"]
+    notes_of = {r["method"]: r["paper_note"] for r in rows}
+    assert notes_of["safe"] == notes_of["tip_adapter_f"] == "iters not the paper's"
+    assert notes_of["tip_adapter"] is None  # no entry to leave out

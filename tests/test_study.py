@@ -389,3 +389,107 @@ def test_each_cells_command_is_the_fit_the_study_runs(tmp_path):
     for name in ("methods", "lrs", "wds", "iters", "eval_every", "tip_epochs", "protocol",
                  "betas", "cuda_graph", "device"):
         assert params[name] == getattr(wanted, name), name
+
+
+def test_the_pages_ood_table_stands_beside_table_iii(tmp_path):
+    """The study page's OOD cells are laid out as its Table I cells: our mean +- std, then the
+    paper's Table III number of the same method and backbone with our delta; a method absent
+    from Table III (Tip-Adapter) shows ours alone; Table III's full-encoder methods are
+    published-only rows; a run off the paper's setting gets a footnote, no number."""
+    from factories import ood_record, write_record
+
+    from safe_cache.analysis.ood_table import ood_rows
+    from safe_cache.fit.results import load_results
+    from safe_cache.study.page import _html, _markdown
+
+    write_record(tmp_path / "paper", ood_record(1))
+    write_record(tmp_path / "off", ood_record(1, iters=400))
+    for folder in ("paper", "off"):
+        report = {"study": "t", "description": "d", "safe_cache": "0", "written": "now",
+                  "runs": 1, "tables": [], "costs": [], "sources": [],
+                  "ood": ood_rows(load_results(tmp_path / folder))}
+        markdown, page = _markdown(report, [], tmp_path), _html(report, [])
+        lines = {line.split(" | ")[2]: line for line in markdown.splitlines()
+                 if line.startswith("| RN50-openai |")}
+        if folder == "paper":  # SAFE: 66 % on ImageNet, 61 % on -V2; the paper's 65.9, 57.7
+            assert "| 66.00 ± 0.00<br>paper 65.9 (+0.10) | 61.00 ± 0.00<br>paper 57.7 (+3.30) |" \
+                in lines["safe"]
+            assert "paper" not in lines["tip_adapter"] and "62.00 ± 0.00" in lines["tip_adapter"]
+            assert "| published | coop_m4 | -<br>published 63.0 |" in lines["coop_m4"]
+            assert "<td>66.00 ± 0.00<br><span class='paper'>paper 65.9 (+0.10)</span></td>" \
+                in page
+            assert "paper '-'" not in markdown
+        else:
+            assert "coop_m4" not in lines and "paper" not in lines["safe"]
+            assert "- paper '-': iters not the paper's" in markdown
+            assert "<p class='paper'>paper &#x27;-&#x27;: iters not the paper&#x27;s</p>" in page
+
+
+def test_table3_ood_runs_every_table_iii_method_a_store_can():
+    """table3-ood's methods: each row of the paper's Table III that runs from a store (zero-shot,
+    linear probing, Tip-Adapter-F, SAFE, SAFE-A), plus only the training-free Tip-Adapter; each
+    one with an OOD predictor, so its variants' accuracies reach the page."""
+    from safe_cache.analysis.literature import safe_paper
+
+    study = load_study("table3-ood")
+    table = safe_paper()["table_3"]
+    runnable = {m for methods in table["backbones"].values() for m in methods if m in METHODS}
+    assert runnable == {"zero_shot", "linear_probe", "tip_adapter_f", "safe", "safe_a"}
+    assert set(study.methods) == runnable | {"tip_adapter"}
+    assert study.paper == "table_3" and study.shots == (table["shots"],)
+    assert study.datasets == (table["source"],)
+    assert {b.model for b in study.backbones} == set(table["backbones"])
+
+
+def test_ablation_layer4_tests_imagenet_of_both_cuts_out_of_distribution(tmp_path):
+    """Section IV-D2 is about accuracy and OOD: ImageNet's runs of the pool and layer4 cuts are
+    tested on the 4 variants, each cut on its own variant stores (test split only); the other
+    10 datasets' runs get no OOD stores, in the plan and in each cell's command."""
+    from safe_cache.study.page import _fit_flags
+    from safe_cache.study.plan import fit_config
+
+    study = load_study("ablation-layer4")
+    variants = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+    assert study.ood == variants and len(study.datasets) == 11
+    plan = plan_study(study, tmp_path / "data", stores=str(tmp_path / "stores"),
+                      out=tmp_path / "out")
+    tested = sorted((s.dataset, s.backbone.cut) for s in plan.stores if s.test_only)
+    assert tested == sorted((v, cut) for v in variants for cut in ("pool", "layer4"))
+    assert {s.url for s in plan.stores if s.test_only and s.backbone.cut == "layer4"} == {
+        f"{tmp_path}/stores/{v}/RN50-openai-layer4.zarr" for v in variants}
+    assert not any(r.dataset in variants for r in plan.runs)  # variants are only tested on
+    for dataset in study.datasets:
+        config = fit_config(study, "s.zarr", dataset, "safe", "hand", tmp_path / "out")
+        flags = _fit_flags(study, dataset)
+        if dataset == "imagenet":
+            assert config.eval_ood == variants and ",".join(variants) in flags
+        else:
+            assert config.eval_ood == () and "--eval-ood" not in flags
+    # fit resolves each variant beside its source store: the layer4 store's own variants
+    from safe_cache.fit.ood import resolve_ood_stores
+
+    layer4 = next(s for s in plan.stores if s.dataset == "imagenet" and s.backbone.cut == "layer4")
+    assert set(resolve_ood_stores(variants, layer4.url, layer4.card).values()) == {
+        s.url for s in plan.stores if s.test_only and s.backbone.cut == "layer4"}
+
+
+@pytest.mark.slow  # 10 miniature stores and 2 fits
+def test_a_layer4_study_tests_imagenet_on_its_variants_end_to_end(tmp_path):
+    """ablation-layer4's shape on miniatures: both cuts' ImageNet runs hold every variant's
+    accuracy for zero-shot and SAFE, and the page's OOD table has a row per cut and method."""
+    write_every_layout(tmp_path / "data")
+    variants = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+    layer4 = '[[backbones]]\nmodel = "safe-cache-tiny-rn"\npretrained = "none"\ncut = "layer4"\n'
+    path = study_file(tmp_path, ["imagenet"], ood=variants, shots=(16,),
+                      methods=["zero_shot", "safe"], extra=layer4)
+    result = run(load_study(path), tmp_path / "data", stores=str(tmp_path / "stores"),
+                 out=tmp_path / "out")
+    assert len(result.extracted) == 10 and result.fitted == 2
+    for record_path in (tmp_path / "out" / "results").rglob("*.json"):
+        record = json.loads(record_path.read_text())
+        assert set(record["ood"]) == set(variants), record_path
+        assert all({"zero_shot", "safe"} <= set(v) for v in record["ood"].values())
+    report = json.loads((tmp_path / "out" / "study.json").read_text())
+    assert sorted((r["backbone"], r["method"]) for r in report["ood"]) == [
+        (b, m) for b in ("safe-cache-tiny-rn-random0", "safe-cache-tiny-rn-random0-layer4")
+        for m in ("safe", "zero_shot")]

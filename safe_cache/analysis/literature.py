@@ -1,4 +1,4 @@
-"""Published numbers beside ours, each with its source: the SAFE paper's Table I
+"""Published numbers beside ours, each with its source: the SAFE paper's Tables I and III
 (published/safe_paper.json) and the workbench methods' own papers (published/workbench.json).
 
 A published number stands beside our row only where the run is its source's protocol apart from
@@ -20,8 +20,13 @@ from typing import Any
 from ..fit.methods import METHOD_LABELS
 
 FULL_ENCODER_METHODS = ("cupl", "wise_ft", "coop", "prograd", "cross_modal")
+# Table III's (out of distribution), in its row order: published-only rows there (ood_table.py)
+TABLE_III_FULL_ENCODER_METHODS = ("coop_m4", "coop_m16", "cocoop", "wise_ft", "cross_modal",
+                                  "cross_modal_wise_ft", "calip_fs")
 LABELS = {**METHOD_LABELS, "cupl": "CuPL", "wise_ft": "WiSE-FT", "coop": "CoOp",
-          "prograd": "ProGrad", "cross_modal": "Cross-Modal FT"}
+          "prograd": "ProGrad", "cross_modal": "Cross-Modal FT", "coop_m4": "CoOp (M=4)",
+          "coop_m16": "CoOp (M=16)", "cocoop": "CoCoOp",
+          "cross_modal_wise_ft": "Cross-Modal FT + WiSE-FT", "calip_fs": "CALIP-FS"}
 ZERO_SHOT_METHODS = ("zero_shot", "cupl")  # Table I lists them at 0 shots
 _FOLDER = Path(__file__).parent / "published"
 

@@ -4,9 +4,10 @@ beside the paper's published numbers, and plots. The rich tables the CLI prints 
 Mean and standard deviation over seeds per dataset x backbone x setting x shots x method
 (accuracy %; a setting is a run identity less the seed, so different options are never
 averaged), the 11-dataset average where all 11 are present, and the paper's Table I value and
-our delta beside rows of the paper's setting only (`paper_reasons` says why not, elsewhere).
-Plots (PNG): accuracy vs shots per method (the paper's Fig. 2), SAFE's beta curve
-(Fig. 5), and the lr x wd grid's validation accuracy as a heat map.
+our delta beside rows of the paper's setting only (`paper_reasons` says why not, elsewhere);
+Table III (out of distribution) is ood_table.py's. Plots (PNG): accuracy vs shots per method
+(the paper's Fig. 2), SAFE's beta curve and its change from beta = 0 (Fig. 5's axes), and the
+lr x wd grid's validation accuracy as a heat map.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from .literature import TABLE_I, published_number, published_rows, safe_paper
 # The 11 datasets in the order of the paper's Table I columns (Aircraft, ImageNet, DTD, ...)
 ELEVEN = ("fgvc_aircraft", "imagenet", "dtd", "eurosat", "caltech101", "food101",
           "oxford_flowers", "oxford_pets", "stanford_cars", "sun397", "ucf101")
-__all__ = ["aggregate", "footnotes", "load_results", "ood_rows", "paper_reasons", "published",
-           "render", "setting_label", "write_plots"]
+__all__ = ["aggregate", "footnotes", "load_results", "paper_reasons", "published", "render",
+           "setting_label", "write_plots"]
 
 
 def published() -> dict[str, Any]:
@@ -215,43 +216,6 @@ def footnotes(rows: list[dict[str, Any]]) -> list[str]:
     """One line per reason a paper number was left out, in the order first met."""
     return list(dict.fromkeys(f"paper '-': {reason}" for row in rows if row.get("paper_note")
                               for reason in row["paper_note"].split("; ")))
-
-
-OOD_COLUMNS = ("imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
-
-
-def ood_rows(runs: list[RunResult]) -> list[dict[str, Any]]:
-    """Table III: per backbone, setting and method, ImageNet (source) and variant accuracy (%)
-    of the 16-shot runs (the table's setting; other shot counts are left out), mean over seeds,
-    with the paper's numbers beside runs of its setting (RN50 and ViT-B-16)."""
-    table = published()["table_3"]
-    paper, shots = table["backbones"], table["shots"]
-    groups: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    first: dict[tuple, RunResult] = {}
-    for run in runs:
-        if not run.ood or run.dataset != "imagenet" or run.shots != shots:
-            continue
-        for method, values in run.methods.items():
-            if not all(method in variant for variant in run.ood.values()):
-                continue
-            key = (run.backbone_label, run.group, method_label(method, values))
-            first.setdefault(key, run)
-            groups[key]["imagenet"].append(100 * values["test_acc"])
-            for name, variant in run.ood.items():
-                groups[key][name].append(100 * variant[method])
-    rows = []
-    for key, columns in sorted(groups.items(), key=lambda item: (item[0][0], item[0][2])):
-        run, method = first[key], key[2]
-        reasons = paper_reasons(run, tuple(paper))
-        published_row = {} if reasons else paper.get(run.backbone["model"], {}).get(
-            base_method(method), {})
-        rows.append({"backbone": key[0], "recipe": run.recipe_name,
-                     "setting": setting_label(run), "method": method,
-                     **{c: statistics.fmean(columns[c]) if columns.get(c) else None
-                        for c in OOD_COLUMNS},
-                     "paper": {c: published_row.get(c) for c in OOD_COLUMNS},
-                     "reasons": reasons})
-    return rows
 
 
 def render(rows: list[dict[str, Any]], fmt: str) -> str:

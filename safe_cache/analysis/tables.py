@@ -9,7 +9,8 @@ from rich.table import Table
 
 from ..fit.results import METHOD_LABELS, METHODS, RunResult
 from .literature import LABELS
-from .report import OOD_COLUMNS, REFERENCE, TEST_SELECTED, base_method, cell, footnotes, ood_rows
+from .ood_table import OOD_COLUMNS, ood_rows
+from .report import REFERENCE, TEST_SELECTED, base_method, cell, footnotes
 
 
 def runs_table(results: list[RunResult]) -> Table:
@@ -88,5 +89,6 @@ def ood_table(runs: list[RunResult]) -> Table | None:
         cells = [("-" if row[c] is None else f"{row[c]:.1f}")
                  + (f" ({row['paper'][c]:.1f})" if row["paper"][c] is not None else "")
                  for c in OOD_COLUMNS]
-        table.add_row(row["backbone"], row["setting"], _label(row["method"]), *cells)
+        label = _label(row["method"]) + (" (published)" if row["published"] else "")
+        table.add_row(row["backbone"], row["setting"], label, *cells)
     return table

@@ -87,13 +87,17 @@ def cache_model(train_features: torch.Tensor, train_labels: torch.Tensor,
 
 
 def tip_adapter(train_features, train_labels, val: Split, test: Split, classifier,
-                scale: float, tip: dict, keys_average: str = "normalised") -> dict:
-    """Training-free Tip-Adapter: cache from the train views, alpha/gamma searched on val."""
+                scale: float, tip: dict, keys_average: str = "normalised", *,
+                return_cache: bool = False):
+    """Training-free Tip-Adapter: cache from the train views, alpha/gamma searched on val.
+    `return_cache`: also the cache (keys, values) the test accuracy was made with, so the OOD
+    evaluation can apply the same model to other stores (baselines._tip_predictor)."""
     keys, values = cache_model(train_features, train_labels, classifier.shape[0], keys_average)
     alpha, gamma, val_acc = search_alpha_gamma(val, classifier, keys, values, scale, tip)
     test_acc = accuracy(tip_logits(test.features, classifier, keys, values, alpha, gamma, scale),
                         test.labels)
-    return {"val_acc": val_acc, "test_acc": test_acc, "alpha": alpha, "gamma": gamma}
+    summary = {"val_acc": val_acc, "test_acc": test_acc, "alpha": alpha, "gamma": gamma}
+    return (summary, (keys, values)) if return_cache else summary
 
 
 def tip_adapter_f(train_features, train_labels, val: Split, test: Split, classifier,

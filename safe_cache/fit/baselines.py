@@ -159,10 +159,12 @@ def _tip_methods(results: _Results, store: FeatureStore, original: torch.Tensor,
     epochs = config.tip_epochs or tip["epochs"]
     reference = config.protocol == "reference"
     keys_average = "raw" if reference else "normalised"
-    if "tip_adapter" in config.methods:
-        results.add("tip_adapter", adapters.tip_adapter(
-            original, labels, search, split["test"][0], classifier, scale, tip, keys_average),
-            reference)
+    if "tip_adapter" in config.methods:  # its predictor: the cache and the alpha/gamma chosen
+        summary, (keys, values) = adapters.tip_adapter(
+            original, labels, search, split["test"][0], classifier, scale, tip, keys_average,
+            return_cache=True)
+        results.add("tip_adapter", summary, reference,
+                    _tip_predictor(keys, values, summary, classifier, scale, None))
     cache = None
     for name, train, index in (("tip_adapter_f", original, 0), ("safe_a", blended, 1)):
         if name not in config.methods:
@@ -239,8 +241,8 @@ def _tip_predictor(keys: torch.Tensor, values: torch.Tensor, summary: dict[str, 
                    classifier: torch.Tensor, scale: float,
                    blend: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
                    ) -> Predictor:
-    """Tip-Adapter's logits with a trained cache, on original (or, for SAFE-A, blended)
-    features."""
+    """Tip-Adapter's logits with its cache (Tip-Adapter's as built, Tip-Adapter-F's and SAFE-A's
+    as trained), on original (or, for SAFE-A, blended) features."""
     def predict(original: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
         query = blend(original, tuned) if blend else F.normalize(original, dim=-1)
         return tip_logits(query, classifier, keys, values, summary["alpha"], summary["gamma"],

@@ -2,9 +2,10 @@
 
 Tables are laid out as the paper's: one per (backbone, variant, shots), methods as rows and
 datasets (then the 11-dataset average) as columns; each cell is our mean +- std over seeds, the
-paper's number and the delta where the paper has one. Then ImageNet's OOD table, accuracy vs
-shots and SAFE's beta curves per dataset, the training curves of the largest-shot first-seed run
-per dataset, and for every cell the command that produced it and its result files.
+paper's number and the delta where the paper has one. Then ImageNet's OOD table, its cells the
+same beside the paper's Table III (analysis/ood_table.py), accuracy vs shots and SAFE's beta
+curves per dataset, the training curves of the largest-shot first-seed run per dataset, and for
+every cell the command that produced it and its result files.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Any
 
 from .._version import __version__
 from ..analysis.literature import FULL_ENCODER_METHODS
-from ..analysis.report import ELEVEN, OOD_COLUMNS, footnotes
+from ..analysis.ood_table import OOD_COLUMNS, ood_rows
+from ..analysis.report import ELEVEN, footnotes
 from ..atomic import atomic_write_text
 from ..fit.results import METHODS
 from .figures import FIGURES, figure_html, figure_markdown, figure_rows
@@ -39,6 +41,20 @@ def _cell_text(row: dict[str, Any] | None) -> tuple[str, str]:
     if row.get("paper") is None:
         return ours, ""
     return ours, f"paper {row['paper']:.2f} ({row['delta']:+.2f})"
+
+
+def _ood_cell_text(row: dict[str, Any], column: str) -> tuple[str, str]:
+    """(ours, paper and delta) texts of one OOD cell, as Table I's cells: our mean +- std over
+    seeds, and the paper's Table III number of the row's own method and backbone with our
+    delta; a published-only row holds the paper's number alone."""
+    paper = row["paper"][column]
+    if row.get("published"):
+        return "-", "" if paper is None else f"published {paper:.1f}"
+    ours = "-" if row[column] is None else f"{row[column]:.2f} ± {row['std'][column]:.2f}"
+    if paper is None:
+        return ours, ""
+    delta = row["delta"][column]
+    return ours, f"paper {paper:.1f}" + ("" if delta is None else f" ({delta:+.2f})")
 
 
 def _tables(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -127,7 +143,7 @@ def _load_runs(plan: StudyPlan) -> list:
 def write_report(plan: StudyPlan) -> tuple[dict[str, Any], list[Path]]:
     """Write study.md, study.html and study.json under the study's out folder."""
     from ..analysis.costs import cost_rows
-    from ..analysis.report import aggregate, ood_rows
+    from ..analysis.report import aggregate
 
     runs = _load_runs(plan)
     rows = _variant_settings(aggregate(runs), runs) if runs else []
@@ -186,11 +202,13 @@ def _markdown(report: dict[str, Any], plots: list[Path], out: Path) -> str:
                   "| backbone | recipe | method | imagenet | -v2 | -sketch | -a | -r |",
                   "|---|---|---|---|---|---|---|---|"]
         for row in report["ood"]:
-            values = [f"{row[c]:.2f}" if row[c] is not None else "-" for c in
-                      OOD_COLUMNS]
+            values = []
+            for column in OOD_COLUMNS:
+                ours, paper = _ood_cell_text(row, column)
+                values.append(ours + (f"<br>{paper}" if paper else ""))
             lines.append(f"| {row['backbone']} | {row['recipe']} | {row['method']} | "
                          + " | ".join(values) + " |")
-        lines.append("")
+        lines += ["", *(f"- {note}" for note in footnotes(report["ood"])), ""]
     if report["costs"]:
         lines += ["## Seconds per run (mean over runs; max)", "",
                   "| backbone | setting | method | shots | seconds | max | runs |",
@@ -248,11 +266,14 @@ def _html(report: dict[str, Any], plots: list[Path]) -> str:
                      "<th>recipe</th><th>method</th>"
                      + "".join(f"<th>{c}</th>" for c in columns) + "</tr>")
         for row in report["ood"]:
+            cells = []
+            for column in columns:
+                ours, paper = _ood_cell_text(row, column)
+                cells.append(f"<td>{e(ours)}<br><span class='paper'>{e(paper)}</span></td>")
             parts.append(f"<tr><td>{e(row['backbone'])}</td><td>{e(row['recipe'])}</td>"
-                         f"<td>{e(row['method'])}</td>" + "".join(
-                             f"<td>{row[c]:.2f}</td>" if row[c] is not None else "<td>-</td>"
-                             for c in columns) + "</tr>")
-        parts.append("</table>")
+                         f"<td>{e(row['method'])}</td>{''.join(cells)}</tr>")
+        parts.append("</table>" + "".join(f"<p class='paper'>{e(note)}</p>"
+                                          for note in footnotes(report["ood"])))
     if report["costs"]:
         parts.append("<h2>Seconds per run (mean over runs; max)</h2><table><tr>"
                      + "".join(f"<th>{c}</th>" for c in ("backbone", "setting", "method",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..analysis.report import OOD_COLUMNS
+from ..analysis.ood_table import OOD_COLUMNS
 from ..data.prompts import BUILTIN_PROMPT_SETS
 from ..defaults import default_of, settable
 from ..errors import ConfigError, DatasetError
