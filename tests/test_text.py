@@ -219,3 +219,26 @@ def test_each_fig8_variant_stands_beside_its_own_published_row_only():
     # a one-prompt study's folder is its recipe: hand's row only when the prompts are hand's
     [alone] = figure_rows([row("safe", 1, 61.0, [prompts])], "figure_8")
     assert alone["cells"][1]["paper"] is None
+
+
+def test_gradcam_explains_the_class_the_runs_own_classifier_predicts(text_store, tmp_path):
+    """The analyses read the classifier the run saved, not the store's: with the saved one's
+    rows permuted, every predicted class moves with the permutation."""
+    from safe_cache.analysis.gradcam import checked_rows, gradcam_maps, head_features
+
+    _, url = text_store
+    record = _fit(url, tmp_path / "out", prompts="mined")
+    store = open_store(str(url))
+    saved = result_classifier(load_result(record.path), store)
+    permutation = torch.tensor([2, 0, 1])
+    save_file({"classifier": saved[permutation].contiguous()}, str(classifier_file(record.path)),
+              metadata={"run_id": record.run_id})
+    rows = [int(r) for r in store.readable_rows("test")]
+    maps = gradcam_maps(str(url), record.path, rows, target="predicted")
+    features, _ = head_features(store, record.path)
+    dense, _, _ = checked_rows(store, "test", rows)
+    for name in ("original", "blend"):
+        with torch.no_grad():
+            before = (F.normalize(features[name](dense), dim=-1) @ saved.T).argmax(-1)
+        moved = permutation.argsort()[before]  # row j of the permuted classifier is class p[j]
+        assert maps[name]["classes"] == moved.tolist() != before.tolist(), name

@@ -222,6 +222,7 @@ def shapley_values(store_url: str, result_path: str | Path, rows: list[int], par
                    split: str = "test", orders: int = 200,
                    image_root: str | Path | None = None) -> dict[str, Any]:
     """Each part's Shapley value for the original head, SAFE's and the blend, per store row."""
+    from ..fit.text import result_classifier
     from ..model.inference import blend_features
     from ..store import open_store
     from .gradcam import checked_rows, result_heads
@@ -235,7 +236,7 @@ def shapley_values(store_url: str, result_path: str | Path, rows: list[int], par
     names = read_parts(parts_dir)
     card = store.manifest["backbone"]
     dense, labels, paths = checked_rows(store, split, rows)
-    classifier = torch.from_numpy(store.classifier())
+    classifier = result_classifier(result, store)  # the run's: its prompts, mined, tuned
     grid = tuple(card["token_grid"])
     images = []
     for index, path in enumerate(paths):

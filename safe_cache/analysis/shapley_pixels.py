@@ -92,6 +92,7 @@ def pixel_shapley_values(store_url: str, result_path: str | Path, rows: list[int
     """shapley_values' record, each coalition's value the whole model on the image with the
     absent parts' pixels at the mean (the store's backbone run live on the rows' images)."""
     from ..data.views import load_image
+    from ..fit.text import result_classifier
     from ..store import open_store
     from .gradcam import checked_rows, head_features, store_backbone
 
@@ -106,7 +107,7 @@ def pixel_shapley_values(store_url: str, result_path: str | Path, rows: list[int
                           f" {Path(image_root) / missing[0]} is not a file (--image-root is the"
                           f" dataset's image folder).")
     backbone = store_backbone(store)
-    classifier = torch.from_numpy(store.classifier())
+    classifier = result_classifier(result, store)  # the run's: its prompts, mined, tuned
     images = []
     for path, label in zip(paths, labels.tolist(), strict=True):
         mask = part_mask(parts_dir, path, card, len(names), image_root)

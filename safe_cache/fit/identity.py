@@ -4,11 +4,12 @@ different options apart on disk.
 The identity of one (store, shots, seed) run is the store (its backbone fingerprint, the digest
 of what a run reads from its manifest: card, dataset, views; the test rows it holds; the digests
 of the run's few-shot rows and of the prompt set's classifier and sentences), the prompt set (by
-its stored name), the recipe, the grid, iterations, batch, evaluation cadence, beta, betas,
-blend, the optional methods and their settings, where Tip-F and SAFE-A select, and the OOD
-stores (by the same digest). Not in it: the device, test-chunk size, cache folder, cluster and
-CUDA-graph settings, which change where and how fast a run goes, not what it computes (float
-rounding aside), nor the images extract skipped or the manifest's time stamps.
+its stored name) and whether its classifier is fine-tuned (`classifier`), the recipe, the grid,
+iterations, batch, evaluation cadence, beta, betas, blend, the optional methods and their
+settings, where Tip-F and SAFE-A select, and the OOD stores (by the same digest). Not in it:
+the device, test-chunk size, cache folder, cluster and CUDA-graph settings, which change where
+and how fast a run goes, not what it computes (float rounding aside), nor the images extract
+skipped or the manifest's time stamps.
 
 It is computed from what a result records (its `config`, `recipe`, `store` and `ood` blocks),
 and every result carries it (`identity`, with its `identity_sha256`). fit compares the identity
