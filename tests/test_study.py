@@ -204,12 +204,19 @@ def test_dry_run_estimates_time_from_measured_throughput(tmp_path):
     ('model = "safe-cache-tiny-rn"', r"line \d+: unknown model 'RN5O'; allowed: open_clip names"),
     ('"safe_a"', r"line 7: unknown method 'safe_b'; allowed: zero_shot, linear_probe"),
     ('iters = 20', r"line \d+: unknown fit key 'iterations'.*; allowed: batch_size"),
+    ('eval_every = 10', r"line \d+: unknown fit key 'classifier' \(a study fine-tunes the"
+                        r" classifier per prompt set: linear = \[\"<prompt set>\"\]"),
+    ('seeds = [1]\n', r"line \d+: a prompt file may not be named like the built-in set 'mined'"),
 ])
 def test_bad_study_file_names_file_line_and_allowed_values(tmp_path, edit, message):
     path = study_file(tmp_path, ["dtd"])
     bad = {'seeds = [1]\n': 'seedz = [1]\n', '"dtd"': '"dtdd"',
            'model = "safe-cache-tiny-rn"': 'model = "RN5O"', '"safe_a"': '"safe_b"',
-           'iters = 20': 'iterations = 20'}[edit]
+           'iters = 20': 'iterations = 20',
+           'eval_every = 10': 'eval_every = 10\nclassifier = "linear"'}[edit]
+    if "prompt file" in message:
+        (tmp_path / "mined.json").write_text("{}")
+        bad = 'seeds = [1]\nprompts = ["hand", "mined.json"]\n'
     path.write_text(path.read_text().replace(edit, bad, 1))
     with pytest.raises(ConfigError, match=rf"{path}, {message}"):
         load_study(path)

@@ -119,7 +119,7 @@ def test_a_run_made_classifier_missing_or_tampered_is_refused(text_store, tmp_pa
     weights = result_classifier(load_result(record.path), open_store(str(url)))
     save_file({"classifier": torch.full_like(weights, float("nan"))}, str(path),
               metadata={"run_id": record.run_id})
-    with pytest.raises(StoreError, match="finite classifier"):
+    with pytest.raises(StoreError, match="finite float32 classifier"):
         result_classifier(load_result(record.path), open_store(str(url)))
     path.unlink()
     assert "classifier.safetensors is missing" in files_problem(load_result(record.path))
@@ -221,6 +221,20 @@ def test_each_fig8_variant_stands_beside_its_own_published_row_only():
     assert alone["cells"][1]["paper"] is None
 
 
+def _replace_classifier(record, weights: torch.Tensor) -> None:
+    """Save another classifier beside a result and record its digest there, consistently (the
+    content digest redone): what a run that made these weights would have written."""
+    from safe_cache.fit.results import content_sha256
+    from safe_cache.fit.text import classifier_sha256
+
+    save_file({"classifier": weights}, str(classifier_file(record.path)),
+              metadata={"run_id": record.run_id})
+    data = json.loads(record.path.read_text())
+    data["text"]["classifier_sha256"] = classifier_sha256(weights)
+    data["content_sha256"] = content_sha256(data)
+    record.path.write_text(json.dumps(data))
+
+
 def test_gradcam_explains_the_class_the_runs_own_classifier_predicts(text_store, tmp_path):
     """The analyses read the classifier the run saved, not the store's: with the saved one's
     rows permuted, every predicted class moves with the permutation."""
@@ -231,8 +245,7 @@ def test_gradcam_explains_the_class_the_runs_own_classifier_predicts(text_store,
     store = open_store(str(url))
     saved = result_classifier(load_result(record.path), store)
     permutation = torch.tensor([2, 0, 1])
-    save_file({"classifier": saved[permutation].contiguous()}, str(classifier_file(record.path)),
-              metadata={"run_id": record.run_id})
+    _replace_classifier(record, saved[permutation].contiguous())
     rows = [int(r) for r in store.readable_rows("test")]
     maps = gradcam_maps(str(url), record.path, rows, target="predicted")
     features, _ = head_features(store, record.path)
@@ -242,3 +255,53 @@ def test_gradcam_explains_the_class_the_runs_own_classifier_predicts(text_store,
             before = (F.normalize(features[name](dense), dim=-1) @ saved.T).argmax(-1)
         moved = permutation.argsort()[before]  # row j of the permuted classifier is class p[j]
         assert maps[name]["classes"] == moved.tolist() != before.tolist(), name
+
+
+@pytest.mark.parametrize("name", ["mined.json", "pool.json", "hand.json"])
+def test_a_prompt_file_named_like_a_built_in_set_is_refused(tmp_path, name):
+    """A store names a file's set by its stem: `mined.json` would stand in for the pool."""
+    from safe_cache import ConfigError
+    from safe_cache.extract import ExtractConfig
+
+    path = tmp_path / name
+    path.write_text(json.dumps({"a": ["an a."]}))
+    with pytest.raises(ConfigError, match="may not be named like the built-in set"):
+        ExtractConfig(dataset="food101", prompts=str(path))
+    with pytest.raises(ConfigError, match=f"rename it, e.g. .*my-{path.stem}.json"):
+        FitConfig(store="s.zarr", prompts=str(path))
+
+
+@pytest.mark.parametrize("change", ["wider", "zeros", "float64", "other_values"])
+def test_a_saved_classifier_not_the_recorded_one_is_refused(text_store, tmp_path, change):
+    """The result records the digest of the float32 classifier it saved: another width, dtype
+    or any other values (a zero matrix, a row edited) is refused in one line."""
+    _, url = text_store
+    record = _fit(url, tmp_path / "out", prompts="mined")
+    store = open_store(str(url))
+    weights = result_classifier(load_result(record.path), store)
+    forged = {"wider": torch.cat([weights, weights[:, :1]], dim=1),
+              "zeros": torch.zeros_like(weights), "float64": weights.double(),
+              "other_values": weights + 1e-3}[change]
+    save_file({"classifier": forged.contiguous()}, str(classifier_file(record.path)),
+              metadata={"run_id": record.run_id})
+    expected = "its digest differs" if change in ("zeros", "other_values") else \
+        "a finite float32 classifier of shape"
+    with pytest.raises(StoreError, match=expected):
+        result_classifier(load_result(record.path), store)
+
+
+def test_a_text_block_removed_from_a_mined_result_is_refused(text_store, tmp_path):
+    """Config and text block agree or the result is refused, even with its digests redone."""
+    from safe_cache import ResultError
+    from safe_cache.fit.identity import identity_sha256
+    from safe_cache.fit.results import content_sha256
+
+    _, url = text_store
+    record = _fit(url, tmp_path / "out", prompts="mined")
+    data = json.loads(record.path.read_text())
+    data.pop("text")
+    data["identity_sha256"] = identity_sha256(data["identity"])
+    data["content_sha256"] = content_sha256(data)
+    record.path.write_text(json.dumps(data))
+    with pytest.raises(ResultError, match="lacks the 'text' block"):
+        load_result(record.path)

@@ -75,6 +75,17 @@ def _key(name: str) -> str:
     return name.replace("_", " ").strip().lower()
 
 
+def check_prompt_set_name(prompt_set: str, error: type[Exception] = DatasetError) -> None:
+    """Refuse a prompt file named like a built-in set (`hand.json`, `mined.json`): a store names
+    a file's set by its stem, so it would stand in for the built-in one (`mined.json` for the
+    pool mined ones are chosen from)."""
+    path = Path(prompt_set)
+    if prompt_set not in BUILTIN_PROMPT_SETS and path.stem in BUILTIN_PROMPT_SETS:
+        raise error(f"--prompts {prompt_set}: a prompt file may not be named like the built-in"
+                    f" set '{path.stem}' (a store names a file's sentences by its stem);"
+                    f" rename it, e.g. {path.with_stem('my-' + path.stem)}.")
+
+
 def prompt_set_name(prompt_set: str) -> str:
     """The name a prompt set goes by in results and identities (a file by its stem)."""
     return prompt_set if prompt_set in BUILTIN_PROMPT_SETS else Path(prompt_set).stem

@@ -53,6 +53,10 @@ class ExtractConfig:
             object.__setattr__(self, "pretrained", None)  # as the CLI takes it: random weights
         checks.each("shots", self.shots, 1, example="1,2,4,8,16")
         checks.each("seeds", self.seeds, 0, example="1,2,3")
+        from ..data.prompts import check_prompt_set_name  # torch: only when a config is made
+        from ..errors import ConfigError
+
+        check_prompt_set_name(self.prompts, ConfigError)
         checks.at_least("views", self.views, 0)
         checks.at_least("batch_size", self.batch_size, 1)
         if self.workers != "auto":  # another text is refused by checks.number

@@ -98,6 +98,9 @@ class FitConfig:
         """Every value finite and in range before any work (one line naming the option
         otherwise); the device exists, --out is not a file."""
         self._check_values()
+        from ..data.prompts import check_prompt_set_name  # torch: only when a config is made
+
+        check_prompt_set_name(self.prompts, ConfigError)
         if "://" not in self.out and Path(self.out).exists() and not Path(self.out).is_dir():
             raise ConfigError(f"--out {self.out} is a file, not a folder: choose another --out.")
         from ..runtime.device import resolve_device  # torch: only when a config is made

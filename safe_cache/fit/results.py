@@ -224,7 +224,7 @@ class RunResult:
                 isinstance(self.partial, dict) and all(_is_int(self.partial.get(k))
                                                        for k in ("rows", "expected"))):
             raise ResultError(f"{source}: 'partial' must hold the integers rows and expected.")
-        _check_text_block(self.text, source)
+        _check_text_block(self.text, self.config, source)
         for name, variant in (self.ood or {}).items():
             for method, value in variant.items():
                 if method in self.methods:
@@ -247,14 +247,23 @@ def content_sha256(data: dict[str, Any]) -> str:
     return canonical_sha256({k: v for k, v in data.items() if k != CONTENT_FIELD})
 
 
-def _check_text_block(text: Any, source: str | Path) -> None:
-    """A run-made classifier's record: the mined templates (texts) and their val accuracies,
-    the linear head's choice and its val accuracy."""
+def _check_text_block(text: Any, config: dict[str, Any], source: str | Path) -> None:
+    """A run-made classifier's record, there exactly when the config says the run made one
+    (--prompts mined, --classifier linear): the mined templates (texts) and their val
+    accuracies, the linear head's choice and its val accuracy, the saved file's digest."""
+    made = config.get("prompts") == "mined" or config.get("classifier", "text") == "linear"
+    if made != (text is not None):
+        raise ResultError(f"{source}: its config {'makes' if made else 'does not make'} its own"
+                          f" classifier (prompts, classifier), and it {'lacks' if made else 'has'}"
+                          f" the 'text' block that records one (edited); fit it again"
+                          f" (--force).")
     if text is None:
         return
-    if not isinstance(text, dict) or not ({"templates", "linear"} & set(text)):
+    if not isinstance(text, dict) or not ({"templates", "linear"} & set(text)) \
+            or not re.fullmatch(r"[0-9a-f]{64}", str(text.get("classifier_sha256"))):
         raise ResultError(f"{source}: 'text' must say how the run made its classifier (mined"
-                          f" templates or a linear head); fit it again (--force).")
+                          f" templates or a linear head) and the saved file's digest; fit it"
+                          f" again (--force).")
     if "templates" in text and not (isinstance(text["templates"], list) and text["templates"]
                                     and all(isinstance(t, str) for t in text["templates"])):
         raise ResultError(f"{source}: text.templates must list the mined templates.")

@@ -25,6 +25,7 @@ saves its classifier beside the result, which export and the analyses read back.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -193,10 +194,23 @@ def run_text(store: FeatureStore, prompts: str, classifier: str, recipe: Recipe,
     return replace(text, classifier=text.classifier.to(device))
 
 
+def classifier_sha256(weights: torch.Tensor) -> str:
+    """The digest of a classifier's float32 values (in the result's `text` block: the file
+    saved beside it must hold exactly these)."""
+    values = weights.detach().to("cpu", torch.float32).contiguous().numpy()
+    return hashlib.sha256(values.tobytes()).hexdigest()
+
+
+def with_digest(record: dict[str, Any], weights: torch.Tensor) -> dict[str, Any]:
+    """A run's `text` block with the digest of the classifier it saves."""
+    return {**record, "classifier_sha256": classifier_sha256(weights)}
+
+
 def result_classifier(result: Any, store: FeatureStore) -> torch.Tensor:
     """(C, D) float32: the classifier a fit result's run used: the one it saved beside itself
     (mined templates, a fine-tuned head), or its prompt set's as the store holds it. A saved
-    one of another shape or with a non-finite value is refused."""
+    one that is not the float32 (classes, embedding) tensor whose digest the result records
+    is refused."""
     from safetensors.torch import load_file
 
     from .recipe import recipe_of
@@ -210,9 +224,12 @@ def result_classifier(result: Any, store: FeatureStore) -> torch.Tensor:
     except Exception as exc:  # missing, truncated or foreign: safetensors' own errors
         raise StoreError(f"{path} is not the run's readable classifier ({exc!s:.120}); fit"
                          f" the result again (--force).") from exc
-    dataset = store.manifest["dataset"]
-    if weights is None or weights.ndim != 2 or weights.shape[0] != dataset["num_classes"] \
+    shape = (store.manifest["dataset"]["num_classes"], store.manifest["backbone"]["embed_dim"])
+    if weights is None or weights.dtype != torch.float32 or tuple(weights.shape) != shape \
             or not bool(torch.isfinite(weights).all()):
-        raise StoreError(f"{path} does not hold a finite classifier of {dataset['num_classes']}"
-                         f" classes; fit the result again (--force).")
-    return weights.float()
+        raise StoreError(f"{path} does not hold a finite float32 classifier of shape {shape}"
+                         f" (classes, embedding); fit the result again (--force).")
+    if classifier_sha256(weights) != result.text.get("classifier_sha256"):
+        raise StoreError(f"{path} is not the classifier {result.path.name} records (its digest"
+                         f" differs: edited or replaced); fit the result again (--force).")
+    return weights

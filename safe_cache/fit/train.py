@@ -40,7 +40,7 @@ from .original import original_head
 from .recipe import Recipe
 from .results import RunResult
 from .step import GridStep
-from .text import check_linear_serves, pool_embeddings, run_text, stored_text
+from .text import check_linear_serves, pool_embeddings, run_text, stored_text, with_digest
 
 
 def _recipe_error(store: FeatureStore, recipe: Recipe, missing: str) -> RecipeError:
@@ -327,10 +327,10 @@ def _fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
         norm_ratio_finetuned_over_original=summary["norm_ratio_finetuned_over_original"],
         ood=ood, recipe={**recipe.record(), "loss_logit_scale": scale}, curves=curves,
         execution=execution, partial=_partial(store, test_rows) if config.partial else None,
-        text=text.record,
+        text=None if text.record is None else with_digest(text.record, classifier),
     )
     if text.record is not None:  # saved beside the result (runs.py): export reads it back
-        record.classifier_weights = classifier.detach().cpu()
+        record.classifier_weights = classifier.detach().to("cpu", torch.float32)
     return record, head, cache
 
 

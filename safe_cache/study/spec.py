@@ -57,6 +57,9 @@ def _did_you_mean(key: str, allowed: set[str]) -> str:
     if key in ("scheduler", "local_workers"):
         return (" (where runs execute is not the study's: `study run --scheduler ADDRESS` or"
                 " `--local-workers N`)")
+    if key == "classifier":
+        return (" (a study fine-tunes the classifier per prompt set: linear = [\"<prompt set>\"]"
+                " beside prompts runs those sets both ways)")
     if CLI_SPELLINGS.get(key) in allowed:
         return f" (the CLI's --{key} is '{CLI_SPELLINGS[key]}' here, as in FitConfig)"
     close = difflib.get_close_matches(key, sorted(allowed), n=1)
@@ -302,6 +305,11 @@ def parse_study(path: Path) -> Study:
                                          f" {', '.join(BUILTIN_PROMPTS)}, a CuPL JSON file, or"
                                          f" a file per dataset ('cupl/{{dataset}}.json' under"
                                          f" the data root).")
+    for prompt_set in prompts:
+        if prompt_set not in BUILTIN_PROMPTS and Path(prompt_set).stem in BUILTIN_PROMPTS:
+            raise check.fail(prompt_set, f"a prompt file may not be named like the built-in set"
+                                         f" '{Path(prompt_set).stem}' (a store names a file's"
+                                         f" sentences by its stem): rename it.")
     linear = raw.get("linear", [])
     for prompt_set in linear:
         if prompt_set not in prompts:
