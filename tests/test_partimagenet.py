@@ -257,6 +257,69 @@ def test_repeated_ids_and_file_names_are_refused(tmp_path):
     assert not (tmp_path / "p").exists()
 
 
+def folder_files(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_the_parts_folder_is_written_whole_or_not_at_all(tmp_path):
+    """A failure in a later image leaves no folder (before: the earlier masks without
+    parts.json) and an old parts folder as it was (before: new masks beside the old
+    parts.json); a replacement leaves no stale mask; other folders are never replaced."""
+    names, out = classnames(tmp_path), tmp_path / "parts"
+    good = annotation_file(tmp_path, images=[fish(), fish(f"{WNIDS[2]}_5.JPEG", 2)],
+                           annotations=[square(1), square(2, annotation_id=11)])
+    bad_path = tmp_path / "bad.json"
+    bad_path.write_text(json.dumps({**json.loads(good.read_text()), "images": [
+        fish(), fish(f"{WNIDS[3]}_1.JPEG", 2), fish("n09999999_3.JPEG", 3)]}))
+    code, output = cli(bad_path, out, names)  # the third image's synset is unknown
+    assert code == 2 and "synset n09999999 is not in" in output, output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "classnames.txt",
+                                                           "train.json"]  # no staging left
+
+    assert cli(good, out, names)[0] == 0
+    before = folder_files(out)
+    assert sorted(before) == ["parts.json", f"train/{WNIDS[1]}/{WNIDS[1]}_0.png",
+                              f"train/{WNIDS[2]}/{WNIDS[2]}_5.png"]
+    code, output = cli(good, out, names)  # no --force: refused, not mixed
+    assert code == 2 and "already holds a parts folder" in output and "--force" in output
+    code, output = cli(bad_path, out, names, "--force")
+    assert code == 2 and "synset n09999999" in output and folder_files(out) == before
+
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({**json.loads(good.read_text()), "images": [
+        fish(f"{WNIDS[3]}_1.JPEG", 2)], "annotations": [square(2)]}))
+    assert cli(one, out, names, "--force")[0] == 0  # replaced whole: no stale mask
+    assert sorted(folder_files(out)) == ["parts.json", f"train/{WNIDS[3]}/{WNIDS[3]}_1.png"]
+    assert [e["file_name"] for e in json.loads((out / "parts.json").read_text())["images"]] \
+        == [f"{WNIDS[3]}_1.JPEG"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "bad.json", "classnames.txt", "one.json", "parts", "train.json"]
+
+    other = tmp_path / "other"
+    (other / "keep").mkdir(parents=True)
+    (other / "keep" / "precious.txt").write_text("data")
+    for extra in ((), ("--force",)):
+        code, output = cli(good, other, names, *extra)
+        assert code == 2 and "is not a parts folder (no parts.json): --force replaces parts" \
+            " folders only" in output, output
+        assert folder_files(other) == {"keep/precious.txt": b"data"}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli(good, empty, names)[0] == 0 and (empty / "parts.json").is_file()
+    code, output = cli(good, ".", names, "--force")
+    assert code == 2 and "is not a folder of its own" in output
+
+
+def test_store_paths_that_leave_the_folder_are_refused(tmp_path):
+    from safe_cache.analysis.partimagenet import _mask_path
+
+    for path in ("/tmp/x/n00000001_0.JPEG", "../n00000001_0.JPEG", "a/../../b.JPEG"):
+        with pytest.raises(ConfigError, match="no path inside a parts folder"):
+            _mask_path({"file_name": "n00000001_0.JPEG", "path": path}, "store.zarr")
+    assert str(_mask_path({"file_name": "x", "path": "train/a/b.JPEG"}, "s")) == "train/a/b.png"
+
+
 def test_an_unreadable_segmentation_png_is_named(tmp_path):
     folder = tmp_path / "annotations" / "test"
     folder.mkdir(parents=True)
@@ -265,3 +328,4 @@ def test_an_unreadable_segmentation_png_is_named(tmp_path):
     code, output = cli(folder, tmp_path / "parts", classnames(tmp_path))
     assert code == 2 and re.search(r"n00000002_8\.png is not a readable PNG"
                                    r" \(UnidentifiedImageError", output), output
+    assert not (tmp_path / "parts").exists()

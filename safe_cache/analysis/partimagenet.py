@@ -25,6 +25,10 @@ synset's class; without one the mask goes at ImageNet's own layout, `train/<syns
 Polygons are rasterised here (no pycocotools): a pixel belongs to a polygon when its center
 (x + 0.5, y + 0.5) lies inside by the even-odd rule; the union of an annotation's polygons is
 its part, and where two annotations overlap the later one in the file wins.
+
+The folder is written whole or not at all (`convert`): records are checked first, the masks and
+parts.json go into a staging folder beside it, renamed into place at the end; an existing
+parts folder is replaced only when asked (--force), never one without parts.json.
 """
 
 from __future__ import annotations
@@ -367,18 +371,61 @@ def store_rows(store: Any) -> dict[str, tuple[str, int, str, int]]:
     return found
 
 
+def check_out(out: Path, force: bool) -> bool:
+    """Refuse an --out that is not this command's to write; True when one is there to be
+    replaced (an empty folder, or a parts folder with `force`)."""
+    if str(out) in ("", ".", "..") or out.resolve() in (Path.cwd(), *Path.cwd().parents):
+        raise ConfigError(f"--out {str(out)!r} is not a folder of its own: name the parts folder"
+                          f" to write (e.g. ~/data/parts).")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ConfigError(f"--out {out} is {'a link' if out.is_symlink() else 'a file'}, not a"
+                          f" parts folder: choose another --out.")
+    if not out.exists():
+        return False
+    if not any(out.iterdir()):
+        return True
+    if not (out / PARTS_FILE).is_file():
+        raise ConfigError(f"{out} exists and is not a parts folder (no {PARTS_FILE}): --force"
+                          f" replaces parts folders only, never other data. Choose another"
+                          f" --out.")
+    if not force:
+        raise ConfigError(f"{out} already holds a parts folder; choose another --out, or"
+                          f" replace it whole with --force.")
+    return True
+
+
+def _mask_path(entry: dict[str, Any], where: str) -> Path:
+    """Where an entry's mask goes inside the parts folder: its path with .png, refused when it
+    would lead out of the folder (a store row's path that is absolute or climbs with ..)."""
+    path = Path(entry["path"])
+    if path.is_absolute() or not path.parts or any(p in ("", ".", "..") for p in path.parts) \
+            or name_problem(path.name) is not None:
+        raise ConfigError(f"{where} puts {entry['file_name']} at {entry['path']!r}, which is"
+                          f" no path inside a parts folder (absolute, with .., or not a file"
+                          f" name): extract the store again, or leave --store out.")
+    return path.with_suffix(".png")
+
+
 def convert(annotations: str | Path, out: str | Path, classnames: str | Path | None = None,
             store_url: str | None = None, only_in_store: bool = False,
-            root: str | Path | None = None) -> dict[str, Any]:
+            root: str | Path | None = None, force: bool = False) -> dict[str, Any]:
     """Write the parts folder `out` from a PartImageNet JSON file or PNG folder; returns
     parts.json's record (names, and per image its mask, synset, label and store row).
     `classnames`: ImageNet's classnames.txt, by default the imagenet pipeline's own
-    (<data root>/imagenet/classnames.txt, the data root `root`, $SAFE_CACHE_DATA or ./data)."""
+    (<data root>/imagenet/classnames.txt, the data root `root`, $SAFE_CACHE_DATA or ./data).
+
+    The folder is written whole or not at all: the annotations are checked first, the masks
+    and parts.json go into a staging folder beside `out` (atomic.atomic_dir) that is renamed
+    into place at the end, and removed on any failure. An existing `out` is replaced only
+    when it is empty, or a parts folder (it holds parts.json) and `force` is given; its old
+    masks never mix with the new ones."""
     from PIL import Image
 
-    from ..atomic import atomic_write_text
+    from ..atomic import atomic_dir
     from ..data.datasets import resolve_data_root
 
+    out = Path(out)
+    replace = check_out(out, force)
     if classnames is None:
         classnames = resolve_data_root(root).path / "imagenet" / "classnames.txt"
 
@@ -402,40 +449,45 @@ def convert(annotations: str | Path, out: str | Path, classnames: str | Path | N
         if len(classes) != len(wnids):
             raise ConfigError(f"{store_url} has {len(classes)} classes and {classnames}"
                               f" {len(wnids)}: PartImageNet's images need an ImageNet store.")
-    out = Path(out)
     images: list[dict[str, Any]] = []
     skipped: list[str] = []
-    for file_name, mask in masks:
-        name, wnid = Path(file_name).name, synset_of(file_name)
-        if wnid not in label_of:
-            raise ConfigError(f"{file_name}: synset {wnid} is not in {classnames}, ImageNet's"
-                              f" 1000 classes.")
-        entry: dict[str, Any] = {"file_name": name, "synset": wnid, "label": label_of[wnid],
-                 "path": f"train/{wnid}/{name}",
-                 "parts": [PARTS[int(v) - 1] for v in np.unique(mask) if v]}
+    written: dict[Path, str] = {}  # mask path -> the file name it is of
+    with atomic_dir(out, replace=replace) as staging:  # renamed in whole, or removed
+        for file_name, mask in masks:
+            name, wnid = Path(file_name).name, synset_of(file_name)
+            if wnid not in label_of:
+                raise ConfigError(f"{file_name}: synset {wnid} is not in {classnames},"
+                                  f" ImageNet's 1000 classes.")
+            entry: dict[str, Any] = {"file_name": name, "synset": wnid, "label": label_of[wnid],
+                                     "path": f"train/{wnid}/{name}",
+                                     "parts": [PARTS[int(v) - 1] for v in np.unique(mask) if v]}
+            if rows is not None:
+                if name not in rows:
+                    if only_in_store:
+                        skipped.append(name)
+                        continue
+                    raise ConfigError(f"{name} is not in {store_url}: extract a store holding"
+                                      f" PartImageNet's images, pass --only-in-store to"
+                                      f" convert only those it holds, or leave --store out.")
+                split, row, path, label = rows[name]
+                if label != label_of[wnid]:
+                    raise ConfigError(f"{store_url} labels {path} {label} ({classes[label]}),"
+                                      f" but {classnames} puts {wnid} at {label_of[wnid]}: the"
+                                      f" store's classes are not in that file's order.")
+                entry.update(path=path, split=split, row=row, classname=classes[label])
+            target = _mask_path(entry, store_url or str(source))
+            if target in written:
+                raise ConfigError(f"{source}: {written[target]} and {file_name} would both be"
+                                  f" the mask {target}: one record per image. Remove the"
+                                  f" repeated one.")
+            written[target] = file_name
+            (staging / target).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask).save(staging / target)
+            images.append(entry)
+        record: dict[str, Any] = {"names": list(PARTS), "source": f"PartImageNet: {source}",
+                                  "images": images, "skipped": skipped}
         if rows is not None:
-            if name not in rows:
-                if only_in_store:
-                    skipped.append(name)
-                    continue
-                raise ConfigError(f"{name} is not in {store_url}: extract a store holding"
-                                  f" PartImageNet's images, pass --only-in-store to convert"
-                                  f" only those it holds, or leave --store out.")
-            split, row, path, label = rows[name]
-            if label != label_of[wnid]:
-                raise ConfigError(f"{store_url} labels {path} {label} ({classes[label]}), but"
-                                  f" {classnames} puts {wnid} at {label_of[wnid]}: the store's"
-                                  f" classes are not in that file's order.")
-            entry.update(path=path, split=split, row=row, classname=classes[label])
-        target = (out / entry["path"]).with_suffix(".png")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(mask).save(target)
-        images.append(entry)
-    record: dict[str, Any] = {"names": list(PARTS), "source": f"PartImageNet: {source}",
-                              "images": images, "skipped": skipped}
-    if rows is not None:
-        record["rows"] = {split: sorted(e["row"] for e in images if e["split"] == split)
-                          for split in sorted({e["split"] for e in images})}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "parts.json", json.dumps(record, indent=1))
+            record["rows"] = {split: sorted(e["row"] for e in images if e["split"] == split)
+                              for split in sorted({e["split"] for e in images})}
+        (staging / PARTS_FILE).write_text(json.dumps(record, indent=1, allow_nan=False))
     return record
