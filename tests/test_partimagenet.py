@@ -4,6 +4,7 @@ RLE rasterised pixel-exactly, PNG masks renumbered, classes from the synsets, ba
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -171,3 +172,160 @@ def test_bad_input_is_named_with_its_fix(tmp_path):
                                     str(annotation_file(tmp_path)), "--out", str(tmp_path / "q"),
                                     "--root", str(tmp_path / "empty")])
     assert run.exit_code != 0 and "--classnames" in " ".join(run.output.split())
+
+
+def cli(annotations, out, names, *extra):
+    """`safe-cache parts partimagenet`, its message on one line."""
+    run = CliRunner().invoke(main, ["parts", "partimagenet", "--annotations", str(annotations),
+                                    "--out", str(out), "--classnames", str(names), *extra])
+    return run.exit_code, " ".join(run.output.split())
+
+
+def fish(file_name: str = f"{WNIDS[1]}_0.JPEG", image_id: int = 1, **fields) -> dict:
+    return {"id": image_id, "file_name": file_name, "width": 48, "height": 40, **fields}
+
+
+def square(image_id: int = 1, coordinates=(1, 1, 8, 1, 8, 8, 1, 8), annotation_id: int = 10):
+    return {"id": annotation_id, "image_id": image_id, "category_id": 9,
+            "segmentation": [list(coordinates)]}
+
+
+@pytest.mark.parametrize(("image", "message"), [
+    (fish(width=True), r"image 1 \('n00000001_0\.JPEG'\): its width True is not a whole number"
+                       r" of pixels from 1 to 20,000 .* Fix the record's width and height"),
+    (fish(height=-5), r"its height -5 is not a whole number of pixels from 1 to 20,000"),
+    (fish(width=0), r"its width 0 is not a whole number"),
+    (fish(width=10**6, height=10**6), r"its height 1000000 is not a whole number of pixels from"
+                                      r" 1 to 20,000 \(the most a side may have here\)"),
+    (fish(f"{WNIDS[1]}_0\x00.JPEG"), r"image 1 .*: its file_name cannot name a mask file: it"
+                                     r" holds a control character \(a NUL byte"),
+    (fish(f"{WNIDS[1]}_{'a' * 300}.JPEG"), r"its mask's name would be longer than the 255 bytes"),
+])
+def test_a_malformed_image_record_is_one_error_naming_it(tmp_path, image, message):
+    """Booleans, negative, zero or huge sizes and unusable file names: one error, no traceback,
+    nothing written (before: TypeError, ValueError, numpy's MemoryError)."""
+    path = annotation_file(tmp_path, images=[image], annotations=[])
+    code, output = cli(path, tmp_path / "parts", classnames(tmp_path))
+    assert code == 2 and re.search(message, output), output
+    assert "Traceback" not in output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classnames.txt", "train.json"]
+
+
+def test_json_nested_too_deeply_is_one_error(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    code, output = cli(path, tmp_path / "parts", classnames(tmp_path))
+    assert code == 2 and "deep.json is not a readable JSON file (it is nested too deeply)" in \
+        output, output
+    assert not (tmp_path / "parts").exists()
+
+
+@pytest.mark.parametrize(("bad", "shown"), [("NaN", "nan"), ("null", "None"), ('"1"', "'1'"),
+                                            ("Infinity", "inf")])
+def test_coordinates_that_are_no_finite_number_are_refused(tmp_path, bad, shown):
+    """NaN passed the range check and null or text were cast silently; now each is named."""
+    path = annotation_file(tmp_path, images=[fish()], annotations=[square()])
+    path.write_text(path.read_text().replace("[1, 1, 8, 1,", f"[{bad}, 1, 8, 1,"))
+    with pytest.raises(ConfigError, match=rf"annotation 10 of image n00000001_0\.JPEG: a polygon"
+                                          rf" holds the coordinate {re.escape(shown)}: each x and"
+                                          rf" y is a finite number"):
+        convert(path, tmp_path / "parts", classnames(tmp_path))
+    assert not (tmp_path / "parts").exists()
+
+
+def test_repeated_ids_and_file_names_are_refused(tmp_path):
+    names = classnames(tmp_path)
+    two = [fish(), fish(f"{WNIDS[1]}_1.JPEG")]  # both id 1
+    with pytest.raises(ConfigError, match=r"two images have the id 1 \('n00000001_0\.JPEG' and"
+                                          r" 'n00000001_1\.JPEG'\)"):
+        convert(annotation_file(tmp_path, images=two, annotations=[]), tmp_path / "p", names)
+    same = [fish(), fish(f"elsewhere/{WNIDS[1]}_0.JPEG", image_id=2)]  # one mask file
+    with pytest.raises(ConfigError, match=r"images 1 and 2 are both 'n00000001_0\.JPEG': one mask"
+                                          r" file each"):
+        convert(annotation_file(tmp_path, images=same, annotations=[]), tmp_path / "p", names)
+    path = annotation_file(tmp_path, images=[fish()], annotations=[square()])
+    data = json.loads(path.read_text())
+    data["categories"].append({"id": 9, "name": "Fish Tail", "supercategory": "Fish"})
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"two categories have the id 9 \('Fish Head' and"
+                                          r" 'Fish Tail'\)"):
+        convert(path, tmp_path / "p", names)
+    data["categories"][-1]["id"] = True  # JSON's true is no id (it equalled 1)
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"each record needs 'id'"):
+        convert(path, tmp_path / "p", names)
+    assert not (tmp_path / "p").exists()
+
+
+def folder_files(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_the_parts_folder_is_written_whole_or_not_at_all(tmp_path):
+    """A failure in a later image leaves no folder (before: the earlier masks without
+    parts.json) and an old parts folder as it was (before: new masks beside the old
+    parts.json); a replacement leaves no stale mask; other folders are never replaced."""
+    names, out = classnames(tmp_path), tmp_path / "parts"
+    good = annotation_file(tmp_path, images=[fish(), fish(f"{WNIDS[2]}_5.JPEG", 2)],
+                           annotations=[square(1), square(2, annotation_id=11)])
+    bad_path = tmp_path / "bad.json"
+    bad_path.write_text(json.dumps({**json.loads(good.read_text()), "images": [
+        fish(), fish(f"{WNIDS[3]}_1.JPEG", 2), fish("n09999999_3.JPEG", 3)]}))
+    code, output = cli(bad_path, out, names)  # the third image's synset is unknown
+    assert code == 2 and "synset n09999999 is not in" in output, output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "classnames.txt",
+                                                           "train.json"]  # no staging left
+
+    assert cli(good, out, names)[0] == 0
+    before = folder_files(out)
+    assert sorted(before) == ["parts.json", f"train/{WNIDS[1]}/{WNIDS[1]}_0.png",
+                              f"train/{WNIDS[2]}/{WNIDS[2]}_5.png"]
+    code, output = cli(good, out, names)  # no --force: refused, not mixed
+    assert code == 2 and "already holds a parts folder" in output and "--force" in output
+    code, output = cli(bad_path, out, names, "--force")
+    assert code == 2 and "synset n09999999" in output and folder_files(out) == before
+
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({**json.loads(good.read_text()), "images": [
+        fish(f"{WNIDS[3]}_1.JPEG", 2)], "annotations": [square(2)]}))
+    assert cli(one, out, names, "--force")[0] == 0  # replaced whole: no stale mask
+    assert sorted(folder_files(out)) == ["parts.json", f"train/{WNIDS[3]}/{WNIDS[3]}_1.png"]
+    assert [e["file_name"] for e in json.loads((out / "parts.json").read_text())["images"]] \
+        == [f"{WNIDS[3]}_1.JPEG"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "bad.json", "classnames.txt", "one.json", "parts", "train.json"]
+
+    other = tmp_path / "other"
+    (other / "keep").mkdir(parents=True)
+    (other / "keep" / "precious.txt").write_text("data")
+    for extra in ((), ("--force",)):
+        code, output = cli(good, other, names, *extra)
+        assert code == 2 and "is not a parts folder (no parts.json): --force replaces parts" \
+            " folders only" in output, output
+        assert folder_files(other) == {"keep/precious.txt": b"data"}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli(good, empty, names)[0] == 0 and (empty / "parts.json").is_file()
+    code, output = cli(good, ".", names, "--force")
+    assert code == 2 and "is not a folder of its own" in output
+
+
+def test_store_paths_that_leave_the_folder_are_refused(tmp_path):
+    from safe_cache.analysis.partimagenet import _mask_path
+
+    for path in ("/tmp/x/n00000001_0.JPEG", "../n00000001_0.JPEG", "a/../../b.JPEG"):
+        with pytest.raises(ConfigError, match="no path inside a parts folder"):
+            _mask_path({"file_name": "n00000001_0.JPEG", "path": path}, "store.zarr")
+    assert str(_mask_path({"file_name": "x", "path": "train/a/b.JPEG"}, "s")) == "train/a/b.png"
+
+
+def test_an_unreadable_segmentation_png_is_named(tmp_path):
+    folder = tmp_path / "annotations" / "test"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.full((40, 48), 40, dtype=np.uint8)).save(folder / f"{WNIDS[2]}_7.png")
+    (folder / f"{WNIDS[2]}_8.png").write_bytes(b"not a png")
+    code, output = cli(folder, tmp_path / "parts", classnames(tmp_path))
+    assert code == 2 and re.search(r"n00000002_8\.png is not a readable PNG"
+                                   r" \(UnidentifiedImageError", output), output
+    assert not (tmp_path / "parts").exists()

@@ -210,3 +210,24 @@ def test_parts_without_tokens_are_dummies_left_out_of_the_game():
     assert result["phi"] == pytest.approx([0.3, 0.0, 0.6, 0.1])
     nobody = shapley(value, torch.full((5,), -1), 4)
     assert nobody["phi"] == [0.0] * 4 and nobody["v_all"] == nobody["v_none"]
+
+
+def test_an_unreadable_mask_or_image_is_one_error_naming_the_file(tmp_path):
+    """part_mask (tokens and pixels modes both read masks through it): a PNG of garbage bytes
+    was PIL's UnidentifiedImageError as a traceback."""
+    from PIL import Image
+
+    from safe_cache.analysis.shapley import part_mask
+    from safe_cache.errors import ImageReadError
+
+    (tmp_path / "parts" / "food").mkdir(parents=True)
+    (tmp_path / "parts" / "food" / "a.png").write_bytes(b"not a png")
+    with pytest.raises(ImageReadError, match=r"parts/food/a\.png is not a readable part mask PNG"
+                                             r" \(UnidentifiedImageError.*write the parts folder"
+                                             r" again"):
+        part_mask(tmp_path / "parts", "food/a.jpg", {}, 3)
+    Image.fromarray(np.ones((4, 4), dtype=np.uint8)).save(tmp_path / "parts" / "food" / "a.png")
+    (tmp_path / "images" / "food").mkdir(parents=True)
+    (tmp_path / "images" / "food" / "a.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ImageReadError, match=r"images/food/a\.jpg: .*the image of the part mask"):
+        part_mask(tmp_path / "parts", "food/a.jpg", {}, 3, tmp_path / "images")

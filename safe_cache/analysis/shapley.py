@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ImageReadError
 
 EXACT_PARTS = 8  # up to here all 2^P coalitions; beyond, Monte Carlo over orders
 Value = Callable[[torch.Tensor], torch.Tensor]  # keep (N, T) bool -> value (N,)
@@ -174,21 +174,33 @@ def part_mask(folder: str | Path, image_path: str, card: dict[str, Any], parts: 
     it could not be aligned with it."""
     from PIL import Image
 
+    from ..data.views import UNREADABLE, refuse_oversized
+
     path = (Path(folder) / image_path).with_suffix(".png")
     if not path.is_file():
         raise ConfigError(f"No part mask {path}: a parts folder holds one PNG per image, at the"
                           f" image's path with .png.")
-    with Image.open(path) as opened:
-        opened.load()
-        mask = opened.copy()
+    try:
+        with Image.open(path) as opened:
+            refuse_oversized(path, opened.size, None)
+            opened.load()
+            mask = opened.copy()
+    except UNREADABLE as exc:
+        raise ImageReadError(f"{path} is not a readable part mask PNG ({type(exc).__name__}:"
+                             f" {exc!s:.80}): write the parts folder again (safe-cache parts),"
+                             f" or replace that file with the image's mask.") from None
     labels = np.asarray(mask)
     if labels.ndim != 2 or labels.dtype != np.uint8 or labels.max() > parts:
         raise ConfigError(f"{path}: a part mask is one 8-bit channel of values 0..{parts} (0: no"
                           f" part), not {labels.shape} {labels.dtype} up to {labels.max()}.")
     image = Path(image_root) / image_path if image_root is not None else None
     if image is not None and image.is_file():
-        with Image.open(image) as opened:
-            size = opened.size
+        try:
+            with Image.open(image) as opened:
+                size = opened.size
+        except UNREADABLE as exc:
+            raise ImageReadError(f"{image}: {exc!s:.120} (the image of the part mask {path};"
+                                 f" replace or remove it).") from None
         if size != mask.size:
             raise ConfigError(f"{path} is {mask.size[0]} x {mask.size[1]} pixels and its image"
                               f" {image} {size[0]} x {size[1]}: a part mask must be aligned"

@@ -277,16 +277,19 @@ def parts() -> None:
               "path, check the row's label, and list the rows (for shapley --images).")
 @click.option("--only-in-store", is_flag=True, help="With --store: skip the images it does "
               "not hold (else they are an error).")
+@click.option("--force", is_flag=True, help="Replace an existing parts folder (one holding "
+              "parts.json) whole; other folders are never replaced.")
 def partimagenet(annotations: str, out: str, classnames: str | None, root: str | None,
-                 store: str | None, only_in_store: bool) -> None:
+                 store: str | None, only_in_store: bool, force: bool) -> None:
     """Convert PartImageNet's part annotations (polygons, RLE or PNGs) into a parts folder:
     its 40 part categories as the part names, each image's class from its file name's
-    synset."""
+    synset. The folder is written whole (staged beside --out, then renamed in) or not at all.
+    """
     from ..analysis.partimagenet import convert
 
     if only_in_store and store is None:
         raise click.UsageError("--only-in-store needs --store.")
-    record = convert(annotations, out, classnames, store, only_in_store, root)
+    record = convert(annotations, out, classnames, store, only_in_store, root, force)
     console.print(f"{len(record['images'])} part masks written to {out} (and parts.json)")
     if record["skipped"]:
         err_console.print(f"{len(record['skipped'])} images not in {store} skipped")
