@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import rich_click as click
 from rich.table import Table
@@ -29,6 +31,12 @@ from .app import (
     recipe_defaults,
     store_filters,
 )
+
+
+def _fit_choice(name: str, choices: list[str], text: str) -> Callable[[Any], Any]:
+    """A fit option of fixed choices, its default FitConfig's."""
+    return click.option(f"--{name}", type=click.Choice(choices),
+                        default=default_of(FitConfig, name), show_default=True, help=text)
 
 
 def _count(value: str, option: str) -> int:
@@ -216,17 +224,15 @@ def demo(store_root: str, model: str, pretrained: str, workers: int, iters: int,
               help="The blend reported as SAFE.")
 @click.option("--betas", default=listed(FitConfig, "betas"), show_default=True,
               callback=float_list, help="The beta curve (val and test).")
-@click.option("--blend", type=click.Choice(["blend", "each"]),
-              default=default_of(FitConfig, "blend"), show_default=True,
-              help="blend then normalise (the paper), or normalise each branch first.")
+@_fit_choice("blend", ["blend", "each"],
+             "blend then normalise (the paper), or normalise each branch first.")
 @click.option("--prompts", default=default_of(FitConfig, "prompts"), show_default=True,
               help="Stored prompt set; mined: the 21 of the stored pool's 180 templates with the"
               " best zero-shot accuracy on the run's val set (Template Mining).")
-@click.option("--classifier", type=click.Choice(["text", "linear"]),
-              default=default_of(FitConfig, "classifier"), show_default=True,
-              help="linear: fine-tune the prompt set's classifier on the few-shot images first"
-              " (Cross-Modal's linear probe from the text, chosen on val); SAFE and every method"
-              " then use it (Linear Fine-tuning).")
+@_fit_choice("classifier", ["text", "linear"],
+             "linear: fine-tune the prompt set's classifier on the few-shot images first"
+             " (Cross-Modal's linear probe from the text, chosen on val); SAFE and every method"
+             " then use it (Linear Fine-tuning).")
 @click.option("--methods", default=listed(FitConfig, "methods"),
               show_default=True, callback=lambda c, p, v: expand_methods(v.split(",")),
               help="Methods besides zero-shot and SAFE, which always run: 'workbench' adds"
@@ -258,11 +264,10 @@ def demo(store_root: str, model: str, pretrained: str, workers: int, iters: int,
               show_default=recipe_defaults("text_average"),
               help="Average the templates' embeddings normalised (Tip-Adapter) or raw"
               " (Cross-Modal).")
-@click.option("--protocol", type=click.Choice(["ours", "reference"]),
-              default=default_of(FitConfig, "protocol"), show_default=True,
-              help="reference: Tip-Adapter(-F) and GDA as their authors' code runs them (keys"
-              " averaged raw, Tip-F's epoch on test, searches on the whole val split, ImageNet's"
-              " on test); results labelled, never averaged with ours.")
+@_fit_choice("protocol", ["ours", "reference"],
+             "reference: Tip-Adapter(-F) and GDA as their authors' code runs them (keys"
+             " averaged raw, Tip-F's epoch on test, searches on the whole val split, ImageNet's"
+             " on test); results labelled, never averaged with ours.")
 @click.option("--tip-epochs", default=None, type=click.IntRange(1),
               help="Tip-Adapter-F and SAFE-A epochs (default: the dataset spec's, 20 for most).")
 @click.option("--select-on", default=default_of(FitConfig, "select_on"), show_default=True,
