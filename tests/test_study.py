@@ -500,3 +500,35 @@ def test_a_layer4_study_tests_imagenet_on_its_variants_end_to_end(tmp_path):
     assert sorted((r["backbone"], r["method"]) for r in report["ood"]) == [
         (b, m) for b in ("safe-cache-tiny-rn-random0", "safe-cache-tiny-rn-random0-layer4")
         for m in ("safe", "zero_shot")]
+
+
+@pytest.mark.slow
+def test_a_fig8_study_runs_mined_and_linear_variants_and_its_page_shows_them(tmp_path):
+    """Template Mining and Linear Fine-tuning through a study: extract stores the pool for
+    `mined`, fit runs `-linear` variants with the classifier fine-tuned, and the page's Fig. 8
+    table lists every variant (ours only: a tiny model is not the paper's setting)."""
+    from miniatures import write_imagenet
+
+    write_imagenet(tmp_path / "data")
+    path = study_file(tmp_path, ["imagenet"], shots=(1,), methods=["zero_shot", "safe"],
+                      extra='paper = "figure_8"\nprompts = ["hand", "mined"]\n'
+                            'linear = ["hand"]\n')
+    study = load_study(path)
+    assert [study.variant_name(*v) for v in study.variants] == [
+        "safe-hand", "safe-hand-linear", "safe-mined"]
+    result = run(study, tmp_path / "data", stores=str(tmp_path / "stores"), out=tmp_path / "out")
+    assert result.fitted == 3
+    folders = {p.parent.parent.parent.name: json.loads(p.read_text())
+               for p in (tmp_path / "out" / "results").rglob("*.json")}
+    assert set(folders) == {"safe-hand", "safe-mined", "safe-hand-linear"}
+    assert folders["safe-hand"].get("text") is None
+    assert len(folders["safe-mined"]["text"]["templates"]) == 21
+    assert folders["safe-hand-linear"]["text"]["linear"]["selected_on"] == "val"
+    page = (tmp_path / "out" / "study.md").read_text()
+    table = page[page.index("## Figure 8"):].split("\n\n")[1]
+    assert [line.split(" | ")[0].strip("| ") for line in table.splitlines()[2:]] == [
+        "safe-hand", "safe-mined", "safe-hand-linear"]
+    assert "paper " not in table  # random weights: no published number stands beside ours
+    commands = [s["command"] for s in json.loads((tmp_path / "out" / "study.json").read_text())
+                ["sources"]]
+    assert sum("--classifier linear" in c for c in commands) == 1
