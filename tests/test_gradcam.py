@@ -180,3 +180,18 @@ def test_a_result_of_another_store_is_refused(fitted, tmp_path):
                               counts={"train": 2, "val": 2, "test": 4})
     with pytest.raises(StoreError, match="another backbone fingerprint"):
         gradcam_maps(str(other), result.path, [0])
+
+
+@pytest.mark.slow  # a second extract
+def test_attention_refuses_a_result_of_another_store_as_gradcam_does(fitted, tmp_path):
+    """`attention` explains the head a result names only on the store it was fitted on (it
+    loaded any head onto any store of the same shapes before)."""
+    from safe_cache.analysis.attention import attention_maps
+
+    _, store, result = fitted
+    maps = attention_maps(str(store), result.path, [0, 1])
+    assert maps["original"].shape[0] == 2 and len(maps["paths"]) == 2
+    other = extract_miniature(tmp_path, "safe-cache-tiny-rn", tmp_path / "other.zarr",
+                              counts={"train": 2, "val": 2, "test": 4}, init_seed=1)
+    with pytest.raises(StoreError, match="another backbone fingerprint"):
+        attention_maps(str(other), result.path, [0])

@@ -10,18 +10,15 @@ the dense grid, averaged over heads (or per head), for the original head and the
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from ..data.views import model_view
-from ..fit.original import original_head
-from ..fit.results import load_result
 from ..store import open_store
+from .gradcam import checked_rows, result_heads
 from .overlay import draw_map
 
 
@@ -32,14 +29,12 @@ def attention_maps(store_url: str, result_path: str | Path, rows: list[int],
     Returns {"paths", "labels", "original", "finetuned"}; the maps are (images, heads, H, W),
     each image's map summing to at most 1 (the rest is the query token's own weight).
     """
-    result = load_result(result_path)
     store = open_store(store_url)
     card = store.manifest["backbone"]
-    original = original_head(store)
-    finetuned = copy.deepcopy(original)
-    finetuned.load_state_dict(load_file(str(result.path.with_suffix(".safetensors"))))
-    order = store.readable_row_ids(split, rows)
-    dense = torch.from_numpy(store.read_rows(split, "dense", order).astype(np.float32))
+    # the result fitted on this store, its files its own, its head finite; the rows readable,
+    # their chunks present and finite (gradcam's checks: an explanation of the head it names)
+    original, finetuned, result = result_heads(store, result_path)
+    dense, labels, paths = checked_rows(store, split, rows)
     height, width = card["token_grid"]
     maps = {}
     with torch.no_grad():
@@ -48,9 +43,8 @@ def attention_maps(store_url: str, result_path: str | Path, rows: list[int],
             # (ResNet), the class token (ViT, CoCa, PE-Core) or nothing (SigLIP)
             weights = head.eval().attention(dense)
             patches = weights[:, :, -height * width:]
-            maps[name] = patches.reshape(len(order), -1, height, width).numpy()
-    return {"paths": [str(p) for p in store.read_rows(split, "path", order)],
-            "labels": store.read_rows(split, "label", order).tolist(), **maps,
+            maps[name] = patches.reshape(len(paths), -1, height, width).numpy()
+    return {"paths": paths, "labels": labels.tolist(), **maps,
             "classnames": store.manifest["dataset"]["classnames"], "card": card,
             "result": result}
 
