@@ -195,6 +195,12 @@ def test_dry_run_estimates_time_from_measured_throughput(tmp_path):
     plan = plan_study(load_study(path), tmp_path / "data", out=tmp_path / "out")
     images = plan.stores[0].images
     assert plan.seconds == pytest.approx(images / 9.33 + 20 * 0.3895)
+    assert plan.estimate_note.endswith("(docs/performance.md)")  # nothing left out
+    path.write_text(path.read_text().replace("seeds = [1]", 'seeds = [1]\nlinear = ["hand"]')
+                    .replace('"safe_a"]', '"safe_a", "gda"]'))
+    plan = plan_study(load_study(path), tmp_path / "data", out=tmp_path / "out")
+    assert plan.estimate_note.endswith("; not counted: the classifier's Linear Fine-tuning and"
+                                       " the workbench methods")
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -280,4 +280,16 @@ def _estimate(plan: StudyPlan, device: str) -> tuple[float | None, str]:
     if unknown:
         return None, (f"no measured throughput on {kind} for {', '.join(sorted(unknown))}"
                       f" (docs/performance.md)")
-    return seconds, f"from the throughput measured on {kind} (docs/performance.md)"
+    return seconds, f"from the throughput measured on {kind} (docs/performance.md)" + \
+        _not_estimated(plan)
+
+
+def _not_estimated(plan: StudyPlan) -> str:
+    """What the estimate leaves out: work of the runs to do besides extract and SAFE's grid."""
+    from ..fit.methods import WORKBENCH_METHODS
+
+    todo = [run for run in plan.runs if run.status == "todo"]
+    left = ["the classifier's Linear Fine-tuning"] * any(r.classifier == "linear" for r in todo)
+    left += ["the workbench methods"] * bool(todo and set(WORKBENCH_METHODS)
+                                             & set(plan.study.methods))
+    return f"; not counted: {' and '.join(left)}" if left else ""
