@@ -348,3 +348,17 @@ def test_a_study_key_spelt_as_the_cli_option_names_the_field(tmp_path):
     study.write_text(study.read_text().replace("lr =", "iter ="))
     with pytest.raises(ConfigError, match=r"did you mean 'iters'\?"):
         load_study(study)
+
+
+def test_the_extract_command_names_a_users_own_dataset_by_its_spec_file():
+    """A store of a shipped dataset is named by it; one of a user's spec file (the demo's
+    shapes) by a placeholder: `--dataset shapes` would be refused as an unknown dataset."""
+    from safe_cache.store.paths import extract_command
+
+    manifest = {"dataset": {"name": "food101"}, "center_flip": True,
+                "backbone": {"model": "RN50", "pretrained": "openai"}}
+    assert extract_command(manifest, "s.zarr").startswith(
+        "safe-cache extract --dataset food101 --root DATA --model RN50")
+    manifest["dataset"]["name"] = "shapes"
+    assert extract_command(manifest, "s.zarr").startswith(
+        "safe-cache extract --dataset <the spec file of shapes> --root DATA")

@@ -78,6 +78,16 @@ def default_store_url(dataset: str, card: dict[str, Any], root: str | None = Non
     return f"{store_root(root)}/{dataset}/{backbone_label(card)}.zarr"
 
 
+def _dataset_option(name: str) -> str:
+    """--dataset's value for a store's dataset: its name where safe-cache ships its spec
+    (pipelines/<name>.json, where data/datasets.py finds them: in the package or beside it),
+    else a placeholder for the user's own spec file (`--dataset shapes` would be refused)."""
+    package = Path(__file__).resolve().parent.parent
+    shipped = any((folder / f"{name}.json").is_file()
+                  for folder in (package / "pipelines", package.parent / "pipelines"))
+    return name if shipped else f"<the spec file of {name}>"
+
+
 def extract_command(manifest: dict[str, Any], url: str, *extra: str) -> str:
     """The extract command that adds to (or finishes) the store at `url`, with the options
     that keep it the store it is (weights, cut, views, the flipped view); `extra` appended.
@@ -87,7 +97,8 @@ def extract_command(manifest: dict[str, Any], url: str, *extra: str) -> str:
     weights = backbone.get("pretrained") or "none"
     if weights.startswith("file:"):
         weights = f"<the checkpoint file {weights.removeprefix('file:')}>"
-    parts = ["safe-cache extract --dataset", manifest["dataset"]["name"], "--root DATA",
+    parts = ["safe-cache extract --dataset", _dataset_option(manifest["dataset"]["name"]),
+             "--root DATA",
              "--model", backbone["model"], "--pretrained", weights, "--store", url]
     if backbone.get("cut", "pool") != "pool":
         parts += ["--cut", backbone["cut"]]
