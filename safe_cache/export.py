@@ -26,10 +26,9 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_dir, atomic_write_with
 from .data.datasets import IMAGE_SUFFIXES
-from .data.prompts import stored_prompt_set
 from .data.views import load_image
 from .errors import ConfigError, ImageReadError, ModelFolderError
-from .fit.results import cache_file, files_problem, head_file, load_result
+from .fit.results import cache_file, files_problem, head_file, load_result, store_differences
 from .fit.text import result_classifier
 from .identity import card_fingerprint, file_sha256
 from .model.backbone import Backbone, head_from_config, load_backbone
@@ -80,9 +79,7 @@ def export_model(result_path: str | Path, out: str | Path, *, method: str = "saf
                                f" replaces model folders only, never other data. Choose another"
                                f" --out.")
     store = open_store(result.store["url"], storage_options=storage_options)
-    now = {"fingerprint": store.fingerprint, "store_sha256": store.content_sha256,
-           "prompts_sha256": store.classifier_sha256(stored_prompt_set(result.config["prompts"]))}
-    changed = [k for k, v in now.items() if result.store.get(k, v) != v]
+    changed = store_differences(result, store)
     if changed:
         raise ModelFolderError(f"{store.url} is not the store {result_path} was fitted on (its"
                                f" {', '.join(changed)} differs); fit it again from this store.")

@@ -532,7 +532,7 @@ def test_a_fig8_study_runs_mined_and_linear_variants_and_its_page_shows_them(tmp
     assert folders["safe-hand-linear"]["text"]["linear"]["selected_on"] == "val"
     page = (tmp_path / "out" / "study.md").read_text()
     table = page[page.index("## Figure 8"):].split("\n\n")[1]
-    assert [line.split(" | ")[0].strip("| ") for line in table.splitlines()[2:]] == [
+    assert [line.split(" | ")[1] for line in table.splitlines()[2:]] == [
         "safe-hand", "safe-mined", "safe-hand-linear"]
     assert "paper " not in table  # random weights: no published number stands beside ours
     commands = [s["command"] for s in json.loads((tmp_path / "out" / "study.json").read_text())

@@ -149,8 +149,10 @@ def test_linear_fine_tuning_trains_the_classifier_every_method_then_uses(text_st
     rows = store.readable_rows("test")
     test = F.normalize(torch.from_numpy(store.read_rows("test", "pooled", rows)).float(), -1)
     test_labels = torch.from_numpy(store.read_rows("test", "label", rows).astype(np.int64))
-    assert record.methods["zero_shot"]["test_acc"] == pytest.approx(
+    assert linear["test_acc"] == pytest.approx(
         (test @ weights.T).argmax(-1).eq(test_labels).float().mean().item())
+    # zero-shot CLIP stays the prompt set's classifier: the text run's row, to the digit
+    assert record.methods["zero_shot"] == text.methods["zero_shot"]
 
 
 @pytest.mark.slow
@@ -201,24 +203,37 @@ def test_each_fig8_variant_stands_beside_its_own_published_row_only():
 
     def row(setting, shots, mean, reasons=()):
         return {"dataset": "imagenet", "method": "safe", "setting": setting, "shots": shots,
+                "backbone": "RN50-openai",
                 "mean": mean, "std": 0.1, "seeds": 3, "reasons": list(reasons)}
 
+    from safe_cache.study import load_study
+    from safe_cache.study.figures import published_keys
+
+    keys = published_keys(load_study("ablation-prompts"))
+    assert keys["safe-cupl"] == "cupl" and keys["safe-cupl-linear"] == "cupl-linear"
     prompts = "prompts imagenet, not the hand templates"
     rows = figure_rows([row("safe-hand", 1, 61.0), row("safe-cupl", 1, 62.0, [prompts]),
                         row("safe-cupl", 2, 62.5, [prompts]),
                         row("safe-cupl-linear", 1, 63.0, [prompts, "classifier linear, ..."]),
                         row("safe-mined", 1, 60.0, [prompts]),
                         row("safe-vanilla", 4, 59.0, [prompts, "recipe views, not ..."])],
-                       "figure_8")
+                       "figure_8", keys)
     cells = {r["variant"]: {k: c["paper"] for k, c in r["cells"].items()} for r in rows}
     assert cells == {"safe-hand": {1: 61.85}, "safe-cupl": {1: 62.82, 2: None},
                      "safe-cupl-linear": {1: 62.98}, "safe-mined": {1: None},
                      "safe-vanilla": {4: None}}
     assert [r["variant"] for r in rows] == ["safe-vanilla", "safe-hand", "safe-mined",
                                             "safe-cupl", "safe-cupl-linear"]  # Fig. 8's order
-    # a one-prompt study's folder is its recipe: hand's row only when the prompts are hand's
-    [alone] = figure_rows([row("safe", 1, 61.0, [prompts])], "figure_8")
+    # a folder the study does not name stands beside no published row
+    [alone] = figure_rows([row("safe", 1, 61.0)], "figure_8", keys)
     assert alone["cells"][1]["paper"] is None
+    # two backbones of one variant are two rows, never one cell overwritten by the other
+    other = {**row("safe-hand", 1, 70.0, ["the paper reports RN50, not ViT-B-16"]),
+             "backbone": "ViT-B-16-openai"}
+    both = figure_rows([{**row("safe-hand", 1, 61.0), "backbone": "RN50-openai"}, other],
+                       "figure_8", keys)
+    assert [(r["backbone"], r["cells"][1]["mean"], r["cells"][1]["paper"]) for r in both] == [
+        ("RN50-openai", 61.0, 61.85), ("ViT-B-16-openai", 70.0, None)]
 
 
 def _replace_classifier(record, weights: torch.Tensor) -> None:
@@ -305,3 +320,61 @@ def test_a_text_block_removed_from_a_mined_result_is_refused(text_store, tmp_pat
     record.path.write_text(json.dumps(data))
     with pytest.raises(ResultError, match="lacks the 'text' block"):
         load_result(record.path)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda text: text.update(val_acc=5), "text.templates must list"),
+    (lambda text: text.update(linear={"val_acc": 0.5, "test_acc": 0.5}), "must record what"),
+    (lambda text: text.pop("templates"), "must record what"),
+])
+def test_a_malformed_text_block_is_refused_in_one_line(text_store, tmp_path, edit, needle):
+    """Whatever the block holds, a ResultError naming it (a TypeError escaped before), and a
+    block that records something the config did not make (or lacks what it did) is refused."""
+    from safe_cache import ResultError
+    from safe_cache.fit.results import content_sha256
+
+    _, url = text_store
+    record = _fit(url, tmp_path / "out", prompts="mined")
+    data = json.loads(record.path.read_text())
+    edit(data["text"])
+    data["content_sha256"] = content_sha256(data)
+    record.path.write_text(json.dumps(data))
+    with pytest.raises(ResultError, match=needle):
+        load_result(record.path)
+
+
+def test_mining_refuses_a_pool_that_is_not_the_shipped_templates(text_store, tmp_path):
+    """The run records its templates' texts by index into template_pool.json: a store's
+    `pool` set of other sentences (an older pool.json file of 180 per class) is refused."""
+    import shutil
+
+    import zarr
+
+    from safe_cache.fit.text import pool_embeddings
+
+    _, url = text_store
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(url, copy)
+    assert pool_embeddings(open_store(str(copy))).shape[1] == 180  # the shipped pool: read
+    sentences = open_store(str(copy)).prompt_sentences("pool")
+    sentences[0] = sentences[0][::-1]  # the same 180 texts, another order
+    zarr.open_group(str(copy), mode="r+")["text/pool"].attrs["sentences"] = sentences
+    with pytest.raises(StoreError, match=r"not the 180 templates of template_pool\.json"):
+        pool_embeddings(open_store(str(copy)))
+
+
+@pytest.mark.slow  # a second extract
+def test_analyses_refuse_a_result_of_another_dataset_on_the_same_backbone(text_store,
+                                                                          tmp_path):
+    """The backbone fingerprint is every store's of that backbone: gradcam and attention
+    compare the store's content digest too, as export does."""
+    from safe_cache.analysis.attention import attention_maps
+    from safe_cache.analysis.gradcam import gradcam_maps
+
+    _, url = text_store
+    record = _fit(url, tmp_path / "out", prompts="mined")
+    other = extract_miniature(tmp_path / "dtd", MODEL, tmp_path / "dtd.zarr", dataset="dtd")
+    assert open_store(str(other)).fingerprint == open_store(str(url)).fingerprint
+    for explain in (gradcam_maps, attention_maps):
+        with pytest.raises(StoreError, match="store_sha256 differs"):
+            explain(str(other), record.path, [0])

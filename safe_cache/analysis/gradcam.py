@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 
 from ..errors import ConfigError, StoreError
 from ..fit.original import original_head
-from ..fit.results import files_problem, head_file, load_result
+from ..fit.results import files_problem, head_file, load_result, store_differences
 from ..fit.text import result_classifier
 from ..model.inference import blend_features
 from ..store import FeatureStore, open_store
@@ -77,6 +77,11 @@ def result_heads(store: FeatureStore, result_path: str | Path) -> tuple[Any, Any
         raise StoreError(f"{result_path} was fitted on a store with another backbone"
                          f" fingerprint ({result.store.get('url')}), not on {store.url}: name"
                          f" the store it was fitted on (--store).")
+    changed = store_differences(result, store)  # same backbone: another dataset, or changed
+    if changed:
+        raise StoreError(f"{result_path} was fitted on {result.store.get('url')}, not on"
+                         f" {store.url} as it is now (its {', '.join(changed)} differs): name"
+                         f" the store it was fitted on (--store), or fit again from this one.")
     problem = files_problem(result)
     if problem:
         raise StoreError(f"{result_path}: {problem}; fit it again (fit --force).")

@@ -94,8 +94,9 @@ def prompt_set_name(prompt_set: str) -> str:
 def stored_prompt_set(prompt_set: str) -> str:
     """The name of the set a store holds for a prompt set: its own name, or for `mined` the
     pool it is chosen from."""
-    name = prompt_set_name(prompt_set)
-    return STORED_AS.get(name, name)
+    if prompt_set in STORED_AS:  # the built-in name itself: a file's stem never maps
+        return STORED_AS[prompt_set]
+    return prompt_set_name(prompt_set)
 
 
 @torch.no_grad()

@@ -116,7 +116,8 @@ def run_methods(store: FeatureStore, head: torch.nn.Module, rows: RunRows,
     def blend(original: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
         return blend_features(original, tuned, config.beta, config.blend)
 
-    results = _Results({"zero_shot": lambda o, t: o @ classifier.T,
+    zero_shot = classifier if text is None else text.zero_shot  # never a fine-tuned one
+    results = _Results({"zero_shot": lambda o, t: o @ zero_shot.T,
                         "safe": lambda o, t: blend(o, t) @ classifier.T})
     if not config.methods:
         return MethodsRun({}, results.predictors, None, {})

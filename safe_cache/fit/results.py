@@ -259,20 +259,25 @@ def _check_text_block(text: Any, config: dict[str, Any], source: str | Path) -> 
                           f" (--force).")
     if text is None:
         return
-    if not isinstance(text, dict) or not ({"templates", "linear"} & set(text)) \
+    mined, linear = config.get("prompts") == "mined", config.get("classifier") == "linear"
+    if not isinstance(text, dict) or mined != ("templates" in text) \
+            or linear != isinstance(text.get("linear"), dict) \
             or not re.fullmatch(r"[0-9a-f]{64}", str(text.get("classifier_sha256"))):
-        raise ResultError(f"{source}: 'text' must say how the run made its classifier (mined"
-                          f" templates or a linear head) and the saved file's digest; fit it"
-                          f" again (--force).")
-    if "templates" in text and not (isinstance(text["templates"], list) and text["templates"]
-                                    and all(isinstance(t, str) for t in text["templates"])):
-        raise ResultError(f"{source}: text.templates must list the mined templates.")
-    for index, value in enumerate(text.get("val_acc", [])):
-        _accuracy(value, f"{source}: text.val_acc[{index}]")
-    if "linear" in text:
-        linear = text["linear"]
-        _accuracy(linear.get("val_acc") if isinstance(linear, dict) else None,
-                  f"{source}: text.linear.val_acc")
+        raise ResultError(f"{source}: 'text' must record what its config made (the mined"
+                          f" templates for --prompts mined, the linear head for --classifier"
+                          f" linear) and the saved file's digest; fit it again (--force).")
+    if mined:
+        templates, accuracies = text["templates"], text.get("val_acc")
+        if not (isinstance(templates, list) and templates
+                and all(isinstance(t, str) for t in templates)
+                and isinstance(accuracies, list) and len(accuracies) == len(templates)):
+            raise ResultError(f"{source}: text.templates must list the mined templates and"
+                              f" text.val_acc their val accuracies; fit it again (--force).")
+        for index, value in enumerate(accuracies):
+            _accuracy(value, f"{source}: text.val_acc[{index}]")
+    if linear:
+        for key in ("val_acc", "test_acc"):
+            _accuracy(text["linear"].get(key), f"{source}: text.linear.{key}")
 
 
 def _check_timing_block(timings: Any, source: str | Path) -> None:
@@ -380,6 +385,19 @@ def head_file(path: Path) -> Path:
 def cache_file(path: Path) -> Path:
     """SAFE-A's trained cache saved beside a result JSON."""
     return path.with_suffix(".safe_a.safetensors")
+
+
+def store_differences(record: RunResult, store: Any) -> list[str]:
+    """What differs between the store a result was fitted on and `store` (empty: the same
+    store, its content and the run's prompt set unchanged): the checks export and the analyses
+    make before they use the result's head on the store's maps."""
+    from ..data.prompts import stored_prompt_set
+
+    now = {"fingerprint": store.fingerprint, "store_sha256": store.content_sha256}
+    if record.text is None:  # the run's classifier is the store's prompt set's
+        now["prompts_sha256"] = store.classifier_sha256(stored_prompt_set(
+            record.config["prompts"]))
+    return [name for name, value in now.items() if record.store.get(name, value) != value]
 
 
 def classifier_file(path: Path) -> Path:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.prompts import class_average, prompt_set_name, stored_prompt_set, template_pool
+from ..data.prompts import class_average, class_sentences, stored_prompt_set, template_pool
 from ..errors import RecipeError, StoreError
 from ..store import FeatureStore
 from .recipe import Recipe
@@ -51,6 +51,12 @@ class RunText:
     embeddings: np.ndarray | None
     counts: list[int] | None
     record: dict[str, Any] | None = None
+    initial: torch.Tensor | None = None  # before Linear Fine-tuning: what zero-shot CLIP uses
+
+    @property
+    def zero_shot(self) -> torch.Tensor:
+        """The classifier zero-shot CLIP uses: the prompt set's, never a fine-tuned one."""
+        return self.classifier if self.initial is None else self.initial
 
     @property
     def own_sentences(self) -> tuple[np.ndarray, list[int]] | None:
@@ -75,40 +81,50 @@ def stored_text(store: FeatureStore, prompts: str, recipe: Recipe) -> RunText:
 
 def pool_embeddings(store: FeatureStore) -> np.ndarray:
     """(C, T, D) the pool's raw sentence embeddings, class-major as extract encodes them; a
-    store whose `pool` set is not the 180 templates of every class is refused."""
+    store whose `pool` set is not template_pool.json's templates of its classes, in that order
+    (the run records their texts by index), is refused."""
     embeddings, counts = store.sentence_embeddings("pool")
-    templates = len(template_pool())
-    if set(counts) != {templates}:
-        raise StoreError(f"{store.url}: its prompt set 'pool' holds {sorted(set(counts))[:3]}"
-                         f" sentences a class, not the pool's {templates} templates; extract it"
-                         f" again into a new store.")
-    return np.asarray(embeddings, dtype=np.float32).reshape(len(counts), templates, -1)
+    templates = template_pool()
+    classnames = store.manifest["dataset"]["classnames"]
+    if store.prompt_sentences("pool") != class_sentences("pool", classnames, ()):
+        raise StoreError(f"{store.url}: its prompt set 'pool' is not the {len(templates)}"
+                         f" templates of template_pool.json for its classes (another file,"
+                         f" or another safe-cache's pool); extract --prompts pool into a new"
+                         f" store.")
+    return np.asarray(embeddings, dtype=np.float32).reshape(len(counts), len(templates), -1)
 
 
-def template_accuracies(pool: torch.Tensor, features: torch.Tensor,
-                        labels: torch.Tensor) -> torch.Tensor:
+def template_accuracies(pool: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
+                        chunk: int = 8) -> torch.Tensor:
     """(T,) the zero-shot accuracy of each template alone: (C, T, D) raw embeddings, (N, D)
-    image features (any norm: an argmax does not see it)."""
-    weights = F.normalize(pool.float(), dim=-1).permute(1, 0, 2)  # (T, C, D)
-    logits = torch.einsum("nd,tcd->tnc", features.float(), weights)
-    return logits.argmax(-1).eq(labels[None]).float().mean(-1)
+    image features (any norm: an argmax does not see it). `chunk` templates at a time: all
+    180 at once would be a (180, N, C) tensor, 2.9 GB for ImageNet's 4-shot val set."""
+    features, hits = features.float(), []
+    for start in range(0, pool.shape[1], chunk):
+        weights = F.normalize(pool[:, start:start + chunk].float(), dim=-1)  # (C, t, D)
+        logits = torch.einsum("nd,ctd->tnc", features, weights)
+        hits.append(logits.argmax(-1).eq(labels[None]).float().mean(-1))
+    return torch.cat(hits)
+
+
+def best_templates(accuracy: torch.Tensor, keep: int = MINED_TEMPLATES) -> list[int]:
+    """The `keep` templates of the best accuracy, best first, ties to the earlier template
+    (a stable sort)."""
+    return sorted(range(len(accuracy)), key=lambda t: -float(accuracy[t]))[:keep]
 
 
 def mine_templates(pool: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
                    keep: int = MINED_TEMPLATES) -> list[int]:
-    """The `keep` templates of the best zero-shot accuracy on (features, labels), best first,
-    ties to the earlier template (a stable sort)."""
-    accuracy = template_accuracies(pool, features, labels)
-    order = sorted(range(len(accuracy)), key=lambda t: -float(accuracy[t]))
-    return order[:keep]
+    """The `keep` templates of the best zero-shot accuracy on (features, labels)."""
+    return best_templates(template_accuracies(pool, features, labels), keep)
 
 
 def mined_text(store: FeatureStore, recipe: Recipe, val_features: torch.Tensor,
                val_labels: torch.Tensor) -> RunText:
     """Template Mining on the run's val set: its classifier, sentences and record."""
     pool = torch.from_numpy(pool_embeddings(store))
-    chosen = mine_templates(pool, val_features.cpu(), val_labels.cpu())
     accuracy = template_accuracies(pool, val_features.cpu(), val_labels.cpu())
+    chosen = best_templates(accuracy)
     picked = pool[:, chosen]  # (C, K, D)
     embeddings = picked.reshape(-1, picked.shape[-1])
     counts = [len(chosen)] * pool.shape[0]
@@ -160,7 +176,8 @@ def linear_text(text: RunText, store: FeatureStore, train_rows: np.ndarray,
                          "best_iter": int(trained.best_iter[chosen].item()),
                          "iterations": lp_recipe.iterations, "configurations": len(grid),
                          "image_views": views, "selected_on": "val"}}
-    return RunText(trained.weights[chosen].detach(), text.embeddings, text.counts, record)
+    return RunText(trained.weights[chosen].detach(), text.embeddings, text.counts, record,
+                   initial=text.classifier)
 
 
 def check_linear_serves(store: FeatureStore, shots: tuple[int, ...],
@@ -178,20 +195,33 @@ def check_linear_serves(store: FeatureStore, shots: tuple[int, ...],
                                   f" shots, or --classifier text. Nothing was written.")
 
 
+def linear_accuracies(text: RunText, val: tuple, test: tuple) -> dict[str, Any]:
+    """A fine-tuned classifier's record with its own val and test accuracy on the original
+    features (what the result's zero-shot row held before it was the prompt set's)."""
+    from .evaluate import accuracy
+
+    assert text.record is not None and "linear" in text.record
+    linear = {**text.record["linear"],
+              **{split: accuracy(data[0] @ text.classifier.T, data[2])
+                 for split, data in (("val_acc", val), ("test_acc", test))}}
+    return {**text.record, "linear": linear}
+
+
 def run_text(store: FeatureStore, prompts: str, classifier: str, recipe: Recipe, *,
              train_rows: np.ndarray, train_labels: torch.Tensor, val_features: torch.Tensor,
              val_labels: torch.Tensor, scale: float, seed: int,
              device: torch.device) -> RunText:
     """The run's text side: the stored prompt set, mined from the pool, and/or its classifier
     fine-tuned (see the module docstring)."""
-    if prompt_set_name(prompts) == "mined":
+    if prompts == "mined":  # the built-in set (a file named mined.json is refused on input)
         text = mined_text(store, recipe, val_features, val_labels)
     else:
         text = stored_text(store, prompts, recipe)
     if classifier == "linear":
         text = linear_text(text, store, train_rows, train_labels, val_features, val_labels,
                            scale, seed, device)
-    return replace(text, classifier=text.classifier.to(device))
+    return replace(text, classifier=text.classifier.to(device),
+                   initial=None if text.initial is None else text.initial.to(device))
 
 
 def classifier_sha256(weights: torch.Tensor) -> str:

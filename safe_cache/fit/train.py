@@ -16,13 +16,14 @@ normalises each branch first). The adapters (adapters.py) then run on the same f
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from .._version import __version__
-from ..data.prompts import prompt_set_name, stored_prompt_set
+from ..data.prompts import stored_prompt_set
 from ..errors import RecipeError, SafeCacheError, StoreError
 from ..identity import SEAL_FIELD
 from ..model.inference import blend_features
@@ -33,14 +34,21 @@ from ..store import FeatureStore
 from ..store.paths import backbone_label, extract_command
 from .baselines import RunRows, check_reference_serves, needs_reference_search, run_methods
 from .config import FitConfig
-from .evaluate import evaluate_safe, pooled_split
+from .evaluate import accuracy, evaluate_safe, pooled_split
 from .grid import BestState, StackedHeads
 from .identity import identity_sha256
 from .original import original_head
 from .recipe import Recipe
 from .results import RunResult
 from .step import GridStep
-from .text import check_linear_serves, pool_embeddings, run_text, stored_text, with_digest
+from .text import (
+    check_linear_serves,
+    linear_accuracies,
+    pool_embeddings,
+    run_text,
+    stored_text,
+    with_digest,
+)
 
 
 def _recipe_error(store: FeatureStore, recipe: Recipe, missing: str) -> RecipeError:
@@ -63,7 +71,7 @@ def check_store_serves(store: FeatureStore, config: FitConfig) -> None:
         prolip_serves(store)  # a family without a final linear projection: before SAFE trains
     if recipe.train_views in ("center+flip", "all") and not store.center_flip:
         raise _recipe_error(store, recipe, "mirrored center views (flip_dense)")
-    if stored_prompt_set(config.prompts) != prompt_set_name(config.prompts):  # mined
+    if config.prompts == "mined":
         try:
             pool_embeddings(store)
         except StoreError as exc:
@@ -295,6 +303,10 @@ def _fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
     test = pooled_split(store, "test", head, config.test_chunk, device, checked=True)
     summary = evaluate_safe(val, test, classifier, config.beta, config.betas, config.blend)
     methods = summary.pop("methods")
+    if text.initial is not None:  # Linear Fine-tuning: zero-shot is the prompt set's own
+        text = replace(text, record=linear_accuracies(text, val, test))
+        methods["zero_shot"] = {split: accuracy(data[0] @ text.initial.T, data[2])
+                                for split, data in (("val_acc", val), ("test_acc", test))}
     rows = RunRows(data.train_rows, data.image_labels, data.val_rows, test_rows)
     extra = run_methods(store, head, rows, {"val": val, "test": test}, classifier, clip_scale,
                         config, seed, device, text=text)

@@ -25,7 +25,7 @@ from ..analysis.ood_table import OOD_COLUMNS, ood_rows
 from ..analysis.report import ELEVEN, footnotes
 from ..atomic import atomic_write_text
 from ..fit.results import METHODS
-from .figures import FIGURES, figure_html, figure_markdown, figure_rows
+from .figures import FIGURES, figure_html, figure_markdown, figure_rows, published_keys
 from .plan import StudyPlan
 
 ELEVEN_LAST = "average"
@@ -152,7 +152,8 @@ def write_report(plan: StudyPlan) -> tuple[dict[str, Any], list[Path]]:
               "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "tables": _tables(rows), "ood": ood_rows(runs) if runs else [],
               "costs": cost_rows(runs),
-              "figure": (plan.study.paper, figure_rows(rows, plan.study.paper))
+              "figure": (plan.study.paper, figure_rows(rows, plan.study.paper,
+                                                        published_keys(plan.study)))
               if plan.study.paper in FIGURES else None,
               "sources": _sources(plan), "runs": len(runs)}
     plots = _plots(plan, rows, runs) if runs else []
