@@ -243,3 +243,18 @@ def test_eval_ood_adds_an_ood_section(fitted, tmp_path):
     assert curve == {p["beta"]: pytest.approx(p["test_acc"]) for p in result.beta_curve}
     assert "post hoc" in ood["beta_curve"]["made"] and f"beta = {config.beta}" in \
         ood["beta_curve"]["made"]
+    # a result without an OOD accuracy this safe-cache gives (Tip-Adapter before it had a
+    # predictor) is run again, not reused without it; with all of them it is reused
+    from safe_cache.fit.results import content_sha256, ood_gaps
+
+    again = replace(config, eval_ood=(variant,), iters=50, eval_every=25, force=False,
+                    methods=("tip_adapter", "tip_adapter_f", "safe_a", "linear_probe"),
+                    out=str(tmp_path / "results"))
+    assert not ood_gaps(result) and fit(again)[0].skipped
+    data = json.loads(result.path.read_text())
+    for block in data["ood"].values():
+        block.pop("tip_adapter")
+    data["content_sha256"] = content_sha256(data)
+    result.path.write_text(json.dumps(data))
+    rerun = fit(again)[0]
+    assert not rerun.skipped and "tip_adapter" in rerun.ood["variant"]

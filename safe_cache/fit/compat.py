@@ -21,6 +21,10 @@ What the 0.2 line wrote differently and is still read here, and why each is kept
   Linear Fine-tuning). `FitConfig.from_dict` fills them in, and a run's identity holds such an
   option only when it differs from that value (identity.py), so an earlier result keeps its
   identity and is neither refused nor recomputed.
+- `OOD_PREDICTORS_ADDED`: methods that had no OOD predictor in earlier results and have one
+  now (the training-free Tip-Adapter). An `--eval-ood` result holding such a method without
+  its OOD accuracies is run again (results.ood_gaps), not reused without them; its identity
+  is unchanged (the numbers it holds are right), so nothing else about it is refused.
 """
 
 from __future__ import annotations
@@ -41,3 +45,6 @@ ADDED_FIELDS: dict[str, Any] = {"protocol": "ours", "classifier": "text"}
 def with_added(config: dict[str, Any]) -> dict[str, Any]:
     """A recorded `config` block with the options added since 0.2.0 at their 0.2.0 value."""
     return {**ADDED_FIELDS, **config}
+
+
+OOD_PREDICTORS_ADDED = ("tip_adapter",)

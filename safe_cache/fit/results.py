@@ -32,6 +32,7 @@ from ..identity import canonical_sha256
 from ..names import plain_name
 from ..store.paths import backbone_label
 from . import identity as run_id
+from .compat import OOD_PREDICTORS_ADDED
 from .config import FitConfig
 from .methods import ALWAYS, METHOD_LABELS, METHODS, OPTIONAL_METHODS
 
@@ -455,6 +456,16 @@ def load_result(path: str | Path) -> RunResult:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"it holds {name}, not a finite number")
+
+
+def ood_gaps(record: RunResult) -> list[str]:
+    """The methods of an OOD-tested result that gained an OOD predictor since it was written
+    (compat.OOD_PREDICTORS_ADDED) and that it has no OOD accuracy for: such a result is run
+    again rather than reused without them."""
+    if not record.ood:
+        return []
+    return [m for m in OOD_PREDICTORS_ADDED if m in record.methods
+            and any(m not in variant for variant in record.ood.values())]
 
 
 def whole_result(path: str | Path) -> RunResult | None:

@@ -31,6 +31,7 @@ from .results import (
     expected_name,
     head_file,
     load_result,
+    ood_gaps,
     result_path,
     whole_result,
     write_result,
@@ -110,14 +111,16 @@ def _plan_runs(configs: list[FitConfig], stores: list[FeatureStore], seals: list
                         f" result of safe-cache 0.1, no longer read)")
                 wanted = None if existing is None else \
                     wanted_identity(config, store, shots, seed, seals[index])
-                if existing is not None and existing.run_identity == wanted:
+                gaps = [] if existing is None else ood_gaps(existing)
+                if existing is not None and existing.run_identity == wanted and not gaps:
                     results[index, shots, seed] = replace(existing, skipped=True)
                     continue
                 # new, forced, left half-written by a killed run, or of another identity (the
                 # store changed under it): run it (again)
                 todo.append((index, shots, seed))
                 if wanted is not None:  # a result was there: say why it runs again
-                    changes = run_id.differences(existing.run_identity, wanted)
+                    changes = run_id.differences(existing.run_identity, wanted) or [
+                        f"no OOD accuracy for {', '.join(gaps)}"] * bool(gaps)
                     notes[index, shots, seed] = (
                         f"{path.name}: recomputed, the result there was not this run's"
                         f" ({'; '.join(changes[:3]) or 'its identity differs'})")

@@ -172,13 +172,13 @@ def _has_classifier(store, prompts: str) -> bool:
 def _run_status(path: Path, config, shots: int, seed: int) -> str:
     """"done" when the result there is whole and of the identity fit would give the run now
     (the store may have changed under it), else "todo" (fit then runs it again)."""
-    from ..fit.results import whole_result
+    from ..fit.results import ood_gaps, whole_result
     from ..fit.runs import wanted_identity
     from ..store import open_store
 
     try:
         existing = whole_result(path)
-        if existing is None:
+        if existing is None or ood_gaps(existing):  # fit runs one without them again
             return "todo"
         with contextlib.closing(open_store(config.store)) as store:
             return "done" if existing.run_identity == wanted_identity(
