@@ -434,6 +434,7 @@ def test_the_pages_ood_table_stands_beside_table_iii(tmp_path):
             assert "paper '-'" not in markdown
         else:
             assert "coop_m4" not in lines and "paper" not in lines["safe"]
+            assert lines["safe"].startswith("| RN50-openai | safe, iters 400 | safe |")
             assert "- paper '-': iters not the paper's" in markdown
             assert "<p class='paper'>paper &#x27;-&#x27;: iters not the paper&#x27;s</p>" in page
 

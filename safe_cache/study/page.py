@@ -43,6 +43,12 @@ def _cell_text(row: dict[str, Any] | None) -> tuple[str, str]:
     return ours, f"paper {row['paper']:.2f} ({row['delta']:+.2f})"
 
 
+def _ood_setting(row: dict[str, Any]) -> str:
+    """The OOD table's setting cell: the run's (recipe and every option that differs, so two
+    prompt variants' rows read apart), or `published` for a published-only row."""
+    return "published" if row.get("published") else str(row["setting"])
+
+
 def _ood_cell_text(row: dict[str, Any], column: str) -> tuple[str, str]:
     """(ours, paper and delta) texts of one OOD cell, as Table I's cells: our mean +- std over
     seeds, and the paper's Table III number of the row's own method and backbone with our
@@ -200,14 +206,14 @@ def _markdown(report: dict[str, Any], plots: list[Path], out: Path) -> str:
         lines += figure_markdown(*report["figure"])
     if report["ood"]:
         lines += ["## ImageNet and its variants (16 shots)", "",
-                  "| backbone | recipe | method | imagenet | -v2 | -sketch | -a | -r |",
+                  "| backbone | setting | method | imagenet | -v2 | -sketch | -a | -r |",
                   "|---|---|---|---|---|---|---|---|"]
         for row in report["ood"]:
             values = []
             for column in OOD_COLUMNS:
                 ours, paper = _ood_cell_text(row, column)
                 values.append(ours + (f"<br>{paper}" if paper else ""))
-            lines.append(f"| {row['backbone']} | {row['recipe']} | {row['method']} | "
+            lines.append(f"| {row['backbone']} | {_ood_setting(row)} | {row['method']} | "
                          + " | ".join(values) + " |")
         lines += ["", *(f"- {note}" for note in footnotes(report["ood"])), ""]
     if report["costs"]:
@@ -264,14 +270,14 @@ def _html(report: dict[str, Any], plots: list[Path]) -> str:
     if report["ood"]:
         columns = OOD_COLUMNS
         parts.append("<h2>ImageNet and its variants (16 shots)</h2><table><tr><th>backbone</th>"
-                     "<th>recipe</th><th>method</th>"
+                     "<th>setting</th><th>method</th>"
                      + "".join(f"<th>{c}</th>" for c in columns) + "</tr>")
         for row in report["ood"]:
             cells = []
             for column in columns:
                 ours, paper = _ood_cell_text(row, column)
                 cells.append(f"<td>{e(ours)}<br><span class='paper'>{e(paper)}</span></td>")
-            parts.append(f"<tr><td>{e(row['backbone'])}</td><td>{e(row['recipe'])}</td>"
+            parts.append(f"<tr><td>{e(row['backbone'])}</td><td>{e(_ood_setting(row))}</td>"
                          f"<td>{e(row['method'])}</td>{''.join(cells)}</tr>")
         parts.append("</table>" + "".join(f"<p class='paper'>{e(note)}</p>"
                                           for note in footnotes(report["ood"])))
