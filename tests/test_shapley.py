@@ -45,12 +45,22 @@ def open_clip_on_subset(backbone, images, kept):
             return out[0]
         prefix = dense.shape[1] - math.prod(backbone.card["token_grid"])
         tokens = torch.cat([dense[:, :prefix], dense[:, prefix:][:, kept]], dim=1)
+        if backbone.card["family"] == "coca":  # open_clip's pooler on the kept tokens
+            return visual.ln_post(visual.attn_pool(tokens))[:, 0] @ visual.proj
+        if backbone.card["family"] == "map":  # timm's MAP pool on the kept tokens
+            trunk = visual.trunk
+            if not trunk.pool_include_prefix:
+                tokens = tokens[:, trunk.num_prefix_tokens:]
+            pooled = trunk.head(trunk.fc_norm(trunk.attn_pool(tokens)))
+            return visual.head(pooled)
         block = visual.transformer.resblocks[-1]
         cls = block(tokens)[:, 0]
         return visual.ln_post(cls) @ visual.proj
 
 
 @pytest.mark.parametrize("name", ["safe-cache-tiny-rn", "safe-cache-tiny-vit",
+                                  "safe-cache-tiny-map", "safe-cache-tiny-map-cls",
+                                  "safe-cache-tiny-coca",
                                   pytest.param("RN50", marks=pytest.mark.slow)])
 def test_a_masked_head_is_open_clips_pooling_on_the_kept_tokens(name, load_cached):
     backbone = load_cached(name)
@@ -71,8 +81,21 @@ def test_a_masked_head_is_open_clips_pooling_on_the_kept_tokens(name, load_cache
     assert not torch.allclose(ours, backbone.head(dense), atol=1e-3)
 
 
-def test_heads_that_mix_tokens_first_refuse_a_mask(load_cached):
+def test_a_map_pool_with_no_token_kept_pools_nothing(load_cached):
+    """SigLIP-like MAP pools have no token that always stays (no class token, no mean token):
+    the empty coalition pools no value (zero weights), a finite output, not softmax's 0/0."""
     backbone = load_cached("safe-cache-tiny-map")
+    with torch.no_grad():
+        dense = backbone.trunk(images_for(backbone))
+        none = torch.zeros(2, math.prod(backbone.card["token_grid"]), dtype=torch.bool)
+        empty = backbone.head.masked(dense, none)
+    assert torch.isfinite(empty).all()
+    assert torch.allclose(empty[0], empty[1])  # nothing of either image reaches it
+
+
+def test_heads_without_a_masked_pool_refuse_a_mask(load_cached):
+    """EVA's head (timm's last block, for the class token) has no masked pool yet: refused."""
+    backbone = load_cached("safe-cache-tiny-eva")
     keep = torch.ones(1, math.prod(backbone.card["token_grid"]), dtype=torch.bool)
     with pytest.raises(UnsupportedModelError, match="subset of its tokens"):
         backbone.head.masked(torch.zeros(1, backbone.card["tokens"],

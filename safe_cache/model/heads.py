@@ -370,7 +370,8 @@ class GridHead(nn.Module):
         map's last H*W tokens) as the pooling's keys and values: parts removed for Shapley's
         coalitions. Heads whose pooling reads the tokens otherwise refuse."""
         raise UnsupportedModelError(f"{type(self).__name__} cannot pool a subset of its tokens"
-                                    f" yet (ResNet attention pools and class-token ViTs can).")
+                                    f" yet (ResNet attention pools, class-token ViTs, MAP and"
+                                    f" CoCa pools can).")
 
     # --- the final projection, what ProLIP fine-tunes ------------------------------------------
 

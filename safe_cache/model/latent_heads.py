@@ -36,6 +36,7 @@ from .heads import (
     GridHead,
     Params,
     _key_bias_score,
+    _masked,
     _Namespace,
     _project_values,
     _query_keys,
@@ -56,22 +57,31 @@ def _call(module: nn.Module, params: Params, prefix: str, x: torch.Tensor) -> to
 
 
 def _latent_attention(query_keys: list[torch.Tensor], extra: list[torch.Tensor],
-                      keys: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+                      keys: torch.Tensor, keep: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Softmax over tokens of every configuration's image-independent query, and the pooled
-    keys: (weights (G, H, B, T), pooled per configuration (H, B, C))."""
+    keys: (weights (G, H, B, T), pooled per configuration (H, B, C)). `keep` (B, T) bool: only
+    those tokens are keys and values; an image with none kept pools nothing (zero weights:
+    the sum over an empty set, so the value projection gives its bias alone)."""
     batch = keys.shape[-3]
     expanded = [q.expand(-1, batch, -1) for q in query_keys]
-    weights = (_token_scores(expanded, keys)
-               + torch.stack([e.expand(-1, batch, -1) for e in extra])).softmax(-1)
+    scores = (_token_scores(expanded, keys)
+              + torch.stack([e.expand(-1, batch, -1) for e in extra]))
+    if keep is None:
+        weights = scores.softmax(-1)
+    else:
+        weights = _masked(scores, keep).softmax(-1).nan_to_num(0.0)  # none kept: 0/0
     return weights, _token_pool(weights, keys).unbind(0)  # unbind: see heads.attnpool_grid
 
 
 def map_pool_grid(configs: Sequence[Params], x: torch.Tensor, pool: AttentionPoolLatent,
-                  prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+                  prefix: str, keep: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """timm's AttentionPoolLatent (first latent, `pool='token'`) for every configuration.
 
     `pool` supplies the structure (heads, norm, MLP); x (B, T, C) or (G, B, T, C).
-    Returns (pooled (G, B, C), attention weights (G, H, B, T)).
+    Returns (pooled (G, B, C), attention weights (G, H, B, T)). `keep` (B, T) bool: the pool
+    on the kept tokens only, as timm's module on that subset (Shapley's coalitions).
     """
     configs = _strip(configs, prefix)
     x = x.to(configs[0]["kv.weight"].dtype)
@@ -84,7 +94,7 @@ def map_pool_grid(configs: Sequence[Params], x: torch.Tensor, pool: AttentionPoo
         b_k = torch.split(p["kv.bias"], channels)[0] if "kv.bias" in p else None
         query_keys.append(_query_keys(q, w_k, heads))  # (H, 1, C): once per step, not per image
         extra.append(_key_bias_score(q, b_k, heads))
-    weights, pooled = _latent_attention(query_keys, extra, x)
+    weights, pooled = _latent_attention(query_keys, extra, x, keep)
     outputs = []
     for p, pooled_g in zip(configs, pooled, strict=True):
         _, w_v = torch.split(p["kv.weight"], channels)
@@ -97,10 +107,11 @@ def map_pool_grid(configs: Sequence[Params], x: torch.Tensor, pool: AttentionPoo
 
 
 def coca_pool_grid(configs: Sequence[Params], x: torch.Tensor,
-                   pooler: towers.AttentionalPooler,
-                   prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+                   pooler: towers.AttentionalPooler, prefix: str,
+                   keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """open_clip's AttentionalPooler for its first query only (the one CoCa's contrastive
-    embedding keeps), every configuration. Returns ((G, B, width), weights (G, H, B, T))."""
+    embedding keeps), every configuration. Returns ((G, B, width), weights (G, H, B, T)).
+    `keep` (B, T) bool: the pooler on the kept tokens only (ln_k is per token)."""
     configs = _strip(configs, prefix)
     attn = pooler.attn
     x = x.to(configs[0]["ln_k.weight"].dtype)
@@ -118,7 +129,7 @@ def coca_pool_grid(configs: Sequence[Params], x: torch.Tensor,
         extra.append(torch.matmul(q_k, p["ln_k.bias"]).unsqueeze(-1)
                      + _key_bias_score(q, b_k, heads))
         projections.append((w_v, b_v))
-    weights, pooled = _latent_attention(query_keys, extra, normed)
+    weights, pooled = _latent_attention(query_keys, extra, normed, keep)
     outputs = []
     for p, pooled_g, (w_v, b_v) in zip(configs, pooled, projections, strict=True):
         pooled_g = pooled_g * p["ln_k.weight"] + p["ln_k.bias"]
@@ -171,6 +182,19 @@ class MapPoolHead(GridHead):
             outputs.append(_call(self.head, p, "head.", y))
         return torch.stack(outputs), weights
 
+    def masked(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The MAP pool on the kept spatial tokens (and the prefix tokens it pools, which
+        always stay); its query is a learned latent, so nothing else changes."""
+        x = x[..., self.skip_tokens:, :]
+        prefixed = torch.ones(keep.shape[0], x.shape[-2] - keep.shape[1], dtype=torch.bool,
+                              device=keep.device)
+        params: Params = dict(self.named_parameters())
+        pooled, _ = map_pool_grid([params], x, self.trunk.attn_pool, "trunk.attn_pool.",
+                                  keep=torch.cat([prefixed, keep.bool()], dim=1))
+        y = _call(self.trunk.fc_norm, params, "trunk.fc_norm.", pooled[0])
+        y = _call(self.trunk.head, params, "trunk.head.", y)
+        return _call(self.head, params, "head.", y)
+
     def _tail(self) -> list[nn.Module]:
         return [self.trunk.fc_norm, self.trunk.head, self.head]
 
@@ -198,6 +222,17 @@ class CocaPoolHead(GridHead):
         outputs = [_call(self.ln_post, p, "ln_post.", y) @ p["proj"]
                    for p, y in zip(configs, pooled.unbind(0), strict=True)]
         return torch.stack(outputs), weights
+
+    def masked(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The pooler on the kept spatial tokens (the class token, first, always stays); its
+        queries are learned, so nothing else changes."""
+        prefixed = torch.ones(keep.shape[0], x.shape[-2] - keep.shape[1], dtype=torch.bool,
+                              device=keep.device)
+        params: Params = dict(self.named_parameters())
+        pooled, _ = coca_pool_grid([params], x, self.attn_pool, "attn_pool.",
+                                   keep=torch.cat([prefixed, keep.bool()], dim=1))
+        out: torch.Tensor = _call(self.ln_post, params, "ln_post.", pooled[0]) @ params["proj"]
+        return out
 
     def projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """proj (width, D) as a linear map's weight (D, width), a view; no bias."""
