@@ -254,3 +254,42 @@ def test_an_unreadable_mask_or_image_is_one_error_naming_the_file(tmp_path):
     (tmp_path / "images" / "food" / "a.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(ImageReadError, match=r"images/food/a\.jpg: .*the image of the part mask"):
         part_mask(tmp_path / "parts", "food/a.jpg", {}, 3, tmp_path / "images")
+
+
+@pytest.mark.slow  # an extract and a fit
+def test_shapley_runs_on_a_siglip_like_store_and_its_values_are_efficient(tmp_path):
+    """A MAP-pooled store (no class token: an empty coalition pools nothing) through the
+    store-level path: finite values summing to v(all) - v(none) for the three heads."""
+    import json
+
+    from factories import extract_miniature
+    from PIL import Image
+
+    from safe_cache.analysis.shapley import shapley_values
+    from safe_cache.fit import FitConfig, fit
+    from safe_cache.store import open_store
+
+    store = extract_miniature(tmp_path / "data", "safe-cache-tiny-map", tmp_path / "s.zarr",
+                              counts={"train": 2, "val": 2, "test": 2})
+    (result,) = fit(FitConfig(store=str(store), shots=(1,), seeds=(1,), lrs=(1e-2,),
+                              wds=(0.0,), iters=6, eval_every=3, methods=(),
+                              out=str(tmp_path / "r")))
+    opened = open_store(str(store))
+    rows = [0, 1]
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    (parts / "parts.json").write_text(json.dumps({"names": ["left", "right"]}))
+    image_root = tmp_path / "data" / "food-101" / "images"
+    for path in opened.read_rows("test", "path", np.array(rows)):
+        with Image.open(image_root / path) as image:
+            width, height = image.size
+        mask = np.zeros((height, width), dtype=np.uint8)
+        mask[:, : width // 2], mask[:, width // 2:] = 1, 2  # every token in a part
+        (parts / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask).save((parts / path).with_suffix(".png"))
+    values = shapley_values(str(store), result.path, rows, str(parts))
+    for entry in values["images"]:
+        for head in ("original", "finetuned", "blend"):
+            game = entry[head]
+            assert all(math.isfinite(v) for v in game["phi"])
+            assert sum(game["phi"]) == pytest.approx(game["v_all"] - game["v_none"], abs=1e-9)
