@@ -39,7 +39,6 @@ from ..store import FeatureStore
 from .recipe import Recipe
 
 MINED_TEMPLATES = 21  # Cross-Modal's mined lists hold 21 templates per dataset
-CLASSIFIERS = ("text", "linear")
 
 
 @dataclass(frozen=True)
@@ -195,15 +194,15 @@ def check_linear_serves(store: FeatureStore, shots: tuple[int, ...],
                                   f" shots, or --classifier text. Nothing was written.")
 
 
-def linear_accuracies(text: RunText, val: tuple, test: tuple) -> dict[str, Any]:
-    """A fine-tuned classifier's record with its own val and test accuracy on the original
-    features (what the result's zero-shot row held before it was the prompt set's)."""
+def linear_accuracies(text: RunText, test: tuple) -> dict[str, Any]:
+    """A fine-tuned classifier's record with its own test accuracy on the original features
+    beside the val accuracy it was chosen by (the result's zero-shot row is the prompt set's
+    classifier's)."""
     from .evaluate import accuracy
 
     assert text.record is not None and "linear" in text.record
-    linear = {**text.record["linear"],
-              **{split: accuracy(data[0] @ text.classifier.T, data[2])
-                 for split, data in (("val_acc", val), ("test_acc", test))}}
+    linear = {**text.record["linear"], "test_acc": accuracy(test[0] @ text.classifier.T,
+                                                            test[2])}
     return {**text.record, "linear": linear}
 
 

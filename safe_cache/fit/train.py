@@ -304,7 +304,7 @@ def _fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
     summary = evaluate_safe(val, test, classifier, config.beta, config.betas, config.blend)
     methods = summary.pop("methods")
     if text.initial is not None:  # Linear Fine-tuning: zero-shot is the prompt set's own
-        text = replace(text, record=linear_accuracies(text, val, test))
+        text = replace(text, record=linear_accuracies(text, test))
         methods["zero_shot"] = {split: accuracy(data[0] @ text.initial.T, data[2])
                                 for split, data in (("val_acc", val), ("test_acc", test))}
     rows = RunRows(data.train_rows, data.image_labels, data.val_rows, test_rows)
