@@ -119,8 +119,9 @@ def _plan_runs(configs: list[FitConfig], stores: list[FeatureStore], seals: list
                 # store changed under it): run it (again)
                 todo.append((index, shots, seed))
                 if wanted is not None:  # a result was there: say why it runs again
-                    changes = run_id.differences(existing.run_identity, wanted) or [
-                        f"no OOD accuracy for {', '.join(gaps)}"] * bool(gaps)
+                    changes = run_id.differences(existing.run_identity, wanted)
+                    if not changes and gaps:
+                        changes = [f"no OOD accuracy for {', '.join(gaps)}"]
                     notes[index, shots, seed] = (
                         f"{path.name}: recomputed, the result there was not this run's"
                         f" ({'; '.join(changes[:3]) or 'its identity differs'})")

@@ -289,7 +289,9 @@ def _not_estimated(plan: StudyPlan) -> str:
     from ..fit.methods import WORKBENCH_METHODS
 
     todo = [run for run in plan.runs if run.status == "todo"]
-    left = ["the classifier's Linear Fine-tuning"] * any(r.classifier == "linear" for r in todo)
-    left += ["the workbench methods"] * bool(todo and set(WORKBENCH_METHODS)
-                                             & set(plan.study.methods))
+    left = []
+    if any(run.classifier == "linear" for run in todo):
+        left.append("the classifier's Linear Fine-tuning")
+    if todo and set(WORKBENCH_METHODS) & set(plan.study.methods):
+        left.append("the workbench methods")
     return f"; not counted: {' and '.join(left)}" if left else ""
