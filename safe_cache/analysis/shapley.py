@@ -6,7 +6,7 @@ part covering most of its cell of the model's input (or to none: then it is alwa
 A coalition's value is the true class's probability (the softmax of zero-shot CLIP's logits
 over the classes) when the absent parts' tokens are removed from the pooling's keys and values
 (`GridHead.masked`: for a ResNet's pool the mean-token query is the mean of the tokens present,
-for a ViT the class token stays, MAP and CoCa pools keep their learned queries). Shapley
+for a ViT or EVA the class token stays, MAP and CoCa pools keep their learned queries). Shapley
 values, for the original pooling, SAFE's pooling and SAFE's blend:
 
     phi_i = sum over S not holding i of |S|! (P - |S| - 1)! / P! * (v(S + i) - v(S))

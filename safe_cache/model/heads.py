@@ -370,8 +370,9 @@ class GridHead(nn.Module):
         map's last H*W tokens) as the pooling's keys and values: parts removed for Shapley's
         coalitions. Heads whose pooling reads the tokens otherwise refuse."""
         raise UnsupportedModelError(f"{type(self).__name__} cannot pool a subset of its tokens"
-                                    f" yet (ResNet attention pools, class-token ViTs, MAP and"
-                                    f" CoCa pools can).")
+                                    f" (ResNet attention pools, MAP and CoCa pools, and the"
+                                    f" ViT and EVA heads of one block can; a cut with earlier"
+                                    f" head blocks mixes every token first).")
 
     # --- the final projection, what ProLIP fine-tunes ------------------------------------------
 

@@ -148,12 +148,16 @@ def _block_rest(block: EvaBlock | EvaBlockPostNorm, p: Params, cls: torch.Tensor
 
 def eva_block_grid(configs: Sequence[Params], x: torch.Tensor,
                    block: EvaBlock | EvaBlockPostNorm, prefix: str, rope: torch.Tensor | None,
-                   prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   prefix_tokens: int, keep: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """An EvaBlock / EvaBlockPostNorm for the class token only, for every configuration.
 
     `block` supplies the structure (heads, eps, MLP); its own parameters are not used.
     x: tokens entering the block, shared (B, T, C) or per configuration (G, B, T, C).
     Returns (class token leaving the block (G, B, C), attention weights (G, H, B, T)).
+    `keep` (B, T) bool: the block on the kept tokens only (the class token must be kept); each
+    kept key keeps its own position's rotation, as timm's block on the subset with their rope
+    rows.
     """
     configs = _strip(configs, prefix)
     # timm types a block's attn as any of its attentions; module_problems refuses all but this.
@@ -170,7 +174,10 @@ def eva_block_grid(configs: Sequence[Params], x: torch.Tensor,
         w_q, b_q, w_k, b_k, _, _ = _qkv(p, attn)
         keys = F.linear(tokens, w_k, b_k)  # per token: RoPE rotates each key by its position
         q = F.linear(tokens[:, 0], w_q, b_q)
-        each.append(_class_token_scores(q, keys, attn, rope, prefix_tokens).softmax(-1))
+        scores = _class_token_scores(q, keys, attn, rope, prefix_tokens)
+        if keep is not None:
+            scores = scores.masked_fill(~keep.bool()[None], float("-inf"))
+        each.append(scores.softmax(-1))
     weights = torch.stack(each)
     pooled = _token_pool(weights, base).unbind(0)  # unbind: see heads.attnpool_grid
     outputs = []
@@ -238,6 +245,24 @@ class EvaPoolHead(_EvaHeadModules, GridHead):
             y = _call(self.trunk.head, p, "trunk.head.", y)
             outputs.append(_call(self.head, p, "head.", y))
         return torch.stack(outputs), weights
+
+    def masked(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The last block on the kept spatial tokens (the class token and any prefix stay),
+        then the norms and heads; a cut with earlier head blocks mixes the tokens first."""
+        *earlier, (last_name, last) = self.trunk.blocks.items()
+        if earlier:
+            return super().masked(x, keep)
+        x = x.to(next(self.parameters()).dtype)
+        prefixed = torch.ones(keep.shape[0], x.shape[1] - keep.shape[1], dtype=torch.bool,
+                              device=keep.device)
+        params: Params = dict(self.named_parameters())
+        cls, _ = eva_block_grid([params], x, cast("EvaBlock | EvaBlockPostNorm", last),
+                                f"trunk.blocks.{last_name}.", self.rope, self.prefix_tokens,
+                                keep=torch.cat([prefixed, keep.bool()], dim=1))
+        y = cls[0]
+        for name in ("trunk.norm", "trunk.fc_norm", "trunk.head", "head"):
+            y = _call(self.get_submodule(name), params, f"{name}.", y)
+        return y
 
     def _tail(self) -> list[nn.Module]:
         return [self.trunk.norm, self.trunk.fc_norm, self.trunk.head, self.head]
