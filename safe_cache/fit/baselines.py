@@ -109,14 +109,14 @@ class _Results:
 
 def run_methods(store: FeatureStore, head: torch.nn.Module, rows: RunRows,
                 features: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                classifier: torch.Tensor, scale: float, config: FitConfig, seed: int,
-                device: torch.device, text: RunText | None = None) -> MethodsRun:
+                text: RunText, scale: float, config: FitConfig, seed: int,
+                device: torch.device) -> MethodsRun:
     """The run's optional methods on its features (`features[split]`: original pooled,
-    fine-tuned pooled, labels); `text` the run's sentences where it mined its own."""
+    fine-tuned pooled, labels), with the run's classifier and sentences (`text`)."""
     def blend(original: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
         return blend_features(original, tuned, config.beta, config.blend)
 
-    zero_shot = classifier if text is None else text.zero_shot  # never a fine-tuned one
+    classifier, zero_shot = text.classifier, text.zero_shot  # zero-shot: never a tuned one
     results = _Results({"zero_shot": lambda o, t: o @ zero_shot.T,
                         "safe": lambda o, t: blend(o, t) @ classifier.T})
     if not config.methods:
@@ -143,7 +143,7 @@ def run_methods(store: FeatureStore, head: torch.nn.Module, rows: RunRows,
             test=split["test"][0], classifier=classifier, scale=scale, seed=seed,
             device=device, store=store, prompts=config.prompts, train_rows=rows.train,
             val_rows=rows.val, test_rows=rows.test, test_chunk=config.test_chunk,
-            run_sentences=text.own_sentences if text is not None else None)
+            run_sentences=text.own_sentences)
         _workbench_methods(results, inputs, search, config)
     return MethodsRun(results.summaries, results.predictors, cache, results.seconds)
 

@@ -58,9 +58,12 @@ def pooled_split(store: FeatureStore, split: str, head, chunk: int, device, *,
 
 @torch.no_grad()
 def evaluate_safe(val: tuple, test: tuple, classifier: torch.Tensor, beta: float,
-                  betas: tuple[float, ...], blend: str) -> dict[str, Any]:
+                  betas: tuple[float, ...], blend: str,
+                  zero_shot: torch.Tensor | None = None) -> dict[str, Any]:
     """Zero-shot, SAFE at `beta`, and the beta curve on val and test; each split is
-    (original pooled, fine-tuned pooled, labels)."""
+    (original pooled, fine-tuned pooled, labels). `zero_shot`: the classifier zero-shot CLIP
+    uses where it is not SAFE's (a fine-tuned one's run: the prompt set's own)."""
+    plain = classifier if zero_shot is None else zero_shot
 
     def acc(split: tuple, at: float) -> float:
         original, tuned, labels = split
@@ -69,8 +72,8 @@ def evaluate_safe(val: tuple, test: tuple, classifier: torch.Tensor, beta: float
     ratio = (test[1].norm(dim=-1) / test[0].norm(dim=-1)).mean().item()
     return {
         "methods": {
-            "zero_shot": {"val_acc": accuracy(val[0] @ classifier.T, val[2]),
-                          "test_acc": accuracy(test[0] @ classifier.T, test[2])},
+            "zero_shot": {"val_acc": accuracy(val[0] @ plain.T, val[2]),
+                          "test_acc": accuracy(test[0] @ plain.T, test[2])},
             "safe": {"val_acc": acc(val, beta), "test_acc": acc(test, beta)},
         },
         "beta_curve": [{"beta": b, "val_acc": acc(val, b), "test_acc": acc(test, b)}

@@ -34,7 +34,7 @@ from ..store import FeatureStore
 from ..store.paths import backbone_label, extract_command
 from .baselines import RunRows, check_reference_serves, needs_reference_search, run_methods
 from .config import FitConfig
-from .evaluate import accuracy, evaluate_safe, pooled_split
+from .evaluate import evaluate_safe, pooled_split
 from .grid import BestState, StackedHeads
 from .identity import identity_sha256
 from .original import original_head
@@ -301,15 +301,14 @@ def _fit_one(store: FeatureStore, shots: int, seed: int, config: FitConfig,
     val = (data.val_pooled.to(device), _no_grad(head, data.val_dense.to(device).float()),
            data.val_labels.to(device))
     test = pooled_split(store, "test", head, config.test_chunk, device, checked=True)
-    summary = evaluate_safe(val, test, classifier, config.beta, config.betas, config.blend)
+    summary = evaluate_safe(val, test, classifier, config.beta, config.betas, config.blend,
+                            zero_shot=text.zero_shot)
     methods = summary.pop("methods")
-    if text.initial is not None:  # Linear Fine-tuning: zero-shot is the prompt set's own
+    if text.initial is not None:  # Linear Fine-tuning: the tuned classifier's own accuracy
         text = replace(text, record=linear_accuracies(text, test))
-        methods["zero_shot"] = {split: accuracy(data[0] @ text.initial.T, data[2])
-                                for split, data in (("val_acc", val), ("test_acc", test))}
     rows = RunRows(data.train_rows, data.image_labels, data.val_rows, test_rows)
-    extra = run_methods(store, head, rows, {"val": val, "test": test}, classifier, clip_scale,
-                        config, seed, device, text=text)
+    extra = run_methods(store, head, rows, {"val": val, "test": test}, text, clip_scale,
+                        config, seed, device)
     methods.update(extra.results)
     predictors, cache = extra.predictors, extra.cache
     lr, wd = grid[chosen]
