@@ -103,13 +103,15 @@ def synset_of(file_name: str) -> str:
 
 def read_wnids(path: str | Path) -> list[str]:
     """The synsets of ImageNet's classnames.txt in label order (`n01440764 tench` per line)."""
+    from ..data.datasets import read_classnames_file  # the imagenet pipeline's own reader
+    from ..errors import DatasetError
+
     try:
-        lines = Path(path).read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
+        wnids, _ = read_classnames_file(Path(path))
+    except DatasetError as exc:
         raise ConfigError(f"No readable class list {path} ({exc!s:.80}): name ImageNet's"
                           f" classnames.txt (`n01440764 tench` per line) with --classnames.")\
             from None
-    wnids = [line.split()[0] for line in lines if line.strip()]
     if not wnids or not all(SYNSET.match(w + "_") for w in wnids):
         raise ConfigError(f"{path} is not ImageNet's classnames.txt: each line starts with a"
                           f" synset (n01440764 tench).")

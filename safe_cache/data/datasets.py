@@ -497,13 +497,20 @@ def imagenet_classnames(spec: DatasetSpec, root: Path) -> tuple[list[str], list[
     if path is None:
         raise DatasetError(f"{spec.name}: classnames.txt not found at {candidates[0]} or"
                            f" {candidates[1]}. It comes from {spec.split_source}.")
+    wnids, names = read_classnames_file(path)
+    return wnids, names, path
+
+
+def read_classnames_file(path: Path) -> tuple[list[str], list[str]]:
+    """(wnids, class names) of an ImageNet classnames.txt (`n01440764 tench` per line, blank
+    lines skipped), in label order; an unreadable file is a DatasetError naming it."""
     wnids, names = [], []
     for line in _text(path).splitlines():
         if line.strip():
             wnid, _, classname = line.strip().partition(" ")
             wnids.append(wnid)
             names.append(classname.strip())
-    return wnids, names, path
+    return wnids, names
 
 
 def _folder_entries(image_root: Path, folder: str, label: int) -> list[Entry]:
