@@ -12,7 +12,6 @@ paper_reasons gives, less the prompts and the classifier, which are what the fig
 from __future__ import annotations
 
 import html
-from pathlib import Path
 from typing import Any
 
 from ..analysis.literature import safe_paper
@@ -26,15 +25,11 @@ def published_keys(study: Any) -> dict[str, str]:
     (a built-in by name, a per-dataset file by its folder: `cupl/{dataset}.json` is "cupl", a
     file by its stem), `-linear` for a fine-tuned classifier; from the study's own variants,
     never parsed back from a folder name."""
-    from ..data.prompts import BUILTIN_PROMPT_SETS
+    from .spec import prompt_label
 
-    keys = {}
-    for recipe, prompts, classifier in study.variants:
-        name = prompts if prompts in BUILTIN_PROMPT_SETS else \
-            Path(prompts).parent.name if "{dataset}" in prompts else Path(prompts).stem
-        keys[study.variant_name(recipe, prompts, classifier)] = \
-            name + ("" if classifier == "text" else f"-{classifier}")
-    return keys
+    return {study.variant_name(recipe, prompts, classifier):
+            prompt_label(prompts) + ("" if classifier == "text" else f"-{classifier}")
+            for recipe, prompts, classifier in study.variants}
 
 
 def figure_rows(rows: list[dict[str, Any]], figure: str,

@@ -122,8 +122,13 @@ class Study:
         suffix = "" if classifier == "text" else f"-{classifier}"
         if len(self.prompts) == 1:
             return recipe + suffix
-        name = Path(prompts).parent.name if "{dataset}" in prompts else Path(prompts).stem
-        return f"{recipe}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}{suffix}"
+        return f"{recipe}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', prompt_label(prompts))}{suffix}"
+
+
+def prompt_label(prompts: str) -> str:
+    """A study's prompt set by a short name: a built-in's own, a per-dataset file template's
+    folder (`cupl/{dataset}.json`: cupl), a file's stem."""
+    return Path(prompts).parent.name if "{dataset}" in prompts else Path(prompts).stem
 
 
 def resolve_prompts(prompts: str, dataset: str, root: str | Path) -> str:
