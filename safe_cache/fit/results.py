@@ -252,7 +252,8 @@ def _check_text_block(text: Any, config: dict[str, Any], source: str | Path) -> 
     """A run-made classifier's record, there exactly when the config says the run made one
     (--prompts mined, --classifier linear): the mined templates (texts) and their val
     accuracies, the linear head's choice and its val accuracy, the saved file's digest."""
-    made = config.get("prompts") == "mined" or config.get("classifier", "text") == "linear"
+    mined, linear = config.get("prompts") == "mined", config.get("classifier") == "linear"
+    made = mined or linear
     if made != (text is not None):
         raise ResultError(f"{source}: its config {'makes' if made else 'does not make'} its own"
                           f" classifier (prompts, classifier), and it {'lacks' if made else 'has'}"
@@ -260,7 +261,6 @@ def _check_text_block(text: Any, config: dict[str, Any], source: str | Path) -> 
                           f" (--force).")
     if text is None:
         return
-    mined, linear = config.get("prompts") == "mined", config.get("classifier") == "linear"
     if not isinstance(text, dict) or mined != ("templates" in text) \
             or linear != isinstance(text.get("linear"), dict) \
             or not re.fullmatch(r"[0-9a-f]{64}", str(text.get("classifier_sha256"))):
