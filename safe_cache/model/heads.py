@@ -219,6 +219,14 @@ def attnpool_grid(configs: Sequence[Params], x: torch.Tensor, num_heads: int,
     return (out if (b_c := biases("c_proj.bias")) is None else out + b_c), weights
 
 
+def keep_prefix(keep: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(B, tokens) bool: a spatial keep mask (B, H*W) over the map's last H*W tokens, the
+    prefix tokens before them (class token, registers) always kept."""
+    prefix = torch.ones(keep.shape[0], tokens - keep.shape[1], dtype=torch.bool,
+                        device=keep.device)
+    return torch.cat([prefix, keep.bool()], dim=1)
+
+
 def _masked(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Scores (G, H, B, K) with the keys not kept ((B, K) False) at -inf: softmax gives them no
     weight, as if they were not there."""
@@ -505,12 +513,10 @@ class ViTPoolHead(GridHead):
         if earlier:
             return super().masked(x, keep)  # earlier blocks mix the tokens first
         x = x.to(self.proj.dtype)
-        prefixed = torch.ones(keep.shape[0], x.shape[1] - keep.shape[1], dtype=torch.bool,
-                              device=keep.device)  # the class token (and any prefix) stays
         params: Params = dict(self.named_parameters())
         cls, _ = class_token_block_grid([params], x, cast(FastClassTokenBlock, last),
                                         f"transformer.resblocks.{last_name}.",
-                                        keep=torch.cat([prefixed, keep.bool()], dim=1))
+                                        keep=keep_prefix(keep, x.shape[1]))
         return _layer_norm(cls[0], params, "ln_post.", self.ln_post.eps) @ params["proj"]
 
     def projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:

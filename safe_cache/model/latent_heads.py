@@ -44,6 +44,7 @@ from .heads import (
     _strip,
     _token_pool,
     _token_scores,
+    keep_prefix,
 )
 
 MapTower = towers.TimmModel[VisionTransformer]  # open_clip's TimmModel around a timm ViT
@@ -186,11 +187,9 @@ class MapPoolHead(GridHead):
         """The MAP pool on the kept spatial tokens (and the prefix tokens it pools, which
         always stay); its query is a learned latent, so nothing else changes."""
         x = x[..., self.skip_tokens:, :]
-        prefixed = torch.ones(keep.shape[0], x.shape[-2] - keep.shape[1], dtype=torch.bool,
-                              device=keep.device)
         params: Params = dict(self.named_parameters())
         pooled, _ = map_pool_grid([params], x, self.trunk.attn_pool, "trunk.attn_pool.",
-                                  keep=torch.cat([prefixed, keep.bool()], dim=1))
+                                  keep=keep_prefix(keep, x.shape[-2]))
         y = _call(self.trunk.fc_norm, params, "trunk.fc_norm.", pooled[0])
         y = _call(self.trunk.head, params, "trunk.head.", y)
         return _call(self.head, params, "head.", y)
@@ -226,11 +225,9 @@ class CocaPoolHead(GridHead):
     def masked(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """The pooler on the kept spatial tokens (the class token, first, always stays); its
         queries are learned, so nothing else changes."""
-        prefixed = torch.ones(keep.shape[0], x.shape[-2] - keep.shape[1], dtype=torch.bool,
-                              device=keep.device)
         params: Params = dict(self.named_parameters())
         pooled, _ = coca_pool_grid([params], x, self.attn_pool, "attn_pool.",
-                                   keep=torch.cat([prefixed, keep.bool()], dim=1))
+                                   keep=keep_prefix(keep, x.shape[-2]))
         out: torch.Tensor = _call(self.ln_post, params, "ln_post.", pooled[0]) @ params["proj"]
         return out
 

@@ -41,6 +41,7 @@ from ..heads import (
     _project_values,
     _strip,
     _token_pool,
+    keep_prefix,
 )
 from ..latent_heads import _call
 from .base import Config, Family, Trunk, last_blocks
@@ -253,12 +254,10 @@ class EvaPoolHead(_EvaHeadModules, GridHead):
         if earlier:
             return super().masked(x, keep)
         x = x.to(next(self.parameters()).dtype)
-        prefixed = torch.ones(keep.shape[0], x.shape[1] - keep.shape[1], dtype=torch.bool,
-                              device=keep.device)
         params: Params = dict(self.named_parameters())
         cls, _ = eva_block_grid([params], x, cast("EvaBlock | EvaBlockPostNorm", last),
                                 f"trunk.blocks.{last_name}.", self.rope, self.prefix_tokens,
-                                keep=torch.cat([prefixed, keep.bool()], dim=1))
+                                keep=keep_prefix(keep, x.shape[1]))
         y = cls[0]
         for name in ("trunk.norm", "trunk.fc_norm", "trunk.head", "head"):
             y = _call(self.get_submodule(name), params, f"{name}.", y)
